@@ -1,0 +1,608 @@
+//! The copy-before-write engine for one device: live I/O, snapshot reads, discard.
+//!
+//! # State
+//! A [`Device`] owns its [`Source`] and a *gate*, `RwLock<Option<Arc<DeviceAccess>>>`.
+//! While a backup access is active the gate holds a [`DeviceAccess`] with three
+//! cluster bitmaps:
+//! - `frozen`: the clusters the backup must read (the dirty map); never changes;
+//! - `accessible`: `frozen` minus what has been discarded;
+//! - `copied`: clusters whose point-in-time data is in the fleecing file.
+//!
+//! A cluster *needs copy-before-write* when it is `accessible && !copied` and the access
+//! is not broken. During one access that predicate only ever goes from true to false
+//! (bits are only cleared in `accessible`, only set in `copied`, and broken never
+//! heals), so a writer that once saw it false can skip the cluster without any lock.
+//!
+//! # The ordering invariant
+//! For every cluster `c` and every live write `w` that touches it while an access is
+//! active: if `c` needs copy-before-write, the old data of `c` is in the fleecing file
+//! and `copied[c]` is set **before** `w` reaches the source. Readers therefore find
+//! point-in-time data either in the source (`!copied[c]`: nobody has written it since
+//! setup) or in the fleecing file (`copied[c]`).
+//!
+//! # Locks and their order
+//! 1. `Engine::control` (setup, teardown, status; never on the data path)
+//! 2. device gates, in device index order (exclusive only in setup/teardown; every data
+//!    operation holds its device's gate shared for its whole duration, so setup and
+//!    teardown happen between data operations, at one instant for all devices)
+//! 3. one *stripe* lock of the access (`RwLock<()>` per lock unit of clusters, striped).
+//!    Snapshot reads hold it shared while they check bits and read a unit; copy and
+//!    discard hold it exclusive. **A thread holds at most one stripe lock at a time**,
+//!    so stripe locks cannot deadlock.
+//! 4. bitmaps are atomic words: no lock.
+//!
+//! A snapshot read and a copy of the same cluster are serialized by the stripe lock;
+//! operations on different lock units run in parallel.
+
+use std::ops::Range;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard};
+use std::time::SystemTime;
+
+use crate::bitmap::Bitmap;
+use crate::dirtymap::DirtyMap;
+use crate::error::{Error, Kind, Result};
+use crate::fleece::FleecingFile;
+use crate::source::Source;
+use crate::sys;
+use crate::units::ClusterSize;
+
+/// Smallest span of bytes one stripe lock covers. With 64 KiB clusters a lock covers one
+/// cluster; smaller clusters are grouped so that I/O per lock stays >= 64 KiB.
+const LOCK_UNIT_MIN: u64 = 64 << 10;
+/// Number of stripe locks per access.
+const STRIPES: usize = 4096;
+/// Largest buffer one copy step uses; bigger clusters are copied in pieces.
+const COPY_CHUNK: usize = 1 << 20;
+
+/// What to do when copying old data to the fleecing file fails.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnCbwError {
+    /// The live write succeeds; the access becomes broken and snapshot reads fail (EIO).
+    BreakSnapshot,
+    /// The live write fails with the copy's error; the snapshot stays valid.
+    BreakGuestWrite,
+}
+
+/// Why and when an access broke.
+#[derive(Clone, Debug)]
+pub struct Broken {
+    /// One-line reason.
+    pub reason: String,
+    /// When it happened.
+    pub at: SystemTime,
+}
+
+/// Counters of one device's access (for `status`).
+#[derive(Clone, Debug, Default)]
+pub struct AccessStats {
+    /// Bytes of old data copied into the fleecing file.
+    pub copied_bytes: u64,
+    /// Bytes of the snapshot discarded.
+    pub discarded_bytes: u64,
+    /// Bytes the fleecing file occupies on disk.
+    pub fleecing_allocated: u64,
+    /// Bytes in the dirty map.
+    pub dirty_bytes: u64,
+}
+
+/// One device's part of an active backup access.
+pub struct DeviceAccess {
+    id: u64,
+    fleece: FleecingFile,
+    dirty_map: DirtyMap,
+    accessible: Bitmap,
+    copied: Bitmap,
+    stripes: Box<[RwLock<()>]>,
+    unit_shift: u32,
+    copied_bytes: AtomicU64,
+    discarded_bytes: AtomicU64,
+    is_broken: AtomicBool,
+    broken: OnceLock<Broken>,
+    /// Set by [`DeviceAccess::break_with`] callers to tell the engine which access to mark.
+    on_error: OnCbwError,
+}
+
+impl DeviceAccess {
+    /// Prepares an access over `frozen` (the clusters to expose) with a new fleecing file
+    /// at `fleecing_path`.
+    pub fn new(
+        id: u64,
+        device: &Device,
+        frozen: Arc<Bitmap>,
+        fleecing_path: &Path,
+        on_error: OnCbwError,
+    ) -> Result<DeviceAccess> {
+        let fleece = FleecingFile::create(fleecing_path, device.size())?;
+        let accessible = frozen.to_heap();
+        let copied = Bitmap::new(frozen.len(), false);
+        let dirty_map = DirtyMap::new(frozen, device.cluster, device.size());
+        let unit = device.cluster.bytes().max(LOCK_UNIT_MIN);
+        Ok(DeviceAccess {
+            id,
+            fleece,
+            dirty_map,
+            accessible,
+            copied,
+            stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
+            unit_shift: unit.trailing_zeros(),
+            copied_bytes: AtomicU64::new(0),
+            discarded_bytes: AtomicU64::new(0),
+            is_broken: AtomicBool::new(false),
+            broken: OnceLock::new(),
+            on_error,
+        })
+    }
+
+    /// The access generation this belongs to.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The dirty map of this access.
+    pub fn dirty_map(&self) -> &DirtyMap {
+        &self.dirty_map
+    }
+
+    /// The fleecing file.
+    pub fn fleecing(&self) -> &FleecingFile {
+        &self.fleece
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> AccessStats {
+        AccessStats {
+            copied_bytes: self.copied_bytes.load(Ordering::Relaxed),
+            discarded_bytes: self.discarded_bytes.load(Ordering::Relaxed),
+            fleecing_allocated: self.fleece.allocated_bytes(),
+            dirty_bytes: self.dirty_map.dirty_bytes(),
+        }
+    }
+
+    /// Why the access is broken, if it is.
+    pub fn broken(&self) -> Option<&Broken> {
+        if self.is_broken.load(Ordering::SeqCst) {
+            self.broken.get()
+        } else {
+            None
+        }
+    }
+
+    /// Marks the access broken (first reason wins). Must happen before any live write
+    /// that skipped its copy reaches the source.
+    pub fn break_with(&self, reason: String) {
+        let first = self
+            .broken
+            .set(Broken {
+                reason: reason.clone(),
+                at: SystemTime::now(),
+            })
+            .is_ok();
+        self.is_broken.store(true, Ordering::SeqCst);
+        if first {
+            log::error!(
+                "backup access broken, snapshot reads now fail with EIO: {reason}"
+            );
+        }
+    }
+
+    fn is_broken(&self) -> bool {
+        self.is_broken.load(Ordering::SeqCst)
+    }
+
+    fn needs_copy(&self, c: u64) -> bool {
+        self.accessible.get(c) && !self.copied.get(c)
+    }
+
+    fn stripe(&self, unit: u64) -> &RwLock<()> {
+        &self.stripes[(unit as usize) & (STRIPES - 1)]
+    }
+
+    /// Clusters of `clusters` that fall into lock unit `unit`.
+    fn unit_clusters(&self, cluster: ClusterSize, unit: u64, clusters: &Range<u64>) -> Range<u64> {
+        let per_unit_shift = self.unit_shift - cluster.bytes().trailing_zeros();
+        let first = unit << per_unit_shift;
+        let last = (unit + 1) << per_unit_shift;
+        first.max(clusters.start)..last.min(clusters.end)
+    }
+}
+
+/// A device: a source image, its live view and (during an access) its snapshot view.
+pub struct Device {
+    name: String,
+    source: Source,
+    cluster: ClusterSize,
+    gate: RwLock<Option<Arc<DeviceAccess>>>,
+    last_error: Mutex<Option<(String, SystemTime)>>,
+}
+
+thread_local! {
+    static COPY_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn with_copy_buf<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+    COPY_BUF.with(|b| {
+        let mut b = b.borrow_mut();
+        if b.len() < len {
+            b.resize(len, 0);
+        }
+        f(&mut b[..len])
+    })
+}
+
+impl Device {
+    /// A device named `name` over `source`, tracked in clusters of `cluster`.
+    pub fn new(name: String, source: Source, cluster: ClusterSize) -> Device {
+        Device {
+            name,
+            source,
+            cluster,
+            gate: RwLock::new(None),
+            last_error: Mutex::new(None),
+        }
+    }
+
+    /// The device name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.source.size()
+    }
+
+    /// The cluster size.
+    pub fn cluster(&self) -> ClusterSize {
+        self.cluster
+    }
+
+    /// Number of clusters.
+    pub fn clusters(&self) -> u64 {
+        self.cluster.count(self.size())
+    }
+
+    /// The source.
+    pub fn source(&self) -> &Source {
+        &self.source
+    }
+
+    /// The last I/O error the source returned, if any (for `status`).
+    pub fn last_error(&self) -> Option<(String, SystemTime)> {
+        self.last_error.lock().map(|g| g.clone()).unwrap_or(None)
+    }
+
+    fn note_source_error(&self, e: &Error) {
+        let text = crate::error::report(e);
+        log::warn!("device {}: {text}", self.name);
+        if let Ok(mut g) = self.last_error.lock() {
+            *g = Some((text, SystemTime::now()));
+        }
+    }
+
+    fn gate(&self) -> RwLockReadGuard<'_, Option<Arc<DeviceAccess>>> {
+        // A poisoned gate only means a thread panicked while holding it; the data it
+        // guards (an Option<Arc>) cannot be half-updated, so keep serving.
+        self.gate.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The current access, if any.
+    pub fn access(&self) -> Option<Arc<DeviceAccess>> {
+        self.gate().clone()
+    }
+
+    /// Installs or removes the access. Called by the engine with every gate it switches
+    /// held exclusively (see [`Device::lock_gate`]).
+    pub fn lock_gate(&self) -> std::sync::RwLockWriteGuard<'_, Option<Arc<DeviceAccess>>> {
+        self.gate.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size() => Ok(()),
+            _ => Err(Error::new(
+                Kind::PastEnd,
+                format!(
+                    "device {} has a fixed size of {} bytes; {offset}+{len} is past its end",
+                    self.name,
+                    self.size()
+                ),
+            )),
+        }
+    }
+
+    // ---- live view ---------------------------------------------------------------
+
+    /// Reads the live image.
+    pub fn read_live(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        let size = self.size();
+        if offset >= size {
+            return Ok(0);
+        }
+        let n = buf.len().min((size - offset) as usize);
+        self.source.read_at(&mut buf[..n], offset).inspect_err(|e| self.note_source_error(e))?;
+        Ok(n)
+    }
+
+    /// Writes the live image, copying old data first while an access needs it.
+    pub fn write_live(&self, offset: u64, data: &[u8]) -> Result<usize> {
+        let len = data.len() as u64;
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Ok(0);
+        }
+        let gate = self.gate();
+        if let Some(access) = gate.as_ref() {
+            self.copy_before_write(access, offset, len)?;
+        }
+        self.source
+            .write_at(data, offset)
+            .inspect_err(|e| self.note_source_error(e))?;
+        Ok(data.len())
+    }
+
+    /// Punches a hole in or zeroes the live image (`fallocate` modes), or allocates.
+    pub fn fallocate_live(&self, mode: i32, offset: u64, len: u64) -> Result<()> {
+        let keep = mode & sys::FALLOC_KEEP_SIZE != 0;
+        let op = mode & !sys::FALLOC_KEEP_SIZE;
+        let changes_data = match op {
+            0 => false,
+            sys::FALLOC_PUNCH_HOLE if keep => true,
+            sys::FALLOC_ZERO_RANGE => true,
+            _ => {
+                return Err(Error::new(
+                    Kind::Unsupported,
+                    format!("fallocate mode {mode:#x} is not supported on live/{}", self.name),
+                ))
+            }
+        };
+        // Allocation or zeroing must not grow the device: clip when KEEP_SIZE says so,
+        // refuse otherwise.
+        let len = if keep {
+            len.min(self.size().saturating_sub(offset))
+        } else {
+            self.check_range(offset, len)?;
+            len
+        };
+        if len == 0 {
+            return Ok(());
+        }
+        let gate = self.gate();
+        if changes_data {
+            if let Some(access) = gate.as_ref() {
+                self.copy_before_write(access, offset, len)?;
+            }
+        }
+        let mode = if self.source.identity().block_device {
+            mode | sys::FALLOC_KEEP_SIZE
+        } else {
+            mode
+        };
+        self.source
+            .fallocate(mode, offset, len)
+            .inspect_err(|e| self.note_source_error(e))
+    }
+
+    /// Flushes the live image to the source's storage.
+    pub fn sync_live(&self, data_only: bool) -> Result<()> {
+        self.source
+            .sync(data_only)
+            .inspect_err(|e| self.note_source_error(e))
+    }
+
+    /// Copies the old data of every cluster that `[offset, offset+len)` touches and that
+    /// still needs it. Returns `Err` only when the write must fail (break-guest-write).
+    fn copy_before_write(&self, access: &DeviceAccess, offset: u64, len: u64) -> Result<()> {
+        if access.is_broken() {
+            return Ok(());
+        }
+        let clusters = self.cluster.outward(offset, len);
+        // Fast path: nothing to copy (already copied, discarded, or outside the map).
+        let Some(first) = clusters.clone().find(|&c| access.needs_copy(c)) else {
+            return Ok(());
+        };
+        let clusters = first..clusters.end;
+        match self.copy_clusters(access, clusters) {
+            Ok(()) => Ok(()),
+            Err(e) => match access.on_error {
+                OnCbwError::BreakSnapshot => {
+                    access.break_with(format!(
+                        "copy-before-write on device {} failed: {}",
+                        self.name,
+                        crate::error::report(&e)
+                    ));
+                    Ok(())
+                }
+                OnCbwError::BreakGuestWrite => {
+                    log::warn!(
+                        "live write to {} refused, copy-before-write failed: {}",
+                        self.name,
+                        crate::error::report(&e)
+                    );
+                    Err(e)
+                }
+            },
+        }
+    }
+
+    /// The slow path: lock unit by unit, re-check, copy runs of clusters.
+    fn copy_clusters(&self, access: &DeviceAccess, clusters: Range<u64>) -> Result<()> {
+        let size = self.size();
+        let unit_of = |c: u64| self.cluster.start_of(c) >> access.unit_shift;
+        let mut unit = unit_of(clusters.start);
+        let last_unit = unit_of(clusters.end - 1);
+        while unit <= last_unit {
+            let in_unit = access.unit_clusters(self.cluster, unit, &clusters);
+            unit += 1;
+            if !in_unit.clone().any(|c| access.needs_copy(c)) {
+                continue;
+            }
+            let _g = access.stripe(unit - 1).write().unwrap_or_else(|p| p.into_inner());
+            if access.is_broken() {
+                return Ok(());
+            }
+            let mut c = in_unit.start;
+            while c < in_unit.end {
+                if !access.needs_copy(c) {
+                    c += 1;
+                    continue;
+                }
+                let run_start = c;
+                while c < in_unit.end && access.needs_copy(c) {
+                    c += 1;
+                }
+                let bytes = self.cluster.byte_range(run_start..c, size);
+                self.copy_bytes(access, bytes.clone())?;
+                access.copied.set_range(run_start..c);
+                access
+                    .copied_bytes
+                    .fetch_add(bytes.end - bytes.start, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    fn copy_bytes(&self, access: &DeviceAccess, bytes: Range<u64>) -> Result<()> {
+        let mut pos = bytes.start;
+        while pos < bytes.end {
+            let n = ((bytes.end - pos) as usize).min(COPY_CHUNK);
+            with_copy_buf(n, |buf| {
+                self.source.read_at(buf, pos)?;
+                access.fleece.write_at(buf, pos)
+            })?;
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
+    // ---- snapshot view -----------------------------------------------------------
+
+    fn current_access<'a>(
+        &self,
+        gate: &'a RwLockReadGuard<'_, Option<Arc<DeviceAccess>>>,
+        access_id: u64,
+    ) -> Result<&'a Arc<DeviceAccess>> {
+        match gate.as_ref() {
+            Some(a) if a.id == access_id => Ok(a),
+            _ => Err(Error::new(
+                Kind::Stale,
+                format!("the backup access of snapshot/{} has ended", self.name),
+            )),
+        }
+    }
+
+    fn broken_error(&self, access: &DeviceAccess) -> Error {
+        let reason = access.broken().map(|b| b.reason.clone()).unwrap_or_default();
+        Error::new(
+            Kind::Broken,
+            format!("snapshot of {} is broken: {reason}", self.name),
+        )
+    }
+
+    /// Reads the snapshot of access `access_id` at `offset`. Fails with EACCES when
+    /// `offset` is in an inaccessible cluster; stops short where inaccessible data begins.
+    pub fn read_snapshot(&self, access_id: u64, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        let gate = self.gate();
+        let access = self.current_access(&gate, access_id)?;
+        if access.is_broken() {
+            return Err(self.broken_error(access));
+        }
+        let size = self.size();
+        if offset >= size || buf.is_empty() {
+            return Ok(0);
+        }
+        let end = size.min(offset + buf.len() as u64);
+        let mut pos = offset;
+        'units: while pos < end {
+            let unit = pos >> access.unit_shift;
+            let unit_end = ((unit + 1) << access.unit_shift).min(end);
+            let _g = access.stripe(unit).read().unwrap_or_else(|p| p.into_inner());
+            while pos < unit_end {
+                let c = self.cluster.index_of(pos);
+                if !access.accessible.get(c) {
+                    if pos == offset {
+                        return Err(Error::new(
+                            Kind::Inaccessible,
+                            format!(
+                                "snapshot/{} at {offset} was discarded or is not in the dirty map",
+                                self.name
+                            ),
+                        ));
+                    }
+                    break 'units;
+                }
+                // Extend over clusters with the same location (fleecing or source).
+                let from_fleece = access.copied.get(c);
+                let mut run_end = (self.cluster.start_of(c + 1)).min(unit_end);
+                while run_end < unit_end {
+                    let n = self.cluster.index_of(run_end);
+                    if !access.accessible.get(n) || access.copied.get(n) != from_fleece {
+                        break;
+                    }
+                    run_end = self.cluster.start_of(n + 1).min(unit_end);
+                }
+                let dst = &mut buf[(pos - offset) as usize..(run_end - offset) as usize];
+                if from_fleece {
+                    access.fleece.read_at(dst, pos)
+                } else {
+                    self.source
+                        .read_at(dst, pos)
+                        .inspect_err(|e| self.note_source_error(e))
+                }?;
+                pos = run_end;
+            }
+        }
+        // A write that gave up on its copy (timeout) marks the access broken before it
+        // touches the source, so checking again here catches any new data read above.
+        if access.is_broken() {
+            return Err(self.broken_error(access));
+        }
+        Ok((pos - offset) as usize)
+    }
+
+    /// Discards `[offset, offset+len)` of the snapshot: whole clusters inside it (aligned
+    /// inward) become inaccessible, their fleecing space is released, and live writes
+    /// there copy nothing from now on.
+    pub fn discard_snapshot(&self, access_id: u64, offset: u64, len: u64) -> Result<()> {
+        let gate = self.gate();
+        let access = self.current_access(&gate, access_id)?;
+        let size = self.size();
+        let clusters = self.cluster.inward(offset, len, size);
+        if clusters.is_empty() {
+            return Ok(());
+        }
+        let unit_of = |c: u64| self.cluster.start_of(c) >> access.unit_shift;
+        let mut unit = unit_of(clusters.start);
+        let last_unit = unit_of(clusters.end - 1);
+        let mut to_punch: Vec<Range<u64>> = Vec::new();
+        while unit <= last_unit {
+            let in_unit = access.unit_clusters(self.cluster, unit, &clusters);
+            unit += 1;
+            if !access.accessible.any_in(in_unit.clone()) {
+                continue;
+            }
+            let _g = access.stripe(unit - 1).write().unwrap_or_else(|p| p.into_inner());
+            for run in access.accessible.runs(in_unit.clone()) {
+                let bytes = self.cluster.byte_range(run.clone(), size);
+                access.accessible.clear_range(run.clone());
+                access
+                    .discarded_bytes
+                    .fetch_add(bytes.end - bytes.start, Ordering::Relaxed);
+            }
+            for run in access.copied.runs(in_unit.clone()) {
+                let bytes = self.cluster.byte_range(run, size);
+                match to_punch.last_mut() {
+                    Some(last) if last.end == bytes.start => last.end = bytes.end,
+                    _ => to_punch.push(bytes),
+                }
+            }
+        }
+        // Nobody reads or writes inaccessible clusters of the fleecing file again, so the
+        // space can be released after the locks are gone.
+        for r in to_punch {
+            access.fleece.punch(r.start, r.end - r.start);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,175 @@
+//! The one error type of fleecefs, and the one place where errors become errnos.
+//!
+//! `Display` says what went wrong in the domain's words without repeating the source;
+//! [`report`] prints the whole chain once, at the edge (CLI exit, control reply, log line).
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::io;
+
+/// What kind of failure this is: decides the errno a FUSE request gets and how the CLI
+/// reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// A bad argument or request (name, flag, state precondition).
+    Invalid,
+    /// Something named does not exist (device, target, bitmap, mount).
+    NotFound,
+    /// The operation conflicts with the current state (an access is active, a daemon runs).
+    Busy,
+    /// A system call failed; the errno comes from the wrapped `io::Error`.
+    Io,
+    /// The snapshot range is not readable: discarded or outside the dirty map (EACCES).
+    Inaccessible,
+    /// The file is read-only (EROFS).
+    ReadOnly,
+    /// The snapshot handle belongs to an access that has ended (ESTALE).
+    Stale,
+    /// The access is broken: copy-before-write failed, the snapshot is no longer valid (EIO).
+    Broken,
+    /// The operation is not supported on this file (EOPNOTSUPP).
+    Unsupported,
+    /// A write or allocation past the fixed end of a device (ENOSPC).
+    PastEnd,
+    /// The size of a device cannot change (EPERM).
+    NotPermitted,
+    /// Copy-before-write took longer than `--cbw-timeout` (ETIMEDOUT).
+    TimedOut,
+}
+
+/// An error with its kind, a message that names the problem, and an optional cause.
+#[derive(Debug)]
+pub struct Error {
+    kind: Kind,
+    message: String,
+    source: Option<io::Error>,
+}
+
+/// Result with [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// A new error of `kind`.
+    pub fn new(kind: Kind, message: impl Into<String>) -> Self {
+        Error {
+            kind,
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// A failed system call, with what was being done.
+    pub fn io(context: impl Into<String>, source: io::Error) -> Self {
+        Error {
+            kind: Kind::Io,
+            message: context.into(),
+            source: Some(source),
+        }
+    }
+
+    /// Shorthand for [`Kind::Invalid`].
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(Kind::Invalid, message)
+    }
+
+    /// Shorthand for [`Kind::NotFound`].
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(Kind::NotFound, message)
+    }
+
+    /// Shorthand for [`Kind::Busy`].
+    pub fn busy(message: impl Into<String>) -> Self {
+        Self::new(Kind::Busy, message)
+    }
+
+    /// The kind of failure.
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// The message without the cause.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// The underlying OS error, if any.
+    pub fn os_error(&self) -> Option<&io::Error> {
+        self.source.as_ref()
+    }
+
+    /// The errno a FUSE request that failed with this error replies with.
+    pub fn errno(&self) -> i32 {
+        match self.kind {
+            Kind::Invalid => libc::EINVAL,
+            Kind::NotFound => libc::ENOENT,
+            Kind::Busy => libc::EBUSY,
+            Kind::Io => self
+                .source
+                .as_ref()
+                .and_then(io::Error::raw_os_error)
+                .unwrap_or(libc::EIO),
+            Kind::Inaccessible => libc::EACCES,
+            Kind::ReadOnly => libc::EROFS,
+            Kind::Stale => libc::ESTALE,
+            Kind::Broken => libc::EIO,
+            Kind::Unsupported => libc::EOPNOTSUPP,
+            Kind::PastEnd => libc::ENOSPC,
+            Kind::NotPermitted => libc::EPERM,
+            Kind::TimedOut => libc::ETIMEDOUT,
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl StdError for Error {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.source.as_ref().map(|e| e as &(dyn StdError + 'static))
+    }
+}
+
+/// The whole chain on one line: `message: cause: cause`.
+pub fn report(err: &dyn StdError) -> String {
+    let mut out = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        cur = e.source();
+    }
+    out
+}
+
+/// Adds context to `io::Result`s.
+pub trait IoContext<T> {
+    /// Wraps the error with what was being done.
+    fn context(self, what: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T> IoContext<T> for io::Result<T> {
+    fn context(self, what: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|e| Error::io(what(), e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errno_mapping_and_report() {
+        let e = Error::io(
+            "reading source /x",
+            io::Error::from_raw_os_error(libc::ENOSPC),
+        );
+        assert_eq!(e.errno(), libc::ENOSPC);
+        assert!(report(&e).starts_with("reading source /x: "));
+        assert_eq!(Error::new(Kind::Inaccessible, "x").errno(), libc::EACCES);
+        assert_eq!(Error::new(Kind::ReadOnly, "x").errno(), libc::EROFS);
+        assert_eq!(Error::new(Kind::TimedOut, "x").errno(), libc::ETIMEDOUT);
+    }
+}

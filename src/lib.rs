@@ -1,0 +1,18 @@
+//! fleecefs: a FUSE filesystem that gives backup tools a consistent point-in-time view
+//! of live disk images, by copy-before-write into sparse fleecing files.
+//!
+//! The engine (`engine`, `cbw`, `bitmap`, `dirtymap`, `fleece`, `source`) knows nothing
+//! of FUSE and is tested directly; `fuse` translates kernel requests into engine calls;
+//! `control` is the daemon's command socket; `daemon` wires them together.
+#![warn(missing_docs)]
+
+pub mod bitmap;
+pub mod cbw;
+pub mod dirtymap;
+pub mod engine;
+pub mod error;
+pub mod fleece;
+pub mod source;
+pub mod state;
+pub mod sys;
+pub mod units;

@@ -1,0 +1,144 @@
+//! The source of a device: the live disk image, a regular file or a block device.
+//!
+//! Owns the only file descriptor fleecefs writes the image through. All I/O is
+//! positional (`pread`/`pwrite`), so any number of threads use it at once.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, IoContext, Result};
+use crate::sys;
+
+/// What the source is, and who owns it (live/snapshot files carry its owner and mode).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    /// Device number of the filesystem holding the source (or of the block device).
+    pub dev: u64,
+    /// Inode number.
+    pub ino: u64,
+    /// Permission bits (`mode & 0o7777`).
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// True for a block device.
+    pub block_device: bool,
+}
+
+/// An open source image.
+pub struct Source {
+    file: File,
+    path: PathBuf,
+    size: u64,
+    identity: Identity,
+}
+
+impl Source {
+    /// Opens `path` read-write. It must be a non-empty regular file or block device.
+    pub fn open(path: &Path) -> Result<Source> {
+        let meta = std::fs::metadata(path)
+            .context(|| format!("source {} cannot be opened", path.display()))?;
+        let ft = meta.file_type();
+        if !ft.is_file() && !ft.is_block_device() {
+            return Err(Error::invalid(format!(
+                "source {} is not a regular file or block device",
+                path.display()
+            )));
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(path)
+            .context(|| format!("source {} cannot be opened read-write", path.display()))?;
+        let size = if ft.is_block_device() {
+            sys::block_device_size(&file)
+                .context(|| format!("size of block device {}", path.display()))?
+        } else {
+            meta.len()
+        };
+        if size == 0 {
+            return Err(Error::invalid(format!(
+                "source {} is empty (size 0)",
+                path.display()
+            )));
+        }
+        let identity = Identity {
+            dev: if ft.is_block_device() { meta.rdev() } else { meta.dev() },
+            ino: meta.ino(),
+            mode: meta.mode() & 0o7777,
+            uid: meta.uid(),
+            gid: meta.gid(),
+            block_device: ft.is_block_device(),
+        };
+        Ok(Source {
+            file,
+            path: path.to_path_buf(),
+            size,
+            identity,
+        })
+    }
+
+    /// The path the source was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Size in bytes; fixed for the life of the daemon.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Owner, mode and identity.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// The open file, for positional I/O.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Current modification time in nanoseconds since the epoch (identity checks).
+    pub fn mtime_ns(&self) -> Result<i128> {
+        let m = self
+            .file
+            .metadata()
+            .context(|| format!("stat of source {}", self.path.display()))?;
+        Ok(i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()))
+    }
+
+    /// Reads `buf.len()` bytes at `offset`.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        sys::read_exact_at(&self.file, buf, offset)
+            .context(|| format!("reading source {} at {offset}", self.path.display()))
+    }
+
+    /// Writes `buf` at `offset`.
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        sys::write_all_at(&self.file, buf, offset)
+            .context(|| format!("writing source {} at {offset}", self.path.display()))
+    }
+
+    /// `fallocate(2)` on the source (punch hole, zero range, allocate).
+    pub fn fallocate(&self, mode: i32, offset: u64, len: u64) -> Result<()> {
+        sys::fallocate(&self.file, mode, offset, len).context(|| {
+            format!(
+                "fallocate(mode {mode:#x}) on source {} at {offset}+{len}",
+                self.path.display()
+            )
+        })
+    }
+
+    /// Flushes the source to its storage (`fdatasync` when `data_only`).
+    pub fn sync(&self, data_only: bool) -> Result<()> {
+        let r = if data_only {
+            self.file.sync_data()
+        } else {
+            self.file.sync_all()
+        };
+        r.context(|| format!("fsync of source {}", self.path.display()))
+    }
+}

@@ -1,0 +1,76 @@
+//! Thin wrappers over the few Linux calls std does not offer: fallocate, the size of a
+//! block device, allocated blocks. Everything here is positional I/O on file descriptors.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::io::AsRawFd;
+
+/// `fallocate(2)` mode bits as the kernel passes them in FUSE requests.
+pub const FALLOC_KEEP_SIZE: i32 = libc::FALLOC_FL_KEEP_SIZE;
+/// Deallocate the range (must be combined with KEEP_SIZE).
+pub const FALLOC_PUNCH_HOLE: i32 = libc::FALLOC_FL_PUNCH_HOLE;
+/// Zero the range, keeping it allocated.
+pub const FALLOC_ZERO_RANGE: i32 = libc::FALLOC_FL_ZERO_RANGE;
+
+/// Calls `fallocate(2)` on `file`.
+pub fn fallocate(file: &File, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+    let (off, len) = (to_off(offset)?, to_off(len)?);
+    loop {
+        // SAFETY: plain syscall on a valid fd.
+        let r = unsafe { libc::fallocate(file.as_raw_fd(), mode, off, len) };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+fn to_off(v: u64) -> io::Result<libc::off_t> {
+    libc::off_t::try_from(v).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))
+}
+
+/// Size in bytes of the block device open as `file`.
+pub fn block_device_size(file: &File) -> io::Result<u64> {
+    let mut size: u64 = 0;
+    // BLKGETSIZE64 = _IOR(0x12, 114, size_t)
+    const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+    // SAFETY: the ioctl writes one u64 into `size`.
+    let r = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64 as _, &mut size as *mut u64) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(size)
+}
+
+/// Bytes actually allocated to `file` on its filesystem (st_blocks * 512).
+pub fn allocated_bytes(file: &File) -> io::Result<u64> {
+    Ok(file.metadata()?.blocks() * 512)
+}
+
+/// Reads exactly `buf.len()` bytes at `offset`; a short file is an I/O error (EIO), since
+/// devices never shrink legitimately under fleecefs.
+pub fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    match file.read_exact_at(buf, offset) {
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            Err(io::Error::from_raw_os_error(libc::EIO))
+        }
+        r => r,
+    }
+}
+
+/// Writes all of `buf` at `offset`.
+pub fn write_all_at(file: &File, buf: &[u8], offset: u64) -> io::Result<()> {
+    file.write_all_at(buf, offset)
+}
+
+/// Seconds since the Unix epoch, now.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
