@@ -69,7 +69,10 @@ impl Bitmap {
     pub fn from_mmap(map: MmapMut, offset: usize, nbits: u64) -> Self {
         let nwords = words_for(nbits);
         assert!(offset % 8 == 0, "bitmap offset must be 8-byte aligned");
-        assert!(map.len() >= offset + nwords * 8, "mapping too small for bitmap");
+        assert!(
+            map.len() >= offset + nwords * 8,
+            "mapping too small for bitmap"
+        );
         // SAFETY: mappings are page aligned, so `offset % 8 == 0` keeps the pointer
         // aligned for AtomicU64; the range is inside the mapping (checked above), and the
         // mapping is owned by the bitmap and only touched through atomics from here on.

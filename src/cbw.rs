@@ -181,9 +181,7 @@ impl DeviceAccess {
             .is_ok();
         self.is_broken.store(true, Ordering::SeqCst);
         if first {
-            log::error!(
-                "backup access broken, snapshot reads now fail with EIO: {reason}"
-            );
+            log::error!("backup access broken, snapshot reads now fail with EIO: {reason}");
         }
     }
 
@@ -321,7 +319,9 @@ impl Device {
             return Ok(0);
         }
         let n = buf.len().min((size - offset) as usize);
-        self.source.read_at(&mut buf[..n], offset).inspect_err(|e| self.note_source_error(e))?;
+        self.source
+            .read_at(&mut buf[..n], offset)
+            .inspect_err(|e| self.note_source_error(e))?;
         Ok(n)
     }
 
@@ -353,7 +353,10 @@ impl Device {
             _ => {
                 return Err(Error::new(
                     Kind::Unsupported,
-                    format!("fallocate mode {mode:#x} is not supported on live/{}", self.name),
+                    format!(
+                        "fallocate mode {mode:#x} is not supported on live/{}",
+                        self.name
+                    ),
                 ))
             }
         };
@@ -438,7 +441,10 @@ impl Device {
             if !in_unit.clone().any(|c| access.needs_copy(c)) {
                 continue;
             }
-            let _g = access.stripe(unit - 1).write().unwrap_or_else(|p| p.into_inner());
+            let _g = access
+                .stripe(unit - 1)
+                .write()
+                .unwrap_or_else(|p| p.into_inner());
             if access.is_broken() {
                 return Ok(());
             }
@@ -493,7 +499,10 @@ impl Device {
     }
 
     fn broken_error(&self, access: &DeviceAccess) -> Error {
-        let reason = access.broken().map(|b| b.reason.clone()).unwrap_or_default();
+        let reason = access
+            .broken()
+            .map(|b| b.reason.clone())
+            .unwrap_or_default();
         Error::new(
             Kind::Broken,
             format!("snapshot of {} is broken: {reason}", self.name),
@@ -517,7 +526,10 @@ impl Device {
         'units: while pos < end {
             let unit = pos >> access.unit_shift;
             let unit_end = ((unit + 1) << access.unit_shift).min(end);
-            let _g = access.stripe(unit).read().unwrap_or_else(|p| p.into_inner());
+            let _g = access
+                .stripe(unit)
+                .read()
+                .unwrap_or_else(|p| p.into_inner());
             while pos < unit_end {
                 let c = self.cluster.index_of(pos);
                 if !access.accessible.get(c) {
@@ -582,7 +594,10 @@ impl Device {
             if !access.accessible.any_in(in_unit.clone()) {
                 continue;
             }
-            let _g = access.stripe(unit - 1).write().unwrap_or_else(|p| p.into_inner());
+            let _g = access
+                .stripe(unit - 1)
+                .write()
+                .unwrap_or_else(|p| p.into_inner());
             for run in access.accessible.runs(in_unit.clone()) {
                 let bytes = self.cluster.byte_range(run.clone(), size);
                 access.accessible.clear_range(run.clone());

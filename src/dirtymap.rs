@@ -192,7 +192,9 @@ mod tests {
         let mut seed = 12345u64;
         let mut i = 0;
         while i < nbits {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             let run = (seed >> 33) % 40;
             if (seed >> 20) & 1 == 1 {
                 b.set_range(i..(i + run).min(nbits));
@@ -208,7 +210,11 @@ mod tests {
         assert_eq!(m.text_len(), want.len() as u64);
         assert_eq!(m.to_text(), want);
         let bytes = want.as_bytes();
-        assert!(bytes.len() > 8192, "test bitmap too sparse: {}", bytes.len());
+        assert!(
+            bytes.len() > 8192,
+            "test bitmap too sparse: {}",
+            bytes.len()
+        );
         for (off, len) in [(0, 7), (1, 100), (4095, 4096), (bytes.len() - 3, 10)] {
             let mut buf = vec![0u8; len];
             let n = m.read_at(off as u64, &mut buf);

@@ -8,10 +8,16 @@
 
 pub mod bitmap;
 pub mod cbw;
+pub mod cli;
+pub mod commands;
+pub mod control;
+pub mod daemon;
 pub mod dirtymap;
 pub mod engine;
 pub mod error;
 pub mod fleece;
+pub mod fuse;
+pub mod logger;
 pub mod source;
 pub mod state;
 pub mod sys;

@@ -66,7 +66,11 @@ impl Source {
             )));
         }
         let identity = Identity {
-            dev: if ft.is_block_device() { meta.rdev() } else { meta.dev() },
+            dev: if ft.is_block_device() {
+                meta.rdev()
+            } else {
+                meta.dev()
+            },
             ino: meta.ino(),
             mode: meta.mode() & 0o7777,
             uid: meta.uid(),

@@ -68,7 +68,8 @@ impl StateDir {
                 holder.trim()
             )));
         }
-        lock.set_len(0).context(|| format!("writing {}", lock_path.display()))?;
+        lock.set_len(0)
+            .context(|| format!("writing {}", lock_path.display()))?;
         let _ = writeln!(lock, "{}", std::process::id());
         Ok(StateDir { path, _lock: lock })
     }

@@ -99,7 +99,9 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, suffix) = t.split_at(digits_end);
     if num.is_empty() {
-        return Err(format!("'{text}' is not a size (examples: 65536, 64K, 4M, 1G)"));
+        return Err(format!(
+            "'{text}' is not a size (examples: 65536, 64K, 4M, 1G)"
+        ));
     }
     let shift = match suffix.to_ascii_uppercase().as_str() {
         "" | "B" => 0,
@@ -113,9 +115,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
             ))
         }
     };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("'{text}' is too large"))?;
+    let n: u64 = num.parse().map_err(|_| format!("'{text}' is too large"))?;
     n.checked_mul(1u64 << shift)
         .ok_or_else(|| format!("'{text}' is too large"))
 }

@@ -54,7 +54,12 @@ fn seeds() -> Vec<u64> {
     vec![1, 2, 3, 0xdead_beef, random]
 }
 
-fn make_engine(dir: &Path, sizes: &[u64], cluster: u64, initial: &mut Rng) -> (Engine, Vec<Vec<u8>>) {
+fn make_engine(
+    dir: &Path,
+    sizes: &[u64],
+    cluster: u64,
+    initial: &mut Rng,
+) -> (Engine, Vec<Vec<u8>>) {
     let mut devices = Vec::new();
     let mut models = Vec::new();
     for (i, &size) in sizes.iter().enumerate() {
@@ -157,7 +162,9 @@ fn run_single_threaded(seed: u64) {
                 } else {
                     libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
                 };
-                engine.devices()[d].fallocate_live(mode, off, len).expect(&ctx);
+                engine.devices()[d]
+                    .fallocate_live(mode, off, len)
+                    .expect(&ctx);
                 live[d][off as usize..(off + len) as usize].fill(0);
             }
             50..=59 => {
@@ -168,7 +175,10 @@ fn run_single_threaded(seed: u64) {
                     .expect(&ctx);
                 let end = (off as usize + len).min(size as usize);
                 assert_eq!(n, end - off as usize, "{ctx}");
-                assert!(buf[..n] == live[d][off as usize..end], "{ctx}: live read differs");
+                assert!(
+                    buf[..n] == live[d][off as usize..end],
+                    "{ctx}: live read differs"
+                );
             }
             60..=79 => {
                 let Some(a) = &access else { continue };
@@ -191,15 +201,24 @@ fn run_single_threaded(seed: u64) {
                 match (got, want) {
                     (Ok(n), Ok(w)) => {
                         assert_eq!(n, w.len(), "{ctx}: snapshot read length at {off}+{len}");
-                        assert!(buf[..n] == w[..], "{ctx}: snapshot data differs at {off}+{len}");
+                        assert!(
+                            buf[..n] == w[..],
+                            "{ctx}: snapshot data differs at {off}+{len}"
+                        );
                     }
                     (Err(e), Err(k)) => assert_eq!(e.kind(), k, "{ctx}"),
-                    (g, w) => panic!("{ctx}: got {:?}, expected {:?}", g.map_err(|e| e.to_string()), w.map(|v| v.len())),
+                    (g, w) => panic!(
+                        "{ctx}: got {:?}, expected {:?}",
+                        g.map_err(|e| e.to_string()),
+                        w.map(|v| v.len())
+                    ),
                 }
             }
             80..=87 => {
                 let Some(a) = &mut access else { continue };
-                let Some(slot) = a.devices.iter().position(|&x| x == d) else { continue };
+                let Some(slot) = a.devices.iter().position(|&x| x == d) else {
+                    continue;
+                };
                 let len = rng.below(cluster * 5);
                 let off = rng.below(size);
                 engine.devices()[d]
@@ -266,7 +285,10 @@ fn run_single_threaded(seed: u64) {
     for (d, size) in sizes.iter().enumerate() {
         let on_disk = std::fs::read(dir.path().join(format!("src{d}.img"))).unwrap();
         assert_eq!(on_disk.len() as u64, *size);
-        assert!(on_disk == live[d], "seed {seed}: source {d} differs from the model");
+        assert!(
+            on_disk == live[d],
+            "seed {seed}: source {d} differs from the model"
+        );
     }
 }
 
@@ -429,7 +451,11 @@ fn run_threaded(seed: u64) {
     for cycle in 0..12 {
         {
             let _q = shared.quiesce.write().unwrap();
-            let frozen: Vec<Vec<u8>> = shared.live.iter().map(|m| m.lock().unwrap().clone()).collect();
+            let frozen: Vec<Vec<u8>> = shared
+                .live
+                .iter()
+                .map(|m| m.lock().unwrap().clone())
+                .collect();
             shared
                 .engine
                 .setup(&format!("c{cycle}"), Some(&names), None)
@@ -440,15 +466,27 @@ fn run_threaded(seed: u64) {
         }
         thread::sleep(std::time::Duration::from_millis(40));
         *shared.current.write().unwrap() = None;
-        shared.engine.teardown(&format!("c{cycle}"), cycle % 2 == 0).unwrap();
+        shared
+            .engine
+            .teardown(&format!("c{cycle}"), cycle % 2 == 0)
+            .unwrap();
     }
     shared.stop.store(true, Ordering::Relaxed);
     let total: u64 = handles.into_iter().map(|h| h.join().unwrap()).sum();
-    assert!(total > 1000, "seed {seed}: too few operations ran ({total})");
-    assert!(shared.snapshot_reads.load(Ordering::Relaxed) > 100, "seed {seed}: too few snapshot reads");
+    assert!(
+        total > 1000,
+        "seed {seed}: too few operations ran ({total})"
+    );
+    assert!(
+        shared.snapshot_reads.load(Ordering::Relaxed) > 100,
+        "seed {seed}: too few snapshot reads"
+    );
     for (d, m) in shared.live.iter().enumerate() {
         let on_disk = std::fs::read(dir.path().join(format!("src{d}.img"))).unwrap();
-        assert!(on_disk == *m.lock().unwrap(), "seed {seed}: source {d} differs from the model");
+        assert!(
+            on_disk == *m.lock().unwrap(),
+            "seed {seed}: source {d} differs from the model"
+        );
     }
 }
 
@@ -489,7 +527,10 @@ fn multi_device_snapshot_is_one_instant() {
         engine.devices()[0].read_snapshot(id, 0, &mut a).unwrap();
         engine.devices()[1].read_snapshot(id, 0, &mut b).unwrap();
         let (a, b) = (u64::from_le_bytes(a), u64::from_le_bytes(b));
-        assert!(b <= a && a <= b + 1, "snapshot {i} is not one instant: d0={a} d1={b}");
+        assert!(
+            b <= a && a <= b + 1,
+            "snapshot {i} is not one instant: d0={a} d1={b}"
+        );
         if a > 0 {
             seen_progress += 1;
         }
@@ -502,7 +543,10 @@ fn multi_device_snapshot_is_one_instant() {
     }
     stop.store(true, Ordering::Relaxed);
     let writes = writer.join().unwrap();
-    assert!(writes > 200 && seen_progress > 100, "writer made too little progress ({writes})");
+    assert!(
+        writes > 200 && seen_progress > 100,
+        "writer made too little progress ({writes})"
+    );
 }
 
 /// Discard releases fleecing space and stops copy-before-write for the range;
@@ -530,21 +574,30 @@ fn discard_frees_space_and_stops_copying() {
     }
     assert_eq!(access.stats().copied_bytes, cluster);
     // Copy 16 clusters, then discard them: the fleecing file shrinks back.
-    dev.write_live(cluster * 16, &vec![1u8; (cluster * 16) as usize]).unwrap();
+    dev.write_live(cluster * 16, &vec![1u8; (cluster * 16) as usize])
+        .unwrap();
     assert_eq!(access.stats().copied_bytes, cluster * 17);
     let allocated = access.stats().fleecing_allocated;
     assert!(allocated >= cluster * 16, "fleecing holds {allocated}");
     // unaligned discard: only the whole clusters inside go
-    dev.discard_snapshot(id, cluster * 16 - 100, cluster * 16 + 200).unwrap();
+    dev.discard_snapshot(id, cluster * 16 - 100, cluster * 16 + 200)
+        .unwrap();
     let after = access.stats().fleecing_allocated;
-    assert!(after <= allocated - cluster * 16, "fleecing still holds {after}");
+    assert!(
+        after <= allocated - cluster * 16,
+        "fleecing still holds {after}"
+    );
     assert_eq!(access.stats().discarded_bytes, cluster * 16);
     // writes into the discarded range copy nothing now
-    dev.write_live(cluster * 20, &vec![2u8; cluster as usize]).unwrap();
+    dev.write_live(cluster * 20, &vec![2u8; cluster as usize])
+        .unwrap();
     assert_eq!(access.stats().copied_bytes, cluster * 17);
     // the clusters at the unaligned edges are still readable, the inside is not
     let mut buf = vec![0u8; 100];
-    assert_eq!(dev.read_snapshot(id, cluster * 16 - 100, &mut buf).unwrap(), 100);
+    assert_eq!(
+        dev.read_snapshot(id, cluster * 16 - 100, &mut buf).unwrap(),
+        100
+    );
     let e = dev.read_snapshot(id, cluster * 16, &mut buf).unwrap_err();
     assert_eq!(e.kind(), Kind::Inaccessible);
     assert_eq!(dev.read_snapshot(id, cluster * 32, &mut buf).unwrap(), 100);

@@ -1,0 +1,161 @@
+//! Command-line interface: the commands, their flags and help texts.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// fleecefs: point-in-time snapshots of live disk images for backup tools.
+#[derive(Parser, Debug)]
+#[command(name = "fleecefs", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    /// More log output (-v info, -vv debug, -vvv trace)
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// The command
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The commands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Mount live/ and snapshot/ views of disk images and serve them
+    #[command(
+        after_help = "Example:\n  fleecefs mount /mnt/fleece --state-dir /var/lib/fleecefs --device vm100=/images/vm100.raw"
+    )]
+    Mount(MountArgs),
+    /// Start a backup access: freeze snapshot/NAME for the devices
+    #[command(
+        after_help = "Example:\n  fleecefs setup /mnt/fleece --target nightly --bitmap nightly --json"
+    )]
+    Setup(SetupArgs),
+    /// End a backup access, recording whether the backup succeeded
+    #[command(after_help = "Example:\n  fleecefs teardown /mnt/fleece --target nightly --success")]
+    Teardown(TeardownArgs),
+    /// Show devices, bitmaps and the active backup access
+    #[command(after_help = "Example:\n  fleecefs status /mnt/fleece --json")]
+    Status(StatusArgs),
+    /// Unmount (same as umount MOUNTPOINT) and wait for the daemon to exit
+    #[command(after_help = "Example:\n  fleecefs unmount /mnt/fleece")]
+    Unmount(UnmountArgs),
+    /// Manage dirty bitmaps
+    #[command(subcommand)]
+    Bitmap(BitmapCommand),
+}
+
+/// `bitmap` subcommands.
+#[derive(Subcommand, Debug)]
+pub enum BitmapCommand {
+    /// Delete every bitmap of a target (the next backup of it is full)
+    #[command(after_help = "Example:\n  fleecefs bitmap remove /mnt/fleece --target nightly")]
+    Remove(BitmapRemoveArgs),
+}
+
+/// Copy-before-write failure policy.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnCbwErrorArg {
+    /// Keep the guest write working; the snapshot becomes unreadable (EIO)
+    BreakSnapshot,
+    /// Fail the guest write; the snapshot stays valid
+    BreakGuestWrite,
+}
+
+/// `mount` flags.
+#[derive(Args, Debug, Clone)]
+pub struct MountArgs {
+    /// Empty directory to mount on
+    pub mountpoint: PathBuf,
+    /// Directory for the lock, control socket, log, bitmaps (created if missing)
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: PathBuf,
+    /// A device to serve: NAME=PATH, PATH a regular file or block device (repeatable)
+    #[arg(long = "device", value_name = "NAME=PATH", required = true)]
+    pub devices: Vec<String>,
+    /// Where fleecing files go [default: STATE_DIR/fleecing]
+    #[arg(long, value_name = "DIR")]
+    pub fleecing_dir: Option<PathBuf>,
+    /// Copy-before-write and bitmap granularity: a power of two from 4K to 64M
+    #[arg(long, value_name = "BYTES", default_value = "64K")]
+    pub cluster_size: String,
+    /// FUSE worker threads
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    pub threads: usize,
+    /// Stay in the foreground (log to stderr)
+    #[arg(long)]
+    pub foreground: bool,
+    /// Let users other than root use the mount (file modes still apply)
+    #[arg(long)]
+    pub allow_other: bool,
+    /// What a failed copy-before-write breaks
+    #[arg(long, value_enum, default_value = "break-snapshot")]
+    pub on_cbw_error: OnCbwErrorArg,
+    /// Internal: set in the background daemon started by `mount`
+    #[arg(long, hide = true)]
+    pub daemon_child: bool,
+}
+
+/// `setup` flags.
+#[derive(Args, Debug)]
+pub struct SetupArgs {
+    /// The fleecefs mount point
+    pub mountpoint: PathBuf,
+    /// Backup target ID (who is backing up)
+    #[arg(long, value_name = "ID")]
+    pub target: String,
+    /// Devices to include, comma-separated [default: all]
+    #[arg(long, value_name = "NAME,NAME", value_delimiter = ',')]
+    pub devices: Option<Vec<String>>,
+    /// Dirty bitmap for incremental backups of this target
+    #[arg(long, value_name = "NAME")]
+    pub bitmap: Option<String>,
+    /// Print the result as JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `teardown` flags.
+#[derive(Args, Debug)]
+#[command(group = clap::ArgGroup::new("outcome").required(true).args(["success", "failure"]))]
+pub struct TeardownArgs {
+    /// The fleecefs mount point
+    pub mountpoint: PathBuf,
+    /// Backup target ID
+    #[arg(long, value_name = "ID")]
+    pub target: String,
+    /// The backup completed: bitmaps restart from the writes made since setup
+    #[arg(long)]
+    pub success: bool,
+    /// The backup failed: bitmaps keep every change for the next attempt
+    #[arg(long)]
+    pub failure: bool,
+    /// Print the result as JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `status` flags.
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// The fleecefs mount point
+    pub mountpoint: PathBuf,
+    /// Print as JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `unmount` flags.
+#[derive(Args, Debug)]
+pub struct UnmountArgs {
+    /// The fleecefs mount point
+    pub mountpoint: PathBuf,
+}
+
+/// `bitmap remove` flags.
+#[derive(Args, Debug)]
+pub struct BitmapRemoveArgs {
+    /// The fleecefs mount point
+    pub mountpoint: PathBuf,
+    /// Backup target ID whose bitmaps are deleted
+    #[arg(long, value_name = "ID")]
+    pub target: String,
+}

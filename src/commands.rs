@@ -1,0 +1,246 @@
+//! The client commands: each sends one request to the daemon of a mount point and
+//! prints the result, as a table for people or as JSON for programs.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::control::client::call;
+use crate::control::proto::Request;
+use crate::error::{Error, Result};
+use crate::logger::utc_timestamp;
+use crate::units::format_size;
+
+fn u(v: &Value, key: &str) -> u64 {
+    v.get(key).and_then(Value::as_u64).unwrap_or(0)
+}
+
+fn s<'a>(v: &'a Value, key: &str) -> &'a str {
+    v.get(key).and_then(Value::as_str).unwrap_or("-")
+}
+
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+/// Prints rows as aligned columns.
+fn table(rows: &[Vec<String>]) {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|x| x.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for r in rows {
+        let mut line = String::new();
+        for (i, cell) in r.iter().enumerate() {
+            if i + 1 == r.len() {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<w$}  ", w = widths[i]));
+            }
+        }
+        println!("{}", line.trim_end());
+    }
+}
+
+/// `fleecefs setup`.
+pub fn setup(
+    mp: &Path,
+    target: &str,
+    devices: Option<Vec<String>>,
+    bitmap: Option<String>,
+    json: bool,
+) -> Result<()> {
+    let v = call(
+        mp,
+        &Request::Setup {
+            target: target.to_string(),
+            devices,
+            bitmap,
+        },
+    )?;
+    if json {
+        print_json(&v);
+        return Ok(());
+    }
+    let devs = v["devices"].as_array().cloned().unwrap_or_default();
+    println!(
+        "backup access '{target}' is set up on {} device(s)",
+        devs.len()
+    );
+    let mut rows = vec![
+        vec!["DEVICE", "SIZE", "TO READ", "BITMAP", "ACTION", "SNAPSHOT"]
+            .into_iter()
+            .map(String::from)
+            .collect(),
+    ];
+    for d in &devs {
+        rows.push(vec![
+            s(d, "name").into(),
+            format_size(u(d, "size")),
+            format_size(u(d, "dirty_bytes")),
+            s(d, "bitmap").into(),
+            s(d, "bitmap_action").into(),
+            s(d, "snapshot").into(),
+        ]);
+    }
+    table(&rows);
+    Ok(())
+}
+
+/// `fleecefs teardown`.
+pub fn teardown(mp: &Path, target: &str, success: bool, json: bool) -> Result<()> {
+    let v = call(
+        mp,
+        &Request::Teardown {
+            target: target.to_string(),
+            success,
+        },
+    )?;
+    if json {
+        print_json(&v);
+    } else {
+        println!(
+            "backup access '{target}' torn down as a {}",
+            if v["success"].as_bool() == Some(true) {
+                "success"
+            } else {
+                "failure"
+            }
+        );
+    }
+    Ok(())
+}
+
+/// `fleecefs bitmap remove`.
+pub fn bitmap_remove(mp: &Path, target: &str) -> Result<()> {
+    let v = call(
+        mp,
+        &Request::BitmapRemove {
+            target: target.to_string(),
+        },
+    )?;
+    let n = v["removed"].as_array().map(Vec::len).unwrap_or(0);
+    println!("removed {n} bitmap(s) of target '{target}'");
+    Ok(())
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1}", bytes as f64 / (1 << 20) as f64)
+}
+
+/// `fleecefs status`.
+pub fn status(mp: &Path, json: bool) -> Result<()> {
+    let v = call(mp, &Request::Status)?;
+    if json {
+        print_json(&v);
+        return Ok(());
+    }
+    println!("fleecefs at {} (pid {})", s(&v, "mountpoint"), u(&v, "pid"));
+    let mut rows = vec![vec!["DEVICE", "SIZE", "CLUSTER", "SOURCE"]
+        .into_iter()
+        .map(String::from)
+        .collect()];
+    for d in v["devices"].as_array().into_iter().flatten() {
+        rows.push(vec![
+            s(d, "name").into(),
+            format_size(u(d, "size")),
+            format_size(u(d, "cluster_size")),
+            s(d, "source").into(),
+        ]);
+    }
+    table(&rows);
+    if let Some(bitmaps) = v["bitmaps"].as_array() {
+        println!();
+        if bitmaps.is_empty() {
+            println!("no bitmaps");
+        } else {
+            let mut rows = vec![
+                vec!["BITMAP", "DEVICE", "TARGET", "DIRTY MiB", "CONSISTENT"]
+                    .into_iter()
+                    .map(String::from)
+                    .collect(),
+            ];
+            for b in bitmaps {
+                let consistent = if b["consistent"].as_bool() == Some(true) {
+                    "yes".to_string()
+                } else {
+                    format!("no: {}", s(b, "reason"))
+                };
+                rows.push(vec![
+                    s(b, "name").into(),
+                    s(b, "device").into(),
+                    s(b, "target").into(),
+                    mib(u(b, "dirty_bytes")),
+                    consistent,
+                ]);
+            }
+            table(&rows);
+        }
+    }
+    println!();
+    match v.get("access").filter(|a| !a.is_null()) {
+        None => println!("no backup access is active"),
+        Some(a) => {
+            let age = crate::sys::unix_now().saturating_sub(u(a, "started_at"));
+            let dirty = u(a, "dirty_bytes");
+            let pct = if dirty == 0 {
+                100.0
+            } else {
+                u(a, "discarded_bytes") as f64 * 100.0 / dirty as f64
+            };
+            let devs: Vec<&str> = a["devices"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            println!(
+                "backup access '{}' on {} since {} ({age}s)",
+                s(a, "target"),
+                devs.join(", "),
+                utc_timestamp(u(a, "started_at"))
+            );
+            println!(
+                "  fleecing {} MiB, copied before write {} MiB, discarded {pct:.0}% of {} MiB",
+                mib(u(a, "fleecing_allocated")),
+                mib(u(a, "copied_bytes")),
+                mib(dirty)
+            );
+            if a["broken"].as_bool() == Some(true) {
+                println!(
+                    "  BROKEN since {}: {}",
+                    utc_timestamp(u(a, "broken_at")),
+                    s(a, "broken_reason")
+                );
+            }
+        }
+    }
+    let errors: Vec<&str> = v["errors"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    if !errors.is_empty() {
+        println!();
+        for e in errors {
+            println!("error: {e}");
+        }
+    }
+    Ok(())
+}
+
+/// Fails unless the current user is root (mounting and the control socket need it).
+pub fn require_root(what: &str) -> Result<()> {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(Error::invalid(format!("{what} needs root")));
+    }
+    Ok(())
+}

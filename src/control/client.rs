@@ -1,0 +1,158 @@
+//! Finding the daemon of a mount point and talking to it.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::proto::{Request, Response};
+use crate::error::{Error, Result};
+use crate::state::CONTROL_SOCKET;
+
+/// Prefix of the mount source that marks a fleecefs mount; the state dir follows.
+pub const FSNAME_PREFIX: &str = "fleecefs:";
+
+/// One line of `/proc/self/mountinfo`, the parts we use.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MountEntry {
+    /// Where it is mounted.
+    pub mountpoint: PathBuf,
+    /// Filesystem type (`fuse` for fleecefs).
+    pub fstype: String,
+    /// Mount source (`fleecefs:STATE_DIR` for fleecefs).
+    pub source: String,
+}
+
+fn unescape(field: &str) -> String {
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Parses mountinfo text.
+pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
+    text.lines()
+        .filter_map(|line| {
+            let (pre, post) = line.split_once(" - ")?;
+            let mountpoint = pre.split(' ').nth(4)?;
+            let mut post = post.split(' ');
+            let fstype = post.next()?;
+            let source = post.next()?;
+            Some(MountEntry {
+                mountpoint: PathBuf::from(unescape(mountpoint)),
+                fstype: fstype.to_string(),
+                source: unescape(source),
+            })
+        })
+        .collect()
+}
+
+/// The absolute, symlink-free form of `path`, even when it is a disconnected mount
+/// (where `canonicalize` itself fails with ENOTCONN).
+pub fn resolve_mountpoint(path: &Path) -> Result<PathBuf> {
+    match path.canonicalize() {
+        Ok(p) => Ok(p),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            let abs =
+                std::path::absolute(path).map_err(|e| Error::io("resolving mount point", e))?;
+            let parent = abs.parent().unwrap_or(Path::new("/"));
+            let name = abs
+                .file_name()
+                .ok_or_else(|| Error::invalid("mount point has no name"))?;
+            let parent = parent
+                .canonicalize()
+                .map_err(|e| Error::io(format!("resolving {}", parent.display()), e))?;
+            Ok(parent.join(name))
+        }
+        Err(e) => Err(Error::io(format!("mount point {}", path.display()), e)),
+    }
+}
+
+/// The mount entry at `mountpoint` (the last one, if several are stacked).
+pub fn mount_at(mountpoint: &Path) -> Result<Option<MountEntry>> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| Error::io("reading /proc/self/mountinfo", e))?;
+    Ok(parse_mountinfo(&text)
+        .into_iter()
+        .filter(|m| m.mountpoint == mountpoint)
+        .last())
+}
+
+/// The state directory of the fleecefs daemon serving `mountpoint`.
+pub fn state_dir_of(mountpoint: &Path) -> Result<PathBuf> {
+    let mp = resolve_mountpoint(mountpoint)?;
+    match mount_at(&mp)? {
+        Some(m) if m.source.starts_with(FSNAME_PREFIX) => {
+            Ok(PathBuf::from(&m.source[FSNAME_PREFIX.len()..]))
+        }
+        _ => Err(Error::not_found(format!(
+            "{} is not a fleecefs mount point",
+            mountpoint.display()
+        ))),
+    }
+}
+
+/// Sends `req` to the daemon of `mountpoint` and returns its result.
+pub fn call(mountpoint: &Path, req: &Request) -> Result<serde_json::Value> {
+    let state = state_dir_of(mountpoint)?;
+    let socket = state.join(CONTROL_SOCKET);
+    let mut stream = UnixStream::connect(&socket).map_err(|e| {
+        Error::not_found(format!(
+            "the fleecefs daemon of {} does not answer ({e}); if it died, run 'umount -l {}' and mount again",
+            mountpoint.display(),
+            mountpoint.display()
+        ))
+    })?;
+    let mut line = serde_json::to_vec(req).map_err(|e| Error::invalid(e.to_string()))?;
+    line.push(b'\n');
+    stream
+        .write_all(&line)
+        .map_err(|e| Error::io("sending request to the daemon", e))?;
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(600)));
+    let mut out = Vec::new();
+    stream
+        .read_to_end(&mut out)
+        .map_err(|e| Error::io("reading the daemon's reply", e))?;
+    let resp: Response = serde_json::from_slice(&out)
+        .map_err(|e| Error::invalid(format!("the daemon sent a malformed reply ({e})")))?;
+    if resp.ok {
+        Ok(resp.data.unwrap_or(serde_json::Value::Null))
+    } else {
+        Err(Error::new(
+            crate::error::Kind::Invalid,
+            resp.error
+                .unwrap_or_else(|| "the daemon refused the request".into()),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_lines() {
+        let text = "22 1 0:21 / /proc rw,nosuid - proc proc rw\n\
+                    99 22 0:55 / /tmp/my\\040mnt rw,nosuid,nodev shared:1 - fuse fleecefs:/var/lib/x\\040y rw,user_id=0\n";
+        let m = parse_mountinfo(text);
+        assert_eq!(m.len(), 2);
+        assert_eq!(m[1].mountpoint, PathBuf::from("/tmp/my mnt"));
+        assert_eq!(m[1].fstype, "fuse");
+        assert_eq!(m[1].source, "fleecefs:/var/lib/x y");
+    }
+}

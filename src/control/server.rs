@@ -1,0 +1,177 @@
+//! Serves the control socket: one thread accepts, one short-lived thread per connection
+//! (at most [`MAX_CLIENTS`] at once). A client that sends garbage, too much, nothing, or
+//! disconnects mid-request gets an error reply or is dropped, with one log line; the
+//! daemon keeps serving.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::io::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::proto::{parse_request, Request, Response, MAX_REQUEST};
+use crate::engine::Engine;
+use crate::error::{report, Error};
+
+/// Most connections handled at once.
+pub const MAX_CLIENTS: usize = 16;
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs a request against the engine.
+pub fn dispatch(engine: &Engine, req: Request) -> Response {
+    let result: Result<serde_json::Value, Error> = match req {
+        Request::Setup {
+            target,
+            devices,
+            bitmap,
+        } => engine
+            .setup(&target, devices.as_deref(), bitmap.as_deref())
+            .map(|r| serde_json::to_value(r).unwrap_or_default()),
+        Request::Teardown { target, success } => engine
+            .teardown(&target, success)
+            .map(|r| serde_json::to_value(r).unwrap_or_default()),
+        Request::Status => Ok(serde_json::to_value(engine.status()).unwrap_or_default()),
+        Request::BitmapRemove { target } => engine
+            .remove_bitmaps(&target)
+            .map(|r| serde_json::to_value(r).unwrap_or_default()),
+    };
+    match result {
+        Ok(data) => Response {
+            ok: true,
+            error: None,
+            data: Some(data),
+        },
+        Err(e) => Response {
+            ok: false,
+            error: Some(report(&e)),
+            data: None,
+        },
+    }
+}
+
+fn peer_uid(stream: &UnixStream) -> Option<u32> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`.
+    let r = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            &mut cred as *mut _ as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    (r == 0).then_some(cred.uid)
+}
+
+fn reply(stream: &mut UnixStream, resp: &Response) {
+    let mut line = serde_json::to_vec(resp).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
+    line.push(b'\n');
+    if let Err(e) = stream.write_all(&line) {
+        log::info!("control client went away before the reply: {e}");
+    }
+}
+
+fn handle(engine: &Engine, mut stream: UnixStream) {
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    match peer_uid(&stream) {
+        Some(uid) if uid == 0 || uid == me => {}
+        other => {
+            log::warn!("refused control request from uid {other:?}: only root or the daemon's user may use it");
+            reply(
+                &mut stream,
+                &Response {
+                    ok: false,
+                    error: Some("permission denied: only root may control fleecefs".into()),
+                    data: None,
+                },
+            );
+            return;
+        }
+    }
+    let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
+    let mut line = Vec::new();
+    let read = BufReader::new(&stream)
+        .take(MAX_REQUEST as u64 + 1)
+        .read_until(b'\n', &mut line);
+    if let Err(e) = read {
+        log::warn!("dropped control client: {e}");
+        return;
+    }
+    if line.is_empty() {
+        log::info!("control client disconnected without a request");
+        return;
+    }
+    if line.len() > MAX_REQUEST {
+        log::warn!("refused control request larger than {MAX_REQUEST} bytes");
+        reply(
+            &mut stream,
+            &Response {
+                ok: false,
+                error: Some(format!("request is larger than {MAX_REQUEST} bytes")),
+                data: None,
+            },
+        );
+        return;
+    }
+    let resp = match parse_request(line.trim_ascii_end()) {
+        Ok(req) => {
+            log::debug!("control request: {req:?}");
+            dispatch(engine, req)
+        }
+        Err(msg) => {
+            log::warn!("refused control request: {msg}");
+            Response {
+                ok: false,
+                error: Some(msg),
+                data: None,
+            }
+        }
+    };
+    reply(&mut stream, &resp);
+}
+
+/// Accepts connections forever (until the process exits).
+pub fn serve(listener: UnixListener, engine: Arc<Engine>) {
+    let active = Arc::new(AtomicUsize::new(0));
+    for conn in listener.incoming() {
+        let mut stream = match conn {
+            Ok(s) => s,
+            Err(e) => {
+                log::warn!("control socket accept failed: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        if active.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
+            active.fetch_sub(1, Ordering::AcqRel);
+            log::warn!("refused control client: {MAX_CLIENTS} already connected");
+            reply(
+                &mut stream,
+                &Response {
+                    ok: false,
+                    error: Some("daemon busy: too many control clients".into()),
+                    data: None,
+                },
+            );
+            continue;
+        }
+        let (engine, active) = (engine.clone(), active.clone());
+        let spawned = std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || {
+                handle(&engine, stream);
+                active.fetch_sub(1, Ordering::AcqRel);
+            });
+        if let Err(e) = spawned {
+            log::warn!("cannot start control handler: {e}");
+        }
+    }
+}

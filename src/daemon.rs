@@ -1,0 +1,479 @@
+//! The daemon: validates a `mount`, starts in the background, recovers what a crash
+//! left, mounts, serves, and shuts down in order.
+//!
+//! # Start
+//! `fleecefs mount` validates everything it can in the caller's process, then (unless
+//! `--foreground`) re-executes itself as a new session with `--daemon-child` and waits
+//! for one line on the child's stdout: `ready` once the mount answers a request. Until
+//! then the child's log goes to the caller's stderr as well as to `STATE_DIR/fleecefs.log`.
+//!
+//! # Shutdown order
+//! `umount`, `fleecefs unmount`, SIGTERM, SIGINT or SIGHUP all end the FUSE session
+//! (signals unmount; a busy mount is detached and its FUSE connection aborted). Then:
+//! 1. the active access, if any, is torn down as a failure (fleecing files deleted);
+//! 2. the control socket is removed;
+//! 3. the state directory lock is released and the process exits 0.
+
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::UnixListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fuser::{Config, MountOption, Session, SessionACL};
+
+use crate::cbw::{Device, OnCbwError};
+use crate::cli::{MountArgs, OnCbwErrorArg};
+use crate::control::client::{mount_at, resolve_mountpoint, FSNAME_PREFIX};
+use crate::control::server;
+use crate::engine::{validate_name, Engine, EngineConfig};
+use crate::error::{Error, IoContext, Result};
+use crate::fuse::FleeceFs;
+use crate::source::Source;
+use crate::state::{StateDir, LOG_FILE};
+use crate::units::{parse_size, ClusterSize};
+
+/// A validated `mount` request.
+#[derive(Debug, Clone)]
+pub struct MountPlan {
+    /// Absolute mount point.
+    pub mountpoint: PathBuf,
+    /// Absolute state directory (may not exist yet).
+    pub state_dir: PathBuf,
+    /// Absolute fleecing directory.
+    pub fleecing_dir: PathBuf,
+    /// Devices: name and absolute source path.
+    pub devices: Vec<(String, PathBuf)>,
+    /// Cluster size.
+    pub cluster: ClusterSize,
+    /// Worker threads.
+    pub threads: usize,
+    /// Copy-before-write failure policy.
+    pub on_cbw_error: OnCbwError,
+    /// Whether the mount point is a stale fleecefs mount to clean up first.
+    pub stale_mount: bool,
+}
+
+fn absolute(p: &Path) -> Result<PathBuf> {
+    std::path::absolute(p).context(|| format!("resolving {}", p.display()))
+}
+
+/// Checks every argument of `mount` without changing anything.
+pub fn validate(args: &MountArgs) -> Result<MountPlan> {
+    let cluster_bytes = parse_size(&args.cluster_size)
+        .map_err(|e| Error::invalid(format!("--cluster-size: {e}")))?;
+    let cluster = ClusterSize::new(cluster_bytes)
+        .map_err(|e| Error::invalid(format!("--cluster-size: {e}")))?;
+    if !(1..=256).contains(&args.threads) {
+        return Err(Error::invalid(format!(
+            "--threads {} is out of range (1-256)",
+            args.threads
+        )));
+    }
+    let mut devices: Vec<(String, PathBuf)> = Vec::new();
+    for spec in &args.devices {
+        let (name, path) = spec
+            .split_once('=')
+            .ok_or_else(|| Error::invalid(format!("--device '{spec}' is not NAME=PATH")))?;
+        validate_name("device name", name)?;
+        if devices.iter().any(|(n, _)| n == name) {
+            return Err(Error::invalid(format!(
+                "device name '{name}' is given twice"
+            )));
+        }
+        if path.is_empty() {
+            return Err(Error::invalid(format!(
+                "--device '{spec}' has an empty path"
+            )));
+        }
+        let path = absolute(Path::new(path))?;
+        // Opening checks existence, type, size and write permission; it is closed again.
+        Source::open(&path)?;
+        if devices.iter().any(|(_, p)| *p == path) {
+            return Err(Error::invalid(format!(
+                "source {} is given twice",
+                path.display()
+            )));
+        }
+        devices.push((name.to_string(), path));
+    }
+    let state_dir = absolute(&args.state_dir)?;
+    let fleecing_dir = match &args.fleecing_dir {
+        Some(d) => absolute(d)?,
+        None => state_dir.join("fleecing"),
+    };
+    let (mountpoint, stale_mount) = check_mountpoint(&args.mountpoint)?;
+    if state_dir.starts_with(&mountpoint) || fleecing_dir.starts_with(&mountpoint) {
+        return Err(Error::invalid(
+            "the state and fleecing directories must not be inside the mount point",
+        ));
+    }
+    Ok(MountPlan {
+        mountpoint,
+        state_dir,
+        fleecing_dir,
+        devices,
+        cluster,
+        threads: args.threads,
+        on_cbw_error: match args.on_cbw_error {
+            OnCbwErrorArg::BreakSnapshot => OnCbwError::BreakSnapshot,
+            OnCbwErrorArg::BreakGuestWrite => OnCbwError::BreakGuestWrite,
+        },
+        stale_mount,
+    })
+}
+
+/// The mount point must be an existing, empty directory; a stale fleecefs mount (its
+/// daemon died) is accepted and cleaned up later.
+fn check_mountpoint(path: &Path) -> Result<(PathBuf, bool)> {
+    let shown = path.display();
+    // A dead FUSE mount still answers stat on its root from cached attributes; listing
+    // it is what fails with ENOTCONN.
+    let probe = fs::metadata(path).and_then(|m| {
+        if m.is_dir() {
+            fs::read_dir(path).map(|_| m)
+        } else {
+            Ok(m)
+        }
+    });
+    match probe {
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            let mp = resolve_mountpoint(path)?;
+            return match mount_at(&mp)? {
+                Some(m) if m.source.starts_with(FSNAME_PREFIX) => Ok((mp, true)),
+                _ => Err(Error::busy(format!(
+                    "mount point {shown} is a disconnected FUSE mount of another program; clean it up with 'umount -l {shown}'"
+                ))),
+            };
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::not_found(format!(
+                "mount point {shown} does not exist"
+            )))
+        }
+        Err(e) => return Err(Error::io(format!("mount point {shown}"), e)),
+        Ok(m) if !m.is_dir() => {
+            return Err(Error::invalid(format!(
+                "mount point {shown} is not a directory"
+            )))
+        }
+        Ok(_) => {}
+    }
+    let mp = path
+        .canonicalize()
+        .context(|| format!("resolving {shown}"))?;
+    if let Some(m) = mount_at(&mp)? {
+        if m.source.starts_with(FSNAME_PREFIX) {
+            return Err(Error::busy(format!(
+                "{shown} is already a fleecefs mount (state dir {})",
+                &m.source[FSNAME_PREFIX.len()..]
+            )));
+        }
+    }
+    let mut entries = fs::read_dir(&mp).context(|| format!("reading mount point {shown}"))?;
+    if entries.next().is_some() {
+        return Err(Error::invalid(format!("mount point {shown} is not empty")));
+    }
+    Ok((mp, false))
+}
+
+/// `fleecefs mount`: validate, then serve here (`--foreground`) or in the background.
+pub fn mount(args: &MountArgs) -> Result<()> {
+    let plan = validate(args)?;
+    if args.foreground || args.daemon_child {
+        serve(plan, args.daemon_child, args.allow_other)
+    } else {
+        start_background()
+    }
+}
+
+fn start_background() -> Result<()> {
+    let exe = std::env::current_exe().context(|| "finding the fleecefs executable".into())?;
+    let mut cmd = Command::new(exe);
+    cmd.args(std::env::args_os().skip(1))
+        .arg("--daemon-child")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: setsid is async-signal-safe; the child leaves our session and terminal.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .context(|| "starting the fleecefs daemon".into())?;
+    let mut stderr = child.stderr.take().expect("piped");
+    let relay = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    let mut line = String::new();
+    let stdout = child.stdout.take().expect("piped");
+    let _ = BufReader::new(stdout).read_line(&mut line);
+    let messages = relay.join().unwrap_or_default();
+    eprint!("{messages}");
+    if line.trim() == "ready" {
+        return Ok(());
+    }
+    let status = child
+        .wait()
+        .context(|| "waiting for the fleecefs daemon".into())?;
+    Err(Error::new(
+        crate::error::Kind::Invalid,
+        if messages.trim().is_empty() {
+            format!("the fleecefs daemon exited before mounting ({status})")
+        } else {
+            String::new()
+        },
+    ))
+}
+
+fn block_signals() -> libc::sigset_t {
+    // SAFETY: plain libc signal-mask calls on a local set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+fn redirect_stdio_to_null() {
+    // SAFETY: dup2 onto the standard descriptors of this process.
+    unsafe {
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+        if null >= 0 {
+            libc::dup2(null, 0);
+            libc::dup2(null, 1);
+            libc::dup2(null, 2);
+            if null > 2 {
+                libc::close(null);
+            }
+        }
+    }
+}
+
+/// Unmounts `mountpoint`; if it is busy, detaches it and aborts the FUSE connection so
+/// the session ends anyway.
+pub fn force_unmount(mountpoint: &Path, connection: Option<u32>) {
+    let Ok(c) = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes()) else {
+        return;
+    };
+    // SAFETY: umount2 with a valid C string.
+    if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
+        return;
+    }
+    let e = std::io::Error::last_os_error();
+    log::warn!(
+        "unmounting {}: {e}; detaching it and aborting its FUSE connection",
+        mountpoint.display()
+    );
+    // SAFETY: as above.
+    unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    if let Some(id) = connection {
+        abort_connection(id);
+    }
+}
+
+fn abort_connection(id: u32) {
+    let dir = Path::new("/sys/fs/fuse/connections");
+    if !dir.join(id.to_string()).exists() {
+        let _ = Command::new("mount")
+            .args(["-t", "fusectl", "fusectl", "/sys/fs/fuse/connections"])
+            .stderr(Stdio::null())
+            .status();
+    }
+    if let Err(e) = fs::write(dir.join(id.to_string()).join("abort"), b"1") {
+        log::error!("cannot abort FUSE connection {id}: {e}");
+    }
+}
+
+fn bind_socket(state: &StateDir) -> Result<UnixListener> {
+    let path = state.socket_path();
+    // We hold the state lock, so an existing socket is a leftover.
+    let _ = fs::remove_file(&path);
+    // SAFETY: umask is process-wide; no other thread creates files at this point.
+    let old = unsafe { libc::umask(0o177) };
+    let l = UnixListener::bind(&path);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    l.context(|| format!("creating control socket {}", path.display()))
+}
+
+fn serve(plan: MountPlan, daemon_child: bool, allow_other: bool) -> Result<()> {
+    let signals = block_signals();
+    let state = StateDir::open(&plan.state_dir)?;
+    if daemon_child {
+        crate::logger::tee_to_file(&state.path().join(LOG_FILE));
+    }
+    if let Some(record) = state.leftover_access()? {
+        let removed = state.remove_leftovers(&record)?;
+        log::warn!(
+            "recovered from an unclean shutdown: backup access '{}' did not end; removed {} leftover fleecing file(s){}{}",
+            record.target,
+            removed.len(),
+            if removed.is_empty() { "" } else { ": " },
+            removed.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+        );
+    }
+    if plan.stale_mount {
+        force_unmount(&plan.mountpoint, None);
+        log::warn!(
+            "cleaned up the stale mount at {} left by a daemon that died",
+            plan.mountpoint.display()
+        );
+    }
+    let mut devices = Vec::new();
+    for (name, path) in &plan.devices {
+        devices.push(Device::new(name.clone(), Source::open(path)?, plan.cluster));
+    }
+    let config = EngineConfig {
+        fleecing_dir: plan.fleecing_dir.clone(),
+        on_cbw_error: plan.on_cbw_error,
+        mountpoint: plan.mountpoint.clone(),
+    };
+    let listener = bind_socket(&state)?;
+    let socket_path = state.socket_path();
+    let engine = Arc::new(Engine::new(devices, config, Some(state)));
+    {
+        let engine = engine.clone();
+        std::thread::Builder::new()
+            .name("control-accept".into())
+            .spawn(move || server::serve(listener, engine))
+            .context(|| "starting the control thread".into())?;
+    }
+
+    let mut fuse_config = Config::default();
+    fuse_config.mount_options = vec![
+        MountOption::FSName(format!("{FSNAME_PREFIX}{}", plan.state_dir.display())),
+        MountOption::Subtype("fleecefs".into()),
+        MountOption::DefaultPermissions,
+    ];
+    fuse_config.acl = if allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    fuse_config.n_threads = Some(plan.threads);
+    fuse_config.clone_fd = true;
+    let session = Session::new(
+        FleeceFs::new(engine.clone()),
+        &plan.mountpoint,
+        &fuse_config,
+    )
+    .map_err(|e| {
+        let _ = fs::remove_file(&socket_path);
+        Error::io(format!("mounting {}", plan.mountpoint.display()), e)
+    })?;
+    let fuse_thread = std::thread::Builder::new()
+        .name("fuse-session".into())
+        .spawn(move || session.run())
+        .context(|| "starting the FUSE session".into())?;
+    // Serving means answering: one lookup through the kernel.
+    let live = plan.mountpoint.join("live");
+    let connection = fs::metadata(&live)
+        .map(|m| libc::minor(m.dev()))
+        .map_err(|e| {
+            Error::io(
+                format!("checking the new mount at {}", plan.mountpoint.display()),
+                e,
+            )
+        })?;
+    log::info!(
+        "serving {} device(s) at {} (cluster size {}, {} threads)",
+        plan.devices.len(),
+        plan.mountpoint.display(),
+        plan.cluster,
+        plan.threads
+    );
+    if daemon_child {
+        // Tell the parent, then leave the terminal: from now on the log file only.
+        let _ = std::io::stdout().write_all(b"ready\n");
+        let _ = std::io::stdout().flush();
+        crate::logger::stop_tee();
+        redirect_stdio_to_null();
+        let _ = std::env::set_current_dir("/");
+    }
+    {
+        let mountpoint = plan.mountpoint.clone();
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || loop {
+                let mut sig: libc::c_int = 0;
+                // SAFETY: sigwait on the set blocked in every thread.
+                if unsafe { libc::sigwait(&signals, &mut sig) } == 0 {
+                    log::info!("signal {sig}: unmounting {}", mountpoint.display());
+                    force_unmount(&mountpoint, Some(connection));
+                }
+            })
+            .context(|| "starting the signal thread".into())?;
+    }
+    let result = fuse_thread.join();
+    log::info!("{} unmounted, shutting down", plan.mountpoint.display());
+    engine.shutdown();
+    let _ = fs::remove_file(&socket_path);
+    match result {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(Error::io("FUSE session ended with an error", e)),
+        Err(_) => Err(Error::invalid("FUSE session thread panicked")),
+    }
+}
+
+/// `fleecefs unmount`: unmount and wait until the daemon has cleaned up and exited.
+pub fn unmount(mountpoint: &Path) -> Result<()> {
+    let state = crate::control::client::state_dir_of(mountpoint)?;
+    let mp = resolve_mountpoint(mountpoint)?;
+    let c = std::ffi::CString::new(mp.as_os_str().as_encoded_bytes())
+        .map_err(|_| Error::invalid("mount point path contains a NUL byte"))?;
+    // SAFETY: umount2 with a valid C string.
+    if unsafe { libc::umount2(c.as_ptr(), 0) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EBUSY) {
+            return Err(Error::busy(format!(
+                "{} is busy: a process still has files open under it (see 'fuser -vm {}')",
+                mountpoint.display(),
+                mountpoint.display()
+            )));
+        }
+        return Err(Error::io(format!("unmounting {}", mountpoint.display()), e));
+    }
+    wait_for_daemon_exit(&state, Duration::from_secs(120))
+}
+
+/// Waits until nobody holds the state directory lock any more.
+pub fn wait_for_daemon_exit(state_dir: &Path, timeout: Duration) -> Result<()> {
+    let lock = state_dir.join("fleecefs.lock");
+    let f = fs::File::open(&lock).context(|| format!("opening {}", lock.display()))?;
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        // SAFETY: flock on a valid fd.
+        if unsafe {
+            libc::flock(
+                std::os::unix::io::AsRawFd::as_raw_fd(&f),
+                libc::LOCK_SH | libc::LOCK_NB,
+            )
+        } == 0
+        {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(Error::busy(format!(
+                "the daemon has not exited after {}s; see {}",
+                timeout.as_secs(),
+                state_dir.join(LOG_FILE).display()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -1,0 +1,132 @@
+//! A small `log` backend: one line per record on stderr (the daemon's stderr is its log
+//! file once it runs in the background). Quiet by default: warnings and errors only;
+//! `-v` adds info, `-vv` debug, `-vvv` trace (including fuser's own messages).
+
+use std::fs::File;
+use std::io::Write;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use log::{Level, LevelFilter, Log, Metadata, Record};
+
+/// The daemon's log file, once it has one.
+static FILE: Mutex<Option<File>> = Mutex::new(None);
+/// Whether records also go to stderr while a log file is set.
+static TEE: AtomicBool = AtomicBool::new(true);
+
+/// Sends records to `path` (appending) as well as to stderr.
+pub fn tee_to_file(path: &Path) {
+    match std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        Ok(f) => {
+            if let Ok(mut g) = FILE.lock() {
+                *g = Some(f);
+            }
+        }
+        Err(e) => log::warn!("cannot open log file {}: {e}", path.display()),
+    }
+}
+
+/// Stops writing to stderr; records go to the log file only.
+pub fn stop_tee() {
+    TEE.store(false, Ordering::Relaxed);
+}
+
+struct Logger {
+    level: LevelFilter,
+    daemon: bool,
+}
+
+/// Formats seconds since the epoch as `YYYY-MM-DDTHH:MM:SSZ` (UTC).
+pub fn utc_timestamp(secs: u64) -> String {
+    let days = (secs / 86400) as i64;
+    let rem = secs % 86400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+impl Log for Logger {
+    fn enabled(&self, m: &Metadata<'_>) -> bool {
+        // fuser logs unimplemented operations as warnings; only show them when tracing.
+        if m.target().starts_with("fuser") && self.level < LevelFilter::Trace {
+            return m.level() <= Level::Error;
+        }
+        m.level() <= self.level
+    }
+
+    fn log(&self, r: &Record<'_>) {
+        if !self.enabled(r.metadata()) {
+            return;
+        }
+        let line = if self.daemon {
+            format!(
+                "{} fleecefs[{}] {}: {}\n",
+                utc_timestamp(crate::sys::unix_now()),
+                std::process::id(),
+                r.level().as_str().to_lowercase(),
+                r.args()
+            )
+        } else if r.level() <= Level::Warn {
+            format!(
+                "fleecefs: {}: {}\n",
+                r.level().as_str().to_lowercase(),
+                r.args()
+            )
+        } else {
+            format!("fleecefs: {}\n", r.args())
+        };
+        let mut to_stderr = true;
+        if let Ok(mut g) = FILE.lock() {
+            if let Some(f) = g.as_mut() {
+                let _ = f.write_all(line.as_bytes());
+                to_stderr = TEE.load(Ordering::Relaxed);
+            }
+        }
+        if to_stderr {
+            let _ = std::io::stderr().write_all(line.as_bytes());
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+/// Installs the logger. `verbosity` counts `-v` flags; `daemon` adds timestamps and pid.
+pub fn init(verbosity: u8, daemon: bool) {
+    let level = match verbosity {
+        0 => LevelFilter::Warn,
+        1 => LevelFilter::Info,
+        2 => LevelFilter::Debug,
+        _ => LevelFilter::Trace,
+    };
+    if log::set_boxed_logger(Box::new(Logger { level, daemon })).is_ok() {
+        log::set_max_level(level);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn timestamps() {
+        assert_eq!(super::utc_timestamp(0), "1970-01-01T00:00:00Z");
+        assert_eq!(super::utc_timestamp(1_795_314_181), "2026-11-22T02:23:01Z");
+        assert_eq!(super::utc_timestamp(951_782_400), "2000-02-29T00:00:00Z");
+    }
+}
