@@ -1,0 +1,62 @@
+# Shared helpers for shell tests. Source it; it sets up a temp dir and a trap that
+# unmounts and cleans up whatever the test mounted, whatever happens.
+set -euo pipefail
+FLEECEFS=${FLEECEFS:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)/target/debug/fleecefs}
+[ -x "$FLEECEFS" ] || { echo "build first: $FLEECEFS is missing" >&2; exit 1; }
+[ "$(id -u)" = 0 ] || { echo "shell tests need root" >&2; exit 1; }
+T=$(mktemp -d /tmp/fleecefs-test.XXXXXX)
+MOUNTS=()
+LOOPS=()
+cleanup() {
+    local rc=$?
+    for l in "${LOOPS[@]}"; do
+        umount "$l" 2>/dev/null || true
+    done
+    for m in "${MOUNTS[@]}"; do
+        "$FLEECEFS" unmount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
+    done
+    rm -rf "$T"
+    exit $rc
+}
+trap cleanup EXIT
+fail() { echo "FAIL: $*" >&2; exit 1; }
+# fmount MOUNTPOINT ARGS... : `fleecefs mount MOUNTPOINT ARGS...`, unmounted at exit
+fmount() {
+    local mp=$1
+    shift
+    mkdir -p "$mp"
+    MOUNTS+=("$mp")
+    "$FLEECEFS" mount "$mp" "$@"
+}
+# pattern BYTE COUNT : COUNT bytes of BYTE (hex, e.g. 0x5d) on stdout
+pattern() { head -c "$2" /dev/zero | tr '\0' "\\$(printf '%03o' "$1")"; }
+# start_writer FILE BLOCKS : background writer of random 4K blocks into FILE (any of the
+# first BLOCKS blocks). `pause_writer` waits until it is idle between writes;
+# `resume_writer` lets it go on; `stop_writer` ends it. Writes counted in $T/writes.
+start_writer() {
+    local file=$1 blocks=$2
+    rm -f "$T/stop" "$T/pause" "$T/paused"
+    (
+        n=0
+        while [ ! -e "$T/stop" ]; do
+            if [ -e "$T/pause" ]; then
+                touch "$T/paused"
+                sleep 0.01
+                continue
+            fi
+            rm -f "$T/paused"
+            dd if=/dev/urandom of="$file" bs=4096 count=1 seek=$((RANDOM * 32768 % blocks + RANDOM % 32768 % blocks)) \
+                conv=notrunc status=none 2>/dev/null || true
+            n=$((n + 1))
+            echo $n >"$T/writes"
+        done
+    ) &
+    WRITER=$!
+}
+pause_writer() {
+    touch "$T/pause"
+    while [ ! -e "$T/paused" ]; do sleep 0.01; done
+}
+resume_writer() { rm -f "$T/pause" "$T/paused"; }
+stop_writer() { touch "$T/stop"; wait "$WRITER" 2>/dev/null || true; }
+writes() { cat "$T/writes" 2>/dev/null || echo 0; }
