@@ -60,3 +60,20 @@ pause_writer() {
 resume_writer() { rm -f "$T/pause" "$T/paused"; }
 stop_writer() { touch "$T/stop"; wait "$WRITER" 2>/dev/null || true; }
 writes() { cat "$T/writes" 2>/dev/null || echo 0; }
+# status_json MOUNTPOINT PYEXPR : evaluates PYEXPR (python, `d` is the parsed
+# `fleecefs status MOUNTPOINT --json`) and prints the result, e.g.
+# status_json "$T/mnt" 'd["access"]["copied_bytes"]'
+status_json() {
+    "$FLEECEFS" status "$1" --json | python3 -c 'import json,sys; d=json.load(sys.stdin); print('"$2"')'
+}
+# expect_fail_with TEXT CMD... : CMD must exit non-zero with TEXT in its stderr
+expect_fail_with() {
+    local text=$1 err rc=0
+    shift
+    err=$("$@" 2>&1 >/dev/null) || rc=$?
+    [ "$rc" != 0 ] || fail "expected failure ($text) but succeeded: $*"
+    case "$err" in
+    *"$text"*) ;;
+    *) fail "expected '$text' from: $* ; got: $err" ;;
+    esac
+}
