@@ -77,3 +77,11 @@ expect_fail_with() {
     *) fail "expected '$text' from: $* ; got: $err" ;;
     esac
 }
+# writes_now : like `writes`, but never reads the counter while the writer rewrites it
+writes_now() {
+    local n=
+    while [ -z "$n" ]; do
+        n=$(cat "$T/writes" 2>/dev/null || echo 0)
+    done
+    echo "$n"
+}
