@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# restic backs up the snapshot/ directory into a local repository while a writer keeps
+# writing the live image; the restored image is the point-in-time image.
+source "$(dirname "$0")/lib.sh"
+command -v restic >/dev/null || fail "restic is not installed (Debian: restic)"
+
+M=$((1 << 20))
+export RESTIC_PASSWORD=fleecefs-test RESTIC_CACHE_DIR=$T/cache
+truncate -s $((32 * M)) "$T/src.img"
+head -c $((24 * M)) /dev/urandom | dd of="$T/src.img" bs=1M conv=notrunc iflag=fullblock status=none
+
+fmount "$T/mnt" --state-dir "$T/state" --device disk=$T/src.img
+restic -r "$T/repo" init >"$T/restic.log" 2>&1 || fail "restic init: $(cat "$T/restic.log")"
+start_writer "$T/mnt/live/disk" 4096 # block numbers up to 8190: all of the image is written
+sleep 0.3
+pause_writer
+cp "$T/src.img" "$T/ref.img" # the point-in-time image
+"$FLEECEFS" setup "$T/mnt" --target restic >/dev/null
+resume_writer
+before=$(writes_now)
+restic -r "$T/repo" backup "$T/mnt/snapshot" >"$T/restic.log" 2>&1 || fail "restic backup: $(cat "$T/restic.log")"
+after=$(writes_now)
+stop_writer
+"$FLEECEFS" teardown "$T/mnt" --target restic --success >/dev/null
+[ -z "$(ls "$T/state/fleecing")" ] || fail "fleecing files left after teardown"
+
+restic -r "$T/repo" restore latest --target "$T/restore" >"$T/restic.log" 2>&1 ||
+    fail "restic restore: $(cat "$T/restic.log")"
+R=$T/restore$T/mnt/snapshot
+[ -f "$R/disk" ] || fail "restored tree has no snapshot/disk: $(find "$T/restore" | head)"
+cmp "$R/disk" "$T/ref.img" || fail "the restored image differs from the point-in-time image"
+[ "$(cat "$R/disk.dirty")" = "0 $((32 * M))" ] || fail "restored disk.dirty is '$(cat "$R/disk.dirty")'"
+[ "$after" -gt "$before" ] || fail "the writer made no writes during restic backup ($before -> $after)"
+cmp -s "$T/src.img" "$T/ref.img" && fail "the live image did not change during the backup"
+echo "ok: restic backup of snapshot/ restores the point-in-time image ($((after - before)) writes during backup)"
