@@ -85,3 +85,37 @@ writes_now() {
     done
     echo "$n"
 }
+# loop_attach FILE : attaches FILE to a free loop device and sets LOOPDEV to it. At exit
+# (before the usual cleanup) the filesystems in LOOPS are unmounted and the devices still
+# attached detached. `loop_detach DEV` detaches it earlier (and waits until it is gone).
+LOOPDEVS=()
+loop_attach() {
+    LOOPDEV=$(losetup -f --show "$1")
+    LOOPDEVS+=("$LOOPDEV")
+    trap cleanup_loops EXIT
+}
+loop_detach() {
+    local l keep=()
+    losetup -d "$1"
+    for l in "${LOOPDEVS[@]}"; do
+        [ "$l" = "$1" ] || keep+=("$l")
+    done
+    LOOPDEVS=("${keep[@]}")
+    for _ in $(seq 100); do
+        [ -z "$(losetup -n -O BACK-FILE "$1" 2>/dev/null)" ] && return 0
+        sleep 0.05
+    done
+    echo "loop device $1 is still attached" >&2
+    return 1
+}
+cleanup_loops() {
+    local rc=$? l
+    for l in "${LOOPS[@]}"; do
+        umount "$l" 2>/dev/null || true
+    done
+    for l in "${LOOPDEVS[@]}"; do
+        losetup -d "$l" 2>/dev/null || true
+    done
+    (exit $rc)
+    cleanup
+}
