@@ -1,9 +1,9 @@
 //! The copy-before-write engine for one device: live I/O, snapshot reads, discard.
 //!
 //! # State
-//! A [`Device`] owns its [`Source`] and a *gate*, `RwLock<Option<Arc<DeviceAccess>>>`.
-//! While a backup access is active the gate holds a [`DeviceAccess`] with three
-//! cluster bitmaps:
+//! A [`Device`] owns its [`Source`] and a *gate*, an `RwLock<GateState>` holding the
+//! bitmaps every live write must mark (`tracking`) and, while a backup access is active,
+//! a [`DeviceAccess`] with three cluster bitmaps:
 //! - `frozen`: the clusters the backup must read (the dirty map); never changes;
 //! - `accessible`: `frozen` minus what has been discarded;
 //! - `copied`: clusters whose point-in-time data is in the fleecing file.
@@ -16,7 +16,9 @@
 //! # The ordering invariant
 //! For every cluster `c` and every live write `w` that touches it while an access is
 //! active: if `c` needs copy-before-write, the old data of `c` is in the fleecing file
-//! and `copied[c]` is set **before** `w` reaches the source. Readers therefore find
+//! and `copied[c]` is set **before** `w` reaches the source. And for every write: `c` is
+//! marked in every tracking bitmap (flushed, when crash-safe) before `w` reaches the
+//! source. Readers therefore find
 //! point-in-time data either in the source (`!copied[c]`: nobody has written it since
 //! setup) or in the fleecing file (`copied[c]`).
 //!
@@ -35,7 +37,6 @@
 //! operations on different lock units run in parallel.
 
 use std::ops::Range;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard};
 use std::time::SystemTime;
@@ -44,6 +45,7 @@ use crate::bitmap::Bitmap;
 use crate::dirtymap::DirtyMap;
 use crate::error::{Error, Kind, Result};
 use crate::fleece::FleecingFile;
+use crate::persist::TrackedBitmap;
 use crate::source::Source;
 use crate::sys;
 use crate::units::ClusterSize;
@@ -100,26 +102,24 @@ pub struct DeviceAccess {
     discarded_bytes: AtomicU64,
     is_broken: AtomicBool,
     broken: OnceLock<Broken>,
-    /// Set by [`DeviceAccess::break_with`] callers to tell the engine which access to mark.
     on_error: OnCbwError,
 }
 
 impl DeviceAccess {
-    /// Prepares an access over `frozen` (the clusters to expose) with a new fleecing file
-    /// at `fleecing_path`.
+    /// An access over `frozen` (the clusters to expose) using `fleece`. Cannot fail, so
+    /// the engine builds it while holding the gates.
     pub fn new(
         id: u64,
         device: &Device,
         frozen: Arc<Bitmap>,
-        fleecing_path: &Path,
+        fleece: FleecingFile,
         on_error: OnCbwError,
-    ) -> Result<DeviceAccess> {
-        let fleece = FleecingFile::create(fleecing_path, device.size())?;
+    ) -> DeviceAccess {
         let accessible = frozen.to_heap();
         let copied = Bitmap::new(frozen.len(), false);
         let dirty_map = DirtyMap::new(frozen, device.cluster, device.size());
         let unit = device.cluster.bytes().max(LOCK_UNIT_MIN);
-        Ok(DeviceAccess {
+        DeviceAccess {
             id,
             fleece,
             dirty_map,
@@ -132,7 +132,7 @@ impl DeviceAccess {
             is_broken: AtomicBool::new(false),
             broken: OnceLock::new(),
             on_error,
-        })
+        }
     }
 
     /// The access generation this belongs to.
@@ -206,12 +206,21 @@ impl DeviceAccess {
     }
 }
 
+/// What every data operation of a device reads under its gate.
+#[derive(Default)]
+pub struct GateState {
+    /// The active access, if any.
+    pub access: Option<Arc<DeviceAccess>>,
+    /// Bitmaps that record live writes.
+    pub tracking: Vec<Arc<TrackedBitmap>>,
+}
+
 /// A device: a source image, its live view and (during an access) its snapshot view.
 pub struct Device {
     name: String,
     source: Source,
     cluster: ClusterSize,
-    gate: RwLock<Option<Arc<DeviceAccess>>>,
+    gate: RwLock<GateState>,
     last_error: Mutex<Option<(String, SystemTime)>>,
 }
 
@@ -236,7 +245,7 @@ impl Device {
             name,
             source,
             cluster,
-            gate: RwLock::new(None),
+            gate: RwLock::new(GateState::default()),
             last_error: Mutex::new(None),
         }
     }
@@ -279,21 +288,31 @@ impl Device {
         }
     }
 
-    fn gate(&self) -> RwLockReadGuard<'_, Option<Arc<DeviceAccess>>> {
-        // A poisoned gate only means a thread panicked while holding it; the data it
-        // guards (an Option<Arc>) cannot be half-updated, so keep serving.
+    fn gate(&self) -> RwLockReadGuard<'_, GateState> {
+        // A poisoned gate only means a thread panicked while holding it; what it guards
+        // (an Option<Arc> and a Vec of Arcs) is never left half-updated, so keep serving.
         self.gate.read().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The current access, if any.
     pub fn access(&self) -> Option<Arc<DeviceAccess>> {
-        self.gate().clone()
+        self.gate().access.clone()
     }
 
-    /// Installs or removes the access. Called by the engine with every gate it switches
-    /// held exclusively (see [`Device::lock_gate`]).
-    pub fn lock_gate(&self) -> std::sync::RwLockWriteGuard<'_, Option<Arc<DeviceAccess>>> {
+    /// The gate, exclusively: no data operation of this device runs while it is held.
+    /// The engine takes the gates of all devices it switches, in device index order.
+    pub fn lock_gate(&self) -> std::sync::RwLockWriteGuard<'_, GateState> {
         self.gate.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn track(&self, gate: &GateState, offset: u64, len: u64) {
+        if gate.tracking.is_empty() {
+            return;
+        }
+        let clusters = self.cluster.outward(offset, len);
+        for t in &gate.tracking {
+            t.mark(clusters.clone());
+        }
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<()> {
@@ -333,7 +352,8 @@ impl Device {
             return Ok(0);
         }
         let gate = self.gate();
-        if let Some(access) = gate.as_ref() {
+        self.track(&gate, offset, len);
+        if let Some(access) = gate.access.as_ref() {
             self.copy_before_write(access, offset, len)?;
         }
         self.source
@@ -373,7 +393,8 @@ impl Device {
         }
         let gate = self.gate();
         if changes_data {
-            if let Some(access) = gate.as_ref() {
+            self.track(&gate, offset, len);
+            if let Some(access) = gate.access.as_ref() {
                 self.copy_before_write(access, offset, len)?;
             }
         }
@@ -486,10 +507,10 @@ impl Device {
 
     fn current_access<'a>(
         &self,
-        gate: &'a RwLockReadGuard<'_, Option<Arc<DeviceAccess>>>,
+        gate: &'a RwLockReadGuard<'_, GateState>,
         access_id: u64,
     ) -> Result<&'a Arc<DeviceAccess>> {
-        match gate.as_ref() {
+        match gate.access.as_ref() {
             Some(a) if a.id == access_id => Ok(a),
             _ => Err(Error::new(
                 Kind::Stale,

@@ -89,6 +89,10 @@ pub struct MountArgs {
     /// What a failed copy-before-write breaks
     #[arg(long, value_enum, default_value = "break-snapshot")]
     pub on_cbw_error: OnCbwErrorArg,
+    /// Flush each newly dirtied bitmap word before the write it covers, so bitmaps stay
+    /// usable after a crash (on/off)
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = clap::builder::BoolishValueParser::new())]
+    pub crash_safe_bitmaps: bool,
     /// Internal: set in the background daemon started by `mount`
     #[arg(long, hide = true)]
     pub daemon_child: bool,

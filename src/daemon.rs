@@ -56,6 +56,8 @@ pub struct MountPlan {
     pub on_cbw_error: OnCbwError,
     /// Whether the mount point is a stale fleecefs mount to clean up first.
     pub stale_mount: bool,
+    /// Crash-safe bitmap tracking.
+    pub crash_safe_bitmaps: bool,
 }
 
 fn absolute(p: &Path) -> Result<PathBuf> {
@@ -124,6 +126,7 @@ pub fn validate(args: &MountArgs) -> Result<MountPlan> {
             OnCbwErrorArg::BreakGuestWrite => OnCbwError::BreakGuestWrite,
         },
         stale_mount,
+        crash_safe_bitmaps: args.crash_safe_bitmaps,
     })
 }
 
@@ -342,10 +345,17 @@ fn serve(plan: MountPlan, daemon_child: bool, allow_other: bool) -> Result<()> {
         fleecing_dir: plan.fleecing_dir.clone(),
         on_cbw_error: plan.on_cbw_error,
         mountpoint: plan.mountpoint.clone(),
+        crash_safe_bitmaps: plan.crash_safe_bitmaps,
     };
     let listener = bind_socket(&state)?;
     let socket_path = state.socket_path();
-    let engine = Arc::new(Engine::new(devices, config, Some(state)));
+    let engine = match Engine::new(devices, config, Some(state)) {
+        Ok(e) => Arc::new(e),
+        Err(e) => {
+            let _ = fs::remove_file(&socket_path);
+            return Err(e);
+        }
+    };
     {
         let engine = engine.clone();
         std::thread::Builder::new()

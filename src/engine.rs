@@ -14,8 +14,11 @@ use std::time::SystemTime;
 use serde::Serialize;
 
 use crate::bitmap::Bitmap;
+use crate::bitmaps::{BitmapStatus, BitmapStore, Decision};
 use crate::cbw::{Device, DeviceAccess, OnCbwError};
 use crate::error::{Error, IoContext, Kind, Result};
+use crate::fleece::FleecingFile;
+use crate::persist::TrackedBitmap;
 use crate::state::{AccessRecord, StateDir};
 use crate::sys::unix_now;
 
@@ -47,6 +50,9 @@ pub struct EngineConfig {
     pub on_cbw_error: OnCbwError,
     /// The mount point (reports give absolute snapshot paths).
     pub mountpoint: PathBuf,
+    /// Flush each clean-to-dirty bitmap transition before the write it covers, so
+    /// bitmaps stay valid after a crash.
+    pub crash_safe_bitmaps: bool,
 }
 
 /// The result of `bitmap remove`.
@@ -165,22 +171,34 @@ pub struct Status {
     pub pid: u32,
     /// Devices.
     pub devices: Vec<DeviceStatus>,
+    /// Every bitmap.
+    pub bitmaps: Vec<BitmapStatus>,
     /// The active access, if any.
     pub access: Option<AccessStatus>,
     /// Errors worth a look (source I/O errors, broken accesses).
     pub errors: Vec<String>,
 }
 
+/// One device of the active access and its bitmaps.
+struct ActiveDevice {
+    index: usize,
+    /// The target's bitmap, frozen during the access.
+    bitmap: Option<Arc<TrackedBitmap>>,
+    /// Records writes made during the access.
+    background: Option<Arc<TrackedBitmap>>,
+}
+
 struct Active {
     target: String,
     id: u64,
-    devices: Vec<usize>,
+    devices: Vec<ActiveDevice>,
     started_at: u64,
 }
 
 struct Control {
     active: Option<Active>,
     next_id: u64,
+    bitmaps: Option<BitmapStore>,
 }
 
 /// All devices and the access lifecycle.
@@ -199,17 +217,37 @@ fn secs(t: SystemTime) -> u64 {
 
 impl Engine {
     /// An engine over `devices`. `state`, when given, records fleecing files for crash
-    /// recovery.
-    pub fn new(devices: Vec<Device>, config: EngineConfig, state: Option<StateDir>) -> Engine {
-        Engine {
-            devices: devices.into_iter().map(Arc::new).collect(),
+    /// recovery and holds the persistent bitmaps (which are loaded and start tracking
+    /// here); without it, `--bitmap` is refused.
+    pub fn new(
+        devices: Vec<Device>,
+        config: EngineConfig,
+        state: Option<StateDir>,
+    ) -> Result<Engine> {
+        let devices: Vec<Arc<Device>> = devices.into_iter().map(Arc::new).collect();
+        let bitmaps = match &state {
+            Some(st) => Some(BitmapStore::load(
+                &st.bitmap_dir()?,
+                &devices,
+                config.crash_safe_bitmaps,
+            )?),
+            None => None,
+        };
+        if let Some(store) = &bitmaps {
+            for d in &devices {
+                d.lock_gate().tracking = store.tracking_for(d.name(), None);
+            }
+        }
+        Ok(Engine {
+            devices,
             config,
             state,
             control: Mutex::new(Control {
                 active: None,
                 next_id: 1,
+                bitmaps,
             }),
-        }
+        })
     }
 
     /// The devices, in the order given at mount.
@@ -282,10 +320,10 @@ impl Engine {
             )));
         }
         let indices = self.resolve_devices(devices)?;
-        if bitmap.is_some() {
-            return Err(Error::new(
-                Kind::Unsupported,
-                "--bitmap needs persistent bitmaps, which this build does not have",
+        let control = &mut *control;
+        if bitmap.is_some() && control.bitmaps.is_none() {
+            return Err(Error::invalid(
+                "--bitmap needs a state directory for the bitmaps",
             ));
         }
         std::fs::create_dir_all(&self.config.fleecing_dir).context(|| {
@@ -311,67 +349,105 @@ impl Engine {
         if let Some(state) = &self.state {
             state.record_access(&record)?;
         }
-        // Prepare everything that can fail before touching any gate.
-        let mut prepared: Vec<(usize, Arc<DeviceAccess>)> = Vec::new();
-        for (&i, (_, path)) in indices.iter().zip(&record.devices) {
-            let dev = &self.devices[i];
-            let frozen = Arc::new(Bitmap::new(dev.clusters(), true));
-            match DeviceAccess::new(id, dev, frozen, path, self.config.on_cbw_error) {
-                Ok(a) => prepared.push((i, Arc::new(a))),
-                Err(e) => {
-                    for (_, a) in &prepared {
-                        let _ = a.fleecing().remove();
-                    }
-                    if let Some(state) = &self.state {
-                        let _ = state.clear_access();
-                    }
-                    return Err(e);
+        // Prepare everything that can fail before touching any gate: fleecing files,
+        // bitmap decisions (new files), then the registry.
+        let mut fleeces: Vec<FleecingFile> = Vec::new();
+        let mut decisions: Vec<(String, Decision)> = Vec::new();
+        let prepared = (|| -> Result<()> {
+            for (&i, (_, path)) in indices.iter().zip(&record.devices) {
+                let dev = &self.devices[i];
+                fleeces.push(FleecingFile::create(path, dev.size())?);
+                if let Some(store) = control.bitmaps.as_mut() {
+                    decisions.push((dev.name().to_string(), store.decide(dev, target, bitmap)?));
                 }
             }
+            if let Some(store) = control.bitmaps.as_mut() {
+                store.commit(target, &mut decisions)?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = prepared {
+            for f in &fleeces {
+                let _ = f.remove();
+            }
+            if let Some(store) = &control.bitmaps {
+                for (_, d) in &decisions {
+                    store.abandon(d);
+                }
+            }
+            if let Some(state) = &self.state {
+                let _ = state.clear_access();
+            }
+            return Err(e);
         }
+        let mut decisions = decisions.into_iter();
+        let mut active_devices = Vec::new();
+        let mut report = Vec::new();
         {
-            // One instant for all devices: hold every gate, then switch.
-            let mut gates: Vec<_> = prepared
+            // One instant for all devices: hold every gate, then switch. No write is in
+            // flight on any of them, so each frozen bitmap is exact and every later write
+            // lands in its background bitmap.
+            let mut gates: Vec<_> = indices
                 .iter()
-                .map(|(i, _)| self.devices[*i].lock_gate())
+                .map(|&i| self.devices[i].lock_gate())
                 .collect();
-            for (gate, (_, access)) in gates.iter_mut().zip(&prepared) {
-                **gate = Some(access.clone());
+            for ((gate, &i), fleece) in gates.iter_mut().zip(&indices).zip(fleeces) {
+                let dev = &self.devices[i];
+                let decision = decisions.next().map(|(_, d)| d);
+                let (action, bitmap, name, background) = match decision {
+                    Some(d) => (d.action, d.bitmap, d.name, d.background),
+                    None => ("not-used", None, None, None),
+                };
+                let frozen = match (&bitmap, action) {
+                    (Some(b), "used") => Arc::new(b.bits().to_heap()),
+                    _ => Arc::new(Bitmap::new(dev.clusters(), true)),
+                };
+                let access = Arc::new(DeviceAccess::new(
+                    id,
+                    dev,
+                    frozen,
+                    fleece,
+                    self.config.on_cbw_error,
+                ));
+                let snap = self.config.mountpoint.join("snapshot").join(dev.name());
+                report.push(SetupDevice {
+                    name: dev.name().to_string(),
+                    size: dev.size(),
+                    dirty_map: snap.with_file_name(format!("{}.dirty", dev.name())),
+                    snapshot: snap,
+                    bitmap: name,
+                    bitmap_action: action.to_string(),
+                    dirty_bytes: access.dirty_map().dirty_bytes(),
+                });
+                gate.access = Some(access);
+                if let Some(store) = &control.bitmaps {
+                    gate.tracking = store.tracking_for(dev.name(), Some(target));
+                    gate.tracking.extend(background.clone());
+                }
+                active_devices.push(ActiveDevice {
+                    index: i,
+                    bitmap,
+                    background,
+                });
             }
         }
         control.active = Some(Active {
             target: target.to_string(),
             id,
-            devices: indices.clone(),
+            devices: active_devices,
             started_at,
         });
         log::info!(
             "backup access for target '{target}' set up on {}",
-            record
-                .devices
+            report
                 .iter()
-                .map(|d| d.0.as_str())
+                .map(|d| format!("{} ({})", d.name, d.bitmap_action))
                 .collect::<Vec<_>>()
                 .join(", ")
         );
         Ok(SetupReport {
             target: target.to_string(),
-            devices: prepared
-                .iter()
-                .map(|(i, a)| {
-                    let dev = &self.devices[*i];
-                    let snap = self.config.mountpoint.join("snapshot").join(dev.name());
-                    SetupDevice {
-                        name: dev.name().to_string(),
-                        size: dev.size(),
-                        dirty_map: snap.with_file_name(format!("{}.dirty", dev.name())),
-                        snapshot: snap,
-                        bitmap: None,
-                        bitmap_action: "not-used".to_string(),
-                        dirty_bytes: a.dirty_map().dirty_bytes(),
-                    }
-                })
-                .collect(),
+            devices: report,
         })
     }
 
@@ -395,12 +471,12 @@ impl Engine {
             }
         }
         let active = control.active.take().expect("checked above");
-        let accesses = self.take_accesses(&active.devices);
+        let (accesses, bitmaps_ok) = self.switch_back(&active, control.bitmaps.as_ref(), success);
         let broken_reason = accesses
             .iter()
             .find_map(|a| a.broken().map(|b| b.reason.clone()));
         let effective_success = success && broken_reason.is_none();
-        self.finish(&active, &accesses)?;
+        let cleanup = self.finish(&accesses);
         log::info!(
             "backup access for target '{target}' torn down ({})",
             if effective_success {
@@ -415,7 +491,7 @@ impl Engine {
             devices: active
                 .devices
                 .iter()
-                .map(|&i| self.devices[i].name().to_string())
+                .map(|d| self.devices[d.index].name().to_string())
                 .collect(),
             broken_reason: broken_reason.clone(),
         };
@@ -427,18 +503,60 @@ impl Engine {
                 ),
             ));
         }
+        cleanup?;
+        bitmaps_ok?;
         Ok(report)
     }
 
-    fn take_accesses(&self, devices: &[usize]) -> Vec<Arc<DeviceAccess>> {
-        let mut gates: Vec<_> = devices
+    /// Removes the accesses from their gates and puts each frozen bitmap back into
+    /// tracking, merged with its background bitmap (replaced by it on success) while the
+    /// gates are held, so no write falls between the two.
+    fn switch_back(
+        &self,
+        active: &Active,
+        store: Option<&BitmapStore>,
+        success: bool,
+    ) -> (Vec<Arc<DeviceAccess>>, Result<()>) {
+        let mut gates: Vec<_> = active
+            .devices
             .iter()
-            .map(|&i| self.devices[i].lock_gate())
+            .map(|d| self.devices[d.index].lock_gate())
             .collect();
-        gates.iter_mut().filter_map(|g| g.take()).collect()
+        let accesses: Vec<Arc<DeviceAccess>> =
+            gates.iter_mut().filter_map(|g| g.access.take()).collect();
+        // A broken access means the backup failed, whatever the caller says.
+        let success = success && accesses.iter().all(|a| a.broken().is_none());
+        let mut result = Ok(());
+        for (gate, d) in gates.iter_mut().zip(&active.devices) {
+            if let (Some(b), Some(bg)) = (&d.bitmap, &d.background) {
+                let merged = b.merge_from(bg.bits(), success).and_then(|_| {
+                    if success {
+                        b.bump_sequence()
+                    } else {
+                        Ok(())
+                    }
+                });
+                if let Err(e) = merged {
+                    b.mark_failed(&crate::error::report(&e));
+                    result = Err(e);
+                }
+            }
+            if let Some(store) = store {
+                gate.tracking = store.tracking_for(self.devices[d.index].name(), None);
+            }
+        }
+        drop(gates);
+        for d in &active.devices {
+            if let Some(bg) = &d.background {
+                if let Err(e) = bg.remove() {
+                    log::warn!("{}", crate::error::report(&e));
+                }
+            }
+        }
+        (accesses, result)
     }
 
-    fn finish(&self, _active: &Active, accesses: &[Arc<DeviceAccess>]) -> Result<()> {
+    fn finish(&self, accesses: &[Arc<DeviceAccess>]) -> Result<()> {
         let mut first_err = None;
         for a in accesses {
             if let Err(e) = a.fleecing().remove() {
@@ -454,7 +572,8 @@ impl Engine {
         first_err.map_or(Ok(()), Err)
     }
 
-    /// Tears down any active access as a failure (shutdown path).
+    /// Shutdown, after the last live write: tears down any active access as a failure,
+    /// then closes every bitmap cleanly (flushed, checksummed, not in use).
     pub fn shutdown(&self) {
         let target = self.control().active.as_ref().map(|a| a.target.clone());
         if let Some(t) = target {
@@ -462,6 +581,9 @@ impl Engine {
             if let Err(e) = self.teardown(&t, false) {
                 log::error!("{}", crate::error::report(&e));
             }
+        }
+        if let Some(store) = &self.control().bitmaps {
+            store.close_all(&self.devices);
         }
     }
 
@@ -508,8 +630,8 @@ impl Engine {
                 broken_at: None,
                 per_device: Vec::new(),
             };
-            for &i in &a.devices {
-                let dev = &self.devices[i];
+            for d in &a.devices {
+                let dev = &self.devices[d.index];
                 s.devices.push(dev.name().to_string());
                 let Some(acc) = dev.access() else { continue };
                 let st = acc.stats();
@@ -536,21 +658,73 @@ impl Engine {
             }
             s
         });
+        let bitmaps = control
+            .bitmaps
+            .as_ref()
+            .map(|b| b.status(&self.devices))
+            .unwrap_or_default();
+        for b in &bitmaps {
+            if !b.consistent && b.loaded {
+                errors.push(format!(
+                    "bitmap '{}' of target '{}' on {} is invalid: {}",
+                    b.name,
+                    b.target,
+                    b.device,
+                    b.reason.as_deref().unwrap_or("unknown")
+                ));
+            }
+        }
         Status {
             mountpoint: self.config.mountpoint.clone(),
             pid: std::process::id(),
             devices,
+            bitmaps,
             access,
             errors,
         }
     }
 
-    /// Deletes every bitmap of `target`.
+    /// Deletes every bitmap of `target` (its next backup is full).
     pub fn remove_bitmaps(&self, target: &str) -> Result<BitmapRemoveReport> {
         validate_name("target", target)?;
-        Err(Error::not_found(format!(
-            "target '{target}' has no bitmaps"
-        )))
+        let mut control = self.control();
+        if control.active.as_ref().is_some_and(|a| a.target == target) {
+            return Err(Error::busy(format!(
+                "target '{target}' has an active backup access; tear it down first"
+            )));
+        }
+        let active_target = control.active.as_ref().map(|a| a.target.clone());
+        let Some(store) = control.bitmaps.as_mut() else {
+            return Err(Error::not_found(format!(
+                "target '{target}' has no bitmaps"
+            )));
+        };
+        if !store.has_target(target) {
+            return Err(Error::not_found(format!(
+                "target '{target}' has no bitmaps"
+            )));
+        }
+        let removed = store.remove_target(target)?;
+        for d in &self.devices {
+            let mut gate = d.lock_gate();
+            // Keep the background bitmap of another target's active access.
+            let backgrounds: Vec<_> = gate
+                .tracking
+                .iter()
+                .filter(|t| t.header().kind == crate::persist::BitmapKind::Background)
+                .cloned()
+                .collect();
+            gate.tracking = store.tracking_for(d.name(), active_target.as_deref());
+            gate.tracking.extend(backgrounds);
+        }
+        log::info!(
+            "removed bitmaps of target '{target}': {}",
+            removed.join(", ")
+        );
+        Ok(BitmapRemoveReport {
+            target: target.to_string(),
+            removed,
+        })
     }
 
     /// Where fleecing files go.

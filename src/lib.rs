@@ -7,6 +7,7 @@
 #![warn(missing_docs)]
 
 pub mod bitmap;
+pub mod bitmaps;
 pub mod cbw;
 pub mod cli;
 pub mod commands;
@@ -18,6 +19,7 @@ pub mod error;
 pub mod fleece;
 pub mod fuse;
 pub mod logger;
+pub mod persist;
 pub mod source;
 pub mod state;
 pub mod sys;

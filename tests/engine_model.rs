@@ -79,8 +79,9 @@ fn make_engine(
         fleecing_dir: dir.join("fleece"),
         on_cbw_error: OnCbwError::BreakSnapshot,
         mountpoint: dir.join("mnt"),
+        crash_safe_bitmaps: true,
     };
-    (Engine::new(devices, config, None), models)
+    (Engine::new(devices, config, None).unwrap(), models)
 }
 
 /// What a snapshot read must return according to the model.

@@ -1,0 +1,486 @@
+//! The bitmap store: which targets own which bitmaps on which devices, loading them at
+//! mount (with crash recovery), and the bitmap side of setup and teardown.
+//!
+//! The registry `STATE_DIR/bitmaps/registry.json` lists every bitmap (device, target,
+//! name), so a bitmap whose file went missing is known and reported `invalid` instead of
+//! silently becoming `new`. Files are `DEVICE.TARGET.NAME.bitmap`; during an access the
+//! background bitmap is `DEVICE.TARGET.NAME.background`.
+//!
+//! Rules (Proxmox VE backup access, QEMU's incremental backup):
+//! - while no access uses it, a bitmap records every write to its device;
+//! - during an access of its target it is frozen (it defines the dirty map) and writes
+//!   go to the background bitmap instead;
+//! - teardown success: bitmap := background; failure, shutdown or crash: bitmap |=
+//!   background. Either way nothing written since the last successful backup is lost.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::bitmap::Bitmap;
+use crate::cbw::Device;
+use crate::error::{Error, Result};
+use crate::persist::{BitmapKind, TrackedBitmap};
+use crate::state::write_atomic;
+
+const REGISTRY: &str = "registry.json";
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+struct RegistryEntry {
+    device: String,
+    target: String,
+    name: String,
+}
+
+#[derive(Serialize, Deserialize, Default)]
+struct Registry {
+    version: u32,
+    bitmaps: Vec<RegistryEntry>,
+}
+
+/// The state of one registered bitmap.
+pub enum BitmapState {
+    /// Open and trustworthy.
+    Ok(Arc<TrackedBitmap>),
+    /// Cannot be trusted; the next setup with it recreates it.
+    Invalid(String),
+    /// Its device is not served by this daemon; left as it is.
+    Dormant,
+}
+
+/// One registered bitmap.
+pub struct Entry {
+    /// Device name.
+    pub device: String,
+    /// Owning target.
+    pub target: String,
+    /// Bitmap name.
+    pub name: String,
+    /// State.
+    pub state: BitmapState,
+    /// A note for status (why it was last recreated).
+    pub note: Option<String>,
+}
+
+/// A bitmap line of `status`.
+#[derive(Serialize, Debug, Clone)]
+pub struct BitmapStatus {
+    /// Device name.
+    pub device: String,
+    /// Target ID.
+    pub target: String,
+    /// Bitmap name.
+    pub name: String,
+    /// Bytes marked dirty.
+    pub dirty_bytes: u64,
+    /// Whether it can be used for an incremental backup.
+    pub consistent: bool,
+    /// Why not, or why it was recreated.
+    pub reason: Option<String>,
+    /// Whether its device is served by this daemon.
+    pub loaded: bool,
+    /// Generation id (changes when the bitmap is recreated).
+    pub generation: Option<u64>,
+    /// Successful backups since it was created.
+    pub sequence: Option<u64>,
+}
+
+/// What setup decided for one device.
+pub struct Decision {
+    /// The `bitmap_action` reported.
+    pub action: &'static str,
+    /// The bitmap the access uses (frozen), if any.
+    pub bitmap: Option<Arc<TrackedBitmap>>,
+    /// Its name.
+    pub name: Option<String>,
+    /// The background bitmap that records writes during the access.
+    pub background: Option<Arc<TrackedBitmap>>,
+    /// A bitmap created by this setup, registered by [`BitmapStore::commit`].
+    new_entry: Option<Entry>,
+}
+
+/// All bitmaps of one daemon.
+pub struct BitmapStore {
+    dir: PathBuf,
+    crash_safe: bool,
+    entries: Vec<Entry>,
+}
+
+fn file_name(device: &str, target: &str, name: &str, kind: BitmapKind) -> String {
+    let ext = match kind {
+        BitmapKind::Target => "bitmap",
+        BitmapKind::Background => "background",
+    };
+    format!("{device}.{target}.{name}.{ext}")
+}
+
+/// Exact dirty bytes of `bits` on a device of `size` bytes with `cluster` clusters.
+pub fn dirty_bytes(bits: &Bitmap, cluster: u64, size: u64) -> u64 {
+    let n = bits.count_ones() * cluster;
+    let last = bits.len().saturating_sub(1);
+    if !bits.is_empty() && bits.get(last) {
+        n - (bits.len() * cluster - size)
+    } else {
+        n
+    }
+}
+
+impl BitmapStore {
+    /// Loads the registry in `dir` for the devices served now, recovering interrupted
+    /// accesses (bitmap |= background) and checking every bitmap.
+    pub fn load(dir: &Path, devices: &[Arc<Device>], crash_safe: bool) -> Result<BitmapStore> {
+        let reg_path = dir.join(REGISTRY);
+        let registry: Registry = match std::fs::read(&reg_path) {
+            Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
+                log::error!(
+                    "bitmap registry {} is damaged ({e}); bitmaps it listed will be new",
+                    reg_path.display()
+                );
+                Registry::default()
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Registry::default(),
+            Err(e) => return Err(Error::io(format!("reading {}", reg_path.display()), e)),
+        };
+        let mut store = BitmapStore {
+            dir: dir.to_path_buf(),
+            crash_safe,
+            entries: Vec::new(),
+        };
+        for r in registry.bitmaps {
+            let state = match devices.iter().find(|d| d.name() == r.device) {
+                None => BitmapState::Dormant,
+                Some(dev) => store.load_one(dev, &r)?,
+            };
+            if let BitmapState::Invalid(reason) = &state {
+                log::warn!(
+                    "bitmap '{}' of target '{}' on device {} is invalid: {reason}; the next backup with it is full",
+                    r.name,
+                    r.target,
+                    r.device
+                );
+            }
+            store.entries.push(Entry {
+                device: r.device,
+                target: r.target,
+                name: r.name,
+                state,
+                note: None,
+            });
+        }
+        Ok(store)
+    }
+
+    fn path(&self, device: &str, target: &str, name: &str, kind: BitmapKind) -> PathBuf {
+        self.dir.join(file_name(device, target, name, kind))
+    }
+
+    fn load_one(&self, dev: &Device, r: &RegistryEntry) -> Result<BitmapState> {
+        let cluster = dev.cluster().bytes();
+        let path = self.path(&r.device, &r.target, &r.name, BitmapKind::Target);
+        let bg_path = self.path(&r.device, &r.target, &r.name, BitmapKind::Background);
+        let main = TrackedBitmap::open(&path, dev.source(), cluster, self.crash_safe)?;
+        let interrupted = bg_path.exists();
+        let state = match (main, interrupted) {
+            (Err(reason), _) => BitmapState::Invalid(reason),
+            (Ok(t), false) => BitmapState::Ok(Arc::new(t)),
+            (Ok(t), true) => {
+                match TrackedBitmap::open(&bg_path, dev.source(), cluster, self.crash_safe)? {
+                    Ok(bg) => {
+                        t.merge_from(bg.bits(), false)?;
+                        log::warn!(
+                        "backup access of target '{}' on device {} did not end; bitmap '{}' keeps every write since its last successful backup",
+                        r.target,
+                        r.device,
+                        r.name
+                    );
+                        BitmapState::Ok(Arc::new(t))
+                    }
+                    Err(reason) => BitmapState::Invalid(format!(
+                    "the background bitmap of an interrupted backup cannot be trusted: {reason}"
+                )),
+                }
+            }
+        };
+        if interrupted {
+            if let Err(e) = std::fs::remove_file(&bg_path) {
+                log::warn!("removing {}: {e}", bg_path.display());
+            }
+        }
+        Ok(state)
+    }
+
+    fn save_registry(&self) -> Result<()> {
+        let reg = Registry {
+            version: 1,
+            bitmaps: self
+                .entries
+                .iter()
+                .map(|e| RegistryEntry {
+                    device: e.device.clone(),
+                    target: e.target.clone(),
+                    name: e.name.clone(),
+                })
+                .collect(),
+        };
+        let bytes = serde_json::to_vec_pretty(&reg).map_err(|e| Error::invalid(e.to_string()))?;
+        write_atomic(&self.dir.join(REGISTRY), &bytes)
+    }
+
+    /// The bitmaps a device's writes must mark, leaving out those of `except_target`
+    /// (the target of an access, whose bitmap is frozen or being replaced).
+    pub fn tracking_for(
+        &self,
+        device: &str,
+        except_target: Option<&str>,
+    ) -> Vec<Arc<TrackedBitmap>> {
+        self.entries
+            .iter()
+            .filter(|e| e.device == device && Some(e.target.as_str()) != except_target)
+            .filter_map(|e| match &e.state {
+                BitmapState::Ok(t) => Some(t.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn position(&self, device: &str, target: &str) -> Option<usize> {
+        self.entries
+            .iter()
+            .position(|e| e.device == device && e.target == target)
+    }
+
+    /// Decides (and prepares) the bitmap of `target` on `dev` for a setup with `bitmap`.
+    /// Creates files but changes no registered state: [`BitmapStore::commit`] does that.
+    pub fn decide(&mut self, dev: &Device, target: &str, bitmap: Option<&str>) -> Result<Decision> {
+        let pos = self.position(dev.name(), target);
+        let cluster = dev.cluster().bytes();
+        let mut d = Decision {
+            action: "not-used",
+            bitmap: None,
+            name: None,
+            background: None,
+            new_entry: None,
+        };
+        let create = |kind: BitmapKind, name: &str, fill: bool| -> Result<Arc<TrackedBitmap>> {
+            let path = self.path(dev.name(), target, name, kind);
+            Ok(Arc::new(TrackedBitmap::create(
+                &path,
+                dev.source(),
+                cluster,
+                dev.clusters(),
+                kind,
+                dev.name(),
+                target,
+                name,
+                fill,
+                self.crash_safe,
+            )?))
+        };
+        let Some(name) = bitmap else {
+            if pos.is_some() {
+                d.action = "not-used-removed";
+            }
+            return Ok(d);
+        };
+        match pos.map(|i| &self.entries[i]) {
+            Some(e) if e.name == name => match &e.state {
+                BitmapState::Ok(t) if !t.failed() => {
+                    d.action = "used";
+                    d.bitmap = Some(t.clone());
+                }
+                BitmapState::Ok(_) => {
+                    d.action = "invalid";
+                    let reason = "flushing it failed while tracking writes".to_string();
+                    d.new_entry = Some(self.fresh_entry(dev, target, name, &reason));
+                }
+                BitmapState::Invalid(reason) => {
+                    d.action = "invalid";
+                    d.new_entry = Some(self.fresh_entry(dev, target, name, reason));
+                }
+                BitmapState::Dormant => unreachable!("device {} is served", dev.name()),
+            },
+            Some(e) => {
+                log::info!(
+                    "target '{target}' switches from bitmap '{}' to '{name}' on {}: the old one is removed",
+                    e.name,
+                    dev.name()
+                );
+                d.action = "new";
+                d.new_entry = Some(self.fresh_entry(dev, target, name, "created"));
+            }
+            None => {
+                d.action = "new";
+                d.new_entry = Some(self.fresh_entry(dev, target, name, "created"));
+            }
+        }
+        if let Some(e) = &mut d.new_entry {
+            // Replace the file of the same name only once the access is installed.
+            let t = match create(BitmapKind::Target, &format!("{name}.pending"), true) {
+                Ok(t) => t,
+                Err(err) => return Err(err),
+            };
+            e.state = BitmapState::Ok(t.clone());
+            d.bitmap = Some(t);
+        }
+        match create(BitmapKind::Background, name, false) {
+            Ok(bg) => d.background = Some(bg),
+            Err(err) => {
+                self.abandon(&d);
+                return Err(err);
+            }
+        }
+        d.name = Some(name.to_string());
+        Ok(d)
+    }
+
+    fn fresh_entry(&self, dev: &Device, target: &str, name: &str, reason: &str) -> Entry {
+        if reason != "created" {
+            log::warn!(
+                "bitmap '{name}' of target '{target}' on {} is invalid ({reason}): recreated all dirty, this backup is full",
+                dev.name()
+            );
+        }
+        Entry {
+            device: dev.name().to_string(),
+            target: target.to_string(),
+            name: name.to_string(),
+            state: BitmapState::Invalid("being created".into()),
+            note: (reason != "created").then(|| {
+                format!(
+                    "recreated all dirty at {} because {reason}",
+                    crate::logger::utc_timestamp(crate::sys::unix_now())
+                )
+            }),
+        }
+    }
+
+    /// Deletes the files a decision created (setup failed before it was installed).
+    pub fn abandon(&self, d: &Decision) {
+        if let Some(BitmapState::Ok(t)) = d.new_entry.as_ref().map(|e| &e.state) {
+            let _ = t.remove();
+        }
+        if let Some(bg) = &d.background {
+            let _ = bg.remove();
+        }
+    }
+
+    /// Makes decisions for `target` permanent once the access is installed: registers new
+    /// bitmaps under their final names, drops removed ones.
+    pub fn commit(&mut self, target: &str, decisions: &mut [(String, Decision)]) -> Result<()> {
+        for (device, d) in decisions.iter_mut() {
+            let pos = self.position(device, target);
+            let keep_existing = d.action == "used";
+            if !keep_existing {
+                if let Some(i) = pos {
+                    let old = self.entries.remove(i);
+                    if let BitmapState::Ok(t) = &old.state {
+                        if let Err(e) = t.remove() {
+                            log::warn!("{}", crate::error::report(&e));
+                        }
+                    } else {
+                        let p = self.path(&old.device, &old.target, &old.name, BitmapKind::Target);
+                        let _ = std::fs::remove_file(p);
+                    }
+                    if d.action == "not-used-removed" {
+                        log::info!(
+                            "removed bitmap '{}' of target '{target}' on {device}",
+                            old.name
+                        );
+                    }
+                }
+            }
+            if let Some(e) = d.new_entry.take() {
+                if let BitmapState::Ok(t) = &e.state {
+                    t.rename_to(&self.path(device, target, &e.name, BitmapKind::Target))?;
+                }
+                self.entries.push(e);
+            }
+        }
+        self.save_registry()
+    }
+
+    /// Whether `target` has any registered bitmap.
+    pub fn has_target(&self, target: &str) -> bool {
+        self.entries.iter().any(|e| e.target == target)
+    }
+
+    /// Removes every bitmap of `target` (files and registry); returns `DEVICE/NAME`s.
+    pub fn remove_target(&mut self, target: &str) -> Result<Vec<String>> {
+        let mut removed = Vec::new();
+        let mut i = 0;
+        while i < self.entries.len() {
+            if self.entries[i].target != target {
+                i += 1;
+                continue;
+            }
+            let e = self.entries.remove(i);
+            let p = self.path(&e.device, &e.target, &e.name, BitmapKind::Target);
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                Err(err) => return Err(Error::io(format!("removing bitmap {}", p.display()), err)),
+            }
+            removed.push(format!("{}/{}", e.device, e.name));
+        }
+        self.save_registry()?;
+        Ok(removed)
+    }
+
+    /// Status lines for every bitmap.
+    pub fn status(&self, devices: &[Arc<Device>]) -> Vec<BitmapStatus> {
+        let by_name: HashMap<&str, &Arc<Device>> = devices.iter().map(|d| (d.name(), d)).collect();
+        self.entries
+            .iter()
+            .map(|e| {
+                let dev = by_name.get(e.device.as_str());
+                let mut s = BitmapStatus {
+                    device: e.device.clone(),
+                    target: e.target.clone(),
+                    name: e.name.clone(),
+                    dirty_bytes: 0,
+                    consistent: false,
+                    reason: e.note.clone(),
+                    loaded: dev.is_some(),
+                    generation: None,
+                    sequence: None,
+                };
+                match (&e.state, dev) {
+                    (BitmapState::Ok(t), Some(d)) => {
+                        s.dirty_bytes = dirty_bytes(t.bits(), d.cluster().bytes(), d.size());
+                        s.consistent = !t.failed();
+                        if t.failed() {
+                            s.reason =
+                                Some("flushing it failed; the next backup with it is full".into());
+                        }
+                        let h = t.header();
+                        s.generation = Some(h.generation);
+                        s.sequence = Some(h.sequence);
+                    }
+                    (BitmapState::Invalid(r), _) => s.reason = Some(r.clone()),
+                    _ => s.reason = Some("its device is not served by this daemon".into()),
+                }
+                s
+            })
+            .collect()
+    }
+
+    /// Clean shutdown: every open bitmap is flushed, checksummed and marked not in use.
+    pub fn close_all(&self, devices: &[Arc<Device>]) {
+        for e in &self.entries {
+            let BitmapState::Ok(t) = &e.state else {
+                continue;
+            };
+            let Some(dev) = devices.iter().find(|d| d.name() == e.device) else {
+                continue;
+            };
+            if let Err(err) = dev
+                .sync_live(false)
+                .and_then(|_| t.close_clean(dev.source()))
+            {
+                log::error!("{}", crate::error::report(&err));
+            }
+        }
+    }
+}

@@ -1,0 +1,618 @@
+//! Bitmap files: one persistent dirty bitmap per file, a 4 KiB header then the bitmap
+//! words, mapped with memmap2 so tracking a write is an atomic OR in shared memory.
+//!
+//! # Format (version 1, little-endian; see docs/formats.md)
+//! ```text
+//! off  size  field
+//!   0     8  magic "FLEECEBM"
+//!   8     4  format version (1)
+//!  12     4  flags: bit 0 IN_USE (a daemon has it open), bit 1 CRASH_SAFE (while in
+//!            use, every clean-to-dirty transition was flushed before its write)
+//!  16     8  cluster size
+//!  24     8  source size
+//!  32     8  source device number (st_dev, st_rdev for block devices)
+//!  40     8  source inode
+//!  48     8  source mtime in ns at the last clean close (0 while in use)
+//!  56     8  number of bits (clusters)
+//!  64     8  generation id (random, fixed when the bitmap is created)
+//!  72     8  sequence (successful backups since creation)
+//!  80     4  kind: 0 target bitmap, 1 background bitmap
+//!  84     4  CRC-32 of the bitmap words (valid when not IN_USE)
+//!  88    72  device name  (u8 length + 71 bytes)
+//! 160    72  target ID    (u8 length + 71 bytes)
+//! 232    72  bitmap name  (u8 length + 71 bytes)
+//! 4092    4  CRC-32 of bytes 0..4092
+//! 4096    …  bitmap words, u64 little-endian, bit i of word w = cluster 64*w+i
+//! ```
+//!
+//! # Crash safety
+//! With `crash_safe`, [`TrackedBitmap::mark`] flushes (msync) the words it newly sets
+//! before it returns, and the caller writes the source only after that, so a bit is on
+//! stable storage before the write it covers. A heap shadow (`durable`) records which
+//! bits are known flushed, so writers that find a bit already set by a concurrent writer
+//! whose flush has not finished yet do not skip ahead of it. Only a clean-to-dirty
+//! transition costs a flush.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use memmap2::MmapOptions;
+
+use crate::bitmap::Bitmap;
+use crate::error::{Error, IoContext, Result};
+use crate::source::Source;
+
+const MAGIC: &[u8; 8] = b"FLEECEBM";
+/// Format version written and understood.
+pub const VERSION: u32 = 1;
+/// Size of the header; the bitmap words start here.
+pub const HEADER_LEN: usize = 4096;
+const FLAG_IN_USE: u32 = 1;
+const FLAG_CRASH_SAFE: u32 = 2;
+const NAME_FIELD: usize = 72;
+
+/// Which role a bitmap file plays.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BitmapKind {
+    /// A target's bitmap: clusters written since its last successful backup.
+    Target,
+    /// Writes made during an access (merged into the target bitmap at teardown).
+    Background,
+}
+
+/// The header fields.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Header {
+    /// IN_USE flag.
+    pub in_use: bool,
+    /// CRASH_SAFE flag.
+    pub crash_safe: bool,
+    /// Cluster size in bytes.
+    pub cluster_size: u64,
+    /// Source size in bytes.
+    pub source_size: u64,
+    /// Source device number.
+    pub source_dev: u64,
+    /// Source inode.
+    pub source_ino: u64,
+    /// Source mtime (ns) at the last clean close.
+    pub source_mtime_ns: i64,
+    /// Number of bits.
+    pub nbits: u64,
+    /// Generation id.
+    pub generation: u64,
+    /// Successful backups since creation.
+    pub sequence: u64,
+    /// Role.
+    pub kind: BitmapKind,
+    /// CRC-32 of the words.
+    pub data_crc: u32,
+    /// Device name.
+    pub device: String,
+    /// Target ID.
+    pub target: String,
+    /// Bitmap name.
+    pub name: String,
+}
+
+fn put_name(buf: &mut [u8], at: usize, s: &str) {
+    let b = s.as_bytes();
+    let n = b.len().min(NAME_FIELD - 1);
+    buf[at] = n as u8;
+    buf[at + 1..at + 1 + n].copy_from_slice(&b[..n]);
+}
+
+fn get_name(buf: &[u8], at: usize) -> std::result::Result<String, String> {
+    let n = buf[at] as usize;
+    if n >= NAME_FIELD {
+        return Err("name field too long".into());
+    }
+    String::from_utf8(buf[at + 1..at + 1 + n].to_vec()).map_err(|_| "name is not UTF-8".into())
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+impl Header {
+    /// Encodes the header, with its checksum.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = vec![0u8; HEADER_LEN];
+        b[0..8].copy_from_slice(MAGIC);
+        b[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        let flags = if self.in_use { FLAG_IN_USE } else { 0 }
+            | if self.crash_safe { FLAG_CRASH_SAFE } else { 0 };
+        b[12..16].copy_from_slice(&flags.to_le_bytes());
+        b[16..24].copy_from_slice(&self.cluster_size.to_le_bytes());
+        b[24..32].copy_from_slice(&self.source_size.to_le_bytes());
+        b[32..40].copy_from_slice(&self.source_dev.to_le_bytes());
+        b[40..48].copy_from_slice(&self.source_ino.to_le_bytes());
+        b[48..56].copy_from_slice(&self.source_mtime_ns.to_le_bytes());
+        b[56..64].copy_from_slice(&self.nbits.to_le_bytes());
+        b[64..72].copy_from_slice(&self.generation.to_le_bytes());
+        b[72..80].copy_from_slice(&self.sequence.to_le_bytes());
+        let kind: u32 = match self.kind {
+            BitmapKind::Target => 0,
+            BitmapKind::Background => 1,
+        };
+        b[80..84].copy_from_slice(&kind.to_le_bytes());
+        b[84..88].copy_from_slice(&self.data_crc.to_le_bytes());
+        put_name(&mut b, 88, &self.device);
+        put_name(&mut b, 160, &self.target);
+        put_name(&mut b, 232, &self.name);
+        let crc = crc32fast::hash(&b[..HEADER_LEN - 4]);
+        b[HEADER_LEN - 4..].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// Decodes and checks a header. The error says what is wrong, for `invalid` reasons.
+    pub fn decode(b: &[u8]) -> std::result::Result<Header, String> {
+        if b.len() < HEADER_LEN {
+            return Err(format!(
+                "file is truncated ({} bytes, header needs {HEADER_LEN})",
+                b.len()
+            ));
+        }
+        if &b[0..8] != MAGIC {
+            return Err("not a fleecefs bitmap (bad magic)".into());
+        }
+        let crc = crc32fast::hash(&b[..HEADER_LEN - 4]);
+        if crc != u32_at(b, HEADER_LEN - 4) {
+            return Err("header checksum mismatch".into());
+        }
+        let version = u32_at(b, 8);
+        if version != VERSION {
+            return Err(format!(
+                "format version {version} is not supported (expected {VERSION})"
+            ));
+        }
+        let flags = u32_at(b, 12);
+        let kind = match u32_at(b, 80) {
+            0 => BitmapKind::Target,
+            1 => BitmapKind::Background,
+            k => return Err(format!("unknown bitmap kind {k}")),
+        };
+        Ok(Header {
+            in_use: flags & FLAG_IN_USE != 0,
+            crash_safe: flags & FLAG_CRASH_SAFE != 0,
+            cluster_size: u64_at(b, 16),
+            source_size: u64_at(b, 24),
+            source_dev: u64_at(b, 32),
+            source_ino: u64_at(b, 40),
+            source_mtime_ns: u64_at(b, 48) as i64,
+            nbits: u64_at(b, 56),
+            generation: u64_at(b, 64),
+            sequence: u64_at(b, 72),
+            kind,
+            data_crc: u32_at(b, 84),
+            device: get_name(b, 88)?,
+            target: get_name(b, 160)?,
+            name: get_name(b, 232)?,
+        })
+    }
+}
+
+/// A random 64-bit id (generation ids).
+pub fn random_id() -> u64 {
+    let mut b = [0u8; 8];
+    if File::open("/dev/urandom")
+        .and_then(|f| f.read_exact_at(&mut b, 0))
+        .is_ok()
+    {
+        return u64::from_le_bytes(b);
+    }
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    t ^ (u64::from(std::process::id()) << 32)
+}
+
+/// A bitmap file open for tracking.
+pub struct TrackedBitmap {
+    path: Mutex<PathBuf>,
+    file: File,
+    bits: Bitmap,
+    /// Bits known to be on stable storage (crash-safe mode only).
+    durable: Option<Bitmap>,
+    header: Mutex<Header>,
+    failed: AtomicBool,
+}
+
+fn crc_of(bits: &Bitmap) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    for w in bits.word_values() {
+        h.update(&w.to_le_bytes());
+    }
+    h.finalize()
+}
+
+/// Why a bitmap file cannot be trusted.
+pub type Invalid = String;
+
+impl TrackedBitmap {
+    fn map(path: &Path, file: File, header: Header, crash_safe: bool) -> Result<TrackedBitmap> {
+        let len = Bitmap::bytes_for(header.nbits).max(8);
+        // SAFETY: the file is ours (state dir, 0600) and no other process maps it while
+        // we hold the state lock; the mapping is only accessed through atomics.
+        let map = unsafe {
+            MmapOptions::new()
+                .offset(HEADER_LEN as u64)
+                .len(len)
+                .map_mut(&file)
+        }
+        .context(|| format!("mapping bitmap {}", path.display()))?;
+        let bits = Bitmap::from_mmap(map, 0, header.nbits);
+        let durable = crash_safe.then(|| bits.to_heap());
+        Ok(TrackedBitmap {
+            path: Mutex::new(path.to_path_buf()),
+            file,
+            bits,
+            durable,
+            header: Mutex::new(header),
+            failed: AtomicBool::new(false),
+        })
+    }
+
+    /// Creates a new bitmap file at `path` for `source`, all bits set to `fill`, open and
+    /// marked in use.
+    #[allow(clippy::too_many_arguments)]
+    pub fn create(
+        path: &Path,
+        source: &Source,
+        cluster_size: u64,
+        nbits: u64,
+        kind: BitmapKind,
+        device: &str,
+        target: &str,
+        name: &str,
+        fill: bool,
+        crash_safe: bool,
+    ) -> Result<TrackedBitmap> {
+        let id = source.identity();
+        let header = Header {
+            in_use: true,
+            crash_safe,
+            cluster_size,
+            source_size: source.size(),
+            source_dev: id.dev,
+            source_ino: id.ino,
+            source_mtime_ns: 0,
+            nbits,
+            generation: random_id(),
+            sequence: 0,
+            kind,
+            data_crc: 0,
+            device: device.to_string(),
+            target: target.to_string(),
+            name: name.to_string(),
+        };
+        let tmp = path.with_extension("new");
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(&tmp)
+            .context(|| format!("creating bitmap {}", tmp.display()))?;
+        let data_len = Bitmap::bytes_for(nbits).max(8) as u64;
+        file.set_len(HEADER_LEN as u64 + data_len)
+            .and_then(|_| file.write_all_at(&header.encode(), 0))
+            .context(|| format!("writing bitmap {}", tmp.display()))?;
+        let t = Self::map(&tmp, file, header, crash_safe)?;
+        t.bits.fill(fill);
+        t.bits
+            .flush()
+            .context(|| format!("flushing bitmap {}", tmp.display()))?;
+        if let Some(d) = &t.durable {
+            d.copy_from(&t.bits);
+        }
+        t.file
+            .sync_all()
+            .context(|| format!("syncing bitmap {}", tmp.display()))?;
+        std::fs::rename(&tmp, path)
+            .context(|| format!("renaming bitmap into {}", path.display()))?;
+        if let Some(dir) = path.parent() {
+            crate::state::sync_dir(dir)?;
+        }
+        *t.path.lock().unwrap_or_else(|p| p.into_inner()) = path.to_path_buf();
+        Ok(t)
+    }
+
+    /// Opens an existing bitmap file. `Ok(Err(reason))` when the file exists but cannot be
+    /// trusted for `source`: the caller records the reason and recreates it.
+    pub fn open(
+        path: &Path,
+        source: &Source,
+        cluster_size: u64,
+        crash_safe: bool,
+    ) -> Result<std::result::Result<TrackedBitmap, Invalid>> {
+        let file = match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(path)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Err("the bitmap file is missing".into()))
+            }
+            Err(e) => return Err(Error::io(format!("opening bitmap {}", path.display()), e)),
+        };
+        let mut hdr = vec![0u8; HEADER_LEN];
+        let n =
+            read_up_to(&file, &mut hdr).context(|| format!("reading bitmap {}", path.display()))?;
+        let header = match Header::decode(&hdr[..n]) {
+            Ok(h) => h,
+            Err(reason) => return Ok(Err(format!("the bitmap file is damaged: {reason}"))),
+        };
+        let id = source.identity();
+        let nbits = source.size().div_ceil(cluster_size);
+        if header.cluster_size != cluster_size {
+            return Ok(Err(format!(
+                "it was made with cluster size {}, the device now uses {cluster_size}",
+                header.cluster_size
+            )));
+        }
+        if header.source_size != source.size() || header.nbits != nbits {
+            return Ok(Err(format!(
+                "the source changed size ({} -> {} bytes)",
+                header.source_size,
+                source.size()
+            )));
+        }
+        if header.source_dev != id.dev || header.source_ino != id.ino {
+            return Ok(Err(
+                "the source is a different file than when the bitmap was made".into(),
+            ));
+        }
+        let expected_len = (HEADER_LEN + Bitmap::bytes_for(nbits).max(8)) as u64;
+        let actual_len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        if actual_len < expected_len {
+            return Ok(Err(format!(
+                "the bitmap file is truncated ({actual_len} of {expected_len} bytes)"
+            )));
+        }
+        if header.in_use && !header.crash_safe {
+            return Ok(Err(
+                "the daemon stopped without a clean shutdown and tracking was not crash-safe"
+                    .into(),
+            ));
+        }
+        let clean = !header.in_use;
+        if clean && !id.block_device {
+            let now = source.mtime_ns()?;
+            if i128::from(header.source_mtime_ns) != now {
+                return Ok(Err(
+                    "the source was modified while no fleecefs daemon served it".into(),
+                ));
+            }
+        }
+        let t = Self::map(path, file, header, crash_safe)?;
+        if clean && crc_of(&t.bits) != t.header().data_crc {
+            return Ok(Err("the bitmap data checksum does not match".into()));
+        }
+        if !clean {
+            log::warn!(
+                "bitmap {} was in use when its daemon stopped; tracking was crash-safe, so it is kept",
+                path.display()
+            );
+        }
+        // Mark it in use before any write is tracked in it.
+        {
+            let mut h = t.header.lock().unwrap_or_else(|p| p.into_inner());
+            h.in_use = true;
+            h.crash_safe = crash_safe;
+            h.source_mtime_ns = 0;
+        }
+        t.write_header()?;
+        Ok(Ok(t))
+    }
+
+    fn write_header(&self) -> Result<()> {
+        let bytes = self.header().encode();
+        self.file
+            .write_all_at(&bytes, 0)
+            .and_then(|_| self.file.sync_data())
+            .context(|| format!("writing the header of bitmap {}", self.path().display()))
+    }
+
+    /// A copy of the header.
+    pub fn header(&self) -> Header {
+        self.header
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The bits.
+    pub fn bits(&self) -> &Bitmap {
+        &self.bits
+    }
+
+    /// Where the file is.
+    pub fn path(&self) -> PathBuf {
+        self.path.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Renames the file (durably) and remembers the new path.
+    pub fn rename_to(&self, to: &Path) -> Result<()> {
+        let mut p = self.path.lock().unwrap_or_else(|p| p.into_inner());
+        std::fs::rename(&*p, to).context(|| format!("renaming bitmap to {}", to.display()))?;
+        if let Some(dir) = to.parent() {
+            crate::state::sync_dir(dir)?;
+        }
+        *p = to.to_path_buf();
+        Ok(())
+    }
+
+    /// Marks the bitmap untrustworthy (a flush or merge failed).
+    pub fn mark_failed(&self, why: &str) {
+        if !self.failed.swap(true, Ordering::Relaxed) {
+            log::error!(
+                "bitmap {} cannot be trusted any more: {why}",
+                self.path().display()
+            );
+        }
+    }
+
+    /// Whether flushing it failed since it was opened (it must not be trusted).
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::Relaxed)
+    }
+
+    /// Records that `clusters` were written. In crash-safe mode the bits are on stable
+    /// storage when this returns. Never fails the write: a flush error marks the bitmap
+    /// failed (it becomes `invalid`) and is logged.
+    pub fn mark(&self, clusters: std::ops::Range<u64>) {
+        match &self.durable {
+            None => {
+                if !self.bits.all_in(clusters.clone()) {
+                    self.bits.set_range(clusters);
+                }
+            }
+            Some(durable) => {
+                if durable.all_in(clusters.clone()) {
+                    return;
+                }
+                self.bits.set_range(clusters.clone());
+                let first_word = clusters.start / 64;
+                let last_word = (clusters.end - 1) / 64;
+                let r = if first_word == last_word {
+                    self.bits.flush_bit(clusters.start)
+                } else {
+                    self.flush_words(first_word, last_word)
+                };
+                if let Err(e) = r {
+                    self.mark_failed(&format!("flushing it failed: {e}"));
+                }
+                durable.set_range(clusters);
+            }
+        }
+    }
+
+    fn flush_words(&self, first: u64, last: u64) -> std::io::Result<()> {
+        for w in first..=last {
+            self.bits.flush_bit(w * 64)?;
+        }
+        Ok(())
+    }
+
+    /// Replaces the bits with `other`'s (teardown success) or ORs them in (failure).
+    pub fn merge_from(&self, other: &Bitmap, replace: bool) -> Result<()> {
+        if replace {
+            if let Some(d) = &self.durable {
+                // Clear the shadow first: a bit may only be claimed durable once flushed.
+                d.fill(false);
+            }
+            self.bits.copy_from(other);
+        } else {
+            self.bits.or_from(other);
+        }
+        self.bits
+            .flush()
+            .context(|| format!("flushing bitmap {}", self.path().display()))?;
+        if let Some(d) = &self.durable {
+            d.copy_from(&self.bits);
+        }
+        Ok(())
+    }
+
+    /// Counts a successful backup.
+    pub fn bump_sequence(&self) -> Result<()> {
+        self.header
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .sequence += 1;
+        self.write_header()
+    }
+
+    /// Clean close: flushes the bits, records their checksum and the source's mtime, and
+    /// clears IN_USE. Call after the last write to the source.
+    pub fn close_clean(&self, source: &Source) -> Result<()> {
+        if self.failed() {
+            return Err(Error::invalid(format!(
+                "bitmap {} had flush errors; it is left marked in use so it will be invalid",
+                self.path().display()
+            )));
+        }
+        self.bits
+            .flush()
+            .context(|| format!("flushing bitmap {}", self.path().display()))?;
+        {
+            let mut h = self.header.lock().unwrap_or_else(|p| p.into_inner());
+            h.data_crc = crc_of(&self.bits);
+            h.source_mtime_ns = source.mtime_ns()? as i64;
+            h.in_use = false;
+        }
+        self.write_header()
+    }
+
+    /// Deletes the file.
+    pub fn remove(&self) -> Result<()> {
+        let path = self.path();
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(format!("removing bitmap {}", path.display()), e)),
+        }
+    }
+}
+
+fn read_up_to(file: &File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match file.read_at(&mut buf[n..], n as u64)? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header() -> Header {
+        Header {
+            in_use: true,
+            crash_safe: true,
+            cluster_size: 65536,
+            source_size: 1 << 30,
+            source_dev: 42,
+            source_ino: 7,
+            source_mtime_ns: 123,
+            nbits: 16384,
+            generation: 99,
+            sequence: 3,
+            kind: BitmapKind::Target,
+            data_crc: 5,
+            device: "vm100".into(),
+            target: "nightly".into(),
+            name: "b1".into(),
+        }
+    }
+
+    #[test]
+    fn header_roundtrip_and_damage() {
+        let h = header();
+        let b = h.encode();
+        assert_eq!(Header::decode(&b), Ok(h));
+        for i in [0usize, 9, 20, 100, 4000, 4093] {
+            let mut d = b.clone();
+            d[i] ^= 1;
+            assert!(Header::decode(&d).is_err(), "flip at {i} not detected");
+        }
+        assert!(Header::decode(&b[..100]).unwrap_err().contains("truncated"));
+    }
+}
