@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# Every bad CLI input fails with a non-zero exit and a one-line message on stderr, and
+# leaves nothing new mounted or changed. --version and every command's --help work, and
+# each command's --help shows an example.
+source "$(dirname "$0")/lib.sh"
+
+M=$((1 << 20))
+head -c $((4 * M)) /dev/urandom >"$T/a.img"
+head -c $((4 * M)) /dev/urandom >"$T/b.img"
+mkdir -p "$T/mp" "$T/mp2" "$T/dir" "$T/full"
+echo keep >"$T/full/file"
+nmounts() { grep -c " $T/" /proc/mounts || true; }
+
+# bad CMD... : CMD exits non-zero (1 unless $RC says otherwise) with exactly one stderr
+# line containing each of the words in $WANT (|-separated), and no mount appears
+bad() {
+    local before rc=0 want=${RC:-1} w
+    before=$(nmounts)
+    "$@" >"$T/out" 2>"$T/err" || rc=$?
+    [ "$rc" = "$want" ] || fail "exit $rc (want $want) from: $* ; stderr: $(cat "$T/err")"
+    [ "$(wc -l <"$T/err")" = 1 ] || fail "stderr of '$*' is not one line: $(cat "$T/err")"
+    IFS='|' read -ra words <<<"${WANT:-}"
+    for w in "${words[@]}"; do
+        grep -qF -- "$w" "$T/err" || fail "stderr of '$*' does not mention '$w': $(cat "$T/err")"
+    done
+    [ "$(nmounts)" = "$before" ] || fail "'$*' left a new mount: $(grep " $T/" /proc/mounts)"
+}
+
+# mount errors
+WANT="missing.img" bad "$FLEECEFS" mount "$T/mp" --state-dir "$T/st" --device d=$T/missing.img
+WANT="$T/dir" bad "$FLEECEFS" mount "$T/mp" --state-dir "$T/st" --device d=$T/dir
+WANT="a/b" bad "$FLEECEFS" mount "$T/mp" --state-dir "$T/st" --device a/b=$T/a.img
+WANT=".a" bad "$FLEECEFS" mount "$T/mp" --state-dir "$T/st" --device .a=$T/a.img
+WANT="'d'" bad "$FLEECEFS" mount "$T/mp" --state-dir "$T/st" --device d=$T/a.img --device d=$T/b.img
+WANT="$T/full|empty" bad "$FLEECEFS" mount "$T/full" --state-dir "$T/st" --device d=$T/a.img
+[ "$(cat "$T/full/file")" = keep ] || fail "the non-empty mount point was changed"
+WANT="$T/nomp" bad "$FLEECEFS" mount "$T/nomp" --state-dir "$T/st" --device d=$T/a.img
+[ ! -e "$T/nomp" ] || fail "a missing mount point was created"
+WANT="3000" bad "$FLEECEFS" mount "$T/mp" --state-dir "$T/st" --device d=$T/a.img --cluster-size 3000
+WANT="cluster" bad "$FLEECEFS" mount "$T/mp" --state-dir "$T/st" --device d=$T/a.img --cluster-size 128M
+WANT="cluster" bad "$FLEECEFS" mount "$T/mp" --state-dir "$T/st" --device d=$T/a.img --cluster-size 2K
+[ -z "$(ls -A "$T/mp")" ] || fail "failed mounts left files in the mount point"
+[ ! -e "$T/st" ] || fail "failed mounts created the state dir: $(ls -A "$T/st")"
+daemons() { pgrep -f -- "mount $T/" | wc -l; }
+[ "$(daemons)" = 0 ] || fail "failed mounts left processes: $(pgrep -af -- "mount $T/")"
+
+# a working mount, then a second daemon on its state dir
+fmount "$T/mp" --state-dir "$T/st" --device d=$T/a.img --device e=$T/b.img
+pid=$(status_json "$T/mp" 'd["pid"]')
+WANT="$T/st|$pid" bad "$FLEECEFS" mount "$T/mp2" --state-dir "$T/st" --device d=$T/a.img
+[ "$(status_json "$T/mp" 'd["pid"]')" = "$pid" ] || fail "the first daemon is gone after a second mount attempt"
+[ "$(daemons)" = 1 ] || fail "daemons after a refused second mount: $(pgrep -af -- "mount $T/")"
+# mounting on top of a busy fleecefs mount point is refused too
+WANT="$T/mp" bad "$FLEECEFS" mount "$T/mp" --state-dir "$T/st2" --device d=$T/a.img
+
+# setup / teardown / status errors
+no_access() { [ "$(status_json "$T/mp" 'd["access"]')" = None ] || fail "$1 left a backup access"; }
+WANT="'x'" bad "$FLEECEFS" setup "$T/mp" --target t --devices x
+no_access "setup with an unknown device"
+WANT="'x'" bad "$FLEECEFS" setup "$T/mp" --target t --devices d,x
+no_access "setup with one unknown device of two"
+[ ! -e "$T/mp/snapshot/d" ] || fail "snapshot/d exists after a failed setup"
+[ -z "$(find "$T/st" -name '*.fleece')" ] || fail "a failed setup left fleecing files"
+"$FLEECEFS" setup "$T/mp" --target first >/dev/null || fail "setup failed"
+WANT="first" bad "$FLEECEFS" setup "$T/mp" --target second
+WANT="first" bad "$FLEECEFS" setup "$T/mp" --target first
+[ "$(status_json "$T/mp" 'd["access"]["target"]')" = first ] || fail "a refused setup changed the access"
+[ "$(ls "$T/st/fleecing" | sort | tr '\n' ' ')" = "d.first.fleece e.first.fleece " ] ||
+    fail "fleecing files after a refused setup: $(ls "$T/st/fleecing")"
+WANT="'zz'" bad "$FLEECEFS" teardown "$T/mp" --target zz --success
+[ "$(status_json "$T/mp" 'd["access"]["target"]')" = first ] || fail "a failed teardown ended the access"
+# a usage error: exit 2 and an error naming the missing flags (clap's usage errors are
+# several lines: the error, the missing argument, the usage line)
+rc=0
+"$FLEECEFS" teardown "$T/mp" --target first >/dev/null 2>"$T/err" || rc=$?
+[ "$rc" = 2 ] || fail "teardown without --success/--failure exits $rc, want 2: $(cat "$T/err")"
+head -1 "$T/err" | grep -q "^error: " && grep -q -- "--success|--failure" "$T/err" ||
+    fail "teardown usage error does not name --success|--failure: $(cat "$T/err")"
+[ "$(status_json "$T/mp" 'd["access"]["target"]')" = first ] || fail "a teardown usage error ended the access"
+[ -e "$T/mp/snapshot/d" ] || fail "snapshot/d is gone after failed teardowns"
+WANT="$T/dir" bad "$FLEECEFS" status "$T/dir"
+WANT="$T/dir" bad "$FLEECEFS" setup "$T/dir" --target t
+WANT="$T/dir" bad "$FLEECEFS" teardown "$T/dir" --target t --success
+WANT="$T/dir" bad "$FLEECEFS" unmount "$T/dir"
+WANT="$T/nomp" bad "$FLEECEFS" status "$T/nomp"
+"$FLEECEFS" teardown "$T/mp" --target first --failure >/dev/null || fail "teardown failed"
+no_access "teardown"
+
+# --version and --help with an example line for every command (leaves of the command tree)
+"$FLEECEFS" --version | grep -qE '^fleecefs [0-9]+\.[0-9]+\.[0-9]+' || fail "--version: $("$FLEECEFS" --version)"
+commands() { "$FLEECEFS" "$@" --help | sed -n '/^Commands:/,/^$/p' | awk 'NR > 1 && $1 != "help" && NF {print $1}'; }
+n=0
+for c in $(commands); do
+    subs=$(commands "$c")
+    for s in ${subs:--}; do
+        args=("$c")
+        [ "$s" = - ] || args+=("$s")
+        "$FLEECEFS" "${args[@]}" --help >"$T/help" 2>&1 || fail "fleecefs ${args[*]} --help failed"
+        grep -q "^Example" "$T/help" || fail "fleecefs ${args[*]} --help has no example"
+        grep -q "^  fleecefs ${args[*]} " "$T/help" || fail "fleecefs ${args[*]} --help has no example line"
+        n=$((n + 1))
+    done
+done
+for c in mount setup teardown status unmount; do
+    "$FLEECEFS" "$c" --help | grep -q "^  fleecefs $c " || fail "fleecefs $c --help has no example line"
+done
+[ "$n" -ge 5 ] || fail "only $n commands found in fleecefs --help"
+echo "ok: bad inputs give one-line errors and change nothing; --version and $n commands' --help with examples"
