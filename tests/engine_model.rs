@@ -604,3 +604,156 @@ fn discard_frees_space_and_stops_copying() {
     assert_eq!(dev.read_snapshot(id, cluster * 32, &mut buf).unwrap(), 100);
     engine.teardown("t", true).unwrap();
 }
+
+/// Bitmaps against a model: after any random sequence of writes, setups (with the
+/// bitmap, without it, with another name), successful and failed teardowns, clean
+/// restarts and crashes (the engine dropped without shutdown), the dirty map of a `used`
+/// bitmap covers every cluster written since the last successful backup.
+#[test]
+fn bitmaps_cover_every_write_since_the_last_success() {
+    for seed in seeds() {
+        for crash_safe in [true, false] {
+            run_bitmap_model(seed, crash_safe);
+        }
+    }
+}
+
+fn open_engine(dir: &Path, cluster: u64, crash_safe: bool) -> Engine {
+    let state = fleecefs::state::StateDir::open(&dir.join("state")).unwrap();
+    if let Some(rec) = state.leftover_access().unwrap() {
+        state.remove_leftovers(&rec).unwrap();
+    }
+    let source = Source::open(&dir.join("src0.img")).unwrap();
+    let dev = Device::new("d0".into(), source, ClusterSize::new(cluster).unwrap());
+    let config = EngineConfig {
+        fleecing_dir: dir.join("fleece"),
+        on_cbw_error: OnCbwError::BreakSnapshot,
+        mountpoint: dir.join("mnt"),
+        crash_safe_bitmaps: crash_safe,
+    };
+    Engine::new(vec![dev], config, Some(state)).unwrap()
+}
+
+fn dirty_clusters(engine: &Engine, cluster: u64) -> HashSet<u64> {
+    let access = engine.devices()[0].access().unwrap();
+    let text = access.dirty_map().to_text();
+    let mut set = HashSet::new();
+    for (off, len) in fleecefs::dirtymap::parse(&text).unwrap() {
+        for c in off / cluster..(off + len).div_ceil(cluster) {
+            set.insert(c);
+        }
+    }
+    set
+}
+
+fn run_bitmap_model(seed: u64, crash_safe: bool) {
+    let mut rng = Rng(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = 4096u64;
+    let size = cluster * 200 + 300;
+    let nclusters = size.div_ceil(cluster);
+    let mut data = vec![0u8; size as usize];
+    rng.fill(&mut data);
+    std::fs::write(dir.path().join("src0.img"), &data).unwrap();
+    let mut engine = Some(open_engine(dir.path(), cluster, crash_safe));
+    // Model: clusters written since the last successful backup (None = bitmap must be
+    // all dirty: it does not exist yet or was invalidated).
+    let mut pending: Option<HashSet<u64>> = None;
+    // Whether the bitmap is registered (an invalid one still is).
+    let mut exists = false;
+    let mut during: HashSet<u64> = HashSet::new();
+    let mut in_access = false;
+    let mut successes = 0;
+    for step in 0..600 {
+        let ctx = format!("seed {seed} crash_safe {crash_safe} step {step}");
+        let e = engine.as_ref().unwrap();
+        match rng.below(100) {
+            0..=59 => {
+                let len = 1 + rng.below(cluster * 3);
+                let off = rng.below(size - len);
+                e.devices()[0].write_live(off, &vec![step as u8; len as usize]).expect(&ctx);
+                let cs = ClusterSize::new(cluster).unwrap();
+                for c in cs.outward(off, len) {
+                    if in_access {
+                        during.insert(c);
+                    } else if let Some(p) = &mut pending {
+                        p.insert(c);
+                    }
+                }
+            }
+            60..=74 if !in_access => {
+                let r = e.setup("t", None, Some("b")).expect(&ctx);
+                let action = r.devices[0].bitmap_action.clone();
+                let dirty = dirty_clusters(e, cluster);
+                match &pending {
+                    Some(p) => {
+                        assert_eq!(action, "used", "{ctx}");
+                        assert!(dirty.is_superset(p), "{ctx}: dirty map misses {:?}", p.difference(&dirty).collect::<Vec<_>>());
+                        // Nothing else is dirty: the bitmap is exact when nothing failed.
+                        assert_eq!(dirty.len(), p.len(), "{ctx}: dirty map has extra clusters");
+                    }
+                    None => {
+                        assert!(action == "new" || action == "invalid", "{ctx}: action {action}");
+                        assert_eq!(dirty.len() as u64, nclusters, "{ctx}");
+                        pending = Some((0..nclusters).collect());
+                    }
+                }
+                in_access = true;
+                exists = true;
+                during.clear();
+            }
+            75..=84 if in_access => {
+                let success = rng.below(2) == 0;
+                e.teardown("t", success).expect(&ctx);
+                let p = pending.as_mut().unwrap();
+                if success {
+                    *p = std::mem::take(&mut during);
+                    successes += 1;
+                } else {
+                    p.extend(during.drain());
+                }
+                in_access = false;
+            }
+            85..=88 if !in_access => {
+                // a backup without the bitmap removes it
+                let r = e.setup("t", None, None).expect(&ctx);
+                let expect = if exists { "not-used-removed" } else { "not-used" };
+                assert_eq!(r.devices[0].bitmap_action, expect, "{ctx}");
+                e.teardown("t", true).expect(&ctx);
+                pending = None;
+                exists = false;
+            }
+            89..=93 => {
+                // clean restart: an access is torn down as a failure
+                engine.take().unwrap().shutdown();
+                if in_access {
+                    pending.as_mut().unwrap().extend(during.drain());
+                    in_access = false;
+                }
+                engine = Some(open_engine(dir.path(), cluster, crash_safe));
+            }
+            94..=96 => {
+                // crash: dropped without shutdown
+                drop(engine.take());
+                if in_access {
+                    if let Some(p) = &mut pending {
+                        p.extend(during.drain());
+                    }
+                    in_access = false;
+                }
+                if !crash_safe && pending.is_some() {
+                    pending = None; // the next setup must report invalid
+                }
+                engine = Some(open_engine(dir.path(), cluster, crash_safe));
+                if !crash_safe {
+                    let st = engine.as_ref().unwrap().status();
+                    if let Some(b) = st.bitmaps.first() {
+                        assert!(!b.consistent, "{ctx}: a bitmap that was not crash-safe survived a crash");
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    assert!(successes > 3, "seed {seed}: only {successes} successful backups ran");
+}
