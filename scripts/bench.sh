@@ -1,0 +1,571 @@
+#!/usr/bin/env bash
+# fleecefs benchmark (issue 5): the same fio workloads, in one run, on
+#   direct    the source image itself (the physical limit on this machine),
+#   qemu      qemu-storage-daemon: copy-before-write filter + snapshot-access node over a
+#             raw fleecing file, live and snapshot exported with --export fuse (writable),
+#   fleecefs  this project, release build.
+# Sources stay in the page cache (fio --invalidate=0) so the layer is measured, not the
+# disk. Prints a markdown table (MB/s, IOPS, mean latency per system, the ratios
+# fleecefs/qemu and fleecefs/direct, the issue's targets) and a scale line.
+#
+# Run as root on Debian:  scripts/bench.sh
+# Environment:
+#   BENCH_RUNTIME=10          seconds per time-based workload
+#   BENCH_TMPDIR=/tmp         where the temporary directory goes
+#   BENCH_OUT=target/bench    where results (fio JSON, results.md, perf reports) are kept
+#   BENCH_SYSTEMS="direct qemu fleecefs"
+#   BENCH_PERF=SYSTEM:WORKLOAD   perf record -g that system's daemon during that
+#                             workload (e.g. fleecefs:cbw_first); report in BENCH_OUT
+#   BENCH_NO_INSTALL=1        do not apt-get anything
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$PWD
+
+RUNTIME=${BENCH_RUNTIME:-10}
+CAP=$((RUNTIME * 3))      # upper bound for the size-based (one pass per open) workloads
+PASSES=3                  # read passes of the whole image, each with its own open()
+SIZE_MB=${BENCH_SIZE_MB:-1024}   # source image size (the issue: 1 GiB)
+CLUSTER=65536
+OUT=${BENCH_OUT:-$REPO/target/bench}
+SYSTEMS=${BENCH_SYSTEMS:-direct qemu fleecefs}
+PERF=${BENCH_PERF:-}
+FLEECEFS=$REPO/target/release/fleecefs
+
+log() { printf '== %s\n' "$*" >&2; }
+die() { printf 'bench: %s\n' "$*" >&2; exit 1; }
+now_ns() { date +%s%N; }
+
+[ "$(id -u)" = 0 ] || die "run as root (it mounts FUSE filesystems)"
+[ -e /dev/fuse ] || die "/dev/fuse is missing (modprobe fuse)"
+
+# ---------------------------------------------------------------- setup and cleanup
+
+install_deps() {
+    [ -n "${BENCH_NO_INSTALL:-}" ] && return 0
+    local need=()
+    command -v fio >/dev/null || need+=(fio)
+    command -v python3 >/dev/null || need+=(python3)
+    command -v qemu-storage-daemon >/dev/null || need+=(qemu-utils)
+    command -v findmnt >/dev/null || need+=(util-linux)
+    if [ -n "$PERF" ] && ! command -v perf >/dev/null; then need+=(linux-perf); fi
+    if [ ${#need[@]} -gt 0 ]; then
+        log "installing ${need[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get -o DPkg::Lock::Timeout=600 update -qq
+        apt-get -o DPkg::Lock::Timeout=600 install -y -qq "${need[@]}" >/dev/null
+    fi
+}
+
+W=""            # the temporary directory
+QSD_PID=""      # the running qemu-storage-daemon, if any
+FMOUNTS=()      # fleecefs mount points to unmount
+PERF_PID=""
+
+cleanup() {
+    set +e
+    [ -n "$PERF_PID" ] && kill -INT "$PERF_PID" 2>/dev/null && wait "$PERF_PID" 2>/dev/null
+    qsd_stop
+    for m in "${FMOUNTS[@]}"; do
+        if mountpoint -q "$m"; then
+            "$FLEECEFS" unmount "$m" 2>/dev/null || umount -l "$m"
+        fi
+    done
+    if [ -n "$W" ] && [ -d "$W" ]; then
+        # anything still mounted under the temp dir (qemu exports, fleecefs)
+        findmnt -rn -o TARGET | grep "^$W/" | sort -r | while read -r m; do umount -l "$m"; done
+        rm -rf "$W"
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# Lets dirty pages of the previous workload reach the disk before the next one starts.
+settle() { sync; sleep 1; }
+
+# ---------------------------------------------------------------- fio
+
+# run_fio WORKLOAD fio-args...: runs fio for the current system ($SYS), JSON into $RES.
+run_fio() {
+    local name=$1; shift
+    settle
+    perf_start "$name"
+    fio --output-format=json --output="$RES/$SYS.$name.json" \
+        --ioengine=psync --invalidate=0 --fallocate=none --size=${SIZE_MB}M "$@" >/dev/null \
+        || die "fio failed: $SYS $name (see $RES/$SYS.$name.json)"
+    perf_stop "$name"
+    summary_line "$name"
+}
+
+summary_line() {
+    python3 - "$RES/$SYS.$1.json" "$SYS" "$1" <<'EOF' >&2
+import json, sys
+d = json.load(open(sys.argv[1]))
+parts = []
+for j in d["jobs"]:
+    for k in ("read", "write"):
+        s = j[k]
+        if s["io_bytes"]:
+            parts.append("%s %s %.1f MB/s %.0f IOPS %.1f us" % (j["jobname"], k, s["bw_bytes"] / 1e6, s["iops"], s["lat_ns"]["mean"] / 1e3))
+print("   %-9s %-16s %s" % (sys.argv[2], sys.argv[3], "; ".join(parts)))
+EOF
+}
+
+# perf record of the current system's daemon during workload BENCH_PERF=SYSTEM:WORKLOAD.
+perf_start() {
+    [ "$PERF" = "$SYS:$1" ] || return 0
+    local pid
+    pid=$(daemon_pid) || return 0
+    command -v perf >/dev/null || { log "perf is not installed (apt-get install linux-perf)"; return 0; }
+    perf record -g -p "$pid" -o "$OUT/perf-$SYS-$1.data" 2>"$OUT/perf-$SYS-$1.log" &
+    PERF_PID=$!
+    sleep 1
+}
+
+perf_stop() {
+    [ -n "$PERF_PID" ] || return 0
+    kill -INT "$PERF_PID"; wait "$PERF_PID" || true
+    PERF_PID=""
+    perf report -i "$OUT/perf-$SYS-$1.data" --stdio --no-children 2>/dev/null \
+        | grep -v '^$' | head -60 >"$OUT/perf-$SYS-$1.txt"
+    perf report -i "$OUT/perf-$SYS-$1.data" --stdio --no-children --sort dso,symbol -g none 2>/dev/null \
+        | grep -v '^$' | head -40 >"$OUT/perf-$SYS-$1-flat.txt"
+    log "perf report of $SYS during $1: $OUT/perf-$SYS-$1.txt"
+}
+
+# ---------------------------------------------------------------- workloads
+# Each sets nothing but runs fio on $LIVE / $SNAP of the current system.
+
+# Snapshot sequential read, 1 MiB: whole image, $PASSES passes, each through a new open()
+# (FUSE drops a file's page cache at open unless the server keeps it, so every pass goes
+# through the layer; within one open a second pass would come from the kernel's cache).
+wl_snap_seqread() {
+    run_fio snap_seqread --name=snapread --filename="$SNAP" --rw=read --bs=1M \
+        --loops=$PASSES --runtime=$CAP
+}
+
+# Live 4 KiB random write, access active, first touch: one write into every cluster
+# (except cluster 0, used by verify_cbw), in a fixed random order, so every write copies.
+wl_cbw_first() {
+    run_fio cbw_first --name=cbwfirst --filename="$LIVE" --read_iolog="$IOLOG" \
+        --replay_redirect="$LIVE" --replay_no_stall=1
+}
+
+# The same writes again: every cluster is copied already.
+wl_cbw_again() {
+    run_fio cbw_again --name=cbwagain --filename="$LIVE" --read_iolog="$IOLOG" \
+        --replay_redirect="$LIVE" --replay_no_stall=1
+}
+
+wl_randwrite_noacc() {
+    run_fio randwrite_noacc --name=randwrite --filename="$LIVE" --rw=randwrite --bs=4k \
+        --time_based --runtime=$RUNTIME
+}
+
+wl_seqwrite_noacc() {
+    run_fio seqwrite_noacc --name=seqwrite --filename="$LIVE" --rw=write --bs=1M \
+        --time_based --runtime=$RUNTIME
+}
+
+wl_seqread_noacc() {
+    run_fio seqread_noacc --name=seqread --filename="$LIVE" --rw=read --bs=1M \
+        --loops=$PASSES --runtime=$CAP
+}
+
+# Snapshot read (as wl_snap_seqread) while two 4 KiB random writers run on live; all stop
+# when the reader is done. $2: 1 for O_DIRECT on live.
+wl_mixed() {
+    run_fio "$1" --exitall \
+        --name=snapread --filename="$SNAP" --rw=read --bs=1M --loops=$PASSES --runtime=$CAP \
+        --name=livewrite --filename="$LIVE" --rw=randwrite --bs=4k --numjobs=2 \
+        --direct="$2" --time_based --runtime=$CAP
+}
+
+# Checks the copy-before-write of the system under test: after a write to live, the
+# snapshot still shows the old data of that cluster.
+verify_cbw() {
+    [ "$SYS" = direct ] && return 0
+    dd if="$SNAP" of="$W/v.before" bs=64K count=1 status=none
+    dd if="$LIVE" of="$W/v.live" bs=64K count=1 status=none
+    cmp -s "$W/v.before" "$W/v.live" || die "$SYS: snapshot differs from live at setup"
+    dd if=/dev/urandom of="$LIVE" bs=4K count=1 conv=notrunc status=none
+    dd if="$SNAP" of="$W/v.after" bs=64K count=1 status=none
+    dd if="$LIVE" of="$W/v.live" bs=64K count=1 status=none
+    cmp -s "$W/v.before" "$W/v.after" || die "$SYS: snapshot changed after a live write (no CBW?)"
+    cmp -s "$W/v.before" "$W/v.live" && die "$SYS: live write did not land"
+    log "$SYS: copy-before-write verified (live changed, snapshot kept the old data)"
+}
+
+# ---------------------------------------------------------------- system: direct
+
+direct_live_only() { LIVE=$SRC; SNAP=""; }
+direct_access_start() { SNAP=$SRC; }
+direct_access_end() { :; }
+direct_stop() { :; }
+
+# ---------------------------------------------------------------- system: qemu
+
+QLIVE="" QSNAP="" QFLEECE=""
+
+# The node graphs. Without an access: the source as a raw node, exported.
+QSD_SOURCE=()
+QSD_LIVE_ONLY=()
+QSD_ACCESS=()
+qemu_config() {
+    QLIVE=$W/qemu/live QSNAP=$W/qemu/snap QFLEECE=$W/qemu/fleece.raw
+    QSD_SOURCE=(
+        --blockdev "file,node-name=src-file,filename=$SRC"
+        --blockdev "raw,node-name=src,file=src-file"
+    )
+    QSD_LIVE_ONLY=(
+        "${QSD_SOURCE[@]}"
+        --export "fuse,id=live,node-name=src,mountpoint=$QLIVE,writable=on"
+    )
+    # With an access: copy-before-write filter over the source, old data into a raw
+    # fleecing file of the same size; snapshot-access reads the point-in-time view.
+    QSD_ACCESS=(
+        "${QSD_SOURCE[@]}"
+        --blockdev "file,node-name=fl-file,filename=$QFLEECE,discard=unmap"
+        --blockdev "raw,node-name=fl,file=fl-file,discard=unmap"
+        --blockdev "copy-before-write,node-name=cbw,file=src,target=fl,discard=unmap"
+        --blockdev "snapshot-access,node-name=snap,file=cbw,discard=unmap"
+        --export "fuse,id=live,node-name=cbw,mountpoint=$QLIVE,writable=on"
+        --export "fuse,id=snap,node-name=snap,mountpoint=$QSNAP,writable=on"
+    )
+    mkdir -p "$W/qemu"
+    touch "$QLIVE" "$QSNAP"    # fuse export mount points are regular files
+}
+
+qsd_start() {
+    rm -f "$W/qsd.pid"
+    qemu-storage-daemon "$@" --pidfile "$W/qsd.pid" --daemonize \
+        || die "qemu-storage-daemon did not start"
+    QSD_PID=$(cat "$W/qsd.pid")
+    mountpoint -q "$QLIVE" || die "qemu-storage-daemon: $QLIVE is not mounted"
+}
+
+qsd_stop() {
+    [ -n "$QSD_PID" ] || return 0
+    kill "$QSD_PID" 2>/dev/null || true
+    local i
+    for i in $(seq 100); do
+        kill -0 "$QSD_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -9 "$QSD_PID" 2>/dev/null || true
+    for m in "$QLIVE" "$QSNAP"; do mountpoint -q "$m" && umount -l "$m"; done
+    QSD_PID=""
+}
+
+qemu_live_only() {
+    qemu_config
+    qsd_start "${QSD_LIVE_ONLY[@]}"
+    LIVE=$QLIVE SNAP=""
+}
+
+qemu_access_start() {
+    qsd_stop
+    rm -f "$QFLEECE"
+    qemu-img create -q -f raw "$QFLEECE" ${SIZE_MB}M
+    qsd_start "${QSD_ACCESS[@]}"
+    mountpoint -q "$QSNAP" || die "qemu-storage-daemon: $QSNAP is not mounted"
+    LIVE=$QLIVE SNAP=$QSNAP
+}
+
+qemu_access_end() { qsd_stop; }
+qemu_stop() { qsd_stop; }
+
+# ---------------------------------------------------------------- system: fleecefs
+
+FMNT="" ACCESS_N=0
+
+fleecefs_live_only() {
+    FMNT=$W/fleecefs/mnt
+    mkdir -p "$FMNT"
+    "$FLEECEFS" mount "$FMNT" --state-dir "$W/fleecefs/state" --device "vm=$SRC"
+    FMOUNTS+=("$FMNT")
+    LIVE=$FMNT/live/vm SNAP=""
+}
+
+fleecefs_access_start() {
+    ACCESS_N=$((ACCESS_N + 1))
+    "$FLEECEFS" setup "$FMNT" --target "bench$ACCESS_N" >/dev/null
+    SNAP=$FMNT/snapshot/vm
+}
+
+fleecefs_access_end() {
+    "$FLEECEFS" status "$FMNT" --json >"$RES/fleecefs.status$ACCESS_N.json"
+    "$FLEECEFS" teardown "$FMNT" --target "bench$ACCESS_N" --failure >/dev/null
+}
+
+fleecefs_stop() {
+    local pid
+    pid=$(daemon_pid)
+    grep -E '^(VmRSS|VmHWM)' "/proc/$pid/status" >"$RES/fleecefs.mem.txt"
+    "$FLEECEFS" unmount "$FMNT"
+}
+
+# The pid of the current system's daemon.
+daemon_pid() {
+    case $SYS in
+        qemu) [ -n "$QSD_PID" ] && echo "$QSD_PID" ;;
+        fleecefs) "$FLEECEFS" status "$FMNT" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["pid"])' ;;
+        *) return 1 ;;
+    esac
+}
+
+# ---------------------------------------------------------------- one system, all workloads
+
+run_system() {
+    SYS=$1
+    log "system $SYS"
+    cat "$SRC" >/dev/null                     # source into the page cache
+    "${SYS}_live_only"                        # no access
+    wl_randwrite_noacc
+    wl_seqwrite_noacc
+    wl_seqread_noacc
+    "${SYS}_access_start"                     # access 1: clean snapshot, then CBW writes
+    verify_cbw
+    wl_snap_seqread
+    wl_cbw_first
+    wl_cbw_again
+    "${SYS}_access_end"
+    "${SYS}_access_start"                     # access 2: reader against buffered writers
+    wl_mixed mixed_buffered 0
+    "${SYS}_access_end"
+    "${SYS}_access_start"                     # access 3: reader against O_DIRECT writers
+    wl_mixed mixed_odirect 1
+    "${SYS}_access_end"
+    "${SYS}_stop"
+}
+
+# ---------------------------------------------------------------- scale
+
+# mount_setup_rss NAME DEVICE-ARGS...: mount, setup, some I/O, RSS; key=value lines.
+mount_setup_rss() {
+    local name=$1; shift
+    local mnt=$W/scale/$name t0 t1 t2 pid
+    mkdir -p "$mnt"
+    t0=$(now_ns)
+    "$FLEECEFS" mount "$mnt" --state-dir "$W/scale/$name.state" "$@"
+    t1=$(now_ns)
+    FMOUNTS+=("$mnt")
+    "$FLEECEFS" setup "$mnt" --target scale >/dev/null
+    t2=$(now_ns)
+    # some I/O during the access: 16 MiB of CBW writes spread over the first device,
+    # 64 MiB of snapshot reads
+    local first
+    first=$(ls "$mnt/live" | head -1)
+    local i
+    for i in $(seq 0 15); do
+        dd if=/dev/urandom of="$mnt/live/$first" bs=1M count=1 seek=$((i * 4099)) conv=notrunc status=none
+    done
+    dd if="$mnt/snapshot/$first" of=/dev/null bs=1M count=64 status=none
+    pid=$("$FLEECEFS" status "$mnt" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["pid"])')
+    echo "$name.mount_ms=$(((t1 - t0) / 1000000))"
+    echo "$name.setup_ms=$(((t2 - t1) / 1000000))"
+    echo "$name.rss_kb=$(awk '/^VmRSS/{print $2}' "/proc/$pid/status")"
+    echo "$name.hwm_kb=$(awk '/^VmHWM/{print $2}' "/proc/$pid/status")"
+    "$FLEECEFS" teardown "$mnt" --target scale --failure >/dev/null
+    "$FLEECEFS" unmount "$mnt"
+}
+
+scale_test() {
+    log "scale: one 1 TiB sparse device; 16 sparse devices of 1 TiB each"
+    mkdir -p "$W/scale"
+    truncate -s 1T "$W/scale/big.img"
+    local args=() i
+    for i in $(seq 1 16); do
+        truncate -s 1T "$W/scale/d$i.img"
+        args+=(--device "d$i=$W/scale/d$i.img")
+    done
+    {
+        mount_setup_rss one1t --device "big=$W/scale/big.img"
+        echo "one1t.devices=1"
+        mount_setup_rss sixteen "${args[@]}"
+        echo "sixteen.devices=16"
+        echo "device_bytes=$((1 << 40))"
+        echo "cluster=$CLUSTER"
+    } >"$RES/scale.txt"
+    rm -f "$W"/scale/*.img
+}
+
+# ---------------------------------------------------------------- report
+
+machine_info() {
+    echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC')"
+    echo "- machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
+    echo "- memory (free -g): $(free -g | awk '/^Mem:/{print $2 " GiB total, " $7 " GiB available"}')"
+    echo "- kernel: $(uname -r)"
+    echo "- fleecefs: $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)$(git -C "$REPO" diff --quiet HEAD -- src Cargo.toml 2>/dev/null || echo ' (with uncommitted changes in src/)')"
+    echo "- qemu-storage-daemon: $(qemu-storage-daemon --version | head -1)"
+    echo "- fio: $(fio --version)"
+    echo "- load average at start: $LOAD_START; at end: $(cut -d' ' -f1-3 /proc/loadavg)"
+    echo "- fio: ioengine=psync, buffered unless noted, --invalidate=0, ${RUNTIME} s per time-based workload, $PASSES passes per read workload"
+}
+
+report() {
+    python3 - "$RES" "$SYSTEMS" <<'EOF'
+import json, os, sys
+
+res, systems = sys.argv[1], sys.argv[2].split()
+
+def load(system, wl):
+    p = os.path.join(res, "%s.%s.json" % (system, wl))
+    if not os.path.exists(p):
+        return None
+    return json.load(open(p))
+
+def stats(system, wl, job=None, ddir=None):
+    """(MB/s, IOPS, mean latency us) summed over the matching jobs."""
+    d = load(system, wl)
+    if d is None:
+        return None
+    bw = iops = lat_w = 0.0
+    for j in d["jobs"]:
+        if job and j["jobname"] != job:
+            continue
+        for k in ([ddir] if ddir else ["read", "write"]):
+            s = j[k]
+            if s["io_bytes"] == 0:
+                continue
+            bw += s["bw_bytes"] / 1e6
+            iops += s["iops"]
+            lat_w += s["lat_ns"]["mean"] / 1e3 * s["iops"]
+    if iops == 0:
+        return None
+    return bw, iops, lat_w / iops
+
+rows = [
+    ("snap_seqread", None, None, "snapshot seq read 1M (access, nothing copied yet)"),
+    ("cbw_first", None, None, "live 4K randwrite, access, first touch (every write copies)"),
+    ("cbw_again", None, None, "live 4K randwrite, access, same clusters again"),
+    ("randwrite_noacc", None, None, "live 4K randwrite, no access"),
+    ("seqwrite_noacc", None, None, "live 1M seq write, no access"),
+    ("seqread_noacc", None, None, "live 1M seq read, no access"),
+    ("mixed_buffered", "snapread", "read", "snapshot read 1M, while 2 live 4K writers run"),
+    ("mixed_buffered", "livewrite", "write", "... the 2 live 4K writers (buffered), total"),
+    ("mixed_odirect", "snapread", "read", "snapshot read 1M, while 2 live 4K O_DIRECT writers run"),
+    ("mixed_odirect", "livewrite", "write", "... the 2 live 4K writers (O_DIRECT), total"),
+]
+
+def fmt(v, nd=1):
+    return "-" if v is None else ("%.*f" % (nd, v))
+
+def ratio(a, b):
+    if a is None or b is None or b[0] == 0:
+        return None
+    return a[0] / b[0]
+
+hdr = ["workload"]
+for s in systems:
+    hdr += ["%s MB/s" % s, "IOPS", "lat µs"]
+if "fleecefs" in systems and "qemu" in systems:
+    hdr.append("fleecefs/qemu")
+if "fleecefs" in systems and "direct" in systems:
+    hdr.append("fleecefs/direct")
+print("| " + " | ".join(hdr) + " |")
+print("|" + "---|" * len(hdr))
+R = {}
+for wl, job, ddir, label in rows:
+    line = [label]
+    st = {s: stats(s, wl, job, ddir) for s in systems}
+    for s in systems:
+        v = st[s]
+        line += [fmt(v and v[0]), fmt(v and v[1], 0), fmt(v and v[2])]
+    if "fleecefs/qemu" in hdr:
+        r = ratio(st.get("fleecefs"), st.get("qemu"))
+        line.append(fmt(r, 2) + "x" if r else "-")
+        R[(wl, job, "q")] = r
+    if "fleecefs/direct" in hdr:
+        r = ratio(st.get("fleecefs"), st.get("direct"))
+        line.append(fmt(r, 2) + "x" if r else "-")
+        R[(wl, job, "d")] = r
+    print("| " + " | ".join(line) + " |")
+
+print()
+print("| target | measured | required | met |")
+print("|---|---|---|---|")
+def target(name, key, need):
+    r = R.get(key)
+    met = "?" if r is None else ("yes" if r >= need else "**no**")
+    print("| %s | %s | >= %sx | %s |" % (name, "-" if r is None else "%.2fx" % r, need, met))
+target("snapshot seq read vs qemu", ("snap_seqread", None, "q"), 3)
+target("snapshot seq read vs direct", ("snap_seqread", None, "d"), 0.5)
+target("live 4K randwrite, access, first touch vs qemu", ("cbw_first", None, "q"), 3)
+target("live 4K randwrite, no access vs qemu", ("randwrite_noacc", None, "q"), 3)
+target("live 4K randwrite, no access vs direct", ("randwrite_noacc", None, "d"), 0.4)
+target("live 1M seq write, no access vs direct", ("seqwrite_noacc", None, "d"), 0.7)
+target("live 1M seq read, no access vs direct", ("seqread_noacc", None, "d"), 0.7)
+
+sc = os.path.join(res, "scale.txt")
+if os.path.exists(sc):
+    kv = dict(l.strip().split("=", 1) for l in open(sc) if "=" in l)
+    cl = int(kv["cluster"])
+    bitmap_mib = int(kv["device_bytes"]) // cl / 8 / 2**20
+    print()
+    print("| scale | mount | setup | daemon RSS during access (peak) | RSS limit: 64 MiB + 3 bitmaps of %.0f MiB per device | met |" % bitmap_mib)
+    print("|---|---|---|---|---|---|")
+    for k, label in (("one1t", "1 device of 1 TiB (sparse)"), ("sixteen", "16 devices of 1 TiB each (sparse)")):
+        if k + ".mount_ms" not in kv:
+            continue
+        m, s = int(kv[k + ".mount_ms"]), int(kv[k + ".setup_ms"])
+        rss, hwm = int(kv[k + ".rss_kb"]) / 1024, int(kv[k + ".hwm_kb"]) / 1024
+        limit = 64 + 3 * bitmap_mib * int(kv[k + ".devices"])
+        ok = m < 1000 and s < 100 and hwm < limit
+        print("| %s | %d ms (< 1000) | %d ms (< 100) | %.1f MiB (%.1f MiB) | %.0f MiB | %s |" % (
+            label, m, s, rss, hwm, limit, "yes" if ok else "**no**"))
+
+mem = os.path.join(res, "fleecefs.mem.txt")
+if os.path.exists(mem):
+    print()
+    print("fleecefs daemon of the 1 GiB benchmark at unmount: " + ", ".join(l.split()[0] + " " + l.split()[1] + " kB" for l in open(mem)))
+EOF
+}
+
+# ---------------------------------------------------------------- main
+
+main() {
+    install_deps
+    for t in fio python3 qemu-storage-daemon qemu-img findmnt mountpoint; do
+        command -v "$t" >/dev/null || die "$t is not installed"
+    done
+    log "building fleecefs (release)"
+    cargo build --release --quiet
+    mkdir -p "$OUT"
+    W=$(mktemp -d "${BENCH_TMPDIR:-/tmp}/fleecefs-bench.XXXXXX")
+    RES=$W/results
+    mkdir -p "$RES"
+    LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+    log "temp dir $W, load average $LOAD_START"
+
+    SRC=$W/source.img
+    log "creating a ${SIZE_MB} MiB random source image"
+    head -c $((SIZE_MB << 20)) /dev/urandom >"$SRC"
+    # One 4 KiB write into every cluster but the first, in a fixed random order.
+    IOLOG=$W/first-touch.iolog
+    {
+        echo "fio version 2 iolog"
+        echo "file add"
+        echo "file open"
+        seq 1 $((SIZE_MB * 1048576 / CLUSTER - 1)) | shuf --random-source=<(yes) |
+            awk -v c=$CLUSTER 'BEGIN{srand(5)} {printf "file write %d 4096\n", $1 * c + int(rand() * 16) * 4096}'
+        echo "file close"
+    } >"$IOLOG"
+
+    local s start=$SECONDS
+    for s in $SYSTEMS; do run_system "$s"; done
+    scale_test
+    log "done in $((SECONDS - start)) s"
+
+    {
+        echo "## fleecefs benchmark"
+        echo
+        machine_info
+        echo
+        report
+    } | tee "$OUT/results.md"
+    rm -rf "$OUT/json"
+    cp -r "$RES" "$OUT/json"
+}
+
+main "$@"
