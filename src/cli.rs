@@ -91,7 +91,7 @@ pub struct MountArgs {
     pub on_cbw_error: OnCbwErrorArg,
     /// Flush each newly dirtied bitmap word before the write it covers, so bitmaps stay
     /// usable after a crash (on/off)
-    #[arg(long, value_name = "on|off", default_value = "on", value_parser = clap::builder::BoolishValueParser::new())]
+    #[arg(long, value_name = "on|off", default_value = "on", action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
     pub crash_safe_bitmaps: bool,
     /// Internal: set in the background daemon started by `mount`
     #[arg(long, hide = true)]
