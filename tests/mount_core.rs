@@ -6,6 +6,7 @@ mod common;
 
 use std::ffi::OsString;
 use std::fs;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use common::*;
@@ -308,6 +309,15 @@ fn errnos_of_snapshot_live_and_dirty_map() {
     );
 }
 
+/// Sets the flag when dropped, also while unwinding.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 /// A multi-device setup freezes every device at the same instant.
 #[test]
 fn two_devices_are_frozen_at_one_instant() {
@@ -335,13 +345,7 @@ fn two_devices_are_frozen_at_one_instant() {
                 written.store(n, Ordering::Relaxed);
             }
         });
-        // Drop-order safety: a panic below must still stop the writer.
-        struct StopOnDrop<'a>(&'a AtomicBool);
-        impl Drop for StopOnDrop<'_> {
-            fn drop(&mut self) {
-                self.0.store(true, Ordering::Relaxed);
-            }
-        }
+        // A panic below must still stop the writer, or the scope never ends.
         let _stop = StopOnDrop(&stop);
         for round in 0..ROUNDS {
             let before = written.load(Ordering::Relaxed);
@@ -421,7 +425,7 @@ fn mount_after_kill_9_removes_leftovers() {
 }
 
 /// `fleecefs mount MP --state-dir STATE --device SPEC... EXTRA...`.
-fn mount_raw(f: &Fleece, mp: &std::path::Path, devices: &[String], extra: &[&str]) -> Output {
+fn mount_raw(f: &Fleece, mp: &Path, devices: &[String], extra: &[&str]) -> Output {
     let mut args: Vec<OsString> = vec!["mount".into(), mp.into(), "--state-dir".into()];
     args.push(f.state.clone().into());
     for d in devices {
@@ -438,7 +442,7 @@ fn bad_mount_inputs_fail_cleanly() {
     let f = Fleece::new();
     let img = f.image("a.img", MIB);
     let img2 = f.image("b.img", MIB);
-    let dev = |name: &str, path: &std::path::Path| format!("{name}={}", path.display());
+    let dev = |name: &str, path: &Path| format!("{name}={}", path.display());
     let good = vec![dev("a", &img)];
     let long = "x".repeat(65);
     let missing = f.root.join("missing.img");
@@ -461,7 +465,7 @@ fn bad_mount_inputs_fail_cleanly() {
         ),
         (good.clone(), vec!["--cluster-size", "1X"], "--cluster-size"),
     ];
-    let check_nothing_changed = |what: &str, mp: &std::path::Path| {
+    let check_nothing_changed = |what: &str, mp: &Path| {
         assert_eq!(
             mounts_at(mp),
             0,
