@@ -35,14 +35,14 @@ echo "== cargo fmt --check"
 cargo fmt --check
 if cargo clippy --version >/dev/null 2>&1; then
     echo "== cargo clippy"
-    cargo clippy --all-targets --quiet -- -D warnings
+    cargo clippy --all-targets --features fault-injection --quiet -- -D warnings
 fi
 echo "== cargo doc"
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet
 
 echo "== cargo test"
-cargo build --quiet
-cargo test --quiet 2>&1 | tee /tmp/fleecefs-cargo-test.log
+cargo build --quiet --features fault-injection
+cargo test --quiet --features fault-injection 2>&1 | tee /tmp/fleecefs-cargo-test.log
 grep -q "test result: FAILED" /tmp/fleecefs-cargo-test.log && exit 1
 
 echo "== shell tests"

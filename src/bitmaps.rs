@@ -317,10 +317,7 @@ impl BitmapStore {
         }
         if let Some(e) = &mut d.new_entry {
             // Replace the file of the same name only once the access is installed.
-            let t = match create(BitmapKind::Target, &format!("{name}.pending"), true) {
-                Ok(t) => t,
-                Err(err) => return Err(err),
-            };
+            let t = create(BitmapKind::Target, &format!("{name}.pending"), true)?;
             e.state = BitmapState::Ok(t.clone());
             d.bitmap = Some(t);
         }

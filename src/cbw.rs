@@ -37,8 +37,8 @@
 //! operations on different lock units run in parallel.
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::time::SystemTime;
 
 use crate::bitmap::Bitmap;
@@ -46,6 +46,9 @@ use crate::dirtymap::DirtyMap;
 use crate::error::{Error, Kind, Result};
 use crate::fleece::FleecingFile;
 use crate::persist::TrackedBitmap;
+pub use crate::policy::Broken;
+pub use crate::policy::OnCbwError;
+use crate::policy::{inject_copy_fault, CbwPolicy};
 use crate::source::Source;
 use crate::sys;
 use crate::units::ClusterSize;
@@ -57,24 +60,6 @@ const LOCK_UNIT_MIN: u64 = 64 << 10;
 const STRIPES: usize = 4096;
 /// Largest buffer one copy step uses; bigger clusters are copied in pieces.
 const COPY_CHUNK: usize = 1 << 20;
-
-/// What to do when copying old data to the fleecing file fails.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum OnCbwError {
-    /// The live write succeeds; the access becomes broken and snapshot reads fail (EIO).
-    BreakSnapshot,
-    /// The live write fails with the copy's error; the snapshot stays valid.
-    BreakGuestWrite,
-}
-
-/// Why and when an access broke.
-#[derive(Clone, Debug)]
-pub struct Broken {
-    /// One-line reason.
-    pub reason: String,
-    /// When it happened.
-    pub at: SystemTime,
-}
 
 /// Counters of one device's access (for `status`).
 #[derive(Clone, Debug, Default)]
@@ -100,9 +85,7 @@ pub struct DeviceAccess {
     unit_shift: u32,
     copied_bytes: AtomicU64,
     discarded_bytes: AtomicU64,
-    is_broken: AtomicBool,
-    broken: OnceLock<Broken>,
-    on_error: OnCbwError,
+    policy: CbwPolicy,
 }
 
 impl DeviceAccess {
@@ -113,7 +96,7 @@ impl DeviceAccess {
         device: &Device,
         frozen: Arc<Bitmap>,
         fleece: FleecingFile,
-        on_error: OnCbwError,
+        policy: CbwPolicy,
     ) -> DeviceAccess {
         let accessible = frozen.to_heap();
         let copied = Bitmap::new(frozen.len(), false);
@@ -129,9 +112,7 @@ impl DeviceAccess {
             unit_shift: unit.trailing_zeros(),
             copied_bytes: AtomicU64::new(0),
             discarded_bytes: AtomicU64::new(0),
-            is_broken: AtomicBool::new(false),
-            broken: OnceLock::new(),
-            on_error,
+            policy,
         }
     }
 
@@ -162,31 +143,16 @@ impl DeviceAccess {
 
     /// Why the access is broken, if it is.
     pub fn broken(&self) -> Option<&Broken> {
-        if self.is_broken.load(Ordering::SeqCst) {
-            self.broken.get()
-        } else {
-            None
-        }
+        self.policy.breaker.broken()
     }
 
-    /// Marks the access broken (first reason wins). Must happen before any live write
-    /// that skipped its copy reaches the source.
+    /// Marks the whole access broken (all its devices).
     pub fn break_with(&self, reason: String) {
-        let first = self
-            .broken
-            .set(Broken {
-                reason: reason.clone(),
-                at: SystemTime::now(),
-            })
-            .is_ok();
-        self.is_broken.store(true, Ordering::SeqCst);
-        if first {
-            log::error!("backup access broken, snapshot reads now fail with EIO: {reason}");
-        }
+        self.policy.breaker.break_with(reason)
     }
 
     fn is_broken(&self) -> bool {
-        self.is_broken.load(Ordering::SeqCst)
+        self.policy.breaker.is_broken()
     }
 
     fn needs_copy(&self, c: u64) -> bool {
@@ -218,7 +184,7 @@ pub struct GateState {
 /// A device: a source image, its live view and (during an access) its snapshot view.
 pub struct Device {
     name: String,
-    source: Source,
+    source: Arc<Source>,
     cluster: ClusterSize,
     gate: RwLock<GateState>,
     last_error: Mutex<Option<(String, SystemTime)>>,
@@ -243,7 +209,7 @@ impl Device {
     pub fn new(name: String, source: Source, cluster: ClusterSize) -> Device {
         Device {
             name,
-            source,
+            source: Arc::new(source),
             cluster,
             gate: RwLock::new(GateState::default()),
             last_error: Mutex::new(None),
@@ -417,7 +383,7 @@ impl Device {
 
     /// Copies the old data of every cluster that `[offset, offset+len)` touches and that
     /// still needs it. Returns `Err` only when the write must fail (break-guest-write).
-    fn copy_before_write(&self, access: &DeviceAccess, offset: u64, len: u64) -> Result<()> {
+    fn copy_before_write(&self, access: &Arc<DeviceAccess>, offset: u64, len: u64) -> Result<()> {
         if access.is_broken() {
             return Ok(());
         }
@@ -427,9 +393,18 @@ impl Device {
             return Ok(());
         };
         let clusters = first..clusters.end;
-        match self.copy_clusters(access, clusters) {
+        let result = match (access.policy.timeout, &access.policy.pool) {
+            (Some(timeout), Some(pool)) => {
+                let (source, access, cluster) = (self.source.clone(), access.clone(), self.cluster);
+                pool.run(timeout, move || {
+                    copy_clusters(&source, cluster, &access, clusters)
+                })
+            }
+            _ => copy_clusters(&self.source, self.cluster, access, clusters),
+        };
+        match result {
             Ok(()) => Ok(()),
-            Err(e) => match access.on_error {
+            Err(e) => match access.policy.on_error {
                 OnCbwError::BreakSnapshot => {
                     access.break_with(format!(
                         "copy-before-write on device {} failed: {}",
@@ -448,59 +423,6 @@ impl Device {
                 }
             },
         }
-    }
-
-    /// The slow path: lock unit by unit, re-check, copy runs of clusters.
-    fn copy_clusters(&self, access: &DeviceAccess, clusters: Range<u64>) -> Result<()> {
-        let size = self.size();
-        let unit_of = |c: u64| self.cluster.start_of(c) >> access.unit_shift;
-        let mut unit = unit_of(clusters.start);
-        let last_unit = unit_of(clusters.end - 1);
-        while unit <= last_unit {
-            let in_unit = access.unit_clusters(self.cluster, unit, &clusters);
-            unit += 1;
-            if !in_unit.clone().any(|c| access.needs_copy(c)) {
-                continue;
-            }
-            let _g = access
-                .stripe(unit - 1)
-                .write()
-                .unwrap_or_else(|p| p.into_inner());
-            if access.is_broken() {
-                return Ok(());
-            }
-            let mut c = in_unit.start;
-            while c < in_unit.end {
-                if !access.needs_copy(c) {
-                    c += 1;
-                    continue;
-                }
-                let run_start = c;
-                while c < in_unit.end && access.needs_copy(c) {
-                    c += 1;
-                }
-                let bytes = self.cluster.byte_range(run_start..c, size);
-                self.copy_bytes(access, bytes.clone())?;
-                access.copied.set_range(run_start..c);
-                access
-                    .copied_bytes
-                    .fetch_add(bytes.end - bytes.start, Ordering::Relaxed);
-            }
-        }
-        Ok(())
-    }
-
-    fn copy_bytes(&self, access: &DeviceAccess, bytes: Range<u64>) -> Result<()> {
-        let mut pos = bytes.start;
-        while pos < bytes.end {
-            let n = ((bytes.end - pos) as usize).min(COPY_CHUNK);
-            with_copy_buf(n, |buf| {
-                self.source.read_at(buf, pos)?;
-                access.fleece.write_at(buf, pos)
-            })?;
-            pos += n as u64;
-        }
-        Ok(())
     }
 
     // ---- snapshot view -----------------------------------------------------------
@@ -619,19 +541,22 @@ impl Device {
                 .stripe(unit - 1)
                 .write()
                 .unwrap_or_else(|p| p.into_inner());
-            for run in access.accessible.runs(in_unit.clone()) {
+            let newly: Vec<Range<u64>> = access.accessible.runs(in_unit.clone()).collect();
+            for run in newly {
+                // Copied clusters that were still accessible hold fleecing space until now.
+                for copied in access.copied.runs(run.clone()) {
+                    let bytes = self.cluster.byte_range(copied, size);
+                    access.policy.budget.release(bytes.end - bytes.start);
+                    match to_punch.last_mut() {
+                        Some(last) if last.end == bytes.start => last.end = bytes.end,
+                        _ => to_punch.push(bytes),
+                    }
+                }
                 let bytes = self.cluster.byte_range(run.clone(), size);
-                access.accessible.clear_range(run.clone());
+                access.accessible.clear_range(run);
                 access
                     .discarded_bytes
                     .fetch_add(bytes.end - bytes.start, Ordering::Relaxed);
-            }
-            for run in access.copied.runs(in_unit.clone()) {
-                let bytes = self.cluster.byte_range(run, size);
-                match to_punch.last_mut() {
-                    Some(last) if last.end == bytes.start => last.end = bytes.end,
-                    _ => to_punch.push(bytes),
-                }
             }
         }
         // Nobody reads or writes inaccessible clusters of the fleecing file again, so the
@@ -641,4 +566,67 @@ impl Device {
         }
         Ok(())
     }
+}
+
+/// The slow path of copy-before-write: lock unit by unit, re-check, copy runs of
+/// clusters from the source to the fleecing file, then mark them copied.
+fn copy_clusters(
+    source: &Source,
+    cluster: ClusterSize,
+    access: &DeviceAccess,
+    clusters: Range<u64>,
+) -> Result<()> {
+    let size = source.size();
+    let unit_of = |c: u64| cluster.start_of(c) >> access.unit_shift;
+    let mut unit = unit_of(clusters.start);
+    let last_unit = unit_of(clusters.end - 1);
+    while unit <= last_unit {
+        let in_unit = access.unit_clusters(cluster, unit, &clusters);
+        unit += 1;
+        if !in_unit.clone().any(|c| access.needs_copy(c)) {
+            continue;
+        }
+        let _g = access
+            .stripe(unit - 1)
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        if access.is_broken() {
+            return Ok(());
+        }
+        let mut c = in_unit.start;
+        while c < in_unit.end {
+            if !access.needs_copy(c) {
+                c += 1;
+                continue;
+            }
+            let run_start = c;
+            while c < in_unit.end && access.needs_copy(c) {
+                c += 1;
+            }
+            let bytes = cluster.byte_range(run_start..c, size);
+            let n = bytes.end - bytes.start;
+            access.policy.budget.reserve(n)?;
+            if let Err(e) = copy_bytes(source, access, bytes) {
+                access.policy.budget.release(n);
+                return Err(e);
+            }
+            access.copied.set_range(run_start..c);
+            access.copied_bytes.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+    Ok(())
+}
+
+fn copy_bytes(source: &Source, access: &DeviceAccess, bytes: Range<u64>) -> Result<()> {
+    inject_copy_fault()?;
+    let mut pos = bytes.start;
+    while pos < bytes.end {
+        let n = ((bytes.end - pos) as usize).min(COPY_CHUNK);
+        with_copy_buf(n, |buf| {
+            source.read_at(buf, pos)?;
+            access.fleece.write_at(buf, pos)
+        })?;
+        pos += n as u64;
+    }
+    Ok(())
 }

@@ -89,6 +89,12 @@ pub struct MountArgs {
     /// What a failed copy-before-write breaks
     #[arg(long, value_enum, default_value = "break-snapshot")]
     pub on_cbw_error: OnCbwErrorArg,
+    /// Longest a live write waits for copy-before-write before the policy applies (0: no limit)
+    #[arg(long, value_name = "SECONDS", default_value_t = 45.0)]
+    pub cbw_timeout: f64,
+    /// Most fleecing space a backup access may use across devices, e.g. 10G [default: unlimited]
+    #[arg(long, value_name = "BYTES")]
+    pub fleecing_limit: Option<String>,
     /// Flush each newly dirtied bitmap word before the write it covers, so bitmaps stay
     /// usable after a crash (on/off)
     #[arg(long, value_name = "on|off", default_value = "on", action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]

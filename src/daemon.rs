@@ -58,6 +58,10 @@ pub struct MountPlan {
     pub stale_mount: bool,
     /// Crash-safe bitmap tracking.
     pub crash_safe_bitmaps: bool,
+    /// Copy-before-write timeout.
+    pub cbw_timeout: Option<Duration>,
+    /// Fleecing space limit per access.
+    pub fleecing_limit: Option<u64>,
 }
 
 fn absolute(p: &Path) -> Result<PathBuf> {
@@ -70,6 +74,22 @@ pub fn validate(args: &MountArgs) -> Result<MountPlan> {
         .map_err(|e| Error::invalid(format!("--cluster-size: {e}")))?;
     let cluster = ClusterSize::new(cluster_bytes)
         .map_err(|e| Error::invalid(format!("--cluster-size: {e}")))?;
+    if !(args.cbw_timeout.is_finite() && (0.0..=86400.0).contains(&args.cbw_timeout)) {
+        return Err(Error::invalid(format!(
+            "--cbw-timeout {} is out of range (0 to 86400 seconds)",
+            args.cbw_timeout
+        )));
+    }
+    let cbw_timeout = (args.cbw_timeout > 0.0).then(|| Duration::from_secs_f64(args.cbw_timeout));
+    let fleecing_limit = match &args.fleecing_limit {
+        None => None,
+        Some(t) => {
+            match parse_size(t).map_err(|e| Error::invalid(format!("--fleecing-limit: {e}")))? {
+                0 => return Err(Error::invalid("--fleecing-limit must be larger than 0")),
+                n => Some(n),
+            }
+        }
+    };
     if !(1..=256).contains(&args.threads) {
         return Err(Error::invalid(format!(
             "--threads {} is out of range (1-256)",
@@ -127,6 +147,8 @@ pub fn validate(args: &MountArgs) -> Result<MountPlan> {
         },
         stale_mount,
         crash_safe_bitmaps: args.crash_safe_bitmaps,
+        cbw_timeout,
+        fleecing_limit,
     })
 }
 
@@ -344,6 +366,8 @@ fn serve(plan: MountPlan, daemon_child: bool, allow_other: bool) -> Result<()> {
     let config = EngineConfig {
         fleecing_dir: plan.fleecing_dir.clone(),
         on_cbw_error: plan.on_cbw_error,
+        cbw_timeout: plan.cbw_timeout,
+        fleecing_limit: plan.fleecing_limit,
         mountpoint: plan.mountpoint.clone(),
         crash_safe_bitmaps: plan.crash_safe_bitmaps,
     };

@@ -15,10 +15,11 @@ use serde::Serialize;
 
 use crate::bitmap::Bitmap;
 use crate::bitmaps::{BitmapStatus, BitmapStore, Decision};
-use crate::cbw::{Device, DeviceAccess, OnCbwError};
+use crate::cbw::{Device, DeviceAccess};
 use crate::error::{Error, IoContext, Kind, Result};
 use crate::fleece::FleecingFile;
 use crate::persist::TrackedBitmap;
+use crate::policy::{Breaker, CbwPolicy, CopyPool, FleecingBudget, OnCbwError};
 use crate::state::{AccessRecord, StateDir};
 use crate::sys::unix_now;
 
@@ -46,8 +47,12 @@ pub fn validate_name(what: &str, name: &str) -> Result<()> {
 pub struct EngineConfig {
     /// Where fleecing files are created.
     pub fleecing_dir: PathBuf,
-    /// Policy when copy-before-write fails.
+    /// Policy when copy-before-write fails or times out.
     pub on_cbw_error: OnCbwError,
+    /// Longest a live write waits for copy-before-write (`None`: no limit).
+    pub cbw_timeout: Option<std::time::Duration>,
+    /// Most fleecing space one access may hold across its devices (`None`: no limit).
+    pub fleecing_limit: Option<u64>,
     /// The mount point (reports give absolute snapshot paths).
     pub mountpoint: PathBuf,
     /// Flush each clean-to-dirty bitmap transition before the write it covers, so
@@ -205,6 +210,7 @@ struct Control {
 pub struct Engine {
     devices: Vec<Arc<Device>>,
     config: EngineConfig,
+    copy_pool: Option<Arc<CopyPool>>,
     state: Option<StateDir>,
     control: Mutex<Control>,
 }
@@ -238,9 +244,16 @@ impl Engine {
                 d.lock_gate().tracking = store.tracking_for(d.name(), None);
             }
         }
+        let copy_pool = match config.cbw_timeout {
+            Some(_) => Some(Arc::new(
+                CopyPool::new(4).context(|| "starting copy-before-write threads".into())?,
+            )),
+            None => None,
+        };
         Ok(Engine {
             devices,
             config,
+            copy_pool,
             state,
             control: Mutex::new(Control {
                 active: None,
@@ -381,6 +394,13 @@ impl Engine {
             return Err(e);
         }
         let mut decisions = decisions.into_iter();
+        let policy = CbwPolicy {
+            on_error: self.config.on_cbw_error,
+            timeout: self.config.cbw_timeout,
+            pool: self.copy_pool.clone(),
+            budget: Arc::new(FleecingBudget::new(self.config.fleecing_limit)),
+            breaker: Arc::new(Breaker::default()),
+        };
         let mut active_devices = Vec::new();
         let mut report = Vec::new();
         {
@@ -402,13 +422,7 @@ impl Engine {
                     (Some(b), "used") => Arc::new(b.bits().to_heap()),
                     _ => Arc::new(Bitmap::new(dev.clusters(), true)),
                 };
-                let access = Arc::new(DeviceAccess::new(
-                    id,
-                    dev,
-                    frozen,
-                    fleece,
-                    self.config.on_cbw_error,
-                ));
+                let access = Arc::new(DeviceAccess::new(id, dev, frozen, fleece, policy.clone()));
                 let snap = self.config.mountpoint.join("snapshot").join(dev.name());
                 report.push(SetupDevice {
                     name: dev.name().to_string(),

@@ -20,6 +20,7 @@ pub mod fleece;
 pub mod fuse;
 pub mod logger;
 pub mod persist;
+pub mod policy;
 pub mod source;
 pub mod state;
 pub mod sys;

@@ -78,6 +78,8 @@ fn make_engine(
     let config = EngineConfig {
         fleecing_dir: dir.join("fleece"),
         on_cbw_error: OnCbwError::BreakSnapshot,
+        cbw_timeout: None,
+        fleecing_limit: None,
         mountpoint: dir.join("mnt"),
         crash_safe_bitmaps: true,
     };
@@ -338,7 +340,7 @@ fn run_threaded(seed: u64) {
     let mut handles = Vec::new();
     for w in 0..WRITERS {
         let s = shared.clone();
-        let mut r = Rng(seed ^ (w + 1) * 0x1234_5678);
+        let mut r = Rng(seed ^ ((w + 1) * 0x1234_5678));
         handles.push(thread::spawn(move || {
             let mut ops = 0u64;
             while !s.stop.load(Ordering::Relaxed) {
@@ -369,7 +371,7 @@ fn run_threaded(seed: u64) {
     }
     for rd in 0..2u64 {
         let s = shared.clone();
-        let mut r = Rng(seed ^ (rd + 100) * 0x9999);
+        let mut r = Rng(seed ^ ((rd + 100) * 0x9999));
         handles.push(thread::spawn(move || {
             let mut buf = vec![0u8; (cluster * 8) as usize];
             let mut ops = 0;
@@ -628,6 +630,8 @@ fn open_engine(dir: &Path, cluster: u64, crash_safe: bool) -> Engine {
     let config = EngineConfig {
         fleecing_dir: dir.join("fleece"),
         on_cbw_error: OnCbwError::BreakSnapshot,
+        cbw_timeout: None,
+        fleecing_limit: None,
         mountpoint: dir.join("mnt"),
         crash_safe_bitmaps: crash_safe,
     };
@@ -671,7 +675,9 @@ fn run_bitmap_model(seed: u64, crash_safe: bool) {
             0..=59 => {
                 let len = 1 + rng.below(cluster * 3);
                 let off = rng.below(size - len);
-                e.devices()[0].write_live(off, &vec![step as u8; len as usize]).expect(&ctx);
+                e.devices()[0]
+                    .write_live(off, &vec![step as u8; len as usize])
+                    .expect(&ctx);
                 let cs = ClusterSize::new(cluster).unwrap();
                 for c in cs.outward(off, len) {
                     if in_access {
@@ -688,12 +694,19 @@ fn run_bitmap_model(seed: u64, crash_safe: bool) {
                 match &pending {
                     Some(p) => {
                         assert_eq!(action, "used", "{ctx}");
-                        assert!(dirty.is_superset(p), "{ctx}: dirty map misses {:?}", p.difference(&dirty).collect::<Vec<_>>());
+                        assert!(
+                            dirty.is_superset(p),
+                            "{ctx}: dirty map misses {:?}",
+                            p.difference(&dirty).collect::<Vec<_>>()
+                        );
                         // Nothing else is dirty: the bitmap is exact when nothing failed.
                         assert_eq!(dirty.len(), p.len(), "{ctx}: dirty map has extra clusters");
                     }
                     None => {
-                        assert!(action == "new" || action == "invalid", "{ctx}: action {action}");
+                        assert!(
+                            action == "new" || action == "invalid",
+                            "{ctx}: action {action}"
+                        );
                         assert_eq!(dirty.len() as u64, nclusters, "{ctx}");
                         pending = Some((0..nclusters).collect());
                     }
@@ -717,7 +730,11 @@ fn run_bitmap_model(seed: u64, crash_safe: bool) {
             85..=88 if !in_access => {
                 // a backup without the bitmap removes it
                 let r = e.setup("t", None, None).expect(&ctx);
-                let expect = if exists { "not-used-removed" } else { "not-used" };
+                let expect = if exists {
+                    "not-used-removed"
+                } else {
+                    "not-used"
+                };
                 assert_eq!(r.devices[0].bitmap_action, expect, "{ctx}");
                 e.teardown("t", true).expect(&ctx);
                 pending = None;
@@ -748,12 +765,18 @@ fn run_bitmap_model(seed: u64, crash_safe: bool) {
                 if !crash_safe {
                     let st = engine.as_ref().unwrap().status();
                     if let Some(b) = st.bitmaps.first() {
-                        assert!(!b.consistent, "{ctx}: a bitmap that was not crash-safe survived a crash");
+                        assert!(
+                            !b.consistent,
+                            "{ctx}: a bitmap that was not crash-safe survived a crash"
+                        );
                     }
                 }
             }
             _ => {}
         }
     }
-    assert!(successes > 3, "seed {seed}: only {successes} successful backups ran");
+    assert!(
+        successes > 3,
+        "seed {seed}: only {successes} successful backups ran"
+    );
 }

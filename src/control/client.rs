@@ -88,8 +88,7 @@ pub fn mount_at(mountpoint: &Path) -> Result<Option<MountEntry>> {
         .map_err(|e| Error::io("reading /proc/self/mountinfo", e))?;
     Ok(parse_mountinfo(&text)
         .into_iter()
-        .filter(|m| m.mountpoint == mountpoint)
-        .last())
+        .rfind(|m| m.mountpoint == mountpoint))
 }
 
 /// The state directory of the fleecefs daemon serving `mountpoint`.

@@ -1,0 +1,249 @@
+//! Copy-before-write failure policy: what breaks when copying old data fails or is slow
+//! (QEMU's `on-cbw-error` and `cbw-timeout`), the fleecing space limit, and the pool of
+//! threads copies run on when a timeout is set.
+//!
+//! A copy with a timeout runs on a pool thread while the writer waits at most the
+//! timeout for it. If it gives up, the copy goes on by itself (a blocking `pwrite`
+//! cannot be interrupted); the caller marks the access broken *before* its write reaches
+//! the source, so whatever the late copy stores is never served (see `cbw.rs`).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::error::{Error, Kind, Result};
+
+/// What to do when copying old data to the fleecing file fails or times out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnCbwError {
+    /// The live write succeeds; the access becomes broken and snapshot reads fail (EIO).
+    BreakSnapshot,
+    /// The live write fails with the copy's error; the snapshot stays valid.
+    BreakGuestWrite,
+}
+
+/// The fleecing space of one access, shared by its devices: bytes of old data held in
+/// fleecing files (copied and not yet discarded), against an optional limit.
+#[derive(Debug)]
+pub struct FleecingBudget {
+    used: AtomicU64,
+    limit: Option<u64>,
+}
+
+impl FleecingBudget {
+    /// A budget of at most `limit` bytes (unlimited when `None`).
+    pub fn new(limit: Option<u64>) -> FleecingBudget {
+        FleecingBudget {
+            used: AtomicU64::new(0),
+            limit,
+        }
+    }
+
+    /// Reserves `n` bytes, or fails with ENOSPC when the limit would be exceeded.
+    pub fn reserve(&self, n: u64) -> Result<()> {
+        let prev = self.used.fetch_add(n, Ordering::AcqRel);
+        match self.limit {
+            Some(limit) if prev + n > limit => {
+                self.used.fetch_sub(n, Ordering::AcqRel);
+                Err(Error::io(
+                    format!("the fleecing limit of {limit} bytes is reached"),
+                    std::io::Error::from_raw_os_error(libc::ENOSPC),
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Gives back `n` reserved bytes (a failed copy, or a discard).
+    pub fn release(&self, n: u64) {
+        self.used.fetch_sub(n, Ordering::AcqRel);
+    }
+
+    /// Bytes currently held.
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Acquire)
+    }
+}
+
+/// Why and when an access broke.
+#[derive(Clone, Debug)]
+pub struct Broken {
+    /// One-line reason.
+    pub reason: String,
+    /// When it happened.
+    pub at: SystemTime,
+}
+
+/// Whether an access is broken, shared by all its devices: a backup of several devices
+/// succeeds or fails as one, so a failed copy on any device breaks every snapshot of it
+/// (and stops copy-before-write everywhere, which would only fill fleecing space).
+#[derive(Debug, Default)]
+pub struct Breaker {
+    is_broken: AtomicBool,
+    broken: OnceLock<Broken>,
+}
+
+impl Breaker {
+    /// Marks the access broken (the first reason wins). Must happen before a live write
+    /// that skipped its copy reaches the source.
+    pub fn break_with(&self, reason: String) {
+        let first = self
+            .broken
+            .set(Broken {
+                reason: reason.clone(),
+                at: SystemTime::now(),
+            })
+            .is_ok();
+        self.is_broken.store(true, Ordering::SeqCst);
+        if first {
+            log::error!("backup access broken, snapshot reads now fail with EIO: {reason}");
+        }
+    }
+
+    /// Whether it is broken.
+    pub fn is_broken(&self) -> bool {
+        self.is_broken.load(Ordering::SeqCst)
+    }
+
+    /// Why it broke, if it did.
+    pub fn broken(&self) -> Option<&Broken> {
+        if self.is_broken() {
+            self.broken.get()
+        } else {
+            None
+        }
+    }
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Threads that run copies for writers that wait with a timeout.
+pub struct CopyPool {
+    tx: Sender<Job>,
+}
+
+impl CopyPool {
+    /// A pool of `threads` threads.
+    pub fn new(threads: usize) -> std::io::Result<CopyPool> {
+        let (tx, rx): (Sender<Job>, Receiver<Job>) = crossbeam_channel::unbounded();
+        for i in 0..threads.max(1) {
+            let rx = rx.clone();
+            std::thread::Builder::new()
+                .name(format!("cbw-copy-{i}"))
+                .spawn(move || {
+                    for job in rx {
+                        job();
+                    }
+                })?;
+        }
+        Ok(CopyPool { tx })
+    }
+
+    /// Runs `f` on the pool and waits at most `timeout` for its result.
+    pub fn run<F>(&self, timeout: Duration, f: F) -> Result<()>
+    where
+        F: FnOnce() -> Result<()> + Send + 'static,
+    {
+        let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+        self.tx
+            .send(Box::new(move || {
+                let _ = done_tx.send(f());
+            }))
+            .map_err(|_| Error::invalid("the copy-before-write pool has stopped"))?;
+        match done_rx.recv_timeout(timeout) {
+            Ok(r) => r,
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => Err(Error::new(
+                Kind::TimedOut,
+                format!(
+                    "copy-before-write took longer than the {}s timeout",
+                    timeout.as_secs_f64()
+                ),
+            )),
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                Err(Error::invalid("a copy-before-write thread died"))
+            }
+        }
+    }
+}
+
+/// Everything a device access needs to apply the policy.
+#[derive(Clone)]
+pub struct CbwPolicy {
+    /// What a failed or timed-out copy breaks.
+    pub on_error: OnCbwError,
+    /// How long a writer waits for a copy (`None`: as long as it takes, inline).
+    pub timeout: Option<Duration>,
+    /// The pool timed copies run on.
+    pub pool: Option<Arc<CopyPool>>,
+    /// Fleecing space of the access.
+    pub budget: Arc<FleecingBudget>,
+    /// Whether the access is broken.
+    pub breaker: Arc<Breaker>,
+}
+
+impl CbwPolicy {
+    /// A policy that copies inline without limits, breaking the snapshot on errors.
+    pub fn unlimited() -> CbwPolicy {
+        CbwPolicy {
+            on_error: OnCbwError::BreakSnapshot,
+            timeout: None,
+            pool: None,
+            budget: Arc::new(FleecingBudget::new(None)),
+            breaker: Arc::new(Breaker::default()),
+        }
+    }
+}
+
+/// Test-only fault injection (cargo feature `fault-injection`): the environment variable
+/// `FLEECEFS_FAULT_CBW` makes every copy-before-write sleep (`delay=MILLISECONDS`) or
+/// fail with EIO (`eio`). Without the feature this is a no-op.
+pub fn inject_copy_fault() -> Result<()> {
+    #[cfg(feature = "fault-injection")]
+    {
+        if let Ok(v) = std::env::var("FLEECEFS_FAULT_CBW") {
+            if let Some(ms) = v.strip_prefix("delay=").and_then(|m| m.parse().ok()) {
+                std::thread::sleep(Duration::from_millis(ms));
+            } else if v == "eio" {
+                return Err(Error::io(
+                    "injected copy-before-write fault",
+                    std::io::Error::from_raw_os_error(libc::EIO),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budget_limits_and_releases() {
+        let b = FleecingBudget::new(Some(100));
+        b.reserve(60).unwrap();
+        let e = b.reserve(50).unwrap_err();
+        assert_eq!(e.errno(), libc::ENOSPC);
+        assert_eq!(b.used(), 60);
+        b.release(30);
+        b.reserve(50).unwrap();
+        assert_eq!(b.used(), 80);
+    }
+
+    #[test]
+    fn pool_times_out_without_waiting_for_the_job() {
+        let pool = CopyPool::new(1).unwrap();
+        let start = std::time::Instant::now();
+        let e = pool
+            .run(Duration::from_millis(50), || {
+                std::thread::sleep(Duration::from_millis(500));
+                Ok(())
+            })
+            .unwrap_err();
+        assert_eq!(e.errno(), libc::ETIMEDOUT);
+        assert!(start.elapsed() < Duration::from_millis(400));
+        pool.run(Duration::from_secs(5), || Ok(())).unwrap();
+    }
+}

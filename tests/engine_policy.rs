@@ -1,0 +1,121 @@
+//! Copy-before-write failure policy at the engine level: break-snapshot keeps the live
+//! write working and breaks the snapshot; break-guest-write fails the write and keeps
+//! the snapshot; the fleecing limit is enforced across devices and given back by discard;
+//! a broken access cannot be torn down as a success, and its bitmap keeps every change.
+
+use std::path::Path;
+
+use fleecefs::cbw::{Device, OnCbwError};
+use fleecefs::engine::{Engine, EngineConfig};
+use fleecefs::error::Kind;
+use fleecefs::source::Source;
+use fleecefs::state::StateDir;
+use fleecefs::units::ClusterSize;
+
+const CL: u64 = 65536;
+
+fn engine(dir: &Path, on_error: OnCbwError, limit: Option<u64>) -> Engine {
+    let mut devices = Vec::new();
+    for name in ["a", "b"] {
+        let path = dir.join(format!("{name}.img"));
+        if !path.exists() {
+            std::fs::write(&path, vec![0x11u8; (CL * 32) as usize]).unwrap();
+        }
+        devices.push(Device::new(
+            name.into(),
+            Source::open(&path).unwrap(),
+            ClusterSize::new(CL).unwrap(),
+        ));
+    }
+    let config = EngineConfig {
+        fleecing_dir: dir.join("fleece"),
+        on_cbw_error: on_error,
+        cbw_timeout: None,
+        fleecing_limit: limit,
+        mountpoint: dir.join("mnt"),
+        crash_safe_bitmaps: true,
+    };
+    Engine::new(
+        devices,
+        config,
+        Some(StateDir::open(&dir.join("state")).unwrap()),
+    )
+    .unwrap()
+}
+
+#[test]
+fn break_snapshot_keeps_writes_working_and_breaks_the_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(dir.path(), OnCbwError::BreakSnapshot, Some(3 * CL));
+    e.setup("t", None, Some("bm")).unwrap();
+    e.teardown("t", true).unwrap();
+    let (a, b) = (&e.devices()[0], &e.devices()[1]);
+    // dirty a: 0, 1, 5 and b: 0, so the incremental exposes (and copies) only those
+    for c in [0, 1, 5] {
+        a.write_live(c * CL, &[0x21; 10]).unwrap();
+    }
+    b.write_live(0, &[0x21; 10]).unwrap();
+    let r = e.setup("t", None, Some("bm")).unwrap();
+    assert_eq!(r.devices[0].dirty_bytes, 3 * CL);
+    let (id, _) = e.active().unwrap();
+    // two clusters on a, one on b: the shared limit is reached exactly
+    a.write_live(0, &vec![0x22; (2 * CL) as usize]).unwrap();
+    b.write_live(0, &vec![0x22; CL as usize]).unwrap();
+    assert!(e.status().access.unwrap().broken_reason.is_none());
+    // the fourth cluster does not fit: the write still succeeds, the access breaks
+    a.write_live(5 * CL, &[0x33; 100]).unwrap();
+    let mut buf = vec![0u8; 100];
+    a.read_live(5 * CL, &mut buf).unwrap();
+    assert_eq!(buf, vec![0x33; 100], "the live write did not land");
+    let st = e.status().access.unwrap();
+    assert!(st.broken);
+    assert!(st.broken_reason.unwrap().contains("fleecing limit"));
+    assert!(st.broken_at.is_some());
+    for d in [a, b] {
+        let err = d.read_snapshot(id, 0, &mut buf).unwrap_err();
+        assert_eq!(err.kind(), Kind::Broken);
+        assert_eq!(err.errno(), libc::EIO);
+    }
+    // later writes copy nothing and succeed (cluster 9 is outside the map anyway)
+    a.write_live(9 * CL, &[1u8; 10]).unwrap();
+    assert!(e.status().errors.iter().any(|x| x.contains("broken")));
+    // teardown --success is refused (after tearing down), the bitmap keeps every change
+    let err = e.teardown("t", true).unwrap_err();
+    assert!(err.to_string().contains("cannot be trusted"), "{err}");
+    assert!(e.active().is_none());
+    let r = e.setup("t", None, Some("bm")).unwrap();
+    assert_eq!(r.devices[0].bitmap_action, "used");
+    // a: clusters 0, 1, 5, 9 written during the broken access
+    assert_eq!(r.devices[0].dirty_bytes, 4 * CL);
+    assert_eq!(r.devices[1].dirty_bytes, CL);
+    e.teardown("t", false).unwrap();
+}
+
+#[test]
+fn break_guest_write_fails_the_write_and_keeps_the_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(dir.path(), OnCbwError::BreakGuestWrite, Some(2 * CL));
+    e.setup("t", None, None).unwrap();
+    let (id, _) = e.active().unwrap();
+    let a = &e.devices()[0];
+    a.write_live(0, &vec![0x22; (2 * CL) as usize]).unwrap();
+    let err = a.write_live(4 * CL, &vec![0x44; 512]).unwrap_err();
+    assert_eq!(err.errno(), libc::ENOSPC, "{err}");
+    let mut buf = vec![0u8; 512];
+    a.read_live(4 * CL, &mut buf).unwrap();
+    assert_eq!(
+        buf,
+        vec![0x11; 512],
+        "a refused write changed the live data"
+    );
+    assert!(!e.status().access.unwrap().broken);
+    let mut snap = vec![0u8; (5 * CL) as usize];
+    assert_eq!(a.read_snapshot(id, 0, &mut snap).unwrap(), snap.len());
+    assert!(snap.iter().all(|&x| x == 0x11), "snapshot changed");
+    // discarding copied clusters gives the space back: the write goes through now
+    a.discard_snapshot(id, 0, CL).unwrap();
+    a.write_live(4 * CL, &vec![0x44; 512]).unwrap();
+    assert_eq!(a.read_snapshot(id, 4 * CL, &mut buf).unwrap(), 512);
+    assert_eq!(buf, vec![0x11; 512]);
+    e.teardown("t", true).unwrap();
+}

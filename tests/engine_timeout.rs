@@ -1,0 +1,86 @@
+//! The copy-before-write timeout, with copies made slow by the test-only fault hook.
+//! One test per binary: the hook is process-wide (`FLEECEFS_FAULT_CBW`).
+#![cfg(feature = "fault-injection")]
+
+use std::time::{Duration, Instant};
+
+use fleecefs::cbw::{Device, OnCbwError};
+use fleecefs::engine::{Engine, EngineConfig};
+use fleecefs::source::Source;
+use fleecefs::units::ClusterSize;
+
+const CL: u64 = 65536;
+
+fn engine(dir: &std::path::Path, on_error: OnCbwError) -> Engine {
+    let path = dir.join("a.img");
+    std::fs::write(&path, vec![0x11u8; (CL * 16) as usize]).unwrap();
+    let dev = Device::new(
+        "a".into(),
+        Source::open(&path).unwrap(),
+        ClusterSize::new(CL).unwrap(),
+    );
+    let config = EngineConfig {
+        fleecing_dir: dir.join("fleece"),
+        on_cbw_error: on_error,
+        cbw_timeout: Some(Duration::from_millis(200)),
+        fleecing_limit: None,
+        mountpoint: dir.join("mnt"),
+        crash_safe_bitmaps: true,
+    };
+    Engine::new(vec![dev], config, None).unwrap()
+}
+
+#[test]
+fn slow_copies_time_out_without_blocking_the_writer_or_corrupting_anything() {
+    std::env::set_var("FLEECEFS_FAULT_CBW", "delay=1500");
+    // break-guest-write: the write fails with ETIMEDOUT after the timeout, live unchanged
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(dir.path(), OnCbwError::BreakGuestWrite);
+    e.setup("t", None, None).unwrap();
+    let (id, _) = e.active().unwrap();
+    let a = e.devices()[0].clone();
+    let start = Instant::now();
+    let err = a.write_live(0, &[0x22; 100]).unwrap_err();
+    let waited = start.elapsed();
+    assert_eq!(err.errno(), libc::ETIMEDOUT, "{err}");
+    assert!(
+        waited < Duration::from_millis(1000),
+        "writer waited {waited:?}"
+    );
+    let mut buf = [0u8; 100];
+    a.read_live(0, &mut buf).unwrap();
+    assert_eq!(buf, [0x11; 100]);
+    // the late copy finishes and stores the right (old) data: the snapshot stays valid
+    std::thread::sleep(Duration::from_millis(1600));
+    std::env::set_var("FLEECEFS_FAULT_CBW", "");
+    a.write_live(0, &[0x22; 100]).unwrap();
+    assert_eq!(a.read_snapshot(id, 0, &mut buf).unwrap(), 100);
+    assert_eq!(buf, [0x11; 100]);
+    assert_eq!(
+        e.status().access.unwrap().copied_bytes,
+        CL,
+        "cluster 0 copied twice or never"
+    );
+    e.teardown("t", true).unwrap();
+
+    // break-snapshot: the write succeeds after the timeout and the snapshot breaks
+    std::env::set_var("FLEECEFS_FAULT_CBW", "delay=1500");
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(dir.path(), OnCbwError::BreakSnapshot);
+    e.setup("t", None, None).unwrap();
+    let (id, _) = e.active().unwrap();
+    let a = e.devices()[0].clone();
+    let start = Instant::now();
+    a.write_live(CL, &[0x33; 100]).unwrap();
+    assert!(start.elapsed() < Duration::from_millis(1000));
+    let st = e.status().access.unwrap();
+    assert!(st.broken && st.broken_reason.unwrap().contains("timeout"));
+    // a reader never gets the new data, neither now nor once the late copy has finished
+    for _ in 0..2 {
+        let err = a.read_snapshot(id, CL, &mut buf).unwrap_err();
+        assert_eq!(err.errno(), libc::EIO);
+        std::thread::sleep(Duration::from_millis(1600));
+    }
+    assert!(e.teardown("t", true).is_err());
+    std::env::set_var("FLEECEFS_FAULT_CBW", "");
+}
