@@ -47,6 +47,7 @@ live_write 0 $((4 * M))
 b0=$(blocks)
 du0=$(dubytes)
 [ $((b0 * 512)) -ge $((4 * M)) ] || fail "fleecing file holds $((b0 * 512)) bytes, want >= 4 MiB"
+check_snap 0 $((2 * M)) # read it first, as a backup does (it may now be in the page cache)
 fallocate -p -o 0 -l $((2 * M)) "$S" || fail "fallocate -p on the snapshot failed"
 b1=$(blocks)
 du1=$(dubytes)
@@ -80,6 +81,7 @@ check_snap $((9 * M)) $C
 
 # 3. Unaligned punch 20 MiB+4000 .. +204000: only clusters 20M+64K and 20M+128K are inside.
 base=$((20 * M))
+check_snap "$base" $((4 * C)) # read first (page cache), as a backup does
 d=$(discarded)
 fallocate -p -o $((base + 4000)) -l 200000 "$S"
 [ "$(discarded)" = $((d + 2 * C)) ] ||
@@ -96,6 +98,7 @@ live_write $((base + 3 * C)) 512
 check_snap "$base" $C
 check_snap $((base + 3 * C)) $C
 # a punch smaller than a cluster discards nothing
+check_snap $((24 * M)) $C
 d=$(discarded)
 fallocate -p -o $((24 * M + 100)) -l $((C - 200)) "$S"
 [ "$(discarded)" = "$d" ] || fail "a sub-cluster punch discarded $(($(discarded) - d)) bytes"
