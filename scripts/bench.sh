@@ -17,6 +17,9 @@
 #   BENCH_PERF=SYSTEM:WORKLOAD   perf record -g that system's daemon during that
 #                             workload (e.g. fleecefs:cbw_first); report in BENCH_OUT
 #   BENCH_NO_INSTALL=1        do not apt-get anything
+#   BENCH_FLEECEFS_OPTS="..." extra 'fleecefs mount' options (e.g. "--cbw-timeout 0")
+#   BENCH_REV=HEAD            benchmark this commit (exported with git archive, built in
+#                             BENCH_OUT) instead of the working tree
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -125,10 +128,11 @@ perf_stop() {
     [ -n "$PERF_PID" ] || return 0
     kill -INT "$PERF_PID"; wait "$PERF_PID" || true
     PERF_PID=""
-    perf report -i "$OUT/perf-$SYS-$1.data" --stdio --no-children 2>/dev/null \
-        | grep -v '^$' | head -60 >"$OUT/perf-$SYS-$1.txt"
-    perf report -i "$OUT/perf-$SYS-$1.data" --stdio --no-children --sort dso,symbol -g none 2>/dev/null \
-        | grep -v '^$' | head -40 >"$OUT/perf-$SYS-$1-flat.txt"
+    # call graphs merged over the worker threads, then a flat profile
+    { perf report -i "$OUT/perf-$SYS-$1.data" --stdio --no-children --sort dso,symbol \
+        --percent-limit 1.5 2>/dev/null || true; } | grep -v '^$' | head -60 >"$OUT/perf-$SYS-$1.txt" || true
+    { perf report -i "$OUT/perf-$SYS-$1.data" --stdio --no-children --sort dso,symbol -g none \
+        2>/dev/null || true; } | grep -v '^$' | head -40 >"$OUT/perf-$SYS-$1-flat.txt" || true
     log "perf report of $SYS during $1: $OUT/perf-$SYS-$1.txt"
 }
 
@@ -221,12 +225,13 @@ qemu_config() {
         --export "fuse,id=live,node-name=src,mountpoint=$QLIVE,writable=on"
     )
     # With an access: copy-before-write filter over the source, old data into a raw
-    # fleecing file of the same size; snapshot-access reads the point-in-time view.
+    # fleecing file of the same size; snapshot-access reads the point-in-time view. The
+    # failure policy is fleecefs's default (and Proxmox VE's): break the snapshot, 45 s.
     QSD_ACCESS=(
         "${QSD_SOURCE[@]}"
         --blockdev "file,node-name=fl-file,filename=$QFLEECE,discard=unmap"
         --blockdev "raw,node-name=fl,file=fl-file,discard=unmap"
-        --blockdev "copy-before-write,node-name=cbw,file=src,target=fl,discard=unmap"
+        --blockdev "copy-before-write,node-name=cbw,file=src,target=fl,discard=unmap,on-cbw-error=break-snapshot,cbw-timeout=45"
         --blockdev "snapshot-access,node-name=snap,file=cbw,discard=unmap"
         --export "fuse,id=live,node-name=cbw,mountpoint=$QLIVE,writable=on"
         --export "fuse,id=snap,node-name=snap,mountpoint=$QSNAP,writable=on"
@@ -281,7 +286,8 @@ FMNT="" ACCESS_N=0
 fleecefs_live_only() {
     FMNT=$W/fleecefs/mnt
     mkdir -p "$FMNT"
-    "$FLEECEFS" mount "$FMNT" --state-dir "$W/fleecefs/state" --device "vm=$SRC"
+    # shellcheck disable=SC2086
+    "$FLEECEFS" mount "$FMNT" --state-dir "$W/fleecefs/state" --device "vm=$SRC" ${BENCH_FLEECEFS_OPTS:-}
     FMOUNTS+=("$FMNT")
     LIVE=$FMNT/live/vm SNAP=""
 }
@@ -318,6 +324,7 @@ daemon_pid() {
 run_system() {
     SYS=$1
     log "system $SYS"
+    echo "$SYS: $(cut -d' ' -f1-3 /proc/loadavg)" >>"$RES/load.txt"
     cat "$SRC" >/dev/null                     # source into the page cache
     "${SYS}_live_only"                        # no access
     wl_randwrite_noacc
@@ -396,10 +403,10 @@ machine_info() {
     echo "- machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
     echo "- memory (free -g): $(free -g | awk '/^Mem:/{print $2 " GiB total, " $7 " GiB available"}')"
     echo "- kernel: $(uname -r)"
-    echo "- fleecefs: $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)$(git -C "$REPO" diff --quiet HEAD -- src Cargo.toml 2>/dev/null || echo ' (with uncommitted changes in src/)')"
+    echo "- fleecefs: $FLEECEFS_DESC, release build, mount options: ${BENCH_FLEECEFS_OPTS:-defaults (64K clusters, 8 threads, --cbw-timeout 45, --on-cbw-error break-snapshot)}"
     echo "- qemu-storage-daemon: $(qemu-storage-daemon --version | head -1)"
     echo "- fio: $(fio --version)"
-    echo "- load average at start: $LOAD_START; at end: $(cut -d' ' -f1-3 /proc/loadavg)"
+    echo "- load average (1, 5, 15 min) at start: $LOAD_START; before each system: $(paste -sd';' "$RES/load.txt" | sed 's/;/; /g'); at end: $(cut -d' ' -f1-3 /proc/loadavg)"
     echo "- fio: ioengine=psync, buffered unless noted, --invalidate=0, ${RUNTIME} s per time-based workload, $PASSES passes per read workload"
 }
 
@@ -518,20 +525,43 @@ if os.path.exists(sc):
 mem = os.path.join(res, "fleecefs.mem.txt")
 if os.path.exists(mem):
     print()
-    print("fleecefs daemon of the 1 GiB benchmark at unmount: " + ", ".join(l.split()[0] + " " + l.split()[1] + " kB" for l in open(mem)))
+    print("fleecefs daemon of the workloads above, at unmount: " + ", ".join(l.split()[0] + " " + l.split()[1] + " kB" for l in open(mem)))
 EOF
 }
 
 # ---------------------------------------------------------------- main
+
+FLEECEFS_DESC=""
+build_fleecefs() {
+    if [ -n "${BENCH_REV:-}" ]; then
+        local rev src
+        rev=$(git -C "$REPO" rev-parse --short "$BENCH_REV")
+        src=$OUT/src-$rev
+        log "building fleecefs $rev (release, from git archive into $src)"
+        rm -rf "$src"
+        mkdir -p "$src"
+        git -C "$REPO" archive "$rev" | tar -x -C "$src"
+        (cd "$src" && CARGO_TARGET_DIR=$OUT/build cargo build --release --quiet)
+        FLEECEFS=$OUT/build/release/fleecefs
+        FLEECEFS_DESC="$rev (git archive of that commit)"
+    else
+        log "building fleecefs (release, working tree)"
+        cargo build --release --quiet
+        FLEECEFS_DESC=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)
+        if ! git -C "$REPO" diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null ||
+            [ -n "$(git -C "$REPO" ls-files --others --exclude-standard -- src)" ]; then
+            FLEECEFS_DESC="$FLEECEFS_DESC + uncommitted changes in src/ (working tree)"
+        fi
+    fi
+}
 
 main() {
     install_deps
     for t in fio python3 qemu-storage-daemon qemu-img findmnt mountpoint; do
         command -v "$t" >/dev/null || die "$t is not installed"
     done
-    log "building fleecefs (release)"
-    cargo build --release --quiet
     mkdir -p "$OUT"
+    build_fleecefs
     W=$(mktemp -d "${BENCH_TMPDIR:-/tmp}/fleecefs-bench.XXXXXX")
     RES=$W/results
     mkdir -p "$RES"
