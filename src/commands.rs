@@ -136,7 +136,7 @@ fn mib(bytes: u64) -> String {
 
 /// `fleecefs status`.
 pub fn status(mp: &Path, json: bool) -> Result<()> {
-    let v = call(mp, &Request::Status)?;
+    let v = call(mp, &Request::Status {})?;
     if json {
         print_json(&v);
         return Ok(());

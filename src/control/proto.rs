@@ -29,7 +29,7 @@ pub enum Request {
         success: bool,
     },
     /// Report state.
-    Status,
+    Status {},
     /// Delete the bitmaps of a target.
     BitmapRemove {
         /// Target ID.
@@ -64,7 +64,7 @@ mod tests {
 
     #[test]
     fn parses_good_and_refuses_bad_requests() {
-        assert_eq!(parse_request(br#"{"op":"status"}"#), Ok(Request::Status));
+        assert_eq!(parse_request(br#"{"op":"status"}"#), Ok(Request::Status {}));
         assert_eq!(
             parse_request(br#"{"op":"setup","target":"t"}"#),
             Ok(Request::Setup {

@@ -31,7 +31,7 @@ pub fn dispatch(engine: &Engine, req: Request) -> Response {
         Request::Teardown { target, success } => engine
             .teardown(&target, success)
             .map(|r| serde_json::to_value(r).unwrap_or_default()),
-        Request::Status => Ok(serde_json::to_value(engine.status()).unwrap_or_default()),
+        Request::Status {} => Ok(serde_json::to_value(engine.status()).unwrap_or_default()),
         Request::BitmapRemove { target } => engine
             .remove_bitmaps(&target)
             .map(|r| serde_json::to_value(r).unwrap_or_default()),
