@@ -2,7 +2,8 @@
 # A real filesystem inside the live image: ext4 made on live/NAME, loop-mounted, 200 files
 # written and synced, then churn (create/delete/rewrite, occasional sync) runs while a backup
 # is set up and the snapshot copied with cp. The copy is a crash-consistent ext4: e2fsck -fn
-# passes or only the journal needs replaying, and the files synced before setup are intact.
+# passes or only the journal needs replaying, and the files synced before setup are intact;
+# a second read of the snapshot after more churn is byte-identical to the first copy.
 source "$(dirname "$0")/lib.sh"
 
 M=$((1 << 20))
@@ -26,26 +27,34 @@ sync -f "$E"
 # are readable even from a copy mounted without journal replay (-o noload) below.
 fsfreeze -f "$E" && fsfreeze -u "$E"
 
-# churn: create, delete and rewrite files under churn/, sync now and then
+# churn: 3 workers create, delete and rewrite files and directories under churn/W, each
+# syncing every few operations so that writes keep reaching the image during the copy
 rm -f "$T/churn.stop"
-(
-    i=0
+churn() {
+    local w=$1 i=0 n d=$E/churn/$1
+    mkdir -p "$d"
     while [ ! -e "$T/churn.stop" ]; do
         i=$((i + 1))
-        n=$((RANDOM % 300))
-        case $((RANDOM % 4)) in
-        0 | 1) head -c $((RANDOM * 4 + 1)) /dev/urandom >"$E/churn/c$n" ;;
-        2) rm -f "$E/churn/c$n" ;;
-        3) if [ -e "$E/churn/c$n" ]; then
-            dd if=/dev/urandom of="$E/churn/c$n" bs=4096 count=2 seek=$((RANDOM % 8)) conv=notrunc status=none
+        n=$((RANDOM % 100))
+        case $((RANDOM % 6)) in
+        0 | 1) head -c $((RANDOM * 4 + 1)) /dev/urandom >"$d/c$n" ;;
+        2) rm -f "$d/c$n" ;;
+        3) if [ -e "$d/c$n" ]; then
+            dd if=/dev/urandom of="$d/c$n" bs=4096 count=2 seek=$((RANDOM % 8)) conv=notrunc status=none
         fi ;;
+        4) mkdir -p "$d/d$n" && head -c $((RANDOM + 1)) /dev/urandom >"$d/d$n/f$RANDOM" ;;
+        5) rm -rf "$d/d$n" ;;
         esac
-        [ $((i % 40)) != 0 ] || sync -f "$E"
-        echo $i >"$T/churn.n.tmp" && mv "$T/churn.n.tmp" "$T/churn.n"
+        [ $((i % 8)) != 0 ] || sync -f "$E"
+        echo $i >"$T/churn.$w.tmp" && mv "$T/churn.$w.tmp" "$T/churn.$w"
     done
-) &
-CHURN=$!
-churn_n() { cat "$T/churn.n" 2>/dev/null || echo 0; }
+}
+CHURN=()
+for w in 1 2 3; do
+    churn $w &
+    CHURN+=($!)
+done
+churn_n() { cat "$T"/churn.[0-9] 2>/dev/null | awk '{s += $1} END {print s + 0}'; }
 while [ "$(churn_n)" -lt 50 ]; do sleep 0.05; done
 
 c0=$(churn_n)
@@ -53,12 +62,18 @@ c0=$(churn_n)
 c1=$(churn_n)
 cp --sparse=always "$T/mnt/snapshot/disk" "$T/copy.img"
 c2=$(churn_n)
-sleep 0.3
+# more churn, then the snapshot read again (dd, other block size) is still the same image
+while [ "$(churn_n)" -lt $((c2 + 60)) ]; do sleep 0.05; done
+dd if="$T/mnt/snapshot/disk" of="$T/copy2.img" bs=12k status=none
 touch "$T/churn.stop"
-wait "$CHURN" || fail "the churn loop failed on the live ext4 (exit $?)"
+for p in "${CHURN[@]}"; do
+    wait "$p" || fail "a churn worker failed on the live ext4 (exit $?)"
+done
 c3=$(churn_n)
 [ "$c2" -gt "$c0" ] || fail "no churn around setup and the copy ($c0 -> $c1 -> $c2)"
 [ "$c3" -gt "$c2" ] || fail "no churn after the copy ($c2 -> $c3)"
+cmp "$T/copy.img" "$T/copy2.img" || fail "two copies of the snapshot differ: it changed while the ext4 was churned"
+cmp -s "$T/copy.img" "$L" && fail "the live image did not change during the backup"
 copied=$(status_json "$T/mnt" 'd["access"]["copied_bytes"]')
 [ "$copied" -gt 0 ] || fail "nothing was copied before write during churn"
 
