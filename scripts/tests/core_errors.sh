@@ -59,6 +59,12 @@ WANT="'x'" bad "$FLEECEFS" setup "$T/mp" --target t --devices x
 no_access "setup with an unknown device"
 WANT="'x'" bad "$FLEECEFS" setup "$T/mp" --target t --devices d,x
 no_access "setup with one unknown device of two"
+WANT="'d'" bad "$FLEECEFS" setup "$T/mp" --target t --devices d,d
+no_access "setup naming a device twice"
+for tg in a/b ../../x .hidden ""; do
+    WANT="'$tg'" bad "$FLEECEFS" setup "$T/mp" --target "$tg"
+    no_access "setup with target '$tg'"
+done
 [ ! -e "$T/mp/snapshot/d" ] || fail "snapshot/d exists after a failed setup"
 [ -z "$(find "$T/st" -name '*.fleece')" ] || fail "a failed setup left fleecing files"
 "$FLEECEFS" setup "$T/mp" --target first >/dev/null || fail "setup failed"
