@@ -110,12 +110,27 @@ loop_detach() {
 }
 cleanup_loops() {
     local rc=$? l
+    # background jobs (writers, churn) would keep the filesystems on the loop devices busy
+    for l in $(jobs -p); do
+        kill "$l" 2>/dev/null || true
+        wait "$l" 2>/dev/null || true
+    done
     for l in "${LOOPS[@]}"; do
-        umount "$l" 2>/dev/null || true
+        for _ in $(seq 50); do # a killed job's last command may still hold it briefly
+            umount "$l" 2>/dev/null && break
+            mountpoint -q "$l" 2>/dev/null || break
+            sleep 0.1
+        done
     done
     for l in "${LOOPDEVS[@]}"; do
         losetup -d "$l" 2>/dev/null || true
     done
-    (exit $rc)
-    cleanup
+    for l in "${LOOPDEVS[@]}"; do
+        for _ in $(seq 50); do
+            [ -n "$(losetup -n -O BACK-FILE "$l" 2>/dev/null)" ] || break
+            sleep 0.1
+        done
+    done
+    # cleanup takes the exit status from $?; `if` keeps set -e from exiting here
+    if (exit $rc); then cleanup; else cleanup; fi
 }
