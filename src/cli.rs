@@ -32,6 +32,11 @@ pub enum Command {
     /// End a backup access, recording whether the backup succeeded
     #[command(after_help = "Example:\n  fleecefs teardown /mnt/fleece --target nightly --success")]
     Teardown(TeardownArgs),
+    /// Copy snapshot/NAME into an image file: full (new, sparse) or incremental (onto it)
+    #[command(
+        after_help = "Example:\n  fleecefs copy /mnt/fleece vm100 /backup/vm100.img --discard --verify"
+    )]
+    Copy(CopyArgs),
     /// Show devices, bitmaps and the active backup access
     #[command(after_help = "Example:\n  fleecefs status /mnt/fleece --json")]
     Status(StatusArgs),
@@ -139,6 +144,29 @@ pub struct TeardownArgs {
     #[arg(long)]
     pub failure: bool,
     /// Print the result as JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `copy` flags.
+#[derive(Args, Debug)]
+pub struct CopyArgs {
+    /// The fleecefs mount point
+    pub mountpoint: PathBuf,
+    /// The device to copy (snapshot/NAME of the active backup access)
+    pub name: String,
+    /// The image to write: a new file, or with --incremental the previous full image
+    pub dest: PathBuf,
+    /// Write only the dirty ranges onto DEST, the image of the previous backup
+    #[arg(long)]
+    pub incremental: bool,
+    /// Punch each range on the snapshot once it is safely in DEST (frees fleecing space)
+    #[arg(long)]
+    pub discard: bool,
+    /// Read each written range back from DEST and compare it with the snapshot
+    #[arg(long)]
+    pub verify: bool,
+    /// Print the summary as JSON
     #[arg(long)]
     pub json: bool,
 }

@@ -12,6 +12,7 @@ pub mod cbw;
 pub mod cli;
 pub mod commands;
 pub mod control;
+pub mod copy;
 pub mod daemon;
 pub mod dirtymap;
 pub mod engine;

@@ -1,0 +1,890 @@
+//! `fleecefs copy`: the reference backup consumer. It owns reading a snapshot by its
+//! dirty map and writing it into an image file, for a full backup (a new sparse file)
+//! or an incremental one (only the dirty ranges, onto the previous image), with optional
+//! verification, discard of what is safely written, and progress reporting.
+//!
+//! It needs no daemon: everything goes through the files of the mount
+//! (`snapshot/NAME.dirty`, `snapshot/NAME`), with positional I/O only, so
+//! [`copy_files`] works on any pair of plain files as well (the unit tests use that).
+//!
+//! Order per batch of at most [`BATCH`] bytes of a dirty range: read and write every
+//! chunk, then (with `--verify` or `--discard`) `fdatasync` DEST, compare DEST with the
+//! snapshot, and only then punch the batch on the snapshot. A discarded range can never
+//! be read again, so it must be durable in DEST first.
+//!
+//! A failed incremental copy leaves DEST a mix of the old and new image; the caller then
+//! tears the access down with `--failure`, so the next access's dirty map covers every
+//! range this one did, and applying it onto DEST gives the right image.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::cli::CopyArgs;
+use crate::dirtymap;
+use crate::error::{Error, IoContext, Kind, Result};
+use crate::sys;
+use crate::units::format_size;
+
+/// Bytes read from the snapshot per `pread` (the one reusable buffer).
+pub const CHUNK: usize = 4 << 20;
+/// Granularity of zero detection: zero blocks become holes in DEST.
+pub const ZERO_BLOCK: usize = 64 << 10;
+/// Bytes written between syncs of DEST when verifying or discarding. A multiple of every
+/// cluster size, so batches of a cluster-aligned range stay cluster-aligned.
+pub const BATCH: u64 = 64 << 20;
+/// Shortest time between two redraws of the progress bar.
+const REDRAW: Duration = Duration::from_millis(200);
+
+/// What to do besides copying.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CopyOptions {
+    /// DEST is the previous image: write only the dirty ranges onto it.
+    pub incremental: bool,
+    /// Punch each batch on the snapshot once it is durable (and verified) in DEST.
+    pub discard: bool,
+    /// Re-read each batch from DEST and the snapshot and compare them.
+    pub verify: bool,
+    /// Report progress on stderr (a bar on a terminal, `log::info!` lines otherwise).
+    pub progress: bool,
+}
+
+/// What a copy did (printed as JSON with `--json`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct CopySummary {
+    /// The device name.
+    pub name: String,
+    /// The destination path.
+    pub dest: String,
+    /// Bytes covered by the dirty map.
+    pub bytes_total: u64,
+    /// Bytes read from the snapshot (not counting verification).
+    pub bytes_read: u64,
+    /// Bytes written into DEST as data.
+    pub bytes_written: u64,
+    /// Zero bytes not written: left as holes (full) or punched in DEST (incremental).
+    pub bytes_skipped_zero: u64,
+    /// Bytes punched on the snapshot.
+    pub bytes_discarded: u64,
+    /// Ranges in the dirty map.
+    pub ranges: u64,
+    /// Wall-clock duration.
+    pub seconds: f64,
+    /// Whether only the dirty ranges were written onto an existing image.
+    pub incremental: bool,
+    /// Whether every range was read back from DEST and compared.
+    pub verified: bool,
+}
+
+/// `fleecefs copy`: copies, then prints the summary (one line, or JSON).
+pub fn run(a: &CopyArgs) -> Result<()> {
+    let opts = CopyOptions {
+        incremental: a.incremental,
+        discard: a.discard,
+        verify: a.verify,
+        progress: true,
+    };
+    let s = copy(&a.mountpoint, &a.name, &a.dest, opts)?;
+    if a.json {
+        let text = serde_json::to_string_pretty(&s).map_err(|e| Error::invalid(e.to_string()))?;
+        println!("{text}");
+    } else {
+        println!("{}", summary_line(&s));
+    }
+    Ok(())
+}
+
+/// The one-line summary printed without `--json`.
+pub fn summary_line(s: &CopySummary) -> String {
+    let mut line = format!(
+        "{} copy of {} to {}: {} in {} range(s), {} written, {} zero{}, {:.1}s ({})",
+        if s.incremental { "incremental" } else { "full" },
+        s.name,
+        s.dest,
+        format_size(s.bytes_read),
+        s.ranges,
+        format_size(s.bytes_written),
+        format_size(s.bytes_skipped_zero),
+        if s.incremental { "" } else { " (holes)" },
+        s.seconds,
+        rate(s.bytes_read, s.seconds),
+    );
+    if s.bytes_discarded > 0 {
+        line.push_str(&format!(", {} discarded", format_size(s.bytes_discarded)));
+    }
+    if s.verified {
+        line.push_str(", verified");
+    }
+    line
+}
+
+fn rate(bytes: u64, seconds: f64) -> String {
+    if seconds <= 0.0 {
+        return "- MB/s".into();
+    }
+    format!("{:.1} MB/s", bytes as f64 / 1e6 / seconds)
+}
+
+/// Copies `MOUNTPOINT/snapshot/NAME` into `dest` by the ranges of its dirty map.
+pub fn copy(mountpoint: &Path, name: &str, dest: &Path, opts: CopyOptions) -> Result<CopySummary> {
+    if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+        return Err(Error::invalid(format!("'{name}' is not a device name")));
+    }
+    crate::control::client::state_dir_of(mountpoint)?;
+    let snapshot = mountpoint.join("snapshot").join(name);
+    let dirty = mountpoint.join("snapshot").join(format!("{name}.dirty"));
+    match std::fs::metadata(&snapshot) {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(if mountpoint.join("live").join(name).exists() {
+                Error::not_found(format!(
+                    "no backup access includes {name}; run fleecefs setup first"
+                ))
+            } else {
+                Error::not_found(format!("no device {name} in {}", mountpoint.display()))
+            });
+        }
+        Err(e) => return Err(Error::io(format!("{}", snapshot.display()), e)),
+    }
+    copy_files(&snapshot, &dirty, name, dest, opts)
+}
+
+/// Copies `snapshot` into `dest` by the ranges listed in the dirty map file `dirty`.
+/// `name` only names the device in messages and the summary.
+pub fn copy_files(
+    snapshot: &Path,
+    dirty: &Path,
+    name: &str,
+    dest: &Path,
+    opts: CopyOptions,
+) -> Result<CopySummary> {
+    let start = Instant::now();
+    let snap = OpenOptions::new()
+        .read(true)
+        .write(opts.discard)
+        .open(snapshot)
+        .map_err(|e| snapshot_error(name, None, e))?;
+    let size = snap
+        .metadata()
+        .context(|| format!("stat of {}", snapshot.display()))?
+        .len();
+    let text = std::fs::read_to_string(dirty).map_err(|e| snapshot_error(name, None, e))?;
+    let ranges = dirtymap::parse(&text).map_err(|e| Error::invalid(format!("{name}: {e}")))?;
+    check_ranges(&ranges, size).map_err(|e| Error::invalid(format!("{name}: {e}")))?;
+    let total: u64 = ranges.iter().map(|r| r.1).sum();
+    if !opts.incremental && total != size {
+        return Err(Error::invalid(format!(
+            "the backup access of {name} is incremental (its dirty map covers {} of {}): \
+             use --incremental onto the previous full image",
+            format_size(total),
+            format_size(size)
+        )));
+    }
+    let out = open_dest(dest, size, opts.incremental)?;
+    let mut c = Copier {
+        name,
+        snap: &snap,
+        dest: &out,
+        dest_path: dest,
+        opts,
+        buf: vec![0u8; CHUNK],
+        vbuf: Vec::new(),
+        punch_dest: true,
+        progress: Progress::new(name, total, opts.progress),
+        s: CopySummary {
+            name: name.to_string(),
+            dest: dest.display().to_string(),
+            bytes_total: total,
+            bytes_read: 0,
+            bytes_written: 0,
+            bytes_skipped_zero: 0,
+            bytes_discarded: 0,
+            ranges: ranges.len() as u64,
+            seconds: 0.0,
+            incremental: opts.incremental,
+            verified: opts.verify,
+        },
+    };
+    let r = c.run(&ranges);
+    c.progress.finish(r.is_ok());
+    if let Err(e) = r {
+        if !opts.incremental {
+            // The file is ours and incomplete; left behind it would block the retry.
+            drop(out);
+            match std::fs::remove_file(dest) {
+                Ok(()) => log::warn!("removed the incomplete {}", dest.display()),
+                Err(re) => log::warn!("cannot remove the incomplete {}: {re}", dest.display()),
+            }
+        }
+        return Err(e);
+    }
+    let mut s = c.s;
+    s.seconds = start.elapsed().as_secs_f64();
+    Ok(s)
+}
+
+/// Ranges must be sorted, disjoint, non-empty and inside the device.
+fn check_ranges(ranges: &[(u64, u64)], size: u64) -> std::result::Result<(), String> {
+    let mut end = 0u64;
+    for (i, &(off, len)) in ranges.iter().enumerate() {
+        let e = off.saturating_add(len);
+        if len == 0 || off < end || e > size {
+            return Err(format!(
+                "dirty map range {} ({off} {len}) is empty, unsorted or past the end ({size})",
+                i + 1
+            ));
+        }
+        end = e;
+    }
+    Ok(())
+}
+
+/// Creates DEST (full) or opens and checks it (incremental).
+fn open_dest(dest: &Path, size: u64, incremental: bool) -> Result<File> {
+    if !incremental {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(dest)
+            .map_err(|e| {
+                if e.kind() == io::ErrorKind::AlreadyExists {
+                    Error::invalid(format!(
+                        "{} already exists: a full copy never overwrites a file \
+                         (remove it, or use --incremental to update the previous image)",
+                        dest.display()
+                    ))
+                } else {
+                    Error::io(format!("creating {}", dest.display()), e)
+                }
+            })?;
+        if let Err(e) = f.set_len(size) {
+            drop(f);
+            let _ = std::fs::remove_file(dest);
+            return Err(Error::io(
+                format!("setting the size of {}", dest.display()),
+                e,
+            ));
+        }
+        sync_parent(dest)?;
+        return Ok(f);
+    }
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dest)
+        .map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound {
+                Error::not_found(format!(
+                    "{} does not exist: --incremental writes onto the image of the previous \
+                     backup (make a full copy first)",
+                    dest.display()
+                ))
+            } else {
+                Error::io(format!("opening {}", dest.display()), e)
+            }
+        })?;
+    let meta = f
+        .metadata()
+        .context(|| format!("stat of {}", dest.display()))?;
+    let len = if meta.file_type().is_block_device() {
+        sys::block_device_size(&f).context(|| format!("size of {}", dest.display()))?
+    } else if meta.is_file() {
+        meta.len()
+    } else {
+        return Err(Error::invalid(format!(
+            "{} is not a regular file or block device",
+            dest.display()
+        )));
+    };
+    if len != size {
+        return Err(Error::invalid(format!(
+            "{} is {len} bytes but the device is {size} bytes: it is not an image of this device",
+            dest.display()
+        )));
+    }
+    Ok(f)
+}
+
+/// Makes a newly created DEST's directory entry durable.
+fn sync_parent(dest: &Path) -> Result<()> {
+    let parent = match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    File::open(&parent)
+        .and_then(|d| d.sync_all())
+        .context(|| format!("syncing directory {}", parent.display()))
+}
+
+/// An I/O error on the snapshot or its dirty map, in the words of a backup.
+fn snapshot_error(name: &str, offset: Option<u64>, e: io::Error) -> Error {
+    let at = offset
+        .map(|o| format!(" at offset {o}"))
+        .unwrap_or_default();
+    match e.raw_os_error() {
+        Some(libc::ENOENT) => Error::not_found(format!(
+            "no backup access includes {name}; run fleecefs setup first"
+        )),
+        Some(libc::EACCES) => Error::new(
+            Kind::Inaccessible,
+            format!(
+                "snapshot/{name}{at} is not readable (EACCES): the range was discarded \
+                 by someone else, or is outside the dirty map"
+            ),
+        ),
+        Some(libc::ESTALE) => Error::new(
+            Kind::Stale,
+            format!("the backup access of {name} ended during the copy (ESTALE)"),
+        ),
+        Some(libc::EIO) => Error::new(
+            Kind::Broken,
+            format!(
+                "reading snapshot/{name}{at} failed (EIO): the backup access may be broken, \
+                 see fleecefs status"
+            ),
+        ),
+        Some(libc::ENOTCONN) => Error::io(
+            format!("snapshot/{name}{at}: the fleecefs daemon is gone"),
+            e,
+        ),
+        _ => Error::io(format!("reading snapshot/{name}{at}"), e),
+    }
+}
+
+/// Splits `[offset, offset+len)` into pieces of at most `piece` bytes.
+pub fn pieces(offset: u64, len: u64, piece: u64) -> impl Iterator<Item = (u64, u64)> {
+    let end = offset + len;
+    (offset..end)
+        .step_by(piece.max(1) as usize)
+        .map(move |o| (o, piece.min(end - o)))
+}
+
+/// Whether every byte of `b` is zero.
+pub fn is_zero(b: &[u8]) -> bool {
+    let mut it = b.chunks_exact(64);
+    let whole = it
+        .by_ref()
+        .all(|c| c.iter().fold(0u8, |acc, &x| acc | x) == 0);
+    whole && it.remainder().iter().all(|&x| x == 0)
+}
+
+/// Cuts `buf` into runs of whole `block`-sized blocks (the last may be shorter) that are
+/// all zero or all not: `(start, len, zero)`, adjacent runs alternating.
+pub fn zero_runs(buf: &[u8], block: usize) -> Vec<(usize, usize, bool)> {
+    let mut runs: Vec<(usize, usize, bool)> = Vec::new();
+    for (i, b) in buf.chunks(block.max(1)).enumerate() {
+        let zero = is_zero(b);
+        match runs.last_mut() {
+            Some(last) if last.2 == zero => last.1 += b.len(),
+            _ => runs.push((i * block, b.len(), zero)),
+        }
+    }
+    runs
+}
+
+struct Copier<'a> {
+    name: &'a str,
+    snap: &'a File,
+    dest: &'a File,
+    dest_path: &'a Path,
+    opts: CopyOptions,
+    buf: Vec<u8>,
+    vbuf: Vec<u8>,
+    /// Cleared once DEST refuses PUNCH_HOLE: zeros are then written.
+    punch_dest: bool,
+    progress: Progress,
+    s: CopySummary,
+}
+
+impl Copier<'_> {
+    fn run(&mut self, ranges: &[(u64, u64)]) -> Result<()> {
+        for &(off, len) in ranges {
+            for (b_off, b_len) in pieces(off, len, BATCH) {
+                self.batch(b_off, b_len)?;
+            }
+        }
+        self.dest
+            .sync_all()
+            .context(|| format!("syncing {}", self.dest_path.display()))
+    }
+
+    fn batch(&mut self, off: u64, len: u64) -> Result<()> {
+        for (c_off, c_len) in pieces(off, len, CHUNK as u64) {
+            self.chunk(c_off, c_len as usize)?;
+        }
+        if !self.opts.verify && !self.opts.discard {
+            return Ok(());
+        }
+        self.dest
+            .sync_data()
+            .context(|| format!("syncing {}", self.dest_path.display()))?;
+        if self.opts.verify {
+            self.verify(off, len)?;
+        }
+        if self.opts.discard {
+            sys::fallocate(
+                self.snap,
+                sys::FALLOC_PUNCH_HOLE | sys::FALLOC_KEEP_SIZE,
+                off,
+                len,
+            )
+            .context(|| format!("discarding {off}+{len} on snapshot/{}", self.name))?;
+            self.s.bytes_discarded += len;
+        }
+        Ok(())
+    }
+
+    fn chunk(&mut self, off: u64, len: usize) -> Result<()> {
+        let buf = &mut self.buf[..len];
+        sys::read_exact_at(self.snap, buf, off)
+            .map_err(|e| snapshot_error(self.name, Some(off), e))?;
+        self.s.bytes_read += len as u64;
+        for (start, n, zero) in zero_runs(buf, ZERO_BLOCK) {
+            let at = off + start as u64;
+            if zero && !self.opts.incremental {
+                // A new sparse file already reads as zeros there.
+                self.s.bytes_skipped_zero += n as u64;
+                continue;
+            }
+            if zero && self.punch_dest {
+                match sys::fallocate(
+                    self.dest,
+                    sys::FALLOC_PUNCH_HOLE | sys::FALLOC_KEEP_SIZE,
+                    at,
+                    n as u64,
+                ) {
+                    Ok(()) => {
+                        self.s.bytes_skipped_zero += n as u64;
+                        continue;
+                    }
+                    Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                        log::info!(
+                            "{} cannot punch holes; writing zeros instead",
+                            self.dest_path.display()
+                        );
+                        self.punch_dest = false;
+                    }
+                    Err(e) => {
+                        return Err(Error::io(
+                            format!("punching {at}+{n} in {}", self.dest_path.display()),
+                            e,
+                        ))
+                    }
+                }
+            }
+            sys::write_all_at(self.dest, &buf[start..start + n], at)
+                .context(|| format!("writing {} at offset {at}", self.dest_path.display()))?;
+            self.s.bytes_written += n as u64;
+        }
+        self.progress.update(self.s.bytes_read);
+        Ok(())
+    }
+
+    /// Compares `[off, off+len)` of DEST (re-read from the disk) with the snapshot.
+    fn verify(&mut self, off: u64, len: u64) -> Result<()> {
+        if self.vbuf.is_empty() {
+            self.vbuf = vec![0u8; CHUNK];
+        }
+        drop_cache(self.dest, off, len);
+        for (c_off, c_len) in pieces(off, len, CHUNK as u64) {
+            let n = c_len as usize;
+            sys::read_exact_at(self.snap, &mut self.buf[..n], c_off)
+                .map_err(|e| snapshot_error(self.name, Some(c_off), e))?;
+            sys::read_exact_at(self.dest, &mut self.vbuf[..n], c_off).context(|| {
+                format!(
+                    "reading back {} at offset {c_off}",
+                    self.dest_path.display()
+                )
+            })?;
+            if self.buf[..n] != self.vbuf[..n] {
+                let i = self.buf[..n]
+                    .iter()
+                    .zip(&self.vbuf[..n])
+                    .position(|(a, b)| a != b)
+                    .unwrap_or(0);
+                return Err(Error::invalid(format!(
+                    "verification failed: {} differs from snapshot/{} at offset {}",
+                    self.dest_path.display(),
+                    self.name,
+                    c_off + i as u64
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Drops DEST's clean cached pages of a range so verification reads what is on the disk.
+fn drop_cache(f: &File, off: u64, len: u64) {
+    let (Ok(o), Ok(l)) = (libc::off_t::try_from(off), libc::off_t::try_from(len)) else {
+        return;
+    };
+    // SAFETY: plain syscall on a valid fd; only advice, failure is harmless.
+    unsafe {
+        libc::posix_fadvise(f.as_raw_fd(), o, l, libc::POSIX_FADV_DONTNEED);
+    }
+}
+
+/// Progress on stderr: a bar redrawn in place on a terminal, a log line every 10% otherwise.
+struct Progress {
+    name: String,
+    total: u64,
+    enabled: bool,
+    tty: bool,
+    start: Instant,
+    last_draw: Option<Instant>,
+    /// Tenths of the total already logged (not on a terminal).
+    logged_tenths: u64,
+}
+
+impl Progress {
+    fn new(name: &str, total: u64, enabled: bool) -> Progress {
+        // SAFETY: isatty only inspects the descriptor.
+        let tty = enabled && unsafe { libc::isatty(2) } == 1;
+        Progress {
+            name: name.to_string(),
+            total,
+            enabled,
+            tty,
+            start: Instant::now(),
+            last_draw: None,
+            logged_tenths: 0,
+        }
+    }
+
+    fn update(&mut self, done: u64) {
+        if !self.enabled || self.total == 0 {
+            return;
+        }
+        if self.tty {
+            let now = Instant::now();
+            if self.last_draw.is_some_and(|t| now - t < REDRAW) {
+                return;
+            }
+            self.last_draw = Some(now);
+            self.draw(done);
+            return;
+        }
+        let tenths = tenths(done, self.total);
+        if tenths > self.logged_tenths {
+            self.logged_tenths = tenths;
+            log::info!(
+                "copy {}: {}% ({} of {}), {}",
+                self.name,
+                tenths * 10,
+                format_size(done),
+                format_size(self.total),
+                rate(done, self.start.elapsed().as_secs_f64())
+            );
+        }
+    }
+
+    fn draw(&self, done: u64) {
+        let secs = self.start.elapsed().as_secs_f64();
+        let frac = if self.total == 0 {
+            1.0
+        } else {
+            done as f64 / self.total as f64
+        };
+        const WIDTH: usize = 30;
+        let filled = ((frac * WIDTH as f64) as usize).min(WIDTH);
+        let eta = if done > 0 && done < self.total {
+            let left = secs * (self.total - done) as f64 / done as f64;
+            format!("ETA {}", clock(left))
+        } else if done >= self.total {
+            format!("in {}", clock(secs))
+        } else {
+            "ETA -".into()
+        };
+        let line = format!(
+            "\r{} [{}{}] {:3.0}% {}/{} {} {}\x1b[K",
+            self.name,
+            "#".repeat(filled),
+            "-".repeat(WIDTH - filled),
+            frac * 100.0,
+            format_size(done),
+            format_size(self.total),
+            rate(done, secs),
+            eta
+        );
+        let mut err = io::stderr().lock();
+        let _ = err.write_all(line.as_bytes());
+        let _ = err.flush();
+    }
+
+    fn finish(&mut self, ok: bool) {
+        if !self.tty {
+            return;
+        }
+        if ok {
+            self.draw(self.total);
+        }
+        let _ = io::stderr().write_all(b"\n");
+    }
+}
+
+/// Whole tenths of `total` that `done` covers (0 to 10).
+fn tenths(done: u64, total: u64) -> u64 {
+    if total == 0 {
+        return 10;
+    }
+    (u128::from(done.min(total)) * 10 / u128::from(total)) as u64
+}
+
+/// `M:SS` or `H:MM:SS`.
+fn clock(secs: f64) -> String {
+    let s = secs.max(0.0).round() as u64;
+    if s >= 3600 {
+        format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+    } else {
+        format!("{}:{:02}", s / 60, s % 60)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn noise(len: usize, mut seed: u64) -> Vec<u8> {
+        (0..len)
+            .map(|_| {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (seed >> 33) as u8 | 1
+            })
+            .collect()
+    }
+
+    struct Setup {
+        dir: tempfile::TempDir,
+        snap: PathBuf,
+        dirty: PathBuf,
+        image: Vec<u8>,
+    }
+
+    /// A "snapshot" of `len` bytes: noise except zeros in `[len/4, len/2)` and one 4 KiB
+    /// zero-free block inside that zero region's last quarter.
+    fn setup(len: usize, map: &str) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let mut image = noise(len, 7);
+        image[len / 4..len / 2].fill(0);
+        let k = len / 2 - len / 16;
+        image[k..k + 4096].copy_from_slice(&noise(4096, 9));
+        let snap = dir.path().join("disk");
+        let dirty = dir.path().join("disk.dirty");
+        std::fs::write(&snap, &image).unwrap();
+        std::fs::write(&dirty, map).unwrap();
+        Setup {
+            dir,
+            snap,
+            dirty,
+            image,
+        }
+    }
+
+    fn opts() -> CopyOptions {
+        CopyOptions::default()
+    }
+
+    #[test]
+    fn zero_detection() {
+        assert!(is_zero(&[]));
+        assert!(is_zero(&[0u8; 1000]));
+        for i in [0, 63, 64, 999] {
+            let mut b = vec![0u8; 1000];
+            b[i] = 1;
+            assert!(!is_zero(&b), "byte {i}");
+        }
+        let mut b = vec![0u8; 10 * 16];
+        b[16] = 1; // block 1
+        b[3 * 16 + 15] = 1; // block 3
+        b[9 * 16] = 1; // block 9 (the last)
+        assert_eq!(
+            zero_runs(&b, 16),
+            vec![
+                (0, 16, true),
+                (16, 16, false),
+                (32, 16, true),
+                (48, 16, false),
+                (64, 80, true),
+                (144, 16, false)
+            ]
+        );
+        assert_eq!(zero_runs(&[0u8; 40], 16), vec![(0, 40, true)]);
+        assert_eq!(zero_runs(&[5u8; 40], 16), vec![(0, 40, false)]);
+        assert_eq!(zero_runs(&[], 16), vec![]);
+    }
+
+    #[test]
+    fn range_pieces() {
+        let p: Vec<_> = pieces(100, 250, 100).collect();
+        assert_eq!(p, vec![(100, 100), (200, 100), (300, 50)]);
+        assert_eq!(pieces(0, 0, 100).count(), 0);
+        assert_eq!(pieces(5, 100, 100).collect::<Vec<_>>(), vec![(5, 100)]);
+        // batches of a cluster-aligned range stay cluster-aligned
+        for (o, _) in pieces(3 << 16, 1 << 30, BATCH) {
+            assert_eq!(o % (64 << 20), 3 << 16);
+        }
+    }
+
+    #[test]
+    fn range_checks_and_progress_math() {
+        assert!(check_ranges(&[(0, 10), (10, 5)], 15).is_ok());
+        assert!(check_ranges(&[], 15).is_ok());
+        assert!(check_ranges(&[(0, 10), (5, 5)], 15).is_err());
+        assert!(check_ranges(&[(0, 16)], 15).is_err());
+        assert!(check_ranges(&[(0, 0)], 15).is_err());
+        assert!(check_ranges(&[(u64::MAX, 2)], 15).is_err());
+        assert_eq!(tenths(0, 100), 0);
+        assert_eq!(tenths(19, 100), 1);
+        assert_eq!(tenths(100, 100), 10);
+        assert_eq!(tenths(u64::MAX, u64::MAX), 10);
+        assert_eq!(clock(59.6), "1:00");
+        assert_eq!(clock(3725.0), "1:02:05");
+    }
+
+    #[test]
+    fn full_copy_is_sparse_and_counts_add_up() {
+        let len = 12 << 20;
+        let s = setup(len, &format!("0 {len}\n"));
+        let dest = s.dir.path().join("full.img");
+        let o = CopyOptions {
+            verify: true,
+            ..opts()
+        };
+        let r = copy_files(&s.snap, &s.dirty, "disk", &dest, o).unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), s.image);
+        assert_eq!(r.bytes_total, len as u64);
+        assert_eq!(r.bytes_read, len as u64);
+        assert_eq!(r.bytes_written + r.bytes_skipped_zero, r.bytes_read);
+        // the zero region minus the one 64 KiB block holding data
+        assert_eq!(r.bytes_skipped_zero, (len / 4 - ZERO_BLOCK) as u64);
+        assert_eq!((r.ranges, r.bytes_discarded), (1, 0));
+        assert!(r.verified && !r.incremental);
+        let alloc = std::fs::metadata(&dest).unwrap().blocks() * 512;
+        assert!(alloc < (len - len / 8) as u64, "allocated {alloc}");
+        assert!(summary_line(&r).starts_with("full copy of disk to "));
+
+        // never overwrites, and leaves the existing file alone
+        let e = copy_files(&s.snap, &s.dirty, "disk", &dest, opts()).unwrap_err();
+        assert!(e.message().contains("already exists"), "{}", e.message());
+        assert_eq!(std::fs::read(&dest).unwrap(), s.image);
+    }
+
+    #[test]
+    fn full_copy_refuses_a_partial_dirty_map() {
+        let s = setup(1 << 20, "65536 65536\n");
+        let dest = s.dir.path().join("x.img");
+        let e = copy_files(&s.snap, &s.dirty, "disk", &dest, opts()).unwrap_err();
+        assert!(e.message().contains("--incremental"), "{}", e.message());
+        assert!(!dest.exists());
+    }
+
+    #[test]
+    fn incremental_writes_only_dirty_ranges_and_zeroes_holes() {
+        let len = 8 << 20;
+        let q = len / 4;
+        // dirty: a range of data, a range of zeros (punched), and the unaligned end
+        let map = format!("0 65536\n{q} 1048576\n{} {}\n", len - 100_000, 100_000);
+        let s = setup(len, &map);
+        let dest = s.dir.path().join("prev.img");
+        let old = noise(len, 3);
+        std::fs::write(&dest, &old).unwrap();
+        let o = CopyOptions {
+            incremental: true,
+            verify: true,
+            discard: true,
+            ..opts()
+        };
+        let r = copy_files(&s.snap, &s.dirty, "disk", &dest, o).unwrap();
+        let mut want = old.clone();
+        for (off, n) in dirtymap::parse(&map).unwrap() {
+            let (a, b) = (off as usize, (off + n) as usize);
+            want[a..b].copy_from_slice(&s.image[a..b]);
+        }
+        assert_eq!(std::fs::read(&dest).unwrap(), want);
+        assert_eq!(r.ranges, 3);
+        assert_eq!(r.bytes_total, 65536 + 1048576 + 100_000);
+        assert_eq!(r.bytes_read, r.bytes_total);
+        assert_eq!(r.bytes_skipped_zero, 1048576);
+        assert_eq!(r.bytes_written, 65536 + 100_000);
+        assert_eq!(r.bytes_discarded, r.bytes_total);
+        // --discard punched the "snapshot" (a plain file here: zeros)
+        let snap = std::fs::read(&s.snap).unwrap();
+        assert!(is_zero(&snap[..65536]) && is_zero(&snap[len - 100_000..]));
+        assert_eq!(snap[65536..q], s.image[65536..q]);
+    }
+
+    #[test]
+    fn incremental_needs_the_previous_image() {
+        let s = setup(1 << 20, "0 65536\n");
+        let o = CopyOptions {
+            incremental: true,
+            ..opts()
+        };
+        let missing = s.dir.path().join("missing.img");
+        let e = copy_files(&s.snap, &s.dirty, "disk", &missing, o).unwrap_err();
+        assert!(e.message().contains("does not exist"), "{}", e.message());
+        assert!(!missing.exists());
+        let short = s.dir.path().join("short.img");
+        std::fs::write(&short, [1u8; 4096]).unwrap();
+        let e = copy_files(&s.snap, &s.dirty, "disk", &short, o).unwrap_err();
+        assert!(
+            e.message().contains("not an image of this device"),
+            "{}",
+            e.message()
+        );
+        assert_eq!(std::fs::read(&short).unwrap(), [1u8; 4096]);
+    }
+
+    #[test]
+    fn verification_catches_a_mismatch() {
+        // DEST damaged after the copy: the verifier names the first differing byte.
+        let s = setup(1 << 20, "0 1048576\n");
+        let dest = s.dir.path().join("d.img");
+        std::fs::write(&dest, &s.image).unwrap();
+        let snap = File::open(&s.snap).unwrap();
+        let out = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&dest)
+            .unwrap();
+        sys::write_all_at(&out, &[0xEE], 777_777).unwrap();
+        let mut c = Copier {
+            name: "disk",
+            snap: &snap,
+            dest: &out,
+            dest_path: &dest,
+            opts: opts(),
+            buf: vec![0u8; CHUNK],
+            vbuf: Vec::new(),
+            punch_dest: true,
+            progress: Progress::new("disk", 0, false),
+            s: CopySummary {
+                name: "disk".into(),
+                dest: String::new(),
+                bytes_total: 0,
+                bytes_read: 0,
+                bytes_written: 0,
+                bytes_skipped_zero: 0,
+                bytes_discarded: 0,
+                ranges: 0,
+                seconds: 0.0,
+                incremental: false,
+                verified: true,
+            },
+        };
+        assert!(c.verify(0, 777_777).is_ok());
+        let e = c.verify(0, 1 << 20).unwrap_err();
+        assert!(e.message().contains("at offset 777777"), "{}", e.message());
+    }
+}
