@@ -77,6 +77,7 @@ pub struct AccessStats {
 /// One device's part of an active backup access.
 pub struct DeviceAccess {
     id: u64,
+    created: SystemTime,
     fleece: FleecingFile,
     dirty_map: DirtyMap,
     accessible: Bitmap,
@@ -104,6 +105,7 @@ impl DeviceAccess {
         let unit = device.cluster.bytes().max(LOCK_UNIT_MIN);
         DeviceAccess {
             id,
+            created: SystemTime::now(),
             fleece,
             dirty_map,
             accessible,
@@ -119,6 +121,12 @@ impl DeviceAccess {
     /// The access generation this belongs to.
     pub fn id(&self) -> u64 {
         self.id
+    }
+
+    /// The instant of setup: the snapshot's modification time, so that tools comparing
+    /// size and mtime (rsync, restic) see each access as a new version of the file.
+    pub fn created(&self) -> SystemTime {
+        self.created
     }
 
     /// The dirty map of this access.

@@ -165,6 +165,9 @@ impl FleeceFs {
             Node::Live(i) => {
                 let dev = self.device(i);
                 file(&mut a, dev, dev.size(), dev.source().identity().mode);
+                if let Some((mtime, ctime)) = dev.source().times() {
+                    (a.mtime, a.ctime) = (mtime, ctime);
+                }
             }
             Node::Snap(i) => {
                 let access = self.access_of(i)?;
@@ -176,6 +179,7 @@ impl FleeceFs {
                     dev.source().identity().mode & !0o022,
                 );
                 a.blocks = access.dirty_map().dirty_bytes().div_ceil(512);
+                (a.mtime, a.ctime) = (access.created(), access.created());
             }
             Node::Dirty(i) => {
                 let access = self.access_of(i)?;
@@ -186,6 +190,7 @@ impl FleeceFs {
                     access.dirty_map().text_len(),
                     dev.source().identity().mode & 0o444,
                 );
+                (a.mtime, a.ctime) = (access.created(), access.created());
             }
         }
         Some(a)

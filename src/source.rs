@@ -114,6 +114,17 @@ impl Source {
         Ok(i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()))
     }
 
+    /// Modification and change times of the source now (`fstat`): the live file shows
+    /// them, so tools that compare times see every change.
+    pub fn times(&self) -> Option<(std::time::SystemTime, std::time::SystemTime)> {
+        let m = self.file.metadata().ok()?;
+        let at = |secs: i64, nsecs: i64| {
+            std::time::UNIX_EPOCH
+                + std::time::Duration::new(secs.max(0) as u64, nsecs.clamp(0, 999_999_999) as u32)
+        };
+        Some((at(m.mtime(), m.mtime_nsec()), at(m.ctime(), m.ctime_nsec())))
+    }
+
     /// Reads `buf.len()` bytes at `offset`.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         sys::read_exact_at(&self.file, buf, offset)

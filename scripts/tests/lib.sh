@@ -45,10 +45,10 @@ start_writer() {
                 continue
             fi
             rm -f "$T/paused"
-            dd if=/dev/urandom of="$file" bs=4096 count=1 seek=$((RANDOM * 32768 % blocks + RANDOM % 32768 % blocks)) \
-                conv=notrunc status=none 2>/dev/null || true
+            dd if=/dev/urandom of="$file" bs=4096 count=1 seek=$(( (RANDOM * 32768 + RANDOM) % blocks )) \
+                conv=notrunc status=none
             n=$((n + 1))
-            echo $n >"$T/writes"
+            echo $n >"$T/writes.tmp" && mv "$T/writes.tmp" "$T/writes"   # atomic for readers
         done
     ) &
     WRITER=$!
