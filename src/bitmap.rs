@@ -281,11 +281,17 @@ impl Bitmap {
         b
     }
 
-    /// Flushes a mapped bitmap's words covering bit `i` to stable storage (no-op on heap).
-    pub fn flush_bit(&self, i: u64) -> std::io::Result<()> {
+    /// Flushes a mapped bitmap's words covering `bits` to stable storage with one msync
+    /// (no-op on heap).
+    pub fn flush_bits(&self, bits: Range<u64>) -> std::io::Result<()> {
+        if bits.is_empty() {
+            return Ok(());
+        }
         if let Storage::Mapped { _map, words, .. } = &self.storage {
-            let byte = (*words as usize - _map.as_ptr() as usize) + (i / 64) as usize * 8;
-            _map.flush_range(byte, 8)?;
+            let base = *words as usize - _map.as_ptr() as usize;
+            let first = (bits.start / 64) as usize * 8;
+            let last = ((bits.end - 1) / 64) as usize * 8 + 8;
+            _map.flush_range(base + first, last - first)?;
         }
         Ok(())
     }

@@ -204,6 +204,8 @@ struct Control {
     active: Option<Active>,
     next_id: u64,
     bitmaps: Option<BitmapStore>,
+    /// Set once shutdown has closed the bitmaps: no new access may start.
+    shut_down: bool,
 }
 
 /// All devices and the access lifecycle.
@@ -259,6 +261,7 @@ impl Engine {
                 active: None,
                 next_id: 1,
                 bitmaps,
+                shut_down: false,
             }),
         })
     }
@@ -326,6 +329,9 @@ impl Engine {
             validate_name("bitmap name", b)?;
         }
         let mut control = self.control();
+        if control.shut_down {
+            return Err(Error::busy("the daemon is shutting down"));
+        }
         if let Some(a) = &control.active {
             return Err(Error::busy(format!(
                 "a backup access is already active for target '{}'; tear it down first",
@@ -596,7 +602,9 @@ impl Engine {
                 log::error!("{}", crate::error::report(&e));
             }
         }
-        if let Some(store) = &self.control().bitmaps {
+        let mut control = self.control();
+        control.shut_down = true;
+        if let Some(store) = &control.bitmaps {
             store.close_all(&self.devices);
         }
     }

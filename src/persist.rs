@@ -485,26 +485,13 @@ impl TrackedBitmap {
                     return;
                 }
                 self.bits.set_range(clusters.clone());
-                let first_word = clusters.start / 64;
-                let last_word = (clusters.end - 1) / 64;
-                let r = if first_word == last_word {
-                    self.bits.flush_bit(clusters.start)
-                } else {
-                    self.flush_words(first_word, last_word)
-                };
+                let r = self.bits.flush_bits(clusters.clone());
                 if let Err(e) = r {
                     self.mark_failed(&format!("flushing it failed: {e}"));
                 }
                 durable.set_range(clusters);
             }
         }
-    }
-
-    fn flush_words(&self, first: u64, last: u64) -> std::io::Result<()> {
-        for w in first..=last {
-            self.bits.flush_bit(w * 64)?;
-        }
-        Ok(())
     }
 
     /// Replaces the bits with `other`'s (teardown success) or ORs them in (failure).
