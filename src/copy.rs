@@ -272,7 +272,11 @@ fn open_dest(dest: &Path, size: u64, incremental: bool) -> Result<File> {
                 e,
             ));
         }
-        sync_parent(dest)?;
+        if let Err(e) = sync_parent(dest) {
+            drop(f);
+            let _ = std::fs::remove_file(dest);
+            return Err(e);
+        }
         return Ok(f);
     }
     let f = OpenOptions::new()
@@ -332,7 +336,7 @@ fn snapshot_error(name: &str, offset: Option<u64>, e: io::Error) -> Error {
         Some(libc::ENOENT) => Error::not_found(format!(
             "no backup access includes {name}; run fleecefs setup first"
         )),
-        Some(libc::EACCES) => Error::new(
+        Some(libc::EACCES) if offset.is_some() => Error::new(
             Kind::Inaccessible,
             format!(
                 "snapshot/{name}{at} is not readable (EACCES): the range was discarded \
@@ -354,6 +358,7 @@ fn snapshot_error(name: &str, offset: Option<u64>, e: io::Error) -> Error {
             format!("snapshot/{name}{at}: the fleecefs daemon is gone"),
             e,
         ),
+        _ if offset.is_none() => Error::io(format!("opening snapshot/{name}"), e),
         _ => Error::io(format!("reading snapshot/{name}{at}"), e),
     }
 }
