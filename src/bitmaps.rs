@@ -3,8 +3,10 @@
 //!
 //! The registry `STATE_DIR/bitmaps/registry.json` lists every bitmap (device, target,
 //! name), so a bitmap whose file went missing is known and reported `invalid` instead of
-//! silently becoming `new`. Files are `DEVICE.TARGET.NAME.bitmap`; during an access the
-//! background bitmap is `DEVICE.TARGET.NAME.background`.
+//! silently becoming `new`. Files are `DEVICE@TARGET@NAME.bitmap` (names never contain
+//! `@`, so file names cannot collide); during an access the background bitmap is
+//! `DEVICE@TARGET@NAME.background`, and a bitmap being created is
+//! `DEVICE@TARGET@NAME.pending` until setup commits it.
 //!
 //! Rules (Proxmox VE backup access, QEMU's incremental backup):
 //! - while no access uses it, a bitmap records every write to its device;
@@ -108,12 +110,31 @@ pub struct BitmapStore {
     entries: Vec<Entry>,
 }
 
-fn file_name(device: &str, target: &str, name: &str, kind: BitmapKind) -> String {
-    let ext = match kind {
+fn file_name(device: &str, target: &str, name: &str, ext: &str) -> String {
+    format!("{device}@{target}@{name}.{ext}")
+}
+
+fn extension(kind: BitmapKind) -> &'static str {
+    match kind {
         BitmapKind::Target => "bitmap",
         BitmapKind::Background => "background",
-    };
-    format!("{device}.{target}.{name}.{ext}")
+    }
+}
+
+/// A bitmap file must be the one the registry says: same device, target, name, role.
+fn check_names(
+    t: TrackedBitmap,
+    r: &RegistryEntry,
+    kind: BitmapKind,
+) -> std::result::Result<TrackedBitmap, String> {
+    let h = t.header();
+    if h.device != r.device || h.target != r.target || h.name != r.name || h.kind != kind {
+        return Err(format!(
+            "the file belongs to bitmap '{}' of target '{}' on {} ({:?}), not to this one",
+            h.name, h.target, h.device, h.kind
+        ));
+    }
+    Ok(t)
 }
 
 /// Exact dirty bytes of `bits` on a device of `size` bytes with `cluster` clusters.
@@ -173,20 +194,24 @@ impl BitmapStore {
     }
 
     fn path(&self, device: &str, target: &str, name: &str, kind: BitmapKind) -> PathBuf {
-        self.dir.join(file_name(device, target, name, kind))
+        self.dir
+            .join(file_name(device, target, name, extension(kind)))
     }
 
     fn load_one(&self, dev: &Device, r: &RegistryEntry) -> Result<BitmapState> {
         let cluster = dev.cluster().bytes();
         let path = self.path(&r.device, &r.target, &r.name, BitmapKind::Target);
         let bg_path = self.path(&r.device, &r.target, &r.name, BitmapKind::Background);
-        let main = TrackedBitmap::open(&path, dev.source(), cluster, self.crash_safe)?;
+        let main = TrackedBitmap::open(&path, dev.source(), cluster, self.crash_safe)?
+            .and_then(|t| check_names(t, r, BitmapKind::Target));
         let interrupted = bg_path.exists();
         let state = match (main, interrupted) {
             (Err(reason), _) => BitmapState::Invalid(reason),
             (Ok(t), false) => BitmapState::Ok(Arc::new(t)),
             (Ok(t), true) => {
-                match TrackedBitmap::open(&bg_path, dev.source(), cluster, self.crash_safe)? {
+                match TrackedBitmap::open(&bg_path, dev.source(), cluster, self.crash_safe)?
+                    .and_then(|bg| check_names(bg, r, BitmapKind::Background))
+                {
                     Ok(bg) => {
                         t.merge_from(bg.bits(), false)?;
                         log::warn!(
@@ -263,21 +288,22 @@ impl BitmapStore {
             background: None,
             new_entry: None,
         };
-        let create = |kind: BitmapKind, name: &str, fill: bool| -> Result<Arc<TrackedBitmap>> {
-            let path = self.path(dev.name(), target, name, kind);
-            Ok(Arc::new(TrackedBitmap::create(
-                &path,
-                dev.source(),
-                cluster,
-                dev.clusters(),
-                kind,
-                dev.name(),
-                target,
-                name,
-                fill,
-                self.crash_safe,
-            )?))
-        };
+        let create =
+            |kind: BitmapKind, name: &str, ext: &str, fill: bool| -> Result<Arc<TrackedBitmap>> {
+                let path = self.dir.join(file_name(dev.name(), target, name, ext));
+                Ok(Arc::new(TrackedBitmap::create(
+                    &path,
+                    dev.source(),
+                    cluster,
+                    dev.clusters(),
+                    kind,
+                    dev.name(),
+                    target,
+                    name,
+                    fill,
+                    self.crash_safe,
+                )?))
+            };
         let Some(name) = bitmap else {
             if pos.is_some() {
                 d.action = "not-used-removed";
@@ -317,11 +343,11 @@ impl BitmapStore {
         }
         if let Some(e) = &mut d.new_entry {
             // Replace the file of the same name only once the access is installed.
-            let t = create(BitmapKind::Target, &format!("{name}.pending"), true)?;
+            let t = create(BitmapKind::Target, name, "pending", true)?;
             e.state = BitmapState::Ok(t.clone());
             d.bitmap = Some(t);
         }
-        match create(BitmapKind::Background, name, false) {
+        match create(BitmapKind::Background, name, "background", false) {
             Ok(bg) => d.background = Some(bg),
             Err(err) => {
                 self.abandon(&d);

@@ -56,6 +56,15 @@ pub enum BitmapCommand {
     Remove(BitmapRemoveArgs),
 }
 
+/// A switch.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Toggle {
+    /// Enabled
+    On,
+    /// Disabled
+    Off,
+}
+
 /// Copy-before-write failure policy.
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OnCbwErrorArg {
@@ -102,8 +111,8 @@ pub struct MountArgs {
     pub fleecing_limit: Option<String>,
     /// Flush each newly dirtied bitmap word before the write it covers, so bitmaps stay
     /// usable after a crash (on/off)
-    #[arg(long, value_name = "on|off", default_value = "on", action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
-    pub crash_safe_bitmaps: bool,
+    #[arg(long, value_enum, value_name = "on|off", default_value = "on")]
+    pub crash_safe_bitmaps: Toggle,
     /// Internal: set in the background daemon started by `mount`
     #[arg(long, hide = true)]
     pub daemon_child: bool,

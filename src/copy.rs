@@ -50,7 +50,7 @@ pub struct CopyOptions {
     pub discard: bool,
     /// Re-read each batch from DEST and the snapshot and compare them.
     pub verify: bool,
-    /// Report progress on stderr (a bar on a terminal, `log::info!` lines otherwise).
+    /// Report progress on stderr (a bar on a terminal, a plain line every 10% otherwise).
     pub progress: bool,
 }
 
@@ -580,8 +580,9 @@ impl Progress {
         let tenths = tenths(done, self.total);
         if tenths > self.logged_tenths {
             self.logged_tenths = tenths;
-            log::info!(
-                "copy {}: {}% ({} of {}), {}",
+            // Progress the user asked for: shown without -v (it is not debug logging).
+            eprintln!(
+                "fleecefs: copy {}: {}% ({} of {}), {}",
                 self.name,
                 tenths * 10,
                 format_size(done),

@@ -146,7 +146,7 @@ pub fn validate(args: &MountArgs) -> Result<MountPlan> {
             OnCbwErrorArg::BreakGuestWrite => OnCbwError::BreakGuestWrite,
         },
         stale_mount,
-        crash_safe_bitmaps: args.crash_safe_bitmaps,
+        crash_safe_bitmaps: args.crash_safe_bitmaps == crate::cli::Toggle::On,
         cbw_timeout,
         fleecing_limit,
     })

@@ -457,15 +457,26 @@ impl TrackedBitmap {
 
     /// Marks the bitmap untrustworthy (a flush or merge failed).
     pub fn mark_failed(&self, why: &str) {
-        if !self.failed.swap(true, Ordering::Relaxed) {
-            log::error!(
-                "bitmap {} cannot be trusted any more: {why}",
-                self.path().display()
-            );
+        if self.failed.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        log::error!(
+            "bitmap {} cannot be trusted any more: {why}",
+            self.path().display()
+        );
+        // On disk too: in use without crash-safe tracking loads as invalid after a
+        // restart or a crash, whatever happens to the rest of the file.
+        {
+            let mut h = self.header.lock().unwrap_or_else(|p| p.into_inner());
+            h.in_use = true;
+            h.crash_safe = false;
+        }
+        if let Err(e) = self.write_header() {
+            log::error!("{}", crate::error::report(&e));
         }
     }
 
-    /// Whether flushing it failed since it was opened (it must not be trusted).
+    /// Whether tracking failed since it was opened (it must not be trusted).
     pub fn failed(&self) -> bool {
         self.failed.load(Ordering::Relaxed)
     }
@@ -601,5 +612,49 @@ mod tests {
             assert!(Header::decode(&d).is_err(), "flip at {i} not detected");
         }
         assert!(Header::decode(&b[..100]).unwrap_err().contains("truncated"));
+    }
+
+    #[test]
+    fn a_failed_bitmap_is_invalid_after_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src.img");
+        std::fs::write(&src, vec![0u8; 1 << 20]).unwrap();
+        let source = Source::open(&src).unwrap();
+        let path = dir.path().join("b.bitmap");
+        let make = || {
+            TrackedBitmap::create(
+                &path,
+                &source,
+                65536,
+                16,
+                BitmapKind::Target,
+                "d",
+                "t",
+                "b",
+                false,
+                true,
+            )
+            .unwrap()
+        };
+        // a clean close reopens as valid
+        let t = make();
+        t.mark(3..4);
+        t.close_clean(&source).unwrap();
+        drop(t);
+        let t = TrackedBitmap::open(&path, &source, 65536, true)
+            .unwrap()
+            .unwrap();
+        assert!(t.bits().get(3));
+        drop(t);
+        // a failure while tracking is recorded on disk: even the crash-safe path refuses it
+        let t = make();
+        t.mark_failed("test");
+        assert!(t.close_clean(&source).is_err());
+        drop(t);
+        let reason = TrackedBitmap::open(&path, &source, 65536, true)
+            .unwrap()
+            .err()
+            .unwrap();
+        assert!(reason.contains("not crash-safe"), "{reason}");
     }
 }

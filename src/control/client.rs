@@ -110,6 +110,12 @@ pub fn call(mountpoint: &Path, req: &Request) -> Result<serde_json::Value> {
     let state = state_dir_of(mountpoint)?;
     let socket = state.join(CONTROL_SOCKET);
     let mut stream = UnixStream::connect(&socket).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::PermissionDenied {
+            return Error::invalid(format!(
+                "permission denied on {}: fleecefs commands need root",
+                socket.display()
+            ));
+        }
         Error::not_found(format!(
             "the fleecefs daemon of {} does not answer ({e}); if it died, run 'umount -l {}' and mount again",
             mountpoint.display(),
