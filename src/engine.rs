@@ -60,6 +60,22 @@ pub struct EngineConfig {
     pub crash_safe_bitmaps: bool,
 }
 
+impl EngineConfig {
+    /// The defaults of `fleecefs mount`, except that there is no copy timeout (copies run
+    /// inline): fleecing files in `fleecing_dir`, break-snapshot on errors, no fleecing
+    /// limit, crash-safe bitmaps.
+    pub fn new(fleecing_dir: PathBuf, mountpoint: PathBuf) -> EngineConfig {
+        EngineConfig {
+            fleecing_dir,
+            on_cbw_error: OnCbwError::BreakSnapshot,
+            cbw_timeout: None,
+            fleecing_limit: None,
+            mountpoint,
+            crash_safe_bitmaps: true,
+        }
+    }
+}
+
 /// The result of `bitmap remove`.
 #[derive(Serialize, Debug, Clone)]
 pub struct BitmapRemoveReport {

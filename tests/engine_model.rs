@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread;
 
-use fleecefs::cbw::{Device, OnCbwError};
+use fleecefs::cbw::Device;
 use fleecefs::engine::{Engine, EngineConfig};
 use fleecefs::error::Kind;
 use fleecefs::source::Source;
@@ -75,14 +75,7 @@ fn make_engine(
         ));
         models.push(data);
     }
-    let config = EngineConfig {
-        fleecing_dir: dir.join("fleece"),
-        on_cbw_error: OnCbwError::BreakSnapshot,
-        cbw_timeout: None,
-        fleecing_limit: None,
-        mountpoint: dir.join("mnt"),
-        crash_safe_bitmaps: true,
-    };
+    let config = EngineConfig::new(dir.join("fleece"), dir.join("mnt"));
     (Engine::new(devices, config, None).unwrap(), models)
 }
 
@@ -628,12 +621,8 @@ fn open_engine(dir: &Path, cluster: u64, crash_safe: bool) -> Engine {
     let source = Source::open(&dir.join("src0.img")).unwrap();
     let dev = Device::new("d0".into(), source, ClusterSize::new(cluster).unwrap());
     let config = EngineConfig {
-        fleecing_dir: dir.join("fleece"),
-        on_cbw_error: OnCbwError::BreakSnapshot,
-        cbw_timeout: None,
-        fleecing_limit: None,
-        mountpoint: dir.join("mnt"),
         crash_safe_bitmaps: crash_safe,
+        ..EngineConfig::new(dir.join("fleece"), dir.join("mnt"))
     };
     Engine::new(vec![dev], config, Some(state)).unwrap()
 }

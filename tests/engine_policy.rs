@@ -28,12 +28,9 @@ fn engine(dir: &Path, on_error: OnCbwError, limit: Option<u64>) -> Engine {
         ));
     }
     let config = EngineConfig {
-        fleecing_dir: dir.join("fleece"),
         on_cbw_error: on_error,
-        cbw_timeout: None,
         fleecing_limit: limit,
-        mountpoint: dir.join("mnt"),
-        crash_safe_bitmaps: true,
+        ..EngineConfig::new(dir.join("fleece"), dir.join("mnt"))
     };
     Engine::new(
         devices,

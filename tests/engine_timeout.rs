@@ -20,12 +20,9 @@ fn engine(dir: &std::path::Path, on_error: OnCbwError) -> Engine {
         ClusterSize::new(CL).unwrap(),
     );
     let config = EngineConfig {
-        fleecing_dir: dir.join("fleece"),
         on_cbw_error: on_error,
         cbw_timeout: Some(Duration::from_millis(200)),
-        fleecing_limit: None,
-        mountpoint: dir.join("mnt"),
-        crash_safe_bitmaps: true,
+        ..EngineConfig::new(dir.join("fleece"), dir.join("mnt"))
     };
     Engine::new(vec![dev], config, None).unwrap()
 }

@@ -50,6 +50,17 @@ pub struct Response {
     pub data: Option<serde_json::Value>,
 }
 
+impl Response {
+    /// A refusal with a one-line reason.
+    pub fn failure(error: impl Into<String>) -> Response {
+        Response {
+            ok: false,
+            error: Some(error.into()),
+            data: None,
+        }
+    }
+}
+
 /// Parses one request line.
 pub fn parse_request(line: &[u8]) -> Result<Request, String> {
     if line.len() > MAX_REQUEST {

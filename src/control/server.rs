@@ -42,11 +42,7 @@ pub fn dispatch(engine: &Engine, req: Request) -> Response {
             error: None,
             data: Some(data),
         },
-        Err(e) => Response {
-            ok: false,
-            error: Some(report(&e)),
-            data: None,
-        },
+        Err(e) => Response::failure(report(&e)),
     }
 }
 
@@ -87,11 +83,7 @@ fn handle(engine: &Engine, mut stream: UnixStream) {
             log::warn!("refused control request from uid {other:?}: only root or the daemon's user may use it");
             reply(
                 &mut stream,
-                &Response {
-                    ok: false,
-                    error: Some("permission denied: only root may control fleecefs".into()),
-                    data: None,
-                },
+                &Response::failure("permission denied: only root may control fleecefs"),
             );
             return;
         }
@@ -113,11 +105,7 @@ fn handle(engine: &Engine, mut stream: UnixStream) {
         log::warn!("refused control request larger than {MAX_REQUEST} bytes");
         reply(
             &mut stream,
-            &Response {
-                ok: false,
-                error: Some(format!("request is larger than {MAX_REQUEST} bytes")),
-                data: None,
-            },
+            &Response::failure(format!("request is larger than {MAX_REQUEST} bytes")),
         );
         return;
     }
@@ -128,11 +116,7 @@ fn handle(engine: &Engine, mut stream: UnixStream) {
         }
         Err(msg) => {
             log::warn!("refused control request: {msg}");
-            Response {
-                ok: false,
-                error: Some(msg),
-                data: None,
-            }
+            Response::failure(msg)
         }
     };
     reply(&mut stream, &resp);
@@ -155,11 +139,7 @@ pub fn serve(listener: UnixListener, engine: Arc<Engine>) {
             log::warn!("refused control client: {MAX_CLIENTS} already connected");
             reply(
                 &mut stream,
-                &Response {
-                    ok: false,
-                    error: Some("daemon busy: too many control clients".into()),
-                    data: None,
-                },
+                &Response::failure("daemon busy: too many control clients"),
             );
             continue;
         }
