@@ -105,6 +105,10 @@ pub struct FleeceFs {
     engine: Arc<Engine>,
     started: SystemTime,
     owner: (u32, u32),
+    /// The kernel invalidates cached pages on FOPEN_DIRECT_IO writes
+    /// (FUSE_DIRECT_IO_ALLOW_MMAP), so O_DIRECT opens of live files may use parallel
+    /// direct writes without leaving other, cached, opens stale.
+    coherent_direct_io: bool,
 }
 
 impl FleeceFs {
@@ -116,6 +120,7 @@ impl FleeceFs {
             engine,
             started: SystemTime::now(),
             owner,
+            coherent_direct_io: false,
         }
     }
 
@@ -254,6 +259,12 @@ impl Filesystem for FleeceFs {
         }
         let _ = config.set_max_background(64);
         let _ = config.set_congestion_threshold(48);
+        self.coherent_direct_io = config
+            .add_capabilities(fuser::InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP)
+            .is_ok();
+        if !self.coherent_direct_io {
+            log::info!("kernel without FUSE_DIRECT_IO_ALLOW_MMAP: O_DIRECT writes to live files are serialized per file");
+        }
         Ok(())
     }
 
@@ -330,8 +341,11 @@ impl Filesystem for FleeceFs {
         let writing = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
         match self.node(ino) {
             Some(Node::Live(_)) => {
-                let mut f = FopenFlags::empty();
-                if flags.0 & libc::O_DIRECT != 0 {
+                // Every change to a live file goes through this mount and keeps the page
+                // cache coherent (write-through writes fill it, fallocate and direct
+                // writes invalidate it), so the cache survives open/close.
+                let mut f = FopenFlags::FOPEN_KEEP_CACHE;
+                if flags.0 & libc::O_DIRECT != 0 && self.coherent_direct_io {
                     f |= FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES;
                 }
                 reply.opened(FileHandle(0), f)
