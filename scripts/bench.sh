@@ -147,12 +147,18 @@ perf_stop() {
 # ---------------------------------------------------------------- workloads
 # Each sets nothing but runs fio on $LIVE / $SNAP of the current system.
 
-# Snapshot sequential read, 1 MiB: whole image, $PASSES passes, each through a new open()
-# (FUSE drops a file's page cache at open unless the server keeps it, so every pass goes
-# through the layer; within one open a second pass would come from the kernel's cache).
+# Reads through FUSE must not be served by the FUSE file's own page cache, or the kernel
+# is measured instead of the layer: every read workload makes $PASSES passes over the
+# whole image, fio opens the file for each pass, and for the FUSE systems it drops the
+# FUSE file's cached pages first (RINV=1: fio --invalidate=1 on live/NAME or
+# snapshot/NAME, posix_fadvise DONTNEED; that is the FUSE file's cache, the source file
+# stays in the page cache). For direct, RINV=0: the source itself stays cached.
+RINV=0
+
+# Snapshot sequential read, 1 MiB.
 wl_snap_seqread() {
     run_fio snap_seqread --name=snapread --filename="$SNAP" --rw=read --bs=1M \
-        --loops=$PASSES --runtime=$CAP
+        --loops=$PASSES --runtime=$CAP --invalidate=$RINV
 }
 
 # Live 4 KiB random write, access active, first touch: one write into every cluster
@@ -180,7 +186,7 @@ wl_seqwrite_noacc() {
 
 wl_seqread_noacc() {
     run_fio seqread_noacc --name=seqread --filename="$LIVE" --rw=read --bs=1M \
-        --loops=$PASSES --runtime=$CAP
+        --loops=$PASSES --runtime=$CAP --invalidate=$RINV
 }
 
 # Snapshot read (as wl_snap_seqread) while two 4 KiB random writers run on live; all stop
@@ -188,6 +194,7 @@ wl_seqread_noacc() {
 wl_mixed() {
     run_fio "$1" --exitall \
         --name=snapread --filename="$SNAP" --rw=read --bs=1M --loops=$PASSES --runtime=$CAP \
+        --invalidate=$RINV \
         --name=livewrite --filename="$LIVE" --rw=randwrite --bs=4k --numjobs=2 \
         --direct="$2" --time_based --runtime=$CAP
 }
@@ -333,6 +340,7 @@ run_system() {
     SYS=$1
     log "system $SYS"
     echo "$SYS: $(cut -d' ' -f1-3 /proc/loadavg)" >>"$RES/load.txt"
+    if [ "$SYS" = direct ]; then RINV=0; else RINV=1; fi
     cat "$SRC" >/dev/null                     # source into the page cache
     "${SYS}_live_only"                        # no access
     wl_randwrite_noacc
@@ -415,7 +423,7 @@ machine_info() {
     echo "- qemu-storage-daemon: $(qemu-storage-daemon --version | head -1)"
     echo "- fio: $(fio --version)"
     echo "- load average (1, 5, 15 min) at start: $LOAD_START; before each system: $(paste -sd';' "$RES/load.txt" | sed 's/;/; /g'); at end: $(cut -d' ' -f1-3 /proc/loadavg)"
-    echo "- fio: ioengine=psync, buffered unless noted, --invalidate=0, ${RUNTIME} s per time-based workload, $PASSES passes per read workload"
+    echo "- fio: ioengine=psync, buffered unless noted, --invalidate=0 (sources stay in the page cache), ${RUNTIME} s per time-based workload; read workloads: $PASSES passes over the image, one open each, FUSE file's own cache dropped before each (--invalidate=1 on the FUSE file)"
 }
 
 report() {
