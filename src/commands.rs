@@ -11,6 +11,25 @@ use crate::error::{Error, Result};
 use crate::logger::utc_timestamp;
 use crate::units::format_size;
 
+/// Writes one line to stdout. A closed pipe (`| head`, `| grep -q`) ends the program
+/// quietly with success, as for any Unix filter, instead of a panic.
+pub fn out_line(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    if let Err(e) = o.write_fmt(format_args!("{line}\n")) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+    }
+}
+
+/// `println!` through [`out_line`].
+#[macro_export]
+macro_rules! out {
+    () => { $crate::commands::out_line(format_args!("")) };
+    ($($t:tt)*) => { $crate::commands::out_line(format_args!($($t)*)) };
+}
+
 fn u(v: &Value, key: &str) -> u64 {
     v.get(key).and_then(Value::as_u64).unwrap_or(0)
 }
@@ -20,7 +39,7 @@ fn s<'a>(v: &'a Value, key: &str) -> &'a str {
 }
 
 fn print_json(v: &Value) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    crate::out!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
 /// Prints rows as aligned columns.
@@ -44,7 +63,7 @@ fn table(rows: &[Vec<String>]) {
                 line.push_str(&format!("{cell:<w$}  ", w = widths[i]));
             }
         }
-        println!("{}", line.trim_end());
+        crate::out!("{}", line.trim_end());
     }
 }
 
@@ -69,7 +88,7 @@ pub fn setup(
         return Ok(());
     }
     let devs = v["devices"].as_array().cloned().unwrap_or_default();
-    println!(
+    crate::out!(
         "backup access '{target}' is set up on {} device(s)",
         devs.len()
     );
@@ -105,7 +124,7 @@ pub fn teardown(mp: &Path, target: &str, success: bool, json: bool) -> Result<()
     if json {
         print_json(&v);
     } else {
-        println!(
+        crate::out!(
             "backup access '{target}' torn down as a {}",
             if v["success"].as_bool() == Some(true) {
                 "success"
@@ -126,7 +145,7 @@ pub fn bitmap_remove(mp: &Path, target: &str) -> Result<()> {
         },
     )?;
     let n = v["removed"].as_array().map(Vec::len).unwrap_or(0);
-    println!("removed {n} bitmap(s) of target '{target}'");
+    crate::out!("removed {n} bitmap(s) of target '{target}'");
     Ok(())
 }
 
@@ -141,7 +160,7 @@ pub fn status(mp: &Path, json: bool) -> Result<()> {
         print_json(&v);
         return Ok(());
     }
-    println!("fleecefs at {} (pid {})", s(&v, "mountpoint"), u(&v, "pid"));
+    crate::out!("fleecefs at {} (pid {})", s(&v, "mountpoint"), u(&v, "pid"));
     let mut rows = vec![vec!["DEVICE", "SIZE", "CLUSTER", "SOURCE"]
         .into_iter()
         .map(String::from)
@@ -156,9 +175,9 @@ pub fn status(mp: &Path, json: bool) -> Result<()> {
     }
     table(&rows);
     if let Some(bitmaps) = v["bitmaps"].as_array() {
-        println!();
+        crate::out!();
         if bitmaps.is_empty() {
-            println!("no bitmaps");
+            crate::out!("no bitmaps");
         } else {
             let mut rows = vec![
                 vec!["BITMAP", "DEVICE", "TARGET", "DIRTY MiB", "CONSISTENT"]
@@ -183,9 +202,9 @@ pub fn status(mp: &Path, json: bool) -> Result<()> {
             table(&rows);
         }
     }
-    println!();
+    crate::out!();
     match v.get("access").filter(|a| !a.is_null()) {
-        None => println!("no backup access is active"),
+        None => crate::out!("no backup access is active"),
         Some(a) => {
             let age = crate::sys::unix_now().saturating_sub(u(a, "started_at"));
             let dirty = u(a, "dirty_bytes");
@@ -200,20 +219,20 @@ pub fn status(mp: &Path, json: bool) -> Result<()> {
                 .flatten()
                 .filter_map(Value::as_str)
                 .collect();
-            println!(
+            crate::out!(
                 "backup access '{}' on {} since {} ({age}s)",
                 s(a, "target"),
                 devs.join(", "),
                 utc_timestamp(u(a, "started_at"))
             );
-            println!(
+            crate::out!(
                 "  fleecing {} MiB, copied before write {} MiB, discarded {pct:.0}% of {} MiB",
                 mib(u(a, "fleecing_allocated")),
                 mib(u(a, "copied_bytes")),
                 mib(dirty)
             );
             if a["broken"].as_bool() == Some(true) {
-                println!(
+                crate::out!(
                     "  BROKEN since {}: {}",
                     utc_timestamp(u(a, "broken_at")),
                     s(a, "broken_reason")
@@ -228,9 +247,9 @@ pub fn status(mp: &Path, json: bool) -> Result<()> {
         .filter_map(Value::as_str)
         .collect();
     if !errors.is_empty() {
-        println!();
+        crate::out!();
         for e in errors {
-            println!("error: {e}");
+            crate::out!("error: {e}");
         }
     }
     Ok(())

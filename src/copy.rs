@@ -92,9 +92,9 @@ pub fn run(a: &CopyArgs) -> Result<()> {
     let s = copy(&a.mountpoint, &a.name, &a.dest, opts)?;
     if a.json {
         let text = serde_json::to_string_pretty(&s).map_err(|e| Error::invalid(e.to_string()))?;
-        println!("{text}");
+        crate::out!("{text}");
     } else {
-        println!("{}", summary_line(&s));
+        crate::out!("{}", summary_line(&s));
     }
     Ok(())
 }

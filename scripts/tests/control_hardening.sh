@@ -68,6 +68,13 @@ expect_error "bad target name" "b'{\"op\":\"setup\",\"target\":\"../x\"}\n'" "in
 grep -c "refused control request" "$T/state/fleecefs.log" >/dev/null || fail "refusals are not logged"
 [ "$(grep -c "refused control request" "$T/state/fleecefs.log")" -ge 6 ] || fail "not every refusal was logged"
 
+# a closed pipe (| true, | head) ends client commands quietly: exit 0, no panic
+for i in 1 2 3; do
+    "$FLEECEFS" status "$T/mnt" --json 2>"$T/err" | true
+    [ "${PIPESTATUS[0]}" = 0 ] || fail "status into a closed pipe exits ${PIPESTATUS[0]}"
+    [ ! -s "$T/err" ] || fail "status into a closed pipe printed: $(head -3 "$T/err")"
+done
+
 # names through the CLI
 for bad in "a/b" ".." ".hidden" "$(printf 'x%.0s' {1..65})" "sp ace" ""; do
     if "$FLEECEFS" setup "$T/mnt" --target "$bad" 2>"$T/err"; then fail "target '$bad' accepted"; fi
