@@ -121,6 +121,31 @@ fn extension(kind: BitmapKind) -> &'static str {
     }
 }
 
+/// Deletes files a setup or a bitmap creation left half-done when the daemon died
+/// (`*.pending` bitmaps never committed, `*.new` files never renamed into place). No
+/// registered bitmap refers to them.
+fn remove_unfinished_files(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        let unfinished = matches!(
+            path.extension().and_then(|x| x.to_str()),
+            Some("pending") | Some("new")
+        );
+        if unfinished {
+            match std::fs::remove_file(&path) {
+                Ok(()) => log::warn!(
+                    "removed {}, left unfinished by a daemon that stopped",
+                    path.display()
+                ),
+                Err(err) => log::warn!("cannot remove {}: {err}", path.display()),
+            }
+        }
+    }
+}
+
 /// A bitmap file must be the one the registry says: same device, target, name, role.
 fn check_names(
     t: TrackedBitmap,
@@ -164,6 +189,7 @@ impl BitmapStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Registry::default(),
             Err(e) => return Err(Error::io(format!("reading {}", reg_path.display()), e)),
         };
+        remove_unfinished_files(dir);
         let mut store = BitmapStore {
             dir: dir.to_path_buf(),
             crash_safe,

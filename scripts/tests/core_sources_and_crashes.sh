@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Sources and crashes: a block device as the source; a source that shrinks under the
+# daemon (EIO for the affected reads, the daemon stays up and status says why); and
+# kill -9 at random moments of setup / write / teardown cycles, each followed by a clean
+# re-mount (no leftovers) and a verified backup.
+source "$(dirname "$0")/lib.sh"
+
+# --- a block device as the source ---------------------------------------------------
+head -c $((32 << 20)) /dev/urandom >"$T/blk.img"
+loop_attach "$T/blk.img"
+BLK=$LOOPDEV
+fmount "$T/mb" --state-dir "$T/sb" --device blk=$BLK
+[ "$(stat -c %s "$T/mb/live/blk")" = $((32 << 20)) ] || fail "live size of a block device source"
+cp "$T/blk.img" "$T/blk.ref"      # nothing written yet: the loop device shows the file
+"$FLEECEFS" setup "$T/mb" --target b --bitmap bm >/dev/null
+dd if=/dev/urandom of="$T/mb/live/blk" bs=64K count=16 seek=7 conv=notrunc,fsync status=none
+cmp "$T/mb/snapshot/blk" "$T/blk.ref" || fail "block device snapshot differs"
+dd if="$T/mb/live/blk" of="$T/blk.now" bs=1M status=none
+cmp "$T/blk.now" "$BLK" || fail "live view of the block device differs from the device"
+fallocate -p -o 0 -l $((1 << 20)) "$T/mb/live/blk" || fail "punch hole on a block device source"
+cmp -n $((1 << 20)) "$T/mb/live/blk" /dev/zero || fail "punched range of the block device is not zero"
+"$FLEECEFS" teardown "$T/mb" --target b --success >/dev/null
+"$FLEECEFS" unmount "$T/mb"
+
+# --- a source that shrinks under the daemon -----------------------------------------
+head -c $((16 << 20)) /dev/urandom >"$T/shrink.img"
+fmount "$T/ms" --state-dir "$T/ss" --device s=$T/shrink.img
+truncate -s $((8 << 20)) "$T/shrink.img"
+if dd if="$T/ms/live/s" of=/dev/null bs=64K skip=200 count=1 iflag=direct status=none 2>"$T/err"; then
+    fail "a read past the shrunken end succeeded"
+fi
+grep -q "Input/output error" "$T/err" || fail "shrunken source read: $(cat "$T/err")"
+dd if="$T/ms/live/s" of=/dev/null bs=64K count=1 iflag=direct status=none || fail "reads inside the source fail"
+status_json "$T/ms" 'd["devices"][0]["error"]' | grep -q "reading source" || fail "status does not show the source error"
+status_json "$T/ms" 'len(d["errors"])' | grep -qv '^0$' || fail "status errors is empty"
+"$FLEECEFS" unmount "$T/ms"
+
+# --- kill -9 at random moments -------------------------------------------------------
+head -c $((16 << 20)) /dev/urandom >"$T/src.img"
+cycle() {  # setup / write / teardown forever, as a backup tool and a guest would
+    local i=0
+    while :; do
+        i=$((i + 1))
+        "$FLEECEFS" setup "$T/mk" --target k --bitmap kb >/dev/null 2>&1 || true
+        dd if=/dev/urandom of="$T/mk/live/d" bs=4K count=8 seek=$((RANDOM % 4000)) conv=notrunc status=none 2>/dev/null || true
+        "$FLEECEFS" teardown "$T/mk" --target k $([ $((i % 2)) = 0 ] && echo --success || echo --failure) >/dev/null 2>&1 || true
+    done
+}
+for round in 1 2 3 4 5 6; do
+    fmount "$T/mk" --state-dir "$T/sk" --device d=$T/src.img 2>"$T/mount.err" ||
+        fail "round $round: re-mount after kill -9 failed: $(cat "$T/mount.err")"
+    [ -z "$(ls "$T/sk/fleecing" 2>/dev/null)" ] || fail "round $round: leftover fleecing files"
+    ls "$T/sk/bitmaps" | grep -qE '\.(pending|new)$' && fail "round $round: unfinished bitmap files left"
+    # a verified backup right after the recovery
+    cp "$T/src.img" "$T/ref.img"
+    "$FLEECEFS" setup "$T/mk" --target k --bitmap kb >/dev/null || fail "round $round: setup after recovery"
+    dd if=/dev/urandom of="$T/mk/live/d" bs=64K count=4 conv=notrunc status=none
+    if [ "$(status_json "$T/mk" 'd["access"]["dirty_bytes"]')" = $((16 << 20)) ]; then
+        cmp "$T/mk/snapshot/d" "$T/ref.img" || fail "round $round: full snapshot differs"
+    fi
+    "$FLEECEFS" teardown "$T/mk" --target k --success >/dev/null
+    pid=$(status_json "$T/mk" 'd["pid"]')
+    cycle &
+    cyc=$!
+    sleep "0.$((RANDOM % 4))$((RANDOM % 10))"
+    kill -9 "$pid"
+    kill "$cyc"
+    wait "$cyc" 2>/dev/null || true
+done
+fmount "$T/mk" --state-dir "$T/sk" --device d=$T/src.img 2>/dev/null
+status_json "$T/mk" '[b["consistent"] for b in d["bitmaps"]]' | grep -q True || fail "crash-safe bitmap lost after kill -9"
+echo "ok: block device source, shrunken source (EIO, status), 6 kill -9 at random moments recovered"
