@@ -354,7 +354,7 @@ fn snapshot_error(name: &str, offset: Option<u64>, e: io::Error) -> Error {
                  see fleecefs status"
             ),
         ),
-        Some(libc::ENOTCONN) => Error::io(
+        Some(libc::ENOTCONN) | Some(libc::ECONNABORTED) => Error::io(
             format!("snapshot/{name}{at}: the fleecefs daemon is gone"),
             e,
         ),

@@ -157,7 +157,7 @@ pub fn validate(args: &MountArgs) -> Result<MountPlan> {
 fn check_mountpoint(path: &Path) -> Result<(PathBuf, bool)> {
     let shown = path.display();
     // A dead FUSE mount still answers stat on its root from cached attributes; listing
-    // it is what fails with ENOTCONN.
+    // it is what fails (ENOTCONN, or ECONNABORTED after an abort).
     let probe = fs::metadata(path).and_then(|m| {
         if m.is_dir() {
             fs::read_dir(path).map(|_| m)
@@ -166,7 +166,7 @@ fn check_mountpoint(path: &Path) -> Result<(PathBuf, bool)> {
         }
     });
     match probe {
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+        Err(e) if crate::control::client::is_dead_mount(&e) => {
             let mp = resolve_mountpoint(path)?;
             return match mount_at(&mp)? {
                 Some(m) if m.source.starts_with(FSNAME_PREFIX) => Ok((mp, true)),

@@ -61,12 +61,21 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
         .collect()
 }
 
+/// Whether an error from a path means a FUSE mount whose daemon is gone: ENOTCONN, or
+/// ECONNABORTED when the connection was aborted with requests in flight.
+pub fn is_dead_mount(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENOTCONN) | Some(libc::ECONNABORTED)
+    )
+}
+
 /// The absolute, symlink-free form of `path`, even when it is a disconnected mount
-/// (where `canonicalize` itself fails with ENOTCONN).
+/// (where `canonicalize` itself fails with ENOTCONN or ECONNABORTED).
 pub fn resolve_mountpoint(path: &Path) -> Result<PathBuf> {
     match path.canonicalize() {
         Ok(p) => Ok(p),
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+        Err(e) if is_dead_mount(&e) => {
             let abs =
                 std::path::absolute(path).map_err(|e| Error::io("resolving mount point", e))?;
             let parent = abs.parent().unwrap_or(Path::new("/"));
