@@ -7,11 +7,10 @@
 //! cannot be interrupted); the caller marks the access broken *before* its write reaches
 //! the source, so whatever the late copy stores is never served (see `cbw.rs`).
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::time::{Duration, SystemTime};
-
-use crossbeam_channel::{Receiver, Sender};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::error::{Error, Kind, Result};
 
@@ -119,26 +118,44 @@ impl Breaker {
 
 type Job = Box<dyn FnOnce() + Send>;
 
+/// The job queue of the pool. Plain mutex and condition variable: waiters park at once
+/// (a spinning channel would take CPU from the copy it waits for).
+#[derive(Default)]
+struct Queue {
+    jobs: Mutex<VecDeque<Job>>,
+    ready: Condvar,
+}
+
 /// Threads that run copies for writers that wait with a timeout.
 pub struct CopyPool {
-    tx: Sender<Job>,
+    queue: Arc<Queue>,
 }
+
+/// The result of one job, handed from the pool thread to the waiting writer.
+type Slot = Arc<(Mutex<Option<Result<()>>>, Condvar)>;
 
 impl CopyPool {
     /// A pool of `threads` threads.
     pub fn new(threads: usize) -> std::io::Result<CopyPool> {
-        let (tx, rx): (Sender<Job>, Receiver<Job>) = crossbeam_channel::unbounded();
+        let queue = Arc::new(Queue::default());
         for i in 0..threads.max(1) {
-            let rx = rx.clone();
+            let q = queue.clone();
             std::thread::Builder::new()
                 .name(format!("cbw-copy-{i}"))
-                .spawn(move || {
-                    for job in rx {
-                        job();
-                    }
+                .spawn(move || loop {
+                    let job = {
+                        let mut jobs = q.jobs.lock().unwrap_or_else(|p| p.into_inner());
+                        loop {
+                            if let Some(job) = jobs.pop_front() {
+                                break job;
+                            }
+                            jobs = q.ready.wait(jobs).unwrap_or_else(|p| p.into_inner());
+                        }
+                    };
+                    job();
                 })?;
         }
-        Ok(CopyPool { tx })
+        Ok(CopyPool { queue })
     }
 
     /// Runs `f` on the pool and waits at most `timeout` for its result.
@@ -146,24 +163,39 @@ impl CopyPool {
     where
         F: FnOnce() -> Result<()> + Send + 'static,
     {
-        let (done_tx, done_rx) = crossbeam_channel::bounded(1);
-        self.tx
-            .send(Box::new(move || {
-                let _ = done_tx.send(f());
-            }))
-            .map_err(|_| Error::invalid("the copy-before-write pool has stopped"))?;
-        match done_rx.recv_timeout(timeout) {
-            Ok(r) => r,
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => Err(Error::new(
-                Kind::TimedOut,
-                format!(
-                    "copy-before-write took longer than the {}s timeout",
-                    timeout.as_secs_f64()
-                ),
-            )),
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
-                Err(Error::invalid("a copy-before-write thread died"))
+        let slot: Slot = Arc::new((Mutex::new(None), Condvar::new()));
+        let theirs = slot.clone();
+        self.queue
+            .jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back(Box::new(move || {
+                let r = f();
+                *theirs.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+                theirs.1.notify_one();
+            }));
+        self.queue.ready.notify_one();
+        let deadline = Instant::now() + timeout;
+        let mut done = slot.0.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(r) = done.take() {
+                return r;
             }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::new(
+                    Kind::TimedOut,
+                    format!(
+                        "copy-before-write took longer than the {}s timeout",
+                        timeout.as_secs_f64()
+                    ),
+                ));
+            }
+            done = slot
+                .1
+                .wait_timeout(done, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
     }
 }
