@@ -361,6 +361,61 @@ run_system() {
     "${SYS}_stop"
 }
 
+# ---------------------------------------------------------------- bitmap cost
+
+# The cost of dirty bitmaps (issue 3): the first-touch replay (one 4 KiB write into every
+# cluster, no access), on fleecefs without a bitmap and with a clean bitmap under each
+# --crash-safe-bitmaps mode: on (default; bits in shared memory, survive a daemon crash),
+# sync (one msync per clean-to-dirty transition: every write here), off. Writes lines
+# "variant IOPS mean_us" to bitmaps.txt.
+bitmap_cost() {
+    log "bitmap cost: first-touch replay without a bitmap and with --crash-safe-bitmaps on, sync, off"
+    local variant opts
+    for variant in none on sync off; do
+        case $variant in
+            none) opts="" ;;
+            *) opts="--crash-safe-bitmaps $variant" ;;
+        esac
+        SYS=bitmap_$variant
+        FMNT=$W/bitmap/mnt
+        mkdir -p "$FMNT"
+        rm -rf "$W/bitmap/state"
+        # shellcheck disable=SC2086
+        "$FLEECEFS" mount "$FMNT" --state-dir "$W/bitmap/state" --device "vm=$SRC" $opts ${BENCH_FLEECEFS_OPTS:-}
+        FMOUNTS+=("$FMNT")
+        if [ "$variant" != none ]; then
+            # a full backup leaves the bitmap clean: every replayed write dirties a cluster
+            "$FLEECEFS" setup "$FMNT" --target bm --bitmap bm >/dev/null
+            "$FLEECEFS" teardown "$FMNT" --target bm --success >/dev/null
+        fi
+        run_fio bitmap --name=bitmap --filename="$FMNT/live/vm" --read_iolog="$IOLOG" \
+            --replay_redirect="$FMNT/live/vm" --replay_no_stall=1
+        python3 -c '
+import json, sys
+w = json.load(open(sys.argv[1]))["jobs"][0]["write"]
+print(sys.argv[2], round(w["iops"]), round(w["lat_ns"]["mean"] / 1e3, 1))' \
+            "$RES/$SYS.bitmap.json" "$variant" >>"$RES/bitmaps.txt"
+        "$FLEECEFS" unmount "$FMNT"
+    done
+}
+
+bitmap_report() {
+    [ -s "$RES/bitmaps.txt" ] || return 0
+    python3 - "$RES/bitmaps.txt" <<'PY'
+import sys
+rows = {v: (int(i), float(l)) for v, i, l in (line.split() for line in open(sys.argv[1]))}
+base = rows["none"][0]
+print()
+print("| dirty bitmap (first-touch replay, no access) | IOPS | mean µs | vs no bitmap |")
+print("|---|---|---|---|")
+names = {"none": "no bitmap", "on": "bitmap, --crash-safe-bitmaps on (default)",
+         "sync": "bitmap, --crash-safe-bitmaps sync", "off": "bitmap, --crash-safe-bitmaps off"}
+for v in ("none", "on", "sync", "off"):
+    i, l = rows[v]
+    print(f"| {names[v]} | {i} | {l} | {i / base:.2f}x |")
+PY
+}
+
 # ---------------------------------------------------------------- scale
 
 # mount_setup_rss NAME DEVICE-ARGS...: mount, setup, some I/O, RSS; key=value lines.
@@ -603,6 +658,7 @@ main() {
 
     local s start=$SECONDS
     for s in $SYSTEMS; do run_system "$s"; done
+    case " $SYSTEMS " in *" fleecefs "*) bitmap_cost ;; esac
     scale_test
     log "done in $((SECONDS - start)) s"
 
@@ -612,6 +668,7 @@ main() {
         machine_info
         echo
         report
+        bitmap_report
     } | tee "$OUT/results.md"
     rm -rf "$OUT/json"
     cp -r "$RES" "$OUT/json"

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use crate::bitmap::Bitmap;
 use crate::cbw::Device;
 use crate::error::{Error, Result};
-use crate::persist::{BitmapKind, TrackedBitmap};
+use crate::persist::{BitmapKind, CrashSafety, TrackedBitmap};
 use crate::state::write_atomic;
 
 const REGISTRY: &str = "registry.json";
@@ -106,7 +106,7 @@ pub struct Decision {
 /// All bitmaps of one daemon.
 pub struct BitmapStore {
     dir: PathBuf,
-    crash_safe: bool,
+    crash_safe: CrashSafety,
     entries: Vec<Entry>,
 }
 
@@ -176,7 +176,11 @@ pub fn dirty_bytes(bits: &Bitmap, cluster: u64, size: u64) -> u64 {
 impl BitmapStore {
     /// Loads the registry in `dir` for the devices served now, recovering interrupted
     /// accesses (bitmap |= background) and checking every bitmap.
-    pub fn load(dir: &Path, devices: &[Arc<Device>], crash_safe: bool) -> Result<BitmapStore> {
+    pub fn load(
+        dir: &Path,
+        devices: &[Arc<Device>],
+        crash_safe: CrashSafety,
+    ) -> Result<BitmapStore> {
         let reg_path = dir.join(REGISTRY);
         let registry: Registry = match std::fs::read(&reg_path) {
             Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {

@@ -56,12 +56,14 @@ pub enum BitmapCommand {
     Remove(BitmapRemoveArgs),
 }
 
-/// A switch.
+/// `--crash-safe-bitmaps`.
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Toggle {
-    /// Enabled
+pub enum CrashSafetyArg {
+    /// Survive a daemon crash (free)
     On,
-    /// Disabled
+    /// Survive a machine crash too (a flush per newly dirtied bitmap word)
+    Sync,
+    /// Any unclean stop invalidates bitmaps
     Off,
 }
 
@@ -109,10 +111,10 @@ pub struct MountArgs {
     /// Most fleecing space a backup access may use across devices, e.g. 10G [default: unlimited]
     #[arg(long, value_name = "BYTES")]
     pub fleecing_limit: Option<String>,
-    /// Flush each newly dirtied bitmap word before the write it covers, so bitmaps stay
-    /// usable after a crash (on/off)
-    #[arg(long, value_enum, value_name = "on|off", default_value = "on")]
-    pub crash_safe_bitmaps: Toggle,
+    /// Bitmaps in use survive a daemon crash (on), also a machine crash by flushing each
+    /// newly dirtied word before its write (sync, slower), or neither (off)
+    #[arg(long, value_enum, value_name = "on|sync|off", default_value = "on")]
+    pub crash_safe_bitmaps: CrashSafetyArg,
     /// Internal: set in the background daemon started by `mount`
     #[arg(long, hide = true)]
     pub daemon_child: bool,

@@ -56,8 +56,8 @@ pub struct MountPlan {
     pub on_cbw_error: OnCbwError,
     /// Whether the mount point is a stale fleecefs mount to clean up first.
     pub stale_mount: bool,
-    /// Crash-safe bitmap tracking.
-    pub crash_safe_bitmaps: bool,
+    /// Which crashes bitmaps survive.
+    pub crash_safe_bitmaps: crate::persist::CrashSafety,
     /// Copy-before-write timeout.
     pub cbw_timeout: Option<Duration>,
     /// Fleecing space limit per access.
@@ -146,7 +146,11 @@ pub fn validate(args: &MountArgs) -> Result<MountPlan> {
             OnCbwErrorArg::BreakGuestWrite => OnCbwError::BreakGuestWrite,
         },
         stale_mount,
-        crash_safe_bitmaps: args.crash_safe_bitmaps == crate::cli::Toggle::On,
+        crash_safe_bitmaps: match args.crash_safe_bitmaps {
+            crate::cli::CrashSafetyArg::On => crate::persist::CrashSafety::On,
+            crate::cli::CrashSafetyArg::Sync => crate::persist::CrashSafety::Sync,
+            crate::cli::CrashSafetyArg::Off => crate::persist::CrashSafety::Off,
+        },
         cbw_timeout,
         fleecing_limit,
     })

@@ -55,9 +55,8 @@ pub struct EngineConfig {
     pub fleecing_limit: Option<u64>,
     /// The mount point (reports give absolute snapshot paths).
     pub mountpoint: PathBuf,
-    /// Flush each clean-to-dirty bitmap transition before the write it covers, so
-    /// bitmaps stay valid after a crash.
-    pub crash_safe_bitmaps: bool,
+    /// Which crashes bitmaps in use survive (`--crash-safe-bitmaps`).
+    pub crash_safe_bitmaps: crate::persist::CrashSafety,
 }
 
 impl EngineConfig {
@@ -71,7 +70,7 @@ impl EngineConfig {
             cbw_timeout: None,
             fleecing_limit: None,
             mountpoint,
-            crash_safe_bitmaps: true,
+            crash_safe_bitmaps: crate::persist::CrashSafety::On,
         }
     }
 }

@@ -25,13 +25,20 @@
 //! 4096    …  bitmap words, u64 little-endian, bit i of word w = cluster 64*w+i
 //! ```
 //!
-//! # Crash safety
-//! With `crash_safe`, [`TrackedBitmap::mark`] flushes (msync) the words it newly sets
-//! before it returns, and the caller writes the source only after that, so a bit is on
-//! stable storage before the write it covers. A heap shadow (`durable`) records which
-//! bits are known flushed, so writers that find a bit already set by a concurrent writer
-//! whose flush has not finished yet do not skip ahead of it. Only a clean-to-dirty
-//! transition costs a flush.
+//! # Crash safety (`--crash-safe-bitmaps`)
+//! The bits live in a shared file mapping, and a live write sets its bits there before it
+//! reaches the source. The mapping's dirty pages belong to the kernel's page cache, so
+//! they survive the daemon being killed (kill -9): only a machine crash can lose them.
+//! - `on` (default): the header records the kernel's boot id while the bitmap is in use.
+//!   Found in use with the same boot id (the daemon died, the machine did not), the
+//!   bitmap is kept; with another boot id it is invalid. No cost on the write path.
+//! - `sync`: [`TrackedBitmap::mark`] also flushes (msync) the words it newly sets before
+//!   it returns, so a bit is on stable storage before the write it covers, and the
+//!   bitmap survives machine crashes too. A heap shadow (`durable`) records which bits
+//!   are known flushed, so writers that find a bit already set by a concurrent writer
+//!   whose flush has not finished yet do not skip ahead of it. Each clean-to-dirty
+//!   transition costs a flush (measured in docs/performance.md).
+//! - `off`: a bitmap found in use is invalid (QEMU's rule).
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -52,6 +59,31 @@ pub const VERSION: u32 = 1;
 pub const HEADER_LEN: usize = 4096;
 const FLAG_IN_USE: u32 = 1;
 const FLAG_CRASH_SAFE: u32 = 2;
+const FLAG_SYNCED: u32 = 4;
+
+/// How much of a crash a bitmap in use survives (`--crash-safe-bitmaps`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CrashSafety {
+    /// Any unclean stop makes it invalid (QEMU's rule).
+    Off,
+    /// Survives the daemon's death; a machine crash makes it invalid. Free.
+    On,
+    /// Survives machine crashes too: every clean-to-dirty transition is flushed.
+    Sync,
+}
+
+/// The kernel's boot id (`/proc/sys/kernel/random/boot_id`), zeros if unreadable.
+pub fn boot_id() -> [u8; 16] {
+    let mut id = [0u8; 16];
+    if let Ok(text) = std::fs::read_to_string("/proc/sys/kernel/random/boot_id") {
+        let hex: Vec<u8> = text.bytes().filter(u8::is_ascii_hexdigit).collect();
+        for (i, pair) in hex.chunks(2).take(16).enumerate() {
+            let s = std::str::from_utf8(pair).unwrap_or("0");
+            id[i] = u8::from_str_radix(s, 16).unwrap_or(0);
+        }
+    }
+    id
+}
 const NAME_FIELD: usize = 72;
 
 /// Which role a bitmap file plays.
@@ -68,8 +100,12 @@ pub enum BitmapKind {
 pub struct Header {
     /// IN_USE flag.
     pub in_use: bool,
-    /// CRASH_SAFE flag.
+    /// CRASH_SAFE flag: while in use, the bitmap survives the daemon's death.
     pub crash_safe: bool,
+    /// SYNCED flag: while in use, every clean-to-dirty transition was flushed first.
+    pub synced: bool,
+    /// Boot id of the machine while in use.
+    pub boot_id: [u8; 16],
     /// Cluster size in bytes.
     pub cluster_size: u64,
     /// Source size in bytes.
@@ -128,7 +164,8 @@ impl Header {
         b[0..8].copy_from_slice(MAGIC);
         b[8..12].copy_from_slice(&VERSION.to_le_bytes());
         let flags = if self.in_use { FLAG_IN_USE } else { 0 }
-            | if self.crash_safe { FLAG_CRASH_SAFE } else { 0 };
+            | if self.crash_safe { FLAG_CRASH_SAFE } else { 0 }
+            | if self.synced { FLAG_SYNCED } else { 0 };
         b[12..16].copy_from_slice(&flags.to_le_bytes());
         b[16..24].copy_from_slice(&self.cluster_size.to_le_bytes());
         b[24..32].copy_from_slice(&self.source_size.to_le_bytes());
@@ -147,6 +184,7 @@ impl Header {
         put_name(&mut b, 88, &self.device);
         put_name(&mut b, 160, &self.target);
         put_name(&mut b, 232, &self.name);
+        b[304..320].copy_from_slice(&self.boot_id);
         let crc = crc32fast::hash(&b[..HEADER_LEN - 4]);
         b[HEADER_LEN - 4..].copy_from_slice(&crc.to_le_bytes());
         b
@@ -182,6 +220,8 @@ impl Header {
         Ok(Header {
             in_use: flags & FLAG_IN_USE != 0,
             crash_safe: flags & FLAG_CRASH_SAFE != 0,
+            synced: flags & FLAG_SYNCED != 0,
+            boot_id: b[304..320].try_into().expect("16 bytes"),
             cluster_size: u64_at(b, 16),
             source_size: u64_at(b, 24),
             source_dev: u64_at(b, 32),
@@ -238,7 +278,7 @@ fn crc_of(bits: &Bitmap) -> u32 {
 pub type Invalid = String;
 
 impl TrackedBitmap {
-    fn map(path: &Path, file: File, header: Header, crash_safe: bool) -> Result<TrackedBitmap> {
+    fn map(path: &Path, file: File, header: Header, safety: CrashSafety) -> Result<TrackedBitmap> {
         let len = Bitmap::bytes_for(header.nbits).max(8);
         // SAFETY: the file is ours (state dir, 0600) and no other process maps it while
         // we hold the state lock; the mapping is only accessed through atomics.
@@ -250,7 +290,7 @@ impl TrackedBitmap {
         }
         .context(|| format!("mapping bitmap {}", path.display()))?;
         let bits = Bitmap::from_mmap(map, 0, header.nbits);
-        let durable = crash_safe.then(|| bits.to_heap());
+        let durable = (safety == CrashSafety::Sync).then(|| bits.to_heap());
         Ok(TrackedBitmap {
             path: Mutex::new(path.to_path_buf()),
             file,
@@ -274,12 +314,14 @@ impl TrackedBitmap {
         target: &str,
         name: &str,
         fill: bool,
-        crash_safe: bool,
+        safety: CrashSafety,
     ) -> Result<TrackedBitmap> {
         let id = source.identity();
         let header = Header {
             in_use: true,
-            crash_safe,
+            crash_safe: safety != CrashSafety::Off,
+            synced: safety == CrashSafety::Sync,
+            boot_id: boot_id(),
             cluster_size,
             source_size: source.size(),
             source_dev: id.dev,
@@ -308,7 +350,7 @@ impl TrackedBitmap {
         file.set_len(HEADER_LEN as u64 + data_len)
             .and_then(|_| file.write_all_at(&header.encode(), 0))
             .context(|| format!("writing bitmap {}", tmp.display()))?;
-        let t = Self::map(&tmp, file, header, crash_safe)?;
+        let t = Self::map(&tmp, file, header, safety)?;
         t.bits.fill(fill);
         t.bits
             .flush()
@@ -334,7 +376,7 @@ impl TrackedBitmap {
         path: &Path,
         source: &Source,
         cluster_size: u64,
-        crash_safe: bool,
+        safety: CrashSafety,
     ) -> Result<std::result::Result<TrackedBitmap, Invalid>> {
         let file = match OpenOptions::new()
             .read(true)
@@ -388,6 +430,13 @@ impl TrackedBitmap {
                     .into(),
             ));
         }
+        if header.in_use && !header.synced && header.boot_id != boot_id() {
+            return Ok(Err(
+                "the machine restarted while the bitmap was in use (bitmaps survive a \
+                 daemon crash; with --crash-safe-bitmaps sync they survive a machine crash too)"
+                    .into(),
+            ));
+        }
         let clean = !header.in_use;
         if clean && !id.block_device {
             let now = source.mtime_ns()?;
@@ -397,13 +446,13 @@ impl TrackedBitmap {
                 ));
             }
         }
-        let t = Self::map(path, file, header, crash_safe)?;
+        let t = Self::map(path, file, header, safety)?;
         if clean && crc_of(&t.bits) != t.header().data_crc {
             return Ok(Err("the bitmap data checksum does not match".into()));
         }
         if !clean {
             log::warn!(
-                "bitmap {} was in use when its daemon stopped; tracking was crash-safe, so it is kept",
+                "bitmap {} was in use when its daemon stopped on this boot; its bits are intact, so it is kept",
                 path.display()
             );
         }
@@ -411,7 +460,9 @@ impl TrackedBitmap {
         {
             let mut h = t.header.lock().unwrap_or_else(|p| p.into_inner());
             h.in_use = true;
-            h.crash_safe = crash_safe;
+            h.crash_safe = safety != CrashSafety::Off;
+            h.synced = safety == CrashSafety::Sync;
+            h.boot_id = boot_id();
             h.source_mtime_ns = 0;
         }
         t.write_header()?;
@@ -470,6 +521,7 @@ impl TrackedBitmap {
             let mut h = self.header.lock().unwrap_or_else(|p| p.into_inner());
             h.in_use = true;
             h.crash_safe = false;
+            h.synced = false;
         }
         if let Err(e) = self.write_header() {
             log::error!("{}", crate::error::report(&e));
@@ -585,6 +637,8 @@ mod tests {
         Header {
             in_use: true,
             crash_safe: true,
+            synced: false,
+            boot_id: [7; 16],
             cluster_size: 65536,
             source_size: 1 << 30,
             source_dev: 42,
@@ -632,7 +686,7 @@ mod tests {
                 "t",
                 "b",
                 false,
-                true,
+                CrashSafety::Sync,
             )
             .unwrap()
         };
@@ -641,7 +695,7 @@ mod tests {
         t.mark(3..4);
         t.close_clean(&source).unwrap();
         drop(t);
-        let t = TrackedBitmap::open(&path, &source, 65536, true)
+        let t = TrackedBitmap::open(&path, &source, 65536, CrashSafety::Sync)
             .unwrap()
             .unwrap();
         assert!(t.bits().get(3));
@@ -651,10 +705,56 @@ mod tests {
         t.mark_failed("test");
         assert!(t.close_clean(&source).is_err());
         drop(t);
-        let reason = TrackedBitmap::open(&path, &source, 65536, true)
+        let reason = TrackedBitmap::open(&path, &source, 65536, CrashSafety::Sync)
             .unwrap()
             .err()
             .unwrap();
         assert!(reason.contains("not crash-safe"), "{reason}");
+    }
+
+    #[test]
+    fn a_bitmap_in_use_survives_a_daemon_crash_not_a_reboot_unless_synced() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src.img");
+        std::fs::write(&src, vec![0u8; 1 << 20]).unwrap();
+        let source = Source::open(&src).unwrap();
+        let path = dir.path().join("b.bitmap");
+        let left_in_use = |safety: CrashSafety, other_boot: bool| {
+            let t = TrackedBitmap::create(
+                &path,
+                &source,
+                65536,
+                16,
+                BitmapKind::Target,
+                "d",
+                "t",
+                "b",
+                false,
+                safety,
+            )
+            .unwrap();
+            t.mark(5..6);
+            drop(t); // the daemon dies: no clean close
+            if other_boot {
+                let f = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&path)
+                    .unwrap();
+                let mut b = vec![0u8; HEADER_LEN];
+                f.read_exact_at(&mut b, 0).unwrap();
+                let mut h = Header::decode(&b).unwrap();
+                h.boot_id = [0xee; 16];
+                f.write_all_at(&h.encode(), 0).unwrap();
+            }
+            TrackedBitmap::open(&path, &source, 65536, CrashSafety::On).unwrap()
+        };
+        let kept = left_in_use(CrashSafety::On, false).unwrap();
+        assert!(kept.bits().get(5), "the bit set before the crash is gone");
+        drop(kept);
+        let reason = left_in_use(CrashSafety::On, true).err().unwrap();
+        assert!(reason.contains("machine restarted"), "{reason}");
+        assert!(left_in_use(CrashSafety::Sync, true).unwrap().bits().get(5));
+        assert!(left_in_use(CrashSafety::Off, false).is_err());
     }
 }

@@ -6,7 +6,7 @@
 use std::os::unix::fs::FileExt;
 
 use fleecefs::control::proto::{parse_request, Request, MAX_REQUEST};
-use fleecefs::persist::{BitmapKind, Header, TrackedBitmap, HEADER_LEN};
+use fleecefs::persist::{BitmapKind, CrashSafety, Header, TrackedBitmap, HEADER_LEN};
 use fleecefs::source::Source;
 use proptest::prelude::*;
 
@@ -14,6 +14,8 @@ fn valid_header(nbits: u64) -> Header {
     Header {
         in_use: false,
         crash_safe: true,
+        synced: true,
+        boot_id: [1; 16],
         cluster_size: 65536,
         source_size: nbits.saturating_mul(65536),
         source_dev: 1,
@@ -90,7 +92,7 @@ proptest! {
         if keep_header {
             // a real, clean bitmap file, then one byte of it damaged
             let t = TrackedBitmap::create(&path, &source, 65536, 64, BitmapKind::Target,
-                "dev", "tgt", "bm", true, true).unwrap();
+                "dev", "tgt", "bm", true, CrashSafety::Sync).unwrap();
             t.close_clean(&source).unwrap();
             drop(t);
             bytes = std::fs::read(&path).unwrap();
@@ -98,7 +100,7 @@ proptest! {
             bytes[i] ^= 0x40;
         }
         std::fs::write(&path, &bytes).unwrap();
-        match TrackedBitmap::open(&path, &source, 65536, true) {
+        match TrackedBitmap::open(&path, &source, 65536, CrashSafety::Sync) {
             Ok(Ok(_)) => prop_assert!(false, "damaged file loaded as valid"),
             Ok(Err(_reason)) => {}
             Err(e) => prop_assert!(false, "loader failed instead of reporting invalid: {e}"),
@@ -134,7 +136,7 @@ fn regressions_bitmap_loader() {
     let f = std::fs::File::create(&path).unwrap();
     f.write_all_at(&h.encode(), 0).unwrap();
     assert!(matches!(
-        TrackedBitmap::open(&path, &source, 65536, true),
+        TrackedBitmap::open(&path, &source, 65536, CrashSafety::Sync),
         Ok(Err(_))
     ));
     // a name length byte past its field
@@ -144,12 +146,12 @@ fn regressions_bitmap_loader() {
     // empty and header-only files
     std::fs::write(&path, b"").unwrap();
     assert!(matches!(
-        TrackedBitmap::open(&path, &source, 65536, true),
+        TrackedBitmap::open(&path, &source, 65536, CrashSafety::Sync),
         Ok(Err(_))
     ));
     std::fs::write(&path, &b[..HEADER_LEN - 1]).unwrap();
     assert!(matches!(
-        TrackedBitmap::open(&path, &source, 65536, true),
+        TrackedBitmap::open(&path, &source, 65536, CrashSafety::Sync),
         Ok(Err(_))
     ));
 }

@@ -52,13 +52,23 @@ mnt
 dirty_clusters 9
 expect used $((2 * CL)) --bitmap b1
 
-# kill -9 with crash-safe tracking (the default): still `used`, every write present
+# kill -9 with the default tracking (bits in the page cache survive the daemon):
+# still `used`, every write present
 dirty_clusters 11 12
 pid=$(status_field 's["pid"]')
 kill -9 "$pid"
 sleep 0.2
 mnt
 expect used $((2 * CL)) --bitmap b1
+
+# kill -9 with --crash-safe-bitmaps sync: used too
+"$FLEECEFS" unmount "$T/mnt"
+mnt --crash-safe-bitmaps sync
+dirty_clusters 20
+kill -9 "$(status_field 's["pid"]')"
+sleep 0.2
+mnt --crash-safe-bitmaps sync
+expect used $CL --bitmap b1
 
 # kill -9 without crash-safe tracking: invalid
 "$FLEECEFS" unmount "$T/mnt"
