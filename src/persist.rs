@@ -7,7 +7,8 @@
 //!   0     8  magic "FLEECEBM"
 //!   8     4  format version (1)
 //!  12     4  flags: bit 0 IN_USE (a daemon has it open), bit 1 CRASH_SAFE (while in
-//!            use, every clean-to-dirty transition was flushed before its write)
+//!            use it survives the daemon's death), bit 2 SYNCED (while in use, every
+//!            clean-to-dirty transition was flushed before its write)
 //!  16     8  cluster size
 //!  24     8  source size
 //!  32     8  source device number (st_dev, st_rdev for block devices)
@@ -21,6 +22,7 @@
 //!  88    72  device name  (u8 length + 71 bytes)
 //! 160    72  target ID    (u8 length + 71 bytes)
 //! 232    72  bitmap name  (u8 length + 71 bytes)
+//! 304    16  boot id of the machine while in use
 //! 4092    4  CRC-32 of bytes 0..4092
 //! 4096    …  bitmap words, u64 little-endian, bit i of word w = cluster 64*w+i
 //! ```
