@@ -659,6 +659,8 @@ main() {
     local s start=$SECONDS
     for s in $SYSTEMS; do run_system "$s"; done
     case " $SYSTEMS " in *" fleecefs "*) bitmap_cost ;; esac
+    log "engine micro-benchmarks (cargo bench --bench engine, no FUSE)"
+    (cd "$REPO" && cargo bench --quiet --bench engine 2>/dev/null) >"$RES/micro.txt" || log "micro-benchmarks failed"
     scale_test
     log "done in $((SECONDS - start)) s"
 
@@ -669,6 +671,12 @@ main() {
         echo
         report
         bitmap_report
+        if [ -s "$RES/micro.txt" ]; then
+            echo
+            echo '```'
+            cat "$RES/micro.txt"
+            echo '```'
+        fi
     } | tee "$OUT/results.md"
     rm -rf "$OUT/json"
     cp -r "$RES" "$OUT/json"

@@ -27,6 +27,16 @@ pub struct DirtyMap {
     dirty_bytes: u64,
 }
 
+/// Decimal digits of `v`.
+fn digits(v: u64) -> u64 {
+    v.checked_ilog10().map_or(1, |d| u64::from(d) + 1)
+}
+
+/// Length of the line `"{offset} {len}\n"` without formatting it.
+fn line_len(offset: u64, len: u64) -> u64 {
+    digits(offset) + 1 + digits(len) + 1
+}
+
 fn format_line(out: &mut [u8; 48], offset: u64, len: u64) -> usize {
     let mut cur = &mut out[..];
     let before = cur.len();
@@ -42,7 +52,6 @@ impl DirtyMap {
         let mut index = Vec::with_capacity(nchunks.max(1));
         let mut pos = 0u64;
         let mut dirty_bytes = 0u64;
-        let mut line = [0u8; 48];
         for run in frozen.runs(0..frozen.len()) {
             let chunk = (run.start / CHUNK_BITS) as usize;
             while index.len() <= chunk {
@@ -50,7 +59,7 @@ impl DirtyMap {
             }
             let bytes = cluster.byte_range(run, device_size);
             dirty_bytes += bytes.end - bytes.start;
-            pos += format_line(&mut line, bytes.start, bytes.end - bytes.start) as u64;
+            pos += line_len(bytes.start, bytes.end - bytes.start);
         }
         while index.len() < nchunks.max(1) {
             index.push(pos);
@@ -172,6 +181,24 @@ mod tests {
         let m = DirtyMap::new(b, c, size);
         assert_eq!(m.to_text(), "4096 8202\n");
         assert_eq!(m.dirty_bytes(), 8202);
+    }
+
+    #[test]
+    fn line_lengths_match_formatting() {
+        let mut line = [0u8; 48];
+        for (o, l) in [
+            (0, 1),
+            (9, 10),
+            (99, 100),
+            (65536, 65536),
+            (u64::MAX, u64::MAX),
+        ] {
+            assert_eq!(
+                line_len(o, l),
+                format_line(&mut line, o, l) as u64,
+                "{o} {l}"
+            );
+        }
     }
 
     #[test]
