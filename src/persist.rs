@@ -670,28 +670,34 @@ mod tests {
         assert!(Header::decode(&b[..100]).unwrap_err().contains("truncated"));
     }
 
+    /// A 1 MiB source in `dir` and a 16-cluster bitmap file for it at `dir/b.bitmap`.
+    fn fixture(dir: &Path) -> (Source, PathBuf) {
+        let src = dir.join("src.img");
+        std::fs::write(&src, vec![0u8; 1 << 20]).unwrap();
+        (Source::open(&src).unwrap(), dir.join("b.bitmap"))
+    }
+
+    fn create_test_bitmap(path: &Path, source: &Source, safety: CrashSafety) -> TrackedBitmap {
+        TrackedBitmap::create(
+            path,
+            source,
+            65536,
+            16,
+            BitmapKind::Target,
+            "d",
+            "t",
+            "b",
+            false,
+            safety,
+        )
+        .unwrap()
+    }
+
     #[test]
     fn a_failed_bitmap_is_invalid_after_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let src = dir.path().join("src.img");
-        std::fs::write(&src, vec![0u8; 1 << 20]).unwrap();
-        let source = Source::open(&src).unwrap();
-        let path = dir.path().join("b.bitmap");
-        let make = || {
-            TrackedBitmap::create(
-                &path,
-                &source,
-                65536,
-                16,
-                BitmapKind::Target,
-                "d",
-                "t",
-                "b",
-                false,
-                CrashSafety::Sync,
-            )
-            .unwrap()
-        };
+        let (source, path) = fixture(dir.path());
+        let make = || create_test_bitmap(&path, &source, CrashSafety::Sync);
         // a clean close reopens as valid
         let t = make();
         t.mark(3..4);
@@ -717,24 +723,9 @@ mod tests {
     #[test]
     fn a_bitmap_in_use_survives_a_daemon_crash_not_a_reboot_unless_synced() {
         let dir = tempfile::tempdir().unwrap();
-        let src = dir.path().join("src.img");
-        std::fs::write(&src, vec![0u8; 1 << 20]).unwrap();
-        let source = Source::open(&src).unwrap();
-        let path = dir.path().join("b.bitmap");
+        let (source, path) = fixture(dir.path());
         let left_in_use = |safety: CrashSafety, other_boot: bool| {
-            let t = TrackedBitmap::create(
-                &path,
-                &source,
-                65536,
-                16,
-                BitmapKind::Target,
-                "d",
-                "t",
-                "b",
-                false,
-                safety,
-            )
-            .unwrap();
+            let t = create_test_bitmap(&path, &source, safety);
             t.mark(5..6);
             drop(t); // the daemon dies: no clean close
             if other_boot {
