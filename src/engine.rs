@@ -561,30 +561,34 @@ impl Engine {
             gates.iter_mut().filter_map(|g| g.access.take()).collect();
         // A broken access means the backup failed, whatever the caller says.
         let success = success && accesses.iter().all(|a| a.broken().is_none());
-        let mut result = Ok(());
         for (gate, d) in gates.iter_mut().zip(&active.devices) {
             if let (Some(b), Some(bg)) = (&d.bitmap, &d.background) {
-                let merged = b.merge_from(bg.bits(), success).and_then(|_| {
-                    if success {
-                        b.bump_sequence()
-                    } else {
-                        Ok(())
-                    }
-                });
-                if let Err(e) = merged {
-                    b.mark_failed(&crate::error::report(&e));
-                    result = Err(e);
-                }
+                b.merge_bits(bg.bits(), success);
             }
             if let Some(store) = store {
                 gate.tracking = store.tracking_for(self.devices[d.index].name(), None);
             }
         }
         drop(gates);
+        // Durability after the gates: until each merged bitmap is flushed its background
+        // file stays, so a crash now still recovers a superset (bitmap |= background).
+        let mut result = Ok(());
         for d in &active.devices {
-            if let Some(bg) = &d.background {
-                if let Err(e) = bg.remove() {
-                    log::warn!("{}", crate::error::report(&e));
+            let (Some(b), Some(bg)) = (&d.bitmap, &d.background) else {
+                continue;
+            };
+            let flushed = b
+                .flush()
+                .and_then(|_| if success { b.bump_sequence() } else { Ok(()) });
+            match flushed {
+                Ok(()) => {
+                    if let Err(e) = bg.remove() {
+                        log::warn!("{}", crate::error::report(&e));
+                    }
+                }
+                Err(e) => {
+                    b.mark_failed(&crate::error::report(&e));
+                    result = Err(e);
                 }
             }
         }

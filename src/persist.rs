@@ -559,24 +559,33 @@ impl TrackedBitmap {
         }
     }
 
-    /// Replaces the bits with `other`'s (teardown success) or ORs them in (failure).
-    pub fn merge_from(&self, other: &Bitmap, replace: bool) -> Result<()> {
+    /// Replaces the bits with `other`'s (teardown success) or ORs them in (failure), in
+    /// memory only: the caller holds the gates, so no write is tracked meanwhile, and
+    /// flushes afterwards with [`TrackedBitmap::flush`].
+    pub fn merge_bits(&self, other: &Bitmap, replace: bool) {
         if replace {
             if let Some(d) = &self.durable {
-                // Clear the shadow first: a bit may only be claimed durable once flushed.
+                // A bit may only be claimed durable once flushed by `mark` itself; a bit
+                // that a concurrent writer sets during a later full flush must not be.
                 d.fill(false);
             }
             self.bits.copy_from(other);
         } else {
             self.bits.or_from(other);
         }
+    }
+
+    /// Flushes all bits to the file (msync).
+    pub fn flush(&self) -> Result<()> {
         self.bits
             .flush()
-            .context(|| format!("flushing bitmap {}", self.path().display()))?;
-        if let Some(d) = &self.durable {
-            d.copy_from(&self.bits);
-        }
-        Ok(())
+            .context(|| format!("flushing bitmap {}", self.path().display()))
+    }
+
+    /// [`TrackedBitmap::merge_bits`] then [`TrackedBitmap::flush`] (recovery at load).
+    pub fn merge_from(&self, other: &Bitmap, replace: bool) -> Result<()> {
+        self.merge_bits(other, replace);
+        self.flush()
     }
 
     /// Counts a successful backup.
