@@ -61,6 +61,18 @@ fn make_engine(
     cluster: u64,
     initial: &mut Rng,
 ) -> (Engine, Vec<Vec<u8>>) {
+    make_engine_with(dir, sizes, cluster, initial, None)
+}
+
+/// As [`make_engine`], with a copy-before-write timeout: copies then run on the pool, as
+/// with the daemon's default `--cbw-timeout 45`.
+fn make_engine_with(
+    dir: &Path,
+    sizes: &[u64],
+    cluster: u64,
+    initial: &mut Rng,
+    cbw_timeout: Option<std::time::Duration>,
+) -> (Engine, Vec<Vec<u8>>) {
     let mut devices = Vec::new();
     let mut models = Vec::new();
     for (i, &size) in sizes.iter().enumerate() {
@@ -76,7 +88,10 @@ fn make_engine(
         ));
         models.push(data);
     }
-    let config = EngineConfig::new(dir.join("fleece"), dir.join("mnt"));
+    let config = EngineConfig {
+        cbw_timeout,
+        ..EngineConfig::new(dir.join("fleece"), dir.join("mnt"))
+    };
     (Engine::new(devices, config, None).unwrap(), models)
 }
 
@@ -322,7 +337,9 @@ fn run_threaded(seed: u64) {
     let dir = tempfile::tempdir().unwrap();
     let cluster = 4096u64;
     let sizes = [cluster * 64 + 700, cluster * 32];
-    let (engine, live) = make_engine(dir.path(), &sizes, cluster, &mut rng);
+    // Odd seeds copy on the pool (the daemon's default, with a timeout), even ones inline.
+    let timeout = (seed % 2 == 1).then(|| std::time::Duration::from_secs(60));
+    let (engine, live) = make_engine_with(dir.path(), &sizes, cluster, &mut rng, timeout);
     let shared = Arc::new(Shared {
         engine,
         quiesce: RwLock::new(()),
