@@ -734,7 +734,7 @@ impl Engine {
                 "target '{target}' has an active backup access; tear it down first"
             )));
         }
-        let active_target = control.active.as_ref().map(|a| a.target.clone());
+        let control = &mut *control;
         let Some(store) = control.bitmaps.as_mut() else {
             return Err(Error::not_found(format!(
                 "target '{target}' has no bitmaps"
@@ -746,17 +746,23 @@ impl Engine {
             )));
         }
         let removed = store.remove_target(target)?;
-        for d in &self.devices {
+        for (i, d) in self.devices.iter().enumerate() {
             let mut gate = d.lock_gate();
-            // Keep the background bitmap of another target's active access.
-            let backgrounds: Vec<_> = gate
-                .tracking
-                .iter()
-                .filter(|t| t.header().kind == crate::persist::BitmapKind::Background)
-                .cloned()
-                .collect();
-            gate.tracking = store.tracking_for(d.name(), active_target.as_deref());
-            gate.tracking.extend(backgrounds);
+            // A device of another target's active access keeps that target's frozen bitmap
+            // out of tracking and its background bitmap in; every other device tracks all
+            // its bitmaps.
+            let in_access = control
+                .active
+                .as_ref()
+                .and_then(|a| a.devices.iter().find(|ad| ad.index == i).map(|ad| (a, ad)));
+            gate.tracking = match in_access {
+                Some((a, ad)) => {
+                    let mut t = store.tracking_for(d.name(), Some(&a.target));
+                    t.extend(ad.background.clone());
+                    t
+                }
+                None => store.tracking_for(d.name(), None),
+            };
         }
         log::info!(
             "removed bitmaps of target '{target}': {}",

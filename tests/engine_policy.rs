@@ -116,3 +116,27 @@ fn break_guest_write_fails_the_write_and_keeps_the_snapshot() {
     assert_eq!(buf, vec![0x11; 512]);
     e.teardown("t", true).unwrap();
 }
+
+/// Regression (review finding): `bitmap remove` of one target during another target's
+/// access on some devices must not stop tracking that target's bitmaps on the others.
+#[test]
+fn bitmap_remove_during_an_access_keeps_other_targets_tracking() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(dir.path(), OnCbwError::BreakSnapshot, None);
+    let only = |d: &str| Some(vec![d.to_string()]);
+    for t in ["t", "x"] {
+        e.setup(t, None, Some("bm")).unwrap();
+        e.teardown(t, true).unwrap();
+    }
+    e.setup("t", only("a").as_deref(), Some("bm")).unwrap();
+    e.remove_bitmaps("x").unwrap();
+    e.teardown("t", true).unwrap();
+    e.devices()[1].write_live(3 * CL, &[1u8; 100]).unwrap();
+    let r = e.setup("t", only("b").as_deref(), Some("bm")).unwrap();
+    assert_eq!(r.devices[0].bitmap_action, "used");
+    assert_eq!(
+        r.devices[0].dirty_bytes, CL,
+        "the write to b is missing from t's bitmap"
+    );
+    e.teardown("t", true).unwrap();
+}
