@@ -614,16 +614,19 @@ impl Engine {
     /// Shutdown, after the last live write: tears down any active access as a failure,
     /// then closes every bitmap cleanly (flushed, checksummed, not in use).
     pub fn shutdown(&self) {
-        let target = self.control().active.as_ref().map(|a| a.target.clone());
+        // No new access from here on, even from a control request racing the shutdown.
+        let target = {
+            let mut control = self.control();
+            control.shut_down = true;
+            control.active.as_ref().map(|a| a.target.clone())
+        };
         if let Some(t) = target {
             log::warn!("shutting down: backup access for target '{t}' is torn down as a failure");
             if let Err(e) = self.teardown(&t, false) {
                 log::error!("{}", crate::error::report(&e));
             }
         }
-        let mut control = self.control();
-        control.shut_down = true;
-        if let Some(store) = &control.bitmaps {
+        if let Some(store) = &self.control().bitmaps {
             store.close_all(&self.devices);
         }
     }

@@ -292,7 +292,8 @@ impl TrackedBitmap {
         }
         .context(|| format!("mapping bitmap {}", path.display()))?;
         let bits = Bitmap::from_mmap(map, 0, header.nbits);
-        let durable = (safety == CrashSafety::Sync).then(|| bits.to_heap());
+        // Filled by the caller once the bits are on stable storage.
+        let durable = (safety == CrashSafety::Sync).then(|| Bitmap::new(header.nbits, false));
         Ok(TrackedBitmap {
             path: Mutex::new(path.to_path_buf()),
             file,
@@ -451,6 +452,12 @@ impl TrackedBitmap {
         let t = Self::map(path, file, header, safety)?;
         if clean && crc_of(&t.bits) != t.header().data_crc {
             return Ok(Err("the bitmap data checksum does not match".into()));
+        }
+        if let Some(d) = &t.durable {
+            // Bits may have been in the page cache only (a daemon that ran without `sync`
+            // was killed): flush them before claiming any durable or writing SYNCED.
+            t.flush()?;
+            d.copy_from(&t.bits);
         }
         if !clean {
             log::warn!(

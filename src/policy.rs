@@ -42,17 +42,22 @@ impl FleecingBudget {
 
     /// Reserves `n` bytes, or fails with ENOSPC when the limit would be exceeded.
     pub fn reserve(&self, n: u64) -> Result<()> {
-        let prev = self.used.fetch_add(n, Ordering::AcqRel);
-        match self.limit {
-            Some(limit) if prev + n > limit => {
-                self.used.fetch_sub(n, Ordering::AcqRel);
-                Err(Error::io(
+        let Some(limit) = self.limit else {
+            self.used.fetch_add(n, Ordering::AcqRel);
+            return Ok(());
+        };
+        // Commit only if it fits, so concurrent reservations never fail for each other.
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
+                cur.checked_add(n).filter(|&total| total <= limit)
+            })
+            .map(|_| ())
+            .map_err(|_| {
+                Error::io(
                     format!("the fleecing limit of {limit} bytes is reached"),
                     std::io::Error::from_raw_os_error(libc::ENOSPC),
-                ))
-            }
-            _ => Ok(()),
-        }
+                )
+            })
     }
 
     /// Gives back `n` reserved bytes (a failed copy, or a discard).
