@@ -171,6 +171,33 @@ impl DeviceAccess {
         &self.stripes[(unit as usize) & (STRIPES - 1)]
     }
 
+    /// Waits for a stripe lock as a reader or a discard does: these hold the device gate,
+    /// so they must not wait forever behind a copy stuck in the fleecing file (a waiting
+    /// teardown would then hold up every live write). The copy's writer gives up after
+    /// `--cbw-timeout` and breaks the access; from then on this returns `None`.
+    fn wait_stripe<G>(
+        &self,
+        mut try_lock: impl FnMut() -> std::sync::TryLockResult<G>,
+    ) -> Option<G> {
+        let mut spins = 0u32;
+        loop {
+            match try_lock() {
+                Ok(g) => return Some(g),
+                Err(std::sync::TryLockError::Poisoned(p)) => return Some(p.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) => {}
+            }
+            if self.is_broken() {
+                return None;
+            }
+            spins += 1;
+            if spins < 64 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+        }
+    }
+
     /// Clusters of `clusters` that fall into lock unit `unit`.
     fn unit_clusters(&self, cluster: ClusterSize, unit: u64, clusters: &Range<u64>) -> Range<u64> {
         let per_unit_shift = self.unit_shift - cluster.bytes().trailing_zeros();
@@ -477,10 +504,10 @@ impl Device {
         'units: while pos < end {
             let unit = pos >> access.unit_shift;
             let unit_end = ((unit + 1) << access.unit_shift).min(end);
-            let _g = access
-                .stripe(unit)
-                .read()
-                .unwrap_or_else(|p| p.into_inner());
+            let stripe = access.stripe(unit);
+            let Some(_g) = access.wait_stripe(|| stripe.try_read()) else {
+                return Err(self.broken_error(access));
+            };
             while pos < unit_end {
                 let c = self.cluster.index_of(pos);
                 if !access.accessible.get(c) {
@@ -545,10 +572,10 @@ impl Device {
             if !access.accessible.any_in(in_unit.clone()) {
                 continue;
             }
-            let _g = access
-                .stripe(unit - 1)
-                .write()
-                .unwrap_or_else(|p| p.into_inner());
+            let stripe = access.stripe(unit - 1);
+            let Some(_g) = access.wait_stripe(|| stripe.try_write()) else {
+                return Err(self.broken_error(access));
+            };
             let newly: Vec<Range<u64>> = access.accessible.runs(in_unit.clone()).collect();
             for run in newly {
                 // Copied clusters that were still accessible hold fleecing space until now.

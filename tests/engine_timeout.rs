@@ -79,5 +79,29 @@ fn slow_copies_time_out_without_blocking_the_writer_or_corrupting_anything() {
         std::thread::sleep(Duration::from_millis(1600));
     }
     assert!(e.teardown("t", true).is_err());
+
+    // a reader already waiting for the stripe that a stuck copy holds gets EIO as soon as
+    // the writer's timeout breaks the access, not when the copy finally finishes; so a
+    // teardown waiting for the gate does not hold up live writes for that long
+    let dir = tempfile::tempdir().unwrap();
+    let e = std::sync::Arc::new(engine(dir.path(), OnCbwError::BreakSnapshot));
+    e.setup("t", None, None).unwrap();
+    let (id, _) = e.active().unwrap();
+    let a = e.devices()[0].clone();
+    let writer = {
+        let a = a.clone();
+        std::thread::spawn(move || a.write_live(2 * CL, &[0x44; 100]).unwrap())
+    };
+    std::thread::sleep(Duration::from_millis(50)); // the copy holds the stripe now
+    let start = Instant::now();
+    let err = a.read_snapshot(id, 2 * CL, &mut buf).unwrap_err();
+    let waited = start.elapsed();
+    assert_eq!(err.errno(), libc::EIO, "{err}");
+    assert!(
+        waited < Duration::from_millis(700),
+        "reader waited {waited:?} for a stuck copy"
+    );
+    writer.join().unwrap();
+    assert!(e.teardown("t", false).is_ok());
     std::env::set_var("FLEECEFS_FAULT_CBW", "");
 }
