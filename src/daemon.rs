@@ -128,7 +128,7 @@ pub fn validate(args: &MountArgs) -> Result<MountPlan> {
         Some(d) => absolute(d)?,
         None => state_dir.join("fleecing"),
     };
-    let (mountpoint, stale_mount) = check_mountpoint(&args.mountpoint)?;
+    let (mountpoint, stale_mount) = check_mountpoint(&args.mountpoint, &state_dir)?;
     if state_dir.starts_with(&mountpoint) || fleecing_dir.starts_with(&mountpoint) {
         return Err(Error::invalid(
             "the state and fleecing directories must not be inside the mount point",
@@ -158,7 +158,7 @@ pub fn validate(args: &MountArgs) -> Result<MountPlan> {
 
 /// The mount point must be an existing, empty directory; a stale fleecefs mount (its
 /// daemon died) is accepted and cleaned up later.
-fn check_mountpoint(path: &Path) -> Result<(PathBuf, bool)> {
+fn check_mountpoint(path: &Path, state_dir: &Path) -> Result<(PathBuf, bool)> {
     let shown = path.display();
     // A dead FUSE mount still answers stat on its root from cached attributes; listing
     // it is what fails (ENOTCONN, or ECONNABORTED after an abort).
@@ -173,7 +173,13 @@ fn check_mountpoint(path: &Path) -> Result<(PathBuf, bool)> {
         Err(e) if crate::control::client::is_dead_mount(&e) => {
             let mp = resolve_mountpoint(path)?;
             return match mount_at(&mp)? {
-                Some(m) if m.source.starts_with(FSNAME_PREFIX) => Ok((mp, true)),
+                Some(m) if m.source == format!("{FSNAME_PREFIX}{}", state_dir.display()) => {
+                    Ok((mp, true))
+                }
+                Some(m) if m.source.starts_with(FSNAME_PREFIX) => Err(Error::busy(format!(
+                    "mount point {shown} is a dead fleecefs mount of another state directory ({}); clean it up with 'umount -l {shown}' or mount with that state directory",
+                    &m.source[FSNAME_PREFIX.len()..]
+                ))),
                 _ => Err(Error::busy(format!(
                     "mount point {shown} is a disconnected FUSE mount of another program; clean it up with 'umount -l {shown}'"
                 ))),

@@ -381,6 +381,22 @@ impl Engine {
                 .collect(),
         };
         if let Some(state) = &self.state {
+            // A teardown that could not delete a fleecing file left its record: clean up
+            // now, or refuse, rather than forget those files by overwriting the record.
+            if let Some(old) = state.leftover_access()? {
+                let removed = state.remove_leftovers(&old).map_err(|e| {
+                    Error::busy(format!(
+                        "fleecing files of the earlier access '{}' cannot be removed ({}); remove them and retry",
+                        old.target,
+                        crate::error::report(&e)
+                    ))
+                })?;
+                log::warn!(
+                    "removed {} leftover fleecing file(s) of the earlier access '{}'",
+                    removed.len(),
+                    old.target
+                );
+            }
             state.record_access(&record)?;
         }
         // Prepare everything that can fail before touching any gate: fleecing files,

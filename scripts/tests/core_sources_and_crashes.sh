@@ -99,6 +99,25 @@ for round in 1 2 3 4 5 6; do
     kill "$cyc"
     wait "$cyc" 2>/dev/null || true
 done
+# a dead mount of another state directory is not taken over
+expect_fail_with "another state directory" "$FLEECEFS" mount "$T/mk" --state-dir "$T/other" --device d=$T/src.img
 fmount "$T/mk" --state-dir "$T/sk" --device d=$T/src.img 2>/dev/null
 status_json "$T/mk" '[b["consistent"] for b in d["bitmaps"]]' | grep -q True || fail "crash-safe bitmap lost after kill -9"
+
+# a fleecing file that teardown cannot delete is not forgotten: the next setup removes it
+if chattr +i "$T/src.img" 2>/dev/null; then       # probe: chattr works on this filesystem
+    chattr -i "$T/src.img"
+    "$FLEECEFS" setup "$T/mk" --target imm >/dev/null
+    f=$(ls "$T/sk/fleecing"/*)
+    chattr +i "$f"
+    if "$FLEECEFS" teardown "$T/mk" --target imm --success 2>"$T/err"; then
+        chattr -i "$f"; fail "teardown succeeded although its fleecing file could not be deleted"
+    fi
+    grep -q "removing fleecing file" "$T/err" || { chattr -i "$f"; fail "teardown error: $(cat "$T/err")"; }
+    [ -e "$T/sk/access.json" ] || { chattr -i "$f"; fail "the record of the undeleted fleecing file is gone"; }
+    chattr -i "$f"
+    "$FLEECEFS" setup "$T/mk" --target next >/dev/null || fail "setup after a failed teardown"
+    [ ! -e "$f" ] || fail "the leftover fleecing file $f was not removed"
+    "$FLEECEFS" teardown "$T/mk" --target next --success >/dev/null
+fi
 echo "ok: block device source, shrunken source (EIO, status), no acknowledged write lost to kill -9, 6 kill -9 at random moments recovered"

@@ -143,15 +143,16 @@ pub fn serve(listener: UnixListener, engine: Arc<Engine>) {
             );
             continue;
         }
-        let (engine, active) = (engine.clone(), active.clone());
+        let (engine, mine) = (engine.clone(), active.clone());
         let spawned = std::thread::Builder::new()
             .name("control".into())
             .spawn(move || {
                 handle(&engine, stream);
-                active.fetch_sub(1, Ordering::AcqRel);
+                mine.fetch_sub(1, Ordering::AcqRel);
             });
         if let Err(e) = spawned {
             log::warn!("cannot start control handler: {e}");
+            active.fetch_sub(1, Ordering::AcqRel);
         }
     }
 }
