@@ -306,13 +306,19 @@ impl Device {
         self.gate.write().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn track(&self, gate: &GateState, offset: u64, len: u64) {
-        if gate.tracking.is_empty() {
-            return;
+    /// What must happen before `[offset, offset+len)` of the source changes (the ordering
+    /// invariant): mark the clusters in every tracking bitmap, then copy the old data of
+    /// those that still need it. Called with the gate held for the whole change.
+    fn before_change(&self, gate: &GateState, offset: u64, len: u64) -> Result<()> {
+        if !gate.tracking.is_empty() {
+            let clusters = self.cluster.outward(offset, len);
+            for t in &gate.tracking {
+                t.mark(clusters.clone());
+            }
         }
-        let clusters = self.cluster.outward(offset, len);
-        for t in &gate.tracking {
-            t.mark(clusters.clone());
+        match gate.access.as_ref() {
+            Some(access) => self.copy_before_write(access, offset, len),
+            None => Ok(()),
         }
     }
 
@@ -353,10 +359,7 @@ impl Device {
             return Ok(0);
         }
         let gate = self.gate();
-        self.track(&gate, offset, len);
-        if let Some(access) = gate.access.as_ref() {
-            self.copy_before_write(access, offset, len)?;
-        }
+        self.before_change(&gate, offset, len)?;
         self.source
             .write_at(data, offset)
             .inspect_err(|e| self.note_source_error(e))?;
@@ -394,10 +397,7 @@ impl Device {
         }
         let gate = self.gate();
         if changes_data {
-            self.track(&gate, offset, len);
-            if let Some(access) = gate.access.as_ref() {
-                self.copy_before_write(access, offset, len)?;
-            }
+            self.before_change(&gate, offset, len)?;
         }
         let mode = if self.source.identity().block_device {
             mode | sys::FALLOC_KEEP_SIZE

@@ -497,7 +497,7 @@ pub fn unmount(mountpoint: &Path) -> Result<()> {
 
 /// Waits until nobody holds the state directory lock any more.
 pub fn wait_for_daemon_exit(state_dir: &Path, timeout: Duration) -> Result<()> {
-    let lock = state_dir.join("fleecefs.lock");
+    let lock = state_dir.join(crate::state::LOCK_FILE);
     let f = fs::File::open(&lock).context(|| format!("opening {}", lock.display()))?;
     let deadline = std::time::Instant::now() + timeout;
     loop {

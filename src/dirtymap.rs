@@ -84,11 +84,6 @@ impl DirtyMap {
         self.dirty_bytes
     }
 
-    /// The frozen bitmap this map describes.
-    pub fn bitmap(&self) -> &Arc<Bitmap> {
-        &self.frozen
-    }
-
     /// Copies text from `offset` into `buf`; returns how many bytes (0 at the end).
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> usize {
         if offset >= self.text_len || buf.is_empty() {

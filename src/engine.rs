@@ -7,7 +7,7 @@
 //! so a multi-device snapshot is one instant for all of them. `teardown` removes them
 //! the same way. See `cbw.rs` for the data path and the lock order.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
@@ -284,11 +284,6 @@ impl Engine {
     /// The devices, in the order given at mount.
     pub fn devices(&self) -> &[Arc<Device>] {
         &self.devices
-    }
-
-    /// The state directory, if any.
-    pub fn state(&self) -> Option<&StateDir> {
-        self.state.as_ref()
     }
 
     /// Index of the device called `name`.
@@ -791,10 +786,5 @@ impl Engine {
             target: target.to_string(),
             removed,
         })
-    }
-
-    /// Where fleecing files go.
-    pub fn fleecing_dir(&self) -> &Path {
-        &self.config.fleecing_dir
     }
 }

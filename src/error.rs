@@ -31,8 +31,6 @@ pub enum Kind {
     Unsupported,
     /// A write or allocation past the fixed end of a device (ENOSPC).
     PastEnd,
-    /// The size of a device cannot change (EPERM).
-    NotPermitted,
     /// Copy-before-write took longer than `--cbw-timeout` (ETIMEDOUT).
     TimedOut,
 }
@@ -92,11 +90,6 @@ impl Error {
         &self.message
     }
 
-    /// The underlying OS error, if any.
-    pub fn os_error(&self) -> Option<&io::Error> {
-        self.source.as_ref()
-    }
-
     /// The errno a FUSE request that failed with this error replies with.
     pub fn errno(&self) -> i32 {
         match self.kind {
@@ -114,7 +107,6 @@ impl Error {
             Kind::Broken => libc::EIO,
             Kind::Unsupported => libc::EOPNOTSUPP,
             Kind::PastEnd => libc::ENOSPC,
-            Kind::NotPermitted => libc::EPERM,
             Kind::TimedOut => libc::ETIMEDOUT,
         }
     }

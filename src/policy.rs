@@ -220,19 +220,6 @@ pub struct CbwPolicy {
     pub breaker: Arc<Breaker>,
 }
 
-impl CbwPolicy {
-    /// A policy that copies inline without limits, breaking the snapshot on errors.
-    pub fn unlimited() -> CbwPolicy {
-        CbwPolicy {
-            on_error: OnCbwError::BreakSnapshot,
-            timeout: None,
-            pool: None,
-            budget: Arc::new(FleecingBudget::new(None)),
-            breaker: Arc::new(Breaker::default()),
-        }
-    }
-}
-
 /// Test-only fault injection (cargo feature `fault-injection`): the environment variable
 /// `FLEECEFS_FAULT_CBW` makes every copy-before-write sleep (`delay=MILLISECONDS`) or
 /// fail with EIO (`eio`). Without the feature this is a no-op.

@@ -15,7 +15,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, IoContext, Result};
 
-const LOCK_FILE: &str = "fleecefs.lock";
+/// Name of the daemon lock (holds the pid) inside the state directory.
+pub const LOCK_FILE: &str = "fleecefs.lock";
 const ACCESS_RECORD: &str = "access.json";
 /// Name of the control socket inside the state directory.
 pub const CONTROL_SOCKET: &str = "control.sock";
