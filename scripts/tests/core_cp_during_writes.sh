@@ -6,13 +6,8 @@ source "$(dirname "$0")/lib.sh"
 head -c $((32 << 20)) /dev/urandom >"$T/src.img"
 fmount "$T/mnt" --state-dir "$T/state" --device disk=$T/src.img
 start_writer "$T/mnt/live/disk" 8192
-
-sleep 0.3
-pause_writer
-cp "$T/src.img" "$T/ref.img"                      # the point-in-time image
-"$FLEECEFS" setup "$T/mnt" --target cptest >/dev/null
-resume_writer
-before=$(writes)
+setup_during_writes "$T/mnt" "$T/src.img" cptest
+before=$BEFORE
 
 cp "$T/mnt/snapshot/disk" "$T/copy-cp.img"
 dd if="$T/mnt/snapshot/disk" of="$T/copy-dd.img" bs=1M status=none

@@ -134,3 +134,16 @@ cleanup_loops() {
     # cleanup takes the exit status from $?; `if` keeps set -e from exiting here
     if (exit $rc); then cleanup; else cleanup; fi
 }
+# setup_during_writes MOUNTPOINT SOURCE TARGET [SETUP ARGS...] : with start_writer
+# running, pause it, copy SOURCE to $T/ref.img (the point-in-time image), set up the
+# access, resume the writer. $BEFORE is the number of writes made until setup.
+setup_during_writes() {
+    local mp=$1 src=$2 target=$3
+    shift 3
+    sleep 0.3
+    pause_writer
+    cp "$src" "$T/ref.img"
+    "$FLEECEFS" setup "$mp" --target "$target" "$@" >/dev/null
+    resume_writer
+    BEFORE=$(writes_now)
+}

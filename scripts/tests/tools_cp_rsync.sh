@@ -27,15 +27,11 @@ sleep 1.1 # the next backup is at least a second later (mtime granularity of rsy
 head -c $((2 * M)) /dev/urandom | dd of="$T/mnt/live/disk" bs=1M seek=4 conv=notrunc iflag=fullblock status=none
 head -c $M /dev/urandom | dd of="$T/mnt/live/disk" bs=1M seek=10 conv=notrunc iflag=fullblock status=none
 
-# start_writer's block number is the sum of two values below BLOCKS, so with 2048 it writes
-# only in [0,16M): [24M,64M) stays zero in the point-in-time image (and most of [11M,16M))
+# with 2048 blocks of 4 KiB the writer stays in [0,8M): [24M,64M) stays zero in the
+# point-in-time image
 start_writer "$T/mnt/live/disk" 2048
-sleep 0.3
-pause_writer
-cp "$T/src.img" "$T/ref.img" # the point-in-time image
-"$FLEECEFS" setup "$T/mnt" --target tools >/dev/null
-resume_writer
-before=$(writes_now)
+setup_during_writes "$T/mnt" "$T/src.img" tools
+before=$BEFORE
 
 cp --sparse=always "$T/mnt/snapshot/disk" "$T/copy-cp.img"
 mid=$(writes_now)

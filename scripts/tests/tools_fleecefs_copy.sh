@@ -46,14 +46,10 @@ expect_rc 2 "required arguments" "$FLEECEFS" copy "$T/mnt" disk
 expect_rc 2 "unexpected argument" "$FLEECEFS" copy "$T/mnt" disk "$T/x.img" --bogus
 [ ! -e "$T/x.img" ] || fail "a failed copy left $T/x.img"
 
-# 1. full copy with --verify --discard while a writer runs in [0,16M)
+# 1. full copy with --verify --discard while a writer runs in [0,8M)
 start_writer "$L" 2048
-sleep 0.3
-pause_writer
-cp "$T/src.img" "$T/ref.img" # the point-in-time image
-"$FLEECEFS" setup "$T/mnt" --target full >/dev/null
-resume_writer
-before=$(writes_now)
+setup_during_writes "$T/mnt" "$T/src.img" full
+before=$BEFORE
 "$FLEECEFS" copy "$T/mnt" disk "$T/full.img" --verify --discard --json >"$T/full.json" ||
     fail "full copy failed"
 after=$(writes_now)

@@ -23,13 +23,9 @@ first=$(restic -r "$T/repo" snapshots --json | python3 -c 'import json,sys; prin
 sleep 1.1 # the next backup is at least a second later
 
 # second backup, during writes
-start_writer "$T/mnt/live/disk" 4096 # block numbers up to 8190: all of the image is written
-sleep 0.3
-pause_writer
-cp "$T/src.img" "$T/ref.img" # the point-in-time image
-"$FLEECEFS" setup "$T/mnt" --target restic >/dev/null
-resume_writer
-before=$(writes_now)
+start_writer "$T/mnt/live/disk" 4096 # 4096 blocks of 4 KiB: the first 16 MiB
+setup_during_writes "$T/mnt" "$T/src.img" restic
+before=$BEFORE
 restic -r "$T/repo" backup "$T/mnt/snapshot" >"$T/backup2.log" 2>&1 || fail "second restic backup: $(cat "$T/backup2.log")"
 after=$(writes_now)
 stop_writer
