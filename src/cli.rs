@@ -115,6 +115,10 @@ pub struct MountArgs {
     /// newly dirtied word before its write (sync, slower), or neither (off)
     #[arg(long, value_enum, value_name = "on|sync|off", default_value = "on")]
     pub crash_safe_bitmaps: CrashSafetyArg,
+    /// Buffered opens of live files use the kernel page cache (kept across opens)
+    /// instead of direct I/O: faster small sequential reads and re-reads, slower large I/O
+    #[arg(long)]
+    pub live_cache: bool,
     /// Internal: set in the background daemon started by `mount`
     #[arg(long, hide = true)]
     pub daemon_child: bool,

@@ -62,6 +62,8 @@ pub struct MountPlan {
     pub cbw_timeout: Option<Duration>,
     /// Fleecing space limit per access.
     pub fleecing_limit: Option<u64>,
+    /// Buffered opens of live files use the page cache (`--live-cache`).
+    pub live_cache: bool,
 }
 
 fn absolute(p: &Path) -> Result<PathBuf> {
@@ -153,6 +155,7 @@ pub fn validate(args: &MountArgs) -> Result<MountPlan> {
         },
         cbw_timeout,
         fleecing_limit,
+        live_cache: args.live_cache,
     })
 }
 
@@ -412,7 +415,7 @@ fn serve(plan: MountPlan, daemon_child: bool, allow_other: bool) -> Result<()> {
     fuse_config.n_threads = Some(plan.threads);
     fuse_config.clone_fd = true;
     let session = Session::new(
-        FleeceFs::new(engine.clone()),
+        FleeceFs::new(engine.clone(), plan.live_cache),
         &plan.mountpoint,
         &fuse_config,
     )

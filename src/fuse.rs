@@ -109,11 +109,15 @@ pub struct FleeceFs {
     /// (FUSE_DIRECT_IO_ALLOW_MMAP), so O_DIRECT opens of live files may use parallel
     /// direct writes without leaving other, cached, opens stale.
     coherent_direct_io: bool,
+    /// `--live-cache`: buffered opens of live files use the kernel page cache (kept
+    /// across opens) instead of direct I/O.
+    live_cache: bool,
 }
 
 impl FleeceFs {
-    /// A filesystem over `engine`; directories belong to the daemon's user.
-    pub fn new(engine: Arc<Engine>) -> FleeceFs {
+    /// A filesystem over `engine`; directories belong to the daemon's user. With
+    /// `live_cache`, buffered opens of live files are page-cached (see `open`).
+    pub fn new(engine: Arc<Engine>, live_cache: bool) -> FleeceFs {
         // SAFETY: getuid/getgid cannot fail.
         let owner = unsafe { (libc::getuid(), libc::getgid()) };
         FleeceFs {
@@ -121,6 +125,7 @@ impl FleeceFs {
             started: SystemTime::now(),
             owner,
             coherent_direct_io: false,
+            live_cache,
         }
     }
 
@@ -341,13 +346,21 @@ impl Filesystem for FleeceFs {
         let writing = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
         match self.node(ino) {
             Some(Node::Live(_)) => {
-                // Every change to a live file goes through this mount and keeps the page
-                // cache coherent (write-through writes fill it, fallocate and direct
-                // writes invalidate it), so the cache survives open/close.
-                let mut f = FopenFlags::FOPEN_KEEP_CACHE;
-                if flags.0 & libc::O_DIRECT != 0 && self.coherent_direct_io {
-                    f |= FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES;
-                }
+                // Direct I/O unless the page cache is asked for: reads and writes go
+                // straight between the caller's buffer and the daemon, one copy fewer
+                // than through the FUSE page cache (docs/performance.md). It needs a
+                // kernel that keeps mmap coherent with direct writes; without one, or
+                // with --live-cache, buffered opens are page-cached and write-through.
+                // Every change to a live file goes through this mount and keeps that
+                // cache coherent (writes fill it, fallocate and direct writes invalidate
+                // it), so it survives open/close.
+                let direct =
+                    self.coherent_direct_io && (!self.live_cache || flags.0 & libc::O_DIRECT != 0);
+                let f = if direct {
+                    FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES
+                } else {
+                    FopenFlags::FOPEN_KEEP_CACHE
+                };
                 reply.opened(FileHandle(0), f)
             }
             Some(Node::Snap(i)) | Some(Node::Dirty(i)) => {
