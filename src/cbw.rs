@@ -15,12 +15,13 @@
 //!
 //! # The ordering invariant
 //! For every cluster `c` and every live write `w` that touches it while an access is
-//! active: if `c` needs copy-before-write, the old data of `c` is in the fleecing file
-//! and `copied[c]` is set **before** `w` reaches the source. And for every write: `c` is
-//! marked in every tracking bitmap (flushed, when crash-safe) before `w` reaches the
-//! source. Readers therefore find
-//! point-in-time data either in the source (`!copied[c]`: nobody has written it since
-//! setup) or in the fleecing file (`copied[c]`).
+//! active: if `c` needs copy-before-write, the old data of `c` is in the fleecing file or
+//! in the access's pending map (write-behind, see `writebehind.rs`), and `copied[c]` is
+//! set, **before** `w` reaches the source. A pending copy leaves the map only once it is
+//! in the fleecing file or the access is broken. And for every write: `c` is marked in
+//! every tracking bitmap (flushed, when crash-safe) before `w` reaches the source.
+//! Readers therefore find point-in-time data either in the source (`!copied[c]`: nobody
+//! has written it since setup), or in the pending map, or in the fleecing file.
 //!
 //! # Locks and their order
 //! 1. `Engine::control` (setup, teardown, status; never on the data path)
@@ -32,12 +33,14 @@
 //!    discard hold it exclusive. **A thread holds at most one stripe lock at a time**,
 //!    so stripe locks cannot deadlock.
 //! 4. bitmaps are atomic words: no lock.
+//! 5. leaves: a pending map's mutex, the write-behind state mutex. A writer waits for
+//!    room in the write-behind buffer before it takes a stripe lock.
 //!
 //! A snapshot read and a copy of the same cluster are serialized by the stripe lock;
 //! operations on different lock units run in parallel.
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::time::SystemTime;
 
@@ -52,6 +55,7 @@ use crate::policy::{inject_copy_fault, CbwPolicy};
 use crate::source::Source;
 use crate::sys;
 use crate::units::ClusterSize;
+use crate::writebehind::{PendingCopy, PendingMap, WriteBehind};
 
 /// Smallest span of bytes one stripe lock covers. With 64 KiB clusters a lock covers one
 /// cluster; smaller clusters are grouped so that I/O per lock stays >= 64 KiB.
@@ -77,6 +81,8 @@ pub struct AccessStats {
 /// One device's part of an active backup access.
 pub struct DeviceAccess {
     id: u64,
+    name: String,
+    cluster: ClusterSize,
     created: SystemTime,
     fleece: FleecingFile,
     dirty_map: DirtyMap,
@@ -87,6 +93,10 @@ pub struct DeviceAccess {
     copied_bytes: AtomicU64,
     discarded_bytes: AtomicU64,
     policy: CbwPolicy,
+    /// Old data of copied clusters not yet stored in the fleecing file (write-behind).
+    pending: PendingMap,
+    /// Set by teardown: nothing will read this access again.
+    retired: AtomicBool,
 }
 
 impl DeviceAccess {
@@ -105,6 +115,8 @@ impl DeviceAccess {
         let unit = device.cluster.bytes().max(LOCK_UNIT_MIN);
         DeviceAccess {
             id,
+            name: device.name.clone(),
+            cluster: device.cluster,
             created: SystemTime::now(),
             fleece,
             dirty_map,
@@ -115,7 +127,91 @@ impl DeviceAccess {
             copied_bytes: AtomicU64::new(0),
             discarded_bytes: AtomicU64::new(0),
             policy,
+            pending: PendingMap::default(),
+            retired: AtomicBool::new(false),
         }
+    }
+
+    /// The device this access is of.
+    pub fn device_name(&self) -> &str {
+        &self.name
+    }
+
+    /// Copies not yet stored in the fleecing file.
+    pub fn pending(&self) -> &PendingMap {
+        &self.pending
+    }
+
+    /// Marks the access ended (teardown): its pending copies need not be stored.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+    }
+
+    /// Whether nothing of this access will be read again (broken or ended), so copies
+    /// for it need not be stored.
+    pub fn stores_nothing(&self) -> bool {
+        self.is_broken() || self.retired.load(Ordering::Acquire)
+    }
+
+    /// Stores a pending copy in the fleecing file (a write-behind flusher), then removes
+    /// it from the pending map. A failed write breaks the access *before* the copy leaves
+    /// the map, so readers see either the old data or the broken access.
+    pub fn store_pending(&self, copy: &Arc<PendingCopy>) {
+        let stored = !self.stores_nothing() && {
+            let r = inject_copy_fault().and_then(|_| self.fleece.write_at(&copy.data, copy.offset));
+            if let Err(e) = &r {
+                self.break_with(format!(
+                    "copy-before-write on device {} failed: {}",
+                    self.name,
+                    crate::error::report(e)
+                ));
+            }
+            r.is_ok()
+        };
+        let discarded = self.pending.finish(copy);
+        if stored {
+            // A discard may have punched these clusters before the write landed.
+            for run in discarded {
+                let bytes = self
+                    .cluster
+                    .byte_range(run, copy.offset + copy.data.len() as u64);
+                self.fleece.punch(bytes.start, bytes.end - bytes.start);
+            }
+        }
+    }
+
+    /// Reads copied (point-in-time) data at `pos`: pending copies from memory, the rest
+    /// from the fleecing file. Called under the stripe lock of `pos`.
+    fn read_copied(&self, buf: &mut [u8], pos: u64) -> Result<()> {
+        if self.pending.is_empty() {
+            return self.fleece.read_at(buf, pos);
+        }
+        let end = pos + buf.len() as u64;
+        let mut p = pos;
+        while p < end {
+            let c = self.cluster.index_of(p);
+            let mut run_end = self.cluster.start_of(c + 1).min(end);
+            let copy = self.pending.get(c);
+            if copy.is_none() {
+                // Extend over the following clusters that are not pending either.
+                while run_end < end && self.pending.get(self.cluster.index_of(run_end)).is_none() {
+                    run_end = self
+                        .cluster
+                        .start_of(self.cluster.index_of(run_end) + 1)
+                        .min(end);
+                }
+            }
+            let dst = &mut buf[(p - pos) as usize..(run_end - pos) as usize];
+            match copy {
+                Some(copy) => {
+                    let at = (p - copy.offset) as usize;
+                    dst.copy_from_slice(&copy.data[at..at + dst.len()]);
+                }
+                None => self.fleece.read_at(dst, p)?,
+            }
+            p = run_end;
+        }
+        Ok(())
     }
 
     /// The access generation this belongs to.
@@ -428,14 +524,25 @@ impl Device {
             return Ok(());
         };
         let clusters = first..clusters.end;
-        let result = match (access.policy.timeout, &access.policy.pool) {
-            (Some(timeout), Some(pool)) => {
+        let policy = &access.policy;
+        let result = match (&policy.write_behind, policy.timeout, &policy.pool) {
+            (Some(wb), timeout, _) => {
+                let deadline = timeout.map(|t| std::time::Instant::now() + t);
+                copy_clusters(
+                    &self.source,
+                    self.cluster,
+                    access,
+                    clusters,
+                    Store::Behind(wb, deadline),
+                )
+            }
+            (None, Some(timeout), Some(pool)) => {
                 let (source, access, cluster) = (self.source.clone(), access.clone(), self.cluster);
                 pool.run(timeout, move || {
-                    copy_clusters(&source, cluster, &access, clusters)
+                    copy_clusters(&source, cluster, &access, clusters, Store::Now)
                 })
             }
-            _ => copy_clusters(&self.source, self.cluster, access, clusters),
+            _ => copy_clusters(&self.source, self.cluster, access, clusters, Store::Now),
         };
         match result {
             Ok(()) => Ok(()),
@@ -534,7 +641,7 @@ impl Device {
                 }
                 let dst = &mut buf[(pos - offset) as usize..(run_end - offset) as usize];
                 if from_fleece {
-                    access.fleece.read_at(dst, pos)
+                    access.read_copied(dst, pos)
                 } else {
                     self.source
                         .read_at(dst, pos)
@@ -588,6 +695,7 @@ impl Device {
                     }
                 }
                 let bytes = self.cluster.byte_range(run.clone(), size);
+                access.pending.discard(run.clone());
                 access.accessible.clear_range(run);
                 access
                     .discarded_bytes
@@ -603,13 +711,24 @@ impl Device {
     }
 }
 
+/// Where [`copy_clusters`] puts old data.
+enum Store<'a> {
+    /// In the fleecing file, before returning.
+    Now,
+    /// In memory, stored later by the write-behind buffer; waits for room in it at most
+    /// until the deadline.
+    Behind(&'a WriteBehind, Option<std::time::Instant>),
+}
+
 /// The slow path of copy-before-write: lock unit by unit, re-check, copy runs of
-/// clusters from the source to the fleecing file, then mark them copied.
+/// clusters from the source (to the fleecing file, or to memory with write-behind),
+/// then mark them copied.
 fn copy_clusters(
     source: &Source,
     cluster: ClusterSize,
-    access: &DeviceAccess,
+    access: &Arc<DeviceAccess>,
     clusters: Range<u64>,
+    store: Store<'_>,
 ) -> Result<()> {
     let size = source.size();
     let unit_of = |c: u64| cluster.start_of(c) >> access.unit_shift;
@@ -618,36 +737,101 @@ fn copy_clusters(
     while unit <= last_unit {
         let in_unit = access.unit_clusters(cluster, unit, &clusters);
         unit += 1;
-        if !in_unit.clone().any(|c| access.needs_copy(c)) {
+        let want: u64 = in_unit
+            .clone()
+            .filter(|&c| access.needs_copy(c))
+            .map(|c| {
+                let b = cluster.byte_range(c..c + 1, size);
+                b.end - b.start
+            })
+            .sum();
+        if want == 0 {
             continue;
         }
-        let _g = access
-            .stripe(unit - 1)
-            .write()
-            .unwrap_or_else(|p| p.into_inner());
-        if access.is_broken() {
-            return Ok(());
+        // Room in the write-behind buffer is waited for before the stripe lock, so no
+        // reader ever waits behind a writer that waits for the fleecing storage. A unit
+        // larger than the whole buffer is copied synchronously.
+        let behind = match store {
+            Store::Behind(wb, deadline) if want <= wb.capacity() => {
+                wb.reserve(want, deadline)?;
+                Some(wb)
+            }
+            _ => None,
+        };
+        let mut copies = Vec::new();
+        let result = copy_unit(
+            source,
+            cluster,
+            access,
+            in_unit,
+            unit - 1,
+            behind,
+            &mut copies,
+        );
+        if let Some(wb) = behind {
+            // Whatever was published must be stored, also when a later run failed.
+            let used: u64 = copies.iter().map(|c| c.data.len() as u64).sum();
+            wb.submit(access, copies, want - used);
         }
-        let mut c = in_unit.start;
-        while c < in_unit.end {
-            if !access.needs_copy(c) {
-                c += 1;
-                continue;
-            }
-            let run_start = c;
-            while c < in_unit.end && access.needs_copy(c) {
-                c += 1;
-            }
-            let bytes = cluster.byte_range(run_start..c, size);
-            let n = bytes.end - bytes.start;
-            access.policy.budget.reserve(n)?;
-            if let Err(e) = copy_bytes(source, access, bytes) {
-                access.policy.budget.release(n);
-                return Err(e);
-            }
-            access.copied.set_range(run_start..c);
-            access.copied_bytes.fetch_add(n, Ordering::Relaxed);
+        result?;
+    }
+    Ok(())
+}
+
+/// Copies the clusters of `in_unit` (lock unit `unit`) that need it, under its stripe
+/// lock. With `behind`, old data goes into `copies`, published in the pending map.
+fn copy_unit(
+    source: &Source,
+    cluster: ClusterSize,
+    access: &DeviceAccess,
+    in_unit: Range<u64>,
+    unit: u64,
+    behind: Option<&WriteBehind>,
+    copies: &mut Vec<Arc<PendingCopy>>,
+) -> Result<()> {
+    let size = source.size();
+    let _g = access
+        .stripe(unit)
+        .write()
+        .unwrap_or_else(|p| p.into_inner());
+    if access.is_broken() {
+        return Ok(());
+    }
+    let mut c = in_unit.start;
+    while c < in_unit.end {
+        if !access.needs_copy(c) {
+            c += 1;
+            continue;
         }
+        let run_start = c;
+        while c < in_unit.end && access.needs_copy(c) {
+            c += 1;
+        }
+        let bytes = cluster.byte_range(run_start..c, size);
+        let n = bytes.end - bytes.start;
+        access.policy.budget.reserve(n)?;
+        let copied = match behind {
+            Some(wb) => {
+                let mut data = wb.buffer(n as usize);
+                source.read_at(&mut data, bytes.start).map(|()| {
+                    let copy = Arc::new(PendingCopy {
+                        first: run_start,
+                        clusters: c - run_start,
+                        offset: bytes.start,
+                        data,
+                    });
+                    access.pending.insert(&copy);
+                    copies.push(copy);
+                })
+            }
+            None => copy_bytes(source, access, bytes),
+        };
+        if let Err(e) = copied {
+            access.policy.budget.release(n);
+            return Err(e);
+        }
+        access.copied.set_range(run_start..c);
+        access.copied_bytes.fetch_add(n, Ordering::Relaxed);
     }
     Ok(())
 }

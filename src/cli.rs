@@ -108,6 +108,10 @@ pub struct MountArgs {
     /// Longest a live write waits for copy-before-write before the policy applies (0: no limit)
     #[arg(long, value_name = "SECONDS", default_value_t = 45.0)]
     pub cbw_timeout: f64,
+    /// Old data held in memory on its way to the fleecing file under break-snapshot, so
+    /// that writers do not wait for the fleecing storage (0: copy synchronously)
+    #[arg(long, value_name = "BYTES", default_value = "16M")]
+    pub cbw_buffer: String,
     /// Most fleecing space a backup access may use across devices, e.g. 10G [default: unlimited]
     #[arg(long, value_name = "BYTES")]
     pub fleecing_limit: Option<String>,

@@ -64,6 +64,8 @@ pub struct MountPlan {
     pub fleecing_limit: Option<u64>,
     /// Buffered opens of live files use the page cache (`--live-cache`).
     pub live_cache: bool,
+    /// Write-behind buffer for copies (`--cbw-buffer`).
+    pub cbw_buffer: u64,
 }
 
 fn absolute(p: &Path) -> Result<PathBuf> {
@@ -92,6 +94,14 @@ pub fn validate(args: &MountArgs) -> Result<MountPlan> {
             }
         }
     };
+    let cbw_buffer =
+        parse_size(&args.cbw_buffer).map_err(|e| Error::invalid(format!("--cbw-buffer: {e}")))?;
+    if cbw_buffer > 4 << 30 {
+        return Err(Error::invalid(format!(
+            "--cbw-buffer {} is out of range (0 to 4G)",
+            args.cbw_buffer
+        )));
+    }
     if !(1..=256).contains(&args.threads) {
         return Err(Error::invalid(format!(
             "--threads {} is out of range (1-256)",
@@ -156,6 +166,7 @@ pub fn validate(args: &MountArgs) -> Result<MountPlan> {
         cbw_timeout,
         fleecing_limit,
         live_cache: args.live_cache,
+        cbw_buffer,
     })
 }
 
@@ -383,6 +394,7 @@ fn serve(plan: MountPlan, daemon_child: bool, allow_other: bool) -> Result<()> {
         fleecing_limit: plan.fleecing_limit,
         mountpoint: plan.mountpoint.clone(),
         crash_safe_bitmaps: plan.crash_safe_bitmaps,
+        cbw_buffer: plan.cbw_buffer,
     };
     let listener = bind_socket(&state)?;
     let socket_path = state.socket_path();

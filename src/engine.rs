@@ -22,6 +22,7 @@ use crate::persist::TrackedBitmap;
 use crate::policy::{Breaker, CbwPolicy, CopyPool, FleecingBudget, OnCbwError};
 use crate::state::{AccessRecord, StateDir};
 use crate::sys::unix_now;
+use crate::writebehind::WriteBehind;
 
 /// Checks a device name, target ID or bitmap name: 1-64 of `[A-Za-z0-9._-]`, not
 /// starting with a dot.
@@ -57,12 +58,15 @@ pub struct EngineConfig {
     pub mountpoint: PathBuf,
     /// Which crashes bitmaps in use survive (`--crash-safe-bitmaps`).
     pub crash_safe_bitmaps: crate::persist::CrashSafety,
+    /// Bytes of old data held in memory before the fleecing file under break-snapshot
+    /// (`--cbw-buffer`; 0: copies are synchronous).
+    pub cbw_buffer: u64,
 }
 
 impl EngineConfig {
-    /// The defaults of `fleecefs mount`, except that there is no copy timeout (copies run
-    /// inline): fleecing files in `fleecing_dir`, break-snapshot on errors, no fleecing
-    /// limit, crash-safe bitmaps.
+    /// The defaults of `fleecefs mount`, except that there is no copy timeout: fleecing
+    /// files in `fleecing_dir`, break-snapshot on errors with the write-behind buffer, no
+    /// fleecing limit, crash-safe bitmaps.
     pub fn new(fleecing_dir: PathBuf, mountpoint: PathBuf) -> EngineConfig {
         EngineConfig {
             fleecing_dir,
@@ -71,6 +75,7 @@ impl EngineConfig {
             fleecing_limit: None,
             mountpoint,
             crash_safe_bitmaps: crate::persist::CrashSafety::On,
+            cbw_buffer: crate::writebehind::DEFAULT_CAPACITY,
         }
     }
 }
@@ -228,6 +233,7 @@ pub struct Engine {
     devices: Vec<Arc<Device>>,
     config: EngineConfig,
     copy_pool: Option<Arc<CopyPool>>,
+    write_behind: Option<Arc<WriteBehind>>,
     state: Option<StateDir>,
     control: Mutex<Control>,
 }
@@ -267,10 +273,18 @@ impl Engine {
             )),
             None => None,
         };
+        let write_behind = match config.on_cbw_error {
+            OnCbwError::BreakSnapshot if config.cbw_buffer > 0 => Some(Arc::new(
+                WriteBehind::new(config.cbw_buffer, 2, config.cbw_timeout)
+                    .context(|| "starting copy-before-write flusher threads".into())?,
+            )),
+            _ => None,
+        };
         Ok(Engine {
             devices,
             config,
             copy_pool,
+            write_behind,
             state,
             control: Mutex::new(Control {
                 active: None,
@@ -279,6 +293,14 @@ impl Engine {
                 shut_down: false,
             }),
         })
+    }
+
+    /// Waits until every copy in the write-behind buffer is stored in its fleecing file
+    /// (or dropped), at most `timeout`. Returns whether it got there.
+    pub fn wait_for_copies(&self, timeout: std::time::Duration) -> bool {
+        self.write_behind
+            .as_ref()
+            .is_none_or(|wb| wb.wait_idle(timeout))
     }
 
     /// The devices, in the order given at mount.
@@ -430,6 +452,7 @@ impl Engine {
             on_error: self.config.on_cbw_error,
             timeout: self.config.cbw_timeout,
             pool: self.copy_pool.clone(),
+            write_behind: self.write_behind.clone(),
             budget: Arc::new(FleecingBudget::new(self.config.fleecing_limit)),
             breaker: Arc::new(Breaker::default()),
         };
@@ -570,6 +593,9 @@ impl Engine {
             .collect();
         let accesses: Vec<Arc<DeviceAccess>> =
             gates.iter_mut().filter_map(|g| g.access.take()).collect();
+        for a in &accesses {
+            a.retire();
+        }
         // A broken access means the backup failed, whatever the caller says.
         let success = success && accesses.iter().all(|a| a.broken().is_none());
         for (gate, d) in gates.iter_mut().zip(&active.devices) {

@@ -214,6 +214,9 @@ pub struct CbwPolicy {
     pub timeout: Option<Duration>,
     /// The pool timed copies run on.
     pub pool: Option<Arc<CopyPool>>,
+    /// Where copies go under break-snapshot: into memory first, stored by flusher
+    /// threads (`None`: copies are synchronous).
+    pub write_behind: Option<Arc<crate::writebehind::WriteBehind>>,
     /// Fleecing space of the access.
     pub budget: Arc<FleecingBudget>,
     /// Whether the access is broken.

@@ -61,17 +61,35 @@ fn make_engine(
     cluster: u64,
     initial: &mut Rng,
 ) -> (Engine, Vec<Vec<u8>>) {
-    make_engine_with(dir, sizes, cluster, initial, None)
+    make_engine_with(dir, sizes, cluster, initial, CopyMode::Behind)
 }
 
-/// As [`make_engine`], with a copy-before-write timeout: copies then run on the pool, as
-/// with the daemon's default `--cbw-timeout 45`.
+/// How copy-before-write stores old data.
+#[derive(Clone, Copy, Debug)]
+enum CopyMode {
+    /// In memory first, stored by flusher threads (the daemon's default); the buffer
+    /// is kept small (128 KiB) so writers also wait for room in it.
+    Behind,
+    /// Synchronously on the copy pool (a timeout, no write-behind buffer).
+    Pool,
+    /// Synchronously in the writer's thread.
+    Inline,
+}
+
+impl CopyMode {
+    /// Each seed picks a mode, so that the fixed seeds 1, 2, 3 cover all three.
+    fn of_seed(seed: u64) -> CopyMode {
+        [CopyMode::Behind, CopyMode::Pool, CopyMode::Inline][(seed % 3) as usize]
+    }
+}
+
+/// As [`make_engine`], with copies stored as `mode` says.
 fn make_engine_with(
     dir: &Path,
     sizes: &[u64],
     cluster: u64,
     initial: &mut Rng,
-    cbw_timeout: Option<std::time::Duration>,
+    mode: CopyMode,
 ) -> (Engine, Vec<Vec<u8>>) {
     let mut devices = Vec::new();
     let mut models = Vec::new();
@@ -88,8 +106,14 @@ fn make_engine_with(
         ));
         models.push(data);
     }
+    let (cbw_timeout, cbw_buffer) = match mode {
+        CopyMode::Behind => (Some(std::time::Duration::from_secs(60)), 128 << 10),
+        CopyMode::Pool => (Some(std::time::Duration::from_secs(60)), 0),
+        CopyMode::Inline => (None, 0),
+    };
     let config = EngineConfig {
         cbw_timeout,
+        cbw_buffer,
         ..EngineConfig::new(dir.join("fleece"), dir.join("mnt"))
     };
     (Engine::new(devices, config, None).unwrap(), models)
@@ -139,11 +163,12 @@ fn run_single_threaded(seed: u64) {
     let cluster = [4096u64, 8192, 65536][rng.below(3) as usize];
     // Sizes with a partial last cluster, and one cluster-aligned.
     let sizes = [cluster * 37 + 1234, cluster * 16];
-    let (engine, mut live) = make_engine(dir.path(), &sizes, cluster, &mut rng);
+    let mode = CopyMode::of_seed(seed);
+    let (engine, mut live) = make_engine_with(dir.path(), &sizes, cluster, &mut rng, mode);
     let mut access: Option<Access> = None;
     let mut buf = vec![0u8; (cluster * 4) as usize];
     for step in 0..4000 {
-        let ctx = format!("seed {seed} step {step} cluster {cluster}");
+        let ctx = format!("seed {seed} ({mode:?}) step {step} cluster {cluster}");
         let d = rng.below(sizes.len() as u64) as usize;
         let size = sizes[d];
         match rng.below(100) {
@@ -337,9 +362,8 @@ fn run_threaded(seed: u64) {
     let dir = tempfile::tempdir().unwrap();
     let cluster = 4096u64;
     let sizes = [cluster * 64 + 700, cluster * 32];
-    // Odd seeds copy on the pool (the daemon's default, with a timeout), even ones inline.
-    let timeout = (seed % 2 == 1).then(|| std::time::Duration::from_secs(60));
-    let (engine, live) = make_engine_with(dir.path(), &sizes, cluster, &mut rng, timeout);
+    let mode = CopyMode::of_seed(seed);
+    let (engine, live) = make_engine_with(dir.path(), &sizes, cluster, &mut rng, mode);
     let shared = Arc::new(Shared {
         engine,
         quiesce: RwLock::new(()),
@@ -591,11 +615,13 @@ fn discard_frees_space_and_stops_copying() {
     dev.write_live(cluster * 16, &vec![1u8; (cluster * 16) as usize])
         .unwrap();
     assert_eq!(access.stats().copied_bytes, cluster * 17);
+    assert!(engine.wait_for_copies(std::time::Duration::from_secs(10)));
     let allocated = access.stats().fleecing_allocated;
     assert!(allocated >= cluster * 16, "fleecing holds {allocated}");
     // unaligned discard: only the whole clusters inside go
     dev.discard_snapshot(id, cluster * 16 - 100, cluster * 16 + 200)
         .unwrap();
+    assert!(engine.wait_for_copies(std::time::Duration::from_secs(10)));
     let after = access.stats().fleecing_allocated;
     assert!(
         after <= allocated - cluster * 16,
@@ -615,6 +641,18 @@ fn discard_frees_space_and_stops_copying() {
     let e = dev.read_snapshot(id, cluster * 16, &mut buf).unwrap_err();
     assert_eq!(e.kind(), Kind::Inaccessible);
     assert_eq!(dev.read_snapshot(id, cluster * 32, &mut buf).unwrap(), 100);
+    // Discards racing the write-behind flushers (copies still in memory, or being
+    // written) leave no fleecing space behind once the flushers are done.
+    let before = access.stats().fleecing_allocated;
+    for round in 0..8u64 {
+        let at = cluster * (40 + 2 * round);
+        dev.write_live(at, &vec![3u8; (cluster * 2) as usize])
+            .unwrap();
+        dev.discard_snapshot(id, at, cluster * 2).unwrap();
+    }
+    assert!(engine.wait_for_copies(std::time::Duration::from_secs(10)));
+    let leaked = access.stats().fleecing_allocated.saturating_sub(before);
+    assert_eq!(leaked, 0, "discarded copies still hold {leaked} bytes");
     engine.teardown("t", true).unwrap();
 }
 

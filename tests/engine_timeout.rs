@@ -11,7 +11,9 @@ use fleecefs::units::ClusterSize;
 
 const CL: u64 = 65536;
 
-fn engine(dir: &std::path::Path, on_error: OnCbwError) -> Engine {
+/// An engine whose copies time out after 200 ms; `buffer` is the write-behind buffer
+/// (0: synchronous copies, on the copy pool).
+fn engine(dir: &std::path::Path, on_error: OnCbwError, buffer: u64) -> Engine {
     let path = dir.join("a.img");
     std::fs::write(&path, vec![0x11u8; (CL * 16) as usize]).unwrap();
     let dev = Device::new(
@@ -22,6 +24,7 @@ fn engine(dir: &std::path::Path, on_error: OnCbwError) -> Engine {
     let config = EngineConfig {
         on_cbw_error: on_error,
         cbw_timeout: Some(Duration::from_millis(200)),
+        cbw_buffer: buffer,
         ..EngineConfig::new(dir.join("fleece"), dir.join("mnt"))
     };
     Engine::new(vec![dev], config, None).unwrap()
@@ -32,7 +35,7 @@ fn slow_copies_time_out_without_blocking_the_writer_or_corrupting_anything() {
     std::env::set_var("FLEECEFS_FAULT_CBW", "delay=1500");
     // break-guest-write: the write fails with ETIMEDOUT after the timeout, live unchanged
     let dir = tempfile::tempdir().unwrap();
-    let e = engine(dir.path(), OnCbwError::BreakGuestWrite);
+    let e = engine(dir.path(), OnCbwError::BreakGuestWrite, 16 << 20);
     e.setup("t", None, None).unwrap();
     let (id, _) = e.active().unwrap();
     let a = e.devices()[0].clone();
@@ -60,10 +63,11 @@ fn slow_copies_time_out_without_blocking_the_writer_or_corrupting_anything() {
     );
     e.teardown("t", true).unwrap();
 
-    // break-snapshot: the write succeeds after the timeout and the snapshot breaks
+    // break-snapshot, synchronous copies: the write succeeds after the timeout and the
+    // snapshot breaks
     std::env::set_var("FLEECEFS_FAULT_CBW", "delay=1500");
     let dir = tempfile::tempdir().unwrap();
-    let e = engine(dir.path(), OnCbwError::BreakSnapshot);
+    let e = engine(dir.path(), OnCbwError::BreakSnapshot, 0);
     e.setup("t", None, None).unwrap();
     let (id, _) = e.active().unwrap();
     let a = e.devices()[0].clone();
@@ -80,28 +84,90 @@ fn slow_copies_time_out_without_blocking_the_writer_or_corrupting_anything() {
     }
     assert!(e.teardown("t", true).is_err());
 
-    // a reader already waiting for the stripe that a stuck copy holds gets EIO as soon as
-    // the writer's timeout breaks the access, not when the copy finally finishes; so a
-    // teardown waiting for the gate does not hold up live writes for that long
+    // break-snapshot with the write-behind buffer (the default): the write does not wait
+    // for the slow fleecing write at all; until the watchdog breaks the access (the
+    // fleecing write takes longer than the timeout) readers get the old data from
+    // memory, afterwards EIO; never the new data
     let dir = tempfile::tempdir().unwrap();
-    let e = std::sync::Arc::new(engine(dir.path(), OnCbwError::BreakSnapshot));
+    let e = engine(dir.path(), OnCbwError::BreakSnapshot, 16 << 20);
     e.setup("t", None, None).unwrap();
     let (id, _) = e.active().unwrap();
     let a = e.devices()[0].clone();
-    let writer = {
-        let a = a.clone();
-        std::thread::spawn(move || a.write_live(2 * CL, &[0x44; 100]).unwrap())
-    };
-    std::thread::sleep(Duration::from_millis(50)); // the copy holds the stripe now
     let start = Instant::now();
-    let err = a.read_snapshot(id, 2 * CL, &mut buf).unwrap_err();
-    let waited = start.elapsed();
-    assert_eq!(err.errno(), libc::EIO, "{err}");
+    a.write_live(CL, &[0x33; 100]).unwrap();
     assert!(
-        waited < Duration::from_millis(700),
-        "reader waited {waited:?} for a stuck copy"
+        start.elapsed() < Duration::from_millis(100),
+        "{:?}",
+        start.elapsed()
     );
-    writer.join().unwrap();
-    assert!(e.teardown("t", false).is_ok());
+    let mut saw_old = false;
+    loop {
+        match a.read_snapshot(id, CL, &mut buf) {
+            Ok(n) => {
+                assert_eq!((n, buf), (100, [0x11; 100]), "snapshot read new data");
+                saw_old = true;
+            }
+            Err(err) => {
+                assert_eq!(err.errno(), libc::EIO);
+                break;
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_millis(1000),
+            "the watchdog did not break the access"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(saw_old, "the pending copy was never readable");
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_millis(200),
+        "broken before the timeout: {waited:?}"
+    );
+    let st = e.status().access.unwrap();
+    assert!(st.broken && st.broken_reason.unwrap().contains("timeout"));
+    std::thread::sleep(Duration::from_millis(1600)); // the late write finishes
+    let err = a.read_snapshot(id, CL, &mut buf).unwrap_err();
+    assert_eq!(err.errno(), libc::EIO);
+    assert!(e.teardown("t", true).is_err());
+
+    // synchronous copies: a reader already waiting for the stripe that a stuck copy holds
+    // gets EIO as soon as the writer's timeout breaks the access, not when the copy
+    // finally finishes; so a teardown waiting for the gate does not hold up live writes
+    // for that long. With write-behind no stripe is held while the fleecing storage is
+    // slow, so the reader does not wait at all.
+    for buffer in [0, 16 << 20] {
+        let dir = tempfile::tempdir().unwrap();
+        let e = std::sync::Arc::new(engine(dir.path(), OnCbwError::BreakSnapshot, buffer));
+        e.setup("t", None, None).unwrap();
+        let (id, _) = e.active().unwrap();
+        let a = e.devices()[0].clone();
+        let writer = {
+            let a = a.clone();
+            std::thread::spawn(move || a.write_live(2 * CL, &[0x44; 100]).unwrap())
+        };
+        std::thread::sleep(Duration::from_millis(50)); // the copy holds the stripe now
+        let start = Instant::now();
+        let r = a.read_snapshot(id, 2 * CL, &mut buf);
+        let waited = start.elapsed();
+        match (buffer, r) {
+            (0, Err(err)) => assert_eq!(err.errno(), libc::EIO, "{err}"),
+            (0, Ok(_)) => panic!("read succeeded while its copy timed out"),
+            (_, r) => {
+                assert_eq!(r.unwrap(), 100);
+                assert_eq!(buf, [0x11; 100]);
+                assert!(
+                    waited < Duration::from_millis(100),
+                    "reader waited {waited:?}"
+                );
+            }
+        }
+        assert!(
+            waited < Duration::from_millis(700),
+            "reader waited {waited:?} for a stuck copy"
+        );
+        writer.join().unwrap();
+        assert!(e.teardown("t", false).is_ok());
+    }
     std::env::set_var("FLEECEFS_FAULT_CBW", "");
 }

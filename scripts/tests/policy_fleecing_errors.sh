@@ -11,6 +11,17 @@ MOUNTS+=("$T/tiny")        # the cleanup trap falls back to umount -l for it
 status_field() {  # status_field PY_EXPR (s = status JSON)
     "$FLEECEFS" status "$T/mnt" --json | python3 -c "import json,sys; s=json.load(sys.stdin); print($1)"
 }
+# Under break-snapshot, old data first goes to memory (the --cbw-buffer write-behind) and a
+# flusher thread stores it; a failed or slow fleecing write breaks the access from there,
+# shortly after the live write returned.
+wait_broken() {  # wait_broken SECONDS
+    local i
+    for ((i = 0; i < $1 * 10; i++)); do
+        [ "$(status_field 's["access"]["broken"]')" = True ] && return 0
+        sleep 0.1
+    done
+    return 1
+}
 new_image() { head -c $((32 << 20)) /dev/urandom >"$T/src.img"; cp "$T/src.img" "$T/ref.img"; }
 
 # --- break-snapshot (default): ENOSPC in the fleecing dir --------------------------
@@ -22,7 +33,7 @@ dd if=/dev/urandom of="$T/new.bin" bs=1M count=4 status=none
 dd if="$T/new.bin" of="$T/mnt/live/disk" bs=64K conv=notrunc,fsync status=none ||
     fail "a live write failed under break-snapshot"
 cmp -n $((4 << 20)) "$T/new.bin" "$T/src.img" || fail "live writes did not reach the source"
-[ "$(status_field 's["access"]["broken"]')" = True ] || fail "access not broken after ENOSPC"
+wait_broken 5 || fail "access not broken after ENOSPC"
 status_field 's["access"]["broken_reason"]' | grep -qi "no space" || fail "reason does not name ENOSPC"
 [ "$(status_field 's["access"]["broken_at"] is not None')" = True ] || fail "no broken_at"
 "$FLEECEFS" status "$T/mnt" | grep -q BROKEN || fail "status table does not show the broken access"
@@ -70,18 +81,26 @@ dd if="$T/new.bin" of="$T/mnt/live/disk" bs=64K count=1 seek=8 conv=notrunc stat
 # --- timeout (copies slowed to 3 s by the fault hook; timeout 0.5 s) -----------------
 grep -q FLEECEFS_FAULT_CBW "$FLEECEFS" ||
     fail "$FLEECEFS has no fault hook: build it with 'cargo build --features fault-injection'"
-for policy in break-snapshot break-guest-write; do
+for variant in break-snapshot break-snapshot-sync break-guest-write; do
+    policy=${variant%-sync}
+    buffer=16M
+    [ $variant = break-snapshot-sync ] && buffer=0     # synchronous copies
     new_image
     FLEECEFS_FAULT_CBW=delay=3000 fmount "$T/mnt" --state-dir "$T/state" --device disk=$T/src.img \
-        --cbw-timeout 0.5 --on-cbw-error $policy
+        --cbw-timeout 0.5 --on-cbw-error $policy --cbw-buffer $buffer
     "$FLEECEFS" setup "$T/mnt" --target t >/dev/null
     start=$(date +%s%N)
     rc=0
     dd if="$T/new.bin" of="$T/mnt/live/disk" bs=4K count=1 conv=notrunc oflag=direct status=none 2>"$T/err" || rc=$?
     ms=$(( ($(date +%s%N) - start) / 1000000 ))
-    [ "$ms" -lt 2500 ] || fail "$policy: the writer waited ${ms} ms for a slow copy"
+    [ "$ms" -lt 2500 ] || fail "$variant: the writer waited ${ms} ms for a slow copy"
+    if [ $variant = break-snapshot ]; then
+        # write-behind: the writer does not wait for the fleecing write at all
+        [ "$ms" -lt 400 ] || fail "$variant: the writer waited ${ms} ms for a write-behind copy"
+    fi
     if [ $policy = break-snapshot ]; then
-        [ $rc = 0 ] || fail "break-snapshot: write failed on timeout: $(cat "$T/err")"
+        [ $rc = 0 ] || fail "$variant: write failed on timeout: $(cat "$T/err")"
+        wait_broken 3 || fail "$variant: access not broken by the timeout"
         status_field 's["access"]["broken_reason"]' | grep -q timeout || fail "reason does not say timeout"
         dd if="$T/mnt/snapshot/disk" of=/dev/null bs=4K count=1 status=none 2>/dev/null && fail "broken snapshot readable"
         sleep 3     # the late copy finishes: still nothing readable
@@ -97,4 +116,4 @@ for policy in break-snapshot break-guest-write; do
     fi
     "$FLEECEFS" unmount "$T/mnt"
 done
-echo "ok: ENOSPC and limit under both policies, timeout ($policy) bounded, late copies harmless"
+echo "ok: ENOSPC and limit under both policies, timeouts bounded (write-behind, synchronous, break-guest-write), late copies harmless"
