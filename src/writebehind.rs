@@ -161,7 +161,7 @@ struct Shared {
     /// Wakes the watchdog when the buffer closes.
     closing: Condvar,
     capacity: u64,
-    /// Recycled copy buffers (their total stays under the capacity).
+    /// Recycled copy buffers (their total stays under a quarter of the capacity).
     buffers: Mutex<Vec<Vec<u8>>>,
 }
 
@@ -202,7 +202,7 @@ impl Shared {
         if let Ok(copy) = Arc::try_unwrap(copy) {
             let mut free = self.buffers.lock().unwrap_or_else(|p| p.into_inner());
             let total: usize = free.iter().map(Vec::len).sum();
-            if (total + copy.data.len()) as u64 <= self.capacity {
+            if (total + copy.data.len()) as u64 <= self.capacity / 4 {
                 free.push(copy.data);
             }
         }
