@@ -76,6 +76,8 @@ pub struct AccessStats {
     pub fleecing_allocated: u64,
     /// Bytes in the dirty map.
     pub dirty_bytes: u64,
+    /// Copied clusters whose old data is still in memory (write-behind), in bytes.
+    pub pending_bytes: u64,
 }
 
 /// One device's part of an active backup access.
@@ -242,6 +244,7 @@ impl DeviceAccess {
             discarded_bytes: self.discarded_bytes.load(Ordering::Relaxed),
             fleecing_allocated: self.fleece.allocated_bytes(),
             dirty_bytes: self.dirty_map.dirty_bytes(),
+            pending_bytes: self.pending.len() as u64 * self.cluster.bytes(),
         }
     }
 

@@ -225,8 +225,14 @@ pub fn status(mp: &Path, json: bool) -> Result<()> {
                 devs.join(", "),
                 utc_timestamp(u(a, "started_at"))
             );
+            let pending = u(a, "pending_bytes");
+            let in_memory = if pending > 0 {
+                format!(" ({} MiB of it still in memory)", mib(pending))
+            } else {
+                String::new()
+            };
             crate::out!(
-                "  fleecing {} MiB, copied before write {} MiB, discarded {pct:.0}% of {} MiB",
+                "  fleecing {} MiB, copied before write {} MiB{in_memory}, discarded {pct:.0}% of {} MiB",
                 mib(u(a, "fleecing_allocated")),
                 mib(u(a, "copied_bytes")),
                 mib(dirty)

@@ -158,6 +158,8 @@ pub struct AccessDeviceStatus {
     pub copied_bytes: u64,
     /// Bytes discarded.
     pub discarded_bytes: u64,
+    /// Copied bytes still in memory on their way to the fleecing file.
+    pub pending_bytes: u64,
 }
 
 /// The active access in `status`.
@@ -175,6 +177,8 @@ pub struct AccessStatus {
     pub copied_bytes: u64,
     /// Sum over devices of bytes discarded.
     pub discarded_bytes: u64,
+    /// Sum over devices of copied bytes still in memory (write-behind).
+    pub pending_bytes: u64,
     /// Sum over devices of dirty bytes.
     pub dirty_bytes: u64,
     /// Whether copy-before-write failed and the snapshot is unusable.
@@ -705,6 +709,7 @@ impl Engine {
                 fleecing_allocated: 0,
                 copied_bytes: 0,
                 discarded_bytes: 0,
+                pending_bytes: 0,
                 dirty_bytes: 0,
                 broken: false,
                 broken_reason: None,
@@ -719,6 +724,7 @@ impl Engine {
                 s.fleecing_allocated += st.fleecing_allocated;
                 s.copied_bytes += st.copied_bytes;
                 s.discarded_bytes += st.discarded_bytes;
+                s.pending_bytes += st.pending_bytes;
                 s.dirty_bytes += st.dirty_bytes;
                 if let (Some(b), false) = (acc.broken(), s.broken) {
                     s.broken = true;
@@ -735,6 +741,7 @@ impl Engine {
                     fleecing_allocated: st.fleecing_allocated,
                     copied_bytes: st.copied_bytes,
                     discarded_bytes: st.discarded_bytes,
+                    pending_bytes: st.pending_bytes,
                 });
             }
             s
