@@ -100,6 +100,8 @@ fn slow_copies_time_out_without_blocking_the_writer_or_corrupting_anything() {
         "{:?}",
         start.elapsed()
     );
+    let pending = e.status().access.unwrap().pending_bytes;
+    assert_eq!(pending, CL, "the copy is not pending");
     let mut saw_old = false;
     loop {
         match a.read_snapshot(id, CL, &mut buf) {
@@ -127,6 +129,8 @@ fn slow_copies_time_out_without_blocking_the_writer_or_corrupting_anything() {
     let st = e.status().access.unwrap();
     assert!(st.broken && st.broken_reason.unwrap().contains("timeout"));
     std::thread::sleep(Duration::from_millis(1600)); // the late write finishes
+    let pending = e.status().access.unwrap().pending_bytes;
+    assert_eq!(pending, 0, "the copy is still pending");
     let err = a.read_snapshot(id, CL, &mut buf).unwrap_err();
     assert_eq!(err.errno(), libc::EIO);
     assert!(e.teardown("t", true).is_err());
