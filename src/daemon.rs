@@ -444,6 +444,9 @@ fn serve(plan: MountPlan, daemon_child: bool, allow_other: bool) -> Result<()> {
     let connection = fs::metadata(&live)
         .map(|m| libc::minor(m.dev()))
         .map_err(|e| {
+            // Do not leave a mount behind that nobody will serve once this process exits.
+            force_unmount(&plan.mountpoint, None);
+            let _ = fs::remove_file(&socket_path);
             Error::io(
                 format!("checking the new mount at {}", plan.mountpoint.display()),
                 e,
