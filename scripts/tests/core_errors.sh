@@ -38,6 +38,8 @@ WANT="$T/nomp" bad "$FLEECEFS" mount "$T/nomp" --state-dir "$T/st" --device d=$T
 [ ! -e "$T/nomp" ] || fail "a missing mount point was created"
 WANT="3000" bad "$FLEECEFS" mount "$T/mp" --state-dir "$T/st" --device d=$T/a.img --cluster-size 3000
 WANT="cluster" bad "$FLEECEFS" mount "$T/mp" --state-dir "$T/st" --device d=$T/a.img --cluster-size 128M
+WANT="--cbw-buffer|5G" bad "$FLEECEFS" mount "$T/mp" --state-dir "$T/st" --device d=$T/a.img --cbw-buffer 5G
+WANT="--cbw-buffer|lots" bad "$FLEECEFS" mount "$T/mp" --state-dir "$T/st" --device d=$T/a.img --cbw-buffer lots
 WANT="cluster" bad "$FLEECEFS" mount "$T/mp" --state-dir "$T/st" --device d=$T/a.img --cluster-size 2K
 [ -z "$(ls -A "$T/mp")" ] || fail "failed mounts left files in the mount point"
 [ ! -e "$T/st" ] || fail "failed mounts created the state dir: $(ls -A "$T/st")"
