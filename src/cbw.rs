@@ -18,7 +18,8 @@
 //! active: if `c` needs copy-before-write, the old data of `c` is in the fleecing file or
 //! in the access's pending map (write-behind, see `writebehind.rs`), and `copied[c]` is
 //! set, **before** `w` reaches the source. A pending copy leaves the map only once it is
-//! in the fleecing file or the access is broken. And for every write: `c` is marked in
+//! in the fleecing file, the access is broken, or nobody can read it (discarded, or the
+//! access ended). And for every write: `c` is marked in
 //! every tracking bitmap (flushed, when crash-safe) before `w` reaches the source.
 //! Readers therefore find point-in-time data either in the source (`!copied[c]`: nobody
 //! has written it since setup), or in the pending map, or in the fleecing file.
@@ -51,7 +52,7 @@ use crate::fleece::FleecingFile;
 use crate::persist::TrackedBitmap;
 pub use crate::policy::Broken;
 pub use crate::policy::OnCbwError;
-use crate::policy::{inject_copy_fault, CbwPolicy};
+use crate::policy::{inject_copy_fault, inject_fleece_read_fault, CbwPolicy};
 use crate::source::Source;
 use crate::sys;
 use crate::units::ClusterSize;
@@ -59,7 +60,7 @@ use crate::writebehind::{PendingCopy, PendingMap, WriteBehind};
 
 /// Smallest span of bytes one stripe lock covers. With 64 KiB clusters a lock covers one
 /// cluster; smaller clusters are grouped so that I/O per lock stays >= 64 KiB.
-const LOCK_UNIT_MIN: u64 = 64 << 10;
+pub const LOCK_UNIT_MIN: u64 = 64 << 10;
 /// Number of stripe locks per access.
 const STRIPES: usize = 4096;
 /// Largest buffer one copy step uses; bigger clusters are copied in pieces.
@@ -185,6 +186,7 @@ impl DeviceAccess {
     /// Reads copied (point-in-time) data at `pos`: pending copies from memory, the rest
     /// from the fleecing file. Called under the stripe lock of `pos`.
     fn read_copied(&self, buf: &mut [u8], pos: u64) -> Result<()> {
+        inject_fleece_read_fault();
         if self.pending.is_empty() {
             return self.fleece.read_at(buf, pos);
         }
@@ -270,13 +272,16 @@ impl DeviceAccess {
         &self.stripes[(unit as usize) & (STRIPES - 1)]
     }
 
-    /// Waits for a stripe lock as a reader or a discard does: these hold the device gate,
-    /// so they must not wait forever behind a copy stuck in the fleecing file (a waiting
-    /// teardown would then hold up every live write). The copy's writer gives up after
-    /// `--cbw-timeout` and breaks the access; from then on this returns `None`.
+    /// Waits for a stripe lock without blocking forever. Readers and discards hold the
+    /// device gate, so they must not wait forever behind a copy stuck in the fleecing
+    /// file (a waiting teardown would then hold up every live write); the copy's writer
+    /// gives up after `--cbw-timeout` and breaks the access. A write-behind copy waits
+    /// at most until its `deadline`, since the holder may be a reader stuck reading the
+    /// fleecing file. Returns `None` once the access is broken or the deadline passed.
     fn wait_stripe<G>(
         &self,
         mut try_lock: impl FnMut() -> std::sync::TryLockResult<G>,
+        deadline: Option<std::time::Instant>,
     ) -> Option<G> {
         let mut spins = 0u32;
         loop {
@@ -285,14 +290,14 @@ impl DeviceAccess {
                 Err(std::sync::TryLockError::Poisoned(p)) => return Some(p.into_inner()),
                 Err(std::sync::TryLockError::WouldBlock) => {}
             }
-            if self.is_broken() {
+            if self.is_broken() || deadline.is_some_and(|d| std::time::Instant::now() >= d) {
                 return None;
             }
             spins += 1;
             if spins < 64 {
                 std::thread::yield_now();
             } else {
-                std::thread::sleep(std::time::Duration::from_micros(200));
+                std::thread::sleep(std::time::Duration::from_micros(100));
             }
         }
     }
@@ -615,7 +620,7 @@ impl Device {
             let unit = pos >> access.unit_shift;
             let unit_end = ((unit + 1) << access.unit_shift).min(end);
             let stripe = access.stripe(unit);
-            let Some(_g) = access.wait_stripe(|| stripe.try_read()) else {
+            let Some(_g) = access.wait_stripe(|| stripe.try_read(), None) else {
                 return Err(self.broken_error(access));
             };
             while pos < unit_end {
@@ -683,7 +688,7 @@ impl Device {
                 continue;
             }
             let stripe = access.stripe(unit - 1);
-            let Some(_g) = access.wait_stripe(|| stripe.try_write()) else {
+            let Some(_g) = access.wait_stripe(|| stripe.try_write(), None) else {
                 return Err(self.broken_error(access));
             };
             let newly: Vec<Range<u64>> = access.accessible.runs(in_unit.clone()).collect();
@@ -752,14 +757,14 @@ fn copy_clusters(
             continue;
         }
         // Room in the write-behind buffer is waited for before the stripe lock, so no
-        // reader ever waits behind a writer that waits for the fleecing storage. A unit
-        // larger than the whole buffer is copied synchronously.
-        let behind = match store {
-            Store::Behind(wb, deadline) if want <= wb.capacity() => {
+        // reader ever waits behind a writer that waits for the fleecing storage. (The
+        // engine only uses write-behind when one lock unit fits in the buffer.)
+        let (behind, deadline) = match store {
+            Store::Behind(wb, deadline) => {
                 wb.reserve(want, deadline)?;
-                Some(wb)
+                (Some(wb), deadline)
             }
-            _ => None,
+            Store::Now => (None, None),
         };
         let mut copies = Vec::new();
         let result = copy_unit(
@@ -768,7 +773,7 @@ fn copy_clusters(
             access,
             in_unit,
             unit - 1,
-            behind,
+            (behind, deadline),
             &mut copies,
         );
         if let Some(wb) = behind {
@@ -782,21 +787,37 @@ fn copy_clusters(
 }
 
 /// Copies the clusters of `in_unit` (lock unit `unit`) that need it, under its stripe
-/// lock. With `behind`, old data goes into `copies`, published in the pending map.
+/// lock. With write-behind, old data goes into `copies`, published in the pending map,
+/// and the stripe lock is waited for at most until the deadline: a snapshot reader
+/// holding it may be stuck reading slow fleecing storage, and the writer runs in its own
+/// thread, not on the copy pool that bounds synchronous copies.
 fn copy_unit(
     source: &Source,
     cluster: ClusterSize,
     access: &DeviceAccess,
     in_unit: Range<u64>,
     unit: u64,
-    behind: Option<&WriteBehind>,
+    (behind, deadline): (Option<&WriteBehind>, Option<std::time::Instant>),
     copies: &mut Vec<Arc<PendingCopy>>,
 ) -> Result<()> {
     let size = source.size();
-    let _g = access
-        .stripe(unit)
-        .write()
-        .unwrap_or_else(|p| p.into_inner());
+    let stripe = access.stripe(unit);
+    let _g = match deadline {
+        None => stripe.write().unwrap_or_else(|p| p.into_inner()),
+        Some(d) => match access.wait_stripe(|| stripe.try_write(), Some(d)) {
+            Some(g) => g,
+            None if access.is_broken() => return Ok(()),
+            None => {
+                return Err(Error::new(
+                    Kind::TimedOut,
+                    format!(
+                        "copy-before-write on device {} waited longer than the timeout for a snapshot read of the same clusters",
+                        access.name
+                    ),
+                ))
+            }
+        },
+    };
     if access.is_broken() {
         return Ok(());
     }

@@ -110,8 +110,9 @@ pub struct MountArgs {
     pub cbw_timeout: f64,
     /// Old data held in memory on its way to the fleecing file under break-snapshot, so
     /// that writers do not wait for the fleecing storage (0: copy synchronously)
-    #[arg(long, value_name = "BYTES", default_value = "16M")]
-    pub cbw_buffer: String,
+    /// [default: 16M, or 0 with clusters larger than that]
+    #[arg(long, value_name = "BYTES")]
+    pub cbw_buffer: Option<String>,
     /// Most fleecing space a backup access may use across devices, e.g. 10G [default: unlimited]
     #[arg(long, value_name = "BYTES")]
     pub fleecing_limit: Option<String>,

@@ -94,14 +94,26 @@ pub fn validate(args: &MountArgs) -> Result<MountPlan> {
             }
         }
     };
-    let cbw_buffer =
-        parse_size(&args.cbw_buffer).map_err(|e| Error::invalid(format!("--cbw-buffer: {e}")))?;
-    if cbw_buffer > 4 << 30 {
-        return Err(Error::invalid(format!(
-            "--cbw-buffer {} is out of range (0 to 4G)",
-            args.cbw_buffer
-        )));
-    }
+    let unit = cluster.bytes().max(crate::cbw::LOCK_UNIT_MIN);
+    let cbw_buffer = match &args.cbw_buffer {
+        // The default would not hold one cluster of the largest sizes: copy synchronously.
+        None if unit > crate::writebehind::DEFAULT_CAPACITY => 0,
+        None => crate::writebehind::DEFAULT_CAPACITY,
+        Some(text) => {
+            let n = parse_size(text).map_err(|e| Error::invalid(format!("--cbw-buffer: {e}")))?;
+            if n > 4 << 30 {
+                return Err(Error::invalid(format!(
+                    "--cbw-buffer {text} is out of range (0 to 4G)"
+                )));
+            }
+            if n > 0 && n < unit {
+                return Err(Error::invalid(format!(
+                    "--cbw-buffer {text} cannot hold the old data of one cluster ({unit} bytes): use 0 or at least that"
+                )));
+            }
+            n
+        }
+    };
     if !(1..=256).contains(&args.threads) {
         return Err(Error::invalid(format!(
             "--threads {} is out of range (1-256)",

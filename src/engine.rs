@@ -277,11 +277,26 @@ impl Engine {
             )),
             None => None,
         };
+        // Write-behind needs room for the old data of one lock unit (one cluster, or
+        // 64 KiB of smaller ones); with larger clusters copies stay synchronous.
+        let unit = devices
+            .iter()
+            .map(|d| d.cluster().bytes().max(crate::cbw::LOCK_UNIT_MIN))
+            .max()
+            .unwrap_or(crate::cbw::LOCK_UNIT_MIN);
+        if config.cbw_buffer > 0 && config.cbw_buffer < unit {
+            log::info!(
+                "copy-before-write is synchronous: a cluster ({unit} bytes) does not fit in the {}-byte write-behind buffer",
+                config.cbw_buffer
+            );
+        }
         let write_behind = match config.on_cbw_error {
-            OnCbwError::BreakSnapshot if config.cbw_buffer > 0 => Some(Arc::new(
-                WriteBehind::new(config.cbw_buffer, 2, config.cbw_timeout)
-                    .context(|| "starting copy-before-write flusher threads".into())?,
-            )),
+            OnCbwError::BreakSnapshot if config.cbw_buffer >= unit && config.cbw_buffer > 0 => {
+                Some(Arc::new(
+                    WriteBehind::new(config.cbw_buffer, 2, config.cbw_timeout)
+                        .context(|| "starting copy-before-write flusher threads".into())?,
+                ))
+            }
             _ => None,
         };
         Ok(Engine {

@@ -223,6 +223,19 @@ pub struct CbwPolicy {
     pub breaker: Arc<Breaker>,
 }
 
+/// Test-only fault injection (cargo feature `fault-injection`):
+/// `FLEECEFS_FAULT_FLEECE_READ=delay=MILLISECONDS` makes every snapshot read from a
+/// fleecing file sleep first. Without the feature this is a no-op.
+pub fn inject_fleece_read_fault() {
+    #[cfg(feature = "fault-injection")]
+    if let Some(ms) = std::env::var("FLEECEFS_FAULT_FLEECE_READ")
+        .ok()
+        .and_then(|v| v.strip_prefix("delay=")?.parse().ok())
+    {
+        std::thread::sleep(Duration::from_millis(ms));
+    }
+}
+
 /// Test-only fault injection (cargo feature `fault-injection`): the environment variable
 /// `FLEECEFS_FAULT_CBW` makes every copy-before-write sleep (`delay=MILLISECONDS`) or
 /// fail with EIO (`eio`). Without the feature this is a no-op.

@@ -11,7 +11,8 @@
 //!
 //! What the writer waits for is memory, not the fleecing storage: the bytes pending or
 //! being written are bounded by the buffer's capacity, and a writer that finds it full
-//! waits (before taking any stripe lock) at most `--cbw-timeout`, then the access breaks.
+//! waits (before taking any stripe lock) at most `--cbw-timeout`, then the access breaks;
+//! so does a writer that finds its stripe lock held by a snapshot reader for that long.
 //! A watchdog breaks the access too when one fleecing write takes longer than the
 //! timeout, whether or not anybody waits for it. A failed fleecing write breaks the
 //! access before its copy leaves the map, so no reader ever misses the old data silently.
@@ -201,8 +202,9 @@ impl Shared {
     fn recycle(&self, copy: Arc<PendingCopy>) {
         if let Ok(copy) = Arc::try_unwrap(copy) {
             let mut free = self.buffers.lock().unwrap_or_else(|p| p.into_inner());
-            let total: usize = free.iter().map(Vec::len).sum();
-            if (total + copy.data.len()) as u64 <= self.capacity / 4 {
+            // Count what the buffers hold, not what they are used for.
+            let total: usize = free.iter().map(Vec::capacity).sum();
+            if (total + copy.data.capacity()) as u64 <= self.capacity / 4 {
                 free.push(copy.data);
             }
         }
@@ -385,13 +387,15 @@ impl WriteBehind {
             .buffers
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        let mut b = match free.iter().position(|b| b.len() == len) {
+        // Only a buffer of exactly this size is reused, so none grows or hides spare
+        // capacity (runs of small clusters come in many sizes).
+        match free.iter().position(|b| b.len() == len) {
             Some(i) => free.swap_remove(i),
-            None => free.pop().unwrap_or_default(),
-        };
-        drop(free);
-        b.resize(len, 0);
-        b
+            None => {
+                drop(free);
+                vec![0; len]
+            }
+        }
     }
 
     /// Queues `copies` of `access` (their bytes were reserved) and gives back
@@ -407,8 +411,10 @@ impl WriteBehind {
         if unused > 0 {
             s.release(&mut st, unused);
         }
-        if n > 0 && st.idle_flushers > 0 {
-            s.work.notify_one();
+        match (n, st.idle_flushers) {
+            (0, _) | (_, 0) => {}
+            (1, _) => s.work.notify_one(),
+            _ => s.work.notify_all(),
         }
     }
 

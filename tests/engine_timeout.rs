@@ -14,12 +14,17 @@ const CL: u64 = 65536;
 /// An engine whose copies time out after 200 ms; `buffer` is the write-behind buffer
 /// (0: synchronous copies, on the copy pool).
 fn engine(dir: &std::path::Path, on_error: OnCbwError, buffer: u64) -> Engine {
+    engine_with(dir, on_error, buffer, CL)
+}
+
+/// As [`engine`], with clusters of `cluster` bytes (the device is 1 MiB).
+fn engine_with(dir: &std::path::Path, on_error: OnCbwError, buffer: u64, cluster: u64) -> Engine {
     let path = dir.join("a.img");
     std::fs::write(&path, vec![0x11u8; (CL * 16) as usize]).unwrap();
     let dev = Device::new(
         "a".into(),
         Source::open(&path).unwrap(),
-        ClusterSize::new(CL).unwrap(),
+        ClusterSize::new(cluster).unwrap(),
     );
     let config = EngineConfig {
         on_cbw_error: on_error,
@@ -173,5 +178,83 @@ fn slow_copies_time_out_without_blocking_the_writer_or_corrupting_anything() {
         writer.join().unwrap();
         assert!(e.teardown("t", false).is_ok());
     }
+
+    // A buffer too small for one cluster: the engine copies synchronously (on the copy
+    // pool), so the writer is still bounded by the timeout and a reader of the cluster
+    // gets EIO once the access breaks, not after the slow copy.
+    let dir = tempfile::tempdir().unwrap();
+    let e = std::sync::Arc::new(engine(dir.path(), OnCbwError::BreakSnapshot, 32 << 10));
+    e.setup("t", None, None).unwrap();
+    let (id, _) = e.active().unwrap();
+    let a = e.devices()[0].clone();
+    let start = Instant::now();
+    let writer = {
+        let a = a.clone();
+        std::thread::spawn(move || {
+            a.write_live(3 * CL, &[0x55; 100]).unwrap();
+            start.elapsed()
+        })
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    let err = a.read_snapshot(id, 3 * CL, &mut buf).unwrap_err();
+    assert_eq!(err.errno(), libc::EIO, "{err}");
+    assert!(
+        start.elapsed() < Duration::from_millis(1000),
+        "reader waited {:?}",
+        start.elapsed()
+    );
+    let waited = writer.join().unwrap();
+    assert!(
+        waited < Duration::from_millis(1000),
+        "writer waited {waited:?}"
+    );
+    assert!(e.status().access.unwrap().broken);
+    assert!(e.teardown("t", false).is_ok());
     std::env::set_var("FLEECEFS_FAULT_CBW", "");
+
+    // Write-behind, 4 KiB clusters (16 in one 64 KiB lock unit): a snapshot reader stuck
+    // reading the fleecing file holds the unit's stripe; a writer that must copy another
+    // cluster of that unit waits for it at most the timeout, then breaks the access.
+    let dir = tempfile::tempdir().unwrap();
+    let e = std::sync::Arc::new(engine_with(
+        dir.path(),
+        OnCbwError::BreakSnapshot,
+        16 << 20,
+        4096,
+    ));
+    e.setup("t", None, None).unwrap();
+    let (id, _) = e.active().unwrap();
+    let a = e.devices()[0].clone();
+    a.write_live(0, &[0x66; 4096]).unwrap();
+    assert!(e.wait_for_copies(Duration::from_secs(5)), "copy not stored");
+    std::env::set_var("FLEECEFS_FAULT_FLEECE_READ", "delay=1500");
+    let reader = {
+        let a = a.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            a.read_snapshot(id, 0, &mut buf).map(|_| buf[0])
+        })
+    };
+    std::thread::sleep(Duration::from_millis(100)); // the reader holds the stripe now
+    let start = Instant::now();
+    a.write_live(4096, &[0x77; 4096]).unwrap();
+    let waited = start.elapsed();
+    assert!(
+        waited < Duration::from_millis(700),
+        "writer waited {waited:?} for a stuck reader"
+    );
+    assert!(
+        waited >= Duration::from_millis(150),
+        "writer did not wait for the reader: {waited:?}"
+    );
+    let st = e.status().access.unwrap();
+    assert!(st.broken && st.broken_reason.unwrap().contains("timeout"));
+    let r = reader.join().unwrap();
+    assert_eq!(
+        r.unwrap_err().errno(),
+        libc::EIO,
+        "the stuck reader's data was served"
+    );
+    std::env::set_var("FLEECEFS_FAULT_FLEECE_READ", "");
+    assert!(e.teardown("t", false).is_ok());
 }

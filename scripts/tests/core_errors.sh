@@ -39,6 +39,7 @@ WANT="$T/nomp" bad "$FLEECEFS" mount "$T/nomp" --state-dir "$T/st" --device d=$T
 WANT="3000" bad "$FLEECEFS" mount "$T/mp" --state-dir "$T/st" --device d=$T/a.img --cluster-size 3000
 WANT="cluster" bad "$FLEECEFS" mount "$T/mp" --state-dir "$T/st" --device d=$T/a.img --cluster-size 128M
 WANT="--cbw-buffer|5G" bad "$FLEECEFS" mount "$T/mp" --state-dir "$T/st" --device d=$T/a.img --cbw-buffer 5G
+WANT="--cbw-buffer|one cluster" bad "$FLEECEFS" mount "$T/mp" --state-dir "$T/st" --device d=$T/a.img --cbw-buffer 32K
 WANT="--cbw-buffer|lots" bad "$FLEECEFS" mount "$T/mp" --state-dir "$T/st" --device d=$T/a.img --cbw-buffer lots
 WANT="cluster" bad "$FLEECEFS" mount "$T/mp" --state-dir "$T/st" --device d=$T/a.img --cluster-size 2K
 [ -z "$(ls -A "$T/mp")" ] || fail "failed mounts left files in the mount point"
