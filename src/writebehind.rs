@@ -332,11 +332,6 @@ impl WriteBehind {
         Ok(wb)
     }
 
-    /// The most bytes pending at once.
-    pub fn capacity(&self) -> u64 {
-        self.shared.capacity
-    }
-
     /// Waits until `bytes` more fit (at most until `deadline`), then holds them. Called
     /// before any stripe lock is taken.
     pub fn reserve(&self, bytes: u64, deadline: Option<Instant>) -> Result<()> {
@@ -416,11 +411,6 @@ impl WriteBehind {
             (1, _) => s.work.notify_one(),
             _ => s.work.notify_all(),
         }
-    }
-
-    /// Bytes held now (reserved, queued or being written).
-    pub fn held(&self) -> u64 {
-        self.shared.lock().held
     }
 
     /// Waits until nothing is held (every copy stored or dropped), at most `timeout`.
