@@ -28,7 +28,9 @@
 //! 1. `Engine::control` (setup, teardown, status; never on the data path)
 //! 2. device gates, in device index order (exclusive only in setup/teardown; every data
 //!    operation holds its device's gate shared for its whole duration, so setup and
-//!    teardown happen between data operations, at one instant for all devices)
+//!    teardown happen between data operations, at one instant for all devices; only a
+//!    snapshot read lets go of it for lock units made only of copied clusters, and
+//!    returns ESTALE if the access ended meanwhile)
 //! 3. one *stripe* lock of the access (`RwLock<()>` per lock unit of clusters, striped).
 //!    Snapshot reads hold it shared while they check bits and read a unit; copy and
 //!    discard hold it exclusive. **A thread holds at most one stripe lock at a time**,
@@ -147,13 +149,17 @@ impl DeviceAccess {
 
     /// Marks the access ended (teardown): its pending copies need not be stored.
     pub fn retire(&self) {
-        self.retired.store(true, Ordering::Release);
+        self.retired.store(true, Ordering::SeqCst);
+    }
+
+    fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::SeqCst)
     }
 
     /// Whether nothing of this access will be read again (broken or ended), so copies
     /// for it need not be stored.
     pub fn stores_nothing(&self) -> bool {
-        self.is_broken() || self.retired.load(Ordering::Acquire)
+        self.is_broken() || self.is_retired()
     }
 
     /// Stores a pending copy in the fleecing file (a write-behind flusher), then removes
@@ -584,11 +590,15 @@ impl Device {
     ) -> Result<&'a Arc<DeviceAccess>> {
         match gate.access.as_ref() {
             Some(a) if a.id == access_id => Ok(a),
-            _ => Err(Error::new(
-                Kind::Stale,
-                format!("the backup access of snapshot/{} has ended", self.name),
-            )),
+            _ => Err(self.stale_error()),
         }
+    }
+
+    fn stale_error(&self) -> Error {
+        Error::new(
+            Kind::Stale,
+            format!("the backup access of snapshot/{} has ended", self.name),
+        )
     }
 
     fn broken_error(&self, access: &DeviceAccess) -> Error {
@@ -605,10 +615,12 @@ impl Device {
     /// Reads the snapshot of access `access_id` at `offset`. Fails with EACCES when
     /// `offset` is in an inaccessible cluster; stops short where inaccessible data begins.
     pub fn read_snapshot(&self, access_id: u64, offset: u64, buf: &mut [u8]) -> Result<usize> {
-        let gate = self.gate();
-        let access = self.current_access(&gate, access_id)?;
+        let access = {
+            let gate = self.gate();
+            self.current_access(&gate, access_id)?.clone()
+        };
         if access.is_broken() {
-            return Err(self.broken_error(access));
+            return Err(self.broken_error(&access));
         }
         let size = self.size();
         if offset >= size || buf.is_empty() {
@@ -617,12 +629,33 @@ impl Device {
         let end = size.min(offset + buf.len() as u64);
         let mut pos = offset;
         'units: while pos < end {
+            // Gate, then stripe (the lock order), one lock unit at a time. The gate keeps
+            // teardown out while source data is read: after teardown, writes no longer
+            // copy first. Copied data (fleecing file or memory) never changes during the
+            // access and stays readable through the access's own handle after teardown,
+            // so a unit made only of copied clusters is read without the gate: a read
+            // stuck in slow fleecing storage then holds up neither a teardown nor the
+            // live writes queued behind it.
+            let gate = self.gate();
+            if !matches!(gate.access.as_ref(), Some(a) if Arc::ptr_eq(a, &access)) {
+                // Torn down between two units: what was read so far is valid.
+                break;
+            }
             let unit = pos >> access.unit_shift;
             let unit_end = ((unit + 1) << access.unit_shift).min(end);
             let stripe = access.stripe(unit);
             let Some(_g) = access.wait_stripe(|| stripe.try_read(), None) else {
-                return Err(self.broken_error(access));
+                return Err(self.broken_error(&access));
             };
+            let mut gate = Some(gate);
+            let first = self.cluster.index_of(pos);
+            let last = self.cluster.index_of(unit_end - 1);
+            if (first..=last)
+                .take_while(|&c| access.accessible.get(c))
+                .all(|c| access.copied.get(c))
+            {
+                gate = None;
+            }
             while pos < unit_end {
                 let c = self.cluster.index_of(pos);
                 if !access.accessible.get(c) {
@@ -651,17 +684,26 @@ impl Device {
                 if from_fleece {
                     access.read_copied(dst, pos)
                 } else {
+                    debug_assert!(gate.is_some(), "source read without the gate");
                     self.source
                         .read_at(dst, pos)
                         .inspect_err(|e| self.note_source_error(e))
                 }?;
                 pos = run_end;
             }
+            drop(gate);
+        }
+        // Once the access has ended, its pending copies are dropped without being stored,
+        // so copied data read without the gate may be a hole of the fleecing file: a read
+        // that overlapped the teardown returns ESTALE, like any later read of its handle.
+        // (Dropping a copy follows the retire mark, and this check follows the read.)
+        if access.is_retired() {
+            return Err(self.stale_error());
         }
         // A write that gave up on its copy (timeout) marks the access broken before it
         // touches the source, so checking again here catches any new data read above.
         if access.is_broken() {
-            return Err(self.broken_error(access));
+            return Err(self.broken_error(&access));
         }
         Ok((pos - offset) as usize)
     }
@@ -677,10 +719,12 @@ impl Device {
         if clusters.is_empty() {
             return Ok(());
         }
+        let deadline = access.policy.timeout.map(|t| std::time::Instant::now() + t);
         let unit_of = |c: u64| self.cluster.start_of(c) >> access.unit_shift;
         let mut unit = unit_of(clusters.start);
         let last_unit = unit_of(clusters.end - 1);
         let mut to_punch: Vec<Range<u64>> = Vec::new();
+        let mut result = Ok(());
         while unit <= last_unit {
             let in_unit = access.unit_clusters(self.cluster, unit, &clusters);
             unit += 1;
@@ -688,8 +732,21 @@ impl Device {
                 continue;
             }
             let stripe = access.stripe(unit - 1);
-            let Some(_g) = access.wait_stripe(|| stripe.try_write(), None) else {
-                return Err(self.broken_error(access));
+            // A discard holds the gate: it waits at most the copy timeout for a reader
+            // of the same unit, which may be stuck reading slow fleecing storage.
+            let Some(_g) = access.wait_stripe(|| stripe.try_write(), deadline) else {
+                result = Err(if access.is_broken() {
+                    self.broken_error(access)
+                } else {
+                    Error::new(
+                        Kind::TimedOut,
+                        format!(
+                            "discard of snapshot/{} waited longer than the copy timeout for a read of the same clusters",
+                            self.name
+                        ),
+                    )
+                });
+                break;
             };
             let newly: Vec<Range<u64>> = access.accessible.runs(in_unit.clone()).collect();
             for run in newly {
@@ -711,11 +768,12 @@ impl Device {
             }
         }
         // Nobody reads or writes inaccessible clusters of the fleecing file again, so the
-        // space can be released after the locks are gone.
+        // space can be released after the locks are gone (also what was discarded before
+        // a failure).
         for r in to_punch {
             access.fleece.punch(r.start, r.end - r.start);
         }
-        Ok(())
+        result
     }
 }
 

@@ -257,4 +257,44 @@ fn slow_copies_time_out_without_blocking_the_writer_or_corrupting_anything() {
     );
     std::env::set_var("FLEECEFS_FAULT_FLEECE_READ", "");
     assert!(e.teardown("t", false).is_ok());
+
+    // A snapshot reader stuck reading the fleecing file holds neither teardown nor the
+    // live writes after it: it reads copied data without the device gate. A discard of
+    // the same unit (which holds the gate) gives up after the copy timeout. The stuck
+    // read, overtaken by the teardown, returns ESTALE rather than its data.
+    let dir = tempfile::tempdir().unwrap();
+    let e = std::sync::Arc::new(engine(dir.path(), OnCbwError::BreakSnapshot, 16 << 20));
+    e.setup("t", None, None).unwrap();
+    let (id, _) = e.active().unwrap();
+    let a = e.devices()[0].clone();
+    a.write_live(5 * CL, &[0x88; 100]).unwrap();
+    assert!(e.wait_for_copies(Duration::from_secs(5)), "copy not stored");
+    std::env::set_var("FLEECEFS_FAULT_FLEECE_READ", "delay=1500");
+    let reader = {
+        let a = a.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 100];
+            a.read_snapshot(id, 5 * CL, &mut buf).map(|_| buf[0])
+        })
+    };
+    std::thread::sleep(Duration::from_millis(100)); // the reader holds the stripe now
+    let start = Instant::now();
+    let err = a.discard_snapshot(id, 5 * CL, CL).unwrap_err();
+    assert_eq!(err.errno(), libc::ETIMEDOUT, "{err}");
+    assert!(
+        start.elapsed() < Duration::from_millis(700),
+        "discard waited {:?}",
+        start.elapsed()
+    );
+    let start = Instant::now();
+    assert!(e.teardown("t", false).is_ok());
+    a.write_live(5 * CL, &[0x99; 100]).unwrap();
+    let waited = start.elapsed();
+    assert!(
+        waited < Duration::from_millis(500),
+        "teardown and a write waited {waited:?} for a stuck reader"
+    );
+    let r = reader.join().unwrap();
+    assert_eq!(r.unwrap_err().errno(), libc::ESTALE);
+    std::env::set_var("FLEECEFS_FAULT_FLEECE_READ", "");
 }
