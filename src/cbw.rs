@@ -632,13 +632,13 @@ impl Device {
             // Gate, then stripe (the lock order), one lock unit at a time. The gate keeps
             // teardown out while source data is read: after teardown, writes no longer
             // copy first. Copied data (fleecing file or memory) never changes during the
-            // access and stays readable through the access's own handle after teardown,
-            // so a unit made only of copied clusters is read without the gate: a read
-            // stuck in slow fleecing storage then holds up neither a teardown nor the
-            // live writes queued behind it.
+            // access, so a unit whose clusters to read are all copied is read without the
+            // gate: a read stuck in slow fleecing storage then does not hold up a
+            // teardown. If a teardown does overtake the read, the retired check below
+            // turns it into ESTALE (teardown drops pending copies unwritten).
             let gate = self.gate();
             if !matches!(gate.access.as_ref(), Some(a) if Arc::ptr_eq(a, &access)) {
-                // Torn down between two units: what was read so far is valid.
+                // Torn down (retired) between two units: ESTALE below.
                 break;
             }
             let unit = pos >> access.unit_shift;
@@ -719,7 +719,6 @@ impl Device {
         if clusters.is_empty() {
             return Ok(());
         }
-        let deadline = access.policy.timeout.map(|t| std::time::Instant::now() + t);
         let unit_of = |c: u64| self.cluster.start_of(c) >> access.unit_shift;
         let mut unit = unit_of(clusters.start);
         let last_unit = unit_of(clusters.end - 1);
@@ -732,8 +731,10 @@ impl Device {
                 continue;
             }
             let stripe = access.stripe(unit - 1);
-            // A discard holds the gate: it waits at most the copy timeout for a reader
-            // of the same unit, which may be stuck reading slow fleecing storage.
+            // A discard holds the gate: it waits at most the copy timeout (if one is
+            // set) for each stripe, whose holder may be a reader stuck reading slow
+            // fleecing storage.
+            let deadline = access.policy.timeout.map(|t| std::time::Instant::now() + t);
             let Some(_g) = access.wait_stripe(|| stripe.try_write(), deadline) else {
                 result = Err(if access.is_broken() {
                     self.broken_error(access)
