@@ -2,6 +2,7 @@
 //! One test per binary: the hook is process-wide (`FLEECEFS_FAULT_CBW`).
 #![cfg(feature = "fault-injection")]
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fleecefs::cbw::{Device, OnCbwError};
@@ -11,15 +12,17 @@ use fleecefs::units::ClusterSize;
 
 const CL: u64 = 65536;
 
-/// An engine whose copies time out after 200 ms; `buffer` is the write-behind buffer
-/// (0: synchronous copies, on the copy pool).
-fn engine(dir: &std::path::Path, on_error: OnCbwError, buffer: u64) -> Engine {
-    engine_with(dir, on_error, buffer, CL)
-}
-
-/// As [`engine`], with clusters of `cluster` bytes (the device is 1 MiB).
-fn engine_with(dir: &std::path::Path, on_error: OnCbwError, buffer: u64, cluster: u64) -> Engine {
-    let path = dir.join("a.img");
+/// A started access (target "t") on a fresh engine whose copies time out after 200 ms,
+/// over one 1 MiB device of 0x11 bytes with clusters of `cluster` bytes; `buffer` is
+/// the write-behind buffer (0: synchronous copies, on the copy pool). Returns the temp
+/// dir (keep it alive), the engine, the access id and the device.
+fn started(
+    on_error: OnCbwError,
+    buffer: u64,
+    cluster: u64,
+) -> (tempfile::TempDir, Arc<Engine>, u64, Arc<Device>) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a.img");
     std::fs::write(&path, vec![0x11u8; (CL * 16) as usize]).unwrap();
     let dev = Device::new(
         "a".into(),
@@ -30,20 +33,20 @@ fn engine_with(dir: &std::path::Path, on_error: OnCbwError, buffer: u64, cluster
         on_cbw_error: on_error,
         cbw_timeout: Some(Duration::from_millis(200)),
         cbw_buffer: buffer,
-        ..EngineConfig::new(dir.join("fleece"), dir.join("mnt"))
+        ..EngineConfig::new(dir.path().join("fleece"), dir.path().join("mnt"))
     };
-    Engine::new(vec![dev], config, None).unwrap()
+    let e = Arc::new(Engine::new(vec![dev], config, None).unwrap());
+    e.setup("t", None, None).unwrap();
+    let (id, _) = e.active().unwrap();
+    let a = e.devices()[0].clone();
+    (dir, e, id, a)
 }
 
 #[test]
 fn slow_copies_time_out_without_blocking_the_writer_or_corrupting_anything() {
     std::env::set_var("FLEECEFS_FAULT_CBW", "delay=1500");
     // break-guest-write: the write fails with ETIMEDOUT after the timeout, live unchanged
-    let dir = tempfile::tempdir().unwrap();
-    let e = engine(dir.path(), OnCbwError::BreakGuestWrite, 16 << 20);
-    e.setup("t", None, None).unwrap();
-    let (id, _) = e.active().unwrap();
-    let a = e.devices()[0].clone();
+    let (_dir, e, id, a) = started(OnCbwError::BreakGuestWrite, 16 << 20, CL);
     let start = Instant::now();
     let err = a.write_live(0, &[0x22; 100]).unwrap_err();
     let waited = start.elapsed();
@@ -71,11 +74,7 @@ fn slow_copies_time_out_without_blocking_the_writer_or_corrupting_anything() {
     // break-snapshot, synchronous copies: the write succeeds after the timeout and the
     // snapshot breaks
     std::env::set_var("FLEECEFS_FAULT_CBW", "delay=1500");
-    let dir = tempfile::tempdir().unwrap();
-    let e = engine(dir.path(), OnCbwError::BreakSnapshot, 0);
-    e.setup("t", None, None).unwrap();
-    let (id, _) = e.active().unwrap();
-    let a = e.devices()[0].clone();
+    let (_dir, e, id, a) = started(OnCbwError::BreakSnapshot, 0, CL);
     let start = Instant::now();
     a.write_live(CL, &[0x33; 100]).unwrap();
     assert!(start.elapsed() < Duration::from_millis(1000));
@@ -93,11 +92,7 @@ fn slow_copies_time_out_without_blocking_the_writer_or_corrupting_anything() {
     // for the slow fleecing write at all; until the watchdog breaks the access (the
     // fleecing write takes longer than the timeout) readers get the old data from
     // memory, afterwards EIO; never the new data
-    let dir = tempfile::tempdir().unwrap();
-    let e = engine(dir.path(), OnCbwError::BreakSnapshot, 16 << 20);
-    e.setup("t", None, None).unwrap();
-    let (id, _) = e.active().unwrap();
-    let a = e.devices()[0].clone();
+    let (_dir, e, id, a) = started(OnCbwError::BreakSnapshot, 16 << 20, CL);
     let start = Instant::now();
     a.write_live(CL, &[0x33; 100]).unwrap();
     assert!(
@@ -146,11 +141,7 @@ fn slow_copies_time_out_without_blocking_the_writer_or_corrupting_anything() {
     // for that long. With write-behind no stripe is held while the fleecing storage is
     // slow, so the reader does not wait at all.
     for buffer in [0, 16 << 20] {
-        let dir = tempfile::tempdir().unwrap();
-        let e = std::sync::Arc::new(engine(dir.path(), OnCbwError::BreakSnapshot, buffer));
-        e.setup("t", None, None).unwrap();
-        let (id, _) = e.active().unwrap();
-        let a = e.devices()[0].clone();
+        let (_dir, e, id, a) = started(OnCbwError::BreakSnapshot, buffer, CL);
         let writer = {
             let a = a.clone();
             std::thread::spawn(move || a.write_live(2 * CL, &[0x44; 100]).unwrap())
@@ -182,11 +173,7 @@ fn slow_copies_time_out_without_blocking_the_writer_or_corrupting_anything() {
     // A buffer too small for one cluster: the engine copies synchronously (on the copy
     // pool), so the writer is still bounded by the timeout and a reader of the cluster
     // gets EIO once the access breaks, not after the slow copy.
-    let dir = tempfile::tempdir().unwrap();
-    let e = std::sync::Arc::new(engine(dir.path(), OnCbwError::BreakSnapshot, 32 << 10));
-    e.setup("t", None, None).unwrap();
-    let (id, _) = e.active().unwrap();
-    let a = e.devices()[0].clone();
+    let (_dir, e, id, a) = started(OnCbwError::BreakSnapshot, 32 << 10, CL);
     let start = Instant::now();
     let writer = {
         let a = a.clone();
@@ -215,16 +202,7 @@ fn slow_copies_time_out_without_blocking_the_writer_or_corrupting_anything() {
     // Write-behind, 4 KiB clusters (16 in one 64 KiB lock unit): a snapshot reader stuck
     // reading the fleecing file holds the unit's stripe; a writer that must copy another
     // cluster of that unit waits for it at most the timeout, then breaks the access.
-    let dir = tempfile::tempdir().unwrap();
-    let e = std::sync::Arc::new(engine_with(
-        dir.path(),
-        OnCbwError::BreakSnapshot,
-        16 << 20,
-        4096,
-    ));
-    e.setup("t", None, None).unwrap();
-    let (id, _) = e.active().unwrap();
-    let a = e.devices()[0].clone();
+    let (_dir, e, id, a) = started(OnCbwError::BreakSnapshot, 16 << 20, 4096);
     a.write_live(0, &[0x66; 4096]).unwrap();
     assert!(e.wait_for_copies(Duration::from_secs(5)), "copy not stored");
     std::env::set_var("FLEECEFS_FAULT_FLEECE_READ", "delay=1500");
@@ -262,11 +240,7 @@ fn slow_copies_time_out_without_blocking_the_writer_or_corrupting_anything() {
     // live writes after it: it reads copied data without the device gate. A discard of
     // the same unit (which holds the gate) gives up after the copy timeout. The stuck
     // read, overtaken by the teardown, returns ESTALE rather than its data.
-    let dir = tempfile::tempdir().unwrap();
-    let e = std::sync::Arc::new(engine(dir.path(), OnCbwError::BreakSnapshot, 16 << 20));
-    e.setup("t", None, None).unwrap();
-    let (id, _) = e.active().unwrap();
-    let a = e.devices()[0].clone();
+    let (_dir, e, id, a) = started(OnCbwError::BreakSnapshot, 16 << 20, CL);
     a.write_live(5 * CL, &[0x88; 100]).unwrap();
     assert!(e.wait_for_copies(Duration::from_secs(5)), "copy not stored");
     std::env::set_var("FLEECEFS_FAULT_FLEECE_READ", "delay=1500");
