@@ -73,7 +73,9 @@ fn main() {
             if i == 0 {
                 round += 1;
                 let _ = engine.teardown(&format!("b{}", round - 1), false);
-                engine.setup(&format!("b{round}"), None, None).expect("setup");
+                engine
+                    .setup(&format!("b{round}"), None, None)
+                    .expect("setup");
             }
             d.write_live(i * 4 * CL, &data).expect("write");
         });
