@@ -271,12 +271,6 @@ impl Engine {
                 d.lock_gate().tracking = store.tracking_for(d.name(), None);
             }
         }
-        let copy_pool = match config.cbw_timeout {
-            Some(_) => Some(Arc::new(
-                CopyPool::new(4).context(|| "starting copy-before-write threads".into())?,
-            )),
-            None => None,
-        };
         // Write-behind needs room for the old data of one lock unit (one cluster, or
         // 64 KiB of smaller ones); with larger clusters copies stay synchronous.
         let unit = devices
@@ -297,6 +291,13 @@ impl Engine {
                         .context(|| "starting copy-before-write flusher threads".into())?,
                 ))
             }
+            _ => None,
+        };
+        // Synchronous copies with a timeout run on the copy pool; write-behind needs none.
+        let copy_pool = match (config.cbw_timeout, &write_behind) {
+            (Some(_), None) => Some(Arc::new(
+                CopyPool::new(4).context(|| "starting copy-before-write threads".into())?,
+            )),
             _ => None,
         };
         Ok(Engine {
