@@ -42,6 +42,21 @@ fn started(
     (dir, e, id, a)
 }
 
+/// Makes fleecing reads slow (1.5 s) and starts a snapshot read of 100 bytes at `offset`
+/// in a thread; it returns the first byte read.
+fn stuck_reader(
+    a: &Arc<Device>,
+    id: u64,
+    offset: u64,
+) -> std::thread::JoinHandle<fleecefs::error::Result<u8>> {
+    std::env::set_var("FLEECEFS_FAULT_FLEECE_READ", "delay=1500");
+    let a = a.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 100];
+        a.read_snapshot(id, offset, &mut buf).map(|_| buf[0])
+    })
+}
+
 #[test]
 fn slow_copies_time_out_without_blocking_the_writer_or_corrupting_anything() {
     std::env::set_var("FLEECEFS_FAULT_CBW", "delay=1500");
@@ -205,14 +220,7 @@ fn slow_copies_time_out_without_blocking_the_writer_or_corrupting_anything() {
     let (_dir, e, id, a) = started(OnCbwError::BreakSnapshot, 16 << 20, 4096);
     a.write_live(0, &[0x66; 4096]).unwrap();
     assert!(e.wait_for_copies(Duration::from_secs(5)), "copy not stored");
-    std::env::set_var("FLEECEFS_FAULT_FLEECE_READ", "delay=1500");
-    let reader = {
-        let a = a.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            a.read_snapshot(id, 0, &mut buf).map(|_| buf[0])
-        })
-    };
+    let reader = stuck_reader(&a, id, 0);
     std::thread::sleep(Duration::from_millis(100)); // the reader holds the stripe now
     let start = Instant::now();
     a.write_live(4096, &[0x77; 4096]).unwrap();
@@ -243,14 +251,7 @@ fn slow_copies_time_out_without_blocking_the_writer_or_corrupting_anything() {
     let (_dir, e, id, a) = started(OnCbwError::BreakSnapshot, 16 << 20, CL);
     a.write_live(5 * CL, &[0x88; 100]).unwrap();
     assert!(e.wait_for_copies(Duration::from_secs(5)), "copy not stored");
-    std::env::set_var("FLEECEFS_FAULT_FLEECE_READ", "delay=1500");
-    let reader = {
-        let a = a.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 100];
-            a.read_snapshot(id, 5 * CL, &mut buf).map(|_| buf[0])
-        })
-    };
+    let reader = stuck_reader(&a, id, 5 * CL);
     std::thread::sleep(Duration::from_millis(100)); // the reader holds the stripe now
     let start = Instant::now();
     let err = a.discard_snapshot(id, 5 * CL, CL).unwrap_err();

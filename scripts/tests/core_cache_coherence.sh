@@ -35,6 +35,12 @@ def check(fd, off, n, want, what):
 cached = os.open(live, os.O_RDWR)
 direct = os.open(live, os.O_RDWR | os.O_DIRECT)
 mapped = mmap.mmap(cached, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+
+def check_direct(off, n, what):   # an O_DIRECT read (aligned buffer) must match the model
+    buf = mmap.mmap(-1, n)
+    os.preadv(direct, [buf], off)
+    if bytes(buf) != bytes(model[off:off + n]):
+        print(f"FAIL: {what} is stale"); sys.exit(1)
 for step in range(400):
     off = rng.randrange(0, size // 4096) * 4096
     n = 4096 * rng.randint(1, 4)
@@ -51,10 +57,7 @@ for step in range(400):
     elif op == 1:    # cached write, then O_DIRECT read must see it
         os.pwrite(cached, data, off)
         model[off:off + n] = data
-        buf = mmap.mmap(-1, n)
-        os.preadv(direct, [buf], off)
-        if bytes(buf) != bytes(model[off:off + n]):
-            print(f"FAIL: step {step}: O_DIRECT read after a cached write is stale"); sys.exit(1)
+        check_direct(off, n, f"step {step}: O_DIRECT read after a cached write")
     elif op == 2:    # punch hole through the direct fd
         os.posix_fallocate  # (exists)
         import ctypes
@@ -67,10 +70,7 @@ for step in range(400):
         mapped[off:off + n] = data
         mapped.flush()
         model[off:off + n] = data
-        buf = mmap.mmap(-1, n)
-        os.preadv(direct, [buf], off)
-        if bytes(buf) != bytes(model[off:off + n]):
-            print(f"FAIL: step {step}: O_DIRECT read after an mmap write is stale"); sys.exit(1)
+        check_direct(off, n, f"step {step}: O_DIRECT read after an mmap write")
     elif op == 3:    # a fresh cached open sees everything
         fd = os.open(live, os.O_RDONLY)
         check(fd, off, n, model[off:off + n], f"step {step} reopen")
