@@ -22,6 +22,9 @@
 #   BENCH_FLEECEFS_BIN=PATH   use this fleecefs binary, build nothing (before/after a change)
 #   BENCH_REV=HEAD            benchmark this commit (exported with git archive, built in
 #                             BENCH_OUT) instead of the working tree
+#   BENCH_FLOOR=0             skip the FUSE floor (examples/fuse_floor.rs: a pass-through
+#                             FUSE server, over /dev/fuse and over io_uring, on the
+#                             no-access live workloads; what any FUSE server can reach here)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -66,12 +69,16 @@ QSD_PID=""      # the running qemu-storage-daemon, if any
 FMOUNTS=()      # fleecefs mount points to unmount
 PERF_PID=""
 FIO_PID=""
+FLOOR_PID=""    # the running fuse_floor, if any
+URING_PARAM=/sys/module/fuse/parameters/enable_uring
+URING_SAVED=""  # enable_uring's value before the floor changed it
 
 cleanup() {
     set +e
     if [ -n "$FIO_PID" ]; then kill "$FIO_PID" 2>/dev/null; wait "$FIO_PID" 2>/dev/null; fi
     [ -n "$PERF_PID" ] && kill -INT "$PERF_PID" 2>/dev/null && wait "$PERF_PID" 2>/dev/null
     qsd_stop
+    floor_stop
     for m in "${FMOUNTS[@]}"; do
         if mountpoint -q "$m"; then
             "$FLEECEFS" unmount "$m" 2>/dev/null || umount -l "$m"
@@ -329,6 +336,7 @@ fleecefs_stop() {
 daemon_pid() {
     case $SYS in
         qemu) [ -n "$QSD_PID" ] && echo "$QSD_PID" ;;
+        floor*) [ -n "$FLOOR_PID" ] && echo "$FLOOR_PID" ;;
         fleecefs) "$FLEECEFS" status "$FMNT" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["pid"])' ;;
         *) return 1 ;;
     esac
@@ -359,6 +367,97 @@ run_system() {
     wl_mixed mixed_odirect 1
     "${SYS}_access_end"
     "${SYS}_stop"
+}
+
+# ---------------------------------------------------------------- the FUSE floor
+
+# How fast any FUSE server can be on this machine: examples/fuse_floor.rs serves the
+# source as MOUNT/img with one pread/pwrite per request and nothing else, with fleecefs's
+# fuser configuration and open flags. Measured on the no-access live workloads, over
+# /dev/fuse (floor) and, where the kernel has it, over FUSE-over-io_uring (floor_uring;
+# the fuse module's enable_uring parameter is switched on for it and restored after).
+FLOOR=$REPO/target/release/examples/fuse_floor
+FLOOR_SYSTEMS=""
+
+floor_stop() {
+    [ -n "$FLOOR_PID" ] || return 0
+    mountpoint -q "$W/floor" && umount "$W/floor"
+    wait "$FLOOR_PID" 2>/dev/null || true
+    FLOOR_PID=""
+    if [ -n "$URING_SAVED" ]; then echo "$URING_SAVED" >"$URING_PARAM"; URING_SAVED=""; fi
+}
+
+floor_run() {
+    SYS=$1; shift
+    log "system $SYS (the FUSE floor)"
+    mkdir -p "$W/floor"
+    cat "$SRC" >/dev/null
+    "$FLOOR" "$W/floor" "$SRC" "$@" 2>"$RES/$SYS.log" &
+    FLOOR_PID=$!
+    local i
+    for i in $(seq 100); do
+        [ -e "$W/floor/img" ] && break
+        kill -0 "$FLOOR_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    if [ ! -e "$W/floor/img" ]; then
+        log "$SYS did not start: $(tail -1 "$RES/$SYS.log")"
+        floor_stop
+        return 0
+    fi
+    RINV=1
+    LIVE=$W/floor/img
+    wl_randwrite_noacc
+    wl_seqwrite_noacc
+    wl_seqread_noacc
+    floor_stop
+    log "$SYS: $(tail -1 "$RES/$SYS.log")"
+    FLOOR_SYSTEMS="$FLOOR_SYSTEMS $SYS"
+}
+
+fuse_floor() {
+    [ "${BENCH_FLOOR:-1}" = 0 ] && return 0
+    floor_run floor
+    if [ -w "$URING_PARAM" ]; then
+        URING_SAVED=$(cat "$URING_PARAM")
+        echo 1 >"$URING_PARAM"
+        floor_run floor_uring --uring
+    else
+        log "no FUSE-over-io_uring in this kernel ($URING_PARAM): floor_uring skipped"
+    fi
+}
+
+floor_report() {
+    [ -n "$FLOOR_SYSTEMS" ] || return 0
+    python3 - "$RES" "$FLOOR_SYSTEMS" <<'PY'
+import json, os, sys
+res, floors = sys.argv[1], sys.argv[2].split()
+def first(system, wl):
+    p = os.path.join(res, "%s.%s.json" % (system, wl))
+    if not os.path.exists(p):
+        return None
+    j = json.load(open(p))["jobs"][0]
+    s = j["write"] if j["write"]["io_bytes"] else j["read"]
+    return s["bw_bytes"] / 1e6, s["iops"], s["lat_ns"]["mean"] / 1e3
+names = {"floor": "floor (/dev/fuse)", "floor_uring": "floor (io_uring)"}
+systems = [s for s in ("direct", "qemu") if os.path.exists(os.path.join(res, s + ".randwrite_noacc.json"))]
+systems += floors + ["fleecefs"]
+print()
+print("| no access, the FUSE floor | " + " | ".join(names.get(s, s) for s in systems) + " | fleecefs / floor (/dev/fuse) | best floor / direct |")
+print("|---|" + "---|" * (len(systems) + 2))
+for wl, label, unit in (("randwrite_noacc", "live 4K randwrite", "IOPS"), ("seqwrite_noacc", "live 1M seq write", "MB/s"),
+                        ("seqread_noacc", "live 1M seq read", "MB/s")):
+    v = {s: first(s, wl) for s in systems}
+    k = 1 if unit == "IOPS" else 0
+    cells = ["-" if v[s] is None else "%.0f %s (%.1f µs)" % (v[s][k], unit, v[s][2]) for s in systems]
+    fl = v.get("floor")
+    fc = v.get("fleecefs")
+    r1 = "-" if not (fl and fc) else "%.2fx" % (fc[k] / fl[k])
+    best = max((v[s][k] for s in floors if v.get(s)), default=None)
+    d = v.get("direct")
+    r2 = "-" if not (best and d) else "%.2fx" % (best / d[k])
+    print("| %s | %s | %s | %s |" % (label, " | ".join(cells), r1, r2))
+PY
 }
 
 # ---------------------------------------------------------------- bitmap cost
@@ -636,6 +735,10 @@ main() {
     done
     mkdir -p "$OUT"
     build_fleecefs
+    if [ "${BENCH_FLOOR:-1}" != 0 ]; then
+        log "building the FUSE floor (examples/fuse_floor.rs, release)"
+        (cd "$REPO" && cargo build --release --quiet --example fuse_floor)
+    fi
     W=$(mktemp -d "${BENCH_TMPDIR:-/tmp}/fleecefs-bench.XXXXXX")
     RES=$W/results
     mkdir -p "$RES"
@@ -658,7 +761,7 @@ main() {
 
     local s start=$SECONDS
     for s in $SYSTEMS; do run_system "$s"; done
-    case " $SYSTEMS " in *" fleecefs "*) bitmap_cost ;; esac
+    case " $SYSTEMS " in *" fleecefs "*) fuse_floor; bitmap_cost ;; esac
     log "engine micro-benchmarks (cargo bench --bench engine, no FUSE)"
     (cd "$REPO" && cargo bench --quiet --bench engine 2>/dev/null) >"$RES/micro.txt" || log "micro-benchmarks failed"
     scale_test
@@ -670,6 +773,7 @@ main() {
         machine_info
         echo
         report
+        floor_report
         bitmap_report
         if [ -s "$RES/micro.txt" ]; then
             echo
