@@ -94,7 +94,12 @@ pub struct MountArgs {
     #[arg(long, value_name = "BYTES", default_value = "64K")]
     pub cluster_size: String,
     /// FUSE worker threads
-    #[arg(long, value_name = "N", default_value_t = 8)]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 8,
+        allow_negative_numbers = true
+    )]
     pub threads: usize,
     /// Stay in the foreground (log to stderr)
     #[arg(long)]
@@ -106,7 +111,12 @@ pub struct MountArgs {
     #[arg(long, value_enum, default_value = "break-snapshot")]
     pub on_cbw_error: OnCbwErrorArg,
     /// Longest a live write waits for copy-before-write before the policy applies (0: no limit)
-    #[arg(long, value_name = "SECONDS", default_value_t = 45.0)]
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 45.0,
+        allow_negative_numbers = true
+    )]
     pub cbw_timeout: f64,
     /// Old data held in memory on its way to the fleecing file under break-snapshot, so
     /// that writers do not wait for the fleecing storage (0: copy synchronously)

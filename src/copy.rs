@@ -18,7 +18,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -151,6 +151,10 @@ pub fn copy(mountpoint: &Path, name: &str, dest: &Path, opts: CopyOptions) -> Re
         }
         Err(e) => return Err(Error::io(format!("{}", snapshot.display()), e)),
     }
+    let mount_dev = std::fs::metadata(mountpoint)
+        .context(|| format!("stat of {}", mountpoint.display()))?
+        .dev();
+    check_dest_outside(dest, mount_dev, opts.incremental)?;
     copy_files(&snapshot, &dirty, name, dest, opts)
 }
 
@@ -186,6 +190,10 @@ pub fn copy_files(
         )));
     }
     let out = open_dest(dest, size, opts.incremental)?;
+    // An existing DEST may be someone's disk (a full copy creates a new file).
+    if opts.incremental {
+        lock_dest(&out, dest)?;
+    }
     let mut c = Copier {
         name,
         snap: &snap,
@@ -216,10 +224,14 @@ pub fn copy_files(
         if !opts.incremental {
             // The file is ours and incomplete; left behind it would block the retry.
             drop(out);
-            match std::fs::remove_file(dest) {
-                Ok(()) => log::warn!("removed the incomplete {}", dest.display()),
-                Err(re) => log::warn!("cannot remove the incomplete {}: {re}", dest.display()),
-            }
+            let note = match std::fs::remove_file(dest) {
+                Ok(()) => format!("the incomplete {} was removed", dest.display()),
+                Err(re) => format!(
+                    "the incomplete {} could not be removed: {re}",
+                    dest.display()
+                ),
+            };
+            return Err(e.with_note(note));
         }
         return Err(e);
     }
@@ -242,6 +254,47 @@ fn check_ranges(ranges: &[(u64, u64)], size: u64) -> std::result::Result<(), Str
         end = e;
     }
     Ok(())
+}
+
+/// Locks an existing DEST like a source (`sys::lock_exclusive`), so that a copy never
+/// writes an image a fleecefs daemon or QEMU is using, nor races another copy.
+fn lock_dest(out: &File, dest: &Path) -> Result<()> {
+    sys::lock_exclusive(out).or_else(|e| {
+        if e.raw_os_error() == Some(libc::EAGAIN) || e.raw_os_error() == Some(libc::EACCES) {
+            Err(Error::busy(format!(
+                "{} is in use: another process holds a lock on it (a source a fleecefs \
+                 daemon serves, a disk QEMU uses, or another copy)",
+                dest.display()
+            )))
+        } else {
+            log::warn!(
+                "cannot lock {} ({e}): copying without the lock",
+                dest.display()
+            );
+            Ok(())
+        }
+    })
+}
+
+/// Refuses a DEST on the fleecefs mount itself (`mount_dev`: its device number): writing
+/// the backup into `live/` would change the image, into `snapshot/` would fail half-way.
+fn check_dest_outside(dest: &Path, mount_dev: u64, incremental: bool) -> Result<()> {
+    let probe = if incremental {
+        dest.to_path_buf()
+    } else {
+        match dest.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        }
+    };
+    match std::fs::metadata(&probe) {
+        Ok(m) if m.dev() == mount_dev => Err(Error::invalid(format!(
+            "{} is on the fleecefs mount: write the backup outside it",
+            dest.display()
+        ))),
+        // Whatever else is wrong with DEST, opening it says so.
+        _ => Ok(()),
+    }
 }
 
 /// Creates DEST (full) or opens and checks it (incremental).

@@ -68,6 +68,34 @@ pub struct MountPlan {
     pub cbw_buffer: u64,
 }
 
+/// `p` (absolute) with symlinks and `..` resolved as far as it exists; the missing rest
+/// is appended with `..` applied lexically.
+fn resolved(p: &Path) -> PathBuf {
+    let mut missing = Vec::new();
+    let mut cur = p.to_path_buf();
+    let mut out = loop {
+        if let Ok(c) = cur.canonicalize() {
+            break c;
+        }
+        match (cur.file_name(), cur.parent()) {
+            (Some(name), Some(parent)) => {
+                missing.push(name.to_os_string());
+                cur = parent.to_path_buf();
+            }
+            // '..' at the end, or the root: nothing more to resolve.
+            _ => break cur,
+        }
+    };
+    for c in missing.into_iter().rev() {
+        if c == ".." {
+            out.pop();
+        } else if c != "." {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn absolute(p: &Path) -> Result<PathBuf> {
     std::path::absolute(p).context(|| format!("resolving {}", p.display()))
 }
@@ -81,6 +109,12 @@ pub fn validate(args: &MountArgs) -> Result<MountPlan> {
     if !(args.cbw_timeout.is_finite() && (0.0..=86400.0).contains(&args.cbw_timeout)) {
         return Err(Error::invalid(format!(
             "--cbw-timeout {} is out of range (0 to 86400 seconds)",
+            args.cbw_timeout
+        )));
+    }
+    if args.cbw_timeout > 0.0 && args.cbw_timeout < 0.001 {
+        return Err(Error::invalid(format!(
+            "--cbw-timeout {} is too short: use 0 (no limit) or at least 0.001 seconds",
             args.cbw_timeout
         )));
     }
@@ -120,13 +154,62 @@ pub fn validate(args: &MountArgs) -> Result<MountPlan> {
             args.threads
         )));
     }
-    let mut devices: Vec<(String, PathBuf)> = Vec::new();
+    let state_dir = absolute(&args.state_dir)?;
+    match fs::metadata(&state_dir) {
+        Ok(m) if !m.is_dir() => {
+            return Err(Error::invalid(format!(
+                "state directory {} is not a directory",
+                state_dir.display()
+            )))
+        }
+        Ok(m) if m.mode() & 0o002 != 0 => {
+            return Err(Error::invalid(format!(
+                "state directory {} is writable by every user: use a directory of its own",
+                state_dir.display()
+            )))
+        }
+        _ => {}
+    }
+    let fleecing_dir = match &args.fleecing_dir {
+        Some(d) => {
+            let d = absolute(d)?;
+            match fs::metadata(&d) {
+                Ok(m) if m.is_dir() => d,
+                Ok(_) => {
+                    return Err(Error::invalid(format!(
+                        "--fleecing-dir {} is not a directory",
+                        d.display()
+                    )))
+                }
+                Err(e) => {
+                    return Err(Error::io(format!("--fleecing-dir {}", d.display()), e));
+                }
+            }
+        }
+        None => state_dir.join("fleecing"),
+    };
+    let (mountpoint, stale_mount) = check_mountpoint(&args.mountpoint, &state_dir)?;
+    // Compared resolved: through a symlink or a '..', they could still lead inside.
+    if resolved(&state_dir).starts_with(&mountpoint)
+        || resolved(&fleecing_dir).starts_with(&mountpoint)
+    {
+        return Err(Error::invalid(
+            "the state and fleecing directories must not be inside the mount point",
+        ));
+    }
+    // Sources last: the messages about the mount point and state dir say more.
+    let mut devices: Vec<(String, PathBuf, crate::source::Identity)> = Vec::new();
     for spec in &args.devices {
         let (name, path) = spec
             .split_once('=')
             .ok_or_else(|| Error::invalid(format!("--device '{spec}' is not NAME=PATH")))?;
         validate_name("device name", name)?;
-        if devices.iter().any(|(n, _)| n == name) {
+        if name.ends_with(".dirty") {
+            return Err(Error::invalid(format!(
+                "invalid device name '{name}': names ending in .dirty are taken by the dirty maps (snapshot/NAME.dirty)"
+            )));
+        }
+        if devices.iter().any(|(n, _, _)| n == name) {
             return Err(Error::invalid(format!(
                 "device name '{name}' is given twice"
             )));
@@ -137,27 +220,23 @@ pub fn validate(args: &MountArgs) -> Result<MountPlan> {
             )));
         }
         let path = absolute(Path::new(path))?;
-        // Opening checks existence, type, size and write permission; it is closed again.
-        Source::open(&path)?;
-        if devices.iter().any(|(_, p)| *p == path) {
+        // Opening checks existence, type, size, write permission and that nobody else
+        // holds the image; it is closed again.
+        let id = Source::open(&path)?.identity().clone();
+        // The same file under another path (a symlink, a hard link) is the same image.
+        if let Some((other, p, _)) = devices
+            .iter()
+            .find(|(_, _, i)| (i.dev, i.ino) == (id.dev, id.ino))
+        {
             return Err(Error::invalid(format!(
-                "source {} is given twice",
-                path.display()
+                "source {} is given twice (device '{other}' is {})",
+                path.display(),
+                p.display()
             )));
         }
-        devices.push((name.to_string(), path));
+        devices.push((name.to_string(), path, id));
     }
-    let state_dir = absolute(&args.state_dir)?;
-    let fleecing_dir = match &args.fleecing_dir {
-        Some(d) => absolute(d)?,
-        None => state_dir.join("fleecing"),
-    };
-    let (mountpoint, stale_mount) = check_mountpoint(&args.mountpoint, &state_dir)?;
-    if state_dir.starts_with(&mountpoint) || fleecing_dir.starts_with(&mountpoint) {
-        return Err(Error::invalid(
-            "the state and fleecing directories must not be inside the mount point",
-        ));
-    }
+    let devices: Vec<(String, PathBuf)> = devices.into_iter().map(|(n, p, _)| (n, p)).collect();
     Ok(MountPlan {
         mountpoint,
         state_dir,

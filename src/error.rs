@@ -41,6 +41,8 @@ pub struct Error {
     kind: Kind,
     message: String,
     source: Option<io::Error>,
+    /// What was done about it, printed after the cause.
+    note: Option<String>,
 }
 
 /// Result with [`Error`].
@@ -53,6 +55,7 @@ impl Error {
             kind,
             message: message.into(),
             source: None,
+            note: None,
         }
     }
 
@@ -62,6 +65,7 @@ impl Error {
             kind: Kind::Io,
             message: context.into(),
             source: Some(source),
+            note: None,
         }
     }
 
@@ -78,6 +82,12 @@ impl Error {
     /// Shorthand for [`Kind::Busy`].
     pub fn busy(message: impl Into<String>) -> Self {
         Self::new(Kind::Busy, message)
+    }
+
+    /// Adds what was done about the failure (e.g. a cleanup), printed after the cause.
+    pub fn with_note(mut self, note: impl Into<String>) -> Self {
+        self.note = Some(note.into());
+        self
     }
 
     /// The kind of failure.
@@ -124,14 +134,18 @@ impl StdError for Error {
     }
 }
 
-/// The whole chain on one line: `message: cause: cause`.
-pub fn report(err: &dyn StdError) -> String {
+/// The whole chain on one line: `message: cause: cause` (and `; note` if there is one).
+pub fn report(err: &(dyn StdError + 'static)) -> String {
     let mut out = err.to_string();
     let mut cur = err.source();
     while let Some(e) = cur {
         out.push_str(": ");
         out.push_str(&e.to_string());
         cur = e.source();
+    }
+    if let Some(note) = err.downcast_ref::<Error>().and_then(|e| e.note.as_deref()) {
+        out.push_str("; ");
+        out.push_str(note);
     }
     out
 }

@@ -22,12 +22,44 @@ fn run(cli: Cli) -> error::Result<()> {
     }
 }
 
+/// The (sub)commands named on the command line, as far as they are known, and the last one.
+fn command_path() -> (Vec<String>, clap::Command) {
+    let mut cmd = <Cli as clap::CommandFactory>::command();
+    let mut path = Vec::new();
+    for a in std::env::args().skip(1).filter(|a| !a.starts_with('-')) {
+        match cmd.find_subcommand(&a) {
+            Some(c) => cmd = c.clone(),
+            None => break,
+        }
+        path.push(a);
+    }
+    (path, cmd)
+}
+
 /// Parses the command line. Help and version go to stdout as clap formats them; a usage
 /// error is one line naming the problem, and exit code 2.
 fn parse() -> Cli {
     match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            // `fleecefs` or `fleecefs bitmap` alone: name the commands that can follow.
+            let (path, cmd) = command_path();
+            let names: Vec<&str> = cmd
+                .get_subcommands()
+                .map(|c| c.get_name())
+                .filter(|n| *n != "help")
+                .collect();
+            let shown = std::iter::once("fleecefs")
+                .chain(path.iter().map(String::as_str))
+                .collect::<Vec<_>>()
+                .join(" ");
+            eprintln!(
+                "fleecefs: error: '{shown}' needs a command: {} (see '{shown} --help')",
+                names.join(", ")
+            );
+            std::process::exit(2);
+        }
         Err(e) => {
             let text = e.render().to_string();
             // The first paragraph says what is wrong (possibly over several lines).
@@ -39,10 +71,9 @@ fn parse() -> Cli {
                 .collect();
             let first = problem.join(" ");
             let first = first.trim_start_matches("error: ");
-            let sub = std::env::args().nth(1).filter(|a| !a.starts_with('-'));
-            let help = match (e.kind(), sub) {
-                (clap::error::ErrorKind::InvalidSubcommand, _) | (_, None) => String::new(),
-                (_, Some(sub)) => format!(" {sub}"),
+            let help = match e.kind() {
+                clap::error::ErrorKind::InvalidSubcommand => String::new(),
+                _ => command_path().0.iter().map(|c| format!(" {c}")).collect(),
             };
             eprintln!("fleecefs: error: {first} (see 'fleecefs{help} --help')");
             std::process::exit(2);

@@ -47,12 +47,34 @@ impl Source {
                 path.display()
             )));
         }
+        // O_EXCL on a block device: refused while it is mounted or opened exclusively.
+        let excl = if ft.is_block_device() {
+            libc::O_EXCL
+        } else {
+            0
+        };
         let file = OpenOptions::new()
             .read(true)
             .write(true)
-            .custom_flags(libc::O_CLOEXEC)
+            .custom_flags(libc::O_CLOEXEC | excl)
             .open(path)
             .context(|| format!("source {} cannot be opened read-write", path.display()))?;
+        sys::lock_exclusive(&file).or_else(|e| {
+            if e.raw_os_error() == Some(libc::EAGAIN) || e.raw_os_error() == Some(libc::EACCES) {
+                Err(Error::busy(format!(
+                    "source {} is in use: another process holds a lock on it \
+                     (another fleecefs daemon, or QEMU)",
+                    path.display()
+                )))
+            } else {
+                // A filesystem without locks (ENOLCK): serve, but say what is not guarded.
+                log::warn!(
+                    "cannot lock source {} ({e}): nothing stops another process from writing it",
+                    path.display()
+                );
+                Ok(())
+            }
+        })?;
         let size = if ft.is_block_device() {
             sys::block_device_size(&file)
                 .context(|| format!("size of block device {}", path.display()))?

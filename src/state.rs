@@ -44,12 +44,17 @@ impl StateDir {
     /// Creates `path` if needed (mode 0700) and takes its lock. Fails if another daemon
     /// holds it.
     pub fn open(path: &Path) -> Result<StateDir> {
+        let created = !path.exists();
         fs::create_dir_all(path)
             .context(|| format!("creating state directory {}", path.display()))?;
         let path = path
             .canonicalize()
             .context(|| format!("resolving state directory {}", path.display()))?;
-        let _ = fs::set_permissions(&path, fs::Permissions::from_mode(0o700));
+        // Only a directory made here: the mode of an existing one is its owner's choice
+        // (the socket and the files inside are 0600 either way).
+        if created {
+            let _ = fs::set_permissions(&path, fs::Permissions::from_mode(0o700));
+        }
         let lock_path = path.join(LOCK_FILE);
         let mut lock = OpenOptions::new()
             .read(true)

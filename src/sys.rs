@@ -74,3 +74,24 @@ pub fn unix_now() -> u64 {
         .map(|d| d.as_secs())
         .unwrap_or(0)
 }
+
+/// Takes an exclusive open-file-description lock on the whole file, held until it is
+/// closed; EAGAIN or EACCES if another open file holds any lock on it. Sources are locked
+/// so that nobody else writes them (a write that does not go through the mount is never
+/// copied before it lands): a second fleecefs daemon is refused, and so is QEMU, whose
+/// image locking takes the same kind of lock on single bytes of the file. `fleecefs copy`
+/// locks its DEST the same way.
+pub fn lock_exclusive(file: &std::fs::File) -> std::io::Result<()> {
+    // SAFETY: an all-zero flock is valid; the fields are set below.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_WRLCK as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = 0;
+    fl.l_len = 0; // to the end of the file, however large it grows
+                  // SAFETY: fcntl on a valid fd with a valid flock.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}

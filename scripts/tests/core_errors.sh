@@ -42,6 +42,30 @@ WANT="--cbw-buffer|5G" bad "$FLEECEFS" mount "$T/mp" --state-dir "$T/st" --devic
 WANT="--cbw-buffer|one cluster" bad "$FLEECEFS" mount "$T/mp" --state-dir "$T/st" --device d=$T/a.img --cbw-buffer 32K
 WANT="--cbw-buffer|lots" bad "$FLEECEFS" mount "$T/mp" --state-dir "$T/st" --device d=$T/a.img --cbw-buffer lots
 WANT="cluster" bad "$FLEECEFS" mount "$T/mp" --state-dir "$T/st" --device d=$T/a.img --cluster-size 2K
+WANT="--cbw-timeout|too short" bad "$FLEECEFS" mount "$T/mp" --state-dir "$T/st" --device d=$T/a.img --cbw-timeout 1e-12
+WANT="--cbw-timeout -1|out of range" bad "$FLEECEFS" mount "$T/mp" --state-dir "$T/st" --device d=$T/a.img --cbw-timeout -1
+WANT="'-1'|--threads" RC=2 bad "$FLEECEFS" mount "$T/mp" --state-dir "$T/st" --device d=$T/a.img --threads -1
+WANT="d.dirty" bad "$FLEECEFS" mount "$T/mp" --state-dir "$T/st" --device d=$T/a.img --device d.dirty=$T/b.img
+# the same file twice, through a symlink or a hard link
+ln -s "$T/a.img" "$T/a.link"
+ln "$T/a.img" "$T/a.hard"
+WANT="$T/a.link|given twice" bad "$FLEECEFS" mount "$T/mp" --state-dir "$T/st" --device d=$T/a.img --device e=$T/a.link
+WANT="$T/a.hard|given twice" bad "$FLEECEFS" mount "$T/mp" --state-dir "$T/st" --device d=$T/a.img --device e=$T/a.hard
+# state and fleecing directories: world-writable state dir, fleecing dir missing or a file,
+# either inside the mount point through a symlink or '..'
+mkdir -p "$T/open" && chmod 1777 "$T/open"
+WANT="$T/open|every user" bad "$FLEECEFS" mount "$T/mp" --state-dir "$T/open" --device d=$T/a.img
+[ "$(stat -c %a "$T/open")" = 1777 ] || fail "a refused mount changed the mode of the state dir"
+WANT="$T/nofl" bad "$FLEECEFS" mount "$T/mp" --state-dir "$T/st" --fleecing-dir "$T/nofl" --device d=$T/a.img
+[ ! -e "$T/nofl" ] || fail "a missing fleecing dir was created"
+WANT="$T/a.img|not a directory" bad "$FLEECEFS" mount "$T/mp" --state-dir "$T/st" --fleecing-dir "$T/a.img" --device d=$T/a.img
+ln -s "$T/mp" "$T/mp.link"
+WANT="inside the mount point" bad "$FLEECEFS" mount "$T/mp" --state-dir "$T/mp.link/st" --device d=$T/a.img
+WANT="inside the mount point" bad "$FLEECEFS" mount "$T/mp" --state-dir "$T/dir/../mp/st" --device d=$T/a.img
+# no command
+WANT="needs a command|mount, setup" RC=2 bad "$FLEECEFS"
+WANT="needs a command|remove" RC=2 bad "$FLEECEFS" bitmap
+WANT="fleecefs bitmap remove --help" RC=2 bad "$FLEECEFS" bitmap remove "$T/mp"
 [ -z "$(ls -A "$T/mp")" ] || fail "failed mounts left files in the mount point"
 [ ! -e "$T/st" ] || fail "failed mounts created the state dir: $(ls -A "$T/st")"
 daemons() { pgrep -f -- "mount $T/" | wc -l; }
@@ -50,11 +74,22 @@ daemons() { pgrep -f -- "mount $T/" | wc -l; }
 # a working mount, then a second daemon on its state dir
 fmount "$T/mp" --state-dir "$T/st" --device d=$T/a.img --device e=$T/b.img
 pid=$(status_json "$T/mp" 'd["pid"]')
-WANT="$T/st|$pid" bad "$FLEECEFS" mount "$T/mp2" --state-dir "$T/st" --device d=$T/a.img
+head -c $((4 * M)) /dev/urandom >"$T/c.img"
+WANT="$T/st|$pid" bad "$FLEECEFS" mount "$T/mp2" --state-dir "$T/st" --device d=$T/c.img
+# the sources are locked while served: a second daemon on another state dir is refused
+# (two writers would defeat copy-before-write), and so is QEMU writing the image
+WANT="$T/a.img|in use" bad "$FLEECEFS" mount "$T/mp2" --state-dir "$T/st2" --device d=$T/a.img
+WANT="$T/a.link|in use" bad "$FLEECEFS" mount "$T/mp2" --state-dir "$T/st2" --device c=$T/c.img --device d=$T/a.link
+[ ! -e "$T/st2" ] || fail "a refused mount created its state dir"
+if command -v qemu-io >/dev/null; then
+    rc=0
+    qemu-io -f raw -c 'write 0 4k' "$T/a.img" >"$T/qemu.out" 2>&1 || rc=$?
+    [ "$rc" != 0 ] && grep -qi "lock" "$T/qemu.out" || fail "qemu-io wrote a served source: $(cat "$T/qemu.out")"
+fi
 [ "$(status_json "$T/mp" 'd["pid"]')" = "$pid" ] || fail "the first daemon is gone after a second mount attempt"
 [ "$(daemons)" = 1 ] || fail "daemons after a refused second mount: $(pgrep -af -- "mount $T/")"
 # mounting on top of a busy fleecefs mount point is refused too
-WANT="$T/mp" bad "$FLEECEFS" mount "$T/mp" --state-dir "$T/st2" --device d=$T/a.img
+WANT="$T/mp" bad "$FLEECEFS" mount "$T/mp" --state-dir "$T/st2" --device d=$T/c.img
 
 # setup / teardown / status errors
 no_access() { [ "$(status_json "$T/mp" 'd["access"]')" = None ] || fail "$1 left a backup access"; }

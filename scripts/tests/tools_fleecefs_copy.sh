@@ -97,6 +97,15 @@ expect_rc 1 "--incremental" "$FLEECEFS" copy "$T/mnt" disk "$T/x.img"
 expect_rc 1 "does not exist" "$FLEECEFS" copy "$T/mnt" disk "$T/missing.img" --incremental
 head -c $M /dev/zero >"$T/small.img"
 expect_rc 1 "not an image of this device" "$FLEECEFS" copy "$T/mnt" disk "$T/small.img" --incremental
+# DEST must not be the served image, nor anything on the mount: each would undo the
+# guest's writes or discard the snapshot; refused before anything is written
+cp "$T/src.img" "$T/src.before"
+expect_rc 1 "in use" "$FLEECEFS" copy "$T/mnt" disk "$T/src.img" --incremental
+expect_rc 1 "on the fleecefs mount" "$FLEECEFS" copy "$T/mnt" disk "$T/mnt/live/disk" --incremental
+expect_rc 1 "on the fleecefs mount" "$FLEECEFS" copy "$T/mnt" disk "$T/mnt/snapshot/disk" --incremental
+cmp -s "$T/src.img" "$T/src.before" || fail "a refused copy changed the source"
+"$FLEECEFS" status "$T/mnt" --json >"$T/st.json"
+[ "$(js "$T/st.json" 'd["access"]["discarded_bytes"]')" = 0 ] || fail "a refused copy discarded: $(cat "$T/st.json")"
 "$FLEECEFS" copy "$T/mnt" disk "$T/chain.img" --incremental --verify --json >"$T/inc1.json" ||
     fail "incremental 1 failed"
 cmp "$T/chain.img" "$T/ref1.img" || fail "full + incremental 1 differs from the image at setup"
