@@ -34,6 +34,10 @@ struct RegistryEntry {
     device: String,
     target: String,
     name: String,
+    /// Why the bitmap was found invalid, once it was: invalid stays invalid until a
+    /// setup replaces it, whatever its file looks like at a later mount.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    invalid: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Default)]
@@ -64,6 +68,8 @@ pub struct Entry {
     pub state: BitmapState,
     /// A note for status (why it was last recreated).
     pub note: Option<String>,
+    /// For a dormant bitmap: the invalid reason the registry holds (kept as it is).
+    recorded_invalid: Option<String>,
 }
 
 /// A bitmap line of `status`.
@@ -199,10 +205,22 @@ impl BitmapStore {
             crash_safe,
             entries: Vec::new(),
         };
+        let mut newly_invalid = false;
         for r in registry.bitmaps {
-            let state = match devices.iter().find(|d| d.name() == r.device) {
-                None => BitmapState::Dormant,
-                Some(dev) => store.load_one(dev, &r)?,
+            let state = match (devices.iter().find(|d| d.name() == r.device), &r.invalid) {
+                (None, _) => BitmapState::Dormant,
+                (Some(_), Some(reason)) => {
+                    // Found invalid before: its file proves nothing any more (writes went
+                    // untracked since), and an interrupted access's background is moot.
+                    let bg = store.path(&r.device, &r.target, &r.name, BitmapKind::Background);
+                    let _ = std::fs::remove_file(bg);
+                    BitmapState::Invalid(reason.clone())
+                }
+                (Some(dev), None) => {
+                    let state = store.load_one(dev, &r)?;
+                    newly_invalid |= matches!(state, BitmapState::Invalid(_));
+                    state
+                }
             };
             if let BitmapState::Invalid(reason) = &state {
                 log::warn!(
@@ -218,7 +236,13 @@ impl BitmapStore {
                 name: r.name,
                 state,
                 note: None,
+                recorded_invalid: r.invalid,
             });
+        }
+        if newly_invalid {
+            // Before any write goes untracked: a later mount (say with the right
+            // --cluster-size again) must not find the file acceptable and trust it.
+            store.save_registry()?;
         }
         Ok(store)
     }
@@ -243,13 +267,28 @@ impl BitmapStore {
                     .and_then(|bg| check_names(bg, r, BitmapKind::Background))
                 {
                     Ok(bg) => {
-                        t.merge_from(bg.bits(), false)?;
-                        log::warn!(
-                        "backup access of target '{}' on device {} did not end; bitmap '{}' keeps every write since its last successful backup",
-                        r.target,
-                        r.device,
-                        r.name
-                    );
+                        // Sequences: the teardown recorded a success (then crashed before
+                        // the bits were replaced and the background deleted) exactly when
+                        // the target's reached the background's. A background of 0 comes
+                        // from a version without that record: OR.
+                        let success = bg.sequence() != 0 && t.sequence() == bg.sequence();
+                        // merge_from flushes: durable before the background file goes.
+                        t.merge_from(bg.bits(), success)?;
+                        if success {
+                            log::warn!(
+                                "the teardown of target '{}' on device {} had recorded a success; completed: bitmap '{}' now holds the writes since that backup's setup",
+                                r.target,
+                                r.device,
+                                r.name
+                            );
+                        } else {
+                            log::warn!(
+                                "backup access of target '{}' on device {} did not end; bitmap '{}' keeps every write since its last successful backup",
+                                r.target,
+                                r.device,
+                                r.name
+                            );
+                        }
                         BitmapState::Ok(Arc::new(t))
                     }
                     Err(reason) => BitmapState::Invalid(format!(
@@ -276,6 +315,11 @@ impl BitmapStore {
                     device: e.device.clone(),
                     target: e.target.clone(),
                     name: e.name.clone(),
+                    invalid: match &e.state {
+                        BitmapState::Invalid(reason) => Some(reason.clone()),
+                        BitmapState::Dormant => e.recorded_invalid.clone(),
+                        BitmapState::Ok(_) => None,
+                    },
                 })
                 .collect(),
         };
@@ -377,7 +421,12 @@ impl BitmapStore {
             e.state = BitmapState::Ok(t.clone());
             d.bitmap = Some(t);
         }
-        match create(BitmapKind::Background, name, "background", false) {
+        // The background carries the sequence a success will give the target: recovery
+        // after a crash compares the two to know whether the teardown recorded one.
+        let next = d.bitmap.as_ref().map_or(0, |b| b.sequence()) + 1;
+        match create(BitmapKind::Background, name, "background", false)
+            .and_then(|bg| bg.set_sequence(next).map(|_| bg))
+        {
             Ok(bg) => d.background = Some(bg),
             Err(err) => {
                 self.abandon(&d);
@@ -400,6 +449,7 @@ impl BitmapStore {
             target: target.to_string(),
             name: name.to_string(),
             state: BitmapState::Invalid("being created".into()),
+            recorded_invalid: None,
             note: (reason != "created").then(|| {
                 format!(
                     "recreated all dirty at {} because {reason}",
@@ -532,7 +582,9 @@ impl BitmapStore {
                 .sync_live(false)
                 .and_then(|_| t.close_clean(dev.source()))
             {
-                log::error!("{}", crate::error::report(&err));
+                // Not closed cleanly means not trusted: left in use without crash-safe
+                // tracking, it loads as invalid.
+                t.mark_failed(&crate::error::report(&err));
             }
         }
     }

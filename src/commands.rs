@@ -133,6 +133,12 @@ pub fn teardown(mp: &Path, target: &str, success: bool, json: bool) -> Result<()
             }
         );
     }
+    // The outcome stands (exit 0), but someone should look: one line each on stderr.
+    for w in v["warnings"].as_array().into_iter().flatten() {
+        if let Some(w) = w.as_str() {
+            eprintln!("fleecefs: warning: {w}");
+        }
+    }
     Ok(())
 }
 

@@ -458,14 +458,22 @@ fn serve(plan: MountPlan, daemon_child: bool, allow_other: bool) -> Result<()> {
         crate::logger::tee_to_file(&state.path().join(LOG_FILE));
     }
     if let Some(record) = state.leftover_access()? {
-        let removed = state.remove_leftovers(&record)?;
-        log::warn!(
-            "recovered from an unclean shutdown: backup access '{}' did not end; removed {} leftover fleecing file(s){}{}",
-            record.target,
-            removed.len(),
-            if removed.is_empty() { "" } else { ": " },
-            removed.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
-        );
+        match state.remove_leftovers(&record) {
+            Ok(removed) => log::warn!(
+                "recovered from an unclean shutdown: backup access '{}' did not end; removed {} leftover fleecing file(s){}{}",
+                record.target,
+                removed.len(),
+                if removed.is_empty() { "" } else { ": " },
+                removed.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+            ),
+            // A leftover that cannot be removed must not keep the images from being
+            // served: the record stays, and the next setup tries again (or refuses).
+            Err(e) => log::warn!(
+                "{}; the record of backup access '{}' is kept and the next setup tries again",
+                crate::error::report(&e),
+                record.target
+            ),
+        }
     }
     if plan.stale_mount {
         force_unmount(&plan.mountpoint, None);

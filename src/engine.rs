@@ -128,6 +128,9 @@ pub struct TeardownReport {
     pub devices: Vec<String>,
     /// Set when the access was broken: the backup cannot be trusted.
     pub broken_reason: Option<String>,
+    /// What went wrong after the outcome was recorded (a bitmap that could not be saved,
+    /// a fleecing file that could not be removed); the outcome stands.
+    pub warnings: Vec<String>,
 }
 
 /// A device line of `status`.
@@ -560,11 +563,34 @@ impl Engine {
             }
         }
         let active = control.active.take().expect("checked above");
-        let (accesses, bitmaps_ok) = self.switch_back(&active, control.bitmaps.as_ref(), success);
-        let broken_reason = accesses
-            .iter()
-            .find_map(|a| a.broken().map(|b| b.reason.clone()));
+        // The outcome is decided once, here: a break after this instant (a write-behind
+        // flusher failing during the teardown) cannot spoil what the backup already read.
+        let broken_reason = active.devices.iter().find_map(|d| {
+            self.devices[d.index]
+                .access()
+                .and_then(|a| a.broken().map(|b| b.reason.clone()))
+        });
         let effective_success = success && broken_reason.is_none();
+        // A success is recorded before any bitmap changes: each target bitmap's sequence
+        // goes one past its background's, durably. Recovery after a crash from here on
+        // completes the replace (bitmap := background); before, it ORs (a failure).
+        let mut warnings = Vec::new();
+        if effective_success {
+            for d in &active.devices {
+                if let (Some(b), Some(_)) = (&d.bitmap, &d.background) {
+                    if let Err(e) = b.bump_sequence() {
+                        let why = crate::error::report(&e);
+                        b.mark_failed(&why);
+                        warnings.push(format!(
+                            "the bitmap of {} could not be saved ({why}); its next backup is full",
+                            self.devices[d.index].name()
+                        ));
+                    }
+                }
+            }
+        }
+        let (accesses, bitmap_errors) =
+            self.switch_back(&active, control.bitmaps.as_ref(), effective_success);
         let cleanup = self.finish(&accesses);
         log::info!(
             "backup access for target '{target}' torn down ({})",
@@ -574,17 +600,7 @@ impl Engine {
                 "failure"
             }
         );
-        let report = TeardownReport {
-            target: target.to_string(),
-            success: effective_success,
-            devices: active
-                .devices
-                .iter()
-                .map(|d| self.devices[d.index].name().to_string())
-                .collect(),
-            broken_reason: broken_reason.clone(),
-        };
-        if let (true, Some(reason)) = (success, broken_reason) {
+        if let (true, Some(reason)) = (success, &broken_reason) {
             return Err(Error::new(
                 Kind::Broken,
                 format!(
@@ -592,20 +608,51 @@ impl Engine {
                 ),
             ));
         }
-        cleanup?;
-        bitmaps_ok?;
-        Ok(report)
+        // After a recorded success, what goes wrong in the cleanup does not make the
+        // backup a failure (a caller that dropped it would lose the writes before setup):
+        // it is reported as warnings. After a failure, it is the error.
+        for e in bitmap_errors {
+            let why = crate::error::report(&e);
+            if effective_success {
+                warnings.push(format!("{why}; that bitmap's next backup is full"));
+            } else {
+                return Err(e);
+            }
+        }
+        match cleanup {
+            Err(e) if effective_success => warnings.push(format!(
+                "{} (removed at the next setup or mount)",
+                crate::error::report(&e)
+            )),
+            Err(e) => return Err(e),
+            Ok(()) => {}
+        }
+        for w in &warnings {
+            log::warn!("teardown of target '{target}': {w}");
+        }
+        Ok(TeardownReport {
+            target: target.to_string(),
+            success: effective_success,
+            devices: active
+                .devices
+                .iter()
+                .map(|d| self.devices[d.index].name().to_string())
+                .collect(),
+            broken_reason,
+            warnings,
+        })
     }
 
     /// Removes the accesses from their gates and puts each frozen bitmap back into
-    /// tracking, merged with its background bitmap (replaced by it on success) while the
-    /// gates are held, so no write falls between the two.
+    /// tracking, merged with its background bitmap (replaced by it on `success`) while the
+    /// gates are held, so no write falls between the two. Returns the accesses and the
+    /// bitmaps' flush errors (each such bitmap is marked failed: invalid from then on).
     fn switch_back(
         &self,
         active: &Active,
         store: Option<&BitmapStore>,
         success: bool,
-    ) -> (Vec<Arc<DeviceAccess>>, Result<()>) {
+    ) -> (Vec<Arc<DeviceAccess>>, Vec<Error>) {
         let mut gates: Vec<_> = active
             .devices
             .iter()
@@ -616,8 +663,6 @@ impl Engine {
         for a in &accesses {
             a.retire();
         }
-        // A broken access means the backup failed, whatever the caller says.
-        let success = success && accesses.iter().all(|a| a.broken().is_none());
         for (gate, d) in gates.iter_mut().zip(&active.devices) {
             if let (Some(b), Some(bg)) = (&d.bitmap, &d.background) {
                 b.merge_bits(bg.bits(), success);
@@ -628,16 +673,13 @@ impl Engine {
         }
         drop(gates);
         // Durability after the gates: until each merged bitmap is flushed its background
-        // file stays, so a crash now still recovers a superset (bitmap |= background).
-        let mut result = Ok(());
+        // file stays, so a crash now still recovers (by the sequences, see teardown).
+        let mut errors = Vec::new();
         for d in &active.devices {
             let (Some(b), Some(bg)) = (&d.bitmap, &d.background) else {
                 continue;
             };
-            let flushed = b
-                .flush()
-                .and_then(|_| if success { b.bump_sequence() } else { Ok(()) });
-            match flushed {
+            match b.flush() {
                 Ok(()) => {
                     if let Err(e) = bg.remove() {
                         log::warn!("{}", crate::error::report(&e));
@@ -645,11 +687,11 @@ impl Engine {
                 }
                 Err(e) => {
                     b.mark_failed(&crate::error::report(&e));
-                    result = Err(e);
+                    errors.push(e);
                 }
             }
         }
-        (accesses, result)
+        (accesses, errors)
     }
 
     fn finish(&self, accesses: &[Arc<DeviceAccess>]) -> Result<()> {

@@ -140,3 +140,86 @@ fn bitmap_remove_during_an_access_keeps_other_targets_tracking() {
     );
     e.teardown("t", true).unwrap();
 }
+
+/// A daemon that dies during a teardown (or during the access) recovers the outcome the
+/// teardown had recorded: the target bitmap's sequence reaching its background's is the
+/// commit point of a success (bitmap := background, only the writes since setup); before
+/// it, the recovery is a failure (bitmap |= background, nothing lost).
+#[test]
+fn a_crash_during_teardown_recovers_the_recorded_outcome() {
+    use fleecefs::persist::{CrashSafety, TrackedBitmap};
+    for recorded in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let e = engine(dir.path(), OnCbwError::BreakSnapshot, None);
+        e.setup("t", None, Some("bm")).unwrap();
+        e.teardown("t", true).unwrap();
+        let a = &e.devices()[0];
+        a.write_live(3 * CL, &[1u8; 100]).unwrap(); // before the setup: in the backup
+        let r = e.setup("t", Some(&["a".to_string()]), Some("bm")).unwrap();
+        assert_eq!(r.devices[0].dirty_bytes, CL);
+        a.write_live(7 * CL, &[2u8; 100]).unwrap(); // during it: in the background
+        drop(e); // the daemon dies: nothing is closed or torn down
+        let bm = dir.path().join("state/bitmaps/a@t@bm.bitmap");
+        assert!(bm.with_extension("background").exists());
+        if recorded {
+            // what teardown --success does first, then the daemon dies
+            let src = Source::open(&dir.path().join("a.img")).unwrap();
+            let t = TrackedBitmap::open(&bm, &src, CL, CrashSafety::On)
+                .unwrap()
+                .unwrap();
+            t.bump_sequence().unwrap();
+        }
+        let e = engine(dir.path(), OnCbwError::BreakSnapshot, None);
+        assert!(!bm.with_extension("background").exists());
+        let r = e.setup("t", Some(&["a".to_string()]), Some("bm")).unwrap();
+        assert_eq!(r.devices[0].bitmap_action, "used");
+        let want = if recorded { CL } else { 2 * CL };
+        assert_eq!(
+            r.devices[0].dirty_bytes, want,
+            "recorded success: {recorded}"
+        );
+        e.teardown("t", false).unwrap();
+    }
+}
+
+/// After a recorded success, a fleecing file that cannot be deleted is a warning, not a
+/// failure (a caller that dropped the backup would lose the writes before its setup),
+/// and the next setup removes it.
+#[test]
+fn cleanup_errors_after_a_recorded_success_are_warnings() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(dir.path(), OnCbwError::BreakSnapshot, None);
+    e.setup("t", None, Some("bm")).unwrap();
+    e.teardown("t", true).unwrap();
+    e.devices()[0].write_live(3 * CL, &[1u8; 100]).unwrap();
+    e.setup("t", None, Some("bm")).unwrap();
+    let fleece = dir.path().join("fleece/a.t.fleece");
+    assert!(fleece.exists(), "{}", fleece.display());
+    let chattr = |flag: &str| {
+        let ok = std::process::Command::new("chattr")
+            .arg(flag)
+            .arg(&fleece)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(
+            ok,
+            "chattr {flag} failed (the test needs ext4-like attributes in /tmp)"
+        );
+    };
+    chattr("+i");
+    let r = e.teardown("t", true);
+    chattr("-i");
+    let r = r.expect("a cleanup error after a recorded success is not a failure");
+    assert!(r.success);
+    assert!(
+        r.warnings.iter().any(|w| w.contains("a.t.fleece")),
+        "{:?}",
+        r.warnings
+    );
+    // the success stands: only writes since that setup are dirty
+    let r = e.setup("t", None, Some("bm")).unwrap();
+    assert_eq!(r.devices[0].bitmap_action, "used");
+    assert_eq!(r.devices[0].dirty_bytes, 0);
+    e.teardown("t", false).unwrap();
+}

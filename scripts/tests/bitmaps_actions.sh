@@ -2,7 +2,8 @@
 # Every bitmap action through the CLI, and bitmaps across restarts and crashes:
 # not-used, new, used, not-used-removed, a new name, invalid (corrupt file, truncated
 # file, source modified or resized while unmounted, crash without crash-safe tracking),
-# used after a clean restart and after kill -9 (crash-safe), bitmap remove.
+# used after a clean restart and after kill -9 (crash-safe), invalid staying invalid at
+# later mounts (wrong cluster size once, damaged background file), bitmap remove.
 source "$(dirname "$0")/lib.sh"
 
 CL=65536
@@ -82,6 +83,38 @@ expect invalid $FULL --bitmap b1
 status_field 's["bitmaps"][0]["reason"]' | grep -q "recreated" || fail "status does not say why the bitmap was recreated"
 expect used 0 --bitmap b1
 
+# invalid is sticky: kill -9, a mount with the wrong cluster size (invalid: writes go
+# untracked), then the right one again; the bitmap file itself still looks fine (in use,
+# crash-safe, this boot), but it missed writes and must stay invalid
+"$FLEECEFS" unmount "$T/mnt"
+mnt
+dirty_clusters 30
+kill -9 "$(status_field 's["pid"]')"
+sleep 0.2
+mnt --cluster-size 128K
+status_field 's["bitmaps"][0]["reason"]' | grep -q "cluster size" || fail "no reason given for the wrong cluster size"
+dirty_clusters 40                                   # untracked by b1
+"$FLEECEFS" unmount "$T/mnt"
+mnt
+[ "$(status_field 's["bitmaps"][0]["consistent"]')" = False ] || fail "a bitmap found invalid was trusted at the next mount"
+expect invalid $FULL --bitmap b1
+expect used 0 --bitmap b1
+
+# an interrupted access with a damaged background file: invalid, and it stays invalid
+dirty_clusters 2
+"$FLEECEFS" setup "$T/mnt" --target tgt --bitmap b1 >/dev/null
+dirty_clusters 3
+kill -9 "$(status_field 's["pid"]')"
+sleep 0.2
+bg=$(ls "$T"/state/bitmaps/*.background)
+printf 'garbage' | dd of="$bg" bs=1 seek=0 conv=notrunc status=none
+mnt
+status_field 's["bitmaps"][0]["reason"]' | grep -q "background" || fail "a damaged background file is not reported"
+"$FLEECEFS" unmount "$T/mnt"
+mnt
+[ "$(status_field 's["bitmaps"][0]["consistent"]')" = False ] || fail "invalid after a damaged background was trusted at the next mount"
+expect invalid $FULL --bitmap b1
+
 # the source modified while no daemon serves it
 "$FLEECEFS" unmount "$T/mnt"
 dd if=/dev/urandom of="$T/src.img" bs=4096 count=1 seek=100 conv=notrunc status=none
@@ -121,4 +154,4 @@ expect invalid $FULL --bitmap b1
 expect new $FULL --bitmap b1
 if "$FLEECEFS" bitmap remove "$T/mnt" --target nobody 2>"$T/err"; then fail "removing bitmaps of an unknown target succeeded"; fi
 grep -q "has no bitmaps" "$T/err" || fail "unclear message: $(cat "$T/err")"
-echo "ok: not-used, new, used, not-used-removed, invalid (5 causes), restart and crash behaviour"
+echo "ok: not-used, new, used, not-used-removed, invalid (7 causes, sticky), restart and crash behaviour"

@@ -72,7 +72,11 @@ alloc=$(($(stat -c %b "$T/full.img") * 512))
     fail "full copy --json does not add up: $(cat "$T/full.json")"
 expect_rc 1 "already exists" "$FLEECEFS" copy "$T/mnt" disk "$T/full.img"
 cmp -s "$T/full.img" "$T/ref.img" || fail "a refused full copy changed the existing DEST"
+# one error line, which says that the incomplete DEST was removed (no second line)
 expect_rc 1 "not readable (EACCES)" "$FLEECEFS" copy "$T/mnt" disk "$T/again.img"
+err=$("$FLEECEFS" copy "$T/mnt" disk "$T/again.img" 2>&1 >/dev/null) && fail "a copy of a discarded snapshot succeeded"
+[ "$(printf '%s\n' "$err" | grep -vc '^fleecefs: copy disk:')" = 1 ] || fail "more than the one error line: $err"
+case "$err" in *"not readable (EACCES)"*"again.img was removed"*) ;; *) fail "the error does not say DEST was removed: $err" ;; esac
 [ ! -e "$T/again.img" ] || fail "a failed full copy left its incomplete DEST"
 "$FLEECEFS" teardown "$T/mnt" --target full --success >/dev/null
 
