@@ -46,6 +46,10 @@ struct Registry {
     bitmaps: Vec<RegistryEntry>,
 }
 
+/// The invalid reason of a bitmap that failed while it was open (a flush or header
+/// write failed, or its background file could not be removed).
+const FAILED_WHILE_TRACKING: &str = "writing it failed while it was tracking writes";
+
 /// The state of one registered bitmap.
 pub enum BitmapState {
     /// Open and trustworthy.
@@ -267,28 +271,17 @@ impl BitmapStore {
                     .and_then(|bg| check_names(bg, r, BitmapKind::Background))
                 {
                     Ok(bg) => {
-                        // Sequences: the teardown recorded a success (then crashed before
-                        // the bits were replaced and the background deleted) exactly when
-                        // the target's reached the background's. A background of 0 comes
-                        // from a version without that record: OR.
-                        let success = bg.sequence() != 0 && t.sequence() == bg.sequence();
+                        // Whatever the access's teardown had got to, ORing is safe: a
+                        // success is only applied after its reply was delivered, and a
+                        // crash before the background is deleted leaves a superset.
                         // merge_from flushes: durable before the background file goes.
-                        t.merge_from(bg.bits(), success)?;
-                        if success {
-                            log::warn!(
-                                "the teardown of target '{}' on device {} had recorded a success; completed: bitmap '{}' now holds the writes since that backup's setup",
-                                r.target,
-                                r.device,
-                                r.name
-                            );
-                        } else {
-                            log::warn!(
-                                "backup access of target '{}' on device {} did not end; bitmap '{}' keeps every write since its last successful backup",
-                                r.target,
-                                r.device,
-                                r.name
-                            );
-                        }
+                        t.merge_from(bg.bits(), false)?;
+                        log::warn!(
+                            "backup access of target '{}' on device {} did not end; bitmap '{}' keeps every write since its last successful backup",
+                            r.target,
+                            r.device,
+                            r.name
+                        );
                         BitmapState::Ok(Arc::new(t))
                     }
                     Err(reason) => BitmapState::Invalid(format!(
@@ -318,6 +311,7 @@ impl BitmapStore {
                     invalid: match &e.state {
                         BitmapState::Invalid(reason) => Some(reason.clone()),
                         BitmapState::Dormant => e.recorded_invalid.clone(),
+                        BitmapState::Ok(t) if t.failed() => Some(FAILED_WHILE_TRACKING.to_string()),
                         BitmapState::Ok(_) => None,
                     },
                 })
@@ -392,7 +386,7 @@ impl BitmapStore {
                 }
                 BitmapState::Ok(_) => {
                     d.action = "invalid";
-                    let reason = "flushing it failed while tracking writes".to_string();
+                    let reason = FAILED_WHILE_TRACKING.to_string();
                     d.new_entry = Some(self.fresh_entry(dev, target, name, &reason));
                 }
                 BitmapState::Invalid(reason) => {
@@ -421,12 +415,7 @@ impl BitmapStore {
             e.state = BitmapState::Ok(t.clone());
             d.bitmap = Some(t);
         }
-        // The background carries the sequence a success will give the target: recovery
-        // after a crash compares the two to know whether the teardown recorded one.
-        let next = d.bitmap.as_ref().map_or(0, |b| b.sequence()) + 1;
-        match create(BitmapKind::Background, name, "background", false)
-            .and_then(|bg| bg.set_sequence(next).map(|_| bg))
-        {
+        match create(BitmapKind::Background, name, "background", false) {
             Ok(bg) => d.background = Some(bg),
             Err(err) => {
                 self.abandon(&d);
@@ -569,6 +558,20 @@ impl BitmapStore {
             .collect()
     }
 
+    /// Records bitmaps that failed while open as invalid in the registry, so no later
+    /// mount trusts them even if their own header could not be rewritten.
+    pub fn record_failures(&self) {
+        let failed = self
+            .entries
+            .iter()
+            .any(|e| matches!(&e.state, BitmapState::Ok(t) if t.failed()));
+        if failed {
+            if let Err(e) = self.save_registry() {
+                log::error!("{}", crate::error::report(&e));
+            }
+        }
+    }
+
     /// Clean shutdown: every open bitmap is flushed, checksummed and marked not in use.
     pub fn close_all(&self, devices: &[Arc<Device>]) {
         for e in &self.entries {
@@ -587,5 +590,6 @@ impl BitmapStore {
                 t.mark_failed(&crate::error::report(&err));
             }
         }
+        self.record_failures();
     }
 }

@@ -545,22 +545,51 @@ impl Engine {
 
     /// Ends the access of `target`. A broken access counts as failed whatever `success`
     /// says, and then this returns an error (after cleaning up) unless `success` is false.
+    /// [`Engine::teardown_reply`] with a reply that is always delivered.
     pub fn teardown(&self, target: &str, success: bool) -> Result<TeardownReport> {
-        validate_name("target", target)?;
+        let mut out = None;
+        self.teardown_reply(target, success, |r| {
+            out = Some(r);
+            true
+        });
+        out.expect("teardown_reply always delivers a reply")
+    }
+
+    /// Ends the access of `target` and hands the outcome to `deliver`, which returns
+    /// whether the caller got it (the control reply was written).
+    ///
+    /// Until a success has been delivered, the bitmaps must stay a superset of what a
+    /// failure would leave: a caller that never learns of the success (the daemon died,
+    /// the client went away) treats the backup as failed, and its next incremental must
+    /// still cover everything since the last backup it kept. So the success works in two
+    /// phases. Before the reply, as for a failure, each target bitmap |= its background,
+    /// but the background keeps recording writes. Once the reply is delivered, the target
+    /// bitmap := its background (every write since setup) and the sequence is counted. A
+    /// crash at any point leaves at most a superset (recovery at mount ORs).
+    pub fn teardown_reply(
+        &self,
+        target: &str,
+        success: bool,
+        deliver: impl FnOnce(Result<TeardownReport>) -> bool,
+    ) {
+        if let Err(e) = validate_name("target", target) {
+            deliver(Err(e));
+            return;
+        }
         let mut control = self.control();
-        match &control.active {
-            Some(a) if a.target == target => {}
-            Some(a) => {
-                return Err(Error::not_found(format!(
-                    "no backup access for target '{target}' (the active one is '{}')",
-                    a.target
-                )))
-            }
-            None => {
-                return Err(Error::not_found(format!(
-                    "no backup access for target '{target}' (none is active)"
-                )))
-            }
+        let err = match &control.active {
+            Some(a) if a.target == target => None,
+            Some(a) => Some(format!(
+                "no backup access for target '{target}' (the active one is '{}')",
+                a.target
+            )),
+            None => Some(format!(
+                "no backup access for target '{target}' (none is active)"
+            )),
+        };
+        if let Some(msg) = err {
+            deliver(Err(Error::not_found(msg)));
+            return;
         }
         let active = control.active.take().expect("checked above");
         // The outcome is decided once, here: a break after this instant (a write-behind
@@ -571,24 +600,6 @@ impl Engine {
                 .and_then(|a| a.broken().map(|b| b.reason.clone()))
         });
         let effective_success = success && broken_reason.is_none();
-        // A success is recorded before any bitmap changes: each target bitmap's sequence
-        // goes one past its background's, durably. Recovery after a crash from here on
-        // completes the replace (bitmap := background); before, it ORs (a failure).
-        let mut warnings = Vec::new();
-        if effective_success {
-            for d in &active.devices {
-                if let (Some(b), Some(_)) = (&d.bitmap, &d.background) {
-                    if let Err(e) = b.bump_sequence() {
-                        let why = crate::error::report(&e);
-                        b.mark_failed(&why);
-                        warnings.push(format!(
-                            "the bitmap of {} could not be saved ({why}); its next backup is full",
-                            self.devices[d.index].name()
-                        ));
-                    }
-                }
-            }
-        }
         let (accesses, bitmap_errors) =
             self.switch_back(&active, control.bitmaps.as_ref(), effective_success);
         let cleanup = self.finish(&accesses);
@@ -600,6 +611,43 @@ impl Engine {
                 "failure"
             }
         );
+        let result = self.teardown_result(
+            target,
+            &active,
+            success,
+            effective_success,
+            broken_reason,
+            bitmap_errors,
+            cleanup,
+        );
+        let delivered = deliver(result);
+        if effective_success {
+            if !delivered {
+                log::warn!(
+                    "the reply to the successful teardown of target '{target}' was not delivered: its bitmaps keep every write since the previous backup, as after a failure"
+                );
+            }
+            self.complete_success(&active, control.bitmaps.as_ref(), delivered);
+        }
+        if let Some(store) = &control.bitmaps {
+            store.record_failures();
+        }
+    }
+
+    /// The reply of a teardown. After a success, what goes wrong in the cleanup does not
+    /// make the backup a failure (a caller that dropped it would re-read more than needed
+    /// next time, which is safe, but it would also lose a good backup): warnings.
+    #[allow(clippy::too_many_arguments)]
+    fn teardown_result(
+        &self,
+        target: &str,
+        active: &Active,
+        success: bool,
+        effective_success: bool,
+        broken_reason: Option<String>,
+        bitmap_errors: Vec<Error>,
+        cleanup: Result<()>,
+    ) -> Result<TeardownReport> {
         if let (true, Some(reason)) = (success, &broken_reason) {
             return Err(Error::new(
                 Kind::Broken,
@@ -608,16 +656,15 @@ impl Engine {
                 ),
             ));
         }
-        // After a recorded success, what goes wrong in the cleanup does not make the
-        // backup a failure (a caller that dropped it would lose the writes before setup):
-        // it is reported as warnings. After a failure, it is the error.
+        let mut warnings = Vec::new();
         for e in bitmap_errors {
-            let why = crate::error::report(&e);
-            if effective_success {
-                warnings.push(format!("{why}; that bitmap's next backup is full"));
-            } else {
+            if !effective_success {
                 return Err(e);
             }
+            warnings.push(format!(
+                "{}; that bitmap's next backup is full",
+                crate::error::report(&e)
+            ));
         }
         match cleanup {
             Err(e) if effective_success => warnings.push(format!(
@@ -644,9 +691,11 @@ impl Engine {
     }
 
     /// Removes the accesses from their gates and puts each frozen bitmap back into
-    /// tracking, merged with its background bitmap (replaced by it on `success`) while the
-    /// gates are held, so no write falls between the two. Returns the accesses and the
-    /// bitmaps' flush errors (each such bitmap is marked failed: invalid from then on).
+    /// tracking, ORed with its background bitmap while the gates are held, so no write
+    /// falls between the two. On `success` the background keeps tracking writes (for
+    /// [`Engine::complete_success`]); otherwise it is deleted once the bitmap is flushed.
+    /// Returns the accesses and the bitmaps' errors (each such bitmap is marked failed:
+    /// invalid from then on).
     fn switch_back(
         &self,
         active: &Active,
@@ -665,33 +714,80 @@ impl Engine {
         }
         for (gate, d) in gates.iter_mut().zip(&active.devices) {
             if let (Some(b), Some(bg)) = (&d.bitmap, &d.background) {
-                b.merge_bits(bg.bits(), success);
+                b.merge_bits(bg.bits(), false);
+            }
+            if let Some(store) = store {
+                gate.tracking = store.tracking_for(self.devices[d.index].name(), None);
+                if let (true, Some(bg)) = (success, &d.background) {
+                    gate.tracking.push(bg.clone());
+                }
+            }
+        }
+        drop(gates);
+        // Durability after the gates: until each merged bitmap is flushed its background
+        // file stays, so a crash now recovers the same superset (bitmap |= background).
+        let mut errors = Vec::new();
+        for d in &active.devices {
+            let (Some(b), Some(bg)) = (&d.bitmap, &d.background) else {
+                continue;
+            };
+            if let Err(e) = b.flush() {
+                b.mark_failed(&crate::error::report(&e));
+                errors.push(e);
+            } else if !success {
+                if let Err(e) = Self::remove_background(b, bg) {
+                    errors.push(e);
+                }
+            }
+        }
+        (accesses, errors)
+    }
+
+    /// The second phase of a successful teardown, after its reply: if it was delivered,
+    /// each target bitmap := its background (which has recorded every write since setup,
+    /// also those since the first phase) and the backup is counted (sequence + 1);
+    /// either way the background stops tracking and is deleted. Errors are logged: each
+    /// failing bitmap is marked failed (its next backup is full).
+    fn complete_success(&self, active: &Active, store: Option<&BitmapStore>, delivered: bool) {
+        let mut gates: Vec<_> = active
+            .devices
+            .iter()
+            .map(|d| self.devices[d.index].lock_gate())
+            .collect();
+        for (gate, d) in gates.iter_mut().zip(&active.devices) {
+            if let (true, Some(b), Some(bg)) = (delivered, &d.bitmap, &d.background) {
+                b.merge_bits(bg.bits(), true);
             }
             if let Some(store) = store {
                 gate.tracking = store.tracking_for(self.devices[d.index].name(), None);
             }
         }
         drop(gates);
-        // Durability after the gates: until each merged bitmap is flushed its background
-        // file stays, so a crash now still recovers (by the sequences, see teardown).
-        let mut errors = Vec::new();
         for d in &active.devices {
             let (Some(b), Some(bg)) = (&d.bitmap, &d.background) else {
                 continue;
             };
-            match b.flush() {
-                Ok(()) => {
-                    if let Err(e) = bg.remove() {
-                        log::warn!("{}", crate::error::report(&e));
-                    }
-                }
-                Err(e) => {
-                    b.mark_failed(&crate::error::report(&e));
-                    errors.push(e);
-                }
+            // Flushed (and counted) before the background goes: a crash before that
+            // still finds the background and ORs it in, a superset.
+            let done = b
+                .flush()
+                .and_then(|_| if delivered { b.bump_sequence() } else { Ok(()) })
+                .and_then(|_| Self::remove_background(b, bg));
+            if let Err(e) = done {
+                b.mark_failed(&crate::error::report(&e));
             }
         }
-        (accesses, errors)
+    }
+
+    /// Deletes a background file once its bitmap is flushed. If that fails the bitmap is
+    /// marked failed: a background file left behind is merged again at the next mount.
+    fn remove_background(b: &TrackedBitmap, bg: &TrackedBitmap) -> Result<()> {
+        bg.remove().inspect_err(|e| {
+            b.mark_failed(&format!(
+                "its background file could not be removed: {}",
+                crate::error::report(e)
+            ))
+        })
     }
 
     fn finish(&self, accesses: &[Arc<DeviceAccess>]) -> Result<()> {

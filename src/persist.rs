@@ -16,8 +16,7 @@
 //!  48     8  source mtime in ns at the last clean close (0 while in use)
 //!  56     8  number of bits (clusters)
 //!  64     8  generation id (random, fixed when the bitmap is created)
-//!  72     8  sequence (successful backups since creation; a background bitmap: its
-//!            target's sequence at setup + 1, what a recorded success makes it)
+//!  72     8  sequence (successful backups since creation)
 //!  80     4  kind: 0 target bitmap, 1 background bitmap
 //!  84     4  CRC-32 of the bitmap words (valid when not IN_USE)
 //!  88    72  device name  (u8 length + 71 bytes)
@@ -594,24 +593,6 @@ impl TrackedBitmap {
     pub fn merge_from(&self, other: &Bitmap, replace: bool) -> Result<()> {
         self.merge_bits(other, replace);
         self.flush()
-    }
-
-    /// Successful backups since creation (for a background bitmap: the value its
-    /// target's sequence takes when the access's teardown records a success).
-    pub fn sequence(&self) -> u64 {
-        self.header
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .sequence
-    }
-
-    /// Sets the sequence (a background bitmap at setup), header written and synced.
-    pub fn set_sequence(&self, sequence: u64) -> Result<()> {
-        self.header
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .sequence = sequence;
-        self.write_header()
     }
 
     /// Counts a successful backup.

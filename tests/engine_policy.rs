@@ -141,45 +141,88 @@ fn bitmap_remove_during_an_access_keeps_other_targets_tracking() {
     e.teardown("t", true).unwrap();
 }
 
-/// A daemon that dies during a teardown (or during the access) recovers the outcome the
-/// teardown had recorded: the target bitmap's sequence reaching its background's is the
-/// commit point of a success (bitmap := background, only the writes since setup); before
-/// it, the recovery is a failure (bitmap |= background, nothing lost).
+/// Copies a directory tree (the state dir at the instant of a simulated crash).
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dest = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_tree(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), dest).unwrap();
+        }
+    }
+}
+
+/// Until the reply of a successful teardown is delivered, the bitmaps stay a superset of
+/// what a failure leaves: a caller that never got the reply (the daemon died, the client
+/// went away) treats the backup as failed, and its next incremental must still cover
+/// every write since the last backup it kept. A daemon that dies at that point (its state
+/// dir copied there, then mounted) recovers that superset; a success whose reply is not
+/// delivered counts as a failure; one that is delivered keeps exactly the writes since
+/// its setup, including those made while the reply was on its way.
 #[test]
-fn a_crash_during_teardown_recovers_the_recorded_outcome() {
-    use fleecefs::persist::{CrashSafety, TrackedBitmap};
-    for recorded in [false, true] {
+fn a_success_counts_only_once_its_reply_is_delivered() {
+    for delivered in [false, true] {
         let dir = tempfile::tempdir().unwrap();
         let e = engine(dir.path(), OnCbwError::BreakSnapshot, None);
-        e.setup("t", None, Some("bm")).unwrap();
+        let only_a = Some(vec!["a".to_string()]);
+        e.setup("t", only_a.as_deref(), Some("bm")).unwrap();
         e.teardown("t", true).unwrap();
         let a = &e.devices()[0];
         a.write_live(3 * CL, &[1u8; 100]).unwrap(); // before the setup: in the backup
-        let r = e.setup("t", Some(&["a".to_string()]), Some("bm")).unwrap();
+        let r = e.setup("t", only_a.as_deref(), Some("bm")).unwrap();
         assert_eq!(r.devices[0].dirty_bytes, CL);
-        a.write_live(7 * CL, &[2u8; 100]).unwrap(); // during it: in the background
-        drop(e); // the daemon dies: nothing is closed or torn down
-        let bm = dir.path().join("state/bitmaps/a@t@bm.bitmap");
-        assert!(bm.with_extension("background").exists());
-        if recorded {
-            // what teardown --success does first, then the daemon dies
-            let src = Source::open(&dir.path().join("a.img")).unwrap();
-            let t = TrackedBitmap::open(&bm, &src, CL, CrashSafety::On)
-                .unwrap()
-                .unwrap();
-            t.bump_sequence().unwrap();
-        }
-        let e = engine(dir.path(), OnCbwError::BreakSnapshot, None);
-        assert!(!bm.with_extension("background").exists());
-        let r = e.setup("t", Some(&["a".to_string()]), Some("bm")).unwrap();
+        a.write_live(7 * CL, &[2u8; 100]).unwrap(); // during the access
+        let crashed = dir.path().join("state-at-crash");
+        let mut outcome = None;
+        e.teardown_reply("t", true, |r| {
+            // between the two phases: live writes go on, and the daemon could die here
+            a.write_live(9 * CL, &[3u8; 100]).unwrap();
+            copy_tree(&dir.path().join("state"), &crashed);
+            outcome = Some(r.unwrap().success);
+            delivered
+        });
+        assert_eq!(outcome, Some(true));
+        let r = e.setup("t", only_a.as_deref(), Some("bm")).unwrap();
         assert_eq!(r.devices[0].bitmap_action, "used");
-        let want = if recorded { CL } else { 2 * CL };
-        assert_eq!(
-            r.devices[0].dirty_bytes, want,
-            "recorded success: {recorded}"
-        );
+        let want = if delivered { 2 * CL } else { 3 * CL }; // 7, 9 (and 3)
+        assert_eq!(r.devices[0].dirty_bytes, want, "delivered: {delivered}");
+        e.teardown("t", false).unwrap();
+        // the daemon dies between the phases: its state dir as it was then
+        drop(e);
+        std::fs::remove_dir_all(dir.path().join("state")).unwrap();
+        std::fs::rename(&crashed, dir.path().join("state")).unwrap();
+        let e = engine(dir.path(), OnCbwError::BreakSnapshot, None);
+        let r = e.setup("t", only_a.as_deref(), Some("bm")).unwrap();
+        assert_eq!(r.devices[0].bitmap_action, "used");
+        assert_eq!(r.devices[0].dirty_bytes, 3 * CL, "crash between the phases");
         e.teardown("t", false).unwrap();
     }
+}
+
+/// A daemon that dies during an access recovers every write since the last successful
+/// backup (bitmap |= background).
+#[test]
+fn a_crash_during_an_access_recovers_a_superset() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(dir.path(), OnCbwError::BreakSnapshot, None);
+    e.setup("t", None, Some("bm")).unwrap();
+    e.teardown("t", true).unwrap();
+    let a = &e.devices()[0];
+    a.write_live(3 * CL, &[1u8; 100]).unwrap();
+    e.setup("t", None, Some("bm")).unwrap();
+    a.write_live(7 * CL, &[2u8; 100]).unwrap();
+    drop(e); // nothing is closed or torn down
+    let bg = dir.path().join("state/bitmaps/a@t@bm.background");
+    assert!(bg.exists());
+    let e = engine(dir.path(), OnCbwError::BreakSnapshot, None);
+    assert!(!bg.exists());
+    let r = e.setup("t", None, Some("bm")).unwrap();
+    assert_eq!(r.devices[0].bitmap_action, "used");
+    assert_eq!(r.devices[0].dirty_bytes, 2 * CL);
+    e.teardown("t", false).unwrap();
 }
 
 /// After a recorded success, a fleecing file that cannot be deleted is a warning, not a

@@ -20,6 +20,13 @@ s.connect(sys.argv[1])
 s.settimeout(20)
 data = eval(sys.argv[2])
 try:
+    if sys.argv[3] == "noread":
+        # the reply cannot be delivered: writes to a unix socket whose peer shut down
+        # reading fail with EPIPE
+        s.shutdown(socket.SHUT_RD)
+        s.sendall(data)
+        import time; time.sleep(1)
+        s.close(); print("NOREAD"); sys.exit(0)
     s.sendall(data)
     if sys.argv[3] == "close":
         s.close(); print("CLOSED"); sys.exit(0)
@@ -116,4 +123,18 @@ cp "$T/mnt/snapshot/disk" "$T/copy.img"
 stop_writer
 cmp "$T/copy.img" "$T/ref.img" || fail "the backup after the crash differs from the point-in-time image"
 "$FLEECEFS" teardown "$T/mnt" --target after --success >/dev/null
-echo "ok: socket 0600 and root-only, 9 kinds of bad request survived, names validated, crash recovered"
+
+# a successful teardown whose reply cannot be delivered counts as a failure: the client
+# never learned of the success, so the bitmap keeps every write since the backup before
+"$FLEECEFS" setup "$T/mnt" --target gone --bitmap g >/dev/null
+"$FLEECEFS" teardown "$T/mnt" --target gone --success >/dev/null      # a full backup
+dd if=/dev/urandom of="$T/mnt/live/disk" bs=4k count=1 seek=48 conv=notrunc status=none
+"$FLEECEFS" setup "$T/mnt" --target gone --bitmap g >/dev/null        # used: cluster 3
+send 'b"{\"op\":\"teardown\",\"target\":\"gone\",\"success\":true}\n"' noread >/dev/null
+grep -q "successful teardown of target 'gone' was not delivered" "$T/state/fleecefs.log" ||
+    fail "no log line for the undelivered success: $(tail -3 "$T/state/fleecefs.log")"
+out=$("$FLEECEFS" setup "$T/mnt" --target gone --bitmap g --json)
+got=$(python3 -c 'import json,sys; d=json.loads(sys.argv[1])["devices"][0]; print(d["bitmap_action"], d["dirty_bytes"])' "$out")
+[ "$got" = "used 65536" ] || fail "after an undelivered success the bitmap should still hold cluster 3: $got"
+"$FLEECEFS" teardown "$T/mnt" --target gone --failure >/dev/null
+echo "ok: socket 0600 and root-only, 9 kinds of bad request survived, names validated, crash recovered, undelivered success kept as a failure"

@@ -28,6 +28,7 @@ pub fn dispatch(engine: &Engine, req: Request) -> Response {
         } => engine
             .setup(&target, devices.as_deref(), bitmap.as_deref())
             .map(|r| serde_json::to_value(r).unwrap_or_default()),
+        // The socket server uses Engine::teardown_reply instead, to know the reply arrived.
         Request::Teardown { target, success } => engine
             .teardown(&target, success)
             .map(|r| serde_json::to_value(r).unwrap_or_default()),
@@ -36,14 +37,7 @@ pub fn dispatch(engine: &Engine, req: Request) -> Response {
             .remove_bitmaps(&target)
             .map(|r| serde_json::to_value(r).unwrap_or_default()),
     };
-    match result {
-        Ok(data) => Response {
-            ok: true,
-            error: None,
-            data: Some(data),
-        },
-        Err(e) => Response::failure(report(&e)),
-    }
+    response(result)
 }
 
 fn peer_uid(stream: &UnixStream) -> Option<u32> {
@@ -66,11 +60,27 @@ fn peer_uid(stream: &UnixStream) -> Option<u32> {
     (r == 0).then_some(cred.uid)
 }
 
-fn reply(stream: &mut UnixStream, resp: &Response) {
+/// Writes the reply; whether it reached the client's socket.
+fn reply(stream: &mut UnixStream, resp: &Response) -> bool {
     let mut line = serde_json::to_vec(resp).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
     line.push(b'\n');
-    if let Err(e) = stream.write_all(&line) {
-        log::info!("control client went away before the reply: {e}");
+    match stream.write_all(&line).and_then(|_| stream.flush()) {
+        Ok(()) => true,
+        Err(e) => {
+            log::info!("control client went away before the reply: {e}");
+            false
+        }
+    }
+}
+
+fn response<T: serde::Serialize>(result: Result<T, Error>) -> Response {
+    match result {
+        Ok(data) => Response {
+            ok: true,
+            error: None,
+            data: Some(serde_json::to_value(data).unwrap_or_default()),
+        },
+        Err(e) => Response::failure(report(&e)),
     }
 }
 
@@ -110,6 +120,12 @@ fn handle(engine: &Engine, mut stream: UnixStream) {
         return;
     }
     let resp = match parse_request(line.trim_ascii_end()) {
+        // A teardown needs to know whether its reply arrived (Engine::teardown_reply).
+        Ok(Request::Teardown { target, success }) => {
+            log::debug!("control request: teardown {target} success={success}");
+            engine.teardown_reply(&target, success, |r| reply(&mut stream, &response(r)));
+            return;
+        }
         Ok(req) => {
             log::debug!("control request: {req:?}");
             dispatch(engine, req)
