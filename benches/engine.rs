@@ -58,6 +58,8 @@ fn main() {
         ("CBW first touch, synchronous (--cbw-buffer 0)", 0),
         ("CBW first touch, write-behind (default)", 16 << 20),
     ] {
+        // One engine at a time: a served source is locked (one writer per image).
+        engines.clear();
         let dev = Device::new(
             "d".into(),
             Source::open(&src).expect("open source"),
