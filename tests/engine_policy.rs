@@ -14,6 +14,21 @@ use fleecefs::units::ClusterSize;
 
 const CL: u64 = 65536;
 
+/// Opens a source, retrying while it is busy: a child another test thread is spawning
+/// (`chattr`) holds copies of this process's fds, and with them the lock of a source a
+/// test has just closed, until it execs.
+fn open_source(path: &Path) -> Source {
+    for _ in 0..100 {
+        match Source::open(path) {
+            Err(e) if e.kind() == Kind::Busy => {
+                std::thread::sleep(std::time::Duration::from_millis(10))
+            }
+            r => return r.unwrap(),
+        }
+    }
+    panic!("{} stayed locked for 1 s", path.display())
+}
+
 fn engine(dir: &Path, on_error: OnCbwError, limit: Option<u64>) -> Engine {
     let mut devices = Vec::new();
     for name in ["a", "b"] {
@@ -23,7 +38,7 @@ fn engine(dir: &Path, on_error: OnCbwError, limit: Option<u64>) -> Engine {
         }
         devices.push(Device::new(
             name.into(),
-            Source::open(&path).unwrap(),
+            open_source(&path),
             ClusterSize::new(CL).unwrap(),
         ));
     }
