@@ -620,7 +620,9 @@ impl Engine {
             bitmap_errors,
             cleanup,
         );
-        let delivered = deliver(result);
+        // Only a delivered reply that says success may apply it.
+        let reported = matches!(&result, Ok(r) if r.success);
+        let delivered = deliver(result) && reported;
         if effective_success {
             if !delivered {
                 log::warn!(
@@ -635,8 +637,7 @@ impl Engine {
     }
 
     /// The reply of a teardown. After a success, what goes wrong in the cleanup does not
-    /// make the backup a failure (a caller that dropped it would re-read more than needed
-    /// next time, which is safe, but it would also lose a good backup): warnings.
+    /// make the backup a failure (the caller would drop a good backup): warnings.
     #[allow(clippy::too_many_arguments)]
     fn teardown_result(
         &self,
