@@ -132,18 +132,32 @@ fn extension(kind: BitmapKind) -> &'static str {
 }
 
 /// Deletes files a setup or a bitmap creation left half-done when the daemon died
-/// (`*.pending` bitmaps never committed, `*.new` files never renamed into place). No
-/// registered bitmap refers to them.
-fn remove_unfinished_files(dir: &Path) {
+/// (`*.pending` bitmaps never committed, `*.new` files never renamed into place), and
+/// background files of bitmaps the registry does not list (their bitmap was dropped by
+/// a setup that failed half-way). No registered bitmap refers to them.
+fn remove_unfinished_files(dir: &Path, registry: &Registry) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
+    let backgrounds: std::collections::HashSet<String> = registry
+        .bitmaps
+        .iter()
+        .map(|r| {
+            file_name(
+                &r.device,
+                &r.target,
+                &r.name,
+                extension(BitmapKind::Background),
+            )
+        })
+        .collect();
     for e in entries.flatten() {
         let path = e.path();
-        let unfinished = matches!(
-            path.extension().and_then(|x| x.to_str()),
-            Some("pending") | Some("new")
-        );
+        let unfinished = match path.extension().and_then(|x| x.to_str()) {
+            Some("pending") | Some("new") => true,
+            Some("background") => !backgrounds.contains(&*e.file_name().to_string_lossy()),
+            _ => false,
+        };
         if unfinished {
             match std::fs::remove_file(&path) {
                 Ok(()) => log::warn!(
@@ -203,7 +217,7 @@ impl BitmapStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Registry::default(),
             Err(e) => return Err(Error::io(format!("reading {}", reg_path.display()), e)),
         };
-        remove_unfinished_files(dir);
+        remove_unfinished_files(dir, &registry);
         let mut store = BitmapStore {
             dir: dir.to_path_buf(),
             crash_safe,
