@@ -260,7 +260,7 @@ fn check_ranges(ranges: &[(u64, u64)], size: u64) -> std::result::Result<(), Str
 /// writes an image a fleecefs daemon or QEMU is using, nor races another copy.
 fn lock_dest(out: &File, dest: &Path) -> Result<()> {
     sys::lock_exclusive(out).or_else(|e| {
-        if e.raw_os_error() == Some(libc::EAGAIN) || e.raw_os_error() == Some(libc::EACCES) {
+        if sys::is_lock_conflict(&e) {
             Err(Error::busy(format!(
                 "{} is in use: another process holds a lock on it (a source a fleecefs \
                  daemon serves, a disk QEMU uses, or another copy)",

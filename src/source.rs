@@ -60,7 +60,7 @@ impl Source {
             .open(path)
             .context(|| format!("source {} cannot be opened read-write", path.display()))?;
         sys::lock_exclusive(&file).or_else(|e| {
-            if e.raw_os_error() == Some(libc::EAGAIN) || e.raw_os_error() == Some(libc::EACCES) {
+            if sys::is_lock_conflict(&e) {
                 Err(Error::busy(format!(
                     "source {} is in use: another process holds a lock on it \
                      (another fleecefs daemon, or QEMU)",

@@ -95,3 +95,9 @@ pub fn lock_exclusive(file: &std::fs::File) -> std::io::Result<()> {
         Err(std::io::Error::last_os_error())
     }
 }
+
+/// Whether a [`lock_exclusive`] error means another open file holds a lock (as opposed to
+/// a filesystem without locks).
+pub fn is_lock_conflict(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES))
+}
