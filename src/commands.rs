@@ -119,6 +119,7 @@ pub fn teardown(mp: &Path, target: &str, success: bool, json: bool) -> Result<()
         &Request::Teardown {
             target: target.to_string(),
             success,
+            ack: true,
         },
     )?;
     if json {

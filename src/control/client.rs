@@ -1,11 +1,11 @@
 //! Finding the daemon of a mount point and talking to it.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::proto::{Request, Response};
+use super::proto::{Request, Response, ACK};
 use crate::error::{Error, Result};
 use crate::state::CONTROL_SOCKET;
 
@@ -136,14 +136,26 @@ pub fn call(mountpoint: &Path, req: &Request) -> Result<serde_json::Value> {
     stream
         .write_all(&line)
         .map_err(|e| Error::io("sending request to the daemon", e))?;
-    let _ = stream.shutdown(std::net::Shutdown::Write);
+    // A teardown with `ack` waits for our acknowledgement: the write side stays open.
+    let ack = matches!(req, Request::Teardown { ack: true, .. });
+    if !ack {
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+    }
     let _ = stream.set_read_timeout(Some(Duration::from_secs(600)));
+    // The reply is one line: complete once its newline is here.
     let mut out = Vec::new();
-    stream
-        .read_to_end(&mut out)
+    BufReader::new(&stream)
+        .read_until(b'\n', &mut out)
         .map_err(|e| Error::io("reading the daemon's reply", e))?;
     let resp: Response = serde_json::from_slice(&out)
         .map_err(|e| Error::invalid(format!("the daemon sent a malformed reply ({e})")))?;
+    if ack {
+        // The daemon applies a success to the bitmaps only once this arrives; if it does
+        // not, the backup counts as failed there too.
+        (&stream)
+            .write_all(format!("{ACK}\n").as_bytes())
+            .map_err(|e| Error::io("acknowledging the daemon's reply", e))?;
+    }
     if resp.ok {
         Ok(resp.data.unwrap_or(serde_json::Value::Null))
     } else {

@@ -6,6 +6,9 @@ use serde::{Deserialize, Serialize};
 /// Largest request line accepted, in bytes.
 pub const MAX_REQUEST: usize = 64 * 1024;
 
+/// The line a client sends after reading the reply to a teardown with `ack`.
+pub const ACK: &str = "{\"ack\":true}";
+
 /// A request to the daemon.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
@@ -27,6 +30,11 @@ pub enum Request {
         target: String,
         /// Whether the backup succeeded.
         success: bool,
+        /// The client acknowledges the reply: after reading the reply line it sends
+        /// [`ACK`]. A success is applied to the bitmaps only once that arrives (without
+        /// `ack`, once the reply is written). See docs/formats.md.
+        #[serde(default)]
+        ack: bool,
     },
     /// Report state.
     Status {},
@@ -88,7 +96,8 @@ mod tests {
             parse_request(br#"{"op":"teardown","target":"t","success":false}"#),
             Ok(Request::Teardown {
                 target: "t".into(),
-                success: false
+                success: false,
+                ack: false
             })
         );
         for bad in [

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::proto::{parse_request, Request, Response, MAX_REQUEST};
+use super::proto::{parse_request, Request, Response, ACK, MAX_REQUEST};
 use crate::engine::Engine;
 use crate::error::{report, Error};
 
@@ -29,7 +29,9 @@ pub fn dispatch(engine: &Engine, req: Request) -> Response {
             .setup(&target, devices.as_deref(), bitmap.as_deref())
             .map(|r| serde_json::to_value(r).unwrap_or_default()),
         // The socket server uses Engine::teardown_reply instead, to know the reply arrived.
-        Request::Teardown { target, success } => engine
+        Request::Teardown {
+            target, success, ..
+        } => engine
             .teardown(&target, success)
             .map(|r| serde_json::to_value(r).unwrap_or_default()),
         Request::Status {} => Ok(serde_json::to_value(engine.status()).unwrap_or_default()),
@@ -68,6 +70,37 @@ fn reply(stream: &mut UnixStream, resp: &Response) -> bool {
         Ok(()) => true,
         Err(e) => {
             log::info!("control client went away before the reply: {e}");
+            false
+        }
+    }
+}
+
+/// Writes a teardown's reply and says whether the client has it. With `ack`, that is
+/// when the client's [`ACK`] line arrives (within the read timeout). Without, it is when
+/// the reply is written, and the write side is then shut at once, so that a client
+/// reading to the end has the whole reply before the daemon applies a success.
+fn teardown_delivered(stream: &mut UnixStream, resp: &Response, ack: bool) -> bool {
+    if !reply(stream, resp) {
+        return false;
+    }
+    if !ack {
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+        return true;
+    }
+    let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
+    let mut line = Vec::new();
+    let got = BufReader::new(&*stream)
+        .take(ACK.len() as u64 + 2)
+        .read_until(b'\n', &mut line);
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+    match got {
+        Ok(_) if line.trim_ascii() == ACK.as_bytes() => true,
+        Ok(_) => {
+            log::info!("control client did not acknowledge the teardown reply");
+            false
+        }
+        Err(e) => {
+            log::info!("control client did not acknowledge the teardown reply: {e}");
             false
         }
     }
@@ -121,9 +154,15 @@ fn handle(engine: &Engine, mut stream: UnixStream) {
     }
     let resp = match parse_request(line.trim_ascii_end()) {
         // A teardown needs to know whether its reply arrived (Engine::teardown_reply).
-        Ok(Request::Teardown { target, success }) => {
-            log::debug!("control request: teardown {target} success={success}");
-            engine.teardown_reply(&target, success, |r| reply(&mut stream, &response(r)));
+        Ok(Request::Teardown {
+            target,
+            success,
+            ack,
+        }) => {
+            log::debug!("control request: teardown {target} success={success} ack={ack}");
+            engine.teardown_reply(&target, success, |r| {
+                teardown_delivered(&mut stream, &response(r), ack)
+            });
             return;
         }
         Ok(req) => {
