@@ -87,8 +87,9 @@ pub fn lock_exclusive(file: &std::fs::File) -> std::io::Result<()> {
     fl.l_type = libc::F_WRLCK as libc::c_short;
     fl.l_whence = libc::SEEK_SET as libc::c_short;
     fl.l_start = 0;
-    fl.l_len = 0; // to the end of the file, however large it grows
-                  // SAFETY: fcntl on a valid fd with a valid flock.
+    // Length 0: to the end of the file, however large it grows.
+    fl.l_len = 0;
+    // SAFETY: fcntl on a valid fd with a valid flock.
     if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) } == 0 {
         Ok(())
     } else {

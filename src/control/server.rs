@@ -18,8 +18,9 @@ use crate::error::{report, Error};
 pub const MAX_CLIENTS: usize = 16;
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Runs a request against the engine.
-pub fn dispatch(engine: &Engine, req: Request) -> Response {
+/// Runs a request against the engine. `handle` sends teardowns to
+/// [`Engine::teardown_reply`] instead, which must know whether the reply arrived.
+fn dispatch(engine: &Engine, req: Request) -> Response {
     let result: Result<serde_json::Value, Error> = match req {
         Request::Setup {
             target,
@@ -28,7 +29,7 @@ pub fn dispatch(engine: &Engine, req: Request) -> Response {
         } => engine
             .setup(&target, devices.as_deref(), bitmap.as_deref())
             .map(|r| serde_json::to_value(r).unwrap_or_default()),
-        // The socket server uses Engine::teardown_reply instead, to know the reply arrived.
+        // Not reached from `handle` (see above); kept so the match stays exhaustive.
         Request::Teardown {
             target, success, ..
         } => engine
