@@ -12,7 +12,12 @@
 //! threads pinned to the CPU whose queue they serve, one ring entry each. Forgets and
 //! interrupts still come through `/dev/fuse` (the kernel's design).
 //!
-//! Usage (root): `fuse_floor MOUNTPOINT IMAGE [--uring] [--threads N]`; runs until
+//! `--writeback` turns on the FUSE writeback cache instead (page-cached opens, writes
+//! acknowledged from the kernel's page cache and flushed to this server later). fleecefs
+//! cannot use it (docs/architecture.md, "No writeback cache"); the floor measures what it
+//! would buy on this machine.
+//!
+//! Usage (root): `fuse_floor MOUNTPOINT IMAGE [--uring | --writeback] [--threads N]`; runs until
 //! MOUNTPOINT is unmounted. Benchmark tool only: no permission checks beyond the kernel's,
 //! no error recovery.
 
@@ -74,6 +79,7 @@ struct Floor {
     image: Arc<File>,
     size: u64,
     uring: bool,
+    writeback: bool,
 }
 
 impl Filesystem for Floor {
@@ -83,6 +89,11 @@ impl Filesystem for Floor {
             let _ = config.set_max_readahead(max);
         }
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP);
+        if self.writeback {
+            config
+                .add_capabilities(fuser::InitFlags::FUSE_WRITEBACK_CACHE)
+                .map_err(|_| io::Error::other("the kernel does not offer the writeback cache"))?;
+        }
         if self.uring {
             config
                 .add_capabilities(fuser::InitFlags::FUSE_OVER_IO_URING)
@@ -109,10 +120,12 @@ impl Filesystem for Floor {
     }
 
     fn open(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        reply.opened(
-            FileHandle(0),
-            FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES,
-        )
+        let flags = if self.writeback {
+            FopenFlags::FOPEN_KEEP_CACHE
+        } else {
+            FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES
+        };
+        reply.opened(FileHandle(0), flags)
     }
 
     fn read(
@@ -388,11 +401,13 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut positional = Vec::new();
     let mut uring = false;
+    let mut writeback = false;
     let mut threads = 8usize;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--uring" => uring = true,
+            "--writeback" => writeback = true,
             "--threads" => {
                 threads = it
                     .next()
@@ -404,8 +419,11 @@ fn main() {
         }
     }
     let [mountpoint, image] = positional.as_slice() else {
-        die("usage: fuse_floor MOUNTPOINT IMAGE [--uring] [--threads N]")
+        die("usage: fuse_floor MOUNTPOINT IMAGE [--uring | --writeback] [--threads N]")
     };
+    if uring && writeback {
+        die("--uring and --writeback are separate floors; give one of them");
+    }
     let file = File::options()
         .read(true)
         .write(true)
@@ -425,6 +443,7 @@ fn main() {
         image: image.clone(),
         size,
         uring,
+        writeback,
     };
     let session = Session::new(fs, mountpoint, &config)
         .unwrap_or_else(|e| die(&format!("mounting {mountpoint}: {e}")));
