@@ -225,29 +225,14 @@ impl BitmapStore {
         };
         let mut newly_invalid = false;
         for r in registry.bitmaps {
-            let state = match (devices.iter().find(|d| d.name() == r.device), &r.invalid) {
-                (None, _) => BitmapState::Dormant,
-                (Some(_), Some(reason)) => {
-                    // Found invalid before: its file proves nothing any more (writes went
-                    // untracked since), and an interrupted access's background is moot.
-                    let bg = store.path(&r.device, &r.target, &r.name, BitmapKind::Background);
-                    let _ = std::fs::remove_file(bg);
-                    BitmapState::Invalid(reason.clone())
-                }
-                (Some(dev), None) => {
-                    let state = store.load_one(dev, &r)?;
-                    newly_invalid |= matches!(state, BitmapState::Invalid(_));
+            let state = match devices.iter().find(|d| d.name() == r.device) {
+                None => BitmapState::Dormant,
+                Some(dev) => {
+                    let (state, newly) = store.load_state(dev, &r)?;
+                    newly_invalid |= newly;
                     state
                 }
             };
-            if let BitmapState::Invalid(reason) = &state {
-                log::warn!(
-                    "bitmap '{}' of target '{}' on device {} is invalid: {reason}; the next backup with it is full",
-                    r.name,
-                    r.target,
-                    r.device
-                );
-            }
             store.entries.push(Entry {
                 device: r.device,
                 target: r.target,
@@ -263,6 +248,142 @@ impl BitmapStore {
             store.save_registry()?;
         }
         Ok(store)
+    }
+
+    /// The state of registered bitmap `r` of the served device `dev` (at mount or
+    /// device add), and whether it was found invalid just now.
+    fn load_state(&self, dev: &Device, r: &RegistryEntry) -> Result<(BitmapState, bool)> {
+        let (state, newly) = match &r.invalid {
+            Some(reason) => {
+                // Found invalid before: its file proves nothing any more (writes went
+                // untracked since), and an interrupted access's background is moot.
+                let bg = self.path(&r.device, &r.target, &r.name, BitmapKind::Background);
+                let _ = std::fs::remove_file(bg);
+                (BitmapState::Invalid(reason.clone()), false)
+            }
+            None => {
+                let state = self.load_one(dev, r)?;
+                let newly = matches!(state, BitmapState::Invalid(_));
+                (state, newly)
+            }
+        };
+        if let BitmapState::Invalid(reason) = &state {
+            log::warn!(
+                "bitmap '{}' of target '{}' on device {} is invalid: {reason}; the next backup with it is full",
+                r.name,
+                r.target,
+                r.device
+            );
+        }
+        Ok((state, newly))
+    }
+
+    /// Device add: loads the dormant bitmaps of `dev` as at mount (`used` if its source
+    /// is unchanged since their clean close, else invalid). If the add fails later,
+    /// [`BitmapStore::unload_device`] closes them again.
+    pub fn load_device(&mut self, dev: &Device) -> Result<()> {
+        let mut newly_invalid = false;
+        for i in 0..self.entries.len() {
+            let e = &self.entries[i];
+            if e.device != dev.name() || !matches!(e.state, BitmapState::Dormant) {
+                continue;
+            }
+            let r = RegistryEntry {
+                device: e.device.clone(),
+                target: e.target.clone(),
+                name: e.name.clone(),
+                invalid: e.recorded_invalid.clone(),
+            };
+            let loaded = self.load_state(dev, &r);
+            let (state, newly) = match loaded {
+                Ok(x) => x,
+                Err(err) => {
+                    self.unload_device(dev);
+                    return Err(err);
+                }
+            };
+            newly_invalid |= newly;
+            self.entries[i].state = state;
+        }
+        if newly_invalid {
+            self.save_registry()?;
+        }
+        Ok(())
+    }
+
+    /// Device remove (or a failed add): closes every open bitmap of `dev` cleanly
+    /// (flushed, checksummed, source mtime recorded) and makes them dormant, as for a
+    /// device not served. Call after the device's last write.
+    pub fn unload_device(&mut self, dev: &Device) {
+        for e in self.entries.iter_mut().filter(|e| e.device == dev.name()) {
+            let state = std::mem::replace(&mut e.state, BitmapState::Dormant);
+            match state {
+                BitmapState::Ok(t) => {
+                    if let Err(err) = t.close_clean(dev.source()) {
+                        t.mark_failed(&crate::error::report(&err));
+                        e.recorded_invalid = Some(FAILED_WHILE_TRACKING.to_string());
+                    } else {
+                        e.recorded_invalid = None;
+                    }
+                }
+                BitmapState::Invalid(reason) => e.recorded_invalid = Some(reason),
+                BitmapState::Dormant => {}
+            }
+        }
+        if let Err(e) = self.save_registry() {
+            log::error!("{}", crate::error::report(&e));
+        }
+    }
+
+    /// Resize, step 1: a grown mapping of every open bitmap of `device` and of `extra`
+    /// (the background bitmap of an active access), `nbits` clusters long. Nothing is
+    /// visible yet (see [`TrackedBitmap::grown`]).
+    pub fn prepare_grow(
+        &self,
+        device: &str,
+        extra: &[Arc<TrackedBitmap>],
+        nbits: u64,
+    ) -> Result<Vec<(Arc<TrackedBitmap>, Arc<TrackedBitmap>)>> {
+        let mut out = Vec::new();
+        let open = self
+            .entries
+            .iter()
+            .filter(|e| e.device == device)
+            .filter_map(|e| match &e.state {
+                BitmapState::Ok(t) => Some(t.clone()),
+                _ => None,
+            });
+        for old in open.chain(extra.iter().cloned()) {
+            let new = Arc::new(old.grown(nbits, self.crash_safe)?);
+            out.push((old, new));
+        }
+        Ok(out)
+    }
+
+    /// Resize, step 2 (under the device's gate): the grown bitmaps replace the old ones.
+    pub fn swap_grown(&mut self, pairs: &[(Arc<TrackedBitmap>, Arc<TrackedBitmap>)]) {
+        for e in &mut self.entries {
+            if let BitmapState::Ok(t) = &e.state {
+                if let Some((_, new)) = pairs.iter().find(|(old, _)| Arc::ptr_eq(old, t)) {
+                    e.state = BitmapState::Ok(new.clone());
+                }
+            }
+        }
+    }
+
+    /// Shrink: every bitmap of `device` becomes invalid (registry and file header), and
+    /// leaves tracking.
+    pub fn invalidate_device(&mut self, device: &str, reason: &str) -> Result<()> {
+        for e in self.entries.iter_mut().filter(|e| e.device == device) {
+            if let BitmapState::Ok(t) = &e.state {
+                t.mark_failed(reason);
+            }
+            if !matches!(e.state, BitmapState::Dormant) {
+                e.state = BitmapState::Invalid(reason.to_string());
+                e.note = None;
+            }
+        }
+        self.save_registry()
     }
 
     fn path(&self, device: &str, target: &str, name: &str, kind: BitmapKind) -> PathBuf {

@@ -88,6 +88,10 @@ pub struct DeviceAccess {
     id: u64,
     name: String,
     cluster: ClusterSize,
+    /// The device size at setup: the snapshot keeps it when the device is resized.
+    size: u64,
+    /// Clusters of the snapshot (of `size`); clusters past it never need a copy.
+    nclusters: u64,
     created: SystemTime,
     fleece: FleecingFile,
     dirty_map: DirtyMap,
@@ -116,12 +120,16 @@ impl DeviceAccess {
     ) -> DeviceAccess {
         let accessible = frozen.to_heap();
         let copied = Bitmap::new(frozen.len(), false);
-        let dirty_map = DirtyMap::new(frozen, device.cluster, device.size());
+        let size = device.size();
+        let nclusters = frozen.len();
+        let dirty_map = DirtyMap::new(frozen, device.cluster, size);
         let unit = device.cluster.bytes().max(LOCK_UNIT_MIN);
         DeviceAccess {
             id,
             name: device.name.clone(),
             cluster: device.cluster,
+            size,
+            nclusters,
             created: SystemTime::now(),
             fleece,
             dirty_map,
@@ -224,6 +232,11 @@ impl DeviceAccess {
         Ok(())
     }
 
+    /// The size of the snapshot: the device's size at setup.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
     /// The access generation this belongs to.
     pub fn id(&self) -> u64 {
         self.id
@@ -271,7 +284,7 @@ impl DeviceAccess {
     }
 
     fn needs_copy(&self, c: u64) -> bool {
-        self.accessible.get(c) && !self.copied.get(c)
+        c < self.nclusters && self.accessible.get(c) && !self.copied.get(c)
     }
 
     fn stripe(&self, unit: u64) -> &RwLock<()> {
@@ -333,6 +346,8 @@ pub struct Device {
     cluster: ClusterSize,
     gate: RwLock<GateState>,
     last_error: Mutex<Option<(String, SystemTime)>>,
+    /// Open handles of `live/NAME` (a device with open handles cannot be removed).
+    open_handles: AtomicU64,
 }
 
 thread_local! {
@@ -358,6 +373,7 @@ impl Device {
             cluster,
             gate: RwLock::new(GateState::default()),
             last_error: Mutex::new(None),
+            open_handles: AtomicU64::new(0),
         }
     }
 
@@ -384,6 +400,24 @@ impl Device {
     /// The source.
     pub fn source(&self) -> &Source {
         &self.source
+    }
+
+    /// Counts an open handle of `live/NAME` (the engine calls this under its device
+    /// table's read lock, so a removal either sees it or happened before).
+    pub fn handle_opened(&self) {
+        self.open_handles.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Counts a released handle of `live/NAME`.
+    pub fn handle_released(&self) {
+        let _ = self
+            .open_handles
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
+
+    /// Open handles of `live/NAME`.
+    pub fn open_handles(&self) -> u64 {
+        self.open_handles.load(Ordering::Acquire)
     }
 
     /// The last I/O error the source returned, if any (for `status`).
@@ -438,7 +472,7 @@ impl Device {
             _ => Err(Error::new(
                 Kind::PastEnd,
                 format!(
-                    "device {} has a fixed size of {} bytes; {offset}+{len} is past its end",
+                    "device {} has a size of {} bytes; {offset}+{len} is past its end",
                     self.name,
                     self.size()
                 ),
@@ -464,11 +498,12 @@ impl Device {
     /// Writes the live image, copying old data first while an access needs it.
     pub fn write_live(&self, offset: u64, data: &[u8]) -> Result<usize> {
         let len = data.len() as u64;
+        // Under the gate: a resize changes the size only while holding it exclusively.
+        let gate = self.gate();
         self.check_range(offset, len)?;
         if len == 0 {
             return Ok(0);
         }
-        let gate = self.gate();
         self.before_change(&gate, offset, len)?;
         self.source
             .write_at(data, offset)
@@ -495,7 +530,8 @@ impl Device {
             }
         };
         // Allocation or zeroing must not grow the device: clip when KEEP_SIZE says so,
-        // refuse otherwise.
+        // refuse otherwise. Under the gate, like writes (see `write_live`).
+        let gate = self.gate();
         let len = if keep {
             len.min(self.size().saturating_sub(offset))
         } else {
@@ -505,7 +541,6 @@ impl Device {
         if len == 0 {
             return Ok(());
         }
-        let gate = self.gate();
         if changes_data {
             self.before_change(&gate, offset, len)?;
         }
@@ -537,7 +572,7 @@ impl Device {
         let Some(first) = clusters.clone().find(|&c| access.needs_copy(c)) else {
             return Ok(());
         };
-        let clusters = first..clusters.end;
+        let clusters = first..clusters.end.min(access.nclusters);
         let policy = &access.policy;
         let result = match (&policy.write_behind, policy.timeout, &policy.pool) {
             (Some(wb), timeout, _) => {
@@ -622,7 +657,7 @@ impl Device {
         if access.is_broken() {
             return Err(self.broken_error(&access));
         }
-        let size = self.size();
+        let size = access.size;
         if offset >= size || buf.is_empty() {
             return Ok(0);
         }
@@ -714,7 +749,7 @@ impl Device {
     pub fn discard_snapshot(&self, access_id: u64, offset: u64, len: u64) -> Result<()> {
         let gate = self.gate();
         let access = self.current_access(&gate, access_id)?;
-        let size = self.size();
+        let size = access.size;
         let clusters = self.cluster.inward(offset, len, size);
         if clusters.is_empty() {
             return Ok(());
@@ -797,7 +832,8 @@ fn copy_clusters(
     clusters: Range<u64>,
     store: Store<'_>,
 ) -> Result<()> {
-    let size = source.size();
+    // The snapshot's size: the old bytes of the last cluster, never data a grow added.
+    let size = access.size;
     let unit_of = |c: u64| cluster.start_of(c) >> access.unit_shift;
     let mut unit = unit_of(clusters.start);
     let last_unit = unit_of(clusters.end - 1);
@@ -859,7 +895,7 @@ fn copy_unit(
     (behind, deadline): (Option<&WriteBehind>, Option<std::time::Instant>),
     copies: &mut Vec<Arc<PendingCopy>>,
 ) -> Result<()> {
-    let size = source.size();
+    let size = access.size;
     let stripe = access.stripe(unit);
     let _g = match deadline {
         None => stripe.write().unwrap_or_else(|p| p.into_inner()),

@@ -46,6 +46,67 @@ pub enum Command {
     /// Manage dirty bitmaps
     #[command(subcommand)]
     Bitmap(BitmapCommand),
+    /// Change the size of a device while it is served (grow; shrink with --allow-shrink)
+    #[command(after_help = "Examples:\n  fleecefs resize /mnt/fleece vm100 +10G\n  fleecefs resize /mnt/fleece vm101    # a block device, after lvextend")]
+    Resize(ResizeArgs),
+    /// Add or remove devices while the mount serves others
+    #[command(subcommand)]
+    Device(DeviceCommand),
+}
+
+/// `device` subcommands.
+#[derive(Subcommand, Debug)]
+pub enum DeviceCommand {
+    /// Serve new devices (same checks as mount)
+    #[command(after_help = "Example:\n  fleecefs device add /mnt/fleece vm102=/images/vm102.raw")]
+    Add(DeviceAddArgs),
+    /// Stop serving a device (refused while live/NAME is open or in a backup access)
+    #[command(after_help = "Example:\n  fleecefs device remove /mnt/fleece vm102")]
+    Remove(DeviceRemoveArgs),
+}
+
+/// `resize` flags.
+#[derive(Args, Debug)]
+pub struct ResizeArgs {
+    /// The fleecefs mount point
+    pub mountpoint: PathBuf,
+    /// The device to resize
+    pub name: String,
+    /// New size in bytes (suffixes K, M, G, T), or +DELTA to grow by that much
+    /// [default: the source's size now; required equal to it for block devices]
+    #[arg(allow_hyphen_values = true)]
+    pub size: Option<String>,
+    /// Allow a smaller size: the end of the device is cut off and its bitmaps become invalid
+    #[arg(long)]
+    pub allow_shrink: bool,
+    /// Print the result as JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `device add` flags.
+#[derive(Args, Debug)]
+pub struct DeviceAddArgs {
+    /// The fleecefs mount point
+    pub mountpoint: PathBuf,
+    /// Devices to add: NAME=PATH, PATH a regular file or block device
+    #[arg(value_name = "NAME=PATH", required = true)]
+    pub devices: Vec<String>,
+    /// Print the result as JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `device remove` flags.
+#[derive(Args, Debug)]
+pub struct DeviceRemoveArgs {
+    /// The fleecefs mount point
+    pub mountpoint: PathBuf,
+    /// The device to remove
+    pub name: String,
+    /// Print the result as JSON
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `bitmap` subcommands.
@@ -85,7 +146,8 @@ pub struct MountArgs {
     #[arg(long, value_name = "DIR")]
     pub state_dir: PathBuf,
     /// A device to serve: NAME=PATH, PATH a regular file or block device (repeatable)
-    #[arg(long = "device", value_name = "NAME=PATH", required = true)]
+    /// [default: the devices served last with this state dir]
+    #[arg(long = "device", value_name = "NAME=PATH")]
     pub devices: Vec<String>,
     /// Where fleecing files go [default: STATE_DIR/fleecing]
     #[arg(long, value_name = "DIR")]

@@ -156,6 +156,140 @@ pub fn bitmap_remove(mp: &Path, target: &str) -> Result<()> {
     Ok(())
 }
 
+/// `fleecefs resize`.
+pub fn resize(a: &crate::cli::ResizeArgs) -> Result<()> {
+    let (size, grow_by) = match a.size.as_deref() {
+        None => (None, None),
+        Some(t) => {
+            let (grow, text) = match t.strip_prefix('+') {
+                Some(rest) => (true, rest),
+                None => (false, t),
+            };
+            let n = crate::units::parse_size(text)
+                .map_err(|e| Error::invalid(format!("SIZE '{t}': {e}")))?;
+            if grow {
+                (None, Some(n))
+            } else {
+                (Some(n), None)
+            }
+        }
+    };
+    let v = call(
+        &a.mountpoint,
+        &Request::Resize {
+            device: a.name.clone(),
+            size,
+            grow_by,
+            allow_shrink: a.allow_shrink,
+        },
+    )?;
+    if a.json {
+        print_json(&v);
+        return Ok(());
+    }
+    let (old, new) = (u(&v, "old_size"), u(&v, "new_size"));
+    let names: Vec<&str> = v["bitmap_names"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    if old == new {
+        crate::out!("device '{}' already has {} ({old} bytes)", a.name, format_size(new));
+        return Ok(());
+    }
+    crate::out!(
+        "device '{}' resized from {} to {} ({old} -> {new} bytes)",
+        a.name,
+        format_size(old),
+        format_size(new)
+    );
+    match s(&v, "bitmaps") {
+        "grown" => crate::out!(
+            "bitmaps grown, the new range counts as dirty: {}",
+            names.join(", ")
+        ),
+        "invalid" => crate::out!(
+            "bitmaps invalid, their next backup is full: {}",
+            names.join(", ")
+        ),
+        _ => {}
+    }
+    Ok(())
+}
+
+/// `fleecefs device add`.
+pub fn device_add(a: &crate::cli::DeviceAddArgs) -> Result<()> {
+    let mut devices = Vec::new();
+    for spec in &a.devices {
+        let (name, path) = spec
+            .split_once('=')
+            .ok_or_else(|| Error::invalid(format!("'{spec}' is not NAME=PATH")))?;
+        if path.is_empty() {
+            return Err(Error::invalid(format!("'{spec}' has an empty path")));
+        }
+        let path = std::path::absolute(path)
+            .map_err(|e| Error::io(format!("resolving {path}"), e))?;
+        let path = path
+            .to_str()
+            .ok_or_else(|| Error::invalid(format!("path {} is not UTF-8", path.display())))?;
+        devices.push((name.to_string(), path.to_string()));
+    }
+    let v = call(&a.mountpoint, &Request::DeviceAdd { devices })?;
+    if a.json {
+        print_json(&v);
+        return Ok(());
+    }
+    for d in v["devices"].as_array().into_iter().flatten() {
+        let bitmaps: Vec<&str> = d["bitmaps"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        crate::out!(
+            "device '{}' added: {} ({}){}{}",
+            s(d, "name"),
+            s(d, "source"),
+            format_size(u(d, "size")),
+            if bitmaps.is_empty() { "" } else { "; bitmaps " },
+            bitmaps.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// `fleecefs device remove`.
+pub fn device_remove(a: &crate::cli::DeviceRemoveArgs) -> Result<()> {
+    let v = call(
+        &a.mountpoint,
+        &Request::DeviceRemove {
+            device: a.name.clone(),
+        },
+    )?;
+    if a.json {
+        print_json(&v);
+        return Ok(());
+    }
+    let kept: Vec<&str> = v["bitmaps_kept"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    crate::out!(
+        "device '{}' removed{}{}",
+        a.name,
+        if kept.is_empty() {
+            ""
+        } else {
+            "; its bitmaps stay in the state dir: "
+        },
+        kept.join(", ")
+    );
+    Ok(())
+}
+
 fn mib(bytes: u64) -> String {
     format!("{:.1}", bytes as f64 / (1 << 20) as f64)
 }

@@ -189,10 +189,18 @@ pub fn copy_files(
             format_size(size)
         )));
     }
-    let out = open_dest(dest, size, opts.incremental)?;
+    let (out, grow_from) = open_dest(dest, size, opts.incremental, &ranges)?;
     // An existing DEST may be someone's disk (a full copy creates a new file).
     if opts.incremental {
         lock_dest(&out, dest)?;
+    }
+    if let Some(old) = grow_from {
+        // The device grew since the previous backup: so does its image (sparse); the
+        // dirty map covers the new range (checked), so all of it is written below.
+        out.set_len(size)
+            .and_then(|_| out.sync_all())
+            .context(|| format!("growing {} from {old} to {size} bytes", dest.display()))?;
+        log::info!("{} grown from {old} to {size} bytes", dest.display());
     }
     let mut c = Copier {
         name,
@@ -297,8 +305,26 @@ fn check_dest_outside(dest: &Path, mount_dev: u64, incremental: bool) -> Result<
     }
 }
 
-/// Creates DEST (full) or opens and checks it (incremental).
-fn open_dest(dest: &Path, size: u64, incremental: bool) -> Result<File> {
+/// Whether the sorted, non-overlapping `ranges` cover `[from, to)` entirely.
+fn covers(ranges: &[(u64, u64)], from: u64, to: u64) -> bool {
+    let mut pos = from;
+    for &(off, len) in ranges {
+        if off <= pos && off + len > pos {
+            pos = off + len;
+        }
+    }
+    pos >= to
+}
+
+/// Creates DEST (full) or opens and checks it (incremental). For an incremental copy
+/// onto a smaller regular file whose missing range the dirty map covers (the device
+/// grew), also returns DEST's size: the caller grows it.
+fn open_dest(
+    dest: &Path,
+    size: u64,
+    incremental: bool,
+    ranges: &[(u64, u64)],
+) -> Result<(File, Option<u64>)> {
     if !incremental {
         let f = OpenOptions::new()
             .read(true)
@@ -330,7 +356,7 @@ fn open_dest(dest: &Path, size: u64, incremental: bool) -> Result<File> {
             let _ = std::fs::remove_file(dest);
             return Err(e);
         }
-        return Ok(f);
+        return Ok((f, None));
     }
     let f = OpenOptions::new()
         .read(true)
@@ -360,13 +386,21 @@ fn open_dest(dest: &Path, size: u64, incremental: bool) -> Result<File> {
             dest.display()
         )));
     };
+    if len < size && meta.is_file() && covers(ranges, len, size) {
+        return Ok((f, Some(len)));
+    }
     if len != size {
+        let why = if len < size && meta.is_file() {
+            " (and the dirty map does not cover the range the device grew by)"
+        } else {
+            ""
+        };
         return Err(Error::invalid(format!(
-            "{} is {len} bytes but the device is {size} bytes: it is not an image of this device",
+            "{} is {len} bytes but the device is {size} bytes{why}: it is not an image of this device",
             dest.display()
         )));
     }
-    Ok(f)
+    Ok((f, None))
 }
 
 /// Makes a newly created DEST's directory entry durable.

@@ -30,7 +30,7 @@ use crate::cbw::{Device, OnCbwError};
 use crate::cli::{MountArgs, OnCbwErrorArg};
 use crate::control::client::{mount_at, resolve_mountpoint, FSNAME_PREFIX};
 use crate::control::server;
-use crate::engine::{validate_name, Engine, EngineConfig};
+use crate::engine::{check_device_name, Engine, EngineConfig};
 use crate::error::{Error, IoContext, Result};
 use crate::fuse::FleeceFs;
 use crate::source::Source;
@@ -48,6 +48,8 @@ pub struct MountPlan {
     pub fleecing_dir: PathBuf,
     /// Devices: name and absolute source path.
     pub devices: Vec<(String, PathBuf)>,
+    /// Whether the devices were given with `--device` (else: the recorded set).
+    pub explicit_devices: bool,
     /// Cluster size.
     pub cluster: ClusterSize,
     /// Worker threads.
@@ -198,17 +200,30 @@ pub fn validate(args: &MountArgs) -> Result<MountPlan> {
         ));
     }
     // Sources last: the messages about the mount point and state dir say more.
+    // Without --device: the set the state directory records (what was served last).
+    let specs: Vec<String> = if args.devices.is_empty() {
+        match crate::state::read_device_record(&state_dir)? {
+            Some(r) if !r.devices.is_empty() => r
+                .devices
+                .iter()
+                .map(|d| format!("{}={}", d.name, d.path.display()))
+                .collect(),
+            _ => {
+                return Err(Error::invalid(format!(
+                    "no --device given, and state directory {} records no devices: give --device NAME=PATH",
+                    state_dir.display()
+                )))
+            }
+        }
+    } else {
+        args.devices.clone()
+    };
     let mut devices: Vec<(String, PathBuf, crate::source::Identity)> = Vec::new();
-    for spec in &args.devices {
+    for spec in &specs {
         let (name, path) = spec
             .split_once('=')
             .ok_or_else(|| Error::invalid(format!("--device '{spec}' is not NAME=PATH")))?;
-        validate_name("device name", name)?;
-        if name.ends_with(".dirty") {
-            return Err(Error::invalid(format!(
-                "invalid device name '{name}': names ending in .dirty are taken by the dirty maps (snapshot/NAME.dirty)"
-            )));
-        }
+        check_device_name(name)?;
         if devices.iter().any(|(n, _, _)| n == name) {
             return Err(Error::invalid(format!(
                 "device name '{name}' is given twice"
@@ -242,6 +257,7 @@ pub fn validate(args: &MountArgs) -> Result<MountPlan> {
         state_dir,
         fleecing_dir,
         devices,
+        explicit_devices: !args.devices.is_empty(),
         cluster,
         threads: args.threads,
         on_cbw_error: match args.on_cbw_error {
@@ -259,6 +275,66 @@ pub fn validate(args: &MountArgs) -> Result<MountPlan> {
         live_cache: args.live_cache,
         cbw_buffer,
     })
+}
+
+/// The slot of each device of `plan` (its recorded slot if the record has the same name
+/// and source, else a new one) and the next free slot. With explicit `--device` options
+/// that differ from the record, says what differs.
+fn assign_slots(state: &StateDir, plan: &MountPlan) -> Result<(Vec<usize>, usize)> {
+    let record = crate::state::read_device_record(state.path())?.unwrap_or_default();
+    let mut next = record
+        .devices
+        .iter()
+        .map(|d| d.slot + 1)
+        .max()
+        .unwrap_or(0)
+        .max(record.next_slot);
+    let mut slots = Vec::new();
+    let (mut added, mut changed) = (Vec::new(), Vec::new());
+    for (name, path) in &plan.devices {
+        match record.devices.iter().find(|d| &d.name == name) {
+            Some(r) if &r.path == path => slots.push(r.slot),
+            other => {
+                match other {
+                    Some(r) => changed.push(format!(
+                        "{name} is {} (was {})",
+                        path.display(),
+                        r.path.display()
+                    )),
+                    None => added.push(name.clone()),
+                }
+                slots.push(next);
+                next += 1;
+            }
+        }
+    }
+    let removed: Vec<&str> = record
+        .devices
+        .iter()
+        .filter(|r| !plan.devices.iter().any(|(n, _)| n == &r.name))
+        .map(|r| r.name.as_str())
+        .collect();
+    if plan.explicit_devices
+        && !record.devices.is_empty()
+        && !(added.is_empty() && changed.is_empty() && removed.is_empty())
+    {
+        let mut parts = Vec::new();
+        if !added.is_empty() {
+            parts.push(format!("added {}", added.join(", ")));
+        }
+        if !removed.is_empty() {
+            parts.push(format!("no longer served {}", removed.join(", ")));
+        }
+        if !changed.is_empty() {
+            parts.push(changed.join(", "));
+        }
+        log::warn!(
+            "the --device options differ from the device set last served ({}): {}",
+            state.path().join(crate::state::DEVICE_RECORD).display(),
+            parts.join("; ")
+        );
+    }
+    Ok((slots, next))
 }
 
 /// The mount point must be an existing, empty directory; a stale fleecefs mount (its
@@ -482,9 +558,13 @@ fn serve(plan: MountPlan, daemon_child: bool, allow_other: bool) -> Result<()> {
             plan.mountpoint.display()
         );
     }
+    let (slots, next_slot) = assign_slots(&state, &plan)?;
     let mut devices = Vec::new();
-    for (name, path) in &plan.devices {
-        devices.push(Device::new(name.clone(), Source::open(path)?, plan.cluster));
+    for ((name, path), slot) in plan.devices.iter().zip(slots) {
+        devices.push((
+            slot,
+            Device::new(name.clone(), Source::open(path)?, plan.cluster),
+        ));
     }
     let config = EngineConfig {
         fleecing_dir: plan.fleecing_dir.clone(),
@@ -497,7 +577,9 @@ fn serve(plan: MountPlan, daemon_child: bool, allow_other: bool) -> Result<()> {
     };
     let listener = bind_socket(&state)?;
     let socket_path = state.socket_path();
-    let engine = match Engine::new(devices, config, Some(state)) {
+    let engine = match Engine::with_slots(devices, next_slot, config, Some(state))
+        .and_then(|e| e.save_device_record().map(|_| e))
+    {
         Ok(e) => Arc::new(e),
         Err(e) => {
             let _ = fs::remove_file(&socket_path);
@@ -534,6 +616,10 @@ fn serve(plan: MountPlan, daemon_child: bool, allow_other: bool) -> Result<()> {
         let _ = fs::remove_file(&socket_path);
         Error::io(format!("mounting {}", plan.mountpoint.display()), e)
     })?;
+    engine.set_kernel_cache(Box::new(crate::fuse::KernelNotifier::new(
+        session.notifier(),
+        plan.mountpoint.clone(),
+    )));
     let fuse_thread = std::thread::Builder::new()
         .name("fuse-session".into())
         .spawn(move || session.run())

@@ -8,7 +8,7 @@
 //! the same way. See `cbw.rs` for the data path and the lock order.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 use std::time::SystemTime;
 
 use serde::Serialize;
@@ -23,6 +23,11 @@ use crate::policy::{Breaker, CbwPolicy, CopyPool, FleecingBudget, OnCbwError};
 use crate::state::{AccessRecord, StateDir};
 use crate::sys::unix_now;
 use crate::writebehind::WriteBehind;
+
+mod online;
+pub use online::{
+    check_device_name, DeviceAddReport, DeviceRemoveReport, ResizeReport, SizeRequest,
+};
 
 /// Checks a device name, target ID or bitmap name: 1-64 of `[A-Za-z0-9._-]`, not
 /// starting with a dot.
@@ -213,7 +218,9 @@ pub struct Status {
 
 /// One device of the active access and its bitmaps.
 struct ActiveDevice {
+    /// Its slot (gate order).
     index: usize,
+    device: Arc<Device>,
     /// The target's bitmap, frozen during the access.
     bitmap: Option<Arc<TrackedBitmap>>,
     /// Records writes made during the access.
@@ -233,11 +240,27 @@ struct Control {
     bitmaps: Option<BitmapStore>,
     /// Set once shutdown has closed the bitmaps: no new access may start.
     shut_down: bool,
+    /// The slot the next added device gets (slots are never reused).
+    next_slot: usize,
+}
+
+/// What the engine tells the kernel when a device changes (the FUSE layer implements
+/// it; called with no engine lock held).
+pub trait KernelCache: Send + Sync {
+    /// `live/NAME` of `slot` has a new size: drop cached attributes and pages, and make
+    /// the kernel learn the new size now.
+    fn size_changed(&self, slot: usize, name: &str);
+    /// `live/NAME` of `slot` is no longer served: drop its cached directory entry.
+    fn removed(&self, slot: usize, name: &str);
 }
 
 /// All devices and the access lifecycle.
 pub struct Engine {
-    devices: Vec<Arc<Device>>,
+    /// The served devices by slot (`None`: removed). Written only under `control`.
+    devices: RwLock<Vec<Option<Arc<Device>>>>,
+    /// Cluster size of every device (devices added later get it too).
+    cluster: crate::units::ClusterSize,
+    kernel: OnceLock<Box<dyn KernelCache>>,
     config: EngineConfig,
     copy_pool: Option<Arc<CopyPool>>,
     write_behind: Option<Arc<WriteBehind>>,
@@ -260,7 +283,30 @@ impl Engine {
         config: EngineConfig,
         state: Option<StateDir>,
     ) -> Result<Engine> {
-        let devices: Vec<Arc<Device>> = devices.into_iter().map(Arc::new).collect();
+        let n = devices.len();
+        Self::with_slots(devices.into_iter().enumerate().collect(), n, config, state)
+    }
+
+    /// [`Engine::new`] with each device in the slot given (from the device record), and
+    /// `next_slot` for the next device added (larger than every slot ever given out).
+    pub fn with_slots(
+        devices: Vec<(usize, Device)>,
+        next_slot: usize,
+        config: EngineConfig,
+        state: Option<StateDir>,
+    ) -> Result<Engine> {
+        let cluster = devices
+            .first()
+            .map(|(_, d)| d.cluster())
+            .unwrap_or(crate::units::ClusterSize::DEFAULT);
+        let slots: Vec<usize> = devices.iter().map(|(s, _)| *s).collect();
+        let devices: Vec<Arc<Device>> = devices.into_iter().map(|(_, d)| Arc::new(d)).collect();
+        let next_slot = slots
+            .iter()
+            .map(|s| s + 1)
+            .max()
+            .unwrap_or(0)
+            .max(next_slot);
         let bitmaps = match &state {
             Some(st) => Some(BitmapStore::load(
                 &st.bitmap_dir()?,
@@ -276,11 +322,7 @@ impl Engine {
         }
         // Write-behind needs room for the old data of one lock unit (one cluster, or
         // 64 KiB of smaller ones); with larger clusters copies stay synchronous.
-        let unit = devices
-            .iter()
-            .map(|d| d.cluster().bytes().max(crate::cbw::LOCK_UNIT_MIN))
-            .max()
-            .unwrap_or(crate::cbw::LOCK_UNIT_MIN);
+        let unit = cluster.bytes().max(crate::cbw::LOCK_UNIT_MIN);
         if config.cbw_buffer > 0 && config.cbw_buffer < unit {
             log::info!(
                 "copy-before-write is synchronous: a cluster ({unit} bytes) does not fit in the {}-byte write-behind buffer",
@@ -303,8 +345,17 @@ impl Engine {
             )),
             _ => None,
         };
+        let mut table: Vec<Option<Arc<Device>>> = vec![None; next_slot];
+        for (slot, d) in slots.into_iter().zip(devices) {
+            if table[slot].is_some() {
+                return Err(Error::invalid(format!("two devices in slot {slot}")));
+            }
+            table[slot] = Some(d);
+        }
         Ok(Engine {
-            devices,
+            devices: RwLock::new(table),
+            cluster,
+            kernel: OnceLock::new(),
             config,
             copy_pool,
             write_behind,
@@ -314,8 +365,14 @@ impl Engine {
                 next_id: 1,
                 bitmaps,
                 shut_down: false,
+                next_slot,
             }),
         })
+    }
+
+    /// Connects the kernel side (once, after the FUSE session exists).
+    pub fn set_kernel_cache(&self, k: Box<dyn KernelCache>) {
+        let _ = self.kernel.set(k);
     }
 
     /// Waits until every copy in the write-behind buffer is stored in its fleecing file
@@ -326,43 +383,93 @@ impl Engine {
             .is_none_or(|wb| wb.wait_idle(timeout))
     }
 
-    /// The devices, in the order given at mount.
-    pub fn devices(&self) -> &[Arc<Device>] {
-        &self.devices
+    fn table(&self) -> std::sync::RwLockReadGuard<'_, Vec<Option<Arc<Device>>>> {
+        self.devices.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Index of the device called `name`.
+    fn table_mut(&self) -> std::sync::RwLockWriteGuard<'_, Vec<Option<Arc<Device>>>> {
+        self.devices.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The devices served now, in slot order.
+    pub fn devices(&self) -> Vec<Arc<Device>> {
+        self.table().iter().flatten().cloned().collect()
+    }
+
+    /// The devices served now with their slots, in slot order.
+    pub fn slots(&self) -> Vec<(usize, Arc<Device>)> {
+        self.table()
+            .iter()
+            .enumerate()
+            .filter_map(|(i, d)| d.clone().map(|d| (i, d)))
+            .collect()
+    }
+
+    /// The device in `slot`, if one is served there.
+    pub fn device(&self, slot: usize) -> Option<Arc<Device>> {
+        self.table().get(slot).cloned().flatten()
+    }
+
+    /// The device in `slot` for a new open handle of `live/NAME`, counted under the
+    /// table's read lock so that `device remove` sees it (or the open finds no device).
+    pub fn open_live(&self, slot: usize) -> Option<Arc<Device>> {
+        let table = self.table();
+        let d = table.get(slot).cloned().flatten()?;
+        d.handle_opened();
+        Some(d)
+    }
+
+    /// Slot of the device called `name`.
     pub fn device_index(&self, name: &str) -> Option<usize> {
-        self.devices.iter().position(|d| d.name() == name)
+        self.table()
+            .iter()
+            .position(|d| d.as_ref().is_some_and(|d| d.name() == name))
+    }
+
+    fn unknown_device(&self, name: &str) -> Error {
+        let known: Vec<String> = self
+            .devices()
+            .iter()
+            .map(|d| d.name().to_string())
+            .collect();
+        Error::not_found(format!(
+            "unknown device '{}' (devices: {})",
+            name.escape_debug(),
+            if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.join(", ")
+            }
+        ))
     }
 
     fn control(&self) -> MutexGuard<'_, Control> {
         self.control.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn resolve_devices(&self, names: Option<&[String]>) -> Result<Vec<usize>> {
+    fn resolve_devices(&self, names: Option<&[String]>) -> Result<Vec<(usize, Arc<Device>)>> {
         let Some(names) = names else {
-            return Ok((0..self.devices.len()).collect());
+            let all = self.slots();
+            if all.is_empty() {
+                return Err(Error::invalid("no device is served"));
+            }
+            return Ok(all);
         };
         if names.is_empty() {
             return Err(Error::invalid("--devices names no device"));
         }
-        let mut out: Vec<usize> = Vec::new();
+        let mut out: Vec<(usize, Arc<Device>)> = Vec::new();
         for n in names {
-            let i = self.device_index(n).ok_or_else(|| {
-                let known: Vec<&str> = self.devices.iter().map(|d| d.name()).collect();
-                Error::not_found(format!(
-                    "unknown device '{}' (devices: {})",
-                    n.escape_debug(),
-                    known.join(", ")
-                ))
-            })?;
-            if out.contains(&i) {
+            let i = self
+                .device_index(n)
+                .ok_or_else(|| self.unknown_device(n))?;
+            if out.iter().any(|(j, _)| *j == i) {
                 return Err(Error::invalid(format!("device '{n}' is named twice")));
             }
-            out.push(i);
+            let d = self.device(i).ok_or_else(|| self.unknown_device(n))?;
+            out.push((i, d));
         }
-        out.sort_unstable();
+        out.sort_unstable_by_key(|(i, _)| *i);
         Ok(out)
     }
 
@@ -414,8 +521,8 @@ impl Engine {
             started_at,
             devices: indices
                 .iter()
-                .map(|&i| {
-                    let name = self.devices[i].name();
+                .map(|(_, d)| {
+                    let name = d.name();
                     (name.to_string(), self.fleecing_path(name, target))
                 })
                 .collect(),
@@ -444,8 +551,7 @@ impl Engine {
         let mut fleeces: Vec<FleecingFile> = Vec::new();
         let mut decisions: Vec<(String, Decision)> = Vec::new();
         let prepared = (|| -> Result<()> {
-            for (&i, (_, path)) in indices.iter().zip(&record.devices) {
-                let dev = &self.devices[i];
+            for ((_, dev), (_, path)) in indices.iter().zip(&record.devices) {
                 fleeces.push(FleecingFile::create(path, dev.size())?);
                 if let Some(store) = control.bitmaps.as_mut() {
                     decisions.push((dev.name().to_string(), store.decide(dev, target, bitmap)?));
@@ -485,12 +591,9 @@ impl Engine {
             // One instant for all devices: hold every gate, then switch. No write is in
             // flight on any of them, so each frozen bitmap is exact and every later write
             // lands in its background bitmap.
-            let mut gates: Vec<_> = indices
-                .iter()
-                .map(|&i| self.devices[i].lock_gate())
-                .collect();
-            for ((gate, &i), fleece) in gates.iter_mut().zip(&indices).zip(fleeces) {
-                let dev = &self.devices[i];
+            let mut gates: Vec<_> = indices.iter().map(|(_, d)| d.lock_gate()).collect();
+            for ((gate, (i, dev)), fleece) in gates.iter_mut().zip(&indices).zip(fleeces) {
+                let i = *i;
                 let decision = decisions.next().map(|(_, d)| d);
                 let (action, bitmap, name, background) = match decision {
                     Some(d) => (d.action, d.bitmap, d.name, d.background),
@@ -518,6 +621,7 @@ impl Engine {
                 }
                 active_devices.push(ActiveDevice {
                     index: i,
+                    device: dev.clone(),
                     bitmap,
                     background,
                 });
@@ -595,7 +699,7 @@ impl Engine {
         // The outcome is decided once, here: a break after this instant (a write-behind
         // flusher failing during the teardown) cannot spoil what the backup already read.
         let broken_reason = active.devices.iter().find_map(|d| {
-            self.devices[d.index]
+            d.device
                 .access()
                 .and_then(|a| a.broken().map(|b| b.reason.clone()))
         });
@@ -684,7 +788,7 @@ impl Engine {
             devices: active
                 .devices
                 .iter()
-                .map(|d| self.devices[d.index].name().to_string())
+                .map(|d| d.device.name().to_string())
                 .collect(),
             broken_reason,
             warnings,
@@ -706,7 +810,7 @@ impl Engine {
         let mut gates: Vec<_> = active
             .devices
             .iter()
-            .map(|d| self.devices[d.index].lock_gate())
+            .map(|d| d.device.lock_gate())
             .collect();
         let accesses: Vec<Arc<DeviceAccess>> =
             gates.iter_mut().filter_map(|g| g.access.take()).collect();
@@ -718,7 +822,7 @@ impl Engine {
                 b.merge_bits(bg.bits(), false);
             }
             if let Some(store) = store {
-                gate.tracking = store.tracking_for(self.devices[d.index].name(), None);
+                gate.tracking = store.tracking_for(d.device.name(), None);
                 if let (true, Some(bg)) = (success, &d.background) {
                     gate.tracking.push(bg.clone());
                 }
@@ -753,14 +857,14 @@ impl Engine {
         let mut gates: Vec<_> = active
             .devices
             .iter()
-            .map(|d| self.devices[d.index].lock_gate())
+            .map(|d| d.device.lock_gate())
             .collect();
         for (gate, d) in gates.iter_mut().zip(&active.devices) {
             if let (true, Some(b), Some(bg)) = (delivered, &d.bitmap, &d.background) {
                 b.merge_bits(bg.bits(), true);
             }
             if let Some(store) = store {
-                gate.tracking = store.tracking_for(self.devices[d.index].name(), None);
+                gate.tracking = store.tracking_for(d.device.name(), None);
             }
         }
         drop(gates);
@@ -823,7 +927,7 @@ impl Engine {
             }
         }
         if let Some(store) = &self.control().bitmaps {
-            store.close_all(&self.devices);
+            store.close_all(&self.devices());
         }
     }
 
@@ -839,8 +943,8 @@ impl Engine {
     pub fn status(&self) -> Status {
         let control = self.control();
         let mut errors = Vec::new();
-        let devices = self
-            .devices
+        let served = self.devices();
+        let devices = served
             .iter()
             .map(|d| {
                 let error = d.last_error().map(|(e, _)| e);
@@ -872,7 +976,7 @@ impl Engine {
                 per_device: Vec::new(),
             };
             for d in &a.devices {
-                let dev = &self.devices[d.index];
+                let dev = &d.device;
                 s.devices.push(dev.name().to_string());
                 let Some(acc) = dev.access() else { continue };
                 let st = acc.stats();
@@ -904,7 +1008,7 @@ impl Engine {
         let bitmaps = control
             .bitmaps
             .as_ref()
-            .map(|b| b.status(&self.devices))
+            .map(|b| b.status(&served))
             .unwrap_or_default();
         for b in &bitmaps {
             if !b.consistent && b.loaded {
@@ -948,7 +1052,7 @@ impl Engine {
             )));
         }
         let removed = store.remove_target(target)?;
-        for (i, d) in self.devices.iter().enumerate() {
+        for (i, d) in self.slots() {
             let mut gate = d.lock_gate();
             // A device of another target's active access keeps that target's frozen bitmap
             // out of tracking and its background bitmap in; every other device tracks all

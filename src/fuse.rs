@@ -4,11 +4,13 @@
 //! ```text
 //! MOUNTPOINT/                 ino 1
 //!   live/                     ino 2
-//!     NAME                    ino 16 + 3*i   read-write, page cached
+//!     NAME                    ino 16 + 3*i   read-write
 //!   snapshot/                 ino 3
 //!     NAME                    ino 17 + 3*i   only during an access; direct I/O
 //!     NAME.dirty              ino 18 + 3*i   only during an access; direct I/O
 //! ```
+//! `i` is the device's slot (`Engine::slots`, from the device record): stable while the
+//! device is served and across daemon restarts, never reused for another device.
 //! Snapshot and dirty-map handles carry the access id in `fh`, so a handle opened during
 //! one access never reads another access's snapshot (ESTALE instead).
 
@@ -52,17 +54,14 @@ enum Node {
 }
 
 impl Node {
-    fn from_ino(ino: u64, ndev: usize) -> Option<Node> {
+    fn from_ino(ino: u64) -> Option<Node> {
         match ino {
             ROOT => Some(Node::Root),
             LIVE_DIR => Some(Node::LiveDir),
             SNAP_DIR => Some(Node::SnapDir),
             i if i >= FIRST_FILE => {
                 let k = i - FIRST_FILE;
-                let dev = (k / 3) as usize;
-                if dev >= ndev {
-                    return None;
-                }
+                let dev = usize::try_from(k / 3).ok()?;
                 Some(match k % 3 {
                     0 => Node::Live(dev),
                     1 => Node::Snap(dev),
@@ -81,6 +80,49 @@ impl Node {
             Node::Live(i) => FIRST_FILE + 3 * i as u64,
             Node::Snap(i) => FIRST_FILE + 3 * i as u64 + 1,
             Node::Dirty(i) => FIRST_FILE + 3 * i as u64 + 2,
+        }
+    }
+}
+
+/// Tells the kernel about resized and removed devices ([`crate::engine::KernelCache`]).
+pub struct KernelNotifier {
+    notifier: fuser::Notifier,
+    mountpoint: std::path::PathBuf,
+}
+
+impl KernelNotifier {
+    /// A notifier for the session mounted at `mountpoint`.
+    pub fn new(notifier: fuser::Notifier, mountpoint: std::path::PathBuf) -> KernelNotifier {
+        KernelNotifier {
+            notifier,
+            mountpoint,
+        }
+    }
+}
+
+impl crate::engine::KernelCache for KernelNotifier {
+    fn size_changed(&self, slot: usize, name: &str) {
+        // Attributes and every cached page (offset 0, length 0: to the end).
+        let ino = INodeNo(Node::Live(slot).ino());
+        if let Err(e) = self.notifier.inval_inode(ino, 0, 0) {
+            // ENOENT: the kernel has no such inode cached, nothing to drop.
+            if e.raw_os_error() != Some(libc::ENOENT) {
+                log::warn!("invalidating the kernel's cache of live/{name}: {e}");
+            }
+        }
+        // A getattr through the mount sets the kernel's own size at once (loop devices
+        // read that directly, without asking). This thread is not a FUSE worker.
+        let _ = std::fs::metadata(self.mountpoint.join("live").join(name));
+    }
+
+    fn removed(&self, _slot: usize, name: &str) {
+        if let Err(e) = self
+            .notifier
+            .inval_entry(INodeNo(LIVE_DIR), OsStr::new(name))
+        {
+            if e.raw_os_error() != Some(libc::ENOENT) {
+                log::warn!("invalidating the kernel's entry of live/{name}: {e}");
+            }
         }
     }
 }
@@ -129,17 +171,23 @@ impl FleeceFs {
         }
     }
 
+    /// The node of `ino`, if it names a directory or a file of a served device.
     fn node(&self, ino: INodeNo) -> Option<Node> {
-        Node::from_ino(ino.0, self.engine.devices().len())
+        let n = Node::from_ino(ino.0)?;
+        match n {
+            Node::Live(i) | Node::Snap(i) | Node::Dirty(i) => self.engine.device(i).map(|_| n),
+            _ => Some(n),
+        }
     }
 
-    fn device(&self, i: usize) -> &Arc<Device> {
-        &self.engine.devices()[i]
+    /// The device of slot `i`; a request for a device removed meanwhile gets ENOENT.
+    fn device(&self, i: usize) -> std::result::Result<Arc<Device>, Errno> {
+        self.engine.device(i).ok_or(Errno::ENOENT)
     }
 
     /// The access that currently exposes device `i`, if any.
     fn access_of(&self, i: usize) -> Option<Arc<DeviceAccess>> {
-        self.device(i).access()
+        self.engine.device(i)?.access()
     }
 
     fn attr(&self, node: Node) -> Option<FileAttr> {
@@ -173,19 +221,20 @@ impl FleeceFs {
         match node {
             Node::Root | Node::LiveDir | Node::SnapDir => {}
             Node::Live(i) => {
-                let dev = self.device(i);
-                file(&mut a, dev, dev.size(), dev.source().identity().mode);
+                let dev = self.device(i).ok()?;
+                file(&mut a, &dev, dev.size(), dev.source().identity().mode);
                 if let Some((mtime, ctime)) = dev.source().times() {
                     (a.mtime, a.ctime) = (mtime, ctime);
                 }
             }
             Node::Snap(i) => {
                 let access = self.access_of(i)?;
-                let dev = self.device(i);
+                let dev = self.device(i).ok()?;
+                // The snapshot keeps the size of setup when the device is resized.
                 file(
                     &mut a,
-                    dev,
-                    dev.size(),
+                    &dev,
+                    access.size(),
                     dev.source().identity().mode & !0o022,
                 );
                 a.blocks = access.dirty_map().dirty_bytes().div_ceil(512);
@@ -193,10 +242,10 @@ impl FleeceFs {
             }
             Node::Dirty(i) => {
                 let access = self.access_of(i)?;
-                let dev = self.device(i);
+                let dev = self.device(i).ok()?;
                 file(
                     &mut a,
-                    dev,
+                    &dev,
                     access.dirty_map().text_len(),
                     dev.source().identity().mode & 0o444,
                 );
@@ -221,14 +270,13 @@ impl FleeceFs {
             ],
             Node::LiveDir => self
                 .engine
-                .devices()
-                .iter()
-                .enumerate()
+                .slots()
+                .into_iter()
                 .map(|(i, d)| (Node::Live(i), d.name().to_string()))
                 .collect(),
             Node::SnapDir => {
                 let mut out = Vec::new();
-                for (i, d) in self.engine.devices().iter().enumerate() {
+                for (i, d) in self.engine.slots() {
                     if d.access().is_some() {
                         out.push((Node::Snap(i), d.name().to_string()));
                         out.push((Node::Dirty(i), format!("{}.dirty", d.name())));
@@ -325,8 +373,8 @@ impl Filesystem for FleeceFs {
                 Node::Live(_) if s == attr.size => {}
                 Node::Live(i) => {
                     log::info!(
-                        "refused to resize live/{} to {s}: devices have a fixed size",
-                        self.device(i).name()
+                        "refused to truncate live/{} to {s}: use 'fleecefs resize'",
+                        self.device(i).map(|d| d.name().to_string()).unwrap_or_default()
                     );
                     return reply.error(Errno::EPERM);
                 }
@@ -345,7 +393,11 @@ impl Filesystem for FleeceFs {
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let writing = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
         match self.node(ino) {
-            Some(Node::Live(_)) => {
+            Some(Node::Live(i)) => {
+                // Counted, so that `device remove` is refused while it is open.
+                if self.engine.open_live(i).is_none() {
+                    return reply.error(Errno::ENOENT);
+                }
                 // Direct I/O unless the page cache is asked for: reads and writes go
                 // straight between the caller's buffer and the daemon, one copy fewer
                 // than through the FUSE page cache (docs/performance.md). It needs a
@@ -395,11 +447,18 @@ impl Filesystem for FleeceFs {
         let Some(node) = self.node(ino) else {
             return reply.error(Errno::ENOENT);
         };
+        let dev = match node {
+            Node::Live(i) | Node::Snap(i) => match self.device(i) {
+                Ok(d) => Some(d),
+                Err(e) => return reply.error(e),
+            },
+            _ => None,
+        };
         Self::with_buf(size, |buf| {
-            let r: Result<usize> = match node {
-                Node::Live(i) => self.device(i).read_live(offset, buf),
-                Node::Snap(i) => self.device(i).read_snapshot(fh.0, offset, buf),
-                Node::Dirty(i) => match self.access_of(i) {
+            let r: Result<usize> = match (node, &dev) {
+                (Node::Live(_), Some(d)) => d.read_live(offset, buf),
+                (Node::Snap(_), Some(d)) => d.read_snapshot(fh.0, offset, buf),
+                (Node::Dirty(i), _) => match self.access_of(i) {
                     Some(a) if a.id() == fh.0 => Ok(a.dirty_map().read_at(offset, buf)),
                     _ => Err(Error::new(
                         Kind::Stale,
@@ -428,9 +487,12 @@ impl Filesystem for FleeceFs {
         reply: ReplyWrite,
     ) {
         match self.node(ino) {
-            Some(Node::Live(i)) => match self.device(i).write_live(offset, data) {
-                Ok(n) => reply.written(n as u32),
-                Err(e) => reply.error(errno(&e)),
+            Some(Node::Live(i)) => match self.device(i) {
+                Err(e) => reply.error(e),
+                Ok(d) => match d.write_live(offset, data) {
+                    Ok(n) => reply.written(n as u32),
+                    Err(e) => reply.error(errno(&e)),
+                },
             },
             Some(Node::Snap(_)) | Some(Node::Dirty(_)) => reply.error(read_only()),
             Some(_) => reply.error(Errno::EISDIR),
@@ -449,9 +511,15 @@ impl Filesystem for FleeceFs {
         reply: ReplyEmpty,
     ) {
         let r = match self.node(ino) {
-            Some(Node::Live(i)) => self.device(i).fallocate_live(mode, offset, length),
+            Some(Node::Live(i)) => match self.device(i) {
+                Ok(d) => d.fallocate_live(mode, offset, length),
+                Err(e) => return reply.error(e),
+            },
             Some(Node::Snap(i)) if mode == sys::FALLOC_PUNCH_HOLE | sys::FALLOC_KEEP_SIZE => {
-                self.device(i).discard_snapshot(fh.0, offset, length)
+                match self.device(i) {
+                    Ok(d) => d.discard_snapshot(fh.0, offset, length),
+                    Err(e) => return reply.error(e),
+                }
             }
             Some(Node::Snap(_)) | Some(Node::Dirty(_)) => return reply.error(Errno::EOPNOTSUPP),
             Some(_) => return reply.error(Errno::EISDIR),
@@ -461,6 +529,24 @@ impl Filesystem for FleeceFs {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        if let Some(Node::Live(i)) = Node::from_ino(ino.0) {
+            if let Some(d) = self.engine.device(i) {
+                d.handle_released();
+            }
+        }
+        reply.ok()
     }
 
     fn flush(
@@ -483,9 +569,12 @@ impl Filesystem for FleeceFs {
         reply: ReplyEmpty,
     ) {
         match self.node(ino) {
-            Some(Node::Live(i)) => match self.device(i).sync_live(datasync) {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(&e)),
+            Some(Node::Live(i)) => match self.device(i) {
+                Ok(d) => match d.sync_live(datasync) {
+                    Ok(()) => reply.ok(),
+                    Err(e) => reply.error(errno(&e)),
+                },
+                Err(e) => reply.error(e),
             },
             Some(_) => reply.ok(),
             None => reply.error(Errno::ENOENT),
@@ -526,8 +615,9 @@ impl Filesystem for FleeceFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let total: u64 = self.engine.devices().iter().map(|d| d.size()).sum();
-        let files = 3 + 3 * self.engine.devices().len() as u64;
+        let devices = self.engine.devices();
+        let total: u64 = devices.iter().map(|d| d.size()).sum();
+        let files = 3 + 3 * devices.len() as u64;
         reply.statfs(total.div_ceil(4096), 0, 0, files, 0, 4096, 255, 4096)
     }
 

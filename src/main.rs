@@ -2,7 +2,7 @@
 
 use clap::Parser;
 
-use fleecefs::cli::{BitmapCommand, Cli, Command};
+use fleecefs::cli::{BitmapCommand, Cli, Command, DeviceCommand};
 use fleecefs::{commands, copy, daemon, error, logger};
 
 fn run(cli: Cli) -> error::Result<()> {
@@ -19,6 +19,9 @@ fn run(cli: Cli) -> error::Result<()> {
         Command::Bitmap(BitmapCommand::Remove(a)) => {
             commands::bitmap_remove(&a.mountpoint, &a.target)
         }
+        Command::Resize(a) => commands::resize(&a),
+        Command::Device(DeviceCommand::Add(a)) => commands::device_add(&a),
+        Command::Device(DeviceCommand::Remove(a)) => commands::device_remove(&a),
     }
 }
 

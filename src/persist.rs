@@ -515,6 +515,62 @@ impl TrackedBitmap {
         Ok(())
     }
 
+    /// A larger bitmap over the same file, for the device grown to `source_size` bytes
+    /// (`nbits` clusters): the file is extended and mapped again. Nothing visible changes
+    /// until [`TrackedBitmap::commit_grow`]: bits set through `self` meanwhile land in the
+    /// same file pages, which both mappings share.
+    pub fn grown(&self, nbits: u64, safety: CrashSafety) -> Result<TrackedBitmap> {
+        let path = self.path();
+        let file = self
+            .file
+            .try_clone()
+            .context(|| format!("reopening bitmap {}", path.display()))?;
+        let len = (HEADER_LEN + Bitmap::bytes_for(nbits).max(8)) as u64;
+        let now = file.metadata().map(|m| m.len()).unwrap_or(0);
+        if now < len {
+            file.set_len(len)
+                .context(|| format!("extending bitmap {}", path.display()))?;
+        }
+        let mut header = self.header();
+        header.nbits = nbits;
+        // The durable shadow starts empty: `mark` flushes each bit again once, which
+        // is always safe.
+        let t = Self::map(&path, file, header, safety)?;
+        t.failed.store(self.failed(), Ordering::Relaxed);
+        Ok(t)
+    }
+
+    /// Completes a grow while the device's gate is held exclusively: copies the failed
+    /// flag again, sets every cluster from `old_nbits` on as dirty, plus the old last
+    /// cluster when the old size was not a multiple of the cluster size (its new bytes
+    /// are new data), and records the new source size in the header (written by
+    /// [`TrackedBitmap::save_header`]).
+    pub fn commit_grow(&self, old: &TrackedBitmap, old_size: u64, source_size: u64) {
+        if old.failed() {
+            self.failed.store(true, Ordering::Relaxed);
+        }
+        let h = old.header();
+        let old_nbits = h.nbits;
+        let first = if old_size % h.cluster_size != 0 {
+            old_nbits.saturating_sub(1)
+        } else {
+            old_nbits
+        };
+        self.bits.set_range(first..self.bits.len());
+        let mut mine = self.header.lock().unwrap_or_else(|p| p.into_inner());
+        *mine = Header {
+            nbits: self.bits.len(),
+            source_size,
+            ..h
+        };
+    }
+
+    /// Flushes the bits and writes the header (after a grow).
+    pub fn save_header(&self) -> Result<()> {
+        self.flush()?;
+        self.write_header()
+    }
+
     /// Marks the bitmap untrustworthy (a flush or merge failed).
     pub fn mark_failed(&self, why: &str) {
         if self.failed.swap(true, Ordering::Relaxed) {

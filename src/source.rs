@@ -6,6 +6,7 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::{Error, IoContext, Result};
 use crate::sys;
@@ -31,7 +32,8 @@ pub struct Identity {
 pub struct Source {
     file: File,
     path: PathBuf,
-    size: u64,
+    /// Changed only by the engine while the device's gate is held exclusively.
+    size: AtomicU64,
     identity: Identity,
 }
 
@@ -102,7 +104,7 @@ impl Source {
         Ok(Source {
             file,
             path: path.to_path_buf(),
-            size,
+            size: AtomicU64::new(size),
             identity,
         })
     }
@@ -112,9 +114,42 @@ impl Source {
         &self.path
     }
 
-    /// Size in bytes; fixed for the life of the daemon.
+    /// Size in bytes served now. Changes only by `fleecefs resize`, with the device's
+    /// gate held exclusively.
     pub fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// Records a new served size (the caller holds the device's gate exclusively).
+    pub fn set_size(&self, size: u64) {
+        self.size.store(size, Ordering::Release)
+    }
+
+    /// The size of the file or block device now (`fstat`, `BLKGETSIZE64`), which differs
+    /// from [`Source::size`] after an `lvextend` or `truncate` until `fleecefs resize`.
+    pub fn current_size(&self) -> Result<u64> {
+        if self.identity.block_device {
+            sys::block_device_size(&self.file)
+                .context(|| format!("size of block device {}", self.path.display()))
+        } else {
+            self.file
+                .metadata()
+                .map(|m| m.len())
+                .context(|| format!("stat of source {}", self.path.display()))
+        }
+    }
+
+    /// Sets the length of a regular-file source (sparse when it grows) and syncs it.
+    pub fn truncate_file(&self, size: u64) -> Result<()> {
+        self.file
+            .set_len(size)
+            .and_then(|_| self.file.sync_all())
+            .context(|| {
+                format!(
+                    "changing the size of source {} to {size} bytes",
+                    self.path.display()
+                )
+            })
     }
 
     /// Owner, mode and identity.

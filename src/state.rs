@@ -18,6 +18,8 @@ use crate::error::{Error, IoContext, Result};
 /// Name of the daemon lock (holds the pid) inside the state directory.
 pub const LOCK_FILE: &str = "fleecefs.lock";
 const ACCESS_RECORD: &str = "access.json";
+/// Name of the record of the served device set inside the state directory.
+pub const DEVICE_RECORD: &str = "devices.json";
 /// Name of the control socket inside the state directory.
 pub const CONTROL_SOCKET: &str = "control.sock";
 /// Name of the daemon log inside the state directory (background daemons log here).
@@ -32,6 +34,42 @@ pub struct AccessRecord {
     pub started_at: u64,
     /// Device name and fleecing file path, for every device of the access.
     pub devices: Vec<(String, PathBuf)>,
+}
+
+/// One served device in the device record.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct RecordedDevice {
+    /// Device name.
+    pub name: String,
+    /// Absolute source path.
+    pub path: PathBuf,
+    /// Its slot: inode numbers and gate order derive from it.
+    pub slot: usize,
+}
+
+/// The served device set (`devices.json`), so a restarted daemon serves the same set
+/// under the same inode numbers.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+pub struct DeviceRecord {
+    /// Format version (1).
+    pub version: u32,
+    /// The slot the next new device gets: slots are never given out twice.
+    pub next_slot: usize,
+    /// The devices served, in slot order.
+    pub devices: Vec<RecordedDevice>,
+}
+
+/// Reads the device record of the state directory at `dir`, if there is one. Does not
+/// need the lock (`mount` reads it before starting the daemon).
+pub fn read_device_record(dir: &Path) -> Result<Option<DeviceRecord>> {
+    let p = dir.join(DEVICE_RECORD);
+    match fs::read(&p) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| Error::invalid(format!("device record {} is damaged: {e}", p.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io(format!("reading {}", p.display()), e)),
+    }
 }
 
 /// An open, locked state directory.
@@ -95,6 +133,13 @@ impl StateDir {
         let dir = self.path.join("bitmaps");
         fs::create_dir_all(&dir).context(|| format!("creating {}", dir.display()))?;
         Ok(dir)
+    }
+
+    /// Records the served device set (atomically).
+    pub fn record_devices(&self, record: &DeviceRecord) -> Result<()> {
+        let text = serde_json::to_vec_pretty(record)
+            .map_err(|e| Error::invalid(format!("encoding device record: {e}")))?;
+        write_atomic(&self.path.join(DEVICE_RECORD), &text)
     }
 
     /// Records an access and its fleecing files before they are created.

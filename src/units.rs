@@ -21,6 +21,9 @@ pub struct ClusterSize {
 }
 
 impl ClusterSize {
+    /// The default cluster size (64 KiB).
+    pub const DEFAULT: ClusterSize = ClusterSize { shift: 16 };
+
     /// Validates `bytes` as a cluster size.
     pub fn new(bytes: u64) -> Result<Self, String> {
         if !bytes.is_power_of_two() || !(MIN_CLUSTER..=MAX_CLUSTER).contains(&bytes) {

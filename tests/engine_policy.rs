@@ -61,7 +61,7 @@ fn break_snapshot_keeps_writes_working_and_breaks_the_snapshot() {
     let e = engine(dir.path(), OnCbwError::BreakSnapshot, Some(3 * CL));
     e.setup("t", None, Some("bm")).unwrap();
     e.teardown("t", true).unwrap();
-    let (a, b) = (&e.devices()[0], &e.devices()[1]);
+    let (a, b) = (&e.devices()[0].clone(), &e.devices()[1].clone());
     // dirty a: 0, 1, 5 and b: 0, so the incremental exposes (and copies) only those
     for c in [0, 1, 5] {
         a.write_live(c * CL, &[0x21; 10]).unwrap();
@@ -109,7 +109,7 @@ fn break_guest_write_fails_the_write_and_keeps_the_snapshot() {
     let e = engine(dir.path(), OnCbwError::BreakGuestWrite, Some(2 * CL));
     e.setup("t", None, None).unwrap();
     let (id, _) = e.active().unwrap();
-    let a = &e.devices()[0];
+    let a = &e.devices()[0].clone();
     a.write_live(0, &vec![0x22; (2 * CL) as usize]).unwrap();
     let err = a.write_live(4 * CL, &vec![0x44; 512]).unwrap_err();
     assert_eq!(err.errno(), libc::ENOSPC, "{err}");
@@ -185,7 +185,7 @@ fn a_success_counts_only_once_its_reply_is_delivered() {
         let only_a = Some(vec!["a".to_string()]);
         e.setup("t", only_a.as_deref(), Some("bm")).unwrap();
         e.teardown("t", true).unwrap();
-        let a = &e.devices()[0];
+        let a = &e.devices()[0].clone();
         a.write_live(3 * CL, &[1u8; 100]).unwrap(); // before the setup: in the backup
         let r = e.setup("t", only_a.as_deref(), Some("bm")).unwrap();
         assert_eq!(r.devices[0].dirty_bytes, CL);
@@ -225,7 +225,7 @@ fn a_crash_during_an_access_recovers_a_superset() {
     let e = engine(dir.path(), OnCbwError::BreakSnapshot, None);
     e.setup("t", None, Some("bm")).unwrap();
     e.teardown("t", true).unwrap();
-    let a = &e.devices()[0];
+    let a = &e.devices()[0].clone();
     a.write_live(3 * CL, &[1u8; 100]).unwrap();
     e.setup("t", None, Some("bm")).unwrap();
     a.write_live(7 * CL, &[2u8; 100]).unwrap();

@@ -43,6 +43,31 @@ pub enum Request {
         /// Target ID.
         target: String,
     },
+    /// Change a device's size. At most one of `size` and `grow_by`; neither: the
+    /// source's size now.
+    Resize {
+        /// Device name.
+        device: String,
+        /// New size in bytes.
+        #[serde(default)]
+        size: Option<u64>,
+        /// Bytes to add.
+        #[serde(default)]
+        grow_by: Option<u64>,
+        /// Allow a smaller size.
+        #[serde(default)]
+        allow_shrink: bool,
+    },
+    /// Serve new devices: `[name, absolute path]` pairs.
+    DeviceAdd {
+        /// The devices.
+        devices: Vec<(String, String)>,
+    },
+    /// Stop serving a device.
+    DeviceRemove {
+        /// Device name.
+        device: String,
+    },
 }
 
 /// The reply to a request.

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::proto::{parse_request, Request, Response, ACK, MAX_REQUEST};
-use crate::engine::Engine;
+use crate::engine::{Engine, SizeRequest};
 use crate::error::{report, Error};
 
 /// Most connections handled at once.
@@ -38,6 +38,33 @@ fn dispatch(engine: &Engine, req: Request) -> Response {
         Request::Status {} => Ok(serde_json::to_value(engine.status()).unwrap_or_default()),
         Request::BitmapRemove { target } => engine
             .remove_bitmaps(&target)
+            .map(|r| serde_json::to_value(r).unwrap_or_default()),
+        Request::Resize {
+            device,
+            size,
+            grow_by,
+            allow_shrink,
+        } => {
+            let want = match (size, grow_by) {
+                (Some(_), Some(_)) => Err(Error::invalid("give a size or a growth, not both")),
+                (Some(n), None) => Ok(SizeRequest::Absolute(n)),
+                (None, Some(d)) => Ok(SizeRequest::Grow(d)),
+                (None, None) => Ok(SizeRequest::Current),
+            };
+            want.and_then(|w| engine.resize(&device, w, allow_shrink))
+                .map(|r| serde_json::to_value(r).unwrap_or_default())
+        }
+        Request::DeviceAdd { devices } => {
+            let specs: Vec<(String, std::path::PathBuf)> = devices
+                .into_iter()
+                .map(|(n, p)| (n, std::path::PathBuf::from(p)))
+                .collect();
+            engine
+                .add_devices(&specs)
+                .map(|r| serde_json::to_value(r).unwrap_or_default())
+        }
+        Request::DeviceRemove { device } => engine
+            .remove_device(&device)
             .map(|r| serde_json::to_value(r).unwrap_or_default()),
     };
     response(result)

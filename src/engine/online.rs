@@ -1,0 +1,508 @@
+//! Online changes of the device set: resize, device add, device remove. The lock order
+//! and the argument why live I/O, copy-before-write, setup and teardown stay correct are
+//! in docs/architecture.md ("Online device changes"). In short: everything here runs
+//! under the control mutex; a size changes only under the device's gate (exclusive),
+//! and every data operation checks its range under its gate (shared); a device enters
+//! the table with its tracking bitmaps already in its gate, and leaves it only with no
+//! open handle; the kernel is told with no lock held.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::{validate_name, Engine};
+use crate::cbw::Device;
+use crate::error::{Error, Result};
+use crate::persist::TrackedBitmap;
+use crate::source::Source;
+use crate::state::{DeviceRecord, RecordedDevice};
+use crate::units::format_size;
+
+/// The size `resize` asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SizeRequest {
+    /// The source's size now (after `lvextend`, `losetup -c`, `truncate`).
+    Current,
+    /// This many bytes.
+    Absolute(u64),
+    /// This many bytes more than now.
+    Grow(u64),
+}
+
+/// The result of `resize`.
+#[derive(Serialize, Debug, Clone)]
+pub struct ResizeReport {
+    /// Device name.
+    pub device: String,
+    /// Size before, in bytes.
+    pub old_size: u64,
+    /// Size now, in bytes.
+    pub new_size: u64,
+    /// What happened to the device's bitmaps: `grown` (the new range is dirty),
+    /// `invalid` (a shrink), `unchanged`.
+    pub bitmaps: String,
+    /// Names of the bitmaps concerned (`TARGET/NAME`).
+    pub bitmap_names: Vec<String>,
+}
+
+/// One device of a `device add` result.
+#[derive(Serialize, Debug, Clone)]
+pub struct AddedDevice {
+    /// Name.
+    pub name: String,
+    /// Absolute source path.
+    pub source: PathBuf,
+    /// Size in bytes.
+    pub size: u64,
+    /// Its bitmaps found in the state dir, `TARGET/NAME: used|invalid (reason)`.
+    pub bitmaps: Vec<String>,
+}
+
+/// The result of `device add`.
+#[derive(Serialize, Debug, Clone)]
+pub struct DeviceAddReport {
+    /// The devices added.
+    pub devices: Vec<AddedDevice>,
+}
+
+/// The result of `device remove`.
+#[derive(Serialize, Debug, Clone)]
+pub struct DeviceRemoveReport {
+    /// Name of the device removed.
+    pub device: String,
+    /// Its bitmaps, kept in the state dir (`TARGET/NAME`).
+    pub bitmaps_kept: Vec<String>,
+}
+
+/// Checks a device name as `mount` does.
+pub fn check_device_name(name: &str) -> Result<()> {
+    validate_name("device name", name)?;
+    if name.ends_with(".dirty") {
+        return Err(Error::invalid(format!(
+            "invalid device name '{name}': names ending in .dirty are taken by the dirty maps (snapshot/NAME.dirty)"
+        )));
+    }
+    Ok(())
+}
+
+/// How long `device remove` waits for requests that still hold the device (lookups,
+/// getattrs) before it closes the source anyway.
+const LAST_REFERENCE_WAIT: Duration = Duration::from_secs(5);
+
+impl Engine {
+    /// The device record of the set in `table`.
+    fn device_record(table: &[Option<Arc<Device>>], next_slot: usize) -> DeviceRecord {
+        DeviceRecord {
+            version: 1,
+            next_slot,
+            devices: table
+                .iter()
+                .enumerate()
+                .filter_map(|(slot, d)| {
+                    d.as_ref().map(|d| RecordedDevice {
+                        name: d.name().to_string(),
+                        path: d.source().path().to_path_buf(),
+                        slot,
+                    })
+                })
+                .collect(),
+        }
+    }
+
+    fn save_record(&self, table: &[Option<Arc<Device>>], next_slot: usize) -> Result<()> {
+        match &self.state {
+            Some(state) => state.record_devices(&Self::device_record(table, next_slot)),
+            None => Ok(()),
+        }
+    }
+
+    /// Records the served set in the state dir (at mount).
+    pub fn save_device_record(&self) -> Result<()> {
+        let control = self.control();
+        self.save_record(&self.table(), control.next_slot)
+    }
+
+    /// `TARGET/NAME` of every registered bitmap of `device` (takes the control mutex).
+    fn bitmap_names(&self, device: &str) -> Vec<String> {
+        self.status()
+            .bitmaps
+            .into_iter()
+            .filter(|b| b.device == device)
+            .map(|b| format!("{}/{}", b.target, b.name))
+            .collect()
+    }
+
+    /// `fleecefs resize`: changes the size of device `name` while it is served.
+    pub fn resize(
+        &self,
+        name: &str,
+        want: SizeRequest,
+        allow_shrink: bool,
+    ) -> Result<ResizeReport> {
+        validate_name("device name", name)?;
+        let report = {
+            let mut control = self.control();
+            if control.shut_down {
+                return Err(Error::busy("the daemon is shutting down"));
+            }
+            let slot = self
+                .device_index(name)
+                .ok_or_else(|| self.unknown_device(name))?;
+            let dev = self
+                .device(slot)
+                .ok_or_else(|| self.unknown_device(name))?;
+            let source = dev.source();
+            let block = source.identity().block_device;
+            let old = dev.size();
+            let current = source.current_size()?;
+            let new = match want {
+                SizeRequest::Current => current,
+                SizeRequest::Absolute(n) => n,
+                SizeRequest::Grow(d) => old.checked_add(d).ok_or_else(|| {
+                    Error::invalid(format!("{old} + {d} bytes is too large"))
+                })?,
+            };
+            if new == 0 {
+                return Err(Error::invalid(format!(
+                    "device '{name}' cannot be resized to 0 bytes"
+                )));
+            }
+            if block && new != current {
+                return Err(Error::invalid(format!(
+                    "device '{name}' is the block device {} of {current} bytes ({}): resize the block device first (lvextend, losetup -c ...), then give its new size or no SIZE",
+                    source.path().display(),
+                    format_size(current)
+                )));
+            }
+            let mut report = ResizeReport {
+                device: name.to_string(),
+                old_size: old,
+                new_size: new,
+                bitmaps: "unchanged".into(),
+                bitmap_names: Vec::new(),
+            };
+            if new == old {
+                return Ok(report);
+            }
+            let in_access = control
+                .active
+                .as_ref()
+                .and_then(|a| a.devices.iter().find(|d| d.index == slot).map(|_| a.target.clone()));
+            if new < old {
+                if !allow_shrink {
+                    return Err(Error::invalid(format!(
+                        "shrinking device '{name}' from {old} to {new} bytes would cut off its last {} bytes (offsets {new} to {old} of live/{name}); pass --allow-shrink to cut them (its bitmaps become invalid: the next backup is full)",
+                        old - new
+                    )));
+                }
+                if let Some(t) = in_access {
+                    return Err(Error::busy(format!(
+                        "device '{name}' is part of the backup access of target '{t}': it cannot shrink until that is torn down"
+                    )));
+                }
+                {
+                    // No data operation of the device is in flight while the gate is
+                    // held: none can write past the new end.
+                    let mut gate = dev.lock_gate();
+                    if !block {
+                        source.truncate_file(new)?;
+                    }
+                    source.set_size(new);
+                    gate.tracking.clear();
+                }
+                report.bitmaps = "invalid".into();
+                if let Some(store) = control.bitmaps.as_mut() {
+                    let reason = format!("device {name} was shrunk from {old} to {new} bytes");
+                    if let Err(e) = store.invalidate_device(name, &reason) {
+                        log::error!("{}", crate::error::report(&e));
+                    }
+                }
+                log::warn!("device {name} shrunk from {old} to {new} bytes; its bitmaps are invalid");
+            } else {
+                let ad = control
+                    .active
+                    .as_ref()
+                    .and_then(|a| a.devices.iter().find(|d| d.index == slot));
+                let extra: Vec<Arc<TrackedBitmap>> =
+                    ad.and_then(|d| d.background.clone()).into_iter().collect();
+                let nbits = dev.cluster().count(new);
+                let pairs = match &control.bitmaps {
+                    Some(store) => store.prepare_grow(name, &extra, nbits)?,
+                    None => Vec::new(),
+                };
+                if !block {
+                    source.truncate_file(new)?;
+                }
+                {
+                    let mut gate = dev.lock_gate();
+                    source.set_size(new);
+                    for (o, n) in &pairs {
+                        n.commit_grow(o, old, new);
+                    }
+                    let swap = |t: &Arc<TrackedBitmap>| {
+                        pairs
+                            .iter()
+                            .find(|(o, _)| Arc::ptr_eq(o, t))
+                            .map_or_else(|| t.clone(), |(_, n)| n.clone())
+                    };
+                    gate.tracking = gate.tracking.iter().map(swap).collect();
+                    if let Some(store) = control.bitmaps.as_mut() {
+                        store.swap_grown(&pairs);
+                    }
+                    if let Some(a) = control.active.as_mut() {
+                        for d in a.devices.iter_mut().filter(|d| d.index == slot) {
+                            d.bitmap = d.bitmap.as_ref().map(swap);
+                            d.background = d.background.as_ref().map(swap);
+                        }
+                    }
+                }
+                // A crash before the headers are written leaves bitmaps whose size
+                // differs from the source's: invalid at the next mount, never a miss.
+                for (_, n) in &pairs {
+                    if let Err(e) = n.save_header() {
+                        n.mark_failed(&crate::error::report(&e));
+                    }
+                }
+                if let Some(store) = &control.bitmaps {
+                    store.record_failures();
+                }
+                report.bitmaps = if pairs.is_empty() {
+                    "unchanged".into()
+                } else {
+                    "grown".into()
+                };
+                log::info!("device {name} grown from {old} to {new} bytes");
+            }
+            report
+        };
+        report_bitmaps_and_notify(self, name, report)
+    }
+
+    /// `fleecefs device add`: serves new devices. All or nothing.
+    pub fn add_devices(&self, specs: &[(String, PathBuf)]) -> Result<DeviceAddReport> {
+        if specs.is_empty() {
+            return Err(Error::invalid("no device to add"));
+        }
+        for (i, (name, path)) in specs.iter().enumerate() {
+            check_device_name(name)?;
+            if specs[..i].iter().any(|(n, _)| n == name) {
+                return Err(Error::invalid(format!(
+                    "device name '{name}' is given twice"
+                )));
+            }
+            if !path.is_absolute() {
+                return Err(Error::invalid(format!(
+                    "source path {} is not absolute",
+                    path.display()
+                )));
+            }
+        }
+        let mut control = self.control();
+        if control.shut_down {
+            return Err(Error::busy("the daemon is shutting down"));
+        }
+        let served = self.devices();
+        for (name, _) in specs {
+            if served.iter().any(|d| d.name() == name) {
+                return Err(Error::busy(format!("device '{name}' is already served")));
+            }
+        }
+        // Open and lock every source first (closed again on any failure below).
+        let mut new: Vec<Arc<Device>> = Vec::new();
+        for (name, path) in specs {
+            let source = Source::open(path)?;
+            let id = source.identity().clone();
+            let same = |d: &Arc<Device>| {
+                let o = d.source().identity();
+                (o.dev, o.ino) == (id.dev, id.ino) && o.block_device == id.block_device
+            };
+            if let Some(other) = served.iter().chain(new.iter()).find(|d| same(d)) {
+                return Err(Error::invalid(format!(
+                    "source {} is already served as device '{}' ({})",
+                    path.display(),
+                    other.name(),
+                    other.source().path().display()
+                )));
+            }
+            new.push(Arc::new(Device::new(name.clone(), source, self.cluster)));
+        }
+        let control = &mut *control;
+        let mut loaded: Vec<&Arc<Device>> = Vec::new();
+        let unload = |store: &mut Option<crate::bitmaps::BitmapStore>, ds: &[&Arc<Device>]| {
+            if let Some(store) = store.as_mut() {
+                for d in ds {
+                    store.unload_device(d);
+                }
+            }
+        };
+        for d in &new {
+            if let Some(store) = control.bitmaps.as_mut() {
+                if let Err(e) = store.load_device(d) {
+                    unload(&mut control.bitmaps, &loaded);
+                    return Err(e);
+                }
+            }
+            loaded.push(d);
+        }
+        let first = control.next_slot;
+        let next_slot = first + new.len();
+        {
+            let mut table = self.table().clone();
+            table.resize(next_slot, None);
+            for (k, d) in new.iter().enumerate() {
+                table[first + k] = Some(d.clone());
+            }
+            if let Err(e) = self.save_record(&table, next_slot) {
+                unload(&mut control.bitmaps, &loaded);
+                return Err(e);
+            }
+        }
+        control.next_slot = next_slot;
+        // Tracking is in place before the device can be opened.
+        for d in &new {
+            if let Some(store) = &control.bitmaps {
+                d.lock_gate().tracking = store.tracking_for(d.name(), None);
+            }
+        }
+        {
+            let mut table = self.table_mut();
+            table.resize(next_slot, None);
+            for (k, d) in new.iter().enumerate() {
+                table[first + k] = Some(d.clone());
+            }
+        }
+        let statuses = control
+            .bitmaps
+            .as_ref()
+            .map(|b| b.status(&new))
+            .unwrap_or_default();
+        let devices: Vec<AddedDevice> = new
+            .iter()
+            .map(|d| AddedDevice {
+                name: d.name().to_string(),
+                source: d.source().path().to_path_buf(),
+                size: d.size(),
+                bitmaps: statuses
+                    .iter()
+                    .filter(|b| b.device == d.name())
+                    .map(|b| {
+                        if b.consistent {
+                            format!("{}/{}: used", b.target, b.name)
+                        } else {
+                            format!(
+                                "{}/{}: invalid ({})",
+                                b.target,
+                                b.name,
+                                b.reason.as_deref().unwrap_or("unknown")
+                            )
+                        }
+                    })
+                    .collect(),
+            })
+            .collect();
+        for d in &devices {
+            log::info!(
+                "device {} added ({}, {} bytes{}{})",
+                d.name,
+                d.source.display(),
+                d.size,
+                if d.bitmaps.is_empty() { "" } else { "; bitmaps: " },
+                d.bitmaps.join(", ")
+            );
+        }
+        Ok(DeviceAddReport { devices })
+    }
+
+    /// `fleecefs device remove`: stops serving device `name`; its source is closed (and
+    /// unlocked) and its bitmaps stay in the state dir, dormant.
+    pub fn remove_device(&self, name: &str) -> Result<DeviceRemoveReport> {
+        validate_name("device name", name)?;
+        let (slot, dev) = {
+            let mut control = self.control();
+            if control.shut_down {
+                return Err(Error::busy("the daemon is shutting down"));
+            }
+            let slot = self
+                .device_index(name)
+                .ok_or_else(|| self.unknown_device(name))?;
+            if let Some(a) = control
+                .active
+                .as_ref()
+                .filter(|a| a.devices.iter().any(|d| d.index == slot))
+            {
+                return Err(Error::busy(format!(
+                    "device '{name}' is part of the backup access of target '{}': tear it down first",
+                    a.target
+                )));
+            }
+            let dev = {
+                let mut table = self.table_mut();
+                let Some(dev) = table.get(slot).cloned().flatten() else {
+                    return Err(self.unknown_device(name));
+                };
+                let open = dev.open_handles();
+                if open > 0 {
+                    return Err(Error::busy(format!(
+                        "live/{name} is open ({open} handle(s)); close it first (see 'fuser -v MOUNTPOINT/live/{name}')"
+                    )));
+                }
+                table[slot] = None;
+                dev
+            };
+            let saved = {
+                let table = self.table();
+                self.save_record(&table, control.next_slot)
+            };
+            if let Err(e) = saved {
+                self.table_mut()[slot] = Some(dev);
+                return Err(e);
+            }
+            dev.lock_gate().tracking.clear();
+            // No handle is open, so no live write is in flight: close the bitmaps clean.
+            if let Err(e) = dev.sync_live(false) {
+                log::warn!("{}", crate::error::report(&e));
+            }
+            if let Some(store) = control.bitmaps.as_mut() {
+                store.unload_device(&dev);
+            }
+            (slot, dev)
+        };
+        // Requests that looked the device up just before it left the table (lookup,
+        // getattr) still hold it; the source closes (and unlocks) with the last one.
+        let deadline = Instant::now() + LAST_REFERENCE_WAIT;
+        while Arc::strong_count(&dev) > 1 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if Arc::strong_count(&dev) > 1 {
+            log::warn!(
+                "device {name}: a request still holds its source; it is closed when that ends"
+            );
+        }
+        drop(dev);
+        if let Some(k) = self.kernel.get() {
+            k.removed(slot, name);
+        }
+        log::info!("device {name} removed");
+        Ok(DeviceRemoveReport {
+            device: name.to_string(),
+            bitmaps_kept: self.bitmap_names(name),
+        })
+    }
+}
+
+/// Fills in the bitmap names of a resize report and tells the kernel (no lock held).
+fn report_bitmaps_and_notify(
+    engine: &Engine,
+    name: &str,
+    mut report: ResizeReport,
+) -> Result<ResizeReport> {
+    report.bitmap_names = engine.bitmap_names(name);
+    if report.old_size != report.new_size {
+        if let (Some(k), Some(slot)) = (engine.kernel.get(), engine.device_index(name)) {
+            k.size_changed(slot, name);
+        }
+    }
+    Ok(report)
+}
