@@ -28,6 +28,18 @@ pub struct Identity {
     pub block_device: bool,
 }
 
+/// `(dev, ino, block_device)` of the file at `path` as [`Identity`] records them, if it
+/// can be looked up (same file checks before opening).
+pub fn identity_of(path: &Path) -> Option<(u64, u64, bool)> {
+    let meta = std::fs::metadata(path).ok()?;
+    let block = meta.file_type().is_block_device();
+    Some((
+        if block { meta.rdev() } else { meta.dev() },
+        meta.ino(),
+        block,
+    ))
+}
+
 /// An open source image.
 pub struct Source {
     file: File,

@@ -312,20 +312,23 @@ impl Engine {
         // Open and lock every source first (closed again on any failure below).
         let mut new: Vec<Arc<Device>> = Vec::new();
         for (name, path) in specs {
-            let source = Source::open(path)?;
-            let id = source.identity().clone();
-            let same = |d: &Arc<Device>| {
-                let o = d.source().identity();
-                (o.dev, o.ino) == (id.dev, id.ino) && o.block_device == id.block_device
-            };
-            if let Some(other) = served.iter().chain(new.iter()).find(|d| same(d)) {
-                return Err(Error::invalid(format!(
-                    "source {} is already served as device '{}' ({})",
-                    path.display(),
-                    other.name(),
-                    other.source().path().display()
-                )));
+            // The same file (also through a symlink or hard link) is the same image;
+            // checked before opening, whose lock would refuse it less clearly.
+            if let Some(id) = crate::source::identity_of(path) {
+                let same = |d: &&Arc<Device>| {
+                    let o = d.source().identity();
+                    (o.dev, o.ino, o.block_device) == id
+                };
+                if let Some(other) = served.iter().chain(new.iter()).find(same) {
+                    return Err(Error::invalid(format!(
+                        "source {} is already served as device '{}' ({})",
+                        path.display(),
+                        other.name(),
+                        other.source().path().display()
+                    )));
+                }
             }
+            let source = Source::open(path)?;
             new.push(Arc::new(Device::new(name.clone(), source, self.cluster)));
         }
         let control = &mut *control;
