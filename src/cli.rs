@@ -47,7 +47,9 @@ pub enum Command {
     #[command(subcommand)]
     Bitmap(BitmapCommand),
     /// Change the size of a device while it is served (grow; shrink with --allow-shrink)
-    #[command(after_help = "Examples:\n  fleecefs resize /mnt/fleece vm100 +10G\n  fleecefs resize /mnt/fleece vm101    # a block device, after lvextend")]
+    #[command(
+        after_help = "Examples:\n  fleecefs resize /mnt/fleece vm100 +10G\n  fleecefs resize /mnt/fleece vm101    # a block device, after lvextend"
+    )]
     Resize(ResizeArgs),
     /// Add or remove devices while the mount serves others
     #[command(subcommand)]

@@ -195,7 +195,11 @@ pub fn resize(a: &crate::cli::ResizeArgs) -> Result<()> {
         .filter_map(Value::as_str)
         .collect();
     if old == new {
-        crate::out!("device '{}' already has {} ({old} bytes)", a.name, format_size(new));
+        crate::out!(
+            "device '{}' already has {} ({old} bytes)",
+            a.name,
+            format_size(new)
+        );
         return Ok(());
     }
     crate::out!(
@@ -228,8 +232,8 @@ pub fn device_add(a: &crate::cli::DeviceAddArgs) -> Result<()> {
         if path.is_empty() {
             return Err(Error::invalid(format!("'{spec}' has an empty path")));
         }
-        let path = std::path::absolute(path)
-            .map_err(|e| Error::io(format!("resolving {path}"), e))?;
+        let path =
+            std::path::absolute(path).map_err(|e| Error::io(format!("resolving {path}"), e))?;
         let path = path
             .to_str()
             .ok_or_else(|| Error::invalid(format!("path {} is not UTF-8", path.display())))?;

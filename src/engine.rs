@@ -460,9 +460,7 @@ impl Engine {
         }
         let mut out: Vec<(usize, Arc<Device>)> = Vec::new();
         for n in names {
-            let i = self
-                .device_index(n)
-                .ok_or_else(|| self.unknown_device(n))?;
+            let i = self.device_index(n).ok_or_else(|| self.unknown_device(n))?;
             if out.iter().any(|(j, _)| *j == i) {
                 return Err(Error::invalid(format!("device '{n}' is named twice")));
             }

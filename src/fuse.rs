@@ -374,7 +374,9 @@ impl Filesystem for FleeceFs {
                 Node::Live(i) => {
                     log::info!(
                         "refused to truncate live/{} to {s}: use 'fleecefs resize'",
-                        self.device(i).map(|d| d.name().to_string()).unwrap_or_default()
+                        self.device(i)
+                            .map(|d| d.name().to_string())
+                            .unwrap_or_default()
                     );
                     return reply.error(Errno::EPERM);
                 }

@@ -150,9 +150,7 @@ impl Engine {
             let slot = self
                 .device_index(name)
                 .ok_or_else(|| self.unknown_device(name))?;
-            let dev = self
-                .device(slot)
-                .ok_or_else(|| self.unknown_device(name))?;
+            let dev = self.device(slot).ok_or_else(|| self.unknown_device(name))?;
             let source = dev.source();
             let block = source.identity().block_device;
             let old = dev.size();
@@ -160,9 +158,9 @@ impl Engine {
             let new = match want {
                 SizeRequest::Current => current,
                 SizeRequest::Absolute(n) => n,
-                SizeRequest::Grow(d) => old.checked_add(d).ok_or_else(|| {
-                    Error::invalid(format!("{old} + {d} bytes is too large"))
-                })?,
+                SizeRequest::Grow(d) => old
+                    .checked_add(d)
+                    .ok_or_else(|| Error::invalid(format!("{old} + {d} bytes is too large")))?,
             };
             if new == 0 {
                 return Err(Error::invalid(format!(
@@ -186,10 +184,12 @@ impl Engine {
             if new == old {
                 return Ok(report);
             }
-            let in_access = control
-                .active
-                .as_ref()
-                .and_then(|a| a.devices.iter().find(|d| d.index == slot).map(|_| a.target.clone()));
+            let in_access = control.active.as_ref().and_then(|a| {
+                a.devices
+                    .iter()
+                    .find(|d| d.index == slot)
+                    .map(|_| a.target.clone())
+            });
             if new < old {
                 if !allow_shrink {
                     return Err(Error::invalid(format!(
@@ -219,7 +219,9 @@ impl Engine {
                         log::error!("{}", crate::error::report(&e));
                     }
                 }
-                log::warn!("device {name} shrunk from {old} to {new} bytes; its bitmaps are invalid");
+                log::warn!(
+                    "device {name} shrunk from {old} to {new} bytes; its bitmaps are invalid"
+                );
             } else {
                 let ad = control
                     .active
@@ -411,7 +413,11 @@ impl Engine {
                 d.name,
                 d.source.display(),
                 d.size,
-                if d.bitmaps.is_empty() { "" } else { "; bitmaps: " },
+                if d.bitmaps.is_empty() {
+                    ""
+                } else {
+                    "; bitmaps: "
+                },
                 d.bitmaps.join(", ")
             );
         }
