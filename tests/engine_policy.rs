@@ -185,7 +185,7 @@ fn a_success_counts_only_once_its_reply_is_delivered() {
         let only_a = Some(vec!["a".to_string()]);
         e.setup("t", only_a.as_deref(), Some("bm")).unwrap();
         e.teardown("t", true).unwrap();
-        let a = &e.devices()[0].clone();
+        let a = e.devices()[0].clone();
         a.write_live(3 * CL, &[1u8; 100]).unwrap(); // before the setup: in the backup
         let r = e.setup("t", only_a.as_deref(), Some("bm")).unwrap();
         assert_eq!(r.devices[0].dirty_bytes, CL);
@@ -206,6 +206,7 @@ fn a_success_counts_only_once_its_reply_is_delivered() {
         assert_eq!(r.devices[0].dirty_bytes, want, "delivered: {delivered}");
         e.teardown("t", false).unwrap();
         // the daemon dies between the phases: its state dir as it was then
+        drop(a);
         drop(e);
         std::fs::remove_dir_all(dir.path().join("state")).unwrap();
         std::fs::rename(&crashed, dir.path().join("state")).unwrap();
@@ -225,10 +226,11 @@ fn a_crash_during_an_access_recovers_a_superset() {
     let e = engine(dir.path(), OnCbwError::BreakSnapshot, None);
     e.setup("t", None, Some("bm")).unwrap();
     e.teardown("t", true).unwrap();
-    let a = &e.devices()[0].clone();
+    let a = e.devices()[0].clone();
     a.write_live(3 * CL, &[1u8; 100]).unwrap();
     e.setup("t", None, Some("bm")).unwrap();
     a.write_live(7 * CL, &[2u8; 100]).unwrap();
+    drop(a);
     drop(e); // nothing is closed or torn down
     let bg = dir.path().join("state/bitmaps/a@t@bm.background");
     assert!(bg.exists());
