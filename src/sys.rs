@@ -46,6 +46,36 @@ pub fn block_device_size(file: &File) -> io::Result<u64> {
     Ok(size)
 }
 
+/// Bytes of `[from, to)` of `file` that hold data (not holes), found with
+/// `lseek(SEEK_DATA/SEEK_HOLE)`; `None` where the file system cannot say.
+pub fn data_bytes_in(file: &File, from: u64, to: u64) -> Option<u64> {
+    let seek = |off: u64, whence: libc::c_int| -> Option<u64> {
+        let off = to_off(off).ok()?;
+        // SAFETY: lseek on a valid fd; fleecefs does positional I/O only, so moving this
+        // descriptor's offset disturbs nobody.
+        let r = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
+        if r >= 0 {
+            Some(r as u64)
+        } else if io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
+            Some(u64::MAX) // no more data
+        } else {
+            None
+        }
+    };
+    let mut total = 0;
+    let mut pos = from;
+    while pos < to {
+        let data = seek(pos, libc::SEEK_DATA)?;
+        if data >= to {
+            break;
+        }
+        let hole = seek(data, libc::SEEK_HOLE)?.min(to);
+        total += hole - data;
+        pos = hole;
+    }
+    Some(total)
+}
+
 /// Bytes actually allocated to `file` on its filesystem (st_blocks * 512).
 pub fn allocated_bytes(file: &File) -> io::Result<u64> {
     Ok(file.metadata()?.blocks() * 512)

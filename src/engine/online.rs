@@ -192,8 +192,15 @@ impl Engine {
             });
             if new < old {
                 if !allow_shrink {
+                    let data = if block {
+                        String::new()
+                    } else {
+                        crate::sys::data_bytes_in(source.file(), new, old)
+                            .map(|n| format!(", {n} of them holding data (not holes)"))
+                            .unwrap_or_default()
+                    };
                     return Err(Error::invalid(format!(
-                        "shrinking device '{name}' from {old} to {new} bytes would cut off its last {} bytes (offsets {new} to {old} of live/{name}); pass --allow-shrink to cut them (its bitmaps become invalid: the next backup is full)",
+                        "shrinking device '{name}' from {old} to {new} bytes would cut off its last {} bytes (offsets {new} to {old} of live/{name}{data}); pass --allow-shrink to cut them (its bitmaps become invalid: the next backup is full)",
                         old - new
                     )));
                 }
