@@ -162,7 +162,8 @@ fn run_single_threaded(seed: u64) {
     let dir = tempfile::tempdir().unwrap();
     let cluster = [4096u64, 8192, 65536][rng.below(3) as usize];
     // Sizes with a partial last cluster, and one cluster-aligned.
-    let sizes = [cluster * 37 + 1234, cluster * 16];
+    let mut sizes = vec![cluster * 37 + 1234, cluster * 16];
+    let initial_sizes = sizes.clone();
     let mode = CopyMode::of_seed(seed);
     let (engine, mut live) = make_engine_with(dir.path(), &sizes, cluster, &mut rng, mode);
     let mut access: Option<Access> = None;
@@ -262,7 +263,9 @@ fn run_single_threaded(seed: u64) {
                     .discard_snapshot(a.id, off, len)
                     .expect(&ctx);
                 let cs = ClusterSize::new(cluster).unwrap();
-                for c in cs.inward(off, len, size) {
+                // the snapshot keeps the size of setup when the device grows
+                let snap_size = a.frozen[slot].len() as u64;
+                for c in cs.inward(off, len, snap_size) {
                     a.discarded[slot].insert(c);
                 }
             }
@@ -305,6 +308,23 @@ fn run_single_threaded(seed: u64) {
                         devices: devs,
                     });
                 }
+            }
+            94..=95 => {
+                // resize: grow (also during an access of the device), or shrink when no
+                // access includes it; the snapshot keeps its size and content
+                let in_access = access.as_ref().is_some_and(|a| a.devices.contains(&d));
+                let grow = in_access || size < initial_sizes[d] || rng.below(2) == 0;
+                let new = if grow {
+                    size + 1 + rng.below(cluster * 3)
+                } else {
+                    (size - rng.below(size / 2)).max(1)
+                };
+                let want = fleecefs::engine::SizeRequest::Absolute(new);
+                let r = engine.resize(&format!("d{d}"), want, true).expect(&ctx);
+                assert_eq!((r.old_size, r.new_size), (size, new), "{ctx}");
+                live[d].resize(new as usize, 0);
+                sizes[d] = new;
+                assert_eq!(engine.devices()[d].size(), new, "{ctx}");
             }
             _ => {
                 // second setup while one is active is refused, naming the active target
