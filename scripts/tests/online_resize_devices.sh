@@ -21,6 +21,11 @@ sys.exit(0 if pos >= to else 1)
 EOF
 }
 size_of() { stat -c %s "$1"; }
+# lockable FILE : a POSIX (fcntl) write lock on FILE can be taken now, i.e. no daemon holds
+# its OFD lock (flock(1) locks do not conflict with those, so they prove nothing)
+lockable() {
+    python3 -c 'import fcntl,os,sys; fd=os.open(sys.argv[1], os.O_RDWR); fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)' "$1" 2>/dev/null
+}
 
 # ---- 1. grow under load: ext4 through a loop device, fio writing -----------------------
 truncate -s $((48 * M)) "$T/vm.img"
@@ -109,7 +114,7 @@ cp "$T/d.img" "$T/d.at-setup"
 "$F" teardown "$MNT" --target g --success >/dev/null
 cp "$T/d.img" "$T/d.at-setup"
 "$F" setup "$MNT" --target g --bitmap gb >/dev/null
-python3 - "$D" "$F" "$MNT" <<'EOF' || fail "an open handle of live/d did not see the new size"
+python3 - "$D" "$F" "$MNT" <<'EOF' || { cat "$T/state2/fleecefs.log" >&2; dmesg | tail -5 >&2; fail "an open handle of live/d did not see the new size"; }
 import os, subprocess, sys
 fd = os.open(sys.argv[1], os.O_RDWR)
 before = os.fstat(fd).st_size
@@ -159,10 +164,17 @@ expect_fail_with "invalid device name" "$F" device add "$MNT" "a b=$T/x.img"
 expect_fail_with "taken by the dirty maps" "$F" device add "$MNT" x.dirty=$T/x.img
 expect_fail_with "cannot be opened" "$F" device add "$MNT" x=$T/missing.img
 expect_fail_with "is given twice" "$F" device add "$MNT" x=$T/x.img x=$T/x.img
+# a source another process holds a lock on (QEMU, another daemon)
+python3 -c 'import fcntl,os,sys,time; fd=os.open(sys.argv[1], os.O_RDWR); fcntl.lockf(fd, fcntl.LOCK_EX); open(sys.argv[2], "w").close(); time.sleep(30)' "$T/x.img" "$T/locked" &
+LOCKER=$!
+while [ ! -e "$T/locked" ]; do sleep 0.02; done
+expect_fail_with "is in use" "$F" device add "$MNT" x=$T/x.img
+kill $LOCKER; wait $LOCKER 2>/dev/null || true
 expect_fail_with "unknown device 'x'" "$F" device remove "$MNT" x
 cmp "$T/rec.before" "$T/state2/devices.json" || fail "a refused command changed the device record"
 [ "$(ls "$MNT/live")" = d ] || fail "a refused device add changed live/: $(ls "$MNT/live")"
 "$F" device add "$MNT" x=$T/x.img >/dev/null
+lockable "$T/x.img" && fail "the source of an added device is not locked"
 exec 5<"$MNT/live/x"
 expect_fail_with "live/x is open" "$F" device remove "$MNT" x
 exec 5<&-
@@ -173,7 +185,7 @@ expect_fail_with "cannot shrink until" "$F" resize "$MNT" x 1M --allow-shrink
 "$F" teardown "$MNT" --target xt --success >/dev/null
 # removed: its bitmap stays and belongs to no served device; added again: used
 "$F" device remove "$MNT" x >/dev/null
-flock -n "$T/x.img" true || fail "the source of a removed device is still locked"
+lockable "$T/x.img" || fail "the source of a removed device is still locked"
 [ "$(status_json "$MNT" '[b["loaded"] for b in d["bitmaps"] if b["device"]=="x"]')" = "[False]" ] ||
     fail "the bitmap of a removed device is not listed as not loaded"
 "$F" device add "$MNT" x=$T/x.img >/dev/null
@@ -187,6 +199,9 @@ dd if=/dev/urandom of="$T/x.img" bs=4096 count=1 conv=notrunc status=none
 "$F" setup "$MNT" --target xt --devices x --bitmap xb --json >"$T/xs.json"
 grep -q '"bitmap_action": "invalid"' "$T/xs.json" || fail "the bitmap of a device modified while removed is not invalid"
 "$F" teardown "$MNT" --target xt --success >/dev/null
+# resize --json
+"$F" resize "$MNT" x +1M --json | python3 -c 'import json,sys; d=json.load(sys.stdin); assert (d["device"], d["old_size"], d["new_size"], d["bitmaps"], d["bitmap_names"]) == ("x", 2 << 20, 3 << 20, "grown", ["xt/xb"]), d' ||
+    fail "resize --json"
 # a shrink with --allow-shrink makes the device's bitmaps invalid
 "$F" resize "$MNT" x 1M --allow-shrink >/dev/null
 [ "$(size_of "$MNT/live/x")" = $M ] && [ "$(size_of "$T/x.img")" = $M ] || fail "shrink did not take"
@@ -196,6 +211,10 @@ rc=0
 dd if=/dev/zero of="$MNT/live/x" bs=4096 count=1 seek=$((M / 4096)) conv=notrunc status=none 2>/dev/null || rc=$?
 [ "$rc" != 0 ] || fail "a write past the new end succeeded"
 "$F" device remove "$MNT" x --json | grep -q '"device": "x"' || fail "device remove --json"
+# bitmaps of a removed device go with bitmap remove
+"$F" bitmap remove "$MNT" --target xt >/dev/null || fail "bitmap remove of a removed device's bitmaps"
+[ "$(status_json "$MNT" 'len(d["bitmaps"])')" = 1 ] || fail "bitmap remove left the removed device's bitmap"
+lockable "$T/x.img" || fail "the source of a removed device is still locked"
 "$F" unmount "$MNT"
 echo "ok: refusals (unknown, shrink, bad SIZE, open, in an access, duplicate names and files) change nothing; bitmaps of removed devices kept, used or invalid when added back"
 
