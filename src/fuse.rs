@@ -171,13 +171,10 @@ impl FleeceFs {
         }
     }
 
-    /// The node of `ino`, if it names a directory or a file of a served device.
+    /// The node of `ino`. A file node may name a slot whose device was removed: each
+    /// operation looks its device up once ([`FleeceFs::device`]) and gets ENOENT then.
     fn node(&self, ino: INodeNo) -> Option<Node> {
-        let n = Node::from_ino(ino.0)?;
-        match n {
-            Node::Live(i) | Node::Snap(i) | Node::Dirty(i) => self.engine.device(i).map(|_| n),
-            _ => Some(n),
-        }
+        Node::from_ino(ino.0)
     }
 
     /// The device of slot `i`; a request for a device removed meanwhile gets ENOENT.
