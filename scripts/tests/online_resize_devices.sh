@@ -285,3 +285,26 @@ grep -q "differ from the device set last served.*no longer served k2" "$T/m3.err
     fail "mount --device did not tell what differs from the record: $(cat "$T/m3.err")"
 [ "$(ls "$MNT/live")" = k1 ] || fail "mount --device k1 serves $(ls "$MNT/live")"
 echo "ok: kill -9 after device add and after resize: the next mount serves the new set and size, grown bitmap kept"
+"$F" unmount "$MNT"
+
+# ---- 6. a block device source: SIZE must be its new size, no SIZE takes it --------------
+truncate -s $((8 * M)) "$T/blk.img"
+loop_attach "$T/blk.img"
+B=$LOOPDEV
+fmount "$MNT" --state-dir "$T/state6" --device blk=$B
+"$F" setup "$MNT" --target bt --bitmap bb >/dev/null
+"$F" teardown "$MNT" --target bt --success >/dev/null
+truncate -s $((12 * M)) "$T/blk.img"
+losetup -c "$B"
+expect_fail_with "resize the block device first" "$F" resize "$MNT" blk 16M
+expect_fail_with "resize the block device first" "$F" resize "$MNT" blk +1M
+[ "$(size_of "$MNT/live/blk")" = $((8 * M)) ] || fail "a refused block device resize changed live/blk"
+"$F" resize "$MNT" blk >/dev/null || fail "resize of a grown block device without SIZE failed"
+[ "$(size_of "$MNT/live/blk")" = $((12 * M)) ] || fail "live/blk is $(size_of "$MNT/live/blk") after losetup -c and resize"
+dd if=/dev/urandom of="$MNT/live/blk" bs=64k count=2 seek=$((10 * M / 65536)) conv=notrunc status=none ||
+    fail "writing the new range of the block device failed"
+"$F" setup "$MNT" --target bt --bitmap bb >/dev/null
+dirty_covers "$MNT/snapshot/blk.dirty" $((8 * M)) $((12 * M)) || fail "the grown range of the block device is not dirty"
+"$F" teardown "$MNT" --target bt --failure >/dev/null
+"$F" unmount "$MNT"
+echo "ok: block device source: wrong SIZE refused, no SIZE takes its new size after losetup -c, new range dirty"
