@@ -308,3 +308,21 @@ dirty_covers "$MNT/snapshot/blk.dirty" $((8 * M)) $((12 * M)) || fail "the grown
 "$F" teardown "$MNT" --target bt --failure >/dev/null
 "$F" unmount "$MNT"
 echo "ok: block device source: wrong SIZE refused, no SIZE takes its new size after losetup -c, new range dirty"
+
+# ---- 7. --live-cache: page-cached opens see the grown file and its new data -------------
+head -c 1000000 /dev/urandom >"$T/pc.img"
+fmount "$MNT" --state-dir "$T/state7" --device pc=$T/pc.img --live-cache
+python3 - "$MNT/live/pc" "$F" "$MNT" "$T/pc.img" <<'EOF' || fail "a page-cached open did not see the grown device correctly"
+import os, subprocess, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+before = os.pread(fd, 1 << 20, 0)       # fills the page cache, the last page partial
+subprocess.run([sys.argv[2], "resize", sys.argv[3], "pc", "2M"], check=True, stdout=subprocess.DEVNULL)
+assert os.fstat(fd).st_size == 2 << 20
+os.pwrite(fd, b"\x77" * 5000, 1999000)
+after = os.pread(fd, 3 << 20, 0)
+assert len(after) == 2 << 20 and after[:1000000] == before
+assert after == open(sys.argv[4], "rb").read()
+os.close(fd)
+EOF
+"$F" unmount "$MNT"
+echo "ok: --live-cache: a page-cached open reads the grown device as the source holds it"
