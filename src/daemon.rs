@@ -131,8 +131,8 @@ pub fn validate(args: &MountArgs) -> Result<MountPlan> {
     let unit = cluster.bytes().max(crate::cbw::LOCK_UNIT_MIN);
     let cbw_buffer = match &args.cbw_buffer {
         // The default would not hold one cluster of the largest sizes: copy synchronously.
-        None if unit > crate::writebehind::DEFAULT_CAPACITY => 0,
-        None => crate::writebehind::DEFAULT_CAPACITY,
+        None if unit > crate::cbw::writebehind::DEFAULT_CAPACITY => 0,
+        None => crate::cbw::writebehind::DEFAULT_CAPACITY,
         Some(text) => {
             let n = parse_size(text).map_err(|e| Error::invalid(format!("--cbw-buffer: {e}")))?;
             if n > 4 << 30 {

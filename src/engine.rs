@@ -5,7 +5,7 @@
 //! every device gate exclusively in device index order and installs the accesses while
 //! holding them all: no live write is in flight on any of the devices at that moment,
 //! so a multi-device snapshot is one instant for all of them. `teardown` removes them
-//! the same way. See `cbw.rs` for the data path and the lock order.
+//! the same way. See `cbw/mod.rs` for the data path and the lock order.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -15,14 +15,15 @@ use serde::Serialize;
 
 use crate::bitmap::Bitmap;
 use crate::bitmaps::{BitmapStatus, BitmapStore, Decision};
+use crate::cbw::policy::{Breaker, CopyPool, FleecingBudget, OnCbwError};
+use crate::cbw::writebehind::WriteBehind;
+use crate::cbw::CbwPolicy;
 use crate::cbw::{Device, DeviceAccess};
 use crate::error::{Error, IoContext, Kind, Result};
 use crate::fleece::FleecingFile;
 use crate::persist::TrackedBitmap;
-use crate::policy::{Breaker, CbwPolicy, CopyPool, FleecingBudget, OnCbwError};
 use crate::state::{AccessRecord, StateDir};
 use crate::sys::unix_now;
-use crate::writebehind::WriteBehind;
 
 /// Checks a device name, target ID or bitmap name: 1-64 of `[A-Za-z0-9._-]`, not
 /// starting with a dot.
@@ -75,7 +76,7 @@ impl EngineConfig {
             fleecing_limit: None,
             mountpoint,
             crash_safe_bitmaps: crate::persist::CrashSafety::On,
-            cbw_buffer: crate::writebehind::DEFAULT_CAPACITY,
+            cbw_buffer: crate::cbw::writebehind::DEFAULT_CAPACITY,
         }
     }
 }
@@ -500,7 +501,7 @@ impl Engine {
                     (Some(b), "used") => Arc::new(b.bits().to_heap()),
                     _ => Arc::new(Bitmap::new(dev.clusters(), true)),
                 };
-                let access = Arc::new(DeviceAccess::new(id, dev, frozen, fleece, policy.clone()));
+                let access = Arc::new(dev.new_access(id, frozen, fleece, policy.clone()));
                 let snap = self.config.mountpoint.join("snapshot").join(dev.name());
                 report.push(SetupDevice {
                     name: dev.name().to_string(),
