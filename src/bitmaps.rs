@@ -77,7 +77,7 @@ pub struct Entry {
 }
 
 /// A bitmap line of `status`.
-#[derive(Serialize, Debug, Clone)]
+#[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct BitmapStatus {
     /// Device name.
     pub device: String,

@@ -33,6 +33,7 @@ use crate::control::server;
 use crate::engine::{validate_name, Engine, EngineConfig};
 use crate::error::{Error, IoContext, Result};
 use crate::fuse::FleeceFs;
+use crate::layout::MountLayout;
 use crate::source::Source;
 use crate::state::{StateDir, LOG_FILE};
 use crate::units::{parse_size, ClusterSize};
@@ -204,7 +205,7 @@ pub fn validate(args: &MountArgs) -> Result<MountPlan> {
             .split_once('=')
             .ok_or_else(|| Error::invalid(format!("--device '{spec}' is not NAME=PATH")))?;
         validate_name("device name", name)?;
-        if name.ends_with(".dirty") {
+        if crate::layout::is_reserved_device_name(name) {
             return Err(Error::invalid(format!(
                 "invalid device name '{name}': names ending in .dirty are taken by the dirty maps (snapshot/NAME.dirty)"
             )));
@@ -491,7 +492,6 @@ fn serve(plan: MountPlan, daemon_child: bool, allow_other: bool) -> Result<()> {
         on_cbw_error: plan.on_cbw_error,
         cbw_timeout: plan.cbw_timeout,
         fleecing_limit: plan.fleecing_limit,
-        mountpoint: plan.mountpoint.clone(),
         crash_safe_bitmaps: plan.crash_safe_bitmaps,
         cbw_buffer: plan.cbw_buffer,
     };
@@ -506,9 +506,10 @@ fn serve(plan: MountPlan, daemon_child: bool, allow_other: bool) -> Result<()> {
     };
     {
         let engine = engine.clone();
+        let layout = MountLayout::new(plan.mountpoint.clone());
         std::thread::Builder::new()
             .name("control-accept".into())
-            .spawn(move || server::serve(listener, engine))
+            .spawn(move || server::serve(listener, engine, layout))
             .context(|| "starting the control thread".into())?;
     }
 
@@ -539,7 +540,7 @@ fn serve(plan: MountPlan, daemon_child: bool, allow_other: bool) -> Result<()> {
         .spawn(move || session.run())
         .context(|| "starting the FUSE session".into())?;
     // Serving means answering: one lookup through the kernel.
-    let live = plan.mountpoint.join("live");
+    let live = MountLayout::new(plan.mountpoint.clone()).live_dir();
     let connection = fs::metadata(&live)
         .map(|m| libc::minor(m.dev()))
         .map_err(|e| {

@@ -28,6 +28,7 @@ use fuser::{
 use crate::cbw::{Device, DeviceAccess};
 use crate::engine::Engine;
 use crate::error::{Error, Kind, Result};
+use crate::layout;
 use crate::sys;
 
 const ROOT: u64 = 1;
@@ -216,8 +217,8 @@ impl FleeceFs {
     fn children(&self, dir: Node) -> Vec<(Node, String)> {
         match dir {
             Node::Root => vec![
-                (Node::LiveDir, "live".into()),
-                (Node::SnapDir, "snapshot".into()),
+                (Node::LiveDir, layout::LIVE_DIR.into()),
+                (Node::SnapDir, layout::SNAPSHOT_DIR.into()),
             ],
             Node::LiveDir => self
                 .engine
@@ -231,7 +232,7 @@ impl FleeceFs {
                 for (i, d) in self.engine.devices().iter().enumerate() {
                     if d.access().is_some() {
                         out.push((Node::Snap(i), d.name().to_string()));
-                        out.push((Node::Dirty(i), format!("{}.dirty", d.name())));
+                        out.push((Node::Dirty(i), layout::dirty_map_name(d.name())));
                     }
                 }
                 out

@@ -114,7 +114,7 @@ fn make_engine_with(
     let config = EngineConfig {
         cbw_timeout,
         cbw_buffer,
-        ..EngineConfig::new(dir.join("fleece"), dir.join("mnt"))
+        ..EngineConfig::new(dir.join("fleece"))
     };
     (Engine::new(devices, config, None).unwrap(), models)
 }
@@ -678,7 +678,7 @@ fn open_engine(dir: &Path, cluster: u64, crash_safe: CrashSafety) -> Engine {
     let dev = Device::new("d0".into(), source, ClusterSize::new(cluster).unwrap());
     let config = EngineConfig {
         crash_safe_bitmaps: crash_safe,
-        ..EngineConfig::new(dir.join("fleece"), dir.join("mnt"))
+        ..EngineConfig::new(dir.join("fleece"))
     };
     Engine::new(vec![dev], config, Some(state)).unwrap()
 }

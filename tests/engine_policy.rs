@@ -45,7 +45,7 @@ fn engine(dir: &Path, on_error: OnCbwError, limit: Option<u64>) -> Engine {
     let config = EngineConfig {
         on_cbw_error: on_error,
         fleecing_limit: limit,
-        ..EngineConfig::new(dir.join("fleece"), dir.join("mnt"))
+        ..EngineConfig::new(dir.join("fleece"))
     };
     Engine::new(
         devices,
