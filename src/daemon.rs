@@ -24,15 +24,13 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fuser::{Config, MountOption, Session, SessionACL};
-
 use crate::cbw::{Device, OnCbwError};
 use crate::cli::{MountArgs, OnCbwErrorArg};
 use crate::control::client::{mount_at, resolve_mountpoint, FSNAME_PREFIX};
 use crate::control::server;
 use crate::engine::{validate_name, Engine, EngineConfig};
 use crate::error::{Error, IoContext, Result};
-use crate::fuse::FleeceFs;
+use crate::fuse::session::{self, SessionOptions};
 use crate::layout::MountLayout;
 use crate::source::Source;
 use crate::state::{StateDir, LOG_FILE};
@@ -513,32 +511,18 @@ fn serve(plan: MountPlan, daemon_child: bool, allow_other: bool) -> Result<()> {
             .context(|| "starting the control thread".into())?;
     }
 
-    let mut fuse_config = Config::default();
-    fuse_config.mount_options = vec![
-        MountOption::FSName(format!("{FSNAME_PREFIX}{}", plan.state_dir.display())),
-        MountOption::Subtype("fleecefs".into()),
-        MountOption::DefaultPermissions,
-    ];
-    fuse_config.acl = if allow_other {
-        SessionACL::All
-    } else {
-        SessionACL::Owner
+    let session_options = SessionOptions {
+        fsname: format!("{FSNAME_PREFIX}{}", plan.state_dir.display()),
+        allow_other,
+        threads: plan.threads,
+        live_cache: plan.live_cache,
     };
-    fuse_config.n_threads = Some(plan.threads);
-    fuse_config.clone_fd = true;
-    let session = Session::new(
-        FleeceFs::new(engine.clone(), plan.live_cache),
-        &plan.mountpoint,
-        &fuse_config,
-    )
-    .map_err(|e| {
-        let _ = fs::remove_file(&socket_path);
-        Error::io(format!("mounting {}", plan.mountpoint.display()), e)
-    })?;
-    let fuse_thread = std::thread::Builder::new()
-        .name("fuse-session".into())
-        .spawn(move || session.run())
-        .context(|| "starting the FUSE session".into())?;
+    let session =
+        session::mount(engine.clone(), &plan.mountpoint, &session_options).map_err(|e| {
+            let _ = fs::remove_file(&socket_path);
+            Error::io(format!("mounting {}", plan.mountpoint.display()), e)
+        })?;
+    let fuse_thread = session::spawn(session).context(|| "starting the FUSE session".into())?;
     // Serving means answering: one lookup through the kernel.
     let live = MountLayout::new(plan.mountpoint.clone()).live_dir();
     let connection = fs::metadata(&live)
