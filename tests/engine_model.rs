@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::thread;
 
 use fleecefs::cbw::Device;
-use fleecefs::engine::{Engine, EngineConfig};
+use fleecefs::engine::{BitmapAction, Engine, EngineConfig};
 use fleecefs::error::Kind;
 use fleecefs::persist::CrashSafety;
 use fleecefs::source::Source;
@@ -294,7 +294,7 @@ fn run_single_threaded(seed: u64) {
                     assert_eq!(report.devices.len(), devs.len());
                     for (r, &d) in report.devices.iter().zip(&devs) {
                         assert_eq!(r.dirty_bytes, sizes[d], "{ctx}");
-                        assert_eq!(r.bitmap_action, "not-used");
+                        assert_eq!(r.bitmap_action, BitmapAction::NotUsed);
                     }
                     let (id, _) = engine.active().unwrap();
                     access = Some(Access {
@@ -738,11 +738,11 @@ fn run_bitmap_model(seed: u64, safety: CrashSafety) {
             }
             60..=74 if !in_access => {
                 let r = e.setup("t", None, Some("b")).expect(&ctx);
-                let action = r.devices[0].bitmap_action.clone();
+                let action = r.devices[0].bitmap_action;
                 let dirty = dirty_clusters(e, cluster);
                 match &pending {
                     Some(p) => {
-                        assert_eq!(action, "used", "{ctx}");
+                        assert_eq!(action, BitmapAction::Used, "{ctx}");
                         assert!(
                             dirty.is_superset(p),
                             "{ctx}: dirty map misses {:?}",
@@ -753,7 +753,7 @@ fn run_bitmap_model(seed: u64, safety: CrashSafety) {
                     }
                     None => {
                         assert!(
-                            action == "new" || action == "invalid",
+                            action == BitmapAction::New || action == BitmapAction::Invalid,
                             "{ctx}: action {action}"
                         );
                         assert_eq!(dirty.len() as u64, nclusters, "{ctx}");
@@ -780,9 +780,9 @@ fn run_bitmap_model(seed: u64, safety: CrashSafety) {
                 // a backup without the bitmap removes it
                 let r = e.setup("t", None, None).expect(&ctx);
                 let expect = if exists {
-                    "not-used-removed"
+                    BitmapAction::NotUsedRemoved
                 } else {
-                    "not-used"
+                    BitmapAction::NotUsed
                 };
                 assert_eq!(r.devices[0].bitmap_action, expect, "{ctx}");
                 e.teardown("t", true).expect(&ctx);

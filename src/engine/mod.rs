@@ -19,8 +19,8 @@ mod setup;
 mod teardown;
 
 pub use report::{
-    AccessDeviceStatus, AccessStatus, BitmapRemoveReport, DeviceStatus, SetupDevice, SetupReport,
-    Status, TeardownReport,
+    AccessDeviceStatus, AccessStatus, BitmapAction, BitmapRemoveReport, DeviceStatus, SetupDevice,
+    SetupReport, Status, TeardownReport,
 };
 
 use std::path::PathBuf;

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::bitmaps::BitmapStatus;
+pub use crate::bitmaps::{BitmapAction, BitmapStatus};
 use crate::layout::MountLayout;
 
 /// The result of `bitmap remove`.
@@ -33,7 +33,7 @@ pub struct SetupDevice {
     /// The bitmap used, if any.
     pub bitmap: Option<String>,
     /// What was done with the bitmap.
-    pub bitmap_action: String,
+    pub bitmap_action: BitmapAction,
     /// Bytes the backup must read (sum of the dirty map).
     pub dirty_bytes: u64,
 }
@@ -176,7 +176,7 @@ mod tests {
                 snapshot: paths.snapshot("vm"),
                 dirty_map: paths.dirty_map("vm"),
                 bitmap: None,
-                bitmap_action: "not-used".into(),
+                bitmap_action: BitmapAction::NotUsedRemoved,
                 dirty_bytes: 4096,
             }],
         }
@@ -184,6 +184,7 @@ mod tests {
         let json = serde_json::to_value(&r).unwrap();
         assert_eq!(json["devices"][0]["snapshot"], "/mnt/f/snapshot/vm");
         assert_eq!(json["devices"][0]["dirty_map"], "/mnt/f/snapshot/vm.dirty");
+        assert_eq!(json["devices"][0]["bitmap_action"], "not-used-removed");
         let back: SetupReport = serde_json::from_value(json).unwrap();
         assert_eq!(
             back.devices[0].dirty_map,

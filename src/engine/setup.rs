@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::bitmap::Bitmap;
-use crate::bitmaps::Decision;
+use crate::bitmaps::{BitmapAction, Decision};
 use crate::cbw::policy::{Breaker, FleecingBudget};
 use crate::cbw::CbwPolicy;
 use crate::engine::report::{SetupDevice, SetupReport};
@@ -173,10 +173,10 @@ impl Engine {
                 let decision = decisions.next().map(|(_, d)| d);
                 let (action, bitmap, name, background) = match decision {
                     Some(d) => (d.action, d.bitmap, d.name, d.background),
-                    None => ("not-used", None, None, None),
+                    None => (BitmapAction::NotUsed, None, None, None),
                 };
                 let frozen = match (&bitmap, action) {
-                    (Some(b), "used") => Arc::new(b.bits().to_heap()),
+                    (Some(b), BitmapAction::Used) => Arc::new(b.bits().to_heap()),
                     _ => Arc::new(Bitmap::new(dev.clusters(), true)),
                 };
                 let access = Arc::new(dev.new_access(id, frozen, fleece, policy.clone()));
@@ -187,7 +187,7 @@ impl Engine {
                     snapshot: paths.snapshot(dev.name()),
                     dirty_map: paths.dirty_map(dev.name()),
                     bitmap: name,
-                    bitmap_action: action.to_string(),
+                    bitmap_action: action,
                     dirty_bytes: access.dirty_map().dirty_bytes(),
                 });
                 gate.access = Some(access);
