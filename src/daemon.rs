@@ -56,7 +56,7 @@ pub struct MountPlan {
     /// Whether the mount point is a stale fleecefs mount to clean up first.
     pub stale_mount: bool,
     /// Which crashes bitmaps survive.
-    pub crash_safe_bitmaps: crate::persist::CrashSafety,
+    pub crash_safe_bitmaps: crate::bitmap_file::CrashSafety,
     /// Copy-before-write timeout.
     pub cbw_timeout: Option<Duration>,
     /// Fleecing space limit per access.
@@ -249,9 +249,9 @@ pub fn validate(args: &MountArgs) -> Result<MountPlan> {
         },
         stale_mount,
         crash_safe_bitmaps: match args.crash_safe_bitmaps {
-            crate::cli::CrashSafetyArg::On => crate::persist::CrashSafety::On,
-            crate::cli::CrashSafetyArg::Sync => crate::persist::CrashSafety::Sync,
-            crate::cli::CrashSafetyArg::Off => crate::persist::CrashSafety::Off,
+            crate::cli::CrashSafetyArg::On => crate::bitmap_file::CrashSafety::On,
+            crate::cli::CrashSafetyArg::Sync => crate::bitmap_file::CrashSafety::Sync,
+            crate::cli::CrashSafetyArg::Off => crate::bitmap_file::CrashSafety::Off,
         },
         cbw_timeout,
         fleecing_limit,

@@ -7,7 +7,8 @@
 #![warn(missing_docs)]
 
 pub mod bitmap;
-pub mod bitmaps;
+pub mod bitmap_file;
+pub mod bitmap_store;
 pub mod cbw;
 pub mod cli;
 pub mod commands;
@@ -21,7 +22,6 @@ pub mod fleece;
 pub mod fuse;
 pub mod layout;
 pub mod logger;
-pub mod persist;
 pub mod source;
 pub mod state;
 pub mod sys;

@@ -11,10 +11,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread;
 
+use fleecefs::bitmap_file::CrashSafety;
 use fleecefs::cbw::Device;
 use fleecefs::engine::{BitmapAction, Engine, EngineConfig};
 use fleecefs::error::Kind;
-use fleecefs::persist::CrashSafety;
 use fleecefs::source::Source;
 use fleecefs::units::ClusterSize;
 

@@ -53,9 +53,9 @@ use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::time::SystemTime;
 
 use crate::bitmap::Bitmap;
+use crate::bitmap_file::TrackedBitmap;
 use crate::error::{Error, Kind, Result};
 use crate::fleece::FleecingFile;
-use crate::persist::TrackedBitmap;
 use crate::source::Source;
 use crate::sys;
 use crate::units::ClusterSize;

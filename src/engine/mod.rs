@@ -27,12 +27,12 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
-use crate::bitmaps::BitmapStore;
+use crate::bitmap_file::TrackedBitmap;
+use crate::bitmap_store::BitmapStore;
 use crate::cbw::policy::{CopyPool, OnCbwError};
 use crate::cbw::writebehind::WriteBehind;
 use crate::cbw::Device;
 use crate::error::{Error, IoContext, Result};
-use crate::persist::TrackedBitmap;
 use crate::state::StateDir;
 
 /// Checks a device name, target ID or bitmap name: 1-64 of `[A-Za-z0-9._-]`, not
@@ -66,7 +66,7 @@ pub struct EngineConfig {
     /// Most fleecing space one access may hold across its devices (`None`: no limit).
     pub fleecing_limit: Option<u64>,
     /// Which crashes bitmaps in use survive (`--crash-safe-bitmaps`).
-    pub crash_safe_bitmaps: crate::persist::CrashSafety,
+    pub crash_safe_bitmaps: crate::bitmap_file::CrashSafety,
     /// Bytes of old data held in memory before the fleecing file under break-snapshot
     /// (`--cbw-buffer`; 0: copies are synchronous).
     pub cbw_buffer: u64,
@@ -82,7 +82,7 @@ impl EngineConfig {
             on_cbw_error: OnCbwError::BreakSnapshot,
             cbw_timeout: None,
             fleecing_limit: None,
-            crash_safe_bitmaps: crate::persist::CrashSafety::On,
+            crash_safe_bitmaps: crate::bitmap_file::CrashSafety::On,
             cbw_buffer: crate::cbw::writebehind::DEFAULT_CAPACITY,
         }
     }

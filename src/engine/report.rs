@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::bitmaps::{BitmapAction, BitmapStatus};
+pub use crate::bitmap_store::{BitmapAction, BitmapStatus};
 use crate::layout::MountLayout;
 
 /// The result of `bitmap remove`.

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::bitmap::Bitmap;
-use crate::bitmaps::{BitmapAction, Decision};
+use crate::bitmap_store::{BitmapAction, Decision};
 use crate::cbw::policy::{Breaker, FleecingBudget};
 use crate::cbw::CbwPolicy;
 use crate::engine::report::{SetupDevice, SetupReport};

@@ -22,12 +22,12 @@
 
 use std::sync::Arc;
 
-use crate::bitmaps::BitmapStore;
+use crate::bitmap_file::TrackedBitmap;
+use crate::bitmap_store::BitmapStore;
 use crate::cbw::DeviceAccess;
 use crate::engine::report::TeardownReport;
 use crate::engine::{validate_name, Active, Engine};
 use crate::error::{Error, Kind, Result};
-use crate::persist::TrackedBitmap;
 
 impl Engine {
     /// Ends the access of `target`. A broken access counts as failed whatever `success`

@@ -22,9 +22,9 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::bitmap::Bitmap;
+use crate::bitmap_file::{BitmapKind, CrashSafety, TrackedBitmap};
 use crate::cbw::Device;
 use crate::error::{Error, Result};
-use crate::persist::{BitmapKind, CrashSafety, TrackedBitmap};
 use crate::state::write_atomic;
 
 const REGISTRY: &str = "registry.json";
