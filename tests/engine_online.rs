@@ -30,7 +30,7 @@ fn engine(dir: &Path, images: &[(&str, u64)]) -> Engine {
             ClusterSize::new(CL).unwrap(),
         ));
     }
-    let config = EngineConfig::new(dir.join("fleece"), dir.join("mnt"));
+    let config = EngineConfig::new(dir.join("fleece"));
     Engine::new(devs, config, Some(state)).unwrap()
 }
 
@@ -206,7 +206,10 @@ fn shrink_needs_the_flag_and_invalidates_bitmaps() {
     let st = e.status();
     assert!(st.bitmaps.iter().all(|b| !b.consistent));
     let rep = e.setup("t", None, Some("b")).unwrap();
-    assert_eq!(rep.devices[0].bitmap_action, "invalid");
+    assert_eq!(
+        rep.devices[0].bitmap_action,
+        fleecefs::engine::BitmapAction::Invalid
+    );
     e.teardown("t", false).unwrap();
     e.shutdown();
 }

@@ -10,12 +10,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{validate_name, Engine};
+use crate::bitmap_file::TrackedBitmap;
 use crate::cbw::Device;
 use crate::error::{Error, Result};
-use crate::persist::TrackedBitmap;
 use crate::source::Source;
 use crate::state::{DeviceRecord, RecordedDevice};
 use crate::units::format_size;
@@ -32,7 +32,7 @@ pub enum SizeRequest {
 }
 
 /// The result of `resize`.
-#[derive(Serialize, Debug, Clone)]
+#[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct ResizeReport {
     /// Device name.
     pub device: String,
@@ -48,7 +48,7 @@ pub struct ResizeReport {
 }
 
 /// One device of a `device add` result.
-#[derive(Serialize, Debug, Clone)]
+#[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct AddedDevice {
     /// Name.
     pub name: String,
@@ -61,14 +61,14 @@ pub struct AddedDevice {
 }
 
 /// The result of `device add`.
-#[derive(Serialize, Debug, Clone)]
+#[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct DeviceAddReport {
     /// The devices added.
     pub devices: Vec<AddedDevice>,
 }
 
 /// The result of `device remove`.
-#[derive(Serialize, Debug, Clone)]
+#[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct DeviceRemoveReport {
     /// Name of the device removed.
     pub device: String,
@@ -79,7 +79,7 @@ pub struct DeviceRemoveReport {
 /// Checks a device name as `mount` does.
 pub fn check_device_name(name: &str) -> Result<()> {
     validate_name("device name", name)?;
-    if name.ends_with(".dirty") {
+    if crate::layout::is_reserved_device_name(name) {
         return Err(Error::invalid(format!(
             "invalid device name '{name}': names ending in .dirty are taken by the dirty maps (snapshot/NAME.dirty)"
         )));
@@ -342,7 +342,7 @@ impl Engine {
         }
         let control = &mut *control;
         let mut loaded: Vec<&Arc<Device>> = Vec::new();
-        let unload = |store: &mut Option<crate::bitmaps::BitmapStore>, ds: &[&Arc<Device>]| {
+        let unload = |store: &mut Option<crate::bitmap_store::BitmapStore>, ds: &[&Arc<Device>]| {
             if let Some(store) = store.as_mut() {
                 for d in ds {
                     store.unload_device(d);
