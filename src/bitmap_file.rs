@@ -48,8 +48,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
-use memmap2::MmapOptions;
-
 use crate::bitmap::Bitmap;
 use crate::error::{Error, IoContext, Result};
 use crate::source::Source;
@@ -282,15 +280,10 @@ pub type Invalid = String;
 impl TrackedBitmap {
     fn map(path: &Path, file: File, header: Header, safety: CrashSafety) -> Result<TrackedBitmap> {
         let len = Bitmap::bytes_for(header.nbits).max(8);
-        // SAFETY: the file is ours (state dir, 0600) and no other process maps it while
-        // we hold the state lock; the mapping is only accessed through atomics.
-        let map = unsafe {
-            MmapOptions::new()
-                .offset(HEADER_LEN as u64)
-                .len(len)
-                .map_mut(&file)
-        }
-        .context(|| format!("mapping bitmap {}", path.display()))?;
+        // The file is ours (state dir, 0600) and no other process maps it while we hold
+        // the state lock; the mapping is only accessed through atomics.
+        let map = crate::sys::map_shared(&file, HEADER_LEN as u64, len)
+            .context(|| format!("mapping bitmap {}", path.display()))?;
         let bits = Bitmap::from_mmap(map, 0, header.nbits);
         // Filled by the caller once the bits are on stable storage.
         let durable = (safety == CrashSafety::Sync).then(|| Bitmap::new(header.nbits, false));

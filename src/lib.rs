@@ -5,6 +5,7 @@
 //! of FUSE and is tested directly; `fuse` translates kernel requests into engine calls;
 //! `control` is the daemon's command socket; `daemon` wires them together.
 #![warn(missing_docs)]
+#![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod bitmap;
 pub mod bitmap_file;
