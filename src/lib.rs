@@ -25,5 +25,6 @@ pub mod layout;
 pub mod logger;
 pub mod source;
 pub mod state;
+pub mod sync;
 pub mod sys;
 pub mod units;

@@ -19,6 +19,7 @@ use crate::cbw::writebehind::{CopyTarget, PendingCopy, WriteBehind};
 use crate::dirtymap::DirtyMap;
 use crate::error::Result;
 use crate::fleece::FleecingFile;
+use crate::sync::Recover;
 use crate::units::ClusterSize;
 
 /// Smallest span of bytes one stripe lock covers. With 64 KiB clusters a lock covers one
@@ -263,7 +264,7 @@ impl DeviceAccess {
         loop {
             match try_lock() {
                 Ok(g) => return Some(g),
-                Err(std::sync::TryLockError::Poisoned(p)) => return Some(p.into_inner()),
+                Err(std::sync::TryLockError::Poisoned(p)) => return Some(Err(p).recover()),
                 Err(std::sync::TryLockError::WouldBlock) => {}
             }
             if self.is_broken() || deadline.is_some_and(|d| std::time::Instant::now() >= d) {
@@ -343,7 +344,7 @@ pub struct PendingMap {
 
 impl PendingMap {
     fn lock(&self) -> MutexGuard<'_, HashMap<u64, Arc<PendingCopy>>> {
-        self.map.lock().unwrap_or_else(|p| p.into_inner())
+        self.map.lock().recover()
     }
 
     /// Whether no copy is pending.

@@ -11,6 +11,7 @@ use crate::cbw::policy::inject_copy_fault;
 use crate::cbw::writebehind::{CopyTarget, PendingCopy, WriteBehind};
 use crate::error::{Error, Kind, Result};
 use crate::source::Source;
+use crate::sync::Recover;
 use crate::units::ClusterSize;
 
 /// Largest buffer one copy step uses; bigger clusters are copied in pieces.
@@ -115,7 +116,7 @@ pub(super) fn copy_unit(
     let size = source.size();
     let stripe = access.stripe(unit);
     let _g = match deadline {
-        None => stripe.write().unwrap_or_else(|p| p.into_inner()),
+        None => stripe.write().recover(),
         Some(d) => match access.wait_stripe(|| stripe.try_write(), Some(d)) {
             Some(g) => g,
             None if access.is_broken() => return Ok(()),

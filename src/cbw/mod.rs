@@ -57,6 +57,7 @@ use crate::bitmap_file::TrackedBitmap;
 use crate::error::{Error, Kind, Result};
 use crate::fleece::FleecingFile;
 use crate::source::Source;
+use crate::sync::Recover;
 use crate::sys;
 use crate::units::ClusterSize;
 use copy::{copy_clusters, Store};
@@ -121,21 +122,19 @@ impl Device {
 
     /// The last I/O error the source returned, if any (for `status`).
     pub fn last_error(&self) -> Option<(String, SystemTime)> {
-        self.last_error.lock().map(|g| g.clone()).unwrap_or(None)
+        self.last_error.lock().recover().clone()
     }
 
     fn note_source_error(&self, e: &Error) {
         let text = crate::error::report(e);
         log::warn!("device {}: {text}", self.name);
-        if let Ok(mut g) = self.last_error.lock() {
-            *g = Some((text, SystemTime::now()));
-        }
+        *self.last_error.lock().recover() = Some((text, SystemTime::now()));
     }
 
     fn gate(&self) -> RwLockReadGuard<'_, GateState> {
         // A poisoned gate only means a thread panicked while holding it; what it guards
         // (an Option<Arc> and a Vec of Arcs) is never left half-updated, so keep serving.
-        self.gate.read().unwrap_or_else(|p| p.into_inner())
+        self.gate.read().recover()
     }
 
     /// A new access of this device over `frozen` (the clusters to expose) using
@@ -163,7 +162,7 @@ impl Device {
     /// The gate, exclusively: no data operation of this device runs while it is held.
     /// The engine takes the gates of all devices it switches, in device index order.
     pub fn lock_gate(&self) -> std::sync::RwLockWriteGuard<'_, GateState> {
-        self.gate.write().unwrap_or_else(|p| p.into_inner())
+        self.gate.write().recover()
     }
 
     /// What must happen before `[offset, offset+len)` of the source changes (the ordering
