@@ -171,15 +171,16 @@ impl DeviceAccess {
         let mut p = pos;
         while p < end {
             let c = self.cluster.index_of(p);
-            let mut run_end = self.cluster.start_of(c + 1).min(end);
-            let copy = self.pending.get(c);
+            let mut run_end = self.cluster.start_of(c.next()).min(end);
+            let copy = self.pending.get(c.0);
             if copy.is_none() {
                 // Extend over the following clusters that are not pending either.
-                while run_end < end && self.pending.get(self.cluster.index_of(run_end)).is_none() {
-                    run_end = self
-                        .cluster
-                        .start_of(self.cluster.index_of(run_end) + 1)
-                        .min(end);
+                while run_end < end {
+                    let n = self.cluster.index_of(run_end);
+                    if self.pending.get(n.0).is_some() {
+                        break;
+                    }
+                    run_end = self.cluster.start_of(n.next()).min(end);
                 }
             }
             let dst = &mut buf[(p - pos) as usize..(run_end - pos) as usize];

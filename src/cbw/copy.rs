@@ -12,7 +12,7 @@ use crate::cbw::writebehind::{CopyTarget, PendingCopy, WriteBehind};
 use crate::error::{Error, Kind, Result};
 use crate::source::Source;
 use crate::sync::Recover;
-use crate::units::ClusterSize;
+use crate::units::{ClusterIdx, ClusterSize};
 
 /// Largest buffer one copy step uses; bigger clusters are copied in pieces.
 const COPY_CHUNK: usize = 1 << 20;
@@ -51,7 +51,7 @@ pub(super) fn copy_clusters(
     store: Store<'_>,
 ) -> Result<()> {
     let size = source.size();
-    let unit_of = |c: u64| cluster.start_of(c) >> access.unit_shift;
+    let unit_of = |c: u64| cluster.start_of(ClusterIdx(c)) >> access.unit_shift;
     let mut unit = unit_of(clusters.start);
     let last_unit = unit_of(clusters.end - 1);
     while unit <= last_unit {

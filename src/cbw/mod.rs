@@ -59,7 +59,7 @@ use crate::fleece::FleecingFile;
 use crate::source::Source;
 use crate::sync::Recover;
 use crate::sys;
-use crate::units::ClusterSize;
+use crate::units::{ClusterIdx, ClusterSize};
 use copy::{copy_clusters, Store};
 
 pub use access::{AccessStats, CbwPolicy, DeviceAccess, DeviceShape, PendingMap, LOCK_UNIT_MIN};
@@ -399,7 +399,7 @@ impl Device {
             let mut gate = Some(gate);
             let first = self.cluster.index_of(pos);
             let last = self.cluster.index_of(unit_end - 1);
-            if (first..=last)
+            if (first.0..=last.0)
                 .take_while(|&c| access.accessible.get(c))
                 .all(|c| access.copied.get(c))
             {
@@ -407,7 +407,7 @@ impl Device {
             }
             while pos < unit_end {
                 let c = self.cluster.index_of(pos);
-                if !access.accessible.get(c) {
+                if !access.accessible.get(c.0) {
                     if pos == offset {
                         return Err(Error::new(
                             Kind::Inaccessible,
@@ -420,14 +420,14 @@ impl Device {
                     break 'units;
                 }
                 // Extend over clusters with the same location (fleecing or source).
-                let from_fleece = access.copied.get(c);
-                let mut run_end = (self.cluster.start_of(c + 1)).min(unit_end);
+                let from_fleece = access.copied.get(c.0);
+                let mut run_end = self.cluster.start_of(c.next()).min(unit_end);
                 while run_end < unit_end {
                     let n = self.cluster.index_of(run_end);
-                    if !access.accessible.get(n) || access.copied.get(n) != from_fleece {
+                    if !access.accessible.get(n.0) || access.copied.get(n.0) != from_fleece {
                         break;
                     }
-                    run_end = self.cluster.start_of(n + 1).min(unit_end);
+                    run_end = self.cluster.start_of(n.next()).min(unit_end);
                 }
                 let dst = &mut buf[(pos - offset) as usize..(run_end - offset) as usize];
                 if from_fleece {
@@ -468,7 +468,7 @@ impl Device {
         if clusters.is_empty() {
             return Ok(());
         }
-        let unit_of = |c: u64| self.cluster.start_of(c) >> access.unit_shift;
+        let unit_of = |c: u64| self.cluster.start_of(ClusterIdx(c)) >> access.unit_shift;
         let mut unit = unit_of(clusters.start);
         let last_unit = unit_of(clusters.end - 1);
         let mut to_punch: Vec<Range<u64>> = Vec::new();
