@@ -39,6 +39,7 @@ use crate::cbw::writebehind::WriteBehind;
 use crate::cbw::Device;
 use crate::error::{Error, IoContext, Result};
 use crate::state::StateDir;
+use crate::sync::Recover;
 
 /// Checks a device name, target ID or bitmap name: 1-64 of `[A-Za-z0-9._-]`, not
 /// starting with a dot.
@@ -261,11 +262,11 @@ impl Engine {
     }
 
     fn table(&self) -> std::sync::RwLockReadGuard<'_, Vec<Option<Arc<Device>>>> {
-        self.devices.read().unwrap_or_else(|p| p.into_inner())
+        self.devices.read().recover()
     }
 
     fn table_mut(&self) -> std::sync::RwLockWriteGuard<'_, Vec<Option<Arc<Device>>>> {
-        self.devices.write().unwrap_or_else(|p| p.into_inner())
+        self.devices.write().recover()
     }
 
     /// The devices served now, in slot order.
@@ -321,7 +322,7 @@ impl Engine {
     }
 
     fn control(&self) -> MutexGuard<'_, Control> {
-        self.control.lock().unwrap_or_else(|p| p.into_inner())
+        self.control.lock().recover()
     }
 
     /// Shutdown, after the last live write: tears down any active access as a failure,
