@@ -84,7 +84,8 @@ pub fn allocated_bytes(file: &File) -> io::Result<u64> {
 }
 
 /// Reads exactly `buf.len()` bytes at `offset`; a short file is an I/O error (EIO), since
-/// devices never shrink legitimately under fleecefs.
+/// a device shrinks only through `fleecefs resize --allow-shrink`, which changes the size
+/// fleecefs serves first (a live read racing that shrink may get EIO for the cut range).
 pub fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
     match file.read_exact_at(buf, offset) {
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
