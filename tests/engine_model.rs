@@ -504,6 +504,32 @@ fn run_threaded(seed: u64) {
             ops
         }));
     }
+    {
+        // Grows the devices now and then, during accesses too (writers and readers stay
+        // within the first sizes; the grown range reads as zeros until then).
+        let s = shared.clone();
+        let mut r = Rng(seed ^ 0x7777);
+        handles.push(thread::spawn(move || {
+            let mut ops = 0;
+            while !s.stop.load(Ordering::Relaxed) {
+                thread::sleep(std::time::Duration::from_millis(3));
+                let d = r.below(sizes.len() as u64) as usize;
+                if s.live[d].lock().unwrap().len() as u64 > 4 * sizes[d] {
+                    continue;
+                }
+                let delta = 1 + r.below(cluster * 2);
+                // like a write: not while the main thread captures the model at setup
+                let _q = s.quiesce.read().unwrap();
+                let want = fleecefs::engine::SizeRequest::Grow(delta);
+                let rep = s.engine.resize(&format!("d{d}"), want, false).unwrap();
+                let mut m = s.live[d].lock().unwrap();
+                assert_eq!(rep.old_size, m.len() as u64, "seed {seed}: size of d{d}");
+                m.resize(rep.new_size as usize, 0);
+                ops += 1;
+            }
+            ops
+        }));
+    }
     // The main thread cycles accesses.
     let names: Vec<String> = vec!["d0".into(), "d1".into()];
     for cycle in 0..12 {
