@@ -185,11 +185,24 @@ pub struct CopyArgs {
     pub mountpoint: PathBuf,
     /// The device to copy (snapshot/NAME of the active backup access)
     pub name: String,
-    /// The image to write: a new file, or with --incremental the previous full image
+    /// The image to write: a new file, or (raw) with --incremental the previous full image
     pub dest: PathBuf,
-    /// Write only the dirty ranges onto DEST, the image of the previous backup
+    /// Write only the dirty ranges: raw onto DEST, the previous image; qcow2 into a new
+    /// overlay DEST on --backing PREV
     #[arg(long)]
     pub incremental: bool,
+    /// Format of DEST: raw, or qcow2 (a new image; with --incremental an overlay)
+    #[arg(long, value_enum, default_value = "raw")]
+    pub format: CopyFormatArg,
+    /// The previous backup (raw or qcow2) a qcow2 overlay is based on; only read
+    #[arg(long, value_name = "PREV")]
+    pub backing: Option<PathBuf>,
+    /// Average snapshot read rate in bytes per second, e.g. 100M
+    #[arg(long, value_name = "RATE")]
+    pub bwlimit: Option<String>,
+    /// Parallel snapshot readers (DEST is still written in order) [default: 2]
+    #[arg(long, value_name = "N")]
+    pub jobs: Option<usize>,
     /// Punch each range on the snapshot once it is safely in DEST (frees fleecing space)
     #[arg(long)]
     pub discard: bool,
@@ -199,6 +212,15 @@ pub struct CopyArgs {
     /// Print the summary as JSON
     #[arg(long)]
     pub json: bool,
+}
+
+/// `copy --format`.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CopyFormatArg {
+    /// Plain bytes (sparse)
+    Raw,
+    /// QEMU qcow2 (only allocated clusters; overlays for incrementals)
+    Qcow2,
 }
 
 /// `status` flags.

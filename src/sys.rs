@@ -62,6 +62,32 @@ pub fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()>
     }
 }
 
+/// Reads up to `buf.len()` bytes at `offset` (fewer at the end of the file).
+pub fn read_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+/// Drops a file's clean cached pages of a range (`len` 0: to the end of the file), so the
+/// next read comes from the disk. Only advice: failures are ignored.
+pub fn drop_cache(file: &File, offset: u64, len: u64) {
+    let (Ok(o), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return;
+    };
+    // SAFETY: plain syscall on a valid fd; it only gives advice.
+    unsafe {
+        libc::posix_fadvise(file.as_raw_fd(), o, l, libc::POSIX_FADV_DONTNEED);
+    }
+}
+
 /// Writes all of `buf` at `offset`.
 pub fn write_all_at(file: &File, buf: &[u8], offset: u64) -> io::Result<()> {
     file.write_all_at(buf, offset)
@@ -88,6 +114,23 @@ pub fn lock_exclusive(file: &std::fs::File) -> std::io::Result<()> {
     fl.l_whence = libc::SEEK_SET as libc::c_short;
     fl.l_start = 0;
     // Length 0: to the end of the file, however large it grows.
+    fl.l_len = 0;
+    // SAFETY: fcntl on a valid fd with a valid flock.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Takes a shared (read) OFD lock on the whole of `file`: it conflicts with
+/// [`lock_exclusive`] held by another open file, not with other shared locks.
+pub fn lock_shared(file: &std::fs::File) -> std::io::Result<()> {
+    // SAFETY: an all-zero flock is valid; the fields are set below.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_RDLCK as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = 0;
     fl.l_len = 0;
     // SAFETY: fcntl on a valid fd with a valid flock.
     if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) } == 0 {
