@@ -37,6 +37,11 @@ pub enum Command {
         after_help = "Example:\n  fleecefs copy /mnt/fleece vm100 /backup/vm100.img --discard --verify"
     )]
     Copy(CopyArgs),
+    /// Write a backup (raw, or the top of a qcow2 chain) back into live/NAME
+    #[command(
+        after_help = "Example:\n  fleecefs restore /mnt/fleece vm100 /backup/vm100.3.qcow2 --verify"
+    )]
+    Restore(RestoreArgs),
     /// Show devices, bitmaps and the active backup access
     #[command(after_help = "Example:\n  fleecefs status /mnt/fleece --json")]
     Status(StatusArgs),
@@ -209,6 +214,26 @@ pub struct CopyArgs {
     /// Read each written range back from DEST and compare it with the snapshot
     #[arg(long)]
     pub verify: bool,
+    /// Print the summary as JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `restore` flags.
+#[derive(Args, Debug)]
+pub struct RestoreArgs {
+    /// The fleecefs mount point
+    pub mountpoint: PathBuf,
+    /// The device to restore (live/NAME)
+    pub name: String,
+    /// The backup: a raw image or the top of a qcow2 chain
+    pub from: PathBuf,
+    /// Read the device back afterwards and compare it with the backup
+    #[arg(long)]
+    pub verify: bool,
+    /// Restore even while another process has live/NAME open
+    #[arg(long)]
+    pub force: bool,
     /// Print the summary as JSON
     #[arg(long)]
     pub json: bool,

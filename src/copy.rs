@@ -239,7 +239,7 @@ pub fn summary_line(s: &CopySummary) -> String {
     line
 }
 
-fn rate(bytes: u64, seconds: f64) -> String {
+pub(crate) fn rate(bytes: u64, seconds: f64) -> String {
     if seconds <= 0.0 {
         return "- MB/s".into();
     }
@@ -816,7 +816,8 @@ impl Copier<'_> {
 }
 
 /// Progress on stderr: a bar redrawn in place on a terminal, a log line every 10% otherwise.
-struct Progress {
+pub(crate) struct Progress {
+    verb: &'static str,
     name: String,
     total: u64,
     enabled: bool,
@@ -828,10 +829,16 @@ struct Progress {
 }
 
 impl Progress {
-    fn new(name: &str, total: u64, enabled: bool) -> Progress {
+    pub(crate) fn new(name: &str, total: u64, enabled: bool) -> Progress {
+        Progress::with_verb("copy", name, total, enabled)
+    }
+
+    /// Progress of `verb` (`copy`, `restore`) on device `name`.
+    pub(crate) fn with_verb(verb: &'static str, name: &str, total: u64, enabled: bool) -> Progress {
         // SAFETY: isatty only inspects the descriptor.
         let tty = enabled && unsafe { libc::isatty(2) } == 1;
         Progress {
+            verb,
             name: name.to_string(),
             total,
             enabled,
@@ -842,7 +849,7 @@ impl Progress {
         }
     }
 
-    fn update(&mut self, done: u64) {
+    pub(crate) fn update(&mut self, done: u64) {
         if !self.enabled || self.total == 0 {
             return;
         }
@@ -860,7 +867,8 @@ impl Progress {
             self.logged_tenths = tenths;
             // Progress the user asked for: shown without -v (it is not debug logging).
             eprintln!(
-                "fleecefs: copy {}: {}% ({} of {}), {}",
+                "fleecefs: {} {}: {}% ({} of {}), {}",
+                self.verb,
                 self.name,
                 tenths * 10,
                 format_size(done),
@@ -903,7 +911,7 @@ impl Progress {
         let _ = err.flush();
     }
 
-    fn finish(&mut self, ok: bool) {
+    pub(crate) fn finish(&mut self, ok: bool) {
         if !self.tty {
             return;
         }

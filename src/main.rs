@@ -3,7 +3,7 @@
 use clap::Parser;
 
 use fleecefs::cli::{BitmapCommand, Cli, Command};
-use fleecefs::{commands, copy, daemon, error, logger};
+use fleecefs::{commands, copy, daemon, error, logger, restore};
 
 fn run(cli: Cli) -> error::Result<()> {
     match cli.command {
@@ -14,6 +14,7 @@ fn run(cli: Cli) -> error::Result<()> {
         Command::Setup(a) => commands::setup(&a.mountpoint, &a.target, a.devices, a.bitmap, a.json),
         Command::Teardown(a) => commands::teardown(&a.mountpoint, &a.target, a.success, a.json),
         Command::Copy(a) => copy::run(&a),
+        Command::Restore(a) => restore::run(&a),
         Command::Status(a) => commands::status(&a.mountpoint, a.json),
         Command::Unmount(a) => daemon::unmount(&a.mountpoint),
         Command::Bitmap(BitmapCommand::Remove(a)) => {

@@ -178,4 +178,42 @@ head -c $((32 * M)) "$T/ref3.img" >"$T/small.raw"
     fail "overlay on a smaller backup failed"
 check_image "$B/grown.qcow2" "$T/ref4.img"
 "$FLEECEFS" teardown "$T/mnt" --target other --success >/dev/null
-echo "ok: qcow2 chain: full ($want clusters) + 3 overlays check, convert and allocate exactly the dirty ranges; raw and smaller backing; refusals"
+
+# restore: each point of the chain in turn onto live/disk
+restore_point() { # FROM REF EXTRA-ARGS...
+    local from=$1 ref=$2
+    shift 2
+    "$FLEECEFS" restore "$T/mnt" disk "$from" --json "$@" >"$T/r.json" 2>"$T/r.err" || fail "restore $from: $(cat "$T/r.err")"
+    cmp "$L" "$ref" || fail "live/disk after restoring $from differs from $ref"
+}
+for n in 0 1 2 3; do
+    restore_point "$B/$n.qcow2" "$T/ref$n.img" --verify
+    grep -q "fleecefs: restore disk: 100%" "$T/r.err" || fail "no progress on stderr: $(cat "$T/r.err")"
+done
+# ranges already equal are compared, not written
+restore_point "$B/3.qcow2" "$T/ref3.img"
+[ "$(js "$T/r.json" "d['bytes_written'] == 0 and d['bytes_skipped_equal'] == 64 << 20 and d['format'] == 'qcow2'")" = True ] ||
+    fail "restoring the same point again wrote: $(cat "$T/r.json")"
+restore_point "$B/2.qcow2" "$T/ref2.img"
+diff=$(cmp -l "$T/ref2.img" "$T/ref3.img" | wc -l || true)
+[ "$(js "$T/r.json" "0 < d['bytes_written'] <= 8 << 20")" = True ] || fail "restoring 3 -> 2 ($diff bytes differ) wrote: $(cat "$T/r.json")"
+# a raw backup, then an incremental of bitmap b: it must cover what the restores wrote
+cp "$T/ref1.img" "$T/one.raw"
+restore_point "$T/one.raw" "$T/ref1.img"
+[ "$(js "$T/r.json" "d['format'] == 'raw'")" = True ] || fail "raw restore: $(cat "$T/r.json")"
+setup_chain
+cp "$T/ref1.img" "$T/ref5.img"
+incremental 5 "$B/3.qcow2"
+# refusals: during an access, another opener (unless --force), wrong size, missing
+expect_rc 1 "a backup access includes disk" "$FLEECEFS" restore "$T/mnt" disk "$B/0.qcow2"
+"$FLEECEFS" teardown "$T/mnt" --target chain --success >/dev/null
+exec 7<"$L"
+expect_rc 1 "is open by process $$" "$FLEECEFS" restore "$T/mnt" disk "$B/0.qcow2"
+cmp -s "$L" "$T/ref1.img" || fail "a refused restore changed live/disk"
+restore_point "$B/0.qcow2" "$T/ref0.img" --force
+exec 7<&-
+expect_rc 1 "not a backup of this device" "$FLEECEFS" restore "$T/mnt" disk "$T/small.raw"
+expect_rc 1 "does not exist" "$FLEECEFS" restore "$T/mnt" disk "$B/none.qcow2"
+expect_rc 1 "no device nodisk" "$FLEECEFS" restore "$T/mnt" nodisk "$B/0.qcow2"
+cmp -s "$L" "$T/ref0.img" || fail "a refused restore changed live/disk"
+echo "ok: qcow2 chain: full ($want clusters) + 3 overlays check, convert and allocate exactly the dirty ranges; raw and smaller backing; refusals; restore of points 0-3, raw, skip of equal ranges, bitmap covers restores"
