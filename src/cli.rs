@@ -158,6 +158,25 @@ pub struct SetupArgs {
     /// Dirty bitmap for incremental backups of this target
     #[arg(long, value_name = "NAME")]
     pub bitmap: Option<String>,
+    /// Command run just before the snapshot instant (e.g. "fsfreeze -f /mnt/data"); no
+    /// shell unless written as sh -c '...'
+    #[arg(long, value_name = "CMD", requires = "thaw_cmd")]
+    pub freeze_cmd: Option<String>,
+    /// Command run right after it, always once the freeze command was started
+    #[arg(long, value_name = "CMD", requires = "freeze_cmd")]
+    pub thaw_cmd: Option<String>,
+    /// Longest each of the freeze and thaw commands may run before it is killed
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 10.0,
+        allow_negative_numbers = true,
+        requires = "freeze_cmd"
+    )]
+    pub freeze_timeout: f64,
+    /// A failing or timed-out freeze command does not fail the setup
+    #[arg(long, requires = "freeze_cmd")]
+    pub freeze_optional: bool,
     /// Print the result as JSON
     #[arg(long)]
     pub json: bool,

@@ -18,6 +18,7 @@ pub mod dirtymap;
 pub mod engine;
 pub mod error;
 pub mod fleece;
+pub mod freeze;
 pub mod fuse;
 pub mod logger;
 pub mod persist;

@@ -11,7 +11,17 @@ fn run(cli: Cli) -> error::Result<()> {
             commands::require_root("mounting")?;
             daemon::mount(&a)
         }
-        Command::Setup(a) => commands::setup(&a.mountpoint, &a.target, a.devices, a.bitmap, a.json),
+        Command::Setup(a) => {
+            let hooks = commands::freeze_hooks(&a)?;
+            commands::setup(
+                &a.mountpoint,
+                &a.target,
+                a.devices,
+                a.bitmap,
+                hooks.as_ref(),
+                a.json,
+            )
+        }
         Command::Teardown(a) => commands::teardown(&a.mountpoint, &a.target, a.success, a.json),
         Command::Copy(a) => copy::run(&a),
         Command::Restore(a) => restore::run(&a),

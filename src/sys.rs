@@ -88,6 +88,21 @@ pub fn drop_cache(file: &File, offset: u64, len: u64) {
     }
 }
 
+/// Sends SIGKILL to the process group `pgid` (a child started in its own group).
+pub fn kill_group(pgid: u32) {
+    let Ok(p) = libc::pid_t::try_from(pgid) else {
+        return;
+    };
+    if p <= 1 {
+        return;
+    }
+    // SAFETY: plain syscall; a negative pid names the process group. Failure (the group
+    // is gone) is harmless.
+    unsafe {
+        libc::kill(-p, libc::SIGKILL);
+    }
+}
+
 /// Writes all of `buf` at `offset`.
 pub fn write_all_at(file: &File, buf: &[u8], offset: u64) -> io::Result<()> {
     file.write_all_at(buf, offset)
