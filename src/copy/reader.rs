@@ -117,7 +117,7 @@ where
         let done_rx = done_rx;
         let mut early: BTreeMap<usize, (Vec<u8>, io::Result<()>)> = BTreeMap::new();
         let mut result = Ok(());
-        for want in 0..chunks.len() {
+        for (want, &(_, len)) in chunks.iter().enumerate() {
             let (buf, r) = loop {
                 if let Some(x) = early.remove(&want) {
                     break x;
@@ -136,7 +136,6 @@ where
             if result.is_err() {
                 break;
             }
-            let len = chunks[want].1;
             if let Err(e) = f(want, r.map(|()| &buf[..len])) {
                 result = Err(e);
                 break;
