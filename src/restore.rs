@@ -88,14 +88,15 @@ pub fn restore(
         return Err(Error::invalid(format!("'{name}' is not a device name")));
     }
     crate::control::client::state_dir_of(mountpoint)?;
-    let live = mountpoint.join("live").join(name);
+    let layout = crate::layout::MountLayout::new(mountpoint);
+    let live = layout.live(name);
     if !live.exists() {
         return Err(Error::not_found(format!(
             "no device {name} in {}",
             mountpoint.display()
         )));
     }
-    if mountpoint.join("snapshot").join(name).exists() {
+    if layout.snapshot(name).exists() {
         return Err(Error::busy(format!(
             "a backup access includes {name}: restore after its teardown"
         )));

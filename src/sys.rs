@@ -160,3 +160,9 @@ pub fn lock_shared(file: &std::fs::File) -> std::io::Result<()> {
 pub fn is_lock_conflict(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES))
 }
+
+/// The real user and group ids of this process.
+pub fn process_owner() -> (u32, u32) {
+    // SAFETY: getuid and getgid take no arguments and cannot fail.
+    unsafe { (libc::getuid(), libc::getgid()) }
+}
