@@ -2,7 +2,7 @@
 //! default) when `--cbw-buffer` is not 0.
 //!
 //! A live write that must copy a cluster first reads the cluster's old data from the
-//! source into memory (a [`PendingCopy`]), publishes it in its access's [`PendingMap`]
+//! source into memory (a [`PendingCopy`]), publishes it in its access's [`PendingMap`](super::access::PendingMap)
 //! and marks the cluster copied, all under the cluster's stripe lock; then it writes the
 //! source and returns. Flusher threads store pending copies in the fleecing file later,
 //! and only then remove them from the map. Snapshot reads of a copied cluster take the
