@@ -322,10 +322,13 @@ pub fn copy_files(
     let total: u64 = ranges.iter().map(|r| r.1).sum();
     if !opts.incremental && total != size {
         return Err(Error::invalid(format!(
-            "the backup access of {name} is incremental (its dirty map covers {} of {}): \
-             use --incremental onto the previous full image",
+            "the backup access of {name} is incremental (its dirty map covers {} of {}): {}",
             format_size(total),
-            format_size(size)
+            format_size(size),
+            match opts.format {
+                ImageFormat::Raw => "use --incremental onto the previous full image",
+                ImageFormat::Qcow2 => "use --incremental --backing PREV, the previous backup",
+            }
         )));
     }
     let (out, backing) = match opts.format {

@@ -129,6 +129,7 @@ put 2 256 /dev/zero     # zeros over data: zero clusters in the overlay
 put 63 1024 /dev/urandom
 cp "$T/src.img" "$T/ref1.img"
 setup_chain
+expect_rc 1 "use --incremental --backing PREV" "$FLEECEFS" copy "$T/mnt" disk "$B/1.qcow2" --format qcow2
 expect_rc 1 "does not exist" "$FLEECEFS" copy "$T/mnt" disk "$B/1.qcow2" --format qcow2 --incremental --backing "$B/none.qcow2"
 truncate -s $((65 * M)) "$T/big.raw"
 expect_rc 1 "not a backup of this device" "$FLEECEFS" copy "$T/mnt" disk "$B/1.qcow2" --format qcow2 --incremental --backing "$T/big.raw"
