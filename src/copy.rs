@@ -1178,4 +1178,85 @@ mod tests {
         let e = c.verify(0, 1 << 20).unwrap_err();
         assert!(e.message().contains("at offset 777777"), "{}", e.message());
     }
+
+    #[test]
+    fn qcow2_full_and_overlay_read_back_through_the_chain() {
+        // Full qcow2 copy, then an overlay with the incremental dirty map: the overlay,
+        // read through its backing image, equals the second snapshot; a damaged cluster
+        // is caught by verification.
+        let s = setup(1 << 20, "0 1048576\n");
+        let full = s.dir.path().join("0.qcow2");
+        let o = CopyOptions {
+            format: ImageFormat::Qcow2,
+            verify: true,
+            jobs: 3,
+            ..opts()
+        };
+        let r = copy_files(&s.snap, &s.dirty, "disk", &full, o).unwrap();
+        assert_eq!(r.format, "qcow2");
+        // A zero-free cluster count: [len/4, len/2) is zeros except one 4K block.
+        assert_eq!(r.clusters_allocated, Some(16 - 4 + 1));
+        // Second point: new data over 64K..128K, zeros over 0..64K.
+        let mut image2 = s.image.clone();
+        image2[65536..131072].fill(0x42);
+        image2[..65536].fill(0);
+        std::fs::write(&s.snap, &image2).unwrap();
+        std::fs::write(&s.dirty, "0 131072\n").unwrap();
+        let top = s.dir.path().join("1.qcow2");
+        let o = CopyOptions {
+            format: ImageFormat::Qcow2,
+            incremental: true,
+            backing: Some(full.clone()),
+            verify: true,
+            ..opts()
+        };
+        let r = copy_files(&s.snap, &s.dirty, "disk", &top, o).unwrap();
+        assert_eq!(r.backing_file.as_deref(), Some("0.qcow2"));
+        assert_eq!(r.backing_format.as_deref(), Some("qcow2"));
+        assert_eq!(r.clusters_allocated, Some(1));
+        assert_eq!(r.bytes_skipped_zero, 65536);
+        let chain = qcow2::open_chain(&top, "image").unwrap();
+        let mut got = vec![0u8; 1 << 20];
+        chain.image.read(&mut got[..], 0).unwrap();
+        assert!(
+            got == image2,
+            "the overlay does not read as the second snapshot"
+        );
+        drop(chain);
+        // Verification reads back through the chain and names the first bad byte.
+        let prev = qcow2::open_chain(&full, "previous").unwrap();
+        let bad = s.dir.path().join("bad.qcow2");
+        let img = qcow2::create(
+            &bad,
+            1 << 20,
+            65536,
+            Some(("0.qcow2".into(), prev.format, prev.image)),
+        )
+        .unwrap();
+        img.image.write(&vec![0x43u8; 65536][..], 65536).unwrap();
+        let snap = File::open(&s.snap).unwrap();
+        let all = s.dir.path().join("all.dirty");
+        std::fs::write(&all, "0 1048576\n").unwrap();
+        let summary = copy_files(&s.snap, &all, "disk", &s.dir.path().join("x"), opts()).unwrap();
+        let mut c = Copier {
+            name: "disk",
+            snap: &snap,
+            dest: Dest::Qcow2 {
+                img,
+                overlay: true,
+                clusters: 0,
+                cluster: 65536,
+            },
+            dest_path: &bad,
+            discard: false,
+            verify: true,
+            sbuf: Vec::new(),
+            vbuf: Vec::new(),
+            progress: Progress::new("disk", 0, false),
+            s: summary,
+        };
+        // The damaged cluster differs from the snapshot at its first byte.
+        let e = c.verify(65536, 65536).unwrap_err();
+        assert!(e.message().contains("at offset 65536"), "{}", e.message());
+    }
 }
