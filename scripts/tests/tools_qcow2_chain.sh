@@ -75,11 +75,11 @@ setup_chain() {
     cp "$T/mnt/snapshot/disk.dirty" "$T/dirty"
 }
 
-# 64 MiB: random data in [0,8M) and [16M,24M), a few scattered clusters, zeros elsewhere
-truncate -s $((64 * M)) "$T/src.img"
+# 32 MiB: random data in [0,8M) and [16M,24M), a few scattered clusters, zeros elsewhere
+truncate -s $((32 * M)) "$T/src.img"
 head -c $((8 * M)) /dev/urandom | dd of="$T/src.img" bs=1M conv=notrunc iflag=fullblock status=none
 head -c $((8 * M)) /dev/urandom | dd of="$T/src.img" bs=1M seek=16 conv=notrunc iflag=fullblock status=none
-for k in 40 41 47 55; do
+for k in 25 26 28 30; do
     head -c 4096 /dev/urandom | dd of="$T/src.img" bs=4096 seek=$((k * 256 + 7)) conv=notrunc status=none
 done
 fmount "$T/mnt" --state-dir "$T/state" --cluster-size 128K --device disk="$T/src.img"
@@ -98,12 +98,12 @@ expect_rc 2 "invalid value" "$FLEECEFS" copy "$T/mnt" disk "$B/x" --format vmdk
 cp "$T/src.img" "$T/ref0.img"
 "$FLEECEFS" copy "$T/mnt" disk "$B/0.qcow2" --format qcow2 --verify --json >"$T/c0.json" || fail "full qcow2 copy failed"
 check_image "$B/0.qcow2" "$T/ref0.img"
-[ "$(qemu-img info --output=json "$B/0.qcow2" | python3 -c 'import json,sys; d=json.load(sys.stdin); print(d["format"], d["cluster-size"], d["virtual-size"], "backing-filename" in d)')" = "qcow2 $C $((64 * M)) False" ] ||
+[ "$(qemu-img info --output=json "$B/0.qcow2" | python3 -c 'import json,sys; d=json.load(sys.stdin); print(d["format"], d["cluster-size"], d["virtual-size"], "backing-filename" in d)')" = "qcow2 $C $((32 * M)) False" ] ||
     fail "full image: $(qemu-img info "$B/0.qcow2")"
 want=$(nonzero_clusters "$T/ref0.img")
 got=$(data_clusters "$B/0.qcow2")
 [ "$got" = "$want" ] || fail "full image allocates $got clusters, $want hold data"
-[ "$(js "$T/c0.json" "d['format'] == 'qcow2' and d['clusters_allocated'] == $want and d['cluster_size'] == $C and d['bytes_written'] == $want * $C and d['bytes_read'] == 64 << 20 and 'backing_file' not in d and not d['incremental'] and d['verified']")" = True ] ||
+[ "$(js "$T/c0.json" "d['format'] == 'qcow2' and d['clusters_allocated'] == $want and d['cluster_size'] == $C and d['bytes_written'] == $want * $C and d['bytes_read'] == 32 << 20 and 'backing_file' not in d and not d['incremental'] and d['verified']")" = True ] ||
     fail "full --json: $(cat "$T/c0.json")"
 expect_rc 1 "already exists" "$FLEECEFS" copy "$T/mnt" disk "$B/0.qcow2" --format qcow2
 check_image "$B/0.qcow2" "$T/ref0.img"
@@ -124,14 +124,14 @@ incremental() { # N PREV EXTRA-ARGS...
     [ "$(js "$T/c$n.json" "d['backing_file'] == '$(basename "$prev")' and d['backing_format'] == 'qcow2' and d['incremental'] and d['bytes_read'] == $(awk '{s += $2} END {print s}' "$T/dirty")")" = True ] ||
         fail "incremental $n --json: $(cat "$T/c$n.json")"
 }
-put 30 192 /dev/urandom # new data in a zero region
+put 12 192 /dev/urandom # new data in a zero region
 put 2 256 /dev/zero     # zeros over data: zero clusters in the overlay
-put 63 1024 /dev/urandom
+put 31 1024 /dev/urandom
 cp "$T/src.img" "$T/ref1.img"
 setup_chain
 expect_rc 1 "use --incremental --backing PREV" "$FLEECEFS" copy "$T/mnt" disk "$B/1.qcow2" --format qcow2
 expect_rc 1 "does not exist" "$FLEECEFS" copy "$T/mnt" disk "$B/1.qcow2" --format qcow2 --incremental --backing "$B/none.qcow2"
-truncate -s $((65 * M)) "$T/big.raw"
+truncate -s $((33 * M)) "$T/big.raw"
 expect_rc 1 "not a backup of this device" "$FLEECEFS" copy "$T/mnt" disk "$B/1.qcow2" --format qcow2 --incremental --backing "$T/big.raw"
 expect_rc 1 "in use" "$FLEECEFS" copy "$T/mnt" disk "$B/1.qcow2" --format qcow2 --incremental --backing "$T/src.img"
 [ ! -e "$B/1.qcow2" ] || fail "a refused incremental left its DEST"
@@ -139,7 +139,7 @@ incremental 1 "$B/0.qcow2" --verify
 "$FLEECEFS" teardown "$T/mnt" --target chain --success >/dev/null
 
 put 5 64 /dev/urandom
-put 50 3000 /dev/urandom
+put 24 3000 /dev/urandom
 cp "$T/src.img" "$T/ref2.img"
 setup_chain
 incremental 2 "$B/1.qcow2" --jobs 4
@@ -174,7 +174,7 @@ cp "$T/ref3.img" "$T/base.raw"
     fail "overlay on raw failed"
 check_image "$B/raw-top.qcow2" "$T/ref4.img"
 [ "$(js "$T/rt.json" "d['backing_format'] == 'raw' and d['backing_file'] == '$T/base.raw'")" = True ] || fail "raw backing: $(cat "$T/rt.json")"
-head -c $((32 * M)) "$T/ref3.img" >"$T/small.raw"
+head -c $((16 * M)) "$T/ref3.img" >"$T/small.raw"
 "$FLEECEFS" copy "$T/mnt" disk "$B/grown.qcow2" --format qcow2 --incremental --backing "$T/small.raw" >/dev/null ||
     fail "overlay on a smaller backup failed"
 check_image "$B/grown.qcow2" "$T/ref4.img"
@@ -193,7 +193,7 @@ for n in 0 1 2 3; do
 done
 # ranges already equal are compared, not written
 restore_point "$B/3.qcow2" "$T/ref3.img"
-[ "$(js "$T/r.json" "d['bytes_written'] == 0 and d['bytes_skipped_equal'] == 64 << 20 and d['format'] == 'qcow2'")" = True ] ||
+[ "$(js "$T/r.json" "d['bytes_written'] == 0 and d['bytes_skipped_equal'] == 32 << 20 and d['format'] == 'qcow2'")" = True ] ||
     fail "restoring the same point again wrote: $(cat "$T/r.json")"
 restore_point "$B/2.qcow2" "$T/ref2.img"
 diff=$(cmp -l "$T/ref2.img" "$T/ref3.img" | wc -l || true)
