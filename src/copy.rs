@@ -840,8 +840,7 @@ impl Progress {
 
     /// Progress of `verb` (`copy`, `restore`) on device `name`.
     pub(crate) fn with_verb(verb: &'static str, name: &str, total: u64, enabled: bool) -> Progress {
-        // SAFETY: isatty only inspects the descriptor.
-        let tty = enabled && unsafe { libc::isatty(2) } == 1;
+        let tty = enabled && sys::stderr_is_tty();
         Progress {
             verb,
             name: name.to_string(),

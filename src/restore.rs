@@ -214,7 +214,7 @@ fn compare_all(image: &Image, out: &File, live: &Path, size: u64) -> Result<()> 
         image
             .read(&mut want[..n], off)
             .context(|| format!("reading the backup at offset {off}"))?;
-        sys::drop_cache(out, off, len);
+        sys::drop_cached_pages(out, off, len);
         sys::read_exact_at(out, &mut have[..n], off)
             .context(|| format!("reading back {} at offset {off}", live.display()))?;
         if want[..n] != have[..n] {

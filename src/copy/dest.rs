@@ -137,12 +137,12 @@ impl Dest {
     pub fn read_back(&mut self, buf: &mut [u8], off: u64, path: &Path) -> Result<()> {
         match self {
             Dest::Raw { file, .. } => {
-                sys::drop_cache(file, off, buf.len() as u64);
+                sys::drop_cached_pages(file, off, buf.len() as u64);
                 sys::read_exact_at(file, buf, off)
             }
             Dest::Qcow2 { img, .. } => {
                 // Data clusters sit at other host offsets: drop the whole file's pages.
-                sys::drop_cache(&img.raw, 0, 0);
+                sys::drop_cached_pages(&img.raw, 0, 0);
                 img.image.read(&mut *buf, off)
             }
         }
