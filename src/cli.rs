@@ -32,9 +32,11 @@ pub enum Command {
     /// End a backup access, recording whether the backup succeeded
     #[command(after_help = "Example:\n  fleecefs teardown /mnt/fleece --target nightly --success")]
     Teardown(TeardownArgs),
-    /// Copy snapshot/NAME into an image file: full (new, sparse) or incremental (onto it)
+    /// Copy snapshot/NAME into a raw or qcow2 image, full or incremental
     #[command(
-        after_help = "Example:\n  fleecefs copy /mnt/fleece vm100 /backup/vm100.img --discard --verify"
+        after_help = "Examples:\n  fleecefs copy /mnt/fleece vm100 /backup/vm100.img --discard --verify\n  \
+                      fleecefs copy /mnt/fleece vm100 /backup/vm100.2.qcow2 --format qcow2 \\\n      \
+                      --incremental --backing /backup/vm100.1.qcow2 --discard --verify"
     )]
     Copy(CopyArgs),
     /// Write a backup (raw, or the top of a qcow2 chain) back into live/NAME
