@@ -119,10 +119,11 @@ pub fn restore(
         )));
     }
     if !force {
-        let others = openers(&live);
+        let mut others = openers(&live);
+        others.extend(loop_devices_on(&live));
         if let Some((pid, comm)) = others.first() {
             return Err(Error::busy(format!(
-                "live/{name} is open by process {pid} ({comm}){}: stop it first, or use --force",
+                "live/{name} is open by {pid} ({comm}){}: stop it first, or use --force",
                 if others.len() > 1 {
                     format!(" and {} other(s)", others.len() - 1)
                 } else {
@@ -233,9 +234,34 @@ fn compare_all(image: &Image, out: &File, live: &Path, size: u64) -> Result<()> 
     Ok(())
 }
 
-/// Other processes that have `path` open: (pid, command name), from `/proc/*/fd`.
-/// Processes whose descriptors cannot be read (another user's, gone) are skipped.
-pub fn openers(path: &Path) -> Vec<(u32, String)> {
+/// Loop devices whose backing file is `path` (the kernel holds it open without any
+/// process descriptor): ("loop device /dev/loopN", "attached"), from
+/// `/sys/block/loop*/loop/backing_file`.
+pub fn loop_devices_on(path: &Path) -> Vec<(String, String)> {
+    let target: PathBuf = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut found = Vec::new();
+    let Ok(blocks) = std::fs::read_dir("/sys/block") else {
+        return found;
+    };
+    for b in blocks.flatten() {
+        let name = b.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("loop") {
+            continue;
+        }
+        let Ok(back) = std::fs::read_to_string(b.path().join("loop").join("backing_file")) else {
+            continue;
+        };
+        if Path::new(back.trim_end_matches('\n')) == target {
+            found.push((format!("loop device /dev/{name}"), "attached".to_string()));
+        }
+    }
+    found
+}
+
+/// Other processes that have `path` open: ("process PID", command name), from
+/// `/proc/*/fd`. Processes whose descriptors cannot be read (another user's, gone) are
+/// skipped.
+pub fn openers(path: &Path) -> Vec<(String, String)> {
     let me = std::process::id();
     let target: PathBuf = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
     let mut found = Vec::new();
@@ -259,7 +285,7 @@ pub fn openers(path: &Path) -> Vec<(u32, String)> {
             let comm = std::fs::read_to_string(p.path().join("comm"))
                 .map(|c| c.trim().to_string())
                 .unwrap_or_else(|_: io::Error| "?".into());
-            found.push((pid, comm));
+            found.push((format!("process {pid}"), comm));
         }
     }
     found

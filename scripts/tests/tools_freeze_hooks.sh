@@ -103,4 +103,8 @@ expect_rc 2 "--thaw-cmd" "$FLEECEFS" setup "$T/mnt" --target f --freeze-cmd true
 expect_rc 1 "--freeze-timeout" "$FLEECEFS" setup "$T/mnt" --target f --freeze-cmd true --thaw-cmd true --freeze-timeout 0
 expect_rc 1 "unterminated" "$FLEECEFS" setup "$T/mnt" --target f --freeze-cmd "sh -c 'x" --thaw-cmd true
 no_access "usage errors"
+# restore refuses a device a loop device is attached to (no process has it open)
+"$FLEECEFS" copy "$T/mnt" disk "$T/x.img" >/dev/null 2>&1 && fail "copy without an access succeeded"
+cp "$T/plain.img" "$T/back.raw"
+expect_rc 1 "is open by loop device $LOOPDEV (attached)" "$FLEECEFS" restore "$T/mnt" disk "$T/back.raw"
 echo "ok: freeze hooks: frozen snapshot clean (e2fsck -fn, no needs_recovery), unfrozen needs recovery; failing/hanging/missing/optional/thaw failure"
