@@ -8,8 +8,9 @@
 //!
 //! Refused while a backup access includes the device (its snapshot would not be wrong,
 //! copy-before-write keeps it, but a restore in the middle of a backup is a mistake), and
-//! while another process has `live/NAME` open (a running VM would see its disk change
-//! under it), unless `--force`. Both are checked once at the start: a backup set up or an
+//! while another process has `live/NAME` open or a loop device is attached to it (a
+//! running VM or a mounted filesystem would see its disk change under it), unless
+//! `--force`. Both are checked once at the start: a backup set up or an
 //! open made during the restore is not refused.
 
 use std::fs::{File, OpenOptions};
