@@ -31,7 +31,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::cli::{CopyArgs, CopyFormatArg};
 use crate::dirtymap;
@@ -285,15 +285,16 @@ pub fn copy(
     copy_files(&snapshot, &dirty, name, dest, opts)
 }
 
-/// The cluster size of device `name`, from the daemon.
+/// The cluster size of device `name`, from the daemon's `status`.
 fn device_cluster_size(mountpoint: &Path, name: &str) -> Result<u64> {
     let v = crate::control::client::call(mountpoint, &crate::control::proto::Request::Status {})?;
-    v["devices"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|d| d["name"].as_str() == Some(name))
-        .and_then(|d| d["cluster_size"].as_u64())
+    let status = crate::engine::Status::deserialize(&v)
+        .map_err(|e| Error::invalid(format!("the daemon's reply is not understood: {e}")))?;
+    status
+        .devices
+        .iter()
+        .find(|d| d.name == name)
+        .map(|d| d.cluster_size)
         .ok_or_else(|| Error::not_found(format!("no device {name} in {}", mountpoint.display())))
 }
 
