@@ -185,6 +185,10 @@ enum Op {
     /// While an access is active: a second setup is refused naming the active target,
     /// and a teardown of another target is not found.
     Refused,
+    /// `fleecefs resize`: grow by `1 + by % (3 clusters)` (always during an access of
+    /// the device), or shrink (`--allow-shrink`) by up to half when `shrink` and no
+    /// access includes it. The snapshot keeps its size and content.
+    Resize { dev: usize, by: u64, shrink: bool },
 }
 
 impl Op {
@@ -218,6 +222,11 @@ impl Op {
                 mask: rng.next() as u8,
                 success: rng.below(2) == 0,
             },
+            94..=95 => Op::Resize {
+                dev,
+                by: off,
+                shrink: rng.below(2) == 0,
+            },
             _ => Op::Refused,
         }
     }
@@ -241,6 +250,7 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         6 => (any::<u8>(), any::<bool>())
             .prop_map(|(mask, success)| Op::SetupOrTeardown { mask, success }),
         6 => Just(Op::Refused),
+        2 => (dev(), n(), any::<bool>()).prop_map(|(dev, by, shrink)| Op::Resize { dev, by, shrink }),
     ]
 }
 
@@ -289,7 +299,8 @@ proptest! {
 fn run_ops(name: &str, cluster: u64, mode: CopyMode, image_seed: u64, ops: &[Op]) {
     let mut rng = Rng(image_seed);
     let dir = tempfile::tempdir().unwrap();
-    let sizes = [cluster * 37 + 1234, cluster * 16];
+    let mut sizes = vec![cluster * 37 + 1234, cluster * 16];
+    let initial_sizes = sizes.clone();
     let (engine, mut live) = make_engine_with(dir.path(), &sizes, cluster, &mut rng, mode);
     let mut access: Option<Access> = None;
     let mut buf = vec![0u8; (cluster * 4) as usize];
@@ -446,6 +457,21 @@ fn run_ops(name: &str, cluster: u64, mode: CopyMode, image_seed: u64, ops: &[Op]
                         devices: devs,
                     });
                 }
+            }
+            Op::Resize { dev, by, shrink } => {
+                let (d, size) = (dev % sizes.len(), sizes[dev % sizes.len()]);
+                let in_access = access.as_ref().is_some_and(|a| a.devices.contains(&d));
+                let new = if in_access || !shrink || size < initial_sizes[d] {
+                    size + 1 + by % (cluster * 3)
+                } else {
+                    (size - by % (size / 2 + 1)).max(1)
+                };
+                let want = fleecefs::engine::SizeRequest::Absolute(new);
+                let r = engine.resize(&format!("d{d}"), want, true).expect(&ctx);
+                assert_eq!((r.old_size, r.new_size), (size, new), "{ctx}");
+                live[d].resize(new as usize, 0);
+                sizes[d] = new;
+                assert_eq!(engine.devices()[d].size(), new, "{ctx}");
             }
             Op::Refused => {
                 if let Some(a) = &access {
