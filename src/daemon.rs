@@ -570,7 +570,7 @@ fn serve(plan: MountPlan, daemon_child: bool, allow_other: bool) -> Result<()> {
     // Serving means answering: one lookup through the kernel.
     let live = MountLayout::new(plan.mountpoint.clone()).live_dir();
     let connection = fs::metadata(&live)
-        .map(|m| libc::minor(m.dev()))
+        .map(|m| sys::dev_minor(m.dev()))
         .map_err(|e| {
             // Do not leave a mount behind that nobody will serve once this process exits.
             force_unmount(&plan.mountpoint, None);

@@ -338,3 +338,8 @@ pub fn map_shared(file: &File, offset: u64, len: usize) -> io::Result<memmap2::M
             .map_mut(file)
     }
 }
+
+/// The minor number of device number `dev` (for a FUSE mount: its connection id).
+pub fn dev_minor(dev: u64) -> u32 {
+    libc::minor(dev)
+}
