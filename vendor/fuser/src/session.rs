@@ -139,6 +139,9 @@ pub struct Session<FS: Filesystem> {
     /// The field is set to `Some` when the init message is received.
     pub(crate) proto_version: Option<Version>,
     pub(crate) config: Config,
+    /// Clones of `ch` given by the caller (see `with_clone_fds`), used by `run`
+    /// instead of cloning new ones.
+    pub(crate) clone_channels: Vec<Channel>,
 }
 
 impl<FS: Filesystem> AsFd for Session<FS> {
@@ -186,6 +189,7 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config: options.clone(),
+            clone_channels: Vec::new(),
         };
 
         session.handshake()?;
@@ -201,8 +205,24 @@ impl<FS: Filesystem> Session<FS> {
         acl: SessionACL,
         config: Config,
     ) -> io::Result<Self> {
+        let mut session = Self::from_fd_initialized(filesystem, fd, acl, config);
+        session.handshake()?;
+        Ok(session)
+    }
+
+    /// Wrap an existing /dev/fuse file descriptor of a connection whose INIT request
+    /// was already answered, for example by an earlier server process that passed the
+    /// fd on before it exited or was restarted. No handshake takes place and the
+    /// filesystem's `init` is not called: the parameters negotiated at INIT stay in
+    /// force, and the filesystem must be set up for them by the caller.
+    pub fn from_fd_initialized(
+        filesystem: FS,
+        fd: OwnedFd,
+        acl: SessionACL,
+        config: Config,
+    ) -> Self {
         let ch = Channel::new(Arc::new(DevFuse(File::from(fd))));
-        let mut session = Session {
+        Session {
             filesystem: FilesystemHolder {
                 fs: Some(filesystem),
             },
@@ -214,11 +234,21 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config,
-        };
+            clone_channels: Vec::new(),
+        }
+    }
 
-        session.handshake()?;
-
-        Ok(session)
+    /// Serve the connection on these fds as well: clones of the session fd
+    /// (`FUSE_DEV_IOC_CLONE`) that the caller made and keeps, so that the requests
+    /// queued on them outlive this process. `run` starts one event loop per fd, these
+    /// and the session fd, instead of `n_threads` loops on clones it makes itself.
+    #[must_use]
+    pub fn with_clone_fds(mut self, fds: Vec<OwnedFd>) -> Self {
+        self.clone_channels = fds
+            .into_iter()
+            .map(|fd| Channel::new(Arc::new(DevFuse(File::from(fd)))))
+            .collect();
+        self
     }
 
     /// Run the session loop in a background thread. If the returned handle is dropped,
@@ -252,6 +282,7 @@ impl<FS: Filesystem> Session<FS> {
             session_owner,
             proto_version: _,
             config,
+            clone_channels,
         } = self;
 
         let n_threads = config.n_threads.unwrap_or(1);
@@ -270,6 +301,12 @@ impl<FS: Filesystem> Session<FS> {
         let mut filesystem = Arc::new(filesystem);
 
         let mut channels = Vec::with_capacity(n_threads);
+        let n_threads_minus_one = if clone_channels.is_empty() {
+            n_threads_minus_one
+        } else {
+            channels.extend(clone_channels);
+            0
+        };
 
         for _ in 0..n_threads_minus_one {
             if config.clone_fd {
