@@ -129,6 +129,12 @@ impl FleeceFs {
         }
     }
 
+    /// Set up for a connection whose INIT an earlier worker answered (see `init`).
+    pub fn with_coherent_direct_io(mut self, coherent: bool) -> FleeceFs {
+        self.coherent_direct_io = coherent;
+        self
+    }
+
     fn node(&self, ino: INodeNo) -> Option<Node> {
         Node::from_ino(ino.0, self.engine.devices().len())
     }
@@ -267,6 +273,12 @@ impl Filesystem for FleeceFs {
         self.coherent_direct_io = config
             .add_capabilities(fuser::InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP)
             .is_ok();
+        crate::keeper::record_init(
+            self.coherent_direct_io,
+            config
+                .capabilities()
+                .contains(fuser::InitFlags::FUSE_HAS_RESEND),
+        );
         if !self.coherent_direct_io {
             log::info!("kernel without FUSE_DIRECT_IO_ALLOW_MMAP: O_DIRECT writes to live files are serialized per file");
         }
@@ -314,6 +326,7 @@ impl Filesystem for FleeceFs {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        let _pass = crate::keeper::GATE.enter();
         let Some(node) = self.node(ino) else {
             return reply.error(Errno::ENOENT);
         };
@@ -392,6 +405,7 @@ impl Filesystem for FleeceFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        let _pass = crate::keeper::GATE.enter();
         let Some(node) = self.node(ino) else {
             return reply.error(Errno::ENOENT);
         };
@@ -427,6 +441,7 @@ impl Filesystem for FleeceFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        let _pass = crate::keeper::GATE.enter();
         match self.node(ino) {
             Some(Node::Live(i)) => match self.device(i).write_live(offset, data) {
                 Ok(n) => reply.written(n as u32),
@@ -448,6 +463,7 @@ impl Filesystem for FleeceFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        let _pass = crate::keeper::GATE.enter();
         let r = match self.node(ino) {
             Some(Node::Live(i)) => self.device(i).fallocate_live(mode, offset, length),
             Some(Node::Snap(i)) if mode == sys::FALLOC_PUNCH_HOLE | sys::FALLOC_KEEP_SIZE => {
@@ -471,6 +487,7 @@ impl Filesystem for FleeceFs {
         _lo: LockOwner,
         reply: ReplyEmpty,
     ) {
+        let _pass = crate::keeper::GATE.enter();
         reply.ok()
     }
 
@@ -482,6 +499,7 @@ impl Filesystem for FleeceFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _pass = crate::keeper::GATE.enter();
         match self.node(ino) {
             Some(Node::Live(i)) => match self.device(i).sync_live(datasync) {
                 Ok(()) => reply.ok(),

@@ -80,6 +80,20 @@ impl StateDir {
         Ok(StateDir { path, _lock: lock })
     }
 
+    /// The state directory `path` (absolute, existing) under `lock`, an open file of its
+    /// lock that another process of this mount (the keeper) holds locked.
+    pub fn adopt(path: &Path, lock: File) -> Result<StateDir> {
+        let path = path
+            .canonicalize()
+            .context(|| format!("resolving state directory {}", path.display()))?;
+        Ok(StateDir { path, _lock: lock })
+    }
+
+    /// The fd of the lock file (open while this StateDir lives).
+    pub fn lock_fd(&self) -> std::os::fd::RawFd {
+        self._lock.as_raw_fd()
+    }
+
     /// The directory.
     pub fn path(&self) -> &Path {
         &self.path

@@ -3,7 +3,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 
 /// `fallocate(2)` mode bits as the kernel passes them in FUSE requests.
@@ -101,4 +101,165 @@ pub fn lock_exclusive(file: &std::fs::File) -> std::io::Result<()> {
 /// a filesystem without locks).
 pub fn is_lock_conflict(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES))
+}
+
+/// Opens `/dev/fuse` (close-on-exec).
+pub fn open_dev_fuse() -> io::Result<File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open("/dev/fuse")
+}
+
+/// Mounts a FUSE filesystem served on `fuse` (an open `/dev/fuse`) at `mountpoint`, as
+/// fuser does: type `fuse`, nosuid, nodev, owner root's uid and gid of this process.
+pub fn mount_fuse(
+    fuse: &File,
+    source: &str,
+    mountpoint: &std::path::Path,
+    extra_options: &str,
+) -> io::Result<()> {
+    let mode = std::fs::metadata(mountpoint)?.mode();
+    // SAFETY: getuid/getgid cannot fail.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let mut options = format!(
+        "fd={},rootmode={mode:o},user_id={uid},group_id={gid}",
+        fuse.as_raw_fd()
+    );
+    if !extra_options.is_empty() {
+        options.push(',');
+        options.push_str(extra_options);
+    }
+    let cstr = |s: &[u8]| {
+        std::ffi::CString::new(s).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+    };
+    let (src, mp, ty, opts) = (
+        cstr(source.as_bytes())?,
+        cstr(mountpoint.as_os_str().as_encoded_bytes())?,
+        cstr(b"fuse")?,
+        cstr(options.as_bytes())?,
+    );
+    // SAFETY: mount(2) with valid C strings that outlive the call.
+    let r = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            mp.as_ptr(),
+            ty.as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV,
+            opts.as_ptr() as *const libc::c_void,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// A new `/dev/fuse` fd attached to the connection of `session` (`FUSE_DEV_IOC_CLONE`):
+/// it reads requests of that connection with a processing queue of its own.
+pub fn fuse_clone(session: &File) -> io::Result<File> {
+    let clone = open_dev_fuse()?;
+    // FUSE_DEV_IOC_CLONE = _IOR(229, 0, uint32_t)
+    const FUSE_DEV_IOC_CLONE: libc::c_ulong = 0x8004_e500;
+    let mut fd = session.as_raw_fd() as u32;
+    // SAFETY: the ioctl reads one u32 (the source fd) from `fd`.
+    let r = unsafe { libc::ioctl(clone.as_raw_fd(), FUSE_DEV_IOC_CLONE as _, &mut fd) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(clone)
+}
+
+/// Sends `FUSE_NOTIFY_RESEND` on `fuse`: the kernel puts every request that was read
+/// from this connection's fds but not answered back into its queue, to be read again.
+/// ENOSYS/EINVAL: the kernel does not know it (before Linux 6.9).
+pub fn fuse_notify_resend(fuse: &File) -> io::Result<()> {
+    // struct fuse_out_header { u32 len; i32 error; u64 unique }: a notification has
+    // unique 0 and its code in `error`; FUSE_NOTIFY_RESEND = 7, no payload.
+    const FUSE_NOTIFY_RESEND: i32 = 7;
+    let mut header = [0u8; 16];
+    header[0..4].copy_from_slice(&16u32.to_ne_bytes());
+    header[4..8].copy_from_slice(&FUSE_NOTIFY_RESEND.to_ne_bytes());
+    // SAFETY: write(2) of a 16-byte local buffer.
+    let r = unsafe {
+        libc::write(
+            fuse.as_raw_fd(),
+            header.as_ptr() as *const libc::c_void,
+            header.len(),
+        )
+    };
+    if r == 16 {
+        Ok(())
+    } else if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Err(io::Error::from_raw_os_error(libc::EIO))
+    }
+}
+
+/// A pipe, both ends close-on-exec: (read, write).
+pub fn pipe() -> io::Result<(File, File)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: pipe2 writes two fds into `fds`.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both fds are new and owned by nobody else.
+    Ok(unsafe {
+        (
+            <File as std::os::fd::FromRawFd>::from_raw_fd(fds[0]),
+            <File as std::os::fd::FromRawFd>::from_raw_fd(fds[1]),
+        )
+    })
+}
+
+/// In a child between fork and exec: keeps `fds` open across the exec, and asks for
+/// SIGKILL when the parent dies. Only async-signal-safe calls.
+pub fn child_keep_fds_and_die_with_parent(fds: &[i32], parent: i32) -> io::Result<()> {
+    for &fd in fds {
+        // SAFETY: fcntl on an fd inherited from the parent.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+        // SAFETY: as above.
+        if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    // SAFETY: prctl with plain integer arguments.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // The parent may have died before the prctl.
+    // SAFETY: getppid cannot fail.
+    if unsafe { libc::getppid() } != parent {
+        return Err(io::Error::from_raw_os_error(libc::ESRCH));
+    }
+    Ok(())
+}
+
+/// Sends `signal` to process `pid`.
+pub fn kill(pid: u32, signal: i32) -> io::Result<()> {
+    // SAFETY: kill(2) with plain integers.
+    if unsafe { libc::kill(pid as libc::pid_t, signal) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Takes ownership of an fd inherited from the parent process.
+///
+/// # Safety
+/// `fd` must be open and owned by nothing else in this process.
+pub unsafe fn inherited_file(fd: i32) -> io::Result<File> {
+    // SAFETY: fcntl F_GETFD only checks that the fd is open.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the caller guarantees ownership; set close-on-exec again.
+    unsafe {
+        libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+        Ok(<File as std::os::fd::FromRawFd>::from_raw_fd(fd))
+    }
 }

@@ -35,7 +35,13 @@ fn dispatch(engine: &Engine, req: Request) -> Response {
         } => engine
             .teardown(&target, success)
             .map(|r| serde_json::to_value(r).unwrap_or_default()),
-        Request::Status {} => Ok(serde_json::to_value(engine.status()).unwrap_or_default()),
+        Request::Status {} => {
+            let mut v = serde_json::to_value(engine.status()).unwrap_or_default();
+            crate::keeper::add_status(&mut v);
+            Ok(v)
+        }
+        // Not reached from `handle` either: it exits the process after the reply.
+        Request::Restart { .. } => Err(Error::invalid("restart is handled by the connection")),
         Request::BitmapRemove { target } => engine
             .remove_bitmaps(&target)
             .map(|r| serde_json::to_value(r).unwrap_or_default()),
@@ -163,6 +169,13 @@ fn handle(engine: &Engine, mut stream: UnixStream) {
             log::debug!("control request: teardown {target} success={success} ack={ack}");
             engine.teardown_reply(&target, success, |r| {
                 teardown_delivered(&mut stream, &response(r), ack)
+            });
+            return;
+        }
+        Ok(Request::Restart { binary, force }) => {
+            log::info!("control request: restart binary={binary:?} force={force}");
+            crate::keeper::handle_restart(engine, binary, force, |r| {
+                reply(&mut stream, &response(r));
             });
             return;
         }
