@@ -19,6 +19,7 @@ pub mod engine;
 pub mod error;
 pub mod fleece;
 pub mod fuse;
+pub mod holders;
 pub mod keeper;
 pub mod logger;
 pub mod persist;

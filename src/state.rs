@@ -65,8 +65,19 @@ impl StateDir {
             .custom_flags(libc::O_CLOEXEC)
             .open(&lock_path)
             .context(|| format!("opening {}", lock_path.display()))?;
-        // SAFETY: flock on a valid fd.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        // A daemon killed a moment ago may still be exiting: wait for it (bounded).
+        let locked = crate::holders::lock_waiting_for_dying(
+            &lock,
+            || {
+                // SAFETY: flock on a valid fd.
+                match unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } {
+                    0 => Ok(()),
+                    _ => Err(std::io::Error::last_os_error()),
+                }
+            },
+            |e| e.raw_os_error() == Some(libc::EWOULDBLOCK),
+        );
+        if locked.is_err() {
             let holder = fs::read_to_string(&lock_path).unwrap_or_default();
             return Err(Error::busy(format!(
                 "state directory {} is in use by another fleecefs daemon (pid {})",
