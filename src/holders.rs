@@ -26,11 +26,7 @@ fn same_file(path: &std::path::Path, id: (u64, u64)) -> bool {
 }
 
 fn holds(dir: &std::path::Path, id: (u64, u64)) -> bool {
-    std::fs::read_dir(dir).is_ok_and(|entries| {
-        entries
-            .flatten()
-            .any(|e| same_file(&e.path(), id))
-    })
+    std::fs::read_dir(dir).is_ok_and(|entries| entries.flatten().any(|e| same_file(&e.path(), id)))
 }
 
 /// The processes (other than this one) that have the file `id` (dev, ino) open.
@@ -60,9 +56,8 @@ pub fn holders(id: (u64, u64)) -> Vec<Holder> {
         // threads exit, and only they still show the open files.
         let held = holds(&dir.join("fd"), id)
             || (state == 'Z'
-                && std::fs::read_dir(dir.join("task")).is_ok_and(|tasks| {
-                    tasks.flatten().any(|t| holds(&t.path().join("fd"), id))
-                }));
+                && std::fs::read_dir(dir.join("task"))
+                    .is_ok_and(|tasks| tasks.flatten().any(|t| holds(&t.path().join("fd"), id))));
         if !held {
             continue;
         }

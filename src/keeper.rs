@@ -45,7 +45,8 @@ use crate::sys;
 pub const WORKER_ENV: &str = "FLEECEFS_WORKER";
 /// Exit code of a worker that handed over for a planned restart.
 const EXIT_HANDOVER: i32 = 75;
-/// This many worker deaths within [`CRASH_WINDOW`] make the keeper give up.
+/// This many counted worker deaths within [`CRASH_WINDOW`] make the keeper give up
+/// (every death counts except a SIGKILL after the worker served).
 pub const CRASH_LIMIT: usize = 5;
 /// See [`CRASH_LIMIT`].
 pub const CRASH_WINDOW: Duration = Duration::from_secs(60);
@@ -357,7 +358,11 @@ pub fn session(
             config,
         ),
     };
-    Ok(session.with_clone_fds(clones))
+    // A request being copied into a fresh page when the worker is killed would fail with
+    // EIO instead of waiting for the next worker (see fuser's prefault_read_buffers).
+    Ok(session
+        .with_clone_fds(clones)
+        .prefault_read_buffers(crate::fuse::MAX_IO as usize + 4096))
 }
 
 /// After a takeover: asks the kernel to resend what the dead worker had read but not
@@ -802,7 +807,26 @@ impl Keeper {
                         unmounting = true;
                         crate::daemon::force_unmount(&mp, self.connection);
                     }
-                    Event::Exit(p, st) if p == pid => break st,
+                    Event::Exit(p, st) if p == pid => {
+                        // The report of a handover precedes the exit, but comes through
+                        // another thread: let it arrive.
+                        if st.code() == Some(EXIT_HANDOVER) && planned.is_none() {
+                            while let Ok(Event::Line(l)) =
+                                self.rx.recv_timeout(Duration::from_millis(500))
+                            {
+                                if let Some(rest) = l.strip_prefix(&format!("{pid} restart ")) {
+                                    let mut p = rest.splitn(2, ' ');
+                                    let at = p
+                                        .next()
+                                        .and_then(|t| t.parse().ok())
+                                        .unwrap_or_else(now_ms);
+                                    planned = Some((at, PathBuf::from(p.next().unwrap_or(""))));
+                                    break;
+                                }
+                            }
+                        }
+                        break st;
+                    }
                     Event::Exit(..) => {}
                 }
             };
@@ -836,6 +860,11 @@ impl Keeper {
                 }
             } else {
                 log::error!("{reason}: starting a new worker");
+                // A worker killed with SIGKILL after it served was killed from outside
+                // (an operator, the OOM killer): recovered every time. Any other death,
+                // or one before serving, may repeat with the next worker (a request that
+                // makes it panic is resent to it): those count toward the crash loop.
+                let counted = !(ready && status.signal() == Some(libc::SIGKILL));
                 if !ready && self.binary != self.own_binary {
                     log::error!(
                         "the worker from {} died before serving: back to {}",
@@ -845,7 +874,9 @@ impl Keeper {
                     self.binary = self.own_binary.clone();
                 }
                 let now = Instant::now();
-                self.deaths.push_back(now);
+                if counted {
+                    self.deaths.push_back(now);
+                }
                 while self
                     .deaths
                     .front()

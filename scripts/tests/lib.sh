@@ -24,7 +24,8 @@ fail() { echo "FAIL: $*" >&2; exit 1; }
 fmount() {
     local mp=$1
     shift
-    mkdir -p "$mp"
+    # A dead mount left by a killed daemon cannot be stat'ed: mount cleans it up.
+    mkdir -p "$mp" 2>/dev/null || true
     MOUNTS+=("$mp")
     "$FLEECEFS" mount "$mp" "$@"
 }

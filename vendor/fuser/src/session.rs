@@ -142,6 +142,8 @@ pub struct Session<FS: Filesystem> {
     /// Clones of `ch` given by the caller (see `with_clone_fds`), used by `run`
     /// instead of cloning new ones.
     pub(crate) clone_channels: Vec<Channel>,
+    /// Bytes of each read buffer to touch before the first read (`prefault_read_buffers`).
+    pub(crate) prefault: usize,
 }
 
 impl<FS: Filesystem> AsFd for Session<FS> {
@@ -190,6 +192,7 @@ impl<FS: Filesystem> Session<FS> {
             proto_version: None,
             config: options.clone(),
             clone_channels: Vec::new(),
+            prefault: 0,
         };
 
         session.handshake()?;
@@ -235,6 +238,7 @@ impl<FS: Filesystem> Session<FS> {
             proto_version: None,
             config,
             clone_channels: Vec::new(),
+            prefault: 0,
         }
     }
 
@@ -248,6 +252,18 @@ impl<FS: Filesystem> Session<FS> {
             .into_iter()
             .map(|fd| Channel::new(Arc::new(DevFuse(File::from(fd)))))
             .collect();
+        self
+    }
+
+    /// Touch the first `bytes` of each event loop's read buffer before its first read.
+    /// The kernel copies a request into the buffer page by page (get_user_pages); for a
+    /// page not present yet that takes the slow path, which fails when the reading
+    /// process has a fatal signal pending, and the kernel then ends the request with
+    /// EIO instead of leaving it unanswered for `FUSE_NOTIFY_RESEND`. A server whose fds
+    /// outlive it sets this to its max_write plus 4096 (the header).
+    #[must_use]
+    pub fn prefault_read_buffers(mut self, bytes: usize) -> Self {
+        self.prefault = bytes;
         self
     }
 
@@ -283,6 +299,7 @@ impl<FS: Filesystem> Session<FS> {
             proto_version: _,
             config,
             clone_channels,
+            prefault,
         } = self;
 
         let n_threads = config.n_threads.unwrap_or(1);
@@ -335,6 +352,7 @@ impl<FS: Filesystem> Session<FS> {
                 ch,
                 allowed,
                 session_owner,
+                prefault,
             };
             threads.push(
                 thread::Builder::new()
@@ -555,6 +573,20 @@ pub(crate) struct SessionEventLoop<FS: Filesystem> {
     pub(crate) filesystem: Arc<FilesystemHolder<FS>>,
     pub(crate) allowed: SessionACL,
     pub(crate) session_owner: Uid,
+    pub(crate) prefault: usize,
+}
+
+/// Writes to one byte of every page of the first `bytes` of `buf`, so that they are
+/// present when the kernel copies a request into them.
+fn prefault(buf: &mut [u8], bytes: usize) {
+    let end = bytes.min(buf.len());
+    let mut i = 0;
+    while i < end {
+        // SAFETY: `i` is within `buf`; volatile, so the write is not optimized away
+        // (the buffer holds zeros already).
+        unsafe { std::ptr::write_volatile(buf.as_mut_ptr().add(i), 0) };
+        i += 4096;
+    }
 }
 
 impl<FS: Filesystem> SessionEventLoop<FS> {
@@ -563,6 +595,7 @@ impl<FS: Filesystem> SessionEventLoop<FS> {
         // it is reused immediately after dispatching to conserve memory and allocations.
         let mut buf = FuseReadBuf::new();
         let buf = buf.as_mut();
+        prefault(buf, self.prefault);
         loop {
             // Read the next request from the given channel to kernel driver
             // The kernel driver makes sure that we get exactly one request per read
