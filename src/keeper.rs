@@ -424,6 +424,10 @@ pub fn add_status(v: &mut serde_json::Value) {
         }
         None => (None, 0, None),
     };
+    // `pid` stays the daemon's: the keeper, the process that mounted and holds the lock.
+    if let Some(k) = keeper {
+        obj.insert("pid".into(), serde_json::json!(k));
+    }
     obj.insert("keeper_pid".into(), serde_json::json!(keeper));
     obj.insert("worker_pid".into(), serde_json::json!(std::process::id()));
     obj.insert("worker_restarts".into(), serde_json::json!(restarts));
