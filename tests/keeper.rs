@@ -45,6 +45,8 @@ struct Report {
     /// Block offset -> the sequence number of the last acknowledged write there.
     acked: HashMap<u64, u64>,
     writer: u64,
+    /// Writes that took 2 ms or more: (start, end).
+    slow: Vec<(Instant, Instant)>,
 }
 
 /// The content of block `offset` after write `seq` of writer `w`.
@@ -98,6 +100,9 @@ fn writer(path: PathBuf, w: u64, direct: bool, stop: Arc<AtomicBool>) -> JoinHan
                 })
                 .and_then(|_| if direct { Ok(()) } else { fsync(&fd) });
             r.max_stall = r.max_stall.max(t.elapsed());
+            if t.elapsed() >= Duration::from_millis(2) {
+                r.slow.push((t, Instant::now()));
+            }
             r.ops += 1;
             match res {
                 Ok(()) => {
@@ -175,8 +180,9 @@ impl Load {
     }
 
     /// Stops the load, checks no thread saw an error, and checks every acknowledged
-    /// write in the source image.
-    fn finish(self, source: &Path) -> Duration {
+    /// write in the source image. Returns the longest stall and, per event (a kill or a
+    /// restart at that instant), the longest time a writer waited past it.
+    fn finish(self, source: &Path, events: &[Instant]) -> (Duration, Vec<u64>) {
         self.stop.store(true, Ordering::Relaxed);
         let reports: Vec<Report> = self
             .threads
@@ -217,7 +223,19 @@ impl Load {
             "{checked} acknowledged blocks verified in the source; longest stall {} ms",
             longest.as_millis()
         );
-        longest
+        let pauses = events
+            .iter()
+            .map(|&e| {
+                reports
+                    .iter()
+                    .flat_map(|r| &r.slow)
+                    .filter(|(start, end)| *start <= e && e <= *end)
+                    .map(|(_, end)| end.duration_since(e).as_millis() as u64)
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
+        (longest, pauses)
     }
 }
 
@@ -259,9 +277,11 @@ fn worker_kill_9_under_load() {
     let load = Load::start(&live);
     let mut rng = Rng(42);
     let mut pauses = Vec::new();
+    let mut events = Vec::new();
     for k in 1..=50u64 {
         std::thread::sleep(Duration::from_millis(20 + rng.below(150)));
         let pid = worker_pid(&f);
+        events.push(Instant::now());
         kill(pid, libc::SIGKILL);
         let v = wait_restarts(&f, k);
         assert_ne!(json_u64(&v, "worker_pid") as i32, pid);
@@ -276,10 +296,11 @@ fn worker_kill_9_under_load() {
         assert!(pause < 1000, "recovery {k} took {pause} ms");
         pauses.push(pause);
     }
-    let stall = load.finish(&f.source("d"));
+    let (stall, mut writer_pauses) = load.finish(&f.source("d"), &events);
+    let (wmedian, wmax) = median_max(&mut writer_pauses);
     let (median, max) = median_max(&mut pauses);
     eprintln!(
-        "50 worker kills: recovery (death to serving) median {median} ms, max {max} ms; longest writer stall {} ms",
+        "50 worker kills: recovery (death to serving) median {median} ms, max {max} ms; writer pause per kill median {wmedian} ms, max {wmax} ms; longest writer stall {} ms",
         stall.as_millis()
     );
     let v = f.status();
@@ -300,8 +321,10 @@ fn planned_restarts_under_load() {
     let live = f.live("d");
     let load = Load::start(&live);
     let mut pauses = Vec::new();
+    let mut events = Vec::new();
     for k in 1..=20u64 {
         let before = worker_pid(&f);
+        events.push(Instant::now());
         let out = f.client("restart", &[]).expect_ok("fleecefs restart");
         let pause: u64 = out
             .stdout
@@ -319,10 +342,11 @@ fn planned_restarts_under_load() {
             .is_some_and(|r| r.starts_with("planned restart")));
         std::thread::sleep(Duration::from_millis(50));
     }
-    let stall = load.finish(&f.source("d"));
+    let (stall, mut writer_pauses) = load.finish(&f.source("d"), &events);
+    let (wmedian, wmax) = median_max(&mut writer_pauses);
     let (median, max) = median_max(&mut pauses);
     eprintln!(
-        "20 planned restarts: writers paused median {median} ms, max {max} ms; longest writer stall {} ms",
+        "20 planned restarts: pause printed by restart median {median} ms, max {max} ms; writer pause per restart median {wmedian} ms, max {wmax} ms; longest writer stall {} ms",
         stall.as_millis()
     );
     // A clean handover closes the bitmaps cleanly: no crash recovery in the log.
