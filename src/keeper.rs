@@ -27,6 +27,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -115,9 +116,12 @@ fn now_ms() -> u64 {
 
 /// Requests that act on data pass this gate. A planned restart closes it and waits until
 /// no request is inside: requests that arrive later wait at the gate until the worker
-/// exits, and the kernel resends them to the next worker.
+/// exits, and the kernel resends them to the next worker. Passing it costs two atomic
+/// operations (no lock) while it is open.
 pub struct Gate {
-    state: Mutex<(bool, usize)>,
+    closed: AtomicBool,
+    inside: AtomicUsize,
+    lock: Mutex<()>,
     idle: Condvar,
 }
 
@@ -127,38 +131,47 @@ pub struct Pass<'a>(&'a Gate);
 impl Gate {
     const fn new() -> Gate {
         Gate {
-            state: Mutex::new((false, 0)),
+            closed: AtomicBool::new(false),
+            inside: AtomicUsize::new(0),
+            lock: Mutex::new(()),
             idle: Condvar::new(),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, (bool, usize)> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// Enters; blocks for good once the gate is closed.
     pub fn enter(&self) -> Pass<'_> {
-        let mut s = self.lock();
-        while s.0 {
-            s = self.idle.wait(s).unwrap_or_else(|e| e.into_inner());
+        // SeqCst on both sides: either the drain sees this request inside, or this
+        // request sees the gate closed.
+        self.inside.fetch_add(1, Ordering::SeqCst);
+        if self.closed.load(Ordering::SeqCst) {
+            self.leave();
+            let mut g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+            loop {
+                g = self.idle.wait(g).unwrap_or_else(|e| e.into_inner());
+            }
         }
-        s.1 += 1;
         Pass(self)
+    }
+
+    fn leave(&self) {
+        if self.inside.fetch_sub(1, Ordering::SeqCst) == 1 && self.closed.load(Ordering::SeqCst) {
+            let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+            self.idle.notify_all();
+        }
     }
 
     /// Closes the gate and waits until no request is inside (at most `timeout`).
     fn close_and_drain(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
-        let mut s = self.lock();
-        s.0 = true;
-        while s.1 > 0 {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+        self.closed.store(true, Ordering::SeqCst);
+        let mut g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        while self.inside.load(Ordering::SeqCst) > 0 {
+            if Instant::now() >= deadline {
                 return false;
             }
-            s = self
+            g = self
                 .idle
-                .wait_timeout(s, left)
+                .wait_timeout(g, Duration::from_millis(10))
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
@@ -168,11 +181,7 @@ impl Gate {
 
 impl Drop for Pass<'_> {
     fn drop(&mut self) {
-        let mut s = self.0.lock();
-        s.1 -= 1;
-        if s.1 == 0 {
-            self.0.idle.notify_all();
-        }
+        self.0.leave();
     }
 }
 
@@ -189,6 +198,8 @@ pub struct Worker {
     fds: Mutex<Vec<File>>,
     crashed_access: Mutex<Option<(String, Vec<String>)>>,
     served_ms: Mutex<Option<u64>>,
+    /// The kernel can resend (FUSE_HAS_RESEND), as negotiated at INIT.
+    has_resend: AtomicBool,
 }
 
 static WORKER: OnceLock<Worker> = OnceLock::new();
@@ -225,12 +236,14 @@ pub fn worker_init() -> Result<()> {
             std::process::exit(3);
         }
     }
+    let resend = env.negotiated.is_some_and(|n| n.has_resend);
     let w = Worker {
         env,
         report: Mutex::new(report),
         fds: Mutex::new(fds),
         crashed_access: Mutex::new(None),
         served_ms: Mutex::new(None),
+        has_resend: AtomicBool::new(resend),
     };
     let _ = WORKER.set(w);
     Ok(())
@@ -315,6 +328,7 @@ pub fn record_init(coherent_direct_io: bool, has_resend: bool) {
     #[cfg(feature = "fault-injection")]
     let has_resend = has_resend && std::env::var_os("FLEECEFS_FAULT_NO_RESEND").is_none();
     if let Some(w) = worker() {
+        w.has_resend.store(has_resend, Ordering::Relaxed);
         let n = Negotiated {
             coherent_direct_io,
             has_resend,
@@ -448,6 +462,11 @@ pub fn handle_restart(
             "this mount has no keeper (the kernel lacks FUSE_NOTIFY_RESEND): it cannot restart without unmounting",
         )));
     };
+    if !w.has_resend.load(Ordering::Relaxed) {
+        return deliver(Err(Error::invalid(
+            "this kernel lacks FUSE_NOTIFY_RESEND (Linux 6.9 or later): a restart would end the mount; unmount and mount again instead",
+        )));
+    }
     if let (Some((_, target)), false) = (engine.active(), force) {
         return deliver(Err(Error::busy(format!(
             "a backup access is active for target '{target}': a restart would break it; tear it down first, or use --force"
@@ -920,4 +939,39 @@ impl Keeper {
 
 fn give_up_with(mp: &Path, connection: Option<u32>, e: Error) -> Error {
     give_up(mp, connection, &crate::error::report(&e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gate_drains_in_flight_requests_and_holds_new_ones() {
+        static G: Gate = Gate::new();
+        let inside = G.enter();
+        let (tx, rx) = mpsc::channel();
+        let drain = std::thread::spawn(move || {
+            let done = G.close_and_drain(Duration::from_secs(10));
+            tx.send(done).ok();
+        });
+        // The drain waits for the request inside.
+        assert!(rx.recv_timeout(Duration::from_millis(100)).is_err());
+        drop(inside);
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok(true));
+        drain.join().ok();
+        // A request arriving now waits at the gate (until the process exits).
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _p = G.enter();
+            tx.send(()).ok();
+        });
+        assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
+    }
+
+    #[test]
+    fn drain_gives_up_after_its_timeout() {
+        static G: Gate = Gate::new();
+        let _inside = G.enter();
+        assert!(!G.close_and_drain(Duration::from_millis(50)));
+    }
 }
