@@ -191,6 +191,8 @@ pub fn validate(args: &MountArgs) -> Result<MountPlan> {
     let (mountpoint, stale_mount) = match crate::keeper::worker() {
         // A worker must not touch the mount before it serves it: the keeper checked it.
         Some(w) if args.worker => (w.mountpoint().to_path_buf(), false),
+        // Taken over from systemd's fd store: nobody serves it until our worker does.
+        _ if crate::keeper::adopting() => (absolute(&args.mountpoint)?, false),
         _ => check_mountpoint(&args.mountpoint, &state_dir)?,
     };
     // Compared resolved: through a symlink or a '..', they could still lead inside.
@@ -330,6 +332,9 @@ pub fn mount(args: &MountArgs) -> Result<()> {
     if args.worker {
         crate::keeper::worker_init()?;
         return serve(validate(args)?, false, args.allow_other);
+    }
+    if args.foreground || args.daemon_child {
+        crate::keeper::adopt_fd_store()?;
     }
     let plan = validate(args)?;
     if args.foreground || args.daemon_child {
@@ -599,12 +604,16 @@ fn serve(plan: MountPlan, daemon_child: bool, allow_other: bool) -> Result<()> {
     }
     {
         let mountpoint = plan.mountpoint.clone();
+        let engine = engine.clone();
         std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || loop {
                 let mut sig: libc::c_int = 0;
                 // SAFETY: sigwait on the set blocked in every thread.
                 if unsafe { libc::sigwait(&signals, &mut sig) } == 0 {
+                    if crate::keeper::worker().is_some_and(|w| w.fd_store()) {
+                        crate::keeper::stop_keeping_connection(&engine);
+                    }
                     log::info!("signal {sig}: unmounting {}", mountpoint.display());
                     force_unmount(&mountpoint, Some(connection));
                 }

@@ -4,7 +4,6 @@
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::MetadataExt;
 use std::time::{Duration, Instant};
 
 /// Longest a lock waits for dying holders.
@@ -21,15 +20,25 @@ pub struct Holder {
     pub dying: bool,
 }
 
-fn same_file(path: &std::path::Path, id: (u64, u64)) -> bool {
-    std::fs::metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == id)
+/// The (mnt_id, ino) of an open file from `/proc/PID/fdinfo/FD`. Read from fdinfo, not
+/// by stat-ing `/proc/PID/fd/FD`: that would ask the file's filesystem, and a file on a
+/// hung FUSE mount (a killed daemon's) would block the caller for good.
+fn fdinfo_id(path: &std::path::Path) -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    Some((field("mnt_id:")?, field("ino:")?))
 }
 
 fn holds(dir: &std::path::Path, id: (u64, u64)) -> bool {
-    std::fs::read_dir(dir).is_ok_and(|entries| entries.flatten().any(|e| same_file(&e.path(), id)))
+    std::fs::read_dir(dir)
+        .is_ok_and(|entries| entries.flatten().any(|e| fdinfo_id(&e.path()) == Some(id)))
 }
 
-/// The processes (other than this one) that have the file `id` (dev, ino) open.
+/// The processes (other than this one) that have the file `id` (mnt_id, ino) open.
 pub fn holders(id: (u64, u64)) -> Vec<Holder> {
     let me = std::process::id();
     let Ok(procs) = std::fs::read_dir("/proc") else {
@@ -54,10 +63,11 @@ pub fn holders(id: (u64, u64)) -> Vec<Holder> {
         };
         // A killed multi-threaded process: its leader is a zombie while the other
         // threads exit, and only they still show the open files.
-        let held = holds(&dir.join("fd"), id)
+        let held = holds(&dir.join("fdinfo"), id)
             || (state == 'Z'
-                && std::fs::read_dir(dir.join("task"))
-                    .is_ok_and(|tasks| tasks.flatten().any(|t| holds(&t.path().join("fd"), id))));
+                && std::fs::read_dir(dir.join("task")).is_ok_and(|tasks| {
+                    tasks.flatten().any(|t| holds(&t.path().join("fdinfo"), id))
+                }));
         if !held {
             continue;
         }
@@ -75,12 +85,21 @@ pub fn holders(id: (u64, u64)) -> Vec<Holder> {
     out
 }
 
+/// The (mnt_id, ino) of `file`, open in this process.
+fn own_id(file: &File) -> Option<(u64, u64)> {
+    use std::os::fd::AsRawFd;
+    fdinfo_id(std::path::Path::new(&format!(
+        "/proc/self/fdinfo/{}",
+        file.as_raw_fd()
+    )))
+}
+
 /// ", held by pid N (comm)" for the live holders of `file`, or "".
 pub fn describe(file: &File) -> String {
-    let Ok(m) = file.metadata() else {
+    let Some(id) = own_id(file) else {
         return String::new();
     };
-    let live: Vec<String> = holders((m.dev(), m.ino()))
+    let live: Vec<String> = holders(id)
         .into_iter()
         .filter(|h| !h.dying)
         .map(|h| format!("pid {} ({})", h.pid, h.comm))
@@ -102,7 +121,7 @@ pub fn lock_waiting_for_dying(
     is_conflict: impl Fn(&io::Error) -> bool,
 ) -> io::Result<()> {
     let deadline = Instant::now() + DYING_WAIT;
-    let id = file.metadata().map(|m| (m.dev(), m.ino()))?;
+    let id = own_id(file);
     let mut waited = false;
     loop {
         match attempt() {
@@ -114,6 +133,7 @@ pub fn lock_waiting_for_dying(
             }
             Err(e) if !is_conflict(&e) || Instant::now() >= deadline => return Err(e),
             Err(e) => {
+                let Some(id) = id else { return Err(e) };
                 if holders(id).iter().any(|h| !h.dying) {
                     return Err(e);
                 }
@@ -121,5 +141,33 @@ pub fn lock_waiting_for_dying(
                 std::thread::sleep(Duration::from_millis(10));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_and_names_a_live_holder_without_touching_the_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("f");
+        let file = File::create(&path).expect("create");
+        let mut child = std::process::Command::new("sleep")
+            .arg("10")
+            .stdin(File::open(&path).expect("open"))
+            .spawn()
+            .expect("sleep");
+        let id = own_id(&file).expect("fdinfo of an open file");
+        let found = holders(id);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(
+            found
+                .iter()
+                .any(|h| h.pid == child.id() && !h.dying && h.comm == "sleep"),
+            "{found:?}"
+        );
+        assert!(holders(id).iter().all(|h| h.pid != child.id()));
     }
 }

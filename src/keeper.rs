@@ -102,6 +102,113 @@ pub struct WorkerEnv {
     pub negotiated: Option<Negotiated>,
     /// A background mount: log to the state directory's log file.
     pub daemon: bool,
+    /// The fds are in systemd's file descriptor store: a SIGTERM stops the worker
+    /// without unmounting (see [`adopt_fd_store`]).
+    #[serde(default)]
+    pub fd_store: bool,
+}
+
+/// FDNAME of the `/dev/fuse` fds in systemd's file descriptor store.
+const FD_NAME_FUSE: &str = "fleecefs-fuse";
+/// FDNAME of the memfd that holds the [`Negotiated`] parameters (JSON).
+const FD_NAME_INIT: &str = "fleecefs-init";
+
+/// The FUSE connection handed over by systemd (`LISTEN_FDS`) to a keeper started again
+/// by `systemctl restart`.
+struct Adopted {
+    fds: Vec<File>,
+    negotiated: Option<Negotiated>,
+}
+
+static ADOPTED: Mutex<Option<Adopted>> = Mutex::new(None);
+
+/// Whether this keeper takes a stored FUSE connection over (see [`adopt_fd_store`]).
+pub fn adopting() -> bool {
+    ADOPTED.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+}
+
+/// systemd's file descriptor store (`FileDescriptorStoreMax=`): the keeper stores its
+/// `/dev/fuse` fds there (`FDSTORE=1`, name `fleecefs-fuse`) and the negotiated
+/// parameters (a memfd, `fleecefs-init`). When `systemctl restart` starts the service
+/// again, systemd passes them back (`LISTEN_FDS`, `LISTEN_FDNAMES`): the new keeper
+/// takes the mount over instead of mounting, like a new worker after a death. Call
+/// before validating (the mount point must not be touched: nobody serves it yet).
+pub fn adopt_fd_store() -> Result<()> {
+    let var = |k: &str| std::env::var(k).ok();
+    let (Some(pid), Some(n)) = (var("LISTEN_PID"), var("LISTEN_FDS")) else {
+        return Ok(());
+    };
+    if pid.parse::<u32>().ok() != Some(std::process::id()) {
+        return Ok(());
+    }
+    let names = var("LISTEN_FDNAMES").unwrap_or_default();
+    for k in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+        std::env::remove_var(k);
+    }
+    let n: i32 = n
+        .parse()
+        .map_err(|_| Error::invalid(format!("LISTEN_FDS={n} is not a number")))?;
+    let names: Vec<&str> = names.split(':').collect();
+    let mut adopted = Adopted {
+        fds: Vec::new(),
+        negotiated: None,
+    };
+    for i in 0..n {
+        let fd = 3 + i;
+        // SAFETY: systemd passed fds 3..3+LISTEN_FDS to this process (LISTEN_PID).
+        let f = unsafe { sys::inherited_file(fd) }
+            .map_err(|e| Error::io(format!("fd {fd} from systemd"), e))?;
+        match names.get(i as usize).copied() {
+            Some(FD_NAME_FUSE) => adopted.fds.push(f),
+            Some(FD_NAME_INIT) => {
+                let mut text = String::new();
+                use std::io::Read;
+                let _ = (&f).read_to_string(&mut text);
+                adopted.negotiated = serde_json::from_str(&text).ok();
+            }
+            _ => {}
+        }
+    }
+    if !adopted.fds.is_empty() {
+        *ADOPTED.lock().unwrap_or_else(|e| e.into_inner()) = Some(adopted);
+    }
+    Ok(())
+}
+
+/// Sends `fds` to systemd's file descriptor store under `name`, when running under
+/// systemd with one (`NOTIFY_SOCKET`). Whether they were stored.
+fn fd_store_send(name: &str, fds: &[i32]) -> bool {
+    let Some(socket) = std::env::var_os("NOTIFY_SOCKET") else {
+        return false;
+    };
+    match sys::notify_with_fds(&socket, &format!("FDSTORE=1\nFDNAME={name}\n"), fds) {
+        Ok(()) => true,
+        Err(e) => {
+            log::warn!("cannot store the fds in systemd's file descriptor store: {e}");
+            false
+        }
+    }
+}
+
+/// A SIGTERM to a worker whose fds are in systemd's store (`systemctl restart` or
+/// `stop`): stop like a planned restart (drain, flush, clean bitmaps) without unmounting,
+/// and exit 75. Its keeper exits too; a keeper that did not get the signal starts a new
+/// worker.
+pub fn stop_keeping_connection(engine: &Engine) -> ! {
+    log::info!(
+        "stopping without unmounting: the FUSE connection stays in systemd's file descriptor store"
+    );
+    if !GATE.close_and_drain(DRAIN_TIMEOUT) {
+        log::warn!(
+            "requests still in flight after {} s: stopping anyway (the kernel resends them)",
+            DRAIN_TIMEOUT.as_secs()
+        );
+    }
+    if engine.active().is_none() {
+        engine.wait_for_copies(DRAIN_TIMEOUT);
+        engine.shutdown();
+    }
+    std::process::exit(EXIT_HANDOVER);
 }
 
 fn now_ms() -> u64 {
@@ -258,6 +365,11 @@ impl Worker {
     /// Whether the worker logs to the state directory's log file (a background mount).
     pub fn daemon(&self) -> bool {
         self.env.daemon
+    }
+
+    /// Whether the fds are in systemd's file descriptor store.
+    pub fn fd_store(&self) -> bool {
+        self.env.fd_store
     }
 
     /// Whether an earlier worker served this mount.
@@ -598,11 +710,40 @@ fn give_up(mountpoint: &Path, connection: Option<u32>, why: &str) -> Error {
 
 /// The keeper: mounts, then runs workers until the mount ends.
 pub fn run(plan: MountPlan, args: &MountArgs) -> Result<()> {
-    let signals = crate::daemon::block_signals();
+    crate::daemon::block_signals();
     let state = StateDir::open(&plan.state_dir)?;
     if args.daemon_child {
         crate::logger::tee_to_file(&state.path().join(LOG_FILE));
     }
+    let adopted = ADOPTED.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let (fds, negotiated, fd_store) = match adopted {
+        Some(a) => {
+            log::warn!(
+                "took the FUSE connection of {} over from systemd's file descriptor store ({} fds)",
+                plan.mountpoint.display(),
+                a.fds.len()
+            );
+            let Some(n) = a.negotiated else {
+                return Err(give_up(
+                    &plan.mountpoint,
+                    None,
+                    "systemd's file descriptor store has the FUSE fds but not the parameters negotiated at INIT",
+                ));
+            };
+            (a.fds, Some(n), true)
+        }
+        None => {
+            let fds = mount_new(&plan, args)?;
+            let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+            let stored = fd_store_send(FD_NAME_FUSE, &raw);
+            (fds, None, stored)
+        }
+    };
+    keep_running(plan, args, state, fds, negotiated, fd_store)
+}
+
+/// Cleans a stale mount up, opens `/dev/fuse`, mounts, clones.
+fn mount_new(plan: &MountPlan, args: &MountArgs) -> Result<Vec<File>> {
     if plan.stale_mount {
         crate::daemon::force_unmount(&plan.mountpoint, None);
         log::warn!(
@@ -628,6 +769,18 @@ pub fn run(plan: MountPlan, args: &MountArgs) -> Result<()> {
             }
         }
     }
+    Ok(fds)
+}
+
+fn keep_running(
+    plan: MountPlan,
+    args: &MountArgs,
+    state: StateDir,
+    fds: Vec<File>,
+    negotiated: Option<Negotiated>,
+    fd_store: bool,
+) -> Result<()> {
+    let signals = crate::daemon::block_signals();
     let (tx, rx) = mpsc::channel();
     let (report_r, report_w) = sys::pipe().map_err(|e| Error::io("creating a pipe", e))?;
     {
@@ -666,8 +819,15 @@ pub fn run(plan: MountPlan, args: &MountArgs) -> Result<()> {
         .filter(|a| a != "--daemon-child")
         .collect();
     worker_args.push("--worker".into());
+    let last_restart = negotiated.map(|_| LastRestart {
+        at: now_ms() / 1000,
+        reason: "service restarted (systemd's file descriptor store)".into(),
+        pause_ms: None,
+        at_ms: now_ms(),
+    });
     let mut keeper = Keeper {
         plan,
+        fd_store,
         daemon: args.daemon_child,
         fds,
         report_w,
@@ -678,10 +838,10 @@ pub fn run(plan: MountPlan, args: &MountArgs) -> Result<()> {
         worker_args,
         tx,
         rx,
-        negotiated: None,
+        negotiated,
         connection: None,
         restarts: 0,
-        last_restart: None,
+        last_restart,
         deaths: VecDeque::new(),
     };
     let result = keeper.serve();
@@ -691,6 +851,7 @@ pub fn run(plan: MountPlan, args: &MountArgs) -> Result<()> {
 
 struct Keeper {
     plan: MountPlan,
+    fd_store: bool,
     daemon: bool,
     fds: Vec<File>,
     report_w: File,
@@ -721,6 +882,7 @@ impl Keeper {
             last_restart: self.last_restart.clone(),
             negotiated: self.negotiated,
             daemon: self.daemon,
+            fd_store: self.fd_store,
         };
         let mut keep = env.fds.clone();
         keep.extend([env.report_fd, env.lock_fd]);
@@ -776,6 +938,7 @@ impl Keeper {
             };
             let mut ready = false;
             let mut unmounting = false;
+            let mut stopping = false;
             let mut planned: Option<(u64, PathBuf)> = None;
             let status = loop {
                 let Ok(ev) = self.rx.recv() else {
@@ -798,6 +961,15 @@ impl Keeper {
                                     if !n.has_resend && !warned_resend {
                                         warned_resend = true;
                                         log::warn!("this kernel lacks FUSE_NOTIFY_RESEND (Linux 6.9 or later): if the worker dies, the mount ends as before (ENOTCONN) instead of restarting");
+                                    }
+                                    if self.fd_store && self.negotiated.is_none() {
+                                        let json = serde_json::to_vec(&n).unwrap_or_default();
+                                        match sys::memfd_with(c"fleecefs-init", &json) {
+                                            Ok(m) => {
+                                                fd_store_send(FD_NAME_INIT, &[m.as_raw_fd()]);
+                                            }
+                                            Err(e) => log::warn!("memfd for the fd store: {e}"),
+                                        }
                                     }
                                     self.negotiated = Some(n);
                                 }
@@ -824,6 +996,11 @@ impl Keeper {
                             }
                             _ => log::debug!("unknown worker report: {line}"),
                         }
+                    }
+                    Event::Signal(sig) if self.fd_store => {
+                        log::info!("signal {sig}: stopping; {} stays mounted, its FUSE connection in systemd's file descriptor store", mp.display());
+                        stopping = true;
+                        let _ = sys::kill(pid, libc::SIGTERM);
                     }
                     Event::Signal(sig) => {
                         log::info!("signal {sig}: unmounting {}", mp.display());
@@ -860,6 +1037,10 @@ impl Keeper {
             }
             if unmounting {
                 crate::daemon::detach_and_abort(&mp, self.connection);
+                return Ok(());
+            }
+            if stopping {
+                log::info!("worker {pid} stopped; keeper exits (the mount stays)");
                 return Ok(());
             }
             if !served_once {

@@ -263,3 +263,85 @@ pub unsafe fn inherited_file(fd: i32) -> io::Result<File> {
         Ok(<File as std::os::fd::FromRawFd>::from_raw_fd(fd))
     }
 }
+
+/// Sends `message` with `fds` (SCM_RIGHTS) to the datagram socket `path` (a leading `@`
+/// is the abstract namespace): systemd's `sd_pid_notify_with_fds`.
+pub fn notify_with_fds(path: &std::ffi::OsStr, message: &str, fds: &[i32]) -> io::Result<()> {
+    let bytes = path.as_encoded_bytes();
+    // SAFETY: an all-zero sockaddr_un is valid; the path is copied in below.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    if bytes.is_empty() || bytes.len() >= addr.sun_path.len() {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    for (i, b) in bytes.iter().enumerate() {
+        addr.sun_path[i] = if i == 0 && *b == b'@' {
+            0
+        } else {
+            *b as libc::c_char
+        };
+    }
+    let addr_len = (std::mem::size_of::<libc::sa_family_t>() + bytes.len()) as libc::socklen_t;
+    // SAFETY: socket(2) with constant arguments.
+    let sock = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if sock < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `sock` is a new fd owned here.
+    let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(sock) };
+    let mut iov = libc::iovec {
+        iov_base: message.as_ptr() as *mut libc::c_void,
+        iov_len: message.len(),
+    };
+    let fd_bytes = std::mem::size_of_val(fds) as u32;
+    // SAFETY: CMSG_SPACE is a pure computation.
+    let space = unsafe { libc::CMSG_SPACE(fd_bytes) } as usize;
+    let mut control = vec![0u8; space.max(1)];
+    // SAFETY: an all-zero msghdr is valid; its pointers are set below to live buffers.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = &mut addr as *mut libc::sockaddr_un as *mut libc::c_void;
+    msg.msg_namelen = addr_len;
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if !fds.is_empty() {
+        msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+        msg.msg_controllen = space as _;
+        // SAFETY: the control buffer has room for one header with `fds` (CMSG_SPACE).
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(fd_bytes) as _;
+            std::ptr::copy_nonoverlapping(
+                fds.as_ptr() as *const u8,
+                libc::CMSG_DATA(cmsg),
+                fd_bytes as usize,
+            );
+        }
+    }
+    // SAFETY: sendmsg with a msghdr whose buffers outlive the call.
+    let r = unsafe {
+        libc::sendmsg(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            &msg,
+            libc::MSG_NOSIGNAL,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A memory file (`memfd_create`, close-on-exec) holding `bytes`, positioned at 0.
+pub fn memfd_with(name: &std::ffi::CStr, bytes: &[u8]) -> io::Result<File> {
+    // SAFETY: memfd_create with a valid C string.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is new and owned here.
+    let f = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    f.write_all_at(bytes, 0)?;
+    Ok(f)
+}
