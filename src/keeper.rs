@@ -181,6 +181,13 @@ fn fd_store_send(name: &str, fds: &[i32]) -> bool {
     let Some(socket) = std::env::var_os("NOTIFY_SOCKET") else {
         return false;
     };
+    // Only where the unit has a store: systemd 254+ says so ($FDSTORE), the unit file
+    // of docs/ says so itself (FLEECEFS_FDSTORE=1). Elsewhere SIGTERM must unmount.
+    let has_store = std::env::var("FDSTORE").is_ok_and(|n| n.parse::<u32>().is_ok_and(|n| n > 0))
+        || std::env::var("FLEECEFS_FDSTORE").is_ok_and(|v| v == "1");
+    if !has_store {
+        return false;
+    }
     match sys::notify_with_fds(&socket, &format!("FDSTORE=1\nFDNAME={name}\n"), fds) {
         Ok(()) => true,
         Err(e) => {

@@ -47,7 +47,7 @@ def status():
     return json.loads(out.stdout) if out.returncode == 0 else None
 
 def start(log):
-    env = dict(os.environ, NOTIFY_SOCKET=notify)
+    env = dict(os.environ, NOTIFY_SOCKET=notify, FLEECEFS_FDSTORE="1")
     cmd = [fleecefs, "mount", mp, "--state-dir", state, "--device", f"d={img}", "--foreground"]
     keep = ()
     if store:
