@@ -98,4 +98,15 @@ mnt 2>"$T/err" || fail "mount after the give-up: $(cat "$T/err")"
 cmp "$T/m/live/d" "$T/src.img" || fail "live differs from the source after the give-up"
 "$FLEECEFS" unmount "$T/m"
 pgrep -f -- "mount $T/m" >/dev/null && fail "processes left after unmount: $(pgrep -af -- "mount $T/m")"
-echo "ok: kills during an access (broken, exact incremental), restart refusals and --force, keeper killed, mount right after kill -9, registry.tmp, crash loop give-up"
+# --- a kernel without FUSE_NOTIFY_RESEND (simulated): a warning, and today's behaviour --
+FLEECEFS_FAULT_NO_RESEND=1 mnt 2>"$T/err"
+grep -q "lacks FUSE_NOTIFY_RESEND" "$T/err" || fail "mount did not warn about the missing FUSE_NOTIFY_RESEND: $(cat "$T/err")"
+expect_fail_with "lacks FUSE_NOTIFY_RESEND" "$FLEECEFS" restart "$T/m"
+keeper=$(field 'd["keeper_pid"]')
+kill -9 "$(field 'd["worker_pid"]')"
+gone "$keeper"                                   # no restart: the mount ends
+grep -q "cannot resend its requests" "$T/s/fleecefs.log" || fail "no give-up without resend: $(tail -3 "$T/s/fleecefs.log")"
+! grep -q " $T/m " /proc/mounts || fail "the mount is still there without resend"
+mnt 2>"$T/err" || fail "mount after a worker death without resend: $(cat "$T/err")"
+"$FLEECEFS" unmount "$T/m"
+echo "ok: kills during an access (broken, exact incremental), restart refusals and --force, keeper killed, mount right after kill -9, registry.tmp, crash loop give-up, no FUSE_NOTIFY_RESEND"

@@ -48,7 +48,7 @@ def status():
 
 def start(log):
     env = dict(os.environ, NOTIFY_SOCKET=notify, FLEECEFS_FDSTORE="1")
-    cmd = [fleecefs, "mount", mp, "--state-dir", state, "--device", f"d={img}", "--foreground"]
+    cmd = [fleecefs, "-v", "mount", mp, "--state-dir", state, "--device", f"d={img}", "--foreground"]
     keep = ()
     if store:
         # as systemd passes them: fds 3.., LISTEN_PID the service's own pid
@@ -76,14 +76,17 @@ def start(log):
         time.sleep(0.05)
     fail("the service does not answer")
 
-def stop(p, s):
+def stop(p, s, log):
     """What systemd does to stop the service: SIGTERM to every process of it."""
     for pid in (s["keeper_pid"], s["worker_pid"]):
-        os.kill(pid, signal.SIGTERM)
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass  # the keeper already stopped its worker
     try:
-        code = p.wait(20)
+        code = p.wait(60)
     except subprocess.TimeoutExpired:
-        fail("the keeper did not exit on SIGTERM")
+        fail(f"the keeper did not exit on SIGTERM: {open(log).read()[-3000:]} {open(state + '/fleecefs.log').read()[-3000:] if os.path.exists(state + '/fleecefs.log') else ''}")
     if code != 0:
         fail(f"the keeper exited {code} on SIGTERM")
 
@@ -116,7 +119,7 @@ wlog = f"{tmp}/writer.log"
 w = subprocess.Popen([sys.executable, "-c", WRITER, mp, wlog])
 time.sleep(0.3)
 # systemctl restart: stop (SIGTERM), start again with the stored fds
-stop(p, s)
+stop(p, s, f"{tmp}/service1.log")
 if f" {mp} " not in open("/proc/mounts").read():
     fail("the mount went away when the service stopped for a restart")
 p, s2 = start(f"{tmp}/service2.log")
@@ -144,7 +147,7 @@ with open(img, "rb") as f:
         if f.read(len(data)) != data:
             fail(f"acknowledged write at {off} lost")
 # systemctl stop: SIGTERM, then systemd drops the store: the connection ends
-stop(p, s2)
+stop(p, s2, f"{tmp}/service2.log")
 for _, fd in store:
     os.close(fd)
 time.sleep(0.2)
