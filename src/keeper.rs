@@ -536,7 +536,7 @@ pub fn ready(connection: u32) {
     w.report(&format!("ready {connection}"));
     if w.env.daemon {
         crate::logger::stop_tee();
-        crate::daemon::redirect_stdio_to_null();
+        sys::redirect_stdio_to_null();
         let _ = std::env::set_current_dir("/");
     }
 }
@@ -717,7 +717,7 @@ fn give_up(mountpoint: &Path, connection: Option<u32>, why: &str) -> Error {
 
 /// The keeper: mounts, then runs workers until the mount ends.
 pub fn run(plan: MountPlan, args: &MountArgs) -> Result<()> {
-    crate::daemon::block_signals();
+    sys::block_signals(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP]);
     let state = StateDir::open(&plan.state_dir)?;
     if args.daemon_child {
         crate::logger::tee_to_file(&state.path().join(LOG_FILE));
@@ -787,7 +787,7 @@ fn keep_running(
     negotiated: Option<Negotiated>,
     fd_store: bool,
 ) -> Result<()> {
-    let signals = crate::daemon::block_signals();
+    let signals = sys::block_signals(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP]);
     let (tx, rx) = mpsc::channel();
     let (report_r, report_w) = sys::pipe().map_err(|e| Error::io("creating a pipe", e))?;
     {
@@ -809,12 +809,11 @@ fn keep_running(
         std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || loop {
-                let mut sig: libc::c_int = 0;
-                // SAFETY: sigwait on the set blocked in every thread.
-                if unsafe { libc::sigwait(&signals, &mut sig) } == 0
-                    && tx.send(Event::Signal(sig)).is_err()
-                {
-                    break;
+                // The signals are blocked in every thread: only this one receives them.
+                if let Some(sig) = sys::wait_signal(&signals) {
+                    if tx.send(Event::Signal(sig)).is_err() {
+                        break;
+                    }
                 }
             })
             .context(|| "starting the signal thread".into())?;
@@ -990,7 +989,7 @@ impl Keeper {
                                         let _ = std::io::stdout().write_all(b"ready\n");
                                         let _ = std::io::stdout().flush();
                                         crate::logger::stop_tee();
-                                        crate::daemon::redirect_stdio_to_null();
+                                        sys::redirect_stdio_to_null();
                                         let _ = std::env::set_current_dir("/");
                                     }
                                 }

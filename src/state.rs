@@ -8,7 +8,6 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -68,13 +67,7 @@ impl StateDir {
         // A daemon killed a moment ago may still be exiting: wait for it (bounded).
         let locked = crate::holders::lock_waiting_for_dying(
             &lock,
-            || {
-                // SAFETY: flock on a valid fd.
-                match unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } {
-                    0 => Ok(()),
-                    _ => Err(std::io::Error::last_os_error()),
-                }
-            },
+            || crate::sys::try_flock(&lock, true),
             |e| e.raw_os_error() == Some(libc::EWOULDBLOCK),
         );
         if locked.is_err() {
@@ -102,7 +95,7 @@ impl StateDir {
 
     /// The fd of the lock file (open while this StateDir lives).
     pub fn lock_fd(&self) -> std::os::fd::RawFd {
-        self._lock.as_raw_fd()
+        std::os::fd::AsRawFd::as_raw_fd(&self._lock)
     }
 
     /// The directory.
