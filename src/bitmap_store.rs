@@ -168,7 +168,8 @@ fn extension(kind: BitmapKind) -> &'static str {
 }
 
 /// Deletes files a setup or a bitmap creation left half-done when the daemon died
-/// (`*.pending` bitmaps never committed, `*.new` files never renamed into place), and
+/// (`*.pending` bitmaps never committed, `*.new` files and `registry.tmp` never renamed
+/// into place), and
 /// background files of bitmaps the registry does not list (their bitmap was dropped by
 /// a setup that failed half-way). No registered bitmap refers to them.
 fn remove_unfinished_files(dir: &Path, registry: &Registry) {
@@ -191,6 +192,8 @@ fn remove_unfinished_files(dir: &Path, registry: &Registry) {
         let path = e.path();
         let unfinished = match path.extension().and_then(|x| x.to_str()) {
             Some("pending") | Some("new") => true,
+            // save_registry's temporary file (a crash between its write and rename).
+            Some("tmp") => e.file_name() == "registry.tmp",
             Some("background") => !backgrounds.contains(&*e.file_name().to_string_lossy()),
             _ => false,
         };

@@ -47,6 +47,11 @@ pub enum Command {
     /// Show devices, bitmaps and the active backup access
     #[command(after_help = "Example:\n  fleecefs status /mnt/fleece --json")]
     Status(StatusArgs),
+    /// Restart the daemon's worker (an upgrade takes effect); writers only pause
+    #[command(
+        after_help = "Example:\n  fleecefs restart /mnt/fleece\n  fleecefs restart /mnt/fleece --binary /usr/local/bin/fleecefs"
+    )]
+    Restart(RestartArgs),
     /// Unmount (same as umount MOUNTPOINT) and wait for the daemon to exit
     #[command(after_help = "Example:\n  fleecefs unmount /mnt/fleece")]
     Unmount(UnmountArgs),
@@ -208,6 +213,9 @@ pub struct MountArgs {
     /// Internal: set in the background daemon started by `mount`
     #[arg(long, hide = true)]
     pub daemon_child: bool,
+    /// Internal: a worker started by the keeper (see src/keeper.rs)
+    #[arg(long, hide = true)]
+    pub worker: bool,
 }
 
 /// `setup` flags.
@@ -341,6 +349,19 @@ pub struct StatusArgs {
     /// Print as JSON
     #[arg(long)]
     pub json: bool,
+}
+
+/// `restart` flags.
+#[derive(Args, Debug)]
+pub struct RestartArgs {
+    /// The fleecefs mount point
+    pub mountpoint: PathBuf,
+    /// Binary of the new worker [default: the keeper's own binary, as installed now]
+    #[arg(long, value_name = "PATH")]
+    pub binary: Option<PathBuf>,
+    /// Restart even during a backup access (the access breaks: "daemon restarted")
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// `unmount` flags.

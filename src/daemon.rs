@@ -189,7 +189,13 @@ pub fn validate(args: &MountArgs) -> Result<MountPlan> {
         }
         None => state_dir.join("fleecing"),
     };
-    let (mountpoint, stale_mount) = check_mountpoint(&args.mountpoint, &state_dir)?;
+    let (mountpoint, stale_mount) = match crate::keeper::worker() {
+        // A worker must not touch the mount before it serves it: the keeper checked it.
+        Some(w) if args.worker => (w.mountpoint().to_path_buf(), false),
+        // Taken over from systemd's fd store: nobody serves it until our worker does.
+        _ if crate::keeper::adopting() => (absolute(&args.mountpoint)?, false),
+        _ => check_mountpoint(&args.mountpoint, &state_dir)?,
+    };
     // Compared resolved: through a symlink or a '..', they could still lead inside.
     if resolved(&state_dir).starts_with(&mountpoint)
         || resolved(&fleecing_dir).starts_with(&mountpoint)
@@ -398,9 +404,16 @@ fn check_mountpoint(path: &Path, state_dir: &Path) -> Result<(PathBuf, bool)> {
 
 /// `fleecefs mount`: validate, then serve here (`--foreground`) or in the background.
 pub fn mount(args: &MountArgs) -> Result<()> {
+    if args.worker {
+        crate::keeper::worker_init()?;
+        return serve(validate(args)?, false, args.allow_other);
+    }
+    if args.foreground || args.daemon_child {
+        crate::keeper::adopt_fd_store()?;
+    }
     let plan = validate(args)?;
     if args.foreground || args.daemon_child {
-        serve(plan, args.daemon_child, args.allow_other)
+        crate::keeper::run(plan, args)
     } else {
         start_background()
     }
@@ -464,6 +477,18 @@ pub fn force_unmount(mountpoint: &Path, connection: Option<u32>) {
     }
 }
 
+/// Detaches the mount and aborts its FUSE connection (when known): what a keeper that
+/// gives up leaves is a mount point that can be mounted again.
+pub(crate) fn detach_and_abort(mountpoint: &Path, connection: Option<u32>) {
+    if let Ok(c) = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes()) {
+        // SAFETY: umount2 with a valid C string.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    }
+    if let Some(id) = connection {
+        abort_connection(id);
+    }
+}
+
 fn abort_connection(id: u32) {
     let dir = Path::new("/sys/fs/fuse/connections");
     if !dir.join(id.to_string()).exists() {
@@ -490,11 +515,17 @@ fn bind_socket(state: &StateDir) -> Result<UnixListener> {
 
 fn serve(plan: MountPlan, daemon_child: bool, allow_other: bool) -> Result<()> {
     let signals = sys::block_signals(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP]);
-    let state = StateDir::open(&plan.state_dir)?;
-    if daemon_child {
+    let state = match crate::keeper::worker() {
+        Some(w) => w.state_dir(&plan.state_dir)?,
+        None => StateDir::open(&plan.state_dir)?,
+    };
+    if daemon_child || crate::keeper::worker().is_some_and(|w| w.daemon()) {
         crate::logger::tee_to_file(&state.path().join(LOG_FILE));
     }
     if let Some(record) = state.leftover_access()? {
+        if let Some(w) = crate::keeper::worker() {
+            w.note_crashed_access(&record);
+        }
         match state.remove_leftovers(&record) {
             Ok(removed) => log::warn!(
                 "recovered from an unclean shutdown: backup access '{}' did not end; removed {} leftover fleecing file(s){}{}",
@@ -546,6 +577,7 @@ fn serve(plan: MountPlan, daemon_child: bool, allow_other: bool) -> Result<()> {
             return Err(e);
         }
     };
+    crate::keeper::restore_broken_access(&engine);
     {
         let engine = engine.clone();
         let layout = MountLayout::new(plan.mountpoint.clone());
@@ -566,7 +598,10 @@ fn serve(plan: MountPlan, daemon_child: bool, allow_other: bool) -> Result<()> {
             let _ = fs::remove_file(&socket_path);
             Error::io(format!("mounting {}", plan.mountpoint.display()), e)
         })?;
+    let resend_fd = std::os::fd::AsFd::as_fd(&session).try_clone_to_owned().ok();
     let fuse_thread = session::spawn(session).context(|| "starting the FUSE session".into())?;
+    crate::keeper::resend(resend_fd.as_ref().map(std::os::fd::AsFd::as_fd));
+    drop(resend_fd);
     // Serving means answering: one lookup through the kernel.
     let live = MountLayout::new(plan.mountpoint.clone()).live_dir();
     let connection = fs::metadata(&live)
@@ -587,6 +622,7 @@ fn serve(plan: MountPlan, daemon_child: bool, allow_other: bool) -> Result<()> {
         plan.cluster,
         plan.threads
     );
+    crate::keeper::ready(connection);
     if daemon_child {
         // Tell the parent, then leave the terminal: from now on the log file only.
         let _ = std::io::stdout().write_all(b"ready\n");
@@ -597,11 +633,15 @@ fn serve(plan: MountPlan, daemon_child: bool, allow_other: bool) -> Result<()> {
     }
     {
         let mountpoint = plan.mountpoint.clone();
+        let engine = engine.clone();
         std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || loop {
                 // The signals are blocked in every thread: only this one receives them.
                 if let Some(sig) = sys::wait_signal(&signals) {
+                    if crate::keeper::worker().is_some_and(|w| w.fd_store()) {
+                        crate::keeper::stop_keeping_connection(&engine);
+                    }
                     log::info!("signal {sig}: unmounting {}", mountpoint.display());
                     force_unmount(&mountpoint, Some(connection));
                 }

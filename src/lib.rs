@@ -27,6 +27,8 @@ pub mod error;
 pub mod fleece;
 pub mod freeze;
 pub mod fuse;
+pub mod holders;
+pub mod keeper;
 pub mod layout;
 pub mod logger;
 pub mod restore;

@@ -28,6 +28,9 @@ fn run(cli: Cli) -> error::Result<()> {
         Command::Restore(a) => restore::run(&a),
         Command::Status(a) => commands::status(&a.mountpoint, a.json),
         Command::Unmount(a) => daemon::unmount(&a.mountpoint),
+        Command::Restart(a) => {
+            fleecefs::keeper::restart_command(&a.mountpoint, a.binary.as_deref(), a.force)
+        }
         Command::Bitmap(BitmapCommand::Remove(a)) => {
             commands::bitmap_remove(&a.mountpoint, &a.target)
         }
@@ -98,7 +101,8 @@ fn parse() -> Cli {
 
 fn main() {
     let cli = parse();
-    let daemon = matches!(&cli.command, Command::Mount(a) if a.foreground || a.daemon_child);
+    let daemon =
+        matches!(&cli.command, Command::Mount(a) if a.foreground || a.daemon_child || a.worker);
     logger::init(cli.verbose, daemon);
     if let Err(e) = run(cli) {
         // An empty message means the error was already printed (by the daemon child).

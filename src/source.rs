@@ -73,12 +73,19 @@ impl Source {
             .custom_flags(libc::O_CLOEXEC | excl)
             .open(path)
             .context(|| format!("source {} cannot be opened read-write", path.display()))?;
-        sys::lock_exclusive(&file).or_else(|e| {
+        // A fleecefs killed a moment ago may still be exiting: wait for it (bounded).
+        crate::holders::lock_waiting_for_dying(
+            &file,
+            || sys::lock_exclusive(&file),
+            sys::is_lock_conflict,
+        )
+        .or_else(|e| {
             if sys::is_lock_conflict(&e) {
                 Err(Error::busy(format!(
                     "source {} is in use: another process holds a lock on it \
-                     (another fleecefs daemon, or QEMU)",
-                    path.display()
+                     (another fleecefs daemon, or QEMU){}",
+                    path.display(),
+                    crate::holders::describe(&file)
                 )))
             } else {
                 // A filesystem without locks (ENOLCK): serve, but say what is not guarded.

@@ -102,7 +102,13 @@ impl StateDir {
             .custom_flags(libc::O_CLOEXEC)
             .open(&lock_path)
             .context(|| format!("opening {}", lock_path.display()))?;
-        if crate::sys::try_flock(&lock, true).is_err() {
+        // A daemon killed a moment ago may still be exiting: wait for it (bounded).
+        let locked = crate::holders::lock_waiting_for_dying(
+            &lock,
+            || crate::sys::try_flock(&lock, true),
+            |e| e.raw_os_error() == Some(libc::EWOULDBLOCK),
+        );
+        if locked.is_err() {
             let holder = fs::read_to_string(&lock_path).unwrap_or_default();
             return Err(Error::busy(format!(
                 "state directory {} is in use by another fleecefs daemon (pid {})",
@@ -114,6 +120,20 @@ impl StateDir {
             .context(|| format!("writing {}", lock_path.display()))?;
         let _ = writeln!(lock, "{}", std::process::id());
         Ok(StateDir { path, _lock: lock })
+    }
+
+    /// The state directory `path` (absolute, existing) under `lock`, an open file of its
+    /// lock that another process of this mount (the keeper) holds locked.
+    pub fn adopt(path: &Path, lock: File) -> Result<StateDir> {
+        let path = path
+            .canonicalize()
+            .context(|| format!("resolving state directory {}", path.display()))?;
+        Ok(StateDir { path, _lock: lock })
+    }
+
+    /// The fd of the lock file (open while this StateDir lives).
+    pub fn lock_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self._lock)
     }
 
     /// The directory.

@@ -5,7 +5,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 
 /// `fallocate(2)` mode bits as the kernel passes them in FUSE requests.
@@ -180,6 +180,249 @@ pub fn lock_shared(file: &std::fs::File) -> std::io::Result<()> {
 /// a filesystem without locks).
 pub fn is_lock_conflict(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES))
+}
+
+/// Opens `/dev/fuse` (close-on-exec).
+pub fn open_dev_fuse() -> io::Result<File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open("/dev/fuse")
+}
+
+/// Mounts a FUSE filesystem served on `fuse` (an open `/dev/fuse`) at `mountpoint`, as
+/// fuser does: type `fuse`, nosuid, nodev, owner root's uid and gid of this process.
+pub fn mount_fuse(
+    fuse: &File,
+    source: &str,
+    mountpoint: &std::path::Path,
+    extra_options: &str,
+) -> io::Result<()> {
+    let mode = std::fs::metadata(mountpoint)?.mode();
+    // SAFETY: getuid/getgid cannot fail.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let mut options = format!(
+        "fd={},rootmode={mode:o},user_id={uid},group_id={gid}",
+        fuse.as_raw_fd()
+    );
+    if !extra_options.is_empty() {
+        options.push(',');
+        options.push_str(extra_options);
+    }
+    let cstr = |s: &[u8]| {
+        std::ffi::CString::new(s).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+    };
+    let (src, mp, ty, opts) = (
+        cstr(source.as_bytes())?,
+        cstr(mountpoint.as_os_str().as_encoded_bytes())?,
+        cstr(b"fuse")?,
+        cstr(options.as_bytes())?,
+    );
+    // SAFETY: mount(2) with valid C strings that outlive the call.
+    let r = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            mp.as_ptr(),
+            ty.as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV,
+            opts.as_ptr() as *const libc::c_void,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// A new `/dev/fuse` fd attached to the connection of `session` (`FUSE_DEV_IOC_CLONE`):
+/// it reads requests of that connection with a processing queue of its own.
+pub fn fuse_clone(session: &File) -> io::Result<File> {
+    let clone = open_dev_fuse()?;
+    // FUSE_DEV_IOC_CLONE = _IOR(229, 0, uint32_t)
+    const FUSE_DEV_IOC_CLONE: libc::c_ulong = 0x8004_e500;
+    let mut fd = session.as_raw_fd() as u32;
+    // SAFETY: the ioctl reads one u32 (the source fd) from `fd`.
+    let r = unsafe { libc::ioctl(clone.as_raw_fd(), FUSE_DEV_IOC_CLONE as _, &mut fd) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(clone)
+}
+
+/// Sends `FUSE_NOTIFY_RESEND` on `fuse`: the kernel puts every request that was read
+/// from this connection's fds but not answered back into its queue, to be read again.
+/// ENOSYS/EINVAL: the kernel does not know it (before Linux 6.9).
+pub fn fuse_notify_resend(fuse: &File) -> io::Result<()> {
+    // struct fuse_out_header { u32 len; i32 error; u64 unique }: a notification has
+    // unique 0 and its code in `error`; FUSE_NOTIFY_RESEND = 7, no payload.
+    const FUSE_NOTIFY_RESEND: i32 = 7;
+    let mut header = [0u8; 16];
+    header[0..4].copy_from_slice(&16u32.to_ne_bytes());
+    header[4..8].copy_from_slice(&FUSE_NOTIFY_RESEND.to_ne_bytes());
+    // SAFETY: write(2) of a 16-byte local buffer.
+    let r = unsafe {
+        libc::write(
+            fuse.as_raw_fd(),
+            header.as_ptr() as *const libc::c_void,
+            header.len(),
+        )
+    };
+    if r == 16 {
+        Ok(())
+    } else if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Err(io::Error::from_raw_os_error(libc::EIO))
+    }
+}
+
+/// A pipe, both ends close-on-exec: (read, write).
+pub fn pipe() -> io::Result<(File, File)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: pipe2 writes two fds into `fds`.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both fds are new and owned by nobody else.
+    Ok(unsafe {
+        (
+            <File as std::os::fd::FromRawFd>::from_raw_fd(fds[0]),
+            <File as std::os::fd::FromRawFd>::from_raw_fd(fds[1]),
+        )
+    })
+}
+
+/// In a child between fork and exec: keeps `fds` open across the exec, and asks for
+/// SIGKILL when the parent dies. Only async-signal-safe calls.
+pub fn child_keep_fds_and_die_with_parent(fds: &[i32], parent: i32) -> io::Result<()> {
+    for &fd in fds {
+        // SAFETY: fcntl on an fd inherited from the parent.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+        // SAFETY: as above.
+        if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    // SAFETY: prctl with plain integer arguments.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // The parent may have died before the prctl.
+    // SAFETY: getppid cannot fail.
+    if unsafe { libc::getppid() } != parent {
+        return Err(io::Error::from_raw_os_error(libc::ESRCH));
+    }
+    Ok(())
+}
+
+/// Sends `signal` to process `pid`.
+pub fn kill(pid: u32, signal: i32) -> io::Result<()> {
+    // SAFETY: kill(2) with plain integers.
+    if unsafe { libc::kill(pid as libc::pid_t, signal) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Takes ownership of an fd inherited from the parent process.
+///
+/// # Safety
+/// `fd` must be open and owned by nothing else in this process.
+pub unsafe fn inherited_file(fd: i32) -> io::Result<File> {
+    // SAFETY: fcntl F_GETFD only checks that the fd is open.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the caller guarantees ownership; set close-on-exec again.
+    unsafe {
+        libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+        Ok(<File as std::os::fd::FromRawFd>::from_raw_fd(fd))
+    }
+}
+
+/// Sends `message` with `fds` (SCM_RIGHTS) to the datagram socket `path` (a leading `@`
+/// is the abstract namespace): systemd's `sd_pid_notify_with_fds`.
+pub fn notify_with_fds(path: &std::ffi::OsStr, message: &str, fds: &[i32]) -> io::Result<()> {
+    let bytes = path.as_encoded_bytes();
+    // SAFETY: an all-zero sockaddr_un is valid; the path is copied in below.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    if bytes.is_empty() || bytes.len() >= addr.sun_path.len() {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    for (i, b) in bytes.iter().enumerate() {
+        addr.sun_path[i] = if i == 0 && *b == b'@' {
+            0
+        } else {
+            *b as libc::c_char
+        };
+    }
+    let addr_len = (std::mem::size_of::<libc::sa_family_t>() + bytes.len()) as libc::socklen_t;
+    // SAFETY: socket(2) with constant arguments.
+    let sock = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if sock < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `sock` is a new fd owned here.
+    let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(sock) };
+    let mut iov = libc::iovec {
+        iov_base: message.as_ptr() as *mut libc::c_void,
+        iov_len: message.len(),
+    };
+    let fd_bytes = std::mem::size_of_val(fds) as u32;
+    // SAFETY: CMSG_SPACE is a pure computation.
+    let space = unsafe { libc::CMSG_SPACE(fd_bytes) } as usize;
+    let mut control = vec![0u8; space.max(1)];
+    // SAFETY: an all-zero msghdr is valid; its pointers are set below to live buffers.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = &mut addr as *mut libc::sockaddr_un as *mut libc::c_void;
+    msg.msg_namelen = addr_len;
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if !fds.is_empty() {
+        msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+        msg.msg_controllen = space as _;
+        // SAFETY: the control buffer has room for one header with `fds` (CMSG_SPACE).
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(fd_bytes) as _;
+            std::ptr::copy_nonoverlapping(
+                fds.as_ptr() as *const u8,
+                libc::CMSG_DATA(cmsg),
+                fd_bytes as usize,
+            );
+        }
+    }
+    // SAFETY: sendmsg with a msghdr whose buffers outlive the call.
+    let r = unsafe {
+        libc::sendmsg(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            &msg,
+            libc::MSG_NOSIGNAL,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A memory file (`memfd_create`, close-on-exec) holding `bytes`, positioned at 0.
+pub fn memfd_with(name: &std::ffi::CStr, bytes: &[u8]) -> io::Result<File> {
+    // SAFETY: memfd_create with a valid C string.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is new and owned here.
+    let f = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    f.write_all_at(bytes, 0)?;
+    Ok(f)
 }
 
 /// The real user and group ids of this process.

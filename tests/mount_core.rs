@@ -370,7 +370,8 @@ fn two_devices_are_frozen_at_one_instant() {
     );
 }
 
-/// `kill -9` leaves a dead mount and a fleecing file; the next `mount` cleans both up.
+/// `kill -9` of the daemon (the keeper: its worker dies with it) leaves a dead mount
+/// and a fleecing file; the next `mount` cleans both up.
 #[test]
 fn mount_after_kill_9_removes_leftovers() {
     let f = Fleece::mounted(&[("d", 4 * MIB)]);
@@ -381,7 +382,7 @@ fn mount_after_kill_9_removes_leftovers() {
     wait_until("the fleecing file to hold the old data", || {
         allocated(&leftover) > 0
     });
-    let pid = f.pid();
+    let pid = f.keeper_pid();
     kill(pid, libc::SIGKILL);
     wait_until("the killed daemon to exit", || {
         process_gone(pid) && f.daemon_gone()

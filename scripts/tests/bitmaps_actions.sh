@@ -56,7 +56,7 @@ expect used $((2 * CL)) --bitmap b1
 # kill -9 with the default tracking (bits in the page cache survive the daemon):
 # still `used`, every write present
 dirty_clusters 11 12
-pid=$(status_field 's["pid"]')
+pid=$(status_field 's["keeper_pid"]')
 kill -9 "$pid"
 sleep 0.2
 mnt
@@ -66,7 +66,7 @@ expect used $((2 * CL)) --bitmap b1
 "$FLEECEFS" unmount "$T/mnt"
 mnt --crash-safe-bitmaps sync
 dirty_clusters 20
-kill -9 "$(status_field 's["pid"]')"
+kill -9 "$(status_field 's["keeper_pid"]')"
 sleep 0.2
 mnt --crash-safe-bitmaps sync
 expect used $CL --bitmap b1
@@ -75,7 +75,7 @@ expect used $CL --bitmap b1
 "$FLEECEFS" unmount "$T/mnt"
 mnt --crash-safe-bitmaps off
 dirty_clusters 1
-kill -9 "$(status_field 's["pid"]')"
+kill -9 "$(status_field 's["keeper_pid"]')"
 sleep 0.2
 mnt --crash-safe-bitmaps off
 [ "$(status_field 's["bitmaps"][0]["consistent"]')" = False ] || fail "bitmap consistent after a crash without crash-safe tracking"
@@ -89,7 +89,7 @@ expect used 0 --bitmap b1
 "$FLEECEFS" unmount "$T/mnt"
 mnt
 dirty_clusters 30
-kill -9 "$(status_field 's["pid"]')"
+kill -9 "$(status_field 's["keeper_pid"]')"
 sleep 0.2
 mnt --cluster-size 128K
 status_field 's["bitmaps"][0]["reason"]' | grep -q "cluster size" || fail "no reason given for the wrong cluster size"
@@ -104,7 +104,7 @@ expect used 0 --bitmap b1
 dirty_clusters 2
 "$FLEECEFS" setup "$T/mnt" --target tgt --bitmap b1 >/dev/null
 dirty_clusters 3
-kill -9 "$(status_field 's["pid"]')"
+kill -9 "$(status_field 's["keeper_pid"]')"
 sleep 0.2
 bg=$(ls "$T"/state/bitmaps/*.background)
 printf 'garbage' | dd of="$bg" bs=1 seek=0 conv=notrunc status=none

@@ -114,7 +114,7 @@ fi
 start_writer "$T/mnt/live/disk" 4096
 "$FLEECEFS" setup "$T/mnt" --target crash >/dev/null
 sleep 0.5
-pid=$("$FLEECEFS" status "$T/mnt" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["pid"])')
+pid=$("$FLEECEFS" status "$T/mnt" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["keeper_pid"])')
 kill -9 "$pid"
 stop_writer
 # every write the writer completed reached the source: re-read what dd last wrote is

@@ -87,7 +87,7 @@ if command -v qemu-io >/dev/null; then
     [ "$rc" != 0 ] && grep -qi "lock" "$T/qemu.out" || fail "qemu-io wrote a served source: $(cat "$T/qemu.out")"
 fi
 [ "$(status_json "$T/mp" 'd["pid"]')" = "$pid" ] || fail "the first daemon is gone after a second mount attempt"
-[ "$(daemons)" = 1 ] || fail "daemons after a refused second mount: $(pgrep -af -- "mount $T/")"
+[ "$(daemons)" = 2 ] || fail "daemons (a keeper and its worker) after a refused second mount: $(pgrep -af -- "mount $T/")"
 # mounting on top of a busy fleecefs mount point is refused too
 WANT="$T/mp" bad "$FLEECEFS" mount "$T/mp" --state-dir "$T/st2" --device d=$T/c.img
 

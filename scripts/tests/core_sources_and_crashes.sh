@@ -52,7 +52,7 @@ fmount "$T/ma" --state-dir "$T/sa" --device a=$T/ack.img
 ) &
 ackw=$!
 sleep 0.5
-kill -9 "$(status_json "$T/ma" 'd["pid"]')"
+kill -9 "$(status_json "$T/ma" 'd["keeper_pid"]')"
 wait "$ackw" 2>/dev/null || true
 n=$(wc -l <"$T/acked")
 [ "$n" -gt 10 ] || fail "only $n writes were acknowledged before the kill"
@@ -91,7 +91,7 @@ for round in 1 2 3 4 5 6; do
         cmp "$T/mk/snapshot/d" "$T/ref.img" || fail "round $round: full snapshot differs"
     fi
     "$FLEECEFS" teardown "$T/mk" --target k --success >/dev/null
-    pid=$(status_json "$T/mk" 'd["pid"]')
+    pid=$(status_json "$T/mk" 'd["keeper_pid"]')
     cycle &
     cyc=$!
     sleep "0.$((RANDOM % 4))$((RANDOM % 10))"

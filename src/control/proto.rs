@@ -68,6 +68,15 @@ pub enum Request {
         /// Device name.
         device: String,
     },
+    /// Planned restart of the worker (`fleecefs restart`).
+    Restart {
+        /// Binary of the new worker (default: the keeper's).
+        #[serde(default)]
+        binary: Option<String>,
+        /// Restart during an access (it breaks).
+        #[serde(default)]
+        force: bool,
+    },
 }
 
 /// The reply to a request.

@@ -37,8 +37,12 @@ fn dispatch(engine: &Engine, layout: &MountLayout, req: Request) -> Response {
             .teardown(&target, success)
             .map(|r| serde_json::to_value(r).unwrap_or_default()),
         Request::Status {} => {
-            Ok(serde_json::to_value(engine.status().at_mount(layout)).unwrap_or_default())
+            let mut v = serde_json::to_value(engine.status().at_mount(layout)).unwrap_or_default();
+            crate::keeper::add_status(&mut v);
+            Ok(v)
         }
+        // Not reached from `handle` either: it exits the process after the reply.
+        Request::Restart { .. } => Err(Error::invalid("restart is handled by the connection")),
         Request::BitmapRemove { target } => engine
             .remove_bitmaps(&target)
             .map(|r| serde_json::to_value(r).unwrap_or_default()),
@@ -172,6 +176,13 @@ fn handle(engine: &Engine, layout: &MountLayout, mut stream: UnixStream) {
             log::debug!("control request: teardown {target} success={success} ack={ack}");
             engine.teardown_reply(&target, success, |r| {
                 teardown_delivered(&mut stream, &response(r), ack)
+            });
+            return;
+        }
+        Ok(Request::Restart { binary, force }) => {
+            log::info!("control request: restart binary={binary:?} force={force}");
+            crate::keeper::handle_restart(engine, binary, force, |r| {
+                reply(&mut stream, &response(r));
             });
             return;
         }

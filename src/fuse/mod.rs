@@ -114,6 +114,12 @@ impl FleeceFs {
         }
     }
 
+    /// Set up for a connection whose INIT an earlier worker answered (see `init`).
+    pub fn with_coherent_direct_io(mut self, coherent: bool) -> FleeceFs {
+        self.coherent_direct_io = coherent;
+        self
+    }
+
     fn with_buf<R>(size: u32, f: impl FnOnce(&mut [u8]) -> R) -> R {
         READ_BUF.with(|b| {
             let mut b = b.borrow_mut();
@@ -137,6 +143,12 @@ impl Filesystem for FleeceFs {
         self.coherent_direct_io = config
             .add_capabilities(fuser::InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP)
             .is_ok();
+        crate::keeper::record_init(
+            self.coherent_direct_io,
+            config
+                .capabilities()
+                .contains(fuser::InitFlags::FUSE_HAS_RESEND),
+        );
         if !self.coherent_direct_io {
             log::info!("kernel without FUSE_DIRECT_IO_ALLOW_MMAP: O_DIRECT writes to live files are serialized per file");
         }
@@ -183,6 +195,7 @@ impl Filesystem for FleeceFs {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        let _pass = crate::keeper::GATE.enter();
         let checked = self.ns.node(ino).and_then(|node| {
             let attr = self.ns.attr(node)?;
             let owner_or_mode = mode.is_some() || uid.is_some() || gid.is_some();
@@ -217,6 +230,7 @@ impl Filesystem for FleeceFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        let _pass = crate::keeper::GATE.enter();
         let node = match self.ns.node(ino) {
             Ok(node) => node,
             Err(e) => return reply.error(errno(&e)),
@@ -250,6 +264,7 @@ impl Filesystem for FleeceFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        let _pass = crate::keeper::GATE.enter();
         let r = self.ns.node(ino).and_then(|node| match node {
             Node::Live(i) => self.ns.device(i)?.write_live(offset, data),
             Node::Snap(_) | Node::Dirty(_) => Err(read_only()),
@@ -271,6 +286,7 @@ impl Filesystem for FleeceFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        let _pass = crate::keeper::GATE.enter();
         let r = self.ns.node(ino).and_then(|node| match node {
             Node::Live(i) => self.ns.device(i)?.fallocate_live(mode, offset, length),
             Node::Snap(i) if mode == sys::FALLOC_PUNCH_HOLE | sys::FALLOC_KEEP_SIZE => self
@@ -318,6 +334,7 @@ impl Filesystem for FleeceFs {
         _lo: LockOwner,
         reply: ReplyEmpty,
     ) {
+        let _pass = crate::keeper::GATE.enter();
         reply.ok()
     }
 
@@ -329,6 +346,7 @@ impl Filesystem for FleeceFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _pass = crate::keeper::GATE.enter();
         let r = self.ns.node(ino).and_then(|node| match node {
             Node::Live(i) => self.ns.device(i)?.sync_live(datasync),
             _ => Ok(()),

@@ -43,7 +43,8 @@ pub fn mount(
     };
     fuse_config.n_threads = Some(opts.threads);
     fuse_config.clone_fd = true;
-    let session = Session::new(
+    // Under a keeper: the keeper's fds instead of a new mount (src/keeper.rs).
+    let session = crate::keeper::session(
         FleeceFs::new(engine.clone(), opts.live_cache),
         mountpoint,
         &fuse_config,

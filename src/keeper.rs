@@ -1,0 +1,1164 @@
+//! Keeper and worker: the mount survives the death of the process that serves it.
+//!
+//! `fleecefs mount` runs two processes. The **keeper** opens `/dev/fuse`, mounts, makes
+//! one clone of the fd per extra FUSE thread (`FUSE_DEV_IOC_CLONE`), and holds all of
+//! them for the life of the mount. It starts the **worker** (the same binary with
+//! `--worker`), which inherits the fds over `exec` (their numbers in the environment
+//! variable [`WORKER_ENV`]) and does everything a daemon does: recovery, engine, control
+//! socket, FUSE requests. The keeper holds no engine state and serves no request.
+//!
+//! A FUSE connection lives while one process holds one of its fds, and a clone's
+//! processing queue (requests read but not answered) is aborted only when its last
+//! holder closes it. So when a worker dies, its unanswered requests wait in the kernel;
+//! the keeper starts a new worker, which takes the fds over without a second INIT (the
+//! parameters negotiated by the first worker are kept by the keeper and handed on), and
+//! sends `FUSE_NOTIFY_RESEND` (Linux 6.9+): the kernel queues those requests again, and
+//! the new worker answers them. Writers see a pause, not an error.
+//!
+//! The worker reports to the keeper over a pipe, one line per event, each starting with
+//! its pid: `init {json}` (negotiated at INIT), `ready CONNECTION` (serving),
+//! `restart MILLIS PATH` (a planned restart: the worker has drained and exits next).
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::cli::MountArgs;
+use crate::control::client::FSNAME_PREFIX;
+use crate::daemon::MountPlan;
+use crate::engine::Engine;
+use crate::error::{Error, IoContext, Kind, Result};
+use crate::state::{StateDir, LOG_FILE};
+use crate::sys;
+
+/// Environment variable that carries a worker's [`WorkerEnv`] (JSON).
+pub const WORKER_ENV: &str = "FLEECEFS_WORKER";
+/// Exit code of a worker that handed over for a planned restart.
+const EXIT_HANDOVER: i32 = 75;
+/// This many counted worker deaths within [`CRASH_WINDOW`] make the keeper give up
+/// (every death counts except a SIGKILL after the worker served).
+pub const CRASH_LIMIT: usize = 5;
+/// See [`CRASH_LIMIT`].
+pub const CRASH_WINDOW: Duration = Duration::from_secs(60);
+/// Longest a planned restart waits for the requests in flight.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What the first worker negotiated at INIT and later workers must honour.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Negotiated {
+    /// FUSE_DIRECT_IO_ALLOW_MMAP was granted (see `FleeceFs::open`).
+    pub coherent_direct_io: bool,
+    /// The kernel offers FUSE_HAS_RESEND (FUSE_NOTIFY_RESEND).
+    pub has_resend: bool,
+}
+
+/// The last worker restart, as `status` reports it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct LastRestart {
+    /// When the old worker died or began to hand over (seconds since the epoch).
+    pub at: u64,
+    /// Why: `planned restart`, `killed by signal 9`, `exited with status 1`, ...
+    pub reason: String,
+    /// Milliseconds from then until the new worker served again: the writers' pause.
+    #[serde(default)]
+    pub pause_ms: Option<u64>,
+    /// `at` in milliseconds.
+    #[serde(default)]
+    pub at_ms: u64,
+}
+
+/// Everything a worker inherits from its keeper.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct WorkerEnv {
+    /// The keeper's pid.
+    pub keeper_pid: u32,
+    /// The keeper's own binary (the default of `restart --binary`).
+    pub keeper_binary: PathBuf,
+    /// The mount point as the keeper resolved it (the worker must not touch the mount
+    /// before it serves).
+    pub mountpoint: PathBuf,
+    /// `/dev/fuse` fds: the session fd, then its clones.
+    pub fds: Vec<i32>,
+    /// Write end of the report pipe.
+    pub report_fd: i32,
+    /// The state directory lock (shared with the keeper).
+    pub lock_fd: i32,
+    /// Workers started before this one.
+    pub restarts: u64,
+    /// The last restart.
+    pub last_restart: Option<LastRestart>,
+    /// INIT was answered already (by an earlier worker) with these parameters.
+    pub negotiated: Option<Negotiated>,
+    /// A background mount: log to the state directory's log file.
+    pub daemon: bool,
+    /// The fds are in systemd's file descriptor store: a SIGTERM stops the worker
+    /// without unmounting (see [`adopt_fd_store`]).
+    #[serde(default)]
+    pub fd_store: bool,
+}
+
+/// FDNAME of the `/dev/fuse` fds in systemd's file descriptor store.
+const FD_NAME_FUSE: &str = "fleecefs-fuse";
+/// FDNAME of the memfd that holds the [`Negotiated`] parameters (JSON).
+const FD_NAME_INIT: &str = "fleecefs-init";
+
+/// The FUSE connection handed over by systemd (`LISTEN_FDS`) to a keeper started again
+/// by `systemctl restart`.
+struct Adopted {
+    fds: Vec<File>,
+    negotiated: Option<Negotiated>,
+}
+
+static ADOPTED: Mutex<Option<Adopted>> = Mutex::new(None);
+
+/// Whether this keeper takes a stored FUSE connection over (see [`adopt_fd_store`]).
+pub fn adopting() -> bool {
+    ADOPTED.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+}
+
+/// systemd's file descriptor store (`FileDescriptorStoreMax=`): the keeper stores its
+/// `/dev/fuse` fds there (`FDSTORE=1`, name `fleecefs-fuse`) and the negotiated
+/// parameters (a memfd, `fleecefs-init`). When `systemctl restart` starts the service
+/// again, systemd passes them back (`LISTEN_FDS`, `LISTEN_FDNAMES`): the new keeper
+/// takes the mount over instead of mounting, like a new worker after a death. Call
+/// before validating (the mount point must not be touched: nobody serves it yet).
+pub fn adopt_fd_store() -> Result<()> {
+    let var = |k: &str| std::env::var(k).ok();
+    let (Some(pid), Some(n)) = (var("LISTEN_PID"), var("LISTEN_FDS")) else {
+        return Ok(());
+    };
+    if pid.parse::<u32>().ok() != Some(std::process::id()) {
+        return Ok(());
+    }
+    let names = var("LISTEN_FDNAMES").unwrap_or_default();
+    for k in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+        std::env::remove_var(k);
+    }
+    let n: i32 = n
+        .parse()
+        .map_err(|_| Error::invalid(format!("LISTEN_FDS={n} is not a number")))?;
+    let names: Vec<&str> = names.split(':').collect();
+    let mut adopted = Adopted {
+        fds: Vec::new(),
+        negotiated: None,
+    };
+    for i in 0..n {
+        let fd = 3 + i;
+        // SAFETY: systemd passed fds 3..3+LISTEN_FDS to this process (LISTEN_PID).
+        let f = unsafe { sys::inherited_file(fd) }
+            .map_err(|e| Error::io(format!("fd {fd} from systemd"), e))?;
+        match names.get(i as usize).copied() {
+            Some(FD_NAME_FUSE) => adopted.fds.push(f),
+            Some(FD_NAME_INIT) => {
+                let mut text = String::new();
+                use std::io::Read;
+                let _ = (&f).read_to_string(&mut text);
+                adopted.negotiated = serde_json::from_str(&text).ok();
+            }
+            _ => {}
+        }
+    }
+    if !adopted.fds.is_empty() {
+        *ADOPTED.lock().unwrap_or_else(|e| e.into_inner()) = Some(adopted);
+    }
+    Ok(())
+}
+
+/// Sends `fds` to systemd's file descriptor store under `name`, when running under
+/// systemd with one (`NOTIFY_SOCKET`). Whether they were stored.
+fn fd_store_send(name: &str, fds: &[i32]) -> bool {
+    let Some(socket) = std::env::var_os("NOTIFY_SOCKET") else {
+        return false;
+    };
+    // Only where the unit has a store: systemd 254+ says so ($FDSTORE), the unit file
+    // of docs/ says so itself (FLEECEFS_FDSTORE=1). Elsewhere SIGTERM must unmount.
+    let has_store = std::env::var("FDSTORE").is_ok_and(|n| n.parse::<u32>().is_ok_and(|n| n > 0))
+        || std::env::var("FLEECEFS_FDSTORE").is_ok_and(|v| v == "1");
+    if !has_store {
+        return false;
+    }
+    match sys::notify_with_fds(&socket, &format!("FDSTORE=1\nFDNAME={name}\n"), fds) {
+        Ok(()) => true,
+        Err(e) => {
+            log::warn!("cannot store the fds in systemd's file descriptor store: {e}");
+            false
+        }
+    }
+}
+
+/// A SIGTERM to a worker whose fds are in systemd's store (`systemctl restart` or
+/// `stop`): stop like a planned restart (drain, flush, clean bitmaps) without unmounting,
+/// and exit 75. Its keeper exits too; a keeper that did not get the signal starts a new
+/// worker.
+pub fn stop_keeping_connection(engine: &Engine) -> ! {
+    log::info!(
+        "stopping without unmounting: the FUSE connection stays in systemd's file descriptor store"
+    );
+    if !GATE.close_and_drain(DRAIN_TIMEOUT) {
+        log::warn!(
+            "requests still in flight after {} s: stopping anyway (the kernel resends them)",
+            DRAIN_TIMEOUT.as_secs()
+        );
+    }
+    if engine.active().is_none() {
+        engine.wait_for_copies(DRAIN_TIMEOUT);
+        engine.shutdown();
+    }
+    std::process::exit(EXIT_HANDOVER);
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+// ---------------------------------------------------------------------------------
+// The drain gate (planned restarts)
+
+/// Requests that act on data pass this gate. A planned restart closes it and waits until
+/// no request is inside: requests that arrive later wait at the gate until the worker
+/// exits, and the kernel resends them to the next worker. Passing it costs two atomic
+/// operations (no lock) while it is open.
+pub struct Gate {
+    closed: AtomicBool,
+    inside: AtomicUsize,
+    lock: Mutex<()>,
+    idle: Condvar,
+}
+
+/// A request inside the [`Gate`].
+pub struct Pass<'a>(&'a Gate);
+
+impl Gate {
+    const fn new() -> Gate {
+        Gate {
+            closed: AtomicBool::new(false),
+            inside: AtomicUsize::new(0),
+            lock: Mutex::new(()),
+            idle: Condvar::new(),
+        }
+    }
+
+    /// Enters; blocks for good once the gate is closed.
+    pub fn enter(&self) -> Pass<'_> {
+        // SeqCst on both sides: either the drain sees this request inside, or this
+        // request sees the gate closed.
+        self.inside.fetch_add(1, Ordering::SeqCst);
+        if self.closed.load(Ordering::SeqCst) {
+            self.leave();
+            let mut g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+            loop {
+                g = self.idle.wait(g).unwrap_or_else(|e| e.into_inner());
+            }
+        }
+        Pass(self)
+    }
+
+    fn leave(&self) {
+        if self.inside.fetch_sub(1, Ordering::SeqCst) == 1 && self.closed.load(Ordering::SeqCst) {
+            let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+            self.idle.notify_all();
+        }
+    }
+
+    /// Closes the gate and waits until no request is inside (at most `timeout`).
+    fn close_and_drain(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        self.closed.store(true, Ordering::SeqCst);
+        let mut g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        while self.inside.load(Ordering::SeqCst) > 0 {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            g = self
+                .idle
+                .wait_timeout(g, Duration::from_millis(10))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        true
+    }
+}
+
+impl Drop for Pass<'_> {
+    fn drop(&mut self) {
+        self.0.leave();
+    }
+}
+
+/// The gate of this process.
+pub static GATE: Gate = Gate::new();
+
+// ---------------------------------------------------------------------------------
+// Worker side
+
+/// A worker's link to its keeper.
+pub struct Worker {
+    env: WorkerEnv,
+    report: Mutex<File>,
+    fds: Mutex<Vec<File>>,
+    crashed_access: Mutex<Option<(String, Vec<String>)>>,
+    served_ms: Mutex<Option<u64>>,
+    /// The kernel can resend (FUSE_HAS_RESEND), as negotiated at INIT.
+    has_resend: AtomicBool,
+}
+
+static WORKER: OnceLock<Worker> = OnceLock::new();
+
+/// This process's worker link, when it runs as a keeper's worker.
+pub fn worker() -> Option<&'static Worker> {
+    WORKER.get()
+}
+
+/// Reads [`WORKER_ENV`] and takes the inherited fds (`mount --worker`).
+pub fn worker_init() -> Result<()> {
+    let text = std::env::var(WORKER_ENV)
+        .map_err(|_| Error::invalid(format!("--worker needs {WORKER_ENV} (set by the keeper)")))?;
+    let env: WorkerEnv = serde_json::from_str(&text)
+        .map_err(|e| Error::invalid(format!("{WORKER_ENV} is malformed: {e}")))?;
+    std::env::remove_var(WORKER_ENV);
+    let take = |fd: i32| {
+        // SAFETY: the keeper passed these fds to this process and nothing else owns them.
+        unsafe { sys::inherited_file(fd) }.map_err(|e| Error::io(format!("inherited fd {fd}"), e))
+    };
+    let report = take(env.report_fd)?;
+    let fds = env
+        .fds
+        .iter()
+        .map(|&fd| take(fd))
+        .collect::<Result<Vec<_>>>()?;
+    #[cfg(feature = "fault-injection")]
+    if let Some(from) = std::env::var("FLEECEFS_FAULT_WORKER_DIE_FROM")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        if env.restarts >= from {
+            log::error!("fault injection: worker {} dies at start", env.restarts);
+            std::process::exit(3);
+        }
+    }
+    let resend = env.negotiated.is_some_and(|n| n.has_resend);
+    let w = Worker {
+        env,
+        report: Mutex::new(report),
+        fds: Mutex::new(fds),
+        crashed_access: Mutex::new(None),
+        served_ms: Mutex::new(None),
+        has_resend: AtomicBool::new(resend),
+    };
+    let _ = WORKER.set(w);
+    Ok(())
+}
+
+impl Worker {
+    /// The mount point the keeper mounted.
+    pub fn mountpoint(&self) -> &Path {
+        &self.env.mountpoint
+    }
+
+    /// Whether the worker logs to the state directory's log file (a background mount).
+    pub fn daemon(&self) -> bool {
+        self.env.daemon
+    }
+
+    /// Whether the fds are in systemd's file descriptor store.
+    pub fn fd_store(&self) -> bool {
+        self.env.fd_store
+    }
+
+    /// Whether an earlier worker served this mount.
+    pub fn restarted(&self) -> bool {
+        self.env.negotiated.is_some()
+    }
+
+    /// The state directory, under the lock the keeper holds.
+    pub fn state_dir(&self, path: &Path) -> Result<StateDir> {
+        // SAFETY: the keeper passed the lock fd to this process; nothing else owns it.
+        let lock = unsafe { sys::inherited_file(self.env.lock_fd) }
+            .map_err(|e| Error::io("inherited state directory lock", e))?;
+        StateDir::adopt(path, lock)
+    }
+
+    fn report(&self, line: &str) {
+        let mut f = self.report.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = writeln!(f, "{} {line}", std::process::id());
+    }
+
+    /// Called by recovery for an access that did not end. After a worker death, that
+    /// access comes back broken (see [`restore_broken_access`]).
+    pub fn note_crashed_access(&self, record: &crate::state::AccessRecord) {
+        if self.restarted() {
+            let devices = record.devices.iter().map(|(n, _)| n.clone()).collect();
+            *self
+                .crashed_access
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some((record.target.clone(), devices));
+        }
+    }
+}
+
+/// An access that was active when the previous worker died is set up again and broken
+/// at once ("daemon restarted"): its copies in memory are lost, so its snapshot cannot
+/// be trusted. Reads get EIO, `teardown --success` fails, and the bitmaps keep every
+/// change (recovery ORed each background into its bitmap).
+pub fn restore_broken_access(engine: &Engine) {
+    let Some(w) = worker() else { return };
+    let Some((target, devices)) = w
+        .crashed_access
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+    else {
+        return;
+    };
+    match engine.setup(&target, Some(&devices), None) {
+        Ok(_) => {
+            for d in engine.devices() {
+                if let Some(a) = d.access() {
+                    a.break_with("daemon restarted".into());
+                }
+            }
+            log::warn!(
+                "backup access '{target}' was active when the worker died: it is broken (daemon restarted); tear it down"
+            );
+        }
+        Err(e) => log::error!(
+            "cannot restore the broken backup access '{target}': {}",
+            crate::error::report(&e)
+        ),
+    }
+}
+
+/// Records what INIT negotiated (the first worker's `FleeceFs::init`).
+pub fn record_init(coherent_direct_io: bool, has_resend: bool) {
+    #[cfg(feature = "fault-injection")]
+    let has_resend = has_resend && std::env::var_os("FLEECEFS_FAULT_NO_RESEND").is_none();
+    if let Some(w) = worker() {
+        w.has_resend.store(has_resend, Ordering::Relaxed);
+        let n = Negotiated {
+            coherent_direct_io,
+            has_resend,
+        };
+        w.report(&format!(
+            "init {}",
+            serde_json::to_string(&n).unwrap_or_default()
+        ));
+    }
+}
+
+/// The FUSE session of this process: a new mount (no keeper), the first worker's
+/// handshake on the keeper's fds, or a later worker's takeover without INIT.
+pub fn session(
+    fs: crate::fuse::FleeceFs,
+    mountpoint: &Path,
+    config: &fuser::Config,
+) -> std::io::Result<fuser::Session<crate::fuse::FleeceFs>> {
+    let Some(w) = worker() else {
+        return fuser::Session::new(fs, mountpoint, config);
+    };
+    let mut fds: Vec<OwnedFd> =
+        std::mem::take(&mut *w.fds.lock().unwrap_or_else(|e| e.into_inner()))
+            .into_iter()
+            .map(OwnedFd::from)
+            .collect();
+    if fds.is_empty() {
+        return Err(std::io::Error::other("no /dev/fuse fd from the keeper"));
+    }
+    let clones = fds.split_off(1);
+    let first = fds.remove(0);
+    let mut config = config.clone();
+    config.n_threads = Some(clones.len() + 1);
+    let acl = config.acl;
+    let session = match w.env.negotiated {
+        None => fuser::Session::from_fd(fs, first, acl, config)?,
+        Some(n) => fuser::Session::from_fd_initialized(
+            fs.with_coherent_direct_io(n.coherent_direct_io),
+            first,
+            acl,
+            config,
+        ),
+    };
+    // A request being copied into a fresh page when the worker is killed would fail with
+    // EIO instead of waiting for the next worker (see fuser's prefault_read_buffers).
+    Ok(session
+        .with_clone_fds(clones)
+        .prefault_read_buffers(crate::fuse::MAX_IO as usize + 4096))
+}
+
+/// After a takeover: asks the kernel to resend what the dead worker had read but not
+/// answered. Call once the session threads run.
+pub fn resend(session_fd: Option<std::os::fd::BorrowedFd<'_>>) {
+    let (Some(w), Some(fd)) = (worker(), session_fd) else {
+        return;
+    };
+    if !w.restarted() {
+        return;
+    }
+    let Ok(owned) = fd.try_clone_to_owned() else {
+        log::error!("cannot duplicate the FUSE fd to send FUSE_NOTIFY_RESEND");
+        return;
+    };
+    match sys::fuse_notify_resend(&File::from(owned)) {
+        Ok(()) => log::info!("FUSE_NOTIFY_RESEND sent: unanswered requests are read again"),
+        Err(e) => {
+            log::error!("FUSE_NOTIFY_RESEND failed: {e}; requests of the dead worker may hang")
+        }
+    }
+}
+
+/// The worker serves: tells the keeper (which tells `mount`), and a background worker
+/// leaves the terminal.
+pub fn ready(connection: u32) {
+    let Some(w) = worker() else { return };
+    let now = now_ms();
+    *w.served_ms.lock().unwrap_or_else(|e| e.into_inner()) = Some(now);
+    if let Some(l) = &w.env.last_restart {
+        log::info!(
+            "worker {} serving after a restart ({}): writers paused {} ms",
+            std::process::id(),
+            l.reason,
+            now.saturating_sub(l.at_ms)
+        );
+    }
+    w.report(&format!("ready {connection}"));
+    if w.env.daemon {
+        crate::logger::stop_tee();
+        sys::redirect_stdio_to_null();
+        let _ = std::env::set_current_dir("/");
+    }
+}
+
+/// Adds the keeper fields to a `status` reply.
+pub fn add_status(v: &mut serde_json::Value) {
+    let Some(obj) = v.as_object_mut() else { return };
+    let (keeper, restarts, last) = match worker() {
+        Some(w) => {
+            let mut last = w.env.last_restart.clone();
+            if let (Some(l), Some(served)) = (
+                &mut last,
+                *w.served_ms.lock().unwrap_or_else(|e| e.into_inner()),
+            ) {
+                l.pause_ms = Some(served.saturating_sub(l.at_ms));
+            }
+            (Some(w.env.keeper_pid), w.env.restarts, last)
+        }
+        None => (None, 0, None),
+    };
+    // `pid` stays the daemon's: the keeper, the process that mounted and holds the lock.
+    if let Some(k) = keeper {
+        obj.insert("pid".into(), serde_json::json!(k));
+    }
+    obj.insert("keeper_pid".into(), serde_json::json!(keeper));
+    obj.insert("worker_pid".into(), serde_json::json!(std::process::id()));
+    obj.insert("worker_restarts".into(), serde_json::json!(restarts));
+    obj.insert("last_restart".into(), serde_json::json!(last));
+}
+
+/// The control request `restart`: drain, flush, hand over to a worker started from
+/// `binary`, and exit. `deliver` writes the reply; after a successful reply the process
+/// exits.
+pub fn handle_restart(
+    engine: &Engine,
+    binary: Option<String>,
+    force: bool,
+    deliver: impl FnOnce(Result<serde_json::Value>),
+) {
+    let Some(w) = worker() else {
+        return deliver(Err(Error::invalid(
+            "this mount has no keeper (the kernel lacks FUSE_NOTIFY_RESEND): it cannot restart without unmounting",
+        )));
+    };
+    if !w.has_resend.load(Ordering::Relaxed) {
+        return deliver(Err(Error::invalid(
+            "this kernel lacks FUSE_NOTIFY_RESEND (Linux 6.9 or later): a restart would end the mount; unmount and mount again instead",
+        )));
+    }
+    if let (Some((_, target)), false) = (engine.active(), force) {
+        return deliver(Err(Error::busy(format!(
+            "a backup access is active for target '{target}': a restart would break it; tear it down first, or use --force"
+        ))));
+    }
+    let binary = binary
+        .map(PathBuf::from)
+        .unwrap_or_else(|| w.env.keeper_binary.clone());
+    if let Err(e) = check_binary(&binary) {
+        return deliver(Err(e));
+    }
+    // From here on the worker hands over whatever happens.
+    let start = now_ms();
+    log::info!(
+        "planned restart: draining, then handing over to {}",
+        binary.display()
+    );
+    if !GATE.close_and_drain(DRAIN_TIMEOUT) {
+        log::warn!(
+            "requests still in flight after {} s: handing over anyway (the kernel resends them)",
+            DRAIN_TIMEOUT.as_secs()
+        );
+    }
+    match engine.active() {
+        None => {
+            engine.wait_for_copies(DRAIN_TIMEOUT);
+            // Closes every bitmap cleanly: the next worker opens them as after a clean stop.
+            engine.shutdown();
+        }
+        Some((_, target)) => {
+            log::warn!("restart --force: backup access '{target}' breaks (daemon restarted)")
+        }
+    }
+    w.report(&format!("restart {start} {}", binary.display()));
+    deliver(Ok(serde_json::json!({
+        "old_worker_pid": std::process::id(),
+        "binary": binary,
+    })));
+    std::process::exit(EXIT_HANDOVER);
+}
+
+/// `binary` must be an executable fleecefs.
+fn check_binary(binary: &Path) -> Result<()> {
+    let shown = binary.display();
+    match std::fs::metadata(binary) {
+        Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => {}
+        Ok(_) => return Err(Error::invalid(format!("{shown} is not an executable file"))),
+        Err(e) => return Err(Error::io(format!("binary {shown}"), e)),
+    }
+    let out = Command::new(binary)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .map_err(|e| Error::io(format!("running {shown} --version"), e))?;
+    if !out.status.success() || !out.stdout.starts_with(b"fleecefs ") {
+        return Err(Error::invalid(format!(
+            "{shown} is not a fleecefs binary ('{shown} --version' does not say fleecefs)"
+        )));
+    }
+    Ok(())
+}
+
+/// `fleecefs restart MOUNTPOINT [--binary PATH] [--force]`.
+pub fn restart_command(mountpoint: &Path, binary: Option<&Path>, force: bool) -> Result<()> {
+    use crate::control::client::call;
+    use crate::control::proto::Request;
+    let binary = match binary {
+        Some(b) => {
+            let b = std::path::absolute(b).context(|| format!("resolving {}", b.display()))?;
+            check_binary(&b)?;
+            Some(b.to_string_lossy().into_owned())
+        }
+        None => None,
+    };
+    let before = call(mountpoint, &Request::Status {})?;
+    let restarts = before["worker_restarts"].as_u64().unwrap_or(0);
+    let reply = call(mountpoint, &Request::Restart { binary, force })?;
+    let old = reply["old_worker_pid"].as_u64().unwrap_or(0);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        std::thread::sleep(Duration::from_millis(20));
+        if let Ok(v) = call(mountpoint, &Request::Status {}) {
+            let pause = v["last_restart"]["pause_ms"].as_u64();
+            if v["worker_restarts"].as_u64().unwrap_or(0) > restarts && pause.is_some() {
+                crate::out!(
+                    "restarted: worker {old} -> {} ({}); writers paused {} ms",
+                    v["worker_pid"],
+                    reply["binary"].as_str().unwrap_or("?"),
+                    pause.unwrap_or(0)
+                );
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(Error::busy(
+                "the new worker does not answer after 60 s; see the log in the state directory",
+            ));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Keeper side
+
+enum Event {
+    Line(String),
+    Exit(u32, ExitStatus),
+    Signal(i32),
+}
+
+fn describe(status: &ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(c), _) => format!("exited with status {c}"),
+        (_, Some(s)) => format!("killed by signal {s}"),
+        _ => format!("ended ({status})"),
+    }
+}
+
+/// Detaches the mount and aborts its connection: every waiting request fails.
+fn give_up(mountpoint: &Path, connection: Option<u32>, why: &str) -> Error {
+    log::error!(
+        "giving up on {}: {why}; the mount is detached and its connection aborted (mount again to recover)",
+        mountpoint.display()
+    );
+    crate::daemon::detach_and_abort(mountpoint, connection);
+    Error::invalid(format!("gave up: {why}"))
+}
+
+/// The keeper: mounts, then runs workers until the mount ends.
+pub fn run(plan: MountPlan, args: &MountArgs) -> Result<()> {
+    sys::block_signals(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP]);
+    let state = StateDir::open(&plan.state_dir)?;
+    if args.daemon_child {
+        crate::logger::tee_to_file(&state.path().join(LOG_FILE));
+    }
+    let adopted = ADOPTED.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let (fds, negotiated, fd_store) = match adopted {
+        Some(a) => {
+            log::warn!(
+                "took the FUSE connection of {} over from systemd's file descriptor store ({} fds)",
+                plan.mountpoint.display(),
+                a.fds.len()
+            );
+            let Some(n) = a.negotiated else {
+                return Err(give_up(
+                    &plan.mountpoint,
+                    None,
+                    "systemd's file descriptor store has the FUSE fds but not the parameters negotiated at INIT",
+                ));
+            };
+            (a.fds, Some(n), true)
+        }
+        None => {
+            let fds = mount_new(&plan, args)?;
+            let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+            let stored = fd_store_send(FD_NAME_FUSE, &raw);
+            (fds, None, stored)
+        }
+    };
+    keep_running(plan, args, state, fds, negotiated, fd_store)
+}
+
+/// Cleans a stale mount up, opens `/dev/fuse`, mounts, clones.
+fn mount_new(plan: &MountPlan, args: &MountArgs) -> Result<Vec<File>> {
+    if plan.stale_mount {
+        crate::daemon::force_unmount(&plan.mountpoint, None);
+        log::warn!(
+            "cleaned up the stale mount at {} left by a daemon that died",
+            plan.mountpoint.display()
+        );
+    }
+    let fuse = sys::open_dev_fuse().map_err(|e| Error::io("opening /dev/fuse", e))?;
+    let source = format!("{FSNAME_PREFIX}{}", plan.state_dir.display());
+    let options = format!(
+        "default_permissions,subtype=fleecefs{}",
+        if args.allow_other { ",allow_other" } else { "" }
+    );
+    sys::mount_fuse(&fuse, &source, &plan.mountpoint, &options)
+        .map_err(|e| Error::io(format!("mounting {}", plan.mountpoint.display()), e))?;
+    let mut fds = vec![fuse];
+    for _ in 1..plan.threads {
+        match sys::fuse_clone(&fds[0]) {
+            Ok(c) => fds.push(c),
+            Err(e) => {
+                crate::daemon::detach_and_abort(&plan.mountpoint, None);
+                return Err(Error::io("cloning the /dev/fuse fd", e));
+            }
+        }
+    }
+    Ok(fds)
+}
+
+fn keep_running(
+    plan: MountPlan,
+    args: &MountArgs,
+    state: StateDir,
+    fds: Vec<File>,
+    negotiated: Option<Negotiated>,
+    fd_store: bool,
+) -> Result<()> {
+    let signals = sys::block_signals(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP]);
+    let (tx, rx) = mpsc::channel();
+    let (report_r, report_w) = sys::pipe().map_err(|e| Error::io("creating a pipe", e))?;
+    {
+        let tx = tx.clone();
+        std::thread::Builder::new()
+            .name("worker-reports".into())
+            .spawn(move || {
+                for line in BufReader::new(report_r).lines() {
+                    let Ok(l) = line else { break };
+                    if tx.send(Event::Line(l)).is_err() {
+                        break;
+                    }
+                }
+            })
+            .context(|| "starting the report thread".into())?;
+    }
+    {
+        let tx = tx.clone();
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || loop {
+                // The signals are blocked in every thread: only this one receives them.
+                if let Some(sig) = sys::wait_signal(&signals) {
+                    if tx.send(Event::Signal(sig)).is_err() {
+                        break;
+                    }
+                }
+            })
+            .context(|| "starting the signal thread".into())?;
+    }
+    let own_binary =
+        std::env::current_exe().context(|| "finding the fleecefs executable".into())?;
+    let mut worker_args: Vec<std::ffi::OsString> = std::env::args_os()
+        .skip(1)
+        .filter(|a| a != "--daemon-child")
+        .collect();
+    worker_args.push("--worker".into());
+    let last_restart = negotiated.map(|_| LastRestart {
+        at: now_ms() / 1000,
+        reason: "service restarted (systemd's file descriptor store)".into(),
+        pause_ms: None,
+        at_ms: now_ms(),
+    });
+    let mut keeper = Keeper {
+        plan,
+        fd_store,
+        daemon: args.daemon_child,
+        fds,
+        report_w,
+        lock_fd: state.lock_fd(),
+        cwd: std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/")),
+        own_binary: own_binary.clone(),
+        binary: own_binary,
+        worker_args,
+        tx,
+        rx,
+        negotiated,
+        connection: None,
+        restarts: 0,
+        last_restart,
+        deaths: VecDeque::new(),
+    };
+    let result = keeper.serve();
+    drop(state);
+    result
+}
+
+struct Keeper {
+    plan: MountPlan,
+    fd_store: bool,
+    daemon: bool,
+    fds: Vec<File>,
+    report_w: File,
+    lock_fd: i32,
+    cwd: PathBuf,
+    own_binary: PathBuf,
+    binary: PathBuf,
+    worker_args: Vec<std::ffi::OsString>,
+    tx: mpsc::Sender<Event>,
+    rx: mpsc::Receiver<Event>,
+    negotiated: Option<Negotiated>,
+    connection: Option<u32>,
+    restarts: u64,
+    last_restart: Option<LastRestart>,
+    deaths: VecDeque<Instant>,
+}
+
+impl Keeper {
+    fn spawn(&mut self) -> Result<u32> {
+        let env = WorkerEnv {
+            keeper_pid: std::process::id(),
+            keeper_binary: self.own_binary.clone(),
+            mountpoint: self.plan.mountpoint.clone(),
+            fds: self.fds.iter().map(|f| f.as_raw_fd()).collect(),
+            report_fd: self.report_w.as_raw_fd(),
+            lock_fd: self.lock_fd,
+            restarts: self.restarts,
+            last_restart: self.last_restart.clone(),
+            negotiated: self.negotiated,
+            daemon: self.daemon,
+            fd_store: self.fd_store,
+        };
+        let mut keep = env.fds.clone();
+        keep.extend([env.report_fd, env.lock_fd]);
+        let parent = std::process::id() as i32;
+        let mut cmd = Command::new(&self.binary);
+        cmd.args(&self.worker_args)
+            .current_dir(&self.cwd)
+            .env(WORKER_ENV, serde_json::to_string(&env).unwrap_or_default())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        // SAFETY: the closure only makes async-signal-safe calls (fcntl, prctl, getppid).
+        unsafe {
+            cmd.pre_exec(move || sys::child_keep_fds_and_die_with_parent(&keep, parent));
+        }
+        let mut child = cmd
+            .spawn()
+            .context(|| format!("starting a worker from {}", self.binary.display()))?;
+        let pid = child.id();
+        let tx = self.tx.clone();
+        std::thread::Builder::new()
+            .name("worker-wait".into())
+            .spawn(move || {
+                if let Ok(st) = child.wait() {
+                    let _ = tx.send(Event::Exit(pid, st));
+                }
+            })
+            .context(|| "starting the worker wait thread".into())?;
+        log::info!(
+            "keeper {}: worker {pid} started ({} restart(s) so far)",
+            std::process::id(),
+            self.restarts
+        );
+        Ok(pid)
+    }
+
+    fn serve(&mut self) -> Result<()> {
+        let mp = self.plan.mountpoint.clone();
+        let mut served_once = false;
+        let mut warned_resend = false;
+        loop {
+            let pid = match self.spawn() {
+                Ok(p) => p,
+                Err(e) if served_once && self.binary != self.own_binary => {
+                    log::error!(
+                        "{}; restarting from {} instead",
+                        crate::error::report(&e),
+                        self.own_binary.display()
+                    );
+                    self.binary = self.own_binary.clone();
+                    continue;
+                }
+                Err(e) => return Err(give_up_with(&mp, self.connection, e)),
+            };
+            let mut ready = false;
+            let mut unmounting = false;
+            let mut stopping = false;
+            let mut planned: Option<(u64, PathBuf)> = None;
+            let status = loop {
+                let Ok(ev) = self.rx.recv() else {
+                    return Err(give_up(&mp, self.connection, "keeper channel closed"));
+                };
+                match ev {
+                    Event::Line(line) => {
+                        let mut parts = line.splitn(3, ' ');
+                        let (who, what, rest) = (
+                            parts.next().unwrap_or(""),
+                            parts.next().unwrap_or(""),
+                            parts.next().unwrap_or(""),
+                        );
+                        if who != pid.to_string() {
+                            continue;
+                        }
+                        match what {
+                            "init" => {
+                                if let Ok(n) = serde_json::from_str::<Negotiated>(rest) {
+                                    if !n.has_resend && !warned_resend {
+                                        warned_resend = true;
+                                        log::warn!("this kernel lacks FUSE_NOTIFY_RESEND (Linux 6.9 or later): if the worker dies, the mount ends as before (ENOTCONN) instead of restarting");
+                                    }
+                                    if self.fd_store && self.negotiated.is_none() {
+                                        let json = serde_json::to_vec(&n).unwrap_or_default();
+                                        match sys::memfd_with(c"fleecefs-init", &json) {
+                                            Ok(m) => {
+                                                fd_store_send(FD_NAME_INIT, &[m.as_raw_fd()]);
+                                            }
+                                            Err(e) => log::warn!("memfd for the fd store: {e}"),
+                                        }
+                                    }
+                                    self.negotiated = Some(n);
+                                }
+                            }
+                            "ready" => {
+                                ready = true;
+                                self.connection = rest.trim().parse().ok();
+                                if !served_once {
+                                    served_once = true;
+                                    if self.daemon {
+                                        let _ = std::io::stdout().write_all(b"ready\n");
+                                        let _ = std::io::stdout().flush();
+                                        crate::logger::stop_tee();
+                                        sys::redirect_stdio_to_null();
+                                        let _ = std::env::set_current_dir("/");
+                                    }
+                                }
+                            }
+                            "restart" => {
+                                let mut p = rest.splitn(2, ' ');
+                                let at =
+                                    p.next().and_then(|t| t.parse().ok()).unwrap_or_else(now_ms);
+                                planned = Some((at, PathBuf::from(p.next().unwrap_or(""))));
+                            }
+                            _ => log::debug!("unknown worker report: {line}"),
+                        }
+                    }
+                    Event::Signal(sig) if self.fd_store => {
+                        log::info!("signal {sig}: stopping; {} stays mounted, its FUSE connection in systemd's file descriptor store", mp.display());
+                        stopping = true;
+                        let _ = sys::kill(pid, libc::SIGTERM);
+                    }
+                    Event::Signal(sig) => {
+                        log::info!("signal {sig}: unmounting {}", mp.display());
+                        unmounting = true;
+                        crate::daemon::force_unmount(&mp, self.connection);
+                    }
+                    Event::Exit(p, st) if p == pid => {
+                        // The report of a handover precedes the exit, but comes through
+                        // another thread: let it arrive.
+                        if st.code() == Some(EXIT_HANDOVER) && planned.is_none() {
+                            while let Ok(Event::Line(l)) =
+                                self.rx.recv_timeout(Duration::from_millis(500))
+                            {
+                                if let Some(rest) = l.strip_prefix(&format!("{pid} restart ")) {
+                                    let mut p = rest.splitn(2, ' ');
+                                    let at = p
+                                        .next()
+                                        .and_then(|t| t.parse().ok())
+                                        .unwrap_or_else(now_ms);
+                                    planned = Some((at, PathBuf::from(p.next().unwrap_or(""))));
+                                    break;
+                                }
+                            }
+                        }
+                        break st;
+                    }
+                    Event::Exit(..) => {}
+                }
+            };
+            let at_ms = now_ms();
+            if status.success() {
+                log::info!("worker {pid} ended after the unmount; keeper exits");
+                return Ok(());
+            }
+            if unmounting {
+                crate::daemon::detach_and_abort(&mp, self.connection);
+                return Ok(());
+            }
+            if stopping {
+                log::info!("worker {pid} stopped; keeper exits (the mount stays)");
+                return Ok(());
+            }
+            if !served_once {
+                // The first worker failed before serving: `mount` fails (it said why).
+                crate::daemon::detach_and_abort(&mp, None);
+                return Err(Error::new(Kind::Invalid, String::new()));
+            }
+            let reason = match (&planned, status.code()) {
+                (Some((_, path)), Some(EXIT_HANDOVER)) => {
+                    format!("planned restart ({})", path.display())
+                }
+                _ => format!("worker {pid} {}", describe(&status)),
+            };
+            let event_ms = match &planned {
+                Some((t, _)) if status.code() == Some(EXIT_HANDOVER) => *t,
+                _ => at_ms,
+            };
+            if planned.is_some() && status.code() == Some(EXIT_HANDOVER) {
+                if let Some((_, path)) = planned {
+                    self.binary = path;
+                }
+            } else {
+                log::error!("{reason}: starting a new worker");
+                // A worker killed with SIGKILL after it served was killed from outside
+                // (an operator, the OOM killer): recovered every time. Any other death,
+                // or one before serving, may repeat with the next worker (a request that
+                // makes it panic is resent to it): those count toward the crash loop.
+                let counted = !(ready && status.signal() == Some(libc::SIGKILL));
+                if !ready && self.binary != self.own_binary {
+                    log::error!(
+                        "the worker from {} died before serving: back to {}",
+                        self.binary.display(),
+                        self.own_binary.display()
+                    );
+                    self.binary = self.own_binary.clone();
+                }
+                let now = Instant::now();
+                if counted {
+                    self.deaths.push_back(now);
+                }
+                while self
+                    .deaths
+                    .front()
+                    .is_some_and(|t| now.duration_since(*t) > CRASH_WINDOW)
+                {
+                    self.deaths.pop_front();
+                }
+                if self.deaths.len() >= CRASH_LIMIT {
+                    return Err(give_up(
+                        &mp,
+                        self.connection,
+                        &format!(
+                            "the worker died {} times within {} s (last: {reason})",
+                            self.deaths.len(),
+                            CRASH_WINDOW.as_secs()
+                        ),
+                    ));
+                }
+                if self.negotiated.is_some_and(|n| !n.has_resend) {
+                    return Err(give_up(
+                        &mp,
+                        self.connection,
+                        &format!("{reason}, and this kernel cannot resend its requests (no FUSE_NOTIFY_RESEND)"),
+                    ));
+                }
+            }
+            self.restarts += 1;
+            self.last_restart = Some(LastRestart {
+                at: event_ms / 1000,
+                reason,
+                pause_ms: None,
+                at_ms: event_ms,
+            });
+        }
+    }
+}
+
+fn give_up_with(mp: &Path, connection: Option<u32>, e: Error) -> Error {
+    give_up(mp, connection, &crate::error::report(&e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gate_drains_in_flight_requests_and_holds_new_ones() {
+        static G: Gate = Gate::new();
+        let inside = G.enter();
+        let (tx, rx) = mpsc::channel();
+        let drain = std::thread::spawn(move || {
+            let done = G.close_and_drain(Duration::from_secs(10));
+            tx.send(done).ok();
+        });
+        // The drain waits for the request inside.
+        assert!(rx.recv_timeout(Duration::from_millis(100)).is_err());
+        drop(inside);
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok(true));
+        drain.join().ok();
+        // A request arriving now waits at the gate (until the process exits).
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _p = G.enter();
+            tx.send(()).ok();
+        });
+        assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
+    }
+
+    #[test]
+    fn drain_gives_up_after_its_timeout() {
+        static G: Gate = Gate::new();
+        let _inside = G.enter();
+        assert!(!G.close_and_drain(Duration::from_millis(50)));
+    }
+}
