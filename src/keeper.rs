@@ -875,6 +875,20 @@ struct Keeper {
     deaths: VecDeque<Instant>,
 }
 
+/// `args` without `--device NAME=PATH` and `--device=NAME=PATH` (clap's two spellings).
+fn without_device_options(args: &[std::ffi::OsString]) -> Vec<std::ffi::OsString> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--device" {
+            it.next();
+        } else if !a.as_encoded_bytes().starts_with(b"--device=") {
+            out.push(a.clone());
+        }
+    }
+    out
+}
+
 impl Keeper {
     fn spawn(&mut self) -> Result<u32> {
         let env = WorkerEnv {
@@ -985,6 +999,11 @@ impl Keeper {
                                 self.connection = rest.trim().parse().ok();
                                 if !served_once {
                                     served_once = true;
+                                    // The first worker recorded the device set; later
+                                    // workers serve the record, which `device add`,
+                                    // `device remove` and `resize` keep current, not the
+                                    // `--device` options the mount started with.
+                                    self.worker_args = without_device_options(&self.worker_args);
                                     if self.daemon {
                                         let _ = std::io::stdout().write_all(b"ready\n");
                                         let _ = std::io::stdout().flush();
@@ -1131,6 +1150,28 @@ fn give_up_with(mp: &Path, connection: Option<u32>, e: Error) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn later_workers_drop_the_device_options() {
+        let args: Vec<std::ffi::OsString> = [
+            "mount",
+            "/m",
+            "--device",
+            "a=/x",
+            "--state-dir",
+            "/s",
+            "--device=b=/y",
+            "-v",
+        ]
+        .iter()
+        .map(Into::into)
+        .collect();
+        let want: Vec<std::ffi::OsString> = ["mount", "/m", "--state-dir", "/s", "-v"]
+            .iter()
+            .map(Into::into)
+            .collect();
+        assert_eq!(without_device_options(&args), want);
+    }
 
     #[test]
     fn gate_drains_in_flight_requests_and_holds_new_ones() {

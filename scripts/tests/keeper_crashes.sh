@@ -61,6 +61,19 @@ expect_fail_with "a backup access is active for target 't2'" "$FLEECEFS" restart
 expect_fail_with "is not an executable file" "$FLEECEFS" restart "$T/m" --binary "$T/src.img"
 expect_fail_with "is not a fleecefs binary" "$FLEECEFS" restart "$T/m" --binary /bin/true
 
+# --- a device added at run time survives a worker death and a planned restart ----------
+# (later workers serve the recorded device set, not the mount's --device options)
+head -c $((4 * M)) /dev/urandom >"$T/extra.img"
+"$FLEECEFS" device add "$T/m" e="$T/extra.img" >/dev/null
+restarts=$(field 'd["worker_restarts"]')
+kill -9 "$(field 'd["worker_pid"]')"
+wait_restarts $((restarts + 1))
+[ "$(ls "$T/m/live" | tr '\n' ' ')" = "d e " ] || fail "after a worker kill, live/ holds: $(ls "$T/m/live")"
+"$FLEECEFS" restart "$T/m" >/dev/null
+[ "$(ls "$T/m/live" | tr '\n' ' ')" = "d e " ] || fail "after a planned restart, live/ holds: $(ls "$T/m/live")"
+cmp "$T/m/live/e" "$T/extra.img" || fail "live/e differs from its source after the restarts"
+"$FLEECEFS" device remove "$T/m" e >/dev/null
+
 # --- the keeper killed: the mount ends (ENOTCONN), the next mount recovers --------------
 keeper=$(field 'd["keeper_pid"]')
 worker=$(field 'd["worker_pid"]')
