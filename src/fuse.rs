@@ -252,6 +252,21 @@ impl FleeceFs {
     }
 }
 
+/// O_DSYNC / O_SYNC semantics of one write: the kernel passes the file's open flags with
+/// every write, plus O_DSYNC for `RWF_DSYNC` and O_SYNC for `RWF_SYNC` (`fuse_write_flags`),
+/// and leaves the sync to the server for direct I/O. The source is synced before the
+/// reply (fdatasync for O_DSYNC, fsync for O_SYNC), so the write is durable when it
+/// returns. Plain writes pay nothing.
+fn write_sync(dev: &Device, flags: OpenFlags) -> Result<()> {
+    if flags.0 & libc::O_SYNC == libc::O_SYNC {
+        dev.sync_live(false)
+    } else if flags.0 & libc::O_DSYNC != 0 {
+        dev.sync_live(true)
+    } else {
+        Ok(())
+    }
+}
+
 fn read_only() -> Errno {
     Errno::EROFS
 }
@@ -423,15 +438,21 @@ impl Filesystem for FleeceFs {
         offset: u64,
         data: &[u8],
         _write_flags: WriteFlags,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
         match self.node(ino) {
-            Some(Node::Live(i)) => match self.device(i).write_live(offset, data) {
-                Ok(n) => reply.written(n as u32),
-                Err(e) => reply.error(errno(&e)),
-            },
+            Some(Node::Live(i)) => {
+                let dev = self.device(i);
+                match dev.write_live(offset, data).and_then(|n| {
+                    write_sync(dev, flags)?;
+                    Ok(n)
+                }) {
+                    Ok(n) => reply.written(n as u32),
+                    Err(e) => reply.error(errno(&e)),
+                }
+            }
             Some(Node::Snap(_)) | Some(Node::Dirty(_)) => reply.error(read_only()),
             Some(_) => reply.error(Errno::EISDIR),
             None => reply.error(Errno::ENOENT),
