@@ -24,6 +24,7 @@ command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
 command -v fallocate >/dev/null || need+=(util-linux)
 command -v cmp >/dev/null || need+=(diffutils)
 command -v losetup >/dev/null || need+=(mount)
+command -v strace >/dev/null || need+=(strace)
 if [ ${#need[@]} -gt 0 ]; then
     echo "== installing ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive

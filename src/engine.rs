@@ -326,6 +326,11 @@ impl Engine {
             .is_none_or(|wb| wb.wait_idle(timeout))
     }
 
+    /// Where fleecing files are created (the mount's `statfs` reports its filesystem).
+    pub fn fleecing_dir(&self) -> &std::path::Path {
+        &self.config.fleecing_dir
+    }
+
     /// The devices, in the order given at mount.
     pub fn devices(&self) -> &[Arc<Device>] {
         &self.devices

@@ -175,8 +175,8 @@ impl FleeceFs {
             Node::Live(i) => {
                 let dev = self.device(i);
                 file(&mut a, dev, dev.size(), dev.source().identity().mode);
-                if let Some((mtime, ctime)) = dev.source().times() {
-                    (a.mtime, a.ctime) = (mtime, ctime);
+                if let Some(now) = dev.source().now() {
+                    (a.mtime, a.ctime, a.blocks) = (now.mtime, now.ctime, now.blocks);
                 }
             }
             Node::Snap(i) => {
@@ -546,10 +546,22 @@ impl Filesystem for FleeceFs {
         reply.ok()
     }
 
+    /// The fleecing dir's filesystem: the space snapshots consume while an access runs
+    /// (the images themselves have fixed sizes), so `df` and monitoring see what can fill.
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let total: u64 = self.engine.devices().iter().map(|d| d.size()).sum();
-        let files = 3 + 3 * self.engine.devices().len() as u64;
-        reply.statfs(total.div_ceil(4096), 0, 0, files, 0, 4096, 255, 4096)
+        match sys::fs_space(self.engine.fleecing_dir()) {
+            Ok((bsize, blocks, bfree, bavail, files, ffree)) => {
+                let bsize = u32::try_from(bsize).unwrap_or(4096);
+                reply.statfs(blocks, bfree, bavail, files, ffree, bsize, 255, bsize)
+            }
+            Err(e) => {
+                log::info!(
+                    "statfs of fleecing dir {} failed: {e}",
+                    self.engine.fleecing_dir().display()
+                );
+                reply.error(Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO)))
+            }
+        }
     }
 
     fn getxattr(

@@ -27,6 +27,16 @@ pub struct Identity {
     pub block_device: bool,
 }
 
+/// What [`Source::now`] reports.
+pub struct SourceNow {
+    /// Modification time.
+    pub mtime: std::time::SystemTime,
+    /// Change time.
+    pub ctime: std::time::SystemTime,
+    /// Allocated 512-byte blocks (`st_blocks`).
+    pub blocks: u64,
+}
+
 /// An open source image.
 pub struct Source {
     file: File,
@@ -136,15 +146,24 @@ impl Source {
         Ok(i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()))
     }
 
-    /// Modification and change times of the source now (`fstat`): the live file shows
-    /// them, so tools that compare times see every change.
-    pub fn times(&self) -> Option<(std::time::SystemTime, std::time::SystemTime)> {
+    /// Times and allocation of the source now, from one `fstat`: the live file shows
+    /// them, so tools that compare times see every change and `du` sees what the source
+    /// holds. A block device counts as fully allocated.
+    pub fn now(&self) -> Option<SourceNow> {
         let m = self.file.metadata().ok()?;
         let at = |secs: i64, nsecs: i64| {
             std::time::UNIX_EPOCH
                 + std::time::Duration::new(secs.max(0) as u64, nsecs.clamp(0, 999_999_999) as u32)
         };
-        Some((at(m.mtime(), m.mtime_nsec()), at(m.ctime(), m.ctime_nsec())))
+        Some(SourceNow {
+            mtime: at(m.mtime(), m.mtime_nsec()),
+            ctime: at(m.ctime(), m.ctime_nsec()),
+            blocks: if self.identity.block_device {
+                self.size.div_ceil(512)
+            } else {
+                m.blocks()
+            },
+        })
     }
 
     /// Reads `buf.len()` bytes at `offset`.

@@ -102,3 +102,26 @@ pub fn lock_exclusive(file: &std::fs::File) -> std::io::Result<()> {
 pub fn is_lock_conflict(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES))
 }
+
+/// Capacity of the filesystem holding `path` (`statvfs(2)`): (block size, blocks, free
+/// blocks, blocks available to unprivileged users, inodes, free inodes), blocks in units
+/// of the fragment size.
+pub fn fs_space(path: &std::path::Path) -> io::Result<(u64, u64, u64, u64, u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: an all-zero statvfs is valid; statvfs fills it.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid C string and a valid out pointer.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((
+        st.f_frsize as u64,
+        st.f_blocks as u64,
+        st.f_bfree as u64,
+        st.f_bavail as u64,
+        st.f_files as u64,
+        st.f_ffree as u64,
+    ))
+}
