@@ -168,11 +168,19 @@ pub fn copy_files(
     opts: CopyOptions,
 ) -> Result<CopySummary> {
     let start = Instant::now();
-    let snap = OpenOptions::new()
-        .read(true)
-        .write(opts.discard)
-        .open(snapshot)
-        .map_err(|e| snapshot_error(name, None, e))?;
+    let snap = File::open(snapshot).map_err(|e| snapshot_error(name, None, e))?;
+    // Discards go through a write-only handle: it cannot be mapped, so it does not keep
+    // mappings of the snapshot from loading pages (docs/usage.md).
+    let discarder = if opts.discard {
+        Some(
+            OpenOptions::new()
+                .write(true)
+                .open(snapshot)
+                .map_err(|e| snapshot_error(name, None, e))?,
+        )
+    } else {
+        None
+    };
     let size = snap
         .metadata()
         .context(|| format!("stat of {}", snapshot.display()))?
@@ -197,6 +205,7 @@ pub fn copy_files(
     let mut c = Copier {
         name,
         snap: &snap,
+        discarder: discarder.as_ref(),
         dest: &out,
         dest_path: dest,
         opts,
@@ -450,6 +459,8 @@ pub fn zero_runs(buf: &[u8], block: usize) -> Vec<(usize, usize, bool)> {
 struct Copier<'a> {
     name: &'a str,
     snap: &'a File,
+    /// Write-only handle of the snapshot for `--discard`.
+    discarder: Option<&'a File>,
     dest: &'a File,
     dest_path: &'a Path,
     opts: CopyOptions,
@@ -486,9 +497,9 @@ impl Copier<'_> {
         if self.opts.verify {
             self.verify(off, len)?;
         }
-        if self.opts.discard {
+        if let Some(discarder) = self.discarder {
             sys::fallocate(
-                self.snap,
+                discarder,
                 sys::FALLOC_PUNCH_HOLE | sys::FALLOC_KEEP_SIZE,
                 off,
                 len,
@@ -921,6 +932,7 @@ mod tests {
         let mut c = Copier {
             name: "disk",
             snap: &snap,
+            discarder: None,
             dest: &out,
             dest_path: &dest,
             opts: opts(),

@@ -4,17 +4,21 @@
 //! ```text
 //! MOUNTPOINT/                 ino 1
 //!   live/                     ino 2
-//!     NAME                    ino 16 + 3*i   read-write, page cached
+//!     NAME                    ino 16 + i               read-write
 //!   snapshot/                 ino 3
-//!     NAME                    ino 17 + 3*i   only during an access; direct I/O
-//!     NAME.dirty              ino 18 + 3*i   only during an access; direct I/O
+//!     NAME                    ino (A << 32) + 2*i      only during access A; direct I/O
+//!     NAME.dirty              ino (A << 32) + 2*i + 1  only during access A; direct I/O
 //! ```
 //! Snapshot and dirty-map handles carry the access id in `fh`, so a handle opened during
-//! one access never reads another access's snapshot (ESTALE instead).
+//! one access never reads another access's snapshot (ESTALE instead). Their inode numbers
+//! carry it too: every access has its own kernel inodes, so a mapping made during one
+//! access never shares a page cache with another's, and `fstat` of an old handle (which
+//! the kernel sends without the handle) fails with ESTALE.
 
 use std::cell::RefCell;
 use std::ffi::OsStr;
 use std::io;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -34,6 +38,8 @@ const ROOT: u64 = 1;
 const LIVE_DIR: u64 = 2;
 const SNAP_DIR: u64 = 3;
 const FIRST_FILE: u64 = 16;
+/// Snapshot and dirty-map inode numbers are `access id << ACCESS_SHIFT` plus `2*i + k`.
+const ACCESS_SHIFT: u32 = 32;
 /// Largest read or write the kernel is allowed to send.
 pub const MAX_IO: u32 = 1 << 20;
 /// Attributes of fixed things (dirs, live files) may be cached briefly.
@@ -47,8 +53,9 @@ enum Node {
     LiveDir,
     SnapDir,
     Live(usize),
-    Snap(usize),
-    Dirty(usize),
+    /// Device index and access id.
+    Snap(usize, u64),
+    Dirty(usize, u64),
 }
 
 impl Node {
@@ -57,17 +64,18 @@ impl Node {
             ROOT => Some(Node::Root),
             LIVE_DIR => Some(Node::LiveDir),
             SNAP_DIR => Some(Node::SnapDir),
-            i if i >= FIRST_FILE => {
-                let k = i - FIRST_FILE;
-                let dev = (k / 3) as usize;
-                if dev >= ndev {
-                    return None;
-                }
-                Some(match k % 3 {
-                    0 => Node::Live(dev),
-                    1 => Node::Snap(dev),
-                    _ => Node::Dirty(dev),
+            i if i >> ACCESS_SHIFT != 0 => {
+                let (access, k) = (i >> ACCESS_SHIFT, i & ((1 << ACCESS_SHIFT) - 1));
+                let dev = usize::try_from(k / 2).ok().filter(|&d| d < ndev)?;
+                Some(if k % 2 == 0 {
+                    Node::Snap(dev, access)
+                } else {
+                    Node::Dirty(dev, access)
                 })
+            }
+            i if i >= FIRST_FILE => {
+                let dev = usize::try_from(i - FIRST_FILE).ok().filter(|&d| d < ndev)?;
+                Some(Node::Live(dev))
             }
             _ => None,
         }
@@ -78,9 +86,9 @@ impl Node {
             Node::Root => ROOT,
             Node::LiveDir => LIVE_DIR,
             Node::SnapDir => SNAP_DIR,
-            Node::Live(i) => FIRST_FILE + 3 * i as u64,
-            Node::Snap(i) => FIRST_FILE + 3 * i as u64 + 1,
-            Node::Dirty(i) => FIRST_FILE + 3 * i as u64 + 2,
+            Node::Live(i) => FIRST_FILE + i as u64,
+            Node::Snap(i, a) => (a << ACCESS_SHIFT) + 2 * i as u64,
+            Node::Dirty(i, a) => (a << ACCESS_SHIFT) + 2 * i as u64 + 1,
         }
     }
 }
@@ -112,6 +120,9 @@ pub struct FleeceFs {
     /// `--live-cache`: buffered opens of live files use the kernel page cache (kept
     /// across opens) instead of direct I/O.
     live_cache: bool,
+    /// Per device: open read-write handles of `snapshot/NAME`. While there are any, no
+    /// snapshot page enters the page cache (see `read_snapshot_cached`).
+    rw_snapshot_opens: Vec<AtomicU32>,
 }
 
 impl FleeceFs {
@@ -120,7 +131,9 @@ impl FleeceFs {
     pub fn new(engine: Arc<Engine>, live_cache: bool) -> FleeceFs {
         // SAFETY: getuid/getgid cannot fail.
         let owner = unsafe { (libc::getuid(), libc::getgid()) };
+        let rw_snapshot_opens = engine.devices().iter().map(|_| AtomicU32::new(0)).collect();
         FleeceFs {
+            rw_snapshot_opens,
             engine,
             started: SystemTime::now(),
             owner,
@@ -140,6 +153,11 @@ impl FleeceFs {
     /// The access that currently exposes device `i`, if any.
     fn access_of(&self, i: usize) -> Option<Arc<DeviceAccess>> {
         self.device(i).access()
+    }
+
+    /// Access `id` of device `i`, if it is the current one.
+    fn access_if(&self, i: usize, id: u64) -> Option<Arc<DeviceAccess>> {
+        self.access_of(i).filter(|a| a.id() == id)
     }
 
     fn attr(&self, node: Node) -> Option<FileAttr> {
@@ -179,8 +197,8 @@ impl FleeceFs {
                     (a.mtime, a.ctime, a.blocks) = (now.mtime, now.ctime, now.blocks);
                 }
             }
-            Node::Snap(i) => {
-                let access = self.access_of(i)?;
+            Node::Snap(i, id) => {
+                let access = self.access_if(i, id)?;
                 let dev = self.device(i);
                 file(
                     &mut a,
@@ -191,8 +209,8 @@ impl FleeceFs {
                 a.blocks = access.dirty_map().dirty_bytes().div_ceil(512);
                 (a.mtime, a.ctime) = (access.created(), access.created());
             }
-            Node::Dirty(i) => {
-                let access = self.access_of(i)?;
+            Node::Dirty(i, id) => {
+                let access = self.access_if(i, id)?;
                 let dev = self.device(i);
                 file(
                     &mut a,
@@ -206,9 +224,50 @@ impl FleeceFs {
         Some(a)
     }
 
+    /// A snapshot read through the page cache: a mapping's fault or readahead (the kernel
+    /// sends these without a lock owner, direct reads with one). The kernel takes a short
+    /// read as the end of the file and shrinks the file, after which even readable pages
+    /// fault; so a read that would stop short of the end (inaccessible data follows)
+    /// fails whole instead, and the kernel reads the faulting page alone, which succeeds
+    /// when it is readable. While a handle of the snapshot is open read-write, no page
+    /// enters the cache at all (the kernel drops the cached pages when such a handle is
+    /// mapped): a shared writable mapping then never holds a page another mapping sees.
+    fn read_snapshot_cached(
+        &self,
+        i: usize,
+        access_id: u64,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<usize> {
+        let dev = self.device(i);
+        let n = dev.read_snapshot(access_id, offset, buf)?;
+        // Checked after the read: a read-write open that overtook it is seen here, and
+        // its mapping's invalidation waits for the page this read fills.
+        if self.rw_snapshot_opens[i].load(Ordering::SeqCst) > 0 {
+            return Err(Error::new(
+                Kind::Inaccessible,
+                format!(
+                    "snapshot/{} is open read-write: mapped reads are refused",
+                    dev.name()
+                ),
+            ));
+        }
+        if n < buf.len() && offset + (n as u64) < dev.size() {
+            return Err(Error::new(
+                Kind::Inaccessible,
+                format!(
+                    "mapped read of snapshot/{} at {offset}+{} reaches inaccessible data",
+                    dev.name(),
+                    buf.len()
+                ),
+            ));
+        }
+        Ok(n)
+    }
+
     fn ttl(node: Node) -> &'static Duration {
         match node {
-            Node::Snap(_) | Node::Dirty(_) | Node::SnapDir => &TTL_NONE,
+            Node::Snap(..) | Node::Dirty(..) | Node::SnapDir => &TTL_NONE,
             _ => &TTL_STABLE,
         }
     }
@@ -229,9 +288,9 @@ impl FleeceFs {
             Node::SnapDir => {
                 let mut out = Vec::new();
                 for (i, d) in self.engine.devices().iter().enumerate() {
-                    if d.access().is_some() {
-                        out.push((Node::Snap(i), d.name().to_string()));
-                        out.push((Node::Dirty(i), format!("{}.dirty", d.name())));
+                    if let Some(a) = d.access() {
+                        out.push((Node::Snap(i, a.id()), d.name().to_string()));
+                        out.push((Node::Dirty(i, a.id()), format!("{}.dirty", d.name())));
                     }
                 }
                 out
@@ -264,6 +323,15 @@ fn write_sync(dev: &Device, flags: OpenFlags) -> Result<()> {
         dev.sync_live(true)
     } else {
         Ok(())
+    }
+}
+
+/// A snapshot or dirty-map inode whose access has ended is stale; anything else unknown
+/// does not exist.
+fn stale_or_enoent(node: Node) -> Errno {
+    match node {
+        Node::Snap(..) | Node::Dirty(..) => Errno::ESTALE,
+        _ => Errno::ENOENT,
     }
 }
 
@@ -305,9 +373,11 @@ impl Filesystem for FleeceFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.node(ino).and_then(|n| self.attr(n).map(|a| (n, a))) {
-            Some((node, attr)) => reply.attr(Self::ttl(node), &attr),
-            None => reply.error(Errno::ENOENT),
+        match self.node(ino).map(|n| (n, self.attr(n))) {
+            Some((node, Some(attr))) => reply.attr(Self::ttl(node), &attr),
+            // An inode of an ended access: only handles opened during it still reach it.
+            Some((Node::Snap(..) | Node::Dirty(..), None)) => reply.error(Errno::ESTALE),
+            _ => reply.error(Errno::ENOENT),
         }
     }
 
@@ -333,7 +403,7 @@ impl Filesystem for FleeceFs {
             return reply.error(Errno::ENOENT);
         };
         let Some(attr) = self.attr(node) else {
-            return reply.error(Errno::ENOENT);
+            return reply.error(stale_or_enoent(node));
         };
         if let Some(s) = size {
             match node {
@@ -345,7 +415,7 @@ impl Filesystem for FleeceFs {
                     );
                     return reply.error(Errno::EPERM);
                 }
-                Node::Snap(_) | Node::Dirty(_) => return reply.error(read_only()),
+                Node::Snap(..) | Node::Dirty(..) => return reply.error(read_only()),
                 _ => return reply.error(Errno::EISDIR),
             }
         }
@@ -378,17 +448,21 @@ impl Filesystem for FleeceFs {
                 };
                 reply.opened(FileHandle(0), f)
             }
-            Some(Node::Snap(i)) | Some(Node::Dirty(i)) => {
-                let is_dirty = matches!(self.node(ino), Some(Node::Dirty(_)));
+            Some(Node::Snap(i, id)) | Some(Node::Dirty(i, id)) => {
+                let is_dirty = matches!(self.node(ino), Some(Node::Dirty(..)));
                 if is_dirty && writing {
                     return reply.error(read_only());
                 }
-                match self.access_of(i) {
+                match self.access_if(i, id) {
                     // Snapshot data never changes during an access, but discards must
-                    // turn into EACCES at once and a new access must not see old pages:
-                    // no page cache.
-                    Some(a) => reply.opened(FileHandle(a.id()), FopenFlags::FOPEN_DIRECT_IO),
-                    None => reply.error(Errno::ENOENT),
+                    // turn into EACCES at once: no page cache for reads (mappings use it).
+                    Some(a) => {
+                        if !is_dirty && flags.0 & libc::O_ACCMODE == libc::O_RDWR {
+                            self.rw_snapshot_opens[i].fetch_add(1, Ordering::SeqCst);
+                        }
+                        reply.opened(FileHandle(a.id()), FopenFlags::FOPEN_DIRECT_IO)
+                    }
+                    None => reply.error(Errno::ESTALE),
                 }
             }
             Some(_) => reply.error(Errno::EISDIR),
@@ -404,7 +478,7 @@ impl Filesystem for FleeceFs {
         offset: u64,
         size: u32,
         _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
+        lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
         let Some(node) = self.node(ino) else {
@@ -413,8 +487,11 @@ impl Filesystem for FleeceFs {
         Self::with_buf(size, |buf| {
             let r: Result<usize> = match node {
                 Node::Live(i) => self.device(i).read_live(offset, buf),
-                Node::Snap(i) => self.device(i).read_snapshot(fh.0, offset, buf),
-                Node::Dirty(i) => match self.access_of(i) {
+                Node::Snap(i, _) if lock_owner.is_none() => {
+                    self.read_snapshot_cached(i, fh.0, offset, buf)
+                }
+                Node::Snap(i, _) => self.device(i).read_snapshot(fh.0, offset, buf),
+                Node::Dirty(i, _) => match self.access_of(i) {
                     Some(a) if a.id() == fh.0 => Ok(a.dirty_map().read_at(offset, buf)),
                     _ => Err(Error::new(
                         Kind::Stale,
@@ -453,7 +530,7 @@ impl Filesystem for FleeceFs {
                     Err(e) => reply.error(errno(&e)),
                 }
             }
-            Some(Node::Snap(_)) | Some(Node::Dirty(_)) => reply.error(read_only()),
+            Some(Node::Snap(..)) | Some(Node::Dirty(..)) => reply.error(read_only()),
             Some(_) => reply.error(Errno::EISDIR),
             None => reply.error(Errno::ENOENT),
         }
@@ -471,10 +548,10 @@ impl Filesystem for FleeceFs {
     ) {
         let r = match self.node(ino) {
             Some(Node::Live(i)) => self.device(i).fallocate_live(mode, offset, length),
-            Some(Node::Snap(i)) if mode == sys::FALLOC_PUNCH_HOLE | sys::FALLOC_KEEP_SIZE => {
+            Some(Node::Snap(i, _)) if mode == sys::FALLOC_PUNCH_HOLE | sys::FALLOC_KEEP_SIZE => {
                 self.device(i).discard_snapshot(fh.0, offset, length)
             }
-            Some(Node::Snap(_)) | Some(Node::Dirty(_)) => return reply.error(Errno::EOPNOTSUPP),
+            Some(Node::Snap(..)) | Some(Node::Dirty(..)) => return reply.error(Errno::EOPNOTSUPP),
             Some(_) => return reply.error(Errno::EISDIR),
             None => return reply.error(Errno::ENOENT),
         };
@@ -482,6 +559,28 @@ impl Filesystem for FleeceFs {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        if let Some(Node::Snap(i, _)) = self.node(ino) {
+            if flags.0 & libc::O_ACCMODE == libc::O_RDWR {
+                let _ = self.rw_snapshot_opens[i].fetch_update(
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                    |n| n.checked_sub(1),
+                );
+            }
+        }
+        reply.ok()
     }
 
     fn flush(
