@@ -708,6 +708,113 @@ impl Device {
         Ok((pos - offset) as usize)
     }
 
+    /// SEEK_DATA (`data`) or SEEK_HOLE on the snapshot of access `access_id`: the first
+    /// data (hole) at or after `offset`, `None` for ENXIO. Inaccessible clusters are holes;
+    /// copied ones are data (their old data may be in memory, not yet in the fleecing
+    /// file); uncopied ones are the source's own map. A hole is never reported where the
+    /// point-in-time image has data: a cluster still uncopied *after* the source was asked
+    /// was not written since setup when it was asked (the copied bit is set before a write
+    /// reaches the source), and one copied meanwhile counts as data. No lock is taken.
+    pub fn seek_snapshot(&self, access_id: u64, offset: u64, data: bool) -> Result<Option<u64>> {
+        let access = {
+            let gate = self.gate();
+            self.current_access(&gate, access_id)?.clone()
+        };
+        let r = if offset >= self.size() {
+            None
+        } else if data {
+            self.next_snapshot_data(&access, offset)?
+        } else {
+            Some(self.next_snapshot_hole(&access, offset)?)
+        };
+        // After a teardown or a break, writes no longer copy first: the source's map may
+        // no longer be the snapshot's.
+        if access.is_retired() {
+            return Err(self.stale_error());
+        }
+        if access.is_broken() {
+            return Err(self.broken_error(&access));
+        }
+        Ok(r)
+    }
+
+    fn next_snapshot_data(&self, access: &DeviceAccess, mut pos: u64) -> Result<Option<u64>> {
+        let (size, cl) = (self.size(), self.cluster);
+        loop {
+            if pos >= size {
+                return Ok(None);
+            }
+            let c = cl.index_of(pos);
+            if !access.accessible.get(c) {
+                match access.accessible.next(c, true) {
+                    Some(n) => pos = cl.start_of(n),
+                    None => return Ok(None),
+                }
+                continue;
+            }
+            if access.copied.get(c) {
+                return Ok(Some(pos));
+            }
+            let found = self
+                .source
+                .seek(pos, true)
+                .inspect_err(|e| self.note_source_error(e))?
+                .filter(|&d| d < size);
+            // Clusters before the source's next data that were copied meanwhile are data.
+            let end = found.map_or(cl.count(size), |d| cl.index_of(d) + 1);
+            for copied in access.copied.runs(c..end) {
+                if let Some(run) = access.accessible.runs(copied).next() {
+                    return Ok(Some(pos.max(cl.start_of(run.start))));
+                }
+            }
+            let Some(d) = found else {
+                return Ok(None);
+            };
+            if access.accessible.get(cl.index_of(d)) {
+                return Ok(Some(d));
+            }
+            pos = cl.start_of(cl.index_of(d) + 1);
+        }
+    }
+
+    fn next_snapshot_hole(&self, access: &DeviceAccess, mut pos: u64) -> Result<u64> {
+        let (size, cl) = (self.size(), self.cluster);
+        loop {
+            if pos >= size {
+                return Ok(size);
+            }
+            let c = cl.index_of(pos);
+            if !access.accessible.get(c) {
+                return Ok(pos);
+            }
+            if access.copied.get(c) {
+                let end = access.copied.next(c, false).unwrap_or(cl.count(size));
+                let end = access.accessible.next(c, false).map_or(end, |n| n.min(end));
+                pos = cl.start_of(end);
+                continue;
+            }
+            let h = self
+                .source
+                .seek(pos, false)
+                .inspect_err(|e| self.note_source_error(e))?
+                .unwrap_or(size)
+                .min(size);
+            // Data up to h in the source; an inaccessible cluster before it is a hole.
+            let end = if h > pos { cl.index_of(h - 1) + 1 } else { c + 1 };
+            if let Some(n) = access.accessible.next(c, false).filter(|&n| n < end) {
+                return Ok(pos.max(cl.start_of(n)));
+            }
+            if h >= size {
+                return Ok(size);
+            }
+            let ch = cl.index_of(h);
+            if !access.accessible.get(ch) || !access.copied.get(ch) {
+                return Ok(h);
+            }
+            pos = cl.start_of(ch + 1);
+        }
+    }
+
     /// Discards `[offset, offset+len)` of the snapshot: whole clusters inside it (aligned
     /// inward) become inaccessible, their fleecing space is released, and live writes
     /// there copy nothing from now on.

@@ -25,7 +25,7 @@ use std::time::{Duration, SystemTime};
 use fuser::{
     BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
     INodeNo, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
     Request, TimeOrNow, WriteFlags,
 };
 
@@ -206,7 +206,12 @@ impl FleeceFs {
                     dev.size(),
                     dev.source().identity().mode & !0o022,
                 );
-                a.blocks = access.dirty_map().dirty_bytes().div_ceil(512);
+                // At most the bytes to read, and at most what the source holds plus what
+                // was copied (data at setup is in one of the two): a sparse image's
+                // snapshot looks sparse, so `cp` asks for its holes (SEEK_DATA).
+                let held = dev.source().now().map_or(u64::MAX, |n| n.blocks * 512);
+                let held = held.saturating_add(access.stats().copied_bytes);
+                a.blocks = access.dirty_map().dirty_bytes().min(held).div_ceil(512);
                 (a.mtime, a.ctime) = (access.created(), access.created());
             }
             Node::Dirty(i, id) => {
@@ -581,6 +586,57 @@ impl Filesystem for FleeceFs {
             }
         }
         reply.ok()
+    }
+
+    /// SEEK_DATA and SEEK_HOLE (the kernel handles the other whences itself). Never
+    /// ENOSYS: the kernel would then stop asking for every file of the mount.
+    fn lseek(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        let data = match whence {
+            libc::SEEK_DATA => true,
+            libc::SEEK_HOLE => false,
+            _ => return reply.error(Errno::EINVAL),
+        };
+        let Ok(offset) = u64::try_from(offset) else {
+            return reply.error(Errno::ENXIO);
+        };
+        let r = match self.node(ino) {
+            Some(Node::Live(i)) => {
+                let dev = self.device(i);
+                if offset >= dev.size() {
+                    Ok(None)
+                } else {
+                    // The source's own map, clipped to the device.
+                    let size = dev.size();
+                    dev.source().seek(offset, data).map(|r| match (r, data) {
+                        (Some(d), true) => Some(d).filter(|&d| d < size),
+                        (None, true) => None,
+                        (h, false) => Some(h.unwrap_or(size).min(size)),
+                    })
+                }
+            }
+            Some(Node::Snap(i, _)) => self.device(i).seek_snapshot(fh.0, offset, data),
+            Some(node @ Node::Dirty(..)) => match self.attr(node) {
+                // All data.
+                Some(a) if offset < a.size => Ok(Some(if data { offset } else { a.size })),
+                Some(_) => Ok(None),
+                None => return reply.error(Errno::ESTALE),
+            },
+            Some(_) => return reply.error(Errno::EISDIR),
+            None => return reply.error(Errno::ENOENT),
+        };
+        match r {
+            Ok(Some(o)) => reply.offset(o as i64),
+            Ok(None) => reply.error(Errno::ENXIO),
+            Err(e) => reply.error(errno(&e)),
+        }
     }
 
     fn flush(

@@ -178,6 +178,18 @@ impl Source {
             .context(|| format!("writing source {} at {offset}", self.path.display()))
     }
 
+    /// SEEK_DATA (`data`) or SEEK_HOLE on the source: where its next data (hole) at or
+    /// after `offset` is; `None` when there is none. A block device is all data.
+    pub fn seek(&self, offset: u64, data: bool) -> Result<Option<u64>> {
+        sys::seek_data_or_hole(&self.file, offset, data).context(|| {
+            format!(
+                "lseek(SEEK_{}) on source {} at {offset}",
+                if data { "DATA" } else { "HOLE" },
+                self.path.display()
+            )
+        })
+    }
+
     /// `fallocate(2)` on the source (punch hole, zero range, allocate).
     pub fn fallocate(&self, mode: i32, offset: u64, len: u64) -> Result<()> {
         sys::fallocate(&self.file, mode, offset, len).context(|| {

@@ -125,3 +125,21 @@ pub fn fs_space(path: &std::path::Path) -> io::Result<(u64, u64, u64, u64, u64, 
         st.f_ffree as u64,
     ))
 }
+
+/// `lseek(2)` with SEEK_DATA (`data`) or SEEK_HOLE: the first data (hole) at or after
+/// `offset`; `None` when there is none (ENXIO: no data after `offset`, or `offset` at or
+/// past the end). Only the offset of the open file description moves, and fleecefs does
+/// positional I/O only.
+pub fn seek_data_or_hole(file: &File, offset: u64, data: bool) -> io::Result<Option<u64>> {
+    let whence = if data { libc::SEEK_DATA } else { libc::SEEK_HOLE };
+    // SAFETY: plain syscall on a valid fd.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), to_off(offset)?, whence) };
+    if r >= 0 {
+        return Ok(Some(r as u64));
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::ENXIO) => Ok(None),
+        _ => Err(e),
+    }
+}
