@@ -34,6 +34,34 @@ print(" ".join(out))
 PY
 }
 
+# same_sparse A B : A and B (regular files on a filesystem with SEEK_DATA) have the same
+# content; only the data extents of either are read (cmp would read 8 GiB of zeros)
+same_sparse() {
+    python3 - "$1" "$2" <<'PY'
+import os, sys
+def extents(fd, size):
+    pos = 0
+    while pos < size:
+        try:
+            d = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:
+            return
+        h = os.lseek(fd, d, os.SEEK_HOLE)
+        yield d, h
+        pos = h
+a, b = (os.open(p, os.O_RDONLY) for p in sys.argv[1:3])
+size = os.fstat(a).st_size
+if os.fstat(b).st_size != size:
+    sys.exit("sizes differ")
+for fd in (a, b):
+    for d, h in extents(fd, size):
+        for off in range(d, h, 1 << 20):
+            n = min(1 << 20, h - off)
+            if os.pread(a, n, off) != os.pread(b, n, off):
+                sys.exit(f"{sys.argv[1]} and {sys.argv[2]} differ in {off}+{n}")
+PY
+}
+
 # --- small image: 4 MiB, 64K clusters --------------------------------------------
 truncate -s $((4 * M)) "$T/a.img"
 dd if=/dev/urandom of="$T/a.img" bs=64K seek=2 count=4 conv=notrunc status=none   # 128K-384K
@@ -117,14 +145,14 @@ timeout 600 cp --sparse=always "$T/mp3/snapshot/big" "$T/big.cp" || fail "cp of 
 r1=$(rchar)
 echo "cp --sparse=always: the daemon read $(((r1 - r0) / M)) MiB of $((SIZE / M)) MiB (limit $((limit / M)))"
 [ $((r1 - r0)) -le $limit ] || fail "cp read $((r1 - r0)) bytes of a 90%-holes 8 GiB snapshot"
-cmp "$T/big.img" "$T/big.cp" || fail "cp's copy differs from the image"
+same_sparse "$T/big.img" "$T/big.cp" || fail "cp's copy differs from the image"
 rm -f "$T/big.cp"
 r0=$(rchar)
 timeout 600 qemu-img convert -f raw -O raw "$T/mp3/snapshot/big" "$T/big.qemu" || fail "qemu-img convert failed"
 r1=$(rchar)
 echo "qemu-img convert: the daemon read $(((r1 - r0) / M)) MiB of $((SIZE / M)) MiB (limit $((limit / M)))"
 [ $((r1 - r0)) -le $limit ] || fail "qemu-img convert read $((r1 - r0)) bytes of a 90%-holes 8 GiB snapshot"
-cmp "$T/big.img" "$T/big.qemu" || fail "qemu-img's copy differs from the image"
+same_sparse "$T/big.img" "$T/big.qemu" || fail "qemu-img's copy differs from the image"
 rm -f "$T/big.qemu"
 "$FLEECEFS" teardown "$T/mp3" --target t --failure >/dev/null
 echo "fidelity_seek: ok"
