@@ -461,13 +461,19 @@ impl Device {
         Ok(n)
     }
 
-    /// Writes the live image, copying old data first while an access needs it.
+    /// Writes the live image, copying old data first while an access needs it. A write
+    /// that crosses the end of the device is cut there and returns the short count (as a
+    /// block device does), whatever its size or the way the kernel split it; one that
+    /// starts at or past the end fails with ENOSPC.
     pub fn write_live(&self, offset: u64, data: &[u8]) -> Result<usize> {
-        let len = data.len() as u64;
-        self.check_range(offset, len)?;
-        if len == 0 {
+        if data.is_empty() {
             return Ok(0);
         }
+        if offset >= self.size() {
+            self.check_range(offset, data.len() as u64)?;
+        }
+        let data = &data[..data.len().min((self.size() - offset) as usize)];
+        let len = data.len() as u64;
         let gate = self.gate();
         self.before_change(&gate, offset, len)?;
         self.source
