@@ -511,18 +511,59 @@ impl Device {
         if len == 0 {
             return Ok(());
         }
+        if self.source.identity().block_device && !changes_data {
+            // Every block of a block device is allocated.
+            return Ok(());
+        }
         let gate = self.gate();
         if changes_data {
             self.before_change(&gate, offset, len)?;
         }
-        let mode = if self.source.identity().block_device {
-            mode | sys::FALLOC_KEEP_SIZE
-        } else {
-            mode
-        };
+        if self.source.identity().block_device {
+            return self.fallocate_block_device(mode | sys::FALLOC_KEEP_SIZE, offset, len);
+        }
         self.source
             .fallocate(mode, offset, len)
-            .inspect_err(|e| self.note_source_error(e))
+            .inspect_err(|e| self.note_source_error_of(e))
+    }
+
+    /// Punch hole or zero range on a block-device source, which takes only ranges aligned
+    /// to its logical block size: the partial blocks at the edges are written with zeros,
+    /// the aligned middle goes to `fallocate`. The result is what a regular file gives.
+    fn fallocate_block_device(&self, mode: i32, offset: u64, len: u64) -> Result<()> {
+        let block = self.source.logical_block_size();
+        let end = offset + len;
+        let (mid_start, mid_end) = (offset.next_multiple_of(block), end / block * block);
+        let zero = |from: u64, to: u64| -> Result<()> {
+            if from < to {
+                with_copy_buf((to - from) as usize, |buf| {
+                    buf.fill(0);
+                    self.source.write_at(buf, from)
+                })
+                .inspect_err(|e| self.note_source_error(e))?;
+            }
+            Ok(())
+        };
+        if mid_start >= mid_end {
+            return zero(offset, end);
+        }
+        zero(offset, mid_start)?;
+        self.source
+            .fallocate(mode, mid_start, mid_end - mid_start)
+            .inspect_err(|e| self.note_source_error_of(e))?;
+        zero(mid_end, end)
+    }
+
+    /// Like `note_source_error`, except for errors that say the request was refused
+    /// (EINVAL, EOPNOTSUPP: a mode or range the source does not take): those go back to
+    /// the caller with their errno but are no device failure for `status`.
+    fn note_source_error_of(&self, e: &Error) {
+        match e.errno() {
+            libc::EINVAL | libc::EOPNOTSUPP => {
+                log::debug!("device {}: {}", self.name, crate::error::report(e))
+            }
+            _ => self.note_source_error(e),
+        }
     }
 
     /// Flushes the live image to the source's storage.

@@ -190,6 +190,15 @@ impl Source {
         })
     }
 
+    /// The granularity `fallocate` takes on this source: the logical block size of a
+    /// block device (512 if it cannot be read), 1 for a regular file.
+    pub fn logical_block_size(&self) -> u64 {
+        if !self.identity.block_device {
+            return 1;
+        }
+        sys::logical_block_size(&self.file).map_or(512, |b| b.max(1))
+    }
+
     /// `fallocate(2)` on the source (punch hole, zero range, allocate).
     pub fn fallocate(&self, mode: i32, offset: u64, len: u64) -> Result<()> {
         sys::fallocate(&self.file, mode, offset, len).context(|| {

@@ -46,6 +46,19 @@ pub fn block_device_size(file: &File) -> io::Result<u64> {
     Ok(size)
 }
 
+/// Logical block size of the block device open as `file` (`BLKSSZGET`).
+pub fn logical_block_size(file: &File) -> io::Result<u64> {
+    let mut size: libc::c_int = 0;
+    // BLKSSZGET = _IO(0x12, 104)
+    const BLKSSZGET: libc::c_ulong = 0x1268;
+    // SAFETY: the ioctl writes one int into `size`.
+    let r = unsafe { libc::ioctl(file.as_raw_fd(), BLKSSZGET as _, &mut size as *mut libc::c_int) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(u64::try_from(size).unwrap_or(512))
+}
+
 /// Bytes actually allocated to `file` on its filesystem (st_blocks * 512).
 pub fn allocated_bytes(file: &File) -> io::Result<u64> {
     Ok(file.metadata()?.blocks() * 512)
