@@ -847,7 +847,11 @@ impl Device {
                 .unwrap_or(size)
                 .min(size);
             // Data up to h in the source; an inaccessible cluster before it is a hole.
-            let end = if h > pos { cl.index_of(h - 1) + 1 } else { c + 1 };
+            let end = if h > pos {
+                cl.index_of(h - 1) + 1
+            } else {
+                c + 1
+            };
             if let Some(n) = access.accessible.next(c, false).filter(|&n| n < end) {
                 return Ok(pos.max(cl.start_of(n)));
             }

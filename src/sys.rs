@@ -52,7 +52,13 @@ pub fn logical_block_size(file: &File) -> io::Result<u64> {
     // BLKSSZGET = _IO(0x12, 104)
     const BLKSSZGET: libc::c_ulong = 0x1268;
     // SAFETY: the ioctl writes one int into `size`.
-    let r = unsafe { libc::ioctl(file.as_raw_fd(), BLKSSZGET as _, &mut size as *mut libc::c_int) };
+    let r = unsafe {
+        libc::ioctl(
+            file.as_raw_fd(),
+            BLKSSZGET as _,
+            &mut size as *mut libc::c_int,
+        )
+    };
     if r != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -144,7 +150,11 @@ pub fn fs_space(path: &std::path::Path) -> io::Result<(u64, u64, u64, u64, u64, 
 /// past the end). Only the offset of the open file description moves, and fleecefs does
 /// positional I/O only.
 pub fn seek_data_or_hole(file: &File, offset: u64, data: bool) -> io::Result<Option<u64>> {
-    let whence = if data { libc::SEEK_DATA } else { libc::SEEK_HOLE };
+    let whence = if data {
+        libc::SEEK_DATA
+    } else {
+        libc::SEEK_HOLE
+    };
     // SAFETY: plain syscall on a valid fd.
     let r = unsafe { libc::lseek(file.as_raw_fd(), to_off(offset)?, whence) };
     if r >= 0 {
