@@ -210,7 +210,7 @@ impl FleeceFs {
                 // was copied (data at setup is in one of the two): a sparse image's
                 // snapshot looks sparse, so `cp` asks for its holes (SEEK_DATA).
                 let held = dev.source().now().map_or(u64::MAX, |n| n.blocks * 512);
-                let held = held.saturating_add(access.stats().copied_bytes);
+                let held = held.saturating_add(access.copied_bytes());
                 a.blocks = access.dirty_map().dirty_bytes().min(held).div_ceil(512);
                 (a.mtime, a.ctime) = (access.created(), access.created());
             }
