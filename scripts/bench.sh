@@ -8,6 +8,10 @@
 # disk. Prints a markdown table (MB/s, IOPS, mean latency per system, the ratios
 # fleecefs/qemu and fleecefs/direct, the issue's targets) and a scale line.
 #
+# This script is the driver: it sets the systems up, runs the workloads and keeps the raw
+# results (fio JSON and a few text files) in one directory; examples/bench_report.rs reads
+# them and prints every table (it can be re-run on BENCH_OUT/json, see its header).
+#
 # Run as root on Debian:  scripts/bench.sh
 # Environment:
 #   BENCH_RUNTIME=10          seconds per time-based workload
@@ -39,6 +43,7 @@ OUT=${BENCH_OUT:-$REPO/target/bench}
 SYSTEMS=${BENCH_SYSTEMS:-direct qemu fleecefs}
 PERF=${BENCH_PERF:-}
 FLEECEFS=$REPO/target/release/fleecefs
+REPORT=$REPO/target/release/examples/bench_report   # the report program
 
 log() { printf '== %s\n' "$*" >&2; }
 die() { printf 'bench: %s\n' "$*" >&2; exit 1; }
@@ -53,7 +58,6 @@ install_deps() {
     [ -n "${BENCH_NO_INSTALL:-}" ] && return 0
     local need=()
     command -v fio >/dev/null || need+=(fio)
-    command -v python3 >/dev/null || need+=(python3)
     command -v qemu-storage-daemon >/dev/null || need+=(qemu-utils)
     command -v findmnt >/dev/null || need+=(util-linux)
     if [ -n "$PERF" ] && ! command -v perf >/dev/null; then need+=(linux-perf); fi
@@ -116,17 +120,7 @@ run_fio() {
 }
 
 summary_line() {
-    python3 - "$RES/$SYS.$1.json" "$SYS" "$1" <<'EOF' >&2
-import json, sys
-d = json.load(open(sys.argv[1]))
-parts = []
-for j in d["jobs"]:
-    for k in ("read", "write"):
-        s = j[k]
-        if s["io_bytes"]:
-            parts.append("%s %s %.1f MB/s %.0f IOPS %.1f us" % (j["jobname"], k, s["bw_bytes"] / 1e6, s["iops"], s["lat_ns"]["mean"] / 1e3))
-print("   %-9s %-16s %s" % (sys.argv[2], sys.argv[3], "; ".join(parts)))
-EOF
+    "$REPORT" summary "$RES/$SYS.$1.json" "$SYS" "$1" >&2
 }
 
 # perf record of the current system's daemon during the workloads named in BENCH_PERF.
@@ -153,7 +147,11 @@ perf_stop() {
 }
 
 # ---------------------------------------------------------------- workloads
-# Each sets nothing but runs fio on $LIVE / $SNAP of the current system.
+# A workload is a small function wl_NAME that runs fio once (run_fio NAME fio-args...) on
+# $LIVE and/or $SNAP of the current system and sets nothing else; fio's JSON lands in
+# $RES/$SYS.NAME.json. NOACC_WORKLOADS and ACCESS_PHASES (below the workloads) say which
+# run, in which order; bench_report's ROWS table says how each is shown. To add one: write
+# wl_NAME, list it in a phase (or add a phase: a fresh access), add a row to ROWS.
 
 # Reads through FUSE must not be served by the FUSE file's own page cache, or the kernel
 # is measured instead of the layer: every read workload makes $PASSES passes over the
@@ -198,14 +196,16 @@ wl_seqread_noacc() {
 }
 
 # Snapshot read (as wl_snap_seqread) while two 4 KiB random writers run on live; all stop
-# when the reader is done. $2: 1 for O_DIRECT on live.
-wl_mixed() {
+# when the reader is done. mixed NAME DIRECT: DIRECT 1 for O_DIRECT on live.
+mixed() {
     run_fio "$1" --exitall \
         --name=snapread --filename="$SNAP" --rw=read --bs=1M --loops=$PASSES --runtime=$CAP \
         --invalidate=$RINV \
         --name=livewrite --filename="$LIVE" --rw=randwrite --bs=4k --numjobs=2 \
         --direct="$2" --time_based --runtime=$CAP
 }
+wl_mixed_buffered() { mixed mixed_buffered 0; }
+wl_mixed_odirect() { mixed mixed_odirect 1; }
 
 # Checks the copy-before-write of the system under test: after a write to live, the
 # snapshot still shows the old data of that cluster.
@@ -220,6 +220,21 @@ verify_cbw() {
     cmp -s "$W/v.before" "$W/v.after" || die "$SYS: snapshot changed after a live write (no CBW?)"
     cmp -s "$W/v.before" "$W/v.live" && die "$SYS: live write did not land"
     log "$SYS: copy-before-write verified (live changed, snapshot kept the old data)"
+}
+
+# The phases: the workloads without an access (also run on the FUSE floors), then one
+# entry per access (each a fresh access: setup, its steps in order, teardown).
+NOACC_WORKLOADS="wl_randwrite_noacc wl_seqwrite_noacc wl_seqread_noacc"
+ACCESS_PHASES=(
+    "verify_cbw wl_snap_seqread wl_cbw_first wl_cbw_again"  # clean snapshot, then CBW writes
+    "wl_mixed_buffered"                                     # reader against buffered writers
+    "wl_mixed_odirect"                                      # reader against O_DIRECT writers
+)
+
+# run_steps FUNCTION...: runs each (a workload or a check) in order.
+run_steps() {
+    local step
+    for step in "$@"; do "$step"; done
 }
 
 # ---------------------------------------------------------------- system: direct
@@ -338,7 +353,7 @@ daemon_pid() {
     case $SYS in
         qemu) [ -n "$QSD_PID" ] && echo "$QSD_PID" ;;
         floor*) [ -n "$FLOOR_PID" ] && echo "$FLOOR_PID" ;;
-        fleecefs) "$FLEECEFS" status "$FMNT" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["pid"])' ;;
+        fleecefs) "$FLEECEFS" status "$FMNT" --json | "$REPORT" pid ;;
         *) return 1 ;;
     esac
 }
@@ -352,21 +367,15 @@ run_system() {
     if [ "$SYS" = direct ]; then RINV=0; else RINV=1; fi
     cat "$SRC" >/dev/null                     # source into the page cache
     "${SYS}_live_only"                        # no access
-    wl_randwrite_noacc
-    wl_seqwrite_noacc
-    wl_seqread_noacc
-    "${SYS}_access_start"                     # access 1: clean snapshot, then CBW writes
-    verify_cbw
-    wl_snap_seqread
-    wl_cbw_first
-    wl_cbw_again
-    "${SYS}_access_end"
-    "${SYS}_access_start"                     # access 2: reader against buffered writers
-    wl_mixed mixed_buffered 0
-    "${SYS}_access_end"
-    "${SYS}_access_start"                     # access 3: reader against O_DIRECT writers
-    wl_mixed mixed_odirect 1
-    "${SYS}_access_end"
+    # shellcheck disable=SC2086
+    run_steps $NOACC_WORKLOADS
+    local phase
+    for phase in "${ACCESS_PHASES[@]}"; do
+        "${SYS}_access_start"
+        # shellcheck disable=SC2086
+        run_steps $phase
+        "${SYS}_access_end"
+    done
     "${SYS}_stop"
 }
 
@@ -410,9 +419,8 @@ floor_run() {
     fi
     RINV=1
     LIVE=$W/floor/img
-    wl_randwrite_noacc
-    wl_seqwrite_noacc
-    wl_seqread_noacc
+    # shellcheck disable=SC2086
+    run_steps $NOACC_WORKLOADS
     floor_stop
     log "$SYS: $(tail -1 "$RES/$SYS.log")"
     FLOOR_SYSTEMS="$FLOOR_SYSTEMS $SYS"
@@ -431,46 +439,13 @@ fuse_floor() {
     fi
 }
 
-floor_report() {
-    [ -n "$FLOOR_SYSTEMS" ] || return 0
-    python3 - "$RES" "$FLOOR_SYSTEMS" <<'PY'
-import json, os, sys
-res, floors = sys.argv[1], sys.argv[2].split()
-def first(system, wl):
-    p = os.path.join(res, "%s.%s.json" % (system, wl))
-    if not os.path.exists(p):
-        return None
-    j = json.load(open(p))["jobs"][0]
-    s = j["write"] if j["write"]["io_bytes"] else j["read"]
-    return s["bw_bytes"] / 1e6, s["iops"], s["lat_ns"]["mean"] / 1e3
-names = {"floor": "floor (/dev/fuse)", "floor_uring": "floor (io_uring)", "floor_wb": "floor (writeback cache)"}
-systems = [s for s in ("direct", "qemu") if os.path.exists(os.path.join(res, s + ".randwrite_noacc.json"))]
-systems += floors + ["fleecefs"]
-print()
-print("| no access, the FUSE floor | " + " | ".join(names.get(s, s) for s in systems) + " | fleecefs / floor (/dev/fuse) | "
-      + " | ".join("%s / direct" % names.get(f, f) for f in floors) + " |")
-print("|---|" + "---|" * (len(systems) + 1 + len(floors)))
-for wl, label, unit in (("randwrite_noacc", "live 4K randwrite", "IOPS"), ("seqwrite_noacc", "live 1M seq write", "MB/s"),
-                        ("seqread_noacc", "live 1M seq read", "MB/s")):
-    v = {s: first(s, wl) for s in systems}
-    k = 1 if unit == "IOPS" else 0
-    cells = ["-" if v[s] is None else "%.0f %s (%.1f µs)" % (v[s][k], unit, v[s][2]) for s in systems]
-    fl = v.get("floor")
-    fc = v.get("fleecefs")
-    r1 = "-" if not (fl and fc) else "%.2fx" % (fc[k] / fl[k])
-    d = v.get("direct")
-    r2 = ["-" if not (v.get(f) and d) else "%.2fx" % (v[f][k] / d[k]) for f in floors]
-    print("| %s | %s | %s | %s |" % (label, " | ".join(cells), r1, " | ".join(r2)))
-PY
-}
-
 # ---------------------------------------------------------------- bitmap cost
 
 # The cost of dirty bitmaps (issue 3): the first-touch replay (one 4 KiB write into every
 # cluster, no access), on fleecefs without a bitmap and with a clean bitmap under each
 # --crash-safe-bitmaps mode: on (default; bits in shared memory, survive a daemon crash),
-# sync (one msync per clean-to-dirty transition: every write here), off. Writes lines
-# "variant IOPS mean_us" to bitmaps.txt.
+# sync (one msync per clean-to-dirty transition: every write here), off. fio's JSON goes
+# to bitmap_VARIANT.bitmap.json.
 bitmap_cost() {
     log "bitmap cost: first-touch replay without a bitmap and with --crash-safe-bitmaps on, sync, off"
     local variant opts
@@ -493,30 +468,8 @@ bitmap_cost() {
         fi
         run_fio bitmap --name=bitmap --filename="$FMNT/live/vm" --read_iolog="$IOLOG" \
             --replay_redirect="$FMNT/live/vm" --replay_no_stall=1
-        python3 -c '
-import json, sys
-w = json.load(open(sys.argv[1]))["jobs"][0]["write"]
-print(sys.argv[2], round(w["iops"]), round(w["lat_ns"]["mean"] / 1e3, 1))' \
-            "$RES/$SYS.bitmap.json" "$variant" >>"$RES/bitmaps.txt"
         "$FLEECEFS" unmount "$FMNT"
     done
-}
-
-bitmap_report() {
-    [ -s "$RES/bitmaps.txt" ] || return 0
-    python3 - "$RES/bitmaps.txt" <<'PY'
-import sys
-rows = {v: (int(i), float(l)) for v, i, l in (line.split() for line in open(sys.argv[1]))}
-base = rows["none"][0]
-print()
-print("| dirty bitmap (first-touch replay, no access) | IOPS | mean µs | vs no bitmap |")
-print("|---|---|---|---|")
-names = {"none": "no bitmap", "on": "bitmap, --crash-safe-bitmaps on (default)",
-         "sync": "bitmap, --crash-safe-bitmaps sync", "off": "bitmap, --crash-safe-bitmaps off"}
-for v in ("none", "on", "sync", "off"):
-    i, l = rows[v]
-    print(f"| {names[v]} | {i} | {l} | {i / base:.2f}x |")
-PY
 }
 
 # ---------------------------------------------------------------- scale
@@ -541,7 +494,7 @@ mount_setup_rss() {
         dd if=/dev/urandom of="$mnt/live/$first" bs=1M count=1 seek=$((i * 4099)) conv=notrunc status=none
     done
     dd if="$mnt/snapshot/$first" of=/dev/null bs=1M count=64 status=none
-    pid=$("$FLEECEFS" status "$mnt" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["pid"])')
+    pid=$("$FLEECEFS" status "$mnt" --json | "$REPORT" pid)
     echo "$name.mount_ms=$(((t1 - t0) / 1000000))"
     echo "$name.setup_ms=$(((t2 - t1) / 1000000))"
     echo "$name.rss_kb=$(awk '/^VmRSS/{print $2}' "/proc/$pid/status")"
@@ -584,125 +537,6 @@ machine_info() {
     echo "- fio: ioengine=psync, buffered unless noted, --invalidate=0 (sources stay in the page cache), ${RUNTIME} s per time-based workload; read workloads: $PASSES passes over the image, one open each, FUSE file's own cache dropped before each (--invalidate=1 on the FUSE file)"
 }
 
-report() {
-    python3 - "$RES" "$SYSTEMS" <<'EOF'
-import json, os, sys
-
-res, systems = sys.argv[1], sys.argv[2].split()
-
-def load(system, wl):
-    p = os.path.join(res, "%s.%s.json" % (system, wl))
-    if not os.path.exists(p):
-        return None
-    return json.load(open(p))
-
-def stats(system, wl, job=None, ddir=None):
-    """(MB/s, IOPS, mean latency us) summed over the matching jobs."""
-    d = load(system, wl)
-    if d is None:
-        return None
-    bw = iops = lat_w = 0.0
-    for j in d["jobs"]:
-        if job and j["jobname"] != job:
-            continue
-        for k in ([ddir] if ddir else ["read", "write"]):
-            s = j[k]
-            if s["io_bytes"] == 0:
-                continue
-            bw += s["bw_bytes"] / 1e6
-            iops += s["iops"]
-            lat_w += s["lat_ns"]["mean"] / 1e3 * s["iops"]
-    if iops == 0:
-        return None
-    return bw, iops, lat_w / iops
-
-rows = [
-    ("snap_seqread", None, None, "snapshot seq read 1M (access, nothing copied yet)"),
-    ("cbw_first", None, None, "live 4K randwrite, access, first touch (every write copies)"),
-    ("cbw_again", None, None, "live 4K randwrite, access, same clusters again"),
-    ("randwrite_noacc", None, None, "live 4K randwrite, no access"),
-    ("seqwrite_noacc", None, None, "live 1M seq write, no access"),
-    ("seqread_noacc", None, None, "live 1M seq read, no access"),
-    ("mixed_buffered", "snapread", "read", "snapshot read 1M, while 2 live 4K writers run"),
-    ("mixed_buffered", "livewrite", "write", "... the 2 live 4K writers (buffered), total"),
-    ("mixed_odirect", "snapread", "read", "snapshot read 1M, while 2 live 4K O_DIRECT writers run"),
-    ("mixed_odirect", "livewrite", "write", "... the 2 live 4K writers (O_DIRECT), total"),
-]
-
-def fmt(v, nd=1):
-    return "-" if v is None else ("%.*f" % (nd, v))
-
-def ratio(a, b):
-    if a is None or b is None or b[0] == 0:
-        return None
-    return a[0] / b[0]
-
-hdr = ["workload"]
-for s in systems:
-    hdr += ["%s MB/s" % s, "IOPS", "lat µs"]
-if "fleecefs" in systems and "qemu" in systems:
-    hdr.append("fleecefs/qemu")
-if "fleecefs" in systems and "direct" in systems:
-    hdr.append("fleecefs/direct")
-print("| " + " | ".join(hdr) + " |")
-print("|" + "---|" * len(hdr))
-R = {}
-for wl, job, ddir, label in rows:
-    line = [label]
-    st = {s: stats(s, wl, job, ddir) for s in systems}
-    for s in systems:
-        v = st[s]
-        line += [fmt(v and v[0]), fmt(v and v[1], 0), fmt(v and v[2])]
-    if "fleecefs/qemu" in hdr:
-        r = ratio(st.get("fleecefs"), st.get("qemu"))
-        line.append(fmt(r, 2) + "x" if r else "-")
-        R[(wl, job, "q")] = r
-    if "fleecefs/direct" in hdr:
-        r = ratio(st.get("fleecefs"), st.get("direct"))
-        line.append(fmt(r, 2) + "x" if r else "-")
-        R[(wl, job, "d")] = r
-    print("| " + " | ".join(line) + " |")
-
-print()
-print("| target | measured | required | met |")
-print("|---|---|---|---|")
-def target(name, key, need):
-    r = R.get(key)
-    met = "?" if r is None else ("yes" if r >= need else "**no**")
-    print("| %s | %s | >= %sx | %s |" % (name, "-" if r is None else "%.2fx" % r, need, met))
-target("snapshot seq read vs qemu", ("snap_seqread", None, "q"), 3)
-target("snapshot seq read vs direct", ("snap_seqread", None, "d"), 0.5)
-target("live 4K randwrite, access, first touch vs qemu", ("cbw_first", None, "q"), 3)
-target("live 4K randwrite, no access vs qemu", ("randwrite_noacc", None, "q"), 3)
-target("live 4K randwrite, no access vs direct", ("randwrite_noacc", None, "d"), 0.4)
-target("live 1M seq write, no access vs direct", ("seqwrite_noacc", None, "d"), 0.7)
-target("live 1M seq read, no access vs direct", ("seqread_noacc", None, "d"), 0.7)
-
-sc = os.path.join(res, "scale.txt")
-if os.path.exists(sc):
-    kv = dict(l.strip().split("=", 1) for l in open(sc) if "=" in l)
-    cl = int(kv["cluster"])
-    bitmap_mib = int(kv["device_bytes"]) // cl / 8 / 2**20
-    print()
-    print("| scale | mount | setup | daemon RSS during access (peak) | RSS limit: 64 MiB + 3 bitmaps of %.0f MiB per device | met |" % bitmap_mib)
-    print("|---|---|---|---|---|---|")
-    for k, label in (("one1t", "1 device of 1 TiB (sparse)"), ("sixteen", "16 devices of 1 TiB each (sparse)")):
-        if k + ".mount_ms" not in kv:
-            continue
-        m, s = int(kv[k + ".mount_ms"]), int(kv[k + ".setup_ms"])
-        rss, hwm = int(kv[k + ".rss_kb"]) / 1024, int(kv[k + ".hwm_kb"]) / 1024
-        limit = 64 + 3 * bitmap_mib * int(kv[k + ".devices"])
-        ok = m < 1000 and s < 100 and hwm < limit
-        print("| %s | %d ms (< 1000) | %d ms (< 100) | %.1f MiB (%.1f MiB) | %.0f MiB | %s |" % (
-            label, m, s, rss, hwm, limit, "yes" if ok else "**no**"))
-
-mem = os.path.join(res, "fleecefs.mem.txt")
-if os.path.exists(mem):
-    print()
-    print("fleecefs daemon of the workloads above, at unmount: " + ", ".join(l.split()[0] + " " + l.split()[1] + " kB" for l in open(mem)))
-EOF
-}
-
 # ---------------------------------------------------------------- main
 
 FLEECEFS_DESC=""
@@ -734,11 +568,13 @@ build_fleecefs() {
 
 main() {
     install_deps
-    for t in fio python3 qemu-storage-daemon qemu-img findmnt mountpoint; do
+    for t in fio qemu-storage-daemon qemu-img findmnt mountpoint; do
         command -v "$t" >/dev/null || die "$t is not installed"
     done
     mkdir -p "$OUT"
     build_fleecefs
+    log "building the report program (examples/bench_report.rs, release)"
+    (cd "$REPO" && cargo build --release --quiet --example bench_report)
     if [ "${BENCH_FLOOR:-1}" != 0 ]; then
         log "building the FUSE floor (examples/fuse_floor.rs, release)"
         (cd "$REPO" && cargo build --release --quiet --example fuse_floor)
@@ -771,23 +607,17 @@ main() {
     scale_test
     log "done in $((SECONDS - start)) s"
 
+    # the raw results first, so that a report can be printed again from them
+    rm -rf "$OUT/json"
+    cp -r "$RES" "$OUT/json"
+    log "tables again: $REPORT tables $OUT/json \"$SYSTEMS\" \"${FLOOR_SYSTEMS# }\""
     {
         echo "## fleecefs benchmark"
         echo
         machine_info
         echo
-        report
-        floor_report
-        bitmap_report
-        if [ -s "$RES/micro.txt" ]; then
-            echo
-            echo '```'
-            cat "$RES/micro.txt"
-            echo '```'
-        fi
+        "$REPORT" tables "$RES" "$SYSTEMS" "$FLOOR_SYSTEMS"
     } | tee "$OUT/results.md"
-    rm -rf "$OUT/json"
-    cp -r "$RES" "$OUT/json"
 }
 
 main "$@"
