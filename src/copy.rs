@@ -19,7 +19,6 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -28,6 +27,7 @@ use serde::Serialize;
 use crate::cli::CopyArgs;
 use crate::dirtymap;
 use crate::error::{Error, IoContext, Kind, Result};
+use crate::layout::MountLayout;
 use crate::sys;
 use crate::units::format_size;
 
@@ -136,12 +136,13 @@ pub fn copy(mountpoint: &Path, name: &str, dest: &Path, opts: CopyOptions) -> Re
         return Err(Error::invalid(format!("'{name}' is not a device name")));
     }
     crate::control::client::state_dir_of(mountpoint)?;
-    let snapshot = mountpoint.join("snapshot").join(name);
-    let dirty = mountpoint.join("snapshot").join(format!("{name}.dirty"));
+    let layout = MountLayout::new(mountpoint);
+    let snapshot = layout.snapshot(name);
+    let dirty = layout.dirty_map(name);
     match std::fs::metadata(&snapshot) {
         Ok(_) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err(if mountpoint.join("live").join(name).exists() {
+            return Err(if layout.live(name).exists() {
                 Error::not_found(format!(
                     "no backup access includes {name}; run fleecefs setup first"
                 ))
@@ -561,7 +562,7 @@ impl Copier<'_> {
         if self.vbuf.is_empty() {
             self.vbuf = vec![0u8; CHUNK];
         }
-        drop_cache(self.dest, off, len);
+        sys::drop_cached_pages(self.dest, off, len);
         for (c_off, c_len) in pieces(off, len, CHUNK as u64) {
             let n = c_len as usize;
             sys::read_exact_at(self.snap, &mut self.buf[..n], c_off)
@@ -590,17 +591,6 @@ impl Copier<'_> {
     }
 }
 
-/// Drops DEST's clean cached pages of a range so verification reads what is on the disk.
-fn drop_cache(f: &File, off: u64, len: u64) {
-    let (Ok(o), Ok(l)) = (libc::off_t::try_from(off), libc::off_t::try_from(len)) else {
-        return;
-    };
-    // SAFETY: plain syscall on a valid fd; only advice, failure is harmless.
-    unsafe {
-        libc::posix_fadvise(f.as_raw_fd(), o, l, libc::POSIX_FADV_DONTNEED);
-    }
-}
-
 /// Progress on stderr: a bar redrawn in place on a terminal, a log line every 10% otherwise.
 struct Progress {
     name: String,
@@ -615,8 +605,7 @@ struct Progress {
 
 impl Progress {
     fn new(name: &str, total: u64, enabled: bool) -> Progress {
-        // SAFETY: isatty only inspects the descriptor.
-        let tty = enabled && unsafe { libc::isatty(2) } == 1;
+        let tty = enabled && sys::stderr_is_tty();
         Progress {
             name: name.to_string(),
             total,

@@ -18,13 +18,10 @@ use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixListener;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
-
-use fuser::{Config, MountOption, Session, SessionACL};
 
 use crate::cbw::{Device, OnCbwError};
 use crate::cli::{MountArgs, OnCbwErrorArg};
@@ -32,9 +29,11 @@ use crate::control::client::{mount_at, resolve_mountpoint, FSNAME_PREFIX};
 use crate::control::server;
 use crate::engine::{validate_name, Engine, EngineConfig};
 use crate::error::{Error, IoContext, Result};
-use crate::fuse::FleeceFs;
+use crate::fuse::session::{self, SessionOptions};
+use crate::layout::MountLayout;
 use crate::source::Source;
 use crate::state::{StateDir, LOG_FILE};
+use crate::sys;
 use crate::units::{parse_size, ClusterSize};
 
 /// A validated `mount` request.
@@ -57,7 +56,7 @@ pub struct MountPlan {
     /// Whether the mount point is a stale fleecefs mount to clean up first.
     pub stale_mount: bool,
     /// Which crashes bitmaps survive.
-    pub crash_safe_bitmaps: crate::persist::CrashSafety,
+    pub crash_safe_bitmaps: crate::bitmap_file::CrashSafety,
     /// Copy-before-write timeout.
     pub cbw_timeout: Option<Duration>,
     /// Fleecing space limit per access.
@@ -131,8 +130,8 @@ pub fn validate(args: &MountArgs) -> Result<MountPlan> {
     let unit = cluster.bytes().max(crate::cbw::LOCK_UNIT_MIN);
     let cbw_buffer = match &args.cbw_buffer {
         // The default would not hold one cluster of the largest sizes: copy synchronously.
-        None if unit > crate::writebehind::DEFAULT_CAPACITY => 0,
-        None => crate::writebehind::DEFAULT_CAPACITY,
+        None if unit > crate::cbw::writebehind::DEFAULT_CAPACITY => 0,
+        None => crate::cbw::writebehind::DEFAULT_CAPACITY,
         Some(text) => {
             let n = parse_size(text).map_err(|e| Error::invalid(format!("--cbw-buffer: {e}")))?;
             if n > 4 << 30 {
@@ -204,7 +203,7 @@ pub fn validate(args: &MountArgs) -> Result<MountPlan> {
             .split_once('=')
             .ok_or_else(|| Error::invalid(format!("--device '{spec}' is not NAME=PATH")))?;
         validate_name("device name", name)?;
-        if name.ends_with(".dirty") {
+        if crate::layout::is_reserved_device_name(name) {
             return Err(Error::invalid(format!(
                 "invalid device name '{name}': names ending in .dirty are taken by the dirty maps (snapshot/NAME.dirty)"
             )));
@@ -250,9 +249,9 @@ pub fn validate(args: &MountArgs) -> Result<MountPlan> {
         },
         stale_mount,
         crash_safe_bitmaps: match args.crash_safe_bitmaps {
-            crate::cli::CrashSafetyArg::On => crate::persist::CrashSafety::On,
-            crate::cli::CrashSafetyArg::Sync => crate::persist::CrashSafety::Sync,
-            crate::cli::CrashSafetyArg::Off => crate::persist::CrashSafety::Off,
+            crate::cli::CrashSafetyArg::On => crate::bitmap_file::CrashSafety::On,
+            crate::cli::CrashSafetyArg::Sync => crate::bitmap_file::CrashSafety::Sync,
+            crate::cli::CrashSafetyArg::Off => crate::bitmap_file::CrashSafety::Off,
         },
         cbw_timeout,
         fleecing_limit,
@@ -339,13 +338,7 @@ fn start_background() -> Result<()> {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    // SAFETY: setsid is async-signal-safe; the child leaves our session and terminal.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
+    crate::sys::new_session_on_exec(&mut cmd);
     let mut child = cmd
         .spawn()
         .context(|| "starting the fleecefs daemon".into())?;
@@ -376,51 +369,20 @@ fn start_background() -> Result<()> {
     ))
 }
 
-fn block_signals() -> libc::sigset_t {
-    // SAFETY: plain libc signal-mask calls on a local set.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
-            libc::sigaddset(&mut set, s);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    }
-}
-
-fn redirect_stdio_to_null() {
-    // SAFETY: dup2 onto the standard descriptors of this process.
-    unsafe {
-        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
-        if null >= 0 {
-            libc::dup2(null, 0);
-            libc::dup2(null, 1);
-            libc::dup2(null, 2);
-            if null > 2 {
-                libc::close(null);
-            }
-        }
-    }
-}
-
 /// Unmounts `mountpoint`; if it is busy, detaches it and aborts the FUSE connection so
 /// the session ends anyway.
 pub fn force_unmount(mountpoint: &Path, connection: Option<u32>) {
     let Ok(c) = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes()) else {
         return;
     };
-    // SAFETY: umount2 with a valid C string.
-    if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
+    let Err(e) = sys::umount(&c, false) else {
         return;
-    }
-    let e = std::io::Error::last_os_error();
+    };
     log::warn!(
         "unmounting {}: {e}; detaching it and aborting its FUSE connection",
         mountpoint.display()
     );
-    // SAFETY: as above.
-    unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    let _ = sys::umount(&c, true);
     if let Some(id) = connection {
         abort_connection(id);
     }
@@ -443,16 +405,15 @@ fn bind_socket(state: &StateDir) -> Result<UnixListener> {
     let path = state.socket_path();
     // We hold the state lock, so an existing socket is a leftover.
     let _ = fs::remove_file(&path);
-    // SAFETY: umask is process-wide; no other thread creates files at this point.
-    let old = unsafe { libc::umask(0o177) };
+    // The umask is process-wide; no other thread creates files at this point.
+    let old = sys::set_umask(0o177);
     let l = UnixListener::bind(&path);
-    // SAFETY: as above.
-    unsafe { libc::umask(old) };
+    sys::set_umask(old);
     l.context(|| format!("creating control socket {}", path.display()))
 }
 
 fn serve(plan: MountPlan, daemon_child: bool, allow_other: bool) -> Result<()> {
-    let signals = block_signals();
+    let signals = sys::block_signals(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP]);
     let state = StateDir::open(&plan.state_dir)?;
     if daemon_child {
         crate::logger::tee_to_file(&state.path().join(LOG_FILE));
@@ -491,7 +452,6 @@ fn serve(plan: MountPlan, daemon_child: bool, allow_other: bool) -> Result<()> {
         on_cbw_error: plan.on_cbw_error,
         cbw_timeout: plan.cbw_timeout,
         fleecing_limit: plan.fleecing_limit,
-        mountpoint: plan.mountpoint.clone(),
         crash_safe_bitmaps: plan.crash_safe_bitmaps,
         cbw_buffer: plan.cbw_buffer,
     };
@@ -506,40 +466,27 @@ fn serve(plan: MountPlan, daemon_child: bool, allow_other: bool) -> Result<()> {
     };
     {
         let engine = engine.clone();
+        let layout = MountLayout::new(plan.mountpoint.clone());
         std::thread::Builder::new()
             .name("control-accept".into())
-            .spawn(move || server::serve(listener, engine))
+            .spawn(move || server::serve(listener, engine, layout))
             .context(|| "starting the control thread".into())?;
     }
 
-    let mut fuse_config = Config::default();
-    fuse_config.mount_options = vec![
-        MountOption::FSName(format!("{FSNAME_PREFIX}{}", plan.state_dir.display())),
-        MountOption::Subtype("fleecefs".into()),
-        MountOption::DefaultPermissions,
-    ];
-    fuse_config.acl = if allow_other {
-        SessionACL::All
-    } else {
-        SessionACL::Owner
+    let session_options = SessionOptions {
+        fsname: format!("{FSNAME_PREFIX}{}", plan.state_dir.display()),
+        allow_other,
+        threads: plan.threads,
+        live_cache: plan.live_cache,
     };
-    fuse_config.n_threads = Some(plan.threads);
-    fuse_config.clone_fd = true;
-    let session = Session::new(
-        FleeceFs::new(engine.clone(), plan.live_cache),
-        &plan.mountpoint,
-        &fuse_config,
-    )
-    .map_err(|e| {
-        let _ = fs::remove_file(&socket_path);
-        Error::io(format!("mounting {}", plan.mountpoint.display()), e)
-    })?;
-    let fuse_thread = std::thread::Builder::new()
-        .name("fuse-session".into())
-        .spawn(move || session.run())
-        .context(|| "starting the FUSE session".into())?;
+    let session =
+        session::mount(engine.clone(), &plan.mountpoint, &session_options).map_err(|e| {
+            let _ = fs::remove_file(&socket_path);
+            Error::io(format!("mounting {}", plan.mountpoint.display()), e)
+        })?;
+    let fuse_thread = session::spawn(session).context(|| "starting the FUSE session".into())?;
     // Serving means answering: one lookup through the kernel.
-    let live = plan.mountpoint.join("live");
+    let live = MountLayout::new(plan.mountpoint.clone()).live_dir();
     let connection = fs::metadata(&live)
         .map(|m| libc::minor(m.dev()))
         .map_err(|e| {
@@ -563,7 +510,7 @@ fn serve(plan: MountPlan, daemon_child: bool, allow_other: bool) -> Result<()> {
         let _ = std::io::stdout().write_all(b"ready\n");
         let _ = std::io::stdout().flush();
         crate::logger::stop_tee();
-        redirect_stdio_to_null();
+        sys::redirect_stdio_to_null();
         let _ = std::env::set_current_dir("/");
     }
     {
@@ -571,9 +518,8 @@ fn serve(plan: MountPlan, daemon_child: bool, allow_other: bool) -> Result<()> {
         std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || loop {
-                let mut sig: libc::c_int = 0;
-                // SAFETY: sigwait on the set blocked in every thread.
-                if unsafe { libc::sigwait(&signals, &mut sig) } == 0 {
+                // The signals are blocked in every thread: only this one receives them.
+                if let Some(sig) = sys::wait_signal(&signals) {
                     log::info!("signal {sig}: unmounting {}", mountpoint.display());
                     force_unmount(&mountpoint, Some(connection));
                 }
@@ -597,9 +543,7 @@ pub fn unmount(mountpoint: &Path) -> Result<()> {
     let mp = resolve_mountpoint(mountpoint)?;
     let c = std::ffi::CString::new(mp.as_os_str().as_encoded_bytes())
         .map_err(|_| Error::invalid("mount point path contains a NUL byte"))?;
-    // SAFETY: umount2 with a valid C string.
-    if unsafe { libc::umount2(c.as_ptr(), 0) } != 0 {
-        let e = std::io::Error::last_os_error();
+    if let Err(e) = sys::umount(&c, false) {
         if e.raw_os_error() == Some(libc::EBUSY) {
             return Err(Error::busy(format!(
                 "{} is busy: a process still has files open under it (see 'fuser -vm {}')",
@@ -618,14 +562,7 @@ pub fn wait_for_daemon_exit(state_dir: &Path, timeout: Duration) -> Result<()> {
     let f = fs::File::open(&lock).context(|| format!("opening {}", lock.display()))?;
     let deadline = std::time::Instant::now() + timeout;
     loop {
-        // SAFETY: flock on a valid fd.
-        if unsafe {
-            libc::flock(
-                std::os::unix::io::AsRawFd::as_raw_fd(&f),
-                libc::LOCK_SH | libc::LOCK_NB,
-            )
-        } == 0
-        {
+        if sys::try_flock(&f, false).is_ok() {
             return Ok(());
         }
         if std::time::Instant::now() > deadline {

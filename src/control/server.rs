@@ -4,7 +4,6 @@
 //! daemon keeps serving.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -13,6 +12,8 @@ use std::time::Duration;
 use super::proto::{parse_request, Request, Response, ACK, MAX_REQUEST};
 use crate::engine::Engine;
 use crate::error::{report, Error};
+use crate::layout::MountLayout;
+use crate::sys;
 
 /// Most connections handled at once.
 pub const MAX_CLIENTS: usize = 16;
@@ -20,7 +21,7 @@ const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Runs a request against the engine. `handle` sends teardowns to
 /// [`Engine::teardown_reply`] instead, which must know whether the reply arrived.
-fn dispatch(engine: &Engine, req: Request) -> Response {
+fn dispatch(engine: &Engine, layout: &MountLayout, req: Request) -> Response {
     let result: Result<serde_json::Value, Error> = match req {
         Request::Setup {
             target,
@@ -28,39 +29,21 @@ fn dispatch(engine: &Engine, req: Request) -> Response {
             bitmap,
         } => engine
             .setup(&target, devices.as_deref(), bitmap.as_deref())
-            .map(|r| serde_json::to_value(r).unwrap_or_default()),
+            .map(|r| serde_json::to_value(r.at_mount(layout)).unwrap_or_default()),
         // Not reached from `handle` (see above); kept so the match stays exhaustive.
         Request::Teardown {
             target, success, ..
         } => engine
             .teardown(&target, success)
             .map(|r| serde_json::to_value(r).unwrap_or_default()),
-        Request::Status {} => Ok(serde_json::to_value(engine.status()).unwrap_or_default()),
+        Request::Status {} => {
+            Ok(serde_json::to_value(engine.status().at_mount(layout)).unwrap_or_default())
+        }
         Request::BitmapRemove { target } => engine
             .remove_bitmaps(&target)
             .map(|r| serde_json::to_value(r).unwrap_or_default()),
     };
     response(result)
-}
-
-fn peer_uid(stream: &UnixStream) -> Option<u32> {
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `cred`.
-    let r = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            &mut cred as *mut _ as *mut libc::c_void,
-            &mut len,
-        )
-    };
-    (r == 0).then_some(cred.uid)
 }
 
 /// Writes the reply; whether it reached the client's socket.
@@ -118,10 +101,9 @@ fn response<T: serde::Serialize>(result: Result<T, Error>) -> Response {
     }
 }
 
-fn handle(engine: &Engine, mut stream: UnixStream) {
-    // SAFETY: geteuid cannot fail.
-    let me = unsafe { libc::geteuid() };
-    match peer_uid(&stream) {
+fn handle(engine: &Engine, layout: &MountLayout, mut stream: UnixStream) {
+    let me = sys::euid();
+    match sys::peer_uid(&stream) {
         Some(uid) if uid == 0 || uid == me => {}
         other => {
             log::warn!("refused control request from uid {other:?}: only root or the daemon's user may use it");
@@ -168,7 +150,7 @@ fn handle(engine: &Engine, mut stream: UnixStream) {
         }
         Ok(req) => {
             log::debug!("control request: {req:?}");
-            dispatch(engine, req)
+            dispatch(engine, layout, req)
         }
         Err(msg) => {
             log::warn!("refused control request: {msg}");
@@ -179,7 +161,8 @@ fn handle(engine: &Engine, mut stream: UnixStream) {
 }
 
 /// Accepts connections forever (until the process exits).
-pub fn serve(listener: UnixListener, engine: Arc<Engine>) {
+pub fn serve(listener: UnixListener, engine: Arc<Engine>, layout: MountLayout) {
+    let layout = Arc::new(layout);
     let active = Arc::new(AtomicUsize::new(0));
     for conn in listener.incoming() {
         let mut stream = match conn {
@@ -199,11 +182,11 @@ pub fn serve(listener: UnixListener, engine: Arc<Engine>) {
             );
             continue;
         }
-        let (engine, mine) = (engine.clone(), active.clone());
+        let (engine, layout, mine) = (engine.clone(), layout.clone(), active.clone());
         let spawned = std::thread::Builder::new()
             .name("control".into())
             .spawn(move || {
-                handle(&engine, stream);
+                handle(&engine, &layout, stream);
                 mine.fetch_sub(1, Ordering::AcqRel);
             });
         if let Err(e) = spawned {

@@ -2,12 +2,12 @@
 //! default) when `--cbw-buffer` is not 0.
 //!
 //! A live write that must copy a cluster first reads the cluster's old data from the
-//! source into memory (a [`PendingCopy`]), publishes it in its access's [`PendingMap`]
+//! source into memory (a [`PendingCopy`]), publishes it in its access's `PendingMap`
 //! and marks the cluster copied, all under the cluster's stripe lock; then it writes the
 //! source and returns. Flusher threads store pending copies in the fleecing file later,
 //! and only then remove them from the map. Snapshot reads of a copied cluster take the
 //! data from the map while it is there and from the fleecing file otherwise, so they see
-//! the point-in-time data at every moment (see `cbw.rs`).
+//! the point-in-time data at every moment (see `cbw/mod.rs`).
 //!
 //! What the writer waits for is memory, not the fleecing storage: the bytes pending or
 //! being written are bounded by the buffer's capacity, and a writer that finds it full
@@ -20,14 +20,12 @@
 //! `break-guest-write` cannot use this: its writes must fail when the copy fails, and a
 //! write-behind failure happens after the write has returned.
 
-use std::collections::{HashMap, VecDeque};
-use std::ops::Range;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::cbw::DeviceAccess;
 use crate::error::{Error, Kind, Result};
+use crate::sync::Recover;
 
 /// Default `--cbw-buffer`: 16 MiB, 256 clusters of 64 KiB.
 pub const DEFAULT_CAPACITY: u64 = 16 << 20;
@@ -45,90 +43,28 @@ pub struct PendingCopy {
     pub data: Vec<u8>,
 }
 
-/// The pending copies of one device access, by cluster.
-#[derive(Default)]
-pub struct PendingMap {
-    map: Mutex<HashMap<u64, Arc<PendingCopy>>>,
-    /// Clusters in `map`; lets readers skip the lock when nothing is pending.
-    clusters: AtomicUsize,
-}
-
-impl PendingMap {
-    fn lock(&self) -> MutexGuard<'_, HashMap<u64, Arc<PendingCopy>>> {
-        self.map.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Whether no copy is pending.
-    pub fn is_empty(&self) -> bool {
-        self.clusters.load(Ordering::Acquire) == 0
-    }
-
-    /// Publishes `copy` for its clusters. The caller holds their stripe lock and marks
-    /// them copied afterwards.
-    pub fn insert(&self, copy: &Arc<PendingCopy>) {
-        let mut map = self.lock();
-        for c in copy.first..copy.first + copy.clusters {
-            map.insert(c, copy.clone());
-        }
-        self.clusters
-            .fetch_add(copy.clusters as usize, Ordering::AcqRel);
-    }
-
-    /// The pending copy holding cluster `c`, if any.
-    pub fn get(&self, c: u64) -> Option<Arc<PendingCopy>> {
-        if self.is_empty() {
-            return None;
-        }
-        self.lock().get(&c).cloned()
-    }
-
-    /// Removes `copy` once it is stored (or will never be). Returns the runs of its
-    /// clusters that were discarded meanwhile, whose fleecing space the caller releases
-    /// again (its write may have landed after the discard's punch).
-    pub fn finish(&self, copy: &Arc<PendingCopy>) -> Vec<Range<u64>> {
-        let mut gone: Vec<Range<u64>> = Vec::new();
-        let mut map = self.lock();
-        let mut removed = 0;
-        for c in copy.first..copy.first + copy.clusters {
-            match map.get(&c) {
-                Some(p) if Arc::ptr_eq(p, copy) => {
-                    map.remove(&c);
-                    removed += 1;
-                }
-                _ => match gone.last_mut() {
-                    Some(r) if r.end == c => r.end = c + 1,
-                    _ => gone.push(c..c + 1),
-                },
-            }
-        }
-        self.clusters.fetch_sub(removed, Ordering::AcqRel);
-        gone
-    }
-
-    /// Drops the pending copies of `clusters` (a discard, under their stripe lock).
-    pub fn discard(&self, clusters: Range<u64>) {
-        if self.is_empty() {
-            return;
-        }
-        let mut map = self.lock();
-        let mut removed = 0;
-        for c in clusters {
-            if map.remove(&c).is_some() {
-                removed += 1;
-            }
-        }
-        self.clusters.fetch_sub(removed, Ordering::AcqRel);
-    }
-
-    /// Clusters pending (for tests and status).
-    pub fn len(&self) -> usize {
-        self.clusters.load(Ordering::Acquire)
-    }
+/// Where the buffer stores its copies: the device access they were copied for
+/// (`DeviceAccess` implements this). The buffer knows the access only through this trait,
+/// so it does not depend on the copy path that feeds it.
+pub trait CopyTarget: Send + Sync {
+    /// The device the access is of (for messages).
+    fn device_name(&self) -> &str;
+    /// Whether nothing of the access will be read again (broken or ended), so its
+    /// copies need not be stored.
+    fn stores_nothing(&self) -> bool;
+    /// Stores `copy` in the fleecing file, then removes it from the pending map (a failed
+    /// write breaks the access first).
+    fn store_pending(&self, copy: &Arc<PendingCopy>);
+    /// Removes `copy` from the pending map without storing it (its access is broken or
+    /// ended).
+    fn drop_pending(&self, copy: &Arc<PendingCopy>);
+    /// Marks the access broken (all its devices).
+    fn break_with(&self, reason: String);
 }
 
 /// One pending copy to store.
 pub struct Job {
-    access: Arc<DeviceAccess>,
+    access: Arc<dyn CopyTarget>,
     copy: Arc<PendingCopy>,
 }
 
@@ -140,7 +76,7 @@ impl Job {
 
 struct Busy {
     since: Instant,
-    access: Arc<DeviceAccess>,
+    access: Arc<dyn CopyTarget>,
 }
 
 #[derive(Default)]
@@ -168,7 +104,7 @@ struct Shared {
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.lock().recover()
     }
 
     fn release(&self, st: &mut State, bytes: u64) {
@@ -201,7 +137,7 @@ impl Shared {
 
     fn recycle(&self, copy: Arc<PendingCopy>) {
         if let Ok(copy) = Arc::try_unwrap(copy) {
-            let mut free = self.buffers.lock().unwrap_or_else(|p| p.into_inner());
+            let mut free = self.buffers.lock().recover();
             // Count what the buffers hold, not what they are used for.
             let total: usize = free.iter().map(Vec::capacity).sum();
             if (total + copy.data.capacity()) as u64 <= self.capacity / 4 {
@@ -222,7 +158,7 @@ impl Shared {
                         return;
                     }
                     st.idle_flushers += 1;
-                    st = self.work.wait(st).unwrap_or_else(|p| p.into_inner());
+                    st = self.work.wait(st).recover();
                     st.idle_flushers -= 1;
                 }
             };
@@ -253,11 +189,11 @@ impl Shared {
                 let (mut st, _) = self
                     .closing
                     .wait_timeout_while(st, period, |st| !st.closed)
-                    .unwrap_or_else(|p| p.into_inner());
+                    .recover();
                 if st.closed {
                     return;
                 }
-                let late: Vec<Arc<DeviceAccess>> = st
+                let late: Vec<Arc<dyn CopyTarget>> = st
                     .busy
                     .iter()
                     .flatten()
@@ -280,7 +216,7 @@ impl Shared {
             };
             drop(late);
             for job in dead {
-                job.access.pending().finish(&job.copy);
+                job.access.drop_pending(&job.copy);
             }
         }
     }
@@ -343,14 +279,14 @@ impl WriteBehind {
             if !dead.is_empty() {
                 drop(st);
                 for job in dead {
-                    job.access.pending().finish(&job.copy);
+                    job.access.drop_pending(&job.copy);
                 }
                 st = s.lock();
                 continue;
             }
             st.space_waiters += 1;
             st = match deadline {
-                None => s.space.wait(st).unwrap_or_else(|p| p.into_inner()),
+                None => s.space.wait(st).recover(),
                 Some(d) => {
                     let now = Instant::now();
                     if now >= d {
@@ -363,10 +299,7 @@ impl WriteBehind {
                             ),
                         ));
                     }
-                    s.space
-                        .wait_timeout(st, d - now)
-                        .unwrap_or_else(|p| p.into_inner())
-                        .0
+                    s.space.wait_timeout(st, d - now).recover().0
                 }
             };
             st.space_waiters -= 1;
@@ -377,11 +310,7 @@ impl WriteBehind {
 
     /// A buffer of `len` bytes for old data (recycled when possible).
     pub fn buffer(&self, len: usize) -> Vec<u8> {
-        let mut free = self
-            .shared
-            .buffers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut free = self.shared.buffers.lock().recover();
         // Only a buffer of exactly this size is reused, so none grows or hides spare
         // capacity (runs of small clusters come in many sizes).
         match free.iter().position(|b| b.len() == len) {
@@ -395,7 +324,7 @@ impl WriteBehind {
 
     /// Queues `copies` of `access` (their bytes were reserved) and gives back
     /// `unused` reserved bytes.
-    pub fn submit(&self, access: &Arc<DeviceAccess>, copies: Vec<Arc<PendingCopy>>, unused: u64) {
+    pub fn submit(&self, access: &Arc<dyn CopyTarget>, copies: Vec<Arc<PendingCopy>>, unused: u64) {
         let s = &self.shared;
         let mut st = s.lock();
         let n = copies.len();
@@ -425,11 +354,7 @@ impl WriteBehind {
                 return false;
             }
             st.space_waiters += 1;
-            st = s
-                .space
-                .wait_timeout(st, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            st = s.space.wait_timeout(st, deadline - now).recover().0;
             st.space_waiters -= 1;
         }
         true

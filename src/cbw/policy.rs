@@ -5,7 +5,7 @@
 //! A copy with a timeout runs on a pool thread while the writer waits at most the
 //! timeout for it. If it gives up, the copy goes on by itself (a blocking `pwrite`
 //! cannot be interrupted); the caller marks the access broken *before* its write reaches
-//! the source, so whatever the late copy stores is never served (see `cbw.rs`).
+//! the source, so whatever the late copy stores is never served (see `cbw/mod.rs`).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -13,6 +13,7 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::error::{Error, Kind, Result};
+use crate::sync::Recover;
 
 /// What to do when copying old data to the fleecing file fails or times out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -149,12 +150,12 @@ impl CopyPool {
                 .name(format!("cbw-copy-{i}"))
                 .spawn(move || loop {
                     let job = {
-                        let mut jobs = q.jobs.lock().unwrap_or_else(|p| p.into_inner());
+                        let mut jobs = q.jobs.lock().recover();
                         loop {
                             if let Some(job) = jobs.pop_front() {
                                 break job;
                             }
-                            jobs = q.ready.wait(jobs).unwrap_or_else(|p| p.into_inner());
+                            jobs = q.ready.wait(jobs).recover();
                         }
                     };
                     job();
@@ -173,15 +174,15 @@ impl CopyPool {
         self.queue
             .jobs
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .recover()
             .push_back(Box::new(move || {
                 let r = f();
-                *theirs.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+                *theirs.0.lock().recover() = Some(r);
                 theirs.1.notify_one();
             }));
         self.queue.ready.notify_one();
         let deadline = Instant::now() + timeout;
-        let mut done = slot.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut done = slot.0.lock().recover();
         loop {
             if let Some(r) = done.take() {
                 return r;
@@ -196,31 +197,9 @@ impl CopyPool {
                     ),
                 ));
             }
-            done = slot
-                .1
-                .wait_timeout(done, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            done = slot.1.wait_timeout(done, deadline - now).recover().0;
         }
     }
-}
-
-/// Everything a device access needs to apply the policy.
-#[derive(Clone)]
-pub struct CbwPolicy {
-    /// What a failed or timed-out copy breaks.
-    pub on_error: OnCbwError,
-    /// How long a writer waits for a copy (`None`: as long as it takes, inline).
-    pub timeout: Option<Duration>,
-    /// The pool timed copies run on.
-    pub pool: Option<Arc<CopyPool>>,
-    /// Where copies go under break-snapshot: into memory first, stored by flusher
-    /// threads (`None`: copies are synchronous).
-    pub write_behind: Option<Arc<crate::writebehind::WriteBehind>>,
-    /// Fleecing space of the access.
-    pub budget: Arc<FleecingBudget>,
-    /// Whether the access is broken.
-    pub breaker: Arc<Breaker>,
 }
 
 /// Test-only fault injection (cargo feature `fault-injection`):
