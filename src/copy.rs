@@ -367,14 +367,9 @@ pub fn copy_files(
     let mut c = Copier {
         name,
         snap: &snap,
-<<<<<<< HEAD
-        discarder: discarder.as_ref(),
-        dest: &out,
-=======
         dest: out,
->>>>>>> main
         dest_path: dest,
-        discard: opts.discard,
+        discarder: discarder.as_ref(),
         verify: opts.verify,
         sbuf: Vec::new(),
         vbuf: Vec::new(),
@@ -718,15 +713,10 @@ pub fn zero_runs(buf: &[u8], block: usize) -> Vec<(usize, usize, bool)> {
 struct Copier<'a> {
     name: &'a str,
     snap: &'a File,
-<<<<<<< HEAD
+    dest: Dest,
+    dest_path: &'a Path,
     /// Write-only handle of the snapshot for `--discard`.
     discarder: Option<&'a File>,
-    dest: &'a File,
-=======
-    dest: Dest,
->>>>>>> main
-    dest_path: &'a Path,
-    discard: bool,
     verify: bool,
     /// Snapshot data re-read for verification.
     sbuf: Vec<u8>,
@@ -770,18 +760,14 @@ impl Copier<'_> {
     }
 
     fn end_batch(&mut self, off: u64, len: u64) -> Result<()> {
-        if !self.verify && !self.discard {
+        if !self.verify && self.discarder.is_none() {
             return Ok(());
         }
         self.dest.sync(false, self.dest_path)?;
         if self.verify {
             self.verify(off, len)?;
         }
-<<<<<<< HEAD
         if let Some(discarder) = self.discarder {
-=======
-        if self.discard {
->>>>>>> main
             sys::fallocate(
                 discarder,
                 sys::FALLOC_PUNCH_HOLE | sys::FALLOC_KEEP_SIZE,
@@ -1184,36 +1170,13 @@ mod tests {
         let mut c = Copier {
             name: "disk",
             snap: &snap,
-<<<<<<< HEAD
-            discarder: None,
-            dest: &out,
-            dest_path: &dest,
-            opts: opts(),
-            buf: vec![0u8; CHUNK],
-            vbuf: Vec::new(),
-            punch_dest: true,
-            progress: Progress::new("disk", 0, false),
-            s: CopySummary {
-                name: "disk".into(),
-                dest: String::new(),
-                bytes_total: 0,
-                bytes_read: 0,
-                bytes_written: 0,
-                bytes_skipped_zero: 0,
-                bytes_discarded: 0,
-                ranges: 0,
-                seconds: 0.0,
-                incremental: false,
-                verified: true,
-=======
             dest: Dest::Raw {
                 file: out,
                 existing: true,
                 punch: true,
->>>>>>> main
             },
             dest_path: &dest,
-            discard: false,
+            discarder: None,
             verify: true,
             sbuf: Vec::new(),
             vbuf: Vec::new(),
@@ -1294,7 +1257,7 @@ mod tests {
                 cluster: 65536,
             },
             dest_path: &bad,
-            discard: false,
+            discarder: None,
             verify: true,
             sbuf: Vec::new(),
             vbuf: Vec::new(),
