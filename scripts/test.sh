@@ -25,6 +25,7 @@ command -v fallocate >/dev/null || need+=(util-linux)
 command -v cmp >/dev/null || need+=(diffutils)
 command -v losetup >/dev/null || need+=(mount)
 command -v fio >/dev/null || need+=(fio)
+command -v strace >/dev/null || need+=(strace)
 if [ ${#need[@]} -gt 0 ]; then
     echo "== installing ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive

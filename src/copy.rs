@@ -308,11 +308,19 @@ pub fn copy_files(
     opts: CopyOptions,
 ) -> Result<CopySummary> {
     let start = Instant::now();
-    let snap = OpenOptions::new()
-        .read(true)
-        .write(opts.discard)
-        .open(snapshot)
-        .map_err(|e| snapshot_error(name, None, e))?;
+    let snap = File::open(snapshot).map_err(|e| snapshot_error(name, None, e))?;
+    // Discards go through a write-only handle: it cannot be mapped, so it does not keep
+    // mappings of the snapshot from loading pages (docs/usage.md).
+    let discarder = if opts.discard {
+        Some(
+            OpenOptions::new()
+                .write(true)
+                .open(snapshot)
+                .map_err(|e| snapshot_error(name, None, e))?,
+        )
+    } else {
+        None
+    };
     let size = snap
         .metadata()
         .context(|| format!("stat of {}", snapshot.display()))?
@@ -369,7 +377,7 @@ pub fn copy_files(
         snap: &snap,
         dest: out,
         dest_path: dest,
-        discard: opts.discard,
+        discarder: discarder.as_ref(),
         verify: opts.verify,
         sbuf: Vec::new(),
         vbuf: Vec::new(),
@@ -741,7 +749,8 @@ struct Copier<'a> {
     snap: &'a File,
     dest: Dest,
     dest_path: &'a Path,
-    discard: bool,
+    /// Write-only handle of the snapshot for `--discard`.
+    discarder: Option<&'a File>,
     verify: bool,
     /// Snapshot data re-read for verification.
     sbuf: Vec<u8>,
@@ -785,16 +794,16 @@ impl Copier<'_> {
     }
 
     fn end_batch(&mut self, off: u64, len: u64) -> Result<()> {
-        if !self.verify && !self.discard {
+        if !self.verify && self.discarder.is_none() {
             return Ok(());
         }
         self.dest.sync(false, self.dest_path)?;
         if self.verify {
             self.verify(off, len)?;
         }
-        if self.discard {
+        if let Some(discarder) = self.discarder {
             sys::fallocate(
-                self.snap,
+                discarder,
                 sys::FALLOC_PUNCH_HOLE | sys::FALLOC_KEEP_SIZE,
                 off,
                 len,
@@ -1201,7 +1210,7 @@ mod tests {
                 punch: true,
             },
             dest_path: &dest,
-            discard: false,
+            discarder: None,
             verify: true,
             sbuf: Vec::new(),
             vbuf: Vec::new(),
@@ -1282,7 +1291,7 @@ mod tests {
                 cluster: 65536,
             },
             dest_path: &bad,
-            discard: false,
+            discarder: None,
             verify: true,
             sbuf: Vec::new(),
             vbuf: Vec::new(),

@@ -40,6 +40,16 @@ pub fn identity_of(path: &Path) -> Option<(u64, u64, bool)> {
     ))
 }
 
+/// What [`Source::now`] reports.
+pub struct SourceNow {
+    /// Modification time.
+    pub mtime: std::time::SystemTime,
+    /// Change time.
+    pub ctime: std::time::SystemTime,
+    /// Allocated 512-byte blocks (`st_blocks`).
+    pub blocks: u64,
+}
+
 /// An open source image.
 pub struct Source {
     file: File,
@@ -190,15 +200,24 @@ impl Source {
         Ok(i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()))
     }
 
-    /// Modification and change times of the source now (`fstat`): the live file shows
-    /// them, so tools that compare times see every change.
-    pub fn times(&self) -> Option<(std::time::SystemTime, std::time::SystemTime)> {
+    /// Times and allocation of the source now, from one `fstat`: the live file shows
+    /// them, so tools that compare times see every change and `du` sees what the source
+    /// holds. A block device counts as fully allocated.
+    pub fn now(&self) -> Option<SourceNow> {
         let m = self.file.metadata().ok()?;
         let at = |secs: i64, nsecs: i64| {
             std::time::UNIX_EPOCH
                 + std::time::Duration::new(secs.max(0) as u64, nsecs.clamp(0, 999_999_999) as u32)
         };
-        Some((at(m.mtime(), m.mtime_nsec()), at(m.ctime(), m.ctime_nsec())))
+        Some(SourceNow {
+            mtime: at(m.mtime(), m.mtime_nsec()),
+            ctime: at(m.ctime(), m.ctime_nsec()),
+            blocks: if self.identity.block_device {
+                self.size().div_ceil(512)
+            } else {
+                m.blocks()
+            },
+        })
     }
 
     /// Reads `buf.len()` bytes at `offset`.
@@ -211,6 +230,27 @@ impl Source {
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         sys::write_all_at(&self.file, buf, offset)
             .context(|| format!("writing source {} at {offset}", self.path.display()))
+    }
+
+    /// SEEK_DATA (`data`) or SEEK_HOLE on the source: where its next data (hole) at or
+    /// after `offset` is; `None` when there is none. A block device is all data.
+    pub fn seek(&self, offset: u64, data: bool) -> Result<Option<u64>> {
+        sys::seek_data_or_hole(&self.file, offset, data).context(|| {
+            format!(
+                "lseek(SEEK_{}) on source {} at {offset}",
+                if data { "DATA" } else { "HOLE" },
+                self.path.display()
+            )
+        })
+    }
+
+    /// The granularity `fallocate` takes on this source: the logical block size of a
+    /// block device (512 if it cannot be read), 1 for a regular file.
+    pub fn logical_block_size(&self) -> u64 {
+        if !self.identity.block_device {
+            return 1;
+        }
+        sys::logical_block_size(&self.file).map_or(512, |b| b.max(1))
     }
 
     /// `fallocate(2)` on the source (punch hole, zero range, allocate).

@@ -51,31 +51,39 @@ pub fn block_device_size(file: &File) -> io::Result<u64> {
 /// Bytes of `[from, to)` of `file` that hold data (not holes), found with
 /// `lseek(SEEK_DATA/SEEK_HOLE)`; `None` where the file system cannot say.
 pub fn data_bytes_in(file: &File, from: u64, to: u64) -> Option<u64> {
-    let seek = |off: u64, whence: libc::c_int| -> Option<u64> {
-        let off = to_off(off).ok()?;
-        // SAFETY: lseek on a valid fd; fleecefs does positional I/O only, so moving this
-        // descriptor's offset disturbs nobody.
-        let r = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
-        if r >= 0 {
-            Some(r as u64)
-        } else if io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
-            Some(u64::MAX) // no more data
-        } else {
-            None
-        }
-    };
     let mut total = 0;
     let mut pos = from;
     while pos < to {
-        let data = seek(pos, libc::SEEK_DATA)?;
-        if data >= to {
+        let Some(data) = seek_data_or_hole(file, pos, true).ok()?.filter(|&d| d < to) else {
             break;
-        }
-        let hole = seek(data, libc::SEEK_HOLE)?.min(to);
+        };
+        let hole = seek_data_or_hole(file, data, false)
+            .ok()?
+            .unwrap_or(to)
+            .min(to);
         total += hole - data;
         pos = hole;
     }
     Some(total)
+}
+
+/// Logical block size of the block device open as `file` (`BLKSSZGET`).
+pub fn logical_block_size(file: &File) -> io::Result<u64> {
+    let mut size: libc::c_int = 0;
+    // BLKSSZGET = _IO(0x12, 104)
+    const BLKSSZGET: libc::c_ulong = 0x1268;
+    // SAFETY: the ioctl writes one int into `size`.
+    let r = unsafe {
+        libc::ioctl(
+            file.as_raw_fd(),
+            BLKSSZGET as _,
+            &mut size as *mut libc::c_int,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(u64::try_from(size).unwrap_or(512))
 }
 
 /// Bytes actually allocated to `file` on its filesystem (st_blocks * 512).
@@ -423,6 +431,51 @@ pub fn memfd_with(name: &std::ffi::CStr, bytes: &[u8]) -> io::Result<File> {
     let f = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
     f.write_all_at(bytes, 0)?;
     Ok(f)
+}
+
+/// Capacity of the filesystem holding `path` (`statvfs(2)`): (block size, blocks, free
+/// blocks, blocks available to unprivileged users, inodes, free inodes), blocks in units
+/// of the fragment size.
+pub fn fs_space(path: &std::path::Path) -> io::Result<(u64, u64, u64, u64, u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: an all-zero statvfs is valid; statvfs fills it.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid C string and a valid out pointer.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((
+        st.f_frsize as u64,
+        st.f_blocks as u64,
+        st.f_bfree as u64,
+        st.f_bavail as u64,
+        st.f_files as u64,
+        st.f_ffree as u64,
+    ))
+}
+
+/// `lseek(2)` with SEEK_DATA (`data`) or SEEK_HOLE: the first data (hole) at or after
+/// `offset`; `None` when there is none (ENXIO: no data after `offset`, or `offset` at or
+/// past the end). Only the offset of the open file description moves, and fleecefs does
+/// positional I/O only.
+pub fn seek_data_or_hole(file: &File, offset: u64, data: bool) -> io::Result<Option<u64>> {
+    let whence = if data {
+        libc::SEEK_DATA
+    } else {
+        libc::SEEK_HOLE
+    };
+    // SAFETY: plain syscall on a valid fd.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), to_off(offset)?, whence) };
+    if r >= 0 {
+        return Ok(Some(r as u64));
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::ENXIO) => Ok(None),
+        _ => Err(e),
+    }
 }
 
 /// The real user and group ids of this process.

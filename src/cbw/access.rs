@@ -229,6 +229,11 @@ impl DeviceAccess {
         &self.fleece
     }
 
+    /// Bytes of old data copied so far (one atomic load).
+    pub fn copied_bytes(&self) -> u64 {
+        self.copied_bytes.load(Ordering::Relaxed)
+    }
+
     /// Counters.
     pub fn stats(&self) -> AccessStats {
         AccessStats {

@@ -21,7 +21,7 @@ thread_local! {
     static COPY_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-fn with_copy_buf<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+pub(super) fn with_copy_buf<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
     COPY_BUF.with(|b| {
         let mut b = b.borrow_mut();
         if b.len() < len {

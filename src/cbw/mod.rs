@@ -60,7 +60,7 @@ use crate::source::Source;
 use crate::sync::Recover;
 use crate::sys;
 use crate::units::{ClusterIdx, ClusterSize};
-use copy::{copy_clusters, Store};
+use copy::{copy_clusters, with_copy_buf, Store};
 
 pub use access::{AccessStats, CbwPolicy, DeviceAccess, DeviceShape, PendingMap, LOCK_UNIT_MIN};
 pub use policy::{Broken, OnCbwError};
@@ -83,6 +83,9 @@ pub struct Device {
     last_error: Mutex<Option<(String, SystemTime)>>,
     /// Open handles of `live/NAME` (a device with open handles cannot be removed).
     open_handles: AtomicU64,
+    /// Open read-write handles of `snapshot/NAME` (the FUSE adapter keeps snapshot pages
+    /// out of the page cache while there are any).
+    rw_snapshot_handles: AtomicU64,
 }
 
 impl Device {
@@ -95,6 +98,7 @@ impl Device {
             gate: RwLock::new(GateState::default()),
             last_error: Mutex::new(None),
             open_handles: AtomicU64::new(0),
+            rw_snapshot_handles: AtomicU64::new(0),
         }
     }
 
@@ -139,6 +143,22 @@ impl Device {
     /// Open handles of `live/NAME`.
     pub fn open_handles(&self) -> u64 {
         self.open_handles.load(Ordering::Acquire)
+    }
+
+    /// Counts an open (`opened`) or released read-write handle of `snapshot/NAME`.
+    pub fn count_rw_snapshot_handle(&self, opened: bool) {
+        if opened {
+            self.rw_snapshot_handles.fetch_add(1, Ordering::SeqCst);
+        } else {
+            let _ =
+                self.rw_snapshot_handles
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        }
+    }
+
+    /// Whether a read-write handle of `snapshot/NAME` is open.
+    pub fn rw_snapshot_open(&self) -> bool {
+        self.rw_snapshot_handles.load(Ordering::SeqCst) > 0
     }
 
     /// The last I/O error the source returned, if any (for `status`).
@@ -231,15 +251,22 @@ impl Device {
         Ok(n)
     }
 
-    /// Writes the live image, copying old data first while an access needs it.
+    /// Writes the live image, copying old data first while an access needs it. A write
+    /// that crosses the end of the device is cut there and returns the short count (as a
+    /// block device does), whatever its size or the way the kernel split it; one that
+    /// starts at or past the end fails with ENOSPC.
     pub fn write_live(&self, offset: u64, data: &[u8]) -> Result<usize> {
-        let len = data.len() as u64;
-        // Under the gate: a resize changes the size only while holding it exclusively.
-        let gate = self.gate();
-        self.check_range(offset, len)?;
-        if len == 0 {
+        if data.is_empty() {
             return Ok(0);
         }
+        // Under the gate: a resize changes the size only while holding it exclusively.
+        let gate = self.gate();
+        let size = self.size();
+        if offset >= size {
+            self.check_range(offset, data.len() as u64)?;
+        }
+        let data = &data[..data.len().min((size - offset) as usize)];
+        let len = data.len() as u64;
         self.before_change(&gate, offset, len)?;
         self.source
             .write_at(data, offset)
@@ -277,17 +304,58 @@ impl Device {
         if len == 0 {
             return Ok(());
         }
+        if self.source.identity().block_device && !changes_data {
+            // Every block of a block device is allocated.
+            return Ok(());
+        }
         if changes_data {
             self.before_change(&gate, offset, len)?;
         }
-        let mode = if self.source.identity().block_device {
-            mode | sys::FALLOC_KEEP_SIZE
-        } else {
-            mode
-        };
+        if self.source.identity().block_device {
+            return self.fallocate_block_device(mode | sys::FALLOC_KEEP_SIZE, offset, len);
+        }
         self.source
             .fallocate(mode, offset, len)
-            .inspect_err(|e| self.note_source_error(e))
+            .inspect_err(|e| self.note_source_error_of(e))
+    }
+
+    /// Punch hole or zero range on a block-device source, which takes only ranges aligned
+    /// to its logical block size: the partial blocks at the edges are written with zeros,
+    /// the aligned middle goes to `fallocate`. The result is what a regular file gives.
+    fn fallocate_block_device(&self, mode: i32, offset: u64, len: u64) -> Result<()> {
+        let block = self.source.logical_block_size();
+        let end = offset + len;
+        let (mid_start, mid_end) = (offset.next_multiple_of(block), end / block * block);
+        let zero = |from: u64, to: u64| -> Result<()> {
+            if from < to {
+                with_copy_buf((to - from) as usize, |buf| {
+                    buf.fill(0);
+                    self.source.write_at(buf, from)
+                })
+                .inspect_err(|e| self.note_source_error(e))?;
+            }
+            Ok(())
+        };
+        if mid_start >= mid_end {
+            return zero(offset, end);
+        }
+        zero(offset, mid_start)?;
+        self.source
+            .fallocate(mode, mid_start, mid_end - mid_start)
+            .inspect_err(|e| self.note_source_error_of(e))?;
+        zero(mid_end, end)
+    }
+
+    /// Like `note_source_error`, except for errors that say the request was refused
+    /// (EINVAL, EOPNOTSUPP: a mode or range the source does not take): those go back to
+    /// the caller with their errno but are no device failure for `status`.
+    fn note_source_error_of(&self, e: &Error) {
+        match e.errno() {
+            libc::EINVAL | libc::EOPNOTSUPP => {
+                log::debug!("device {}: {}", self.name, crate::error::report(e))
+            }
+            _ => self.note_source_error(e),
+        }
     }
 
     /// Flushes the live image to the source's storage.
@@ -477,6 +545,118 @@ impl Device {
             return Err(self.broken_error(&access));
         }
         Ok((pos - offset) as usize)
+    }
+
+    /// SEEK_DATA (`data`) or SEEK_HOLE on the snapshot of access `access_id`: the first
+    /// data (hole) at or after `offset`, `None` for ENXIO. Inaccessible clusters are holes;
+    /// copied ones are data (their old data may be in memory, not yet in the fleecing
+    /// file); uncopied ones are the source's own map. A hole is never reported where the
+    /// point-in-time image has data: a cluster still uncopied *after* the source was asked
+    /// was not written since setup when it was asked (the copied bit is set before a write
+    /// reaches the source), and one copied meanwhile counts as data. No lock is taken.
+    pub fn seek_snapshot(&self, access_id: u64, offset: u64, data: bool) -> Result<Option<u64>> {
+        let access = {
+            let gate = self.gate();
+            self.current_access(&gate, access_id)?.clone()
+        };
+        let r = if offset >= self.size() {
+            None
+        } else if data {
+            self.next_snapshot_data(&access, offset)?
+        } else {
+            Some(self.next_snapshot_hole(&access, offset)?)
+        };
+        // After a teardown or a break, writes no longer copy first: the source's map may
+        // no longer be the snapshot's.
+        if access.is_retired() {
+            return Err(self.stale_error());
+        }
+        if access.is_broken() {
+            return Err(self.broken_error(&access));
+        }
+        Ok(r)
+    }
+
+    fn next_snapshot_data(&self, access: &DeviceAccess, mut pos: u64) -> Result<Option<u64>> {
+        let size = self.size();
+        // Cluster indices as plain bit numbers of the access's bitmaps.
+        let idx = |off: u64| self.cluster.index_of(off).0;
+        let start = |c: u64| self.cluster.start_of(ClusterIdx(c));
+        loop {
+            if pos >= size {
+                return Ok(None);
+            }
+            let c = idx(pos);
+            if !access.accessible.get(c) {
+                match access.accessible.next(c, true) {
+                    Some(n) => pos = start(n),
+                    None => return Ok(None),
+                }
+                continue;
+            }
+            if access.copied.get(c) {
+                return Ok(Some(pos));
+            }
+            let found = self
+                .source
+                .seek(pos, true)
+                .inspect_err(|e| self.note_source_error(e))?
+                .filter(|&d| d < size);
+            // Clusters before the source's next data that were copied meanwhile are data.
+            let end = found.map_or(self.clusters(), |d| idx(d) + 1);
+            for copied in access.copied.runs(c..end) {
+                if let Some(run) = access.accessible.runs(copied).next() {
+                    return Ok(Some(pos.max(start(run.start))));
+                }
+            }
+            let Some(d) = found else {
+                return Ok(None);
+            };
+            if access.accessible.get(idx(d)) {
+                return Ok(Some(d));
+            }
+            pos = start(idx(d) + 1);
+        }
+    }
+
+    fn next_snapshot_hole(&self, access: &DeviceAccess, mut pos: u64) -> Result<u64> {
+        let size = self.size();
+        let idx = |off: u64| self.cluster.index_of(off).0;
+        let start = |c: u64| self.cluster.start_of(ClusterIdx(c));
+        loop {
+            if pos >= size {
+                return Ok(size);
+            }
+            let c = idx(pos);
+            if !access.accessible.get(c) {
+                return Ok(pos);
+            }
+            if access.copied.get(c) {
+                let end = access.copied.next(c, false).unwrap_or(self.clusters());
+                let end = access.accessible.next(c, false).map_or(end, |n| n.min(end));
+                pos = start(end);
+                continue;
+            }
+            let h = self
+                .source
+                .seek(pos, false)
+                .inspect_err(|e| self.note_source_error(e))?
+                .unwrap_or(size)
+                .min(size);
+            // Data up to h in the source; an inaccessible cluster before it is a hole.
+            let end = if h > pos { idx(h - 1) + 1 } else { c + 1 };
+            if let Some(n) = access.accessible.next(c, false).filter(|&n| n < end) {
+                return Ok(pos.max(start(n)));
+            }
+            if h >= size {
+                return Ok(size);
+            }
+            let ch = idx(h);
+            if !access.accessible.get(ch) || !access.copied.get(ch) {
+                return Ok(h);
+            }
+            pos = start(ch + 1);
+        }
     }
 
     /// Discards `[offset, offset+len)` of the snapshot: whole clusters inside it (aligned

@@ -261,6 +261,11 @@ impl Engine {
             .is_none_or(|wb| wb.wait_idle(timeout))
     }
 
+    /// Where fleecing files are created (the mount's `statfs` reports its filesystem).
+    pub fn fleecing_dir(&self) -> &std::path::Path {
+        &self.config.fleecing_dir
+    }
+
     fn table(&self) -> std::sync::RwLockReadGuard<'_, Vec<Option<Arc<Device>>>> {
         self.devices.read().recover()
     }

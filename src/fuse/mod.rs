@@ -1,6 +1,7 @@
 //! The FUSE adapter: translates kernel requests into calls of the namespace
 //! (`namespace.rs`: inodes, attributes, entries, open policy) and the engine, and their
-//! errors into errnos (one table, `error.rs`). It owns no state of its own.
+//! errors into errnos (one table, `error.rs`). Its only state: per device, the number of
+//! read-write handles of the snapshot (see `read_snapshot_cached`).
 //! `session.rs` mounts it.
 
 pub mod namespace;
@@ -9,15 +10,18 @@ pub mod session;
 use std::cell::RefCell;
 use std::ffi::OsStr;
 use std::io;
+
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use fuser::{
     BsdFileFlags, Errno, FileHandle, Filesystem, Generation, INodeNo, KernelConfig, LockOwner,
     OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty,
-    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
+    WriteFlags,
 };
 
+use crate::cbw::Device;
 use crate::engine::Engine;
 use crate::error::{Error, Kind, Result};
 use crate::sys;
@@ -120,6 +124,47 @@ impl FleeceFs {
         self
     }
 
+    /// A snapshot read through the page cache: a mapping's fault or readahead (the kernel
+    /// sends these without a lock owner, direct reads with one). The kernel takes a short
+    /// read as the end of the file and shrinks the file, after which even readable pages
+    /// fault; so a read that would stop short of the end (inaccessible data follows)
+    /// fails whole instead, and the kernel reads the faulting page alone, which succeeds
+    /// when it is readable. While a handle of the snapshot is open read-write, no page
+    /// enters the cache at all (the kernel drops the cached pages when such a handle is
+    /// mapped): a shared writable mapping then never holds a page another mapping sees.
+    fn read_snapshot_cached(
+        &self,
+        i: usize,
+        access_id: u64,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<usize> {
+        let dev = self.ns.device(i)?;
+        let n = dev.read_snapshot(access_id, offset, buf)?;
+        // Checked after the read: a read-write open that overtook it is seen here, and
+        // its mapping's invalidation waits for the page this read fills.
+        if dev.rw_snapshot_open() {
+            return Err(Error::new(
+                Kind::Inaccessible,
+                format!(
+                    "snapshot/{} is open read-write: mapped reads are refused",
+                    dev.name()
+                ),
+            ));
+        }
+        if n < buf.len() && offset + (n as u64) < dev.size() {
+            return Err(Error::new(
+                Kind::Inaccessible,
+                format!(
+                    "mapped read of snapshot/{} at {offset}+{} reaches inaccessible data",
+                    dev.name(),
+                    buf.len()
+                ),
+            ));
+        }
+        Ok(n)
+    }
+
     fn with_buf<R>(size: u32, f: impl FnOnce(&mut [u8]) -> R) -> R {
         READ_BUF.with(|b| {
             let mut b = b.borrow_mut();
@@ -214,7 +259,16 @@ impl Filesystem for FleeceFs {
                 .open(node, flags.0, self.coherent_direct_io, self.live_cache)
         });
         match opened {
-            Ok(o) => reply.opened(FileHandle(o.fh), o.flags),
+            Ok(o) => {
+                if let Ok(Node::Snap(i, _)) = self.ns.node(ino) {
+                    if flags.0 & libc::O_ACCMODE == libc::O_RDWR {
+                        if let Ok(d) = self.ns.device(i) {
+                            d.count_rw_snapshot_handle(true);
+                        }
+                    }
+                }
+                reply.opened(FileHandle(o.fh), o.flags)
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -227,7 +281,7 @@ impl Filesystem for FleeceFs {
         offset: u64,
         size: u32,
         _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
+        lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
         let _pass = crate::keeper::GATE.enter();
@@ -238,11 +292,14 @@ impl Filesystem for FleeceFs {
         Self::with_buf(size, |buf| {
             let r: Result<usize> = match node {
                 Node::Live(i) => self.ns.device(i).and_then(|d| d.read_live(offset, buf)),
-                Node::Snap(i) => self
+                Node::Snap(i, _) if lock_owner.is_none() => {
+                    self.read_snapshot_cached(i, fh.0, offset, buf)
+                }
+                Node::Snap(i, _) => self
                     .ns
                     .device(i)
                     .and_then(|d| d.read_snapshot(fh.0, offset, buf)),
-                Node::Dirty(i) => self.ns.read_dirty_map(i, fh.0, offset, buf),
+                Node::Dirty(i, _) => self.ns.read_dirty_map(i, fh.0, offset, buf),
                 _ => Err(is_a_directory()),
             };
             match r {
@@ -260,14 +317,19 @@ impl Filesystem for FleeceFs {
         offset: u64,
         data: &[u8],
         _write_flags: WriteFlags,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
         let _pass = crate::keeper::GATE.enter();
         let r = self.ns.node(ino).and_then(|node| match node {
-            Node::Live(i) => self.ns.device(i)?.write_live(offset, data),
-            Node::Snap(_) | Node::Dirty(_) => Err(read_only()),
+            Node::Live(i) => {
+                let dev = self.ns.device(i)?;
+                let n = dev.write_live(offset, data)?;
+                write_sync(&dev, flags)?;
+                Ok(n)
+            }
+            Node::Snap(..) | Node::Dirty(..) => Err(read_only()),
             _ => Err(is_a_directory()),
         });
         match r {
@@ -289,11 +351,11 @@ impl Filesystem for FleeceFs {
         let _pass = crate::keeper::GATE.enter();
         let r = self.ns.node(ino).and_then(|node| match node {
             Node::Live(i) => self.ns.device(i)?.fallocate_live(mode, offset, length),
-            Node::Snap(i) if mode == sys::FALLOC_PUNCH_HOLE | sys::FALLOC_KEEP_SIZE => self
+            Node::Snap(i, _) if mode == sys::FALLOC_PUNCH_HOLE | sys::FALLOC_KEEP_SIZE => self
                 .ns
                 .device(i)?
                 .discard_snapshot(fh.0, offset, length),
-            Node::Snap(_) | Node::Dirty(_) => Err(Error::new(
+            Node::Snap(..) | Node::Dirty(..) => Err(Error::new(
                 Kind::Unsupported,
                 format!(
                     "fallocate mode {mode:#x} is not supported on snapshot files and dirty maps (only punch hole with keep size, a discard)"
@@ -307,21 +369,78 @@ impl Filesystem for FleeceFs {
         }
     }
 
+    /// SEEK_DATA and SEEK_HOLE (the kernel handles the other whences itself). Never
+    /// ENOSYS: the kernel would then stop asking for every file of the mount.
+    fn lseek(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        let data = match whence {
+            libc::SEEK_DATA => true,
+            libc::SEEK_HOLE => false,
+            _ => return reply.error(Errno::EINVAL),
+        };
+        let Ok(offset) = u64::try_from(offset) else {
+            return reply.error(Errno::ENXIO);
+        };
+        let r = self.ns.node(ino).and_then(|node| match node {
+            Node::Live(i) => {
+                // The source's own map, clipped to the device.
+                let dev = self.ns.device(i)?;
+                let size = dev.size();
+                if offset >= size {
+                    return Ok(None);
+                }
+                dev.source().seek(offset, data).map(|r| match (r, data) {
+                    (Some(d), true) => Some(d).filter(|&d| d < size),
+                    (None, true) => None,
+                    (h, false) => Some(h.unwrap_or(size).min(size)),
+                })
+            }
+            Node::Snap(i, _) => self.ns.device(i)?.seek_snapshot(fh.0, offset, data),
+            // All data.
+            Node::Dirty(..) => self
+                .ns
+                .attr(node)
+                .map(|a| (offset < a.size).then_some(if data { offset } else { a.size })),
+            _ => Err(is_a_directory()),
+        });
+        match r {
+            Ok(Some(o)) => reply.offset(o as i64),
+            Ok(None) => reply.error(Errno::ENXIO),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
     fn release(
         &self,
         _req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        // Pairs with the count taken in `open` of a live file.
-        if let Some(Node::Live(i)) = Node::from_ino(ino.0) {
-            if let Ok(d) = self.ns.device(i) {
-                d.handle_released();
+        // Pairs with the counts taken in `open` (the node as numbered, whether its access
+        // or device is still there or not).
+        match Node::from_ino(ino.0) {
+            Some(Node::Live(i)) => {
+                if let Ok(d) = self.ns.device(i) {
+                    d.handle_released();
+                }
             }
+            Some(Node::Snap(i, _)) if flags.0 & libc::O_ACCMODE == libc::O_RDWR => {
+                if let Ok(d) = self.ns.device(i) {
+                    d.count_rw_snapshot_handle(false);
+                }
+            }
+            _ => {}
         }
         reply.ok()
     }
@@ -378,8 +497,13 @@ impl Filesystem for FleeceFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let (blocks, files) = self.ns.statfs();
-        reply.statfs(blocks, 0, 0, files, 0, 4096, 255, 4096)
+        match self.ns.statfs() {
+            Ok((bsize, blocks, bfree, bavail, files, ffree)) => {
+                let bsize = u32::try_from(bsize).unwrap_or(4096);
+                reply.statfs(blocks, bfree, bavail, files, ffree, bsize, 255, bsize)
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
     }
 
     fn getxattr(
@@ -446,6 +570,21 @@ impl Filesystem for FleeceFs {
         reply: ReplyEmpty,
     ) {
         reply.error(errno(&not_permitted()))
+    }
+}
+
+/// O_DSYNC / O_SYNC semantics of one write: the kernel passes the file's open flags with
+/// every write, plus O_DSYNC for `RWF_DSYNC` and O_SYNC for `RWF_SYNC` (`fuse_write_flags`),
+/// and leaves the sync to the server for direct I/O. The source is synced before the
+/// reply (fdatasync for O_DSYNC, fsync for O_SYNC), so the write is durable when it
+/// returns. Plain writes pay nothing.
+fn write_sync(dev: &Device, flags: OpenFlags) -> Result<()> {
+    if flags.0 & libc::O_SYNC == libc::O_SYNC {
+        dev.sync_live(false)
+    } else if flags.0 & libc::O_DSYNC != 0 {
+        dev.sync_live(true)
+    } else {
+        Ok(())
     }
 }
 

@@ -6,15 +6,18 @@
 //! ```text
 //! MOUNTPOINT/                 ino 1
 //!   live/                     ino 2
-//!     NAME                    ino 16 + 3*i   read-write, page cached
+//!     NAME                    ino 16 + i               read-write
 //!   snapshot/                 ino 3
-//!     NAME                    ino 17 + 3*i   only during an access; direct I/O
-//!     NAME.dirty              ino 18 + 3*i   only during an access; direct I/O
+//!     NAME                    ino (A << 32) + 2*i      only during access A; direct I/O
+//!     NAME.dirty              ino (A << 32) + 2*i + 1  only during access A; direct I/O
 //! ```
 //! `i` is the device's slot (`Engine::slots`, from the device record): stable while the
 //! device is served and across daemon restarts, never reused for another device.
 //! Snapshot and dirty-map handles carry the access id in `fh`, so a handle opened during
-//! one access never reads another access's snapshot (ESTALE instead).
+//! one access never reads another access's snapshot (ESTALE instead). Their inode numbers
+//! carry it too: every access has its own kernel inodes, so a mapping made during one
+//! access never shares a page cache with another's, and `fstat` of an old handle (which
+//! the kernel sends without the handle) fails with ESTALE.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -30,6 +33,8 @@ const ROOT: u64 = 1;
 const LIVE_DIR: u64 = 2;
 const SNAP_DIR: u64 = 3;
 const FIRST_FILE: u64 = 16;
+/// Snapshot and dirty-map inode numbers are `access id << ACCESS_SHIFT` plus `2*i + k`.
+const ACCESS_SHIFT: u32 = 32;
 /// Attributes of fixed things (dirs, live files) may be cached briefly.
 const TTL_STABLE: Duration = Duration::from_secs(1);
 /// Snapshot entries come and go with accesses: never cached.
@@ -46,10 +51,10 @@ pub enum Node {
     SnapDir,
     /// `live/NAME` of device `i`.
     Live(usize),
-    /// `snapshot/NAME` of device `i`.
-    Snap(usize),
-    /// `snapshot/NAME.dirty` of device `i`.
-    Dirty(usize),
+    /// `snapshot/NAME` of device `i` during access `A` (device index, access id).
+    Snap(usize, u64),
+    /// `snapshot/NAME.dirty` of device `i` during access `A`.
+    Dirty(usize, u64),
 }
 
 impl Node {
@@ -59,14 +64,18 @@ impl Node {
             ROOT => Some(Node::Root),
             LIVE_DIR => Some(Node::LiveDir),
             SNAP_DIR => Some(Node::SnapDir),
-            i if i >= FIRST_FILE => {
-                let k = i - FIRST_FILE;
-                let dev = usize::try_from(k / 3).ok()?;
-                Some(match k % 3 {
-                    0 => Node::Live(dev),
-                    1 => Node::Snap(dev),
-                    _ => Node::Dirty(dev),
+            i if i >> ACCESS_SHIFT != 0 => {
+                let (access, k) = (i >> ACCESS_SHIFT, i & ((1 << ACCESS_SHIFT) - 1));
+                let dev = usize::try_from(k / 2).ok()?;
+                Some(if k % 2 == 0 {
+                    Node::Snap(dev, access)
+                } else {
+                    Node::Dirty(dev, access)
                 })
+            }
+            i if i >= FIRST_FILE => {
+                let dev = usize::try_from(i - FIRST_FILE).ok()?;
+                Some(Node::Live(dev))
             }
             _ => None,
         }
@@ -78,9 +87,9 @@ impl Node {
             Node::Root => ROOT,
             Node::LiveDir => LIVE_DIR,
             Node::SnapDir => SNAP_DIR,
-            Node::Live(i) => FIRST_FILE + 3 * i as u64,
-            Node::Snap(i) => FIRST_FILE + 3 * i as u64 + 1,
-            Node::Dirty(i) => FIRST_FILE + 3 * i as u64 + 2,
+            Node::Live(i) => FIRST_FILE + i as u64,
+            Node::Snap(i, a) => (a << ACCESS_SHIFT) + 2 * i as u64,
+            Node::Dirty(i, a) => (a << ACCESS_SHIFT) + 2 * i as u64 + 1,
         }
     }
 
@@ -92,7 +101,7 @@ impl Node {
     /// How long the kernel may cache its attributes and entry.
     pub fn ttl(self) -> &'static Duration {
         match self {
-            Node::Snap(_) | Node::Dirty(_) | Node::SnapDir => &TTL_NONE,
+            Node::Snap(..) | Node::Dirty(..) | Node::SnapDir => &TTL_NONE,
             _ => &TTL_STABLE,
         }
     }
@@ -167,7 +176,7 @@ impl Namespace {
         let n =
             Node::from_ino(ino.0).ok_or_else(|| Error::not_found(format!("no inode {}", ino.0)))?;
         match n {
-            Node::Live(i) | Node::Snap(i) | Node::Dirty(i) => self.device(i).map(|_| n),
+            Node::Live(i) | Node::Snap(i, _) | Node::Dirty(i, _) => self.device(i).map(|_| n),
             _ => Ok(n),
         }
     }
@@ -184,18 +193,25 @@ impl Namespace {
         self.engine.device(i)?.access()
     }
 
-    fn gone(&self, i: usize) -> Error {
-        Error::not_found(format!(
-            "{}/{}: no backup access is active",
-            layout::SNAPSHOT_DIR,
-            self.engine
-                .device(i)
-                .map(|d| d.name().to_string())
-                .unwrap_or_default()
-        ))
+    /// Access `id` of device `i` if it is the current one; Stale otherwise: only the
+    /// handles and inodes of an access that has ended name it.
+    pub fn access_if(&self, i: usize, id: u64) -> Result<Arc<DeviceAccess>> {
+        self.access_of(i).filter(|a| a.id() == id).ok_or_else(|| {
+            Error::new(
+                Kind::Stale,
+                format!(
+                    "{}/{}: the backup access of this file has ended",
+                    layout::SNAPSHOT_DIR,
+                    self.engine
+                        .device(i)
+                        .map(|d| d.name().to_string())
+                        .unwrap_or_default()
+                ),
+            )
+        })
     }
 
-    /// The attributes of `node`; NotFound for snapshot files outside an access.
+    /// The attributes of `node`; Stale for snapshot files of an access that has ended.
     pub fn attr(&self, node: Node) -> Result<FileAttr> {
         let mut a = FileAttr {
             ino: INodeNo(node.ino()),
@@ -229,12 +245,12 @@ impl Namespace {
             Node::Live(i) => {
                 let dev = self.device(i)?;
                 file(&mut a, &dev, dev.size(), dev.source().identity().mode);
-                if let Some((mtime, ctime)) = dev.source().times() {
-                    (a.mtime, a.ctime) = (mtime, ctime);
+                if let Some(now) = dev.source().now() {
+                    (a.mtime, a.ctime, a.blocks) = (now.mtime, now.ctime, now.blocks);
                 }
             }
-            Node::Snap(i) => {
-                let access = self.access_of(i).ok_or_else(|| self.gone(i))?;
+            Node::Snap(i, id) => {
+                let access = self.access_if(i, id)?;
                 let dev = self.device(i)?;
                 // The snapshot keeps the size of setup when the device is resized.
                 file(
@@ -243,11 +259,16 @@ impl Namespace {
                     access.size(),
                     dev.source().identity().mode & !0o022,
                 );
-                a.blocks = access.dirty_map().dirty_bytes().div_ceil(512);
+                // At most the bytes to read, and at most what the source holds plus what
+                // was copied (data at setup is in one of the two): a sparse image's
+                // snapshot looks sparse, so `cp` asks for its holes (SEEK_DATA).
+                let held = dev.source().now().map_or(u64::MAX, |n| n.blocks * 512);
+                let held = held.saturating_add(access.copied_bytes());
+                a.blocks = access.dirty_map().dirty_bytes().min(held).div_ceil(512);
                 (a.mtime, a.ctime) = (access.created(), access.created());
             }
-            Node::Dirty(i) => {
-                let access = self.access_of(i).ok_or_else(|| self.gone(i))?;
+            Node::Dirty(i, id) => {
+                let access = self.access_if(i, id)?;
                 let dev = self.device(i)?;
                 file(
                     &mut a,
@@ -277,9 +298,9 @@ impl Namespace {
             Node::SnapDir => {
                 let mut out = Vec::new();
                 for (i, d) in self.engine.slots() {
-                    if d.access().is_some() {
-                        out.push((Node::Snap(i), d.name().to_string()));
-                        out.push((Node::Dirty(i), layout::dirty_map_name(d.name())));
+                    if let Some(a) = d.access() {
+                        out.push((Node::Snap(i, a.id()), d.name().to_string()));
+                        out.push((Node::Dirty(i, a.id()), layout::dirty_map_name(d.name())));
                     }
                 }
                 out
@@ -333,7 +354,7 @@ impl Namespace {
                         ),
                     ))
                 }
-                Node::Snap(_) | Node::Dirty(_) => return Err(read_only()),
+                Node::Snap(..) | Node::Dirty(..) => return Err(read_only()),
                 _ => return Err(is_a_directory()),
             }
         }
@@ -379,20 +400,18 @@ impl Namespace {
                 };
                 Ok(Opened { fh: 0, flags })
             }
-            Node::Snap(i) | Node::Dirty(i) => {
-                if matches!(node, Node::Dirty(_)) && writing {
+            Node::Snap(i, id) | Node::Dirty(i, id) => {
+                if matches!(node, Node::Dirty(..)) && writing {
                     return Err(read_only());
                 }
-                match self.access_of(i) {
-                    // Snapshot data never changes during an access, but discards must
-                    // turn into EACCES at once and a new access must not see old pages:
-                    // no page cache.
-                    Some(a) => Ok(Opened {
-                        fh: a.id(),
-                        flags: FopenFlags::FOPEN_DIRECT_IO,
-                    }),
-                    None => Err(self.gone(i)),
-                }
+                // Snapshot data never changes during an access, but discards must turn
+                // into EACCES at once: no page cache for reads (mappings use it, in the
+                // access's own inode).
+                let a = self.access_if(i, id)?;
+                Ok(Opened {
+                    fh: a.id(),
+                    flags: FopenFlags::FOPEN_DIRECT_IO,
+                })
             }
             _ => Err(is_a_directory()),
         }
@@ -409,12 +428,13 @@ impl Namespace {
         }
     }
 
-    /// `statfs`: total blocks of 4 KiB over all devices, and the number of files.
-    pub fn statfs(&self) -> (u64, u64) {
-        let devices = self.engine.devices();
-        let total: u64 = devices.iter().map(|d| d.size()).sum();
-        let files = 3 + 3 * devices.len() as u64;
-        (total.div_ceil(4096), files)
+    /// `statfs`: the fleecing dir's filesystem, the space snapshots consume while an
+    /// access runs (the images have fixed sizes), so `df` and monitoring see what can
+    /// fill up: (block size, blocks, free, available, inodes, free inodes).
+    pub fn statfs(&self) -> Result<(u64, u64, u64, u64, u64, u64)> {
+        let dir = self.engine.fleecing_dir();
+        crate::sys::fs_space(dir)
+            .map_err(|e| Error::io(format!("statfs of fleecing dir {}", dir.display()), e))
     }
 }
 
@@ -429,18 +449,21 @@ mod tests {
             Node::LiveDir,
             Node::SnapDir,
             Node::Live(0),
-            Node::Snap(0),
-            Node::Dirty(0),
+            Node::Snap(0, 1),
+            Node::Dirty(0, 1),
             Node::Live(2),
-            Node::Snap(2),
-            Node::Dirty(2),
+            Node::Snap(2, 7),
+            Node::Dirty(2, u64::from(u32::MAX)),
         ] {
             assert_eq!(Node::from_ino(node.ino()), Some(node));
         }
-        assert_eq!(Node::Live(1).ino(), 19);
+        assert_eq!(Node::Live(1).ino(), 17);
+        assert_eq!(Node::from_ino(FIRST_FILE + 9), Some(Node::Live(9)));
+        // every access has its own snapshot inodes
+        assert_ne!(Node::Snap(0, 1).ino(), Node::Snap(0, 2).ino());
+        assert_ne!(Node::Dirty(0, 1).ino(), Node::Snap(0, 2).ino());
         assert_eq!(Node::from_ino(0), None);
         assert_eq!(Node::from_ino(4), None);
-        assert_eq!(Node::from_ino(FIRST_FILE + 9), Some(Node::Live(3)));
     }
 
     fn errno_of<T>(r: Result<T>) -> i32 {
@@ -477,10 +500,11 @@ mod tests {
         assert_eq!(ns.lookup(Node::LiveDir, "d").unwrap().0, live);
         // Outside an access the snapshot files do not exist.
         assert_eq!(errno_of(ns.lookup(Node::SnapDir, "d")), libc::ENOENT);
-        assert_eq!(errno_of(ns.attr(Node::Snap(0))), libc::ENOENT);
+        // An inode of an access that is not (or no longer) the current one is stale.
+        assert_eq!(errno_of(ns.attr(Node::Snap(0, 1))), libc::ESTALE);
         assert_eq!(
-            errno_of(ns.open(Node::Snap(0), libc::O_RDONLY, true, false)),
-            libc::ENOENT
+            errno_of(ns.open(Node::Snap(0, 1), libc::O_RDONLY, true, false)),
+            libc::ESTALE
         );
         assert_eq!(
             errno_of(ns.open(Node::LiveDir, libc::O_RDONLY, true, false)),
@@ -502,7 +526,7 @@ mod tests {
             libc::EPERM
         );
         assert_eq!(
-            errno_of(ns.check_setattr(Node::Snap(0), &attr, Some(1), false)),
+            errno_of(ns.check_setattr(Node::Snap(0, 1), &attr, Some(1), false)),
             libc::EROFS
         );
         assert_eq!(
@@ -524,14 +548,16 @@ mod tests {
 
         engine.setup("t", None, None).unwrap();
         let id = engine.active().unwrap().0;
-        let snap = ns.open(Node::Snap(0), libc::O_RDWR, true, false).unwrap();
+        let snap = ns
+            .open(Node::Snap(0, id), libc::O_RDWR, true, false)
+            .unwrap();
         assert_eq!((snap.fh, snap.flags), (id, FopenFlags::FOPEN_DIRECT_IO));
         assert_eq!(
-            errno_of(ns.open(Node::Dirty(0), libc::O_WRONLY, true, false)),
+            errno_of(ns.open(Node::Dirty(0, id), libc::O_WRONLY, true, false)),
             libc::EROFS
         );
         assert_eq!(
-            ns.open(Node::Dirty(0), libc::O_RDONLY, true, false)
+            ns.open(Node::Dirty(0, id), libc::O_RDONLY, true, false)
                 .unwrap()
                 .fh,
             id
