@@ -481,8 +481,7 @@ pub fn force_unmount(mountpoint: &Path, connection: Option<u32>) {
 /// gives up leaves is a mount point that can be mounted again.
 pub(crate) fn detach_and_abort(mountpoint: &Path, connection: Option<u32>) {
     if let Ok(c) = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes()) {
-        // SAFETY: umount2 with a valid C string.
-        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        let _ = sys::umount(&c, true);
     }
     if let Some(id) = connection {
         abort_connection(id);
