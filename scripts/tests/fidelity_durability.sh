@@ -70,7 +70,8 @@ run_mode() {
     local mode=$1
     shift
     fmount "$T/mp" --state-dir "$T/st" --device d="$T/a.img" "$@"
-    PID=$(cat "$T/st/fleecefs.lock")
+    # the worker serves the requests and holds the source (the keeper only the mount)
+    PID=$(status_json "$T/mp" 'd["worker_pid"]')
     SRCFD=
     for f in /proc/"$PID"/fd/*; do
         [ "$(readlink "$f")" = "$T/a.img" ] && SRCFD=$(basename "$f")
