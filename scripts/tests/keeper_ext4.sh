@@ -5,15 +5,7 @@
 source "$(dirname "$0")/lib.sh"
 
 M=$((1 << 20))
-truncate -s $((128 * M)) "$T/src.img"
-fmount "$T/mnt" --state-dir "$T/state" --device disk=$T/src.img
-L=$T/mnt/live/disk
-mkfs.ext4 -F -q "$L" || fail "mkfs.ext4 on live/disk failed"
-loop_attach "$L"
-E=$T/ext4
-mkdir -p "$E"
-LOOPS+=("$E")
-mount -o noatime "$LOOPDEV" "$E" || fail "mounting the ext4 on $LOOPDEV failed"
+ext4_on_live # L: live/disk, E: its ext4 mounted through $LOOPDEV
 dmesg_before=$(dmesg 2>/dev/null | grep -c "I/O error" || true)
 
 # 3 writers: files of random size, a checksum line once the file is synced

@@ -150,3 +150,17 @@ setup_during_writes() {
     resume_writer
     BEFORE=$(writes_now)
 }
+
+# ext4_on_live : a 128 MiB image served as live/disk at $T/mnt (state $T/state), an ext4
+# made on it and mounted at $E through a loop device ($LOOPDEV); sets L=live/disk, E
+ext4_on_live() {
+    truncate -s $((128 * 1024 * 1024)) "$T/src.img"
+    fmount "$T/mnt" --state-dir "$T/state" --device disk=$T/src.img
+    L=$T/mnt/live/disk
+    mkfs.ext4 -F -q "$L" || fail "mkfs.ext4 on live/disk failed"
+    loop_attach "$L"
+    E=$T/ext4
+    mkdir -p "$E"
+    LOOPS+=("$E")
+    mount -o noatime "$LOOPDEV" "$E" || fail "mounting the ext4 on $LOOPDEV failed"
+}
