@@ -21,8 +21,12 @@ sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
 sock.bind(notify)
 store = []  # (name, fd)
 
+children = []  # processes to stop on failure (the writer runs in a session of its own)
+
 def fail(msg):
     print("FAIL:", msg, file=sys.stderr)
+    for c in children:
+        c.kill()
     sys.exit(1)
 
 def receive(timeout):
@@ -117,6 +121,7 @@ if names.count("fleecefs-fuse") != 8 or names.count("fleecefs-init") != 1:
     fail(f"stored fds: {names}")
 wlog = f"{tmp}/writer.log"
 w = subprocess.Popen([sys.executable, "-c", WRITER, mp, wlog])
+children.append(w)
 time.sleep(0.3)
 # systemctl restart: stop (SIGTERM), start again with the stored fds
 stop(p, s, f"{tmp}/service1.log")
