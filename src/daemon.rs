@@ -33,6 +33,7 @@ use crate::control::server;
 use crate::engine::{validate_name, Engine, EngineConfig};
 use crate::error::{Error, IoContext, Result};
 use crate::fuse::FleeceFs;
+use crate::priority::{BackupPool, BackupPriority, POOL_THREADS};
 use crate::source::Source;
 use crate::state::{StateDir, LOG_FILE};
 use crate::units::{parse_size, ClusterSize};
@@ -66,6 +67,8 @@ pub struct MountPlan {
     pub live_cache: bool,
     /// Write-behind buffer for copies (`--cbw-buffer`).
     pub cbw_buffer: u64,
+    /// Where snapshot reads run (`--backup-priority`).
+    pub backup_priority: BackupPriority,
 }
 
 /// `p` (absolute) with symlinks and `..` resolved as far as it exists; the missing rest
@@ -257,6 +260,7 @@ pub fn validate(args: &MountArgs) -> Result<MountPlan> {
         cbw_timeout,
         fleecing_limit,
         live_cache: args.live_cache,
+        backup_priority: args.backup_priority,
         cbw_buffer,
     })
 }
@@ -525,8 +529,15 @@ fn serve(plan: MountPlan, daemon_child: bool, allow_other: bool) -> Result<()> {
     };
     fuse_config.n_threads = Some(plan.threads);
     fuse_config.clone_fd = true;
+    let pool = match plan.backup_priority {
+        BackupPriority::Low => Some(BackupPool::start(POOL_THREADS).map_err(|e| {
+            let _ = fs::remove_file(&socket_path);
+            Error::io("starting the backup read threads", e)
+        })?),
+        BackupPriority::Normal => None,
+    };
     let session = Session::new(
-        FleeceFs::new(engine.clone(), plan.live_cache),
+        FleeceFs::new(engine.clone(), plan.live_cache, pool),
         &plan.mountpoint,
         &fuse_config,
     )

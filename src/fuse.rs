@@ -27,7 +27,8 @@ use fuser::{
 
 use crate::cbw::{Device, DeviceAccess};
 use crate::engine::Engine;
-use crate::error::{Error, Kind, Result};
+use crate::error::{Error, Kind};
+use crate::priority::BackupPool;
 use crate::sys;
 
 const ROOT: u64 = 1;
@@ -112,12 +113,20 @@ pub struct FleeceFs {
     /// `--live-cache`: buffered opens of live files use the kernel page cache (kept
     /// across opens) instead of direct I/O.
     live_cache: bool,
+    /// `--backup-priority low`: snapshot and dirty-map reads run (and reply) there,
+    /// below the guest; `None`: on the worker that received them.
+    backup_pool: Option<BackupPool>,
 }
 
 impl FleeceFs {
     /// A filesystem over `engine`; directories belong to the daemon's user. With
-    /// `live_cache`, buffered opens of live files are page-cached (see `open`).
-    pub fn new(engine: Arc<Engine>, live_cache: bool) -> FleeceFs {
+    /// `live_cache`, buffered opens of live files are page-cached (see `open`). With a
+    /// `backup_pool`, snapshot and dirty-map reads are served there (`crate::priority`).
+    pub fn new(
+        engine: Arc<Engine>,
+        live_cache: bool,
+        backup_pool: Option<BackupPool>,
+    ) -> FleeceFs {
         // SAFETY: getuid/getgid cannot fail.
         let owner = unsafe { (libc::getuid(), libc::getgid()) };
         FleeceFs {
@@ -126,6 +135,7 @@ impl FleeceFs {
             owner,
             coherent_direct_io: false,
             live_cache,
+            backup_pool,
         }
     }
 
@@ -250,6 +260,27 @@ impl FleeceFs {
             f(&mut b[..size])
         })
     }
+}
+
+/// A snapshot or dirty-map read of access `access_id`, answered from the calling thread
+/// (a FUSE worker, or a backup pool thread).
+fn backup_read(dev: &Device, node: Node, access_id: u64, offset: u64, size: u32, reply: ReplyData) {
+    FleeceFs::with_buf(size, |buf| {
+        let r = match node {
+            Node::Snap(_) => dev.read_snapshot(access_id, offset, buf),
+            _ => match dev.access() {
+                Some(a) if a.id() == access_id => Ok(a.dirty_map().read_at(offset, buf)),
+                _ => Err(Error::new(
+                    Kind::Stale,
+                    "the backup access of this dirty map has ended",
+                )),
+            },
+        };
+        match r {
+            Ok(n) => reply.data(&buf[..n]),
+            Err(e) => reply.error(errno(&e)),
+        }
+    })
 }
 
 fn read_only() -> Errno {
@@ -395,24 +426,23 @@ impl Filesystem for FleeceFs {
         let Some(node) = self.node(ino) else {
             return reply.error(Errno::ENOENT);
         };
-        Self::with_buf(size, |buf| {
-            let r: Result<usize> = match node {
-                Node::Live(i) => self.device(i).read_live(offset, buf),
-                Node::Snap(i) => self.device(i).read_snapshot(fh.0, offset, buf),
-                Node::Dirty(i) => match self.access_of(i) {
-                    Some(a) if a.id() == fh.0 => Ok(a.dirty_map().read_at(offset, buf)),
-                    _ => Err(Error::new(
-                        Kind::Stale,
-                        "the backup access of this dirty map has ended",
-                    )),
-                },
-                _ => return reply.error(Errno::EISDIR),
-            };
-            match r {
-                Ok(n) => reply.data(&buf[..n]),
-                Err(e) => reply.error(errno(&e)),
+        match node {
+            Node::Live(i) => Self::with_buf(size, |buf| {
+                match self.device(i).read_live(offset, buf) {
+                    Ok(n) => reply.data(&buf[..n]),
+                    Err(e) => reply.error(errno(&e)),
+                }
+            }),
+            Node::Snap(i) | Node::Dirty(i) => {
+                let dev = self.device(i).clone();
+                let job = move || backup_read(&dev, node, fh.0, offset, size, reply);
+                match &self.backup_pool {
+                    Some(pool) => pool.submit(Box::new(job)),
+                    None => job(),
+                }
             }
-        })
+            _ => reply.error(Errno::EISDIR),
+        }
     }
 
     fn write(

@@ -22,6 +22,7 @@ pub mod fuse;
 pub mod logger;
 pub mod persist;
 pub mod policy;
+pub mod priority;
 pub mod source;
 pub mod state;
 pub mod sys;
