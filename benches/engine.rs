@@ -67,7 +67,7 @@ fn main() {
         );
         let config = EngineConfig {
             cbw_buffer: buffer,
-            ..EngineConfig::new(dir.path().join("fleece"), dir.path().join("mnt"))
+            ..EngineConfig::new(dir.path().join("fleece"))
         };
         let engine = Engine::new(vec![dev], config, None).expect("engine");
         let d = engine.devices()[0].clone();

@@ -2,7 +2,7 @@
 //!
 //! The write path sets and tests bits with single atomic operations, so no mutex is
 //! ever taken to track or check a cluster. A bitmap lives either on the heap or inside
-//! a shared file mapping (persistent dirty bitmaps, see `persist.rs`); the operations
+//! a shared file mapping (persistent dirty bitmaps, see `bitmap_file.rs`); the operations
 //! are the same.
 //!
 //! Invariant: bits at or beyond `len()` in the last word are always zero, so counts and

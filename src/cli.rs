@@ -138,7 +138,7 @@ pub struct MountArgs {
     /// use only CPU time the guest leaves (low), or on the FUSE workers like live I/O
     /// (normal)
     #[arg(long, value_enum, value_name = "low|normal", default_value = "low")]
-    pub backup_priority: crate::priority::BackupPriority,
+    pub backup_priority: crate::fuse::pool::BackupPriority,
     /// Internal: set in the background daemon started by `mount`
     #[arg(long, hide = true)]
     pub daemon_child: bool,

@@ -3,10 +3,12 @@
 
 use std::path::Path;
 
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::control::client::call;
 use crate::control::proto::Request;
+use crate::engine::{BitmapRemoveReport, SetupReport, Status, TeardownReport};
 use crate::error::{Error, Result};
 use crate::logger::utc_timestamp;
 use crate::units::format_size;
@@ -30,12 +32,15 @@ macro_rules! out {
     ($($t:tt)*) => { $crate::commands::out_line(format_args!($($t)*)) };
 }
 
-fn u(v: &Value, key: &str) -> u64 {
-    v.get(key).and_then(Value::as_u64).unwrap_or(0)
+/// The daemon's reply `v` as the report type `T`.
+fn typed<T: DeserializeOwned>(v: &Value) -> Result<T> {
+    T::deserialize(v)
+        .map_err(|e| Error::invalid(format!("the daemon's reply is not understood: {e}")))
 }
 
-fn s<'a>(v: &'a Value, key: &str) -> &'a str {
-    v.get(key).and_then(Value::as_str).unwrap_or("-")
+/// An optional text cell: `-` when absent.
+fn or_dash(s: Option<&str>) -> String {
+    s.unwrap_or("-").to_string()
 }
 
 fn print_json(v: &Value) {
@@ -87,10 +92,10 @@ pub fn setup(
         print_json(&v);
         return Ok(());
     }
-    let devs = v["devices"].as_array().cloned().unwrap_or_default();
+    let r: SetupReport = typed(&v)?;
     crate::out!(
         "backup access '{target}' is set up on {} device(s)",
-        devs.len()
+        r.devices.len()
     );
     let mut rows = vec![
         vec!["DEVICE", "SIZE", "TO READ", "BITMAP", "ACTION", "SNAPSHOT"]
@@ -98,14 +103,14 @@ pub fn setup(
             .map(String::from)
             .collect(),
     ];
-    for d in &devs {
+    for d in &r.devices {
         rows.push(vec![
-            s(d, "name").into(),
-            format_size(u(d, "size")),
-            format_size(u(d, "dirty_bytes")),
-            s(d, "bitmap").into(),
-            s(d, "bitmap_action").into(),
-            s(d, "snapshot").into(),
+            d.name.clone(),
+            format_size(d.size),
+            format_size(d.dirty_bytes),
+            or_dash(d.bitmap.as_deref()),
+            d.bitmap_action.to_string(),
+            d.snapshot.display().to_string(),
         ]);
     }
     table(&rows);
@@ -122,23 +127,18 @@ pub fn teardown(mp: &Path, target: &str, success: bool, json: bool) -> Result<()
             ack: true,
         },
     )?;
+    let r: TeardownReport = typed(&v)?;
     if json {
         print_json(&v);
     } else {
         crate::out!(
             "backup access '{target}' torn down as a {}",
-            if v["success"].as_bool() == Some(true) {
-                "success"
-            } else {
-                "failure"
-            }
+            if r.success { "success" } else { "failure" }
         );
     }
     // The outcome stands (exit 0), but someone should look: one line each on stderr.
-    for w in v["warnings"].as_array().into_iter().flatten() {
-        if let Some(w) = w.as_str() {
-            eprintln!("fleecefs: warning: {w}");
-        }
+    for w in &r.warnings {
+        eprintln!("fleecefs: warning: {w}");
     }
     Ok(())
 }
@@ -151,7 +151,7 @@ pub fn bitmap_remove(mp: &Path, target: &str) -> Result<()> {
             target: target.to_string(),
         },
     )?;
-    let n = v["removed"].as_array().map(Vec::len).unwrap_or(0);
+    let n = typed::<BitmapRemoveReport>(&v)?.removed.len();
     crate::out!("removed {n} bitmap(s) of target '{target}'");
     Ok(())
 }
@@ -167,101 +167,87 @@ pub fn status(mp: &Path, json: bool) -> Result<()> {
         print_json(&v);
         return Ok(());
     }
-    crate::out!("fleecefs at {} (pid {})", s(&v, "mountpoint"), u(&v, "pid"));
+    let st: Status = typed(&v)?;
+    crate::out!("fleecefs at {} (pid {})", st.mountpoint.display(), st.pid);
     let mut rows = vec![vec!["DEVICE", "SIZE", "CLUSTER", "SOURCE"]
         .into_iter()
         .map(String::from)
         .collect()];
-    for d in v["devices"].as_array().into_iter().flatten() {
+    for d in &st.devices {
         rows.push(vec![
-            s(d, "name").into(),
-            format_size(u(d, "size")),
-            format_size(u(d, "cluster_size")),
-            s(d, "source").into(),
+            d.name.clone(),
+            format_size(d.size),
+            format_size(d.cluster_size),
+            d.source.display().to_string(),
         ]);
     }
     table(&rows);
-    if let Some(bitmaps) = v["bitmaps"].as_array() {
-        crate::out!();
-        if bitmaps.is_empty() {
-            crate::out!("no bitmaps");
-        } else {
-            let mut rows = vec![
-                vec!["BITMAP", "DEVICE", "TARGET", "DIRTY MiB", "CONSISTENT"]
-                    .into_iter()
-                    .map(String::from)
-                    .collect(),
-            ];
-            for b in bitmaps {
-                let consistent = if b["consistent"].as_bool() == Some(true) {
-                    "yes".to_string()
-                } else {
-                    format!("no: {}", s(b, "reason"))
-                };
-                rows.push(vec![
-                    s(b, "name").into(),
-                    s(b, "device").into(),
-                    s(b, "target").into(),
-                    mib(u(b, "dirty_bytes")),
-                    consistent,
-                ]);
-            }
-            table(&rows);
+    crate::out!();
+    if st.bitmaps.is_empty() {
+        crate::out!("no bitmaps");
+    } else {
+        let mut rows = vec![
+            vec!["BITMAP", "DEVICE", "TARGET", "DIRTY MiB", "CONSISTENT"]
+                .into_iter()
+                .map(String::from)
+                .collect(),
+        ];
+        for b in &st.bitmaps {
+            let consistent = if b.consistent {
+                "yes".to_string()
+            } else {
+                format!("no: {}", or_dash(b.reason.as_deref()))
+            };
+            rows.push(vec![
+                b.name.clone(),
+                b.device.clone(),
+                b.target.clone(),
+                mib(b.dirty_bytes),
+                consistent,
+            ]);
         }
+        table(&rows);
     }
     crate::out!();
-    match v.get("access").filter(|a| !a.is_null()) {
+    match &st.access {
         None => crate::out!("no backup access is active"),
         Some(a) => {
-            let age = crate::sys::unix_now().saturating_sub(u(a, "started_at"));
-            let dirty = u(a, "dirty_bytes");
+            let age = crate::sys::unix_now().saturating_sub(a.started_at);
+            let dirty = a.dirty_bytes;
             let pct = if dirty == 0 {
                 100.0
             } else {
-                u(a, "discarded_bytes") as f64 * 100.0 / dirty as f64
+                a.discarded_bytes as f64 * 100.0 / dirty as f64
             };
-            let devs: Vec<&str> = a["devices"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(Value::as_str)
-                .collect();
             crate::out!(
                 "backup access '{}' on {} since {} ({age}s)",
-                s(a, "target"),
-                devs.join(", "),
-                utc_timestamp(u(a, "started_at"))
+                a.target,
+                a.devices.join(", "),
+                utc_timestamp(a.started_at)
             );
-            let pending = u(a, "pending_bytes");
-            let in_memory = if pending > 0 {
-                format!(" ({} MiB of it still in memory)", mib(pending))
+            let in_memory = if a.pending_bytes > 0 {
+                format!(" ({} MiB of it still in memory)", mib(a.pending_bytes))
             } else {
                 String::new()
             };
             crate::out!(
                 "  fleecing {} MiB, copied before write {} MiB{in_memory}, discarded {pct:.0}% of {} MiB",
-                mib(u(a, "fleecing_allocated")),
-                mib(u(a, "copied_bytes")),
+                mib(a.fleecing_allocated),
+                mib(a.copied_bytes),
                 mib(dirty)
             );
-            if a["broken"].as_bool() == Some(true) {
+            if a.broken {
                 crate::out!(
                     "  BROKEN since {}: {}",
-                    utc_timestamp(u(a, "broken_at")),
-                    s(a, "broken_reason")
+                    utc_timestamp(a.broken_at.unwrap_or(0)),
+                    or_dash(a.broken_reason.as_deref())
                 );
             }
         }
     }
-    let errors: Vec<&str> = v["errors"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_str)
-        .collect();
-    if !errors.is_empty() {
+    if !st.errors.is_empty() {
         crate::out!();
-        for e in errors {
+        for e in &st.errors {
             crate::out!("error: {e}");
         }
     }

@@ -28,6 +28,7 @@ use serde::Serialize;
 use crate::cli::CopyArgs;
 use crate::dirtymap;
 use crate::error::{Error, IoContext, Kind, Result};
+use crate::layout::MountLayout;
 use crate::sys;
 use crate::units::format_size;
 
@@ -136,12 +137,13 @@ pub fn copy(mountpoint: &Path, name: &str, dest: &Path, opts: CopyOptions) -> Re
         return Err(Error::invalid(format!("'{name}' is not a device name")));
     }
     crate::control::client::state_dir_of(mountpoint)?;
-    let snapshot = mountpoint.join("snapshot").join(name);
-    let dirty = mountpoint.join("snapshot").join(format!("{name}.dirty"));
+    let layout = MountLayout::new(mountpoint);
+    let snapshot = layout.snapshot(name);
+    let dirty = layout.dirty_map(name);
     match std::fs::metadata(&snapshot) {
         Ok(_) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err(if mountpoint.join("live").join(name).exists() {
+            return Err(if layout.live(name).exists() {
                 Error::not_found(format!(
                     "no backup access includes {name}; run fleecefs setup first"
                 ))

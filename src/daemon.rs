@@ -24,16 +24,14 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fuser::{Config, MountOption, Session, SessionACL};
-
 use crate::cbw::{Device, OnCbwError};
 use crate::cli::{MountArgs, OnCbwErrorArg};
 use crate::control::client::{mount_at, resolve_mountpoint, FSNAME_PREFIX};
 use crate::control::server;
 use crate::engine::{validate_name, Engine, EngineConfig};
 use crate::error::{Error, IoContext, Result};
-use crate::fuse::FleeceFs;
-use crate::priority::{BackupPool, BackupPriority, POOL_THREADS};
+use crate::fuse::session::{self, SessionOptions};
+use crate::layout::MountLayout;
 use crate::source::Source;
 use crate::state::{StateDir, LOG_FILE};
 use crate::units::{parse_size, ClusterSize};
@@ -58,7 +56,7 @@ pub struct MountPlan {
     /// Whether the mount point is a stale fleecefs mount to clean up first.
     pub stale_mount: bool,
     /// Which crashes bitmaps survive.
-    pub crash_safe_bitmaps: crate::persist::CrashSafety,
+    pub crash_safe_bitmaps: crate::bitmap_file::CrashSafety,
     /// Copy-before-write timeout.
     pub cbw_timeout: Option<Duration>,
     /// Fleecing space limit per access.
@@ -68,7 +66,7 @@ pub struct MountPlan {
     /// Write-behind buffer for copies (`--cbw-buffer`).
     pub cbw_buffer: u64,
     /// Where snapshot reads run (`--backup-priority`).
-    pub backup_priority: BackupPriority,
+    pub backup_priority: crate::fuse::pool::BackupPriority,
 }
 
 /// `p` (absolute) with symlinks and `..` resolved as far as it exists; the missing rest
@@ -134,8 +132,8 @@ pub fn validate(args: &MountArgs) -> Result<MountPlan> {
     let unit = cluster.bytes().max(crate::cbw::LOCK_UNIT_MIN);
     let cbw_buffer = match &args.cbw_buffer {
         // The default would not hold one cluster of the largest sizes: copy synchronously.
-        None if unit > crate::writebehind::DEFAULT_CAPACITY => 0,
-        None => crate::writebehind::DEFAULT_CAPACITY,
+        None if unit > crate::cbw::writebehind::DEFAULT_CAPACITY => 0,
+        None => crate::cbw::writebehind::DEFAULT_CAPACITY,
         Some(text) => {
             let n = parse_size(text).map_err(|e| Error::invalid(format!("--cbw-buffer: {e}")))?;
             if n > 4 << 30 {
@@ -207,7 +205,7 @@ pub fn validate(args: &MountArgs) -> Result<MountPlan> {
             .split_once('=')
             .ok_or_else(|| Error::invalid(format!("--device '{spec}' is not NAME=PATH")))?;
         validate_name("device name", name)?;
-        if name.ends_with(".dirty") {
+        if crate::layout::is_reserved_device_name(name) {
             return Err(Error::invalid(format!(
                 "invalid device name '{name}': names ending in .dirty are taken by the dirty maps (snapshot/NAME.dirty)"
             )));
@@ -253,9 +251,9 @@ pub fn validate(args: &MountArgs) -> Result<MountPlan> {
         },
         stale_mount,
         crash_safe_bitmaps: match args.crash_safe_bitmaps {
-            crate::cli::CrashSafetyArg::On => crate::persist::CrashSafety::On,
-            crate::cli::CrashSafetyArg::Sync => crate::persist::CrashSafety::Sync,
-            crate::cli::CrashSafetyArg::Off => crate::persist::CrashSafety::Off,
+            crate::cli::CrashSafetyArg::On => crate::bitmap_file::CrashSafety::On,
+            crate::cli::CrashSafetyArg::Sync => crate::bitmap_file::CrashSafety::Sync,
+            crate::cli::CrashSafetyArg::Off => crate::bitmap_file::CrashSafety::Off,
         },
         cbw_timeout,
         fleecing_limit,
@@ -495,7 +493,6 @@ fn serve(plan: MountPlan, daemon_child: bool, allow_other: bool) -> Result<()> {
         on_cbw_error: plan.on_cbw_error,
         cbw_timeout: plan.cbw_timeout,
         fleecing_limit: plan.fleecing_limit,
-        mountpoint: plan.mountpoint.clone(),
         crash_safe_bitmaps: plan.crash_safe_bitmaps,
         cbw_buffer: plan.cbw_buffer,
     };
@@ -510,47 +507,28 @@ fn serve(plan: MountPlan, daemon_child: bool, allow_other: bool) -> Result<()> {
     };
     {
         let engine = engine.clone();
+        let layout = MountLayout::new(plan.mountpoint.clone());
         std::thread::Builder::new()
             .name("control-accept".into())
-            .spawn(move || server::serve(listener, engine))
+            .spawn(move || server::serve(listener, engine, layout))
             .context(|| "starting the control thread".into())?;
     }
 
-    let mut fuse_config = Config::default();
-    fuse_config.mount_options = vec![
-        MountOption::FSName(format!("{FSNAME_PREFIX}{}", plan.state_dir.display())),
-        MountOption::Subtype("fleecefs".into()),
-        MountOption::DefaultPermissions,
-    ];
-    fuse_config.acl = if allow_other {
-        SessionACL::All
-    } else {
-        SessionACL::Owner
+    let session_options = SessionOptions {
+        fsname: format!("{FSNAME_PREFIX}{}", plan.state_dir.display()),
+        allow_other,
+        threads: plan.threads,
+        live_cache: plan.live_cache,
+        backup_priority: plan.backup_priority,
     };
-    fuse_config.n_threads = Some(plan.threads);
-    fuse_config.clone_fd = true;
-    let pool = match plan.backup_priority {
-        BackupPriority::Low => Some(BackupPool::start(POOL_THREADS).map_err(|e| {
+    let session =
+        session::mount(engine.clone(), &plan.mountpoint, &session_options).map_err(|e| {
             let _ = fs::remove_file(&socket_path);
-            Error::io("starting the backup read threads", e)
-        })?),
-        BackupPriority::Normal => None,
-    };
-    let session = Session::new(
-        FleeceFs::new(engine.clone(), plan.live_cache, pool),
-        &plan.mountpoint,
-        &fuse_config,
-    )
-    .map_err(|e| {
-        let _ = fs::remove_file(&socket_path);
-        Error::io(format!("mounting {}", plan.mountpoint.display()), e)
-    })?;
-    let fuse_thread = std::thread::Builder::new()
-        .name("fuse-session".into())
-        .spawn(move || session.run())
-        .context(|| "starting the FUSE session".into())?;
+            Error::io(format!("mounting {}", plan.mountpoint.display()), e)
+        })?;
+    let fuse_thread = session::spawn(session).context(|| "starting the FUSE session".into())?;
     // Serving means answering: one lookup through the kernel.
-    let live = plan.mountpoint.join("live");
+    let live = MountLayout::new(plan.mountpoint.clone()).live_dir();
     let connection = fs::metadata(&live)
         .map(|m| libc::minor(m.dev()))
         .map_err(|e| {

@@ -33,6 +33,15 @@ pub enum Kind {
     PastEnd,
     /// Copy-before-write took longer than `--cbw-timeout` (ETIMEDOUT).
     TimedOut,
+    /// A file operation on a directory (EISDIR).
+    IsDirectory,
+    /// A directory operation on a file (ENOTDIR).
+    NotDirectory,
+    /// Creating, removing, renaming, or changing owner, mode or size (EPERM).
+    NotPermitted,
+    /// An operation fleecefs does not implement at all, such as extended attributes
+    /// (ENOSYS).
+    NotImplemented,
 }
 
 /// An error with its kind, a message that names the problem, and an optional cause.
@@ -118,6 +127,10 @@ impl Error {
             Kind::Unsupported => libc::EOPNOTSUPP,
             Kind::PastEnd => libc::ENOSPC,
             Kind::TimedOut => libc::ETIMEDOUT,
+            Kind::IsDirectory => libc::EISDIR,
+            Kind::NotDirectory => libc::ENOTDIR,
+            Kind::NotPermitted => libc::EPERM,
+            Kind::NotImplemented => libc::ENOSYS,
         }
     }
 }
@@ -174,8 +187,30 @@ mod tests {
         );
         assert_eq!(e.errno(), libc::ENOSPC);
         assert!(report(&e).starts_with("reading source /x: "));
-        assert_eq!(Error::new(Kind::Inaccessible, "x").errno(), libc::EACCES);
-        assert_eq!(Error::new(Kind::ReadOnly, "x").errno(), libc::EROFS);
-        assert_eq!(Error::new(Kind::TimedOut, "x").errno(), libc::ETIMEDOUT);
+        assert_eq!(Error::new(Kind::Io, "no cause").errno(), libc::EIO);
+    }
+
+    /// The whole table, as docs/usage.md lists it: every kind and its errno.
+    #[test]
+    fn errno_table() {
+        let table = [
+            (Kind::Invalid, libc::EINVAL),
+            (Kind::NotFound, libc::ENOENT),
+            (Kind::Busy, libc::EBUSY),
+            (Kind::Inaccessible, libc::EACCES),
+            (Kind::ReadOnly, libc::EROFS),
+            (Kind::Stale, libc::ESTALE),
+            (Kind::Broken, libc::EIO),
+            (Kind::Unsupported, libc::EOPNOTSUPP),
+            (Kind::PastEnd, libc::ENOSPC),
+            (Kind::TimedOut, libc::ETIMEDOUT),
+            (Kind::IsDirectory, libc::EISDIR),
+            (Kind::NotDirectory, libc::ENOTDIR),
+            (Kind::NotPermitted, libc::EPERM),
+            (Kind::NotImplemented, libc::ENOSYS),
+        ];
+        for (kind, errno) in table {
+            assert_eq!(Error::new(kind, "x").errno(), errno, "{kind:?}");
+        }
     }
 }

@@ -7,7 +7,8 @@
 #![warn(missing_docs)]
 
 pub mod bitmap;
-pub mod bitmaps;
+pub mod bitmap_file;
+pub mod bitmap_store;
 pub mod cbw;
 pub mod cli;
 pub mod commands;
@@ -19,12 +20,9 @@ pub mod engine;
 pub mod error;
 pub mod fleece;
 pub mod fuse;
+pub mod layout;
 pub mod logger;
-pub mod persist;
-pub mod policy;
-pub mod priority;
 pub mod source;
 pub mod state;
 pub mod sys;
 pub mod units;
-pub mod writebehind;

@@ -103,6 +103,12 @@ pub fn is_lock_conflict(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES))
 }
 
+/// The real user and group ids of this process.
+pub fn process_owner() -> (u32, u32) {
+    // SAFETY: getuid and getgid take no arguments and cannot fail.
+    unsafe { (libc::getuid(), libc::getgid()) }
+}
+
 /// `ioprio_set(2)` class of best-effort I/O (`IOPRIO_CLASS_BE`).
 const IOPRIO_CLASS_BE: i32 = 2;
 /// `IOPRIO_WHO_PROCESS`: a single thread, by tid (0: the calling thread).

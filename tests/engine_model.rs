@@ -11,10 +11,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread;
 
+use fleecefs::bitmap_file::CrashSafety;
 use fleecefs::cbw::Device;
-use fleecefs::engine::{Engine, EngineConfig};
+use fleecefs::engine::{BitmapAction, Engine, EngineConfig};
 use fleecefs::error::Kind;
-use fleecefs::persist::CrashSafety;
 use fleecefs::source::Source;
 use fleecefs::units::ClusterSize;
 
@@ -114,7 +114,7 @@ fn make_engine_with(
     let config = EngineConfig {
         cbw_timeout,
         cbw_buffer,
-        ..EngineConfig::new(dir.join("fleece"), dir.join("mnt"))
+        ..EngineConfig::new(dir.join("fleece"))
     };
     (Engine::new(devices, config, None).unwrap(), models)
 }
@@ -294,7 +294,7 @@ fn run_single_threaded(seed: u64) {
                     assert_eq!(report.devices.len(), devs.len());
                     for (r, &d) in report.devices.iter().zip(&devs) {
                         assert_eq!(r.dirty_bytes, sizes[d], "{ctx}");
-                        assert_eq!(r.bitmap_action, "not-used");
+                        assert_eq!(r.bitmap_action, BitmapAction::NotUsed);
                     }
                     let (id, _) = engine.active().unwrap();
                     access = Some(Access {
@@ -678,7 +678,7 @@ fn open_engine(dir: &Path, cluster: u64, crash_safe: CrashSafety) -> Engine {
     let dev = Device::new("d0".into(), source, ClusterSize::new(cluster).unwrap());
     let config = EngineConfig {
         crash_safe_bitmaps: crash_safe,
-        ..EngineConfig::new(dir.join("fleece"), dir.join("mnt"))
+        ..EngineConfig::new(dir.join("fleece"))
     };
     Engine::new(vec![dev], config, Some(state)).unwrap()
 }
@@ -738,11 +738,11 @@ fn run_bitmap_model(seed: u64, safety: CrashSafety) {
             }
             60..=74 if !in_access => {
                 let r = e.setup("t", None, Some("b")).expect(&ctx);
-                let action = r.devices[0].bitmap_action.clone();
+                let action = r.devices[0].bitmap_action;
                 let dirty = dirty_clusters(e, cluster);
                 match &pending {
                     Some(p) => {
-                        assert_eq!(action, "used", "{ctx}");
+                        assert_eq!(action, BitmapAction::Used, "{ctx}");
                         assert!(
                             dirty.is_superset(p),
                             "{ctx}: dirty map misses {:?}",
@@ -753,7 +753,7 @@ fn run_bitmap_model(seed: u64, safety: CrashSafety) {
                     }
                     None => {
                         assert!(
-                            action == "new" || action == "invalid",
+                            action == BitmapAction::New || action == BitmapAction::Invalid,
                             "{ctx}: action {action}"
                         );
                         assert_eq!(dirty.len() as u64, nclusters, "{ctx}");
@@ -780,9 +780,9 @@ fn run_bitmap_model(seed: u64, safety: CrashSafety) {
                 // a backup without the bitmap removes it
                 let r = e.setup("t", None, None).expect(&ctx);
                 let expect = if exists {
-                    "not-used-removed"
+                    BitmapAction::NotUsedRemoved
                 } else {
-                    "not-used"
+                    BitmapAction::NotUsed
                 };
                 assert_eq!(r.devices[0].bitmap_action, expect, "{ctx}");
                 e.teardown("t", true).expect(&ctx);

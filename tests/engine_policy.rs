@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use fleecefs::cbw::{Device, OnCbwError};
-use fleecefs::engine::{Engine, EngineConfig};
+use fleecefs::engine::{BitmapAction, Engine, EngineConfig};
 use fleecefs::error::Kind;
 use fleecefs::source::Source;
 use fleecefs::state::StateDir;
@@ -45,7 +45,7 @@ fn engine(dir: &Path, on_error: OnCbwError, limit: Option<u64>) -> Engine {
     let config = EngineConfig {
         on_cbw_error: on_error,
         fleecing_limit: limit,
-        ..EngineConfig::new(dir.join("fleece"), dir.join("mnt"))
+        ..EngineConfig::new(dir.join("fleece"))
     };
     Engine::new(
         devices,
@@ -96,7 +96,7 @@ fn break_snapshot_keeps_writes_working_and_breaks_the_snapshot() {
     assert!(err.to_string().contains("cannot be trusted"), "{err}");
     assert!(e.active().is_none());
     let r = e.setup("t", None, Some("bm")).unwrap();
-    assert_eq!(r.devices[0].bitmap_action, "used");
+    assert_eq!(r.devices[0].bitmap_action, BitmapAction::Used);
     // a: clusters 0, 1, 5, 9 written during the broken access
     assert_eq!(r.devices[0].dirty_bytes, 4 * CL);
     assert_eq!(r.devices[1].dirty_bytes, CL);
@@ -148,7 +148,7 @@ fn bitmap_remove_during_an_access_keeps_other_targets_tracking() {
     e.teardown("t", true).unwrap();
     e.devices()[1].write_live(3 * CL, &[1u8; 100]).unwrap();
     let r = e.setup("t", only("b").as_deref(), Some("bm")).unwrap();
-    assert_eq!(r.devices[0].bitmap_action, "used");
+    assert_eq!(r.devices[0].bitmap_action, BitmapAction::Used);
     assert_eq!(
         r.devices[0].dirty_bytes, CL,
         "the write to b is missing from t's bitmap"
@@ -201,7 +201,7 @@ fn a_success_counts_only_once_its_reply_is_delivered() {
         });
         assert_eq!(outcome, Some(true));
         let r = e.setup("t", only_a.as_deref(), Some("bm")).unwrap();
-        assert_eq!(r.devices[0].bitmap_action, "used");
+        assert_eq!(r.devices[0].bitmap_action, BitmapAction::Used);
         let want = if delivered { 2 * CL } else { 3 * CL }; // 7, 9 (and 3)
         assert_eq!(r.devices[0].dirty_bytes, want, "delivered: {delivered}");
         e.teardown("t", false).unwrap();
@@ -211,7 +211,7 @@ fn a_success_counts_only_once_its_reply_is_delivered() {
         std::fs::rename(&crashed, dir.path().join("state")).unwrap();
         let e = engine(dir.path(), OnCbwError::BreakSnapshot, None);
         let r = e.setup("t", only_a.as_deref(), Some("bm")).unwrap();
-        assert_eq!(r.devices[0].bitmap_action, "used");
+        assert_eq!(r.devices[0].bitmap_action, BitmapAction::Used);
         assert_eq!(r.devices[0].dirty_bytes, 3 * CL, "crash between the phases");
         e.teardown("t", false).unwrap();
     }
@@ -235,7 +235,7 @@ fn a_crash_during_an_access_recovers_a_superset() {
     let e = engine(dir.path(), OnCbwError::BreakSnapshot, None);
     assert!(!bg.exists());
     let r = e.setup("t", None, Some("bm")).unwrap();
-    assert_eq!(r.devices[0].bitmap_action, "used");
+    assert_eq!(r.devices[0].bitmap_action, BitmapAction::Used);
     assert_eq!(r.devices[0].dirty_bytes, 2 * CL);
     e.teardown("t", false).unwrap();
 }
@@ -277,7 +277,7 @@ fn cleanup_errors_after_a_recorded_success_are_warnings() {
     );
     // the success stands: only writes since that setup are dirty
     let r = e.setup("t", None, Some("bm")).unwrap();
-    assert_eq!(r.devices[0].bitmap_action, "used");
+    assert_eq!(r.devices[0].bitmap_action, BitmapAction::Used);
     assert_eq!(r.devices[0].dirty_bytes, 0);
     e.teardown("t", false).unwrap();
 }

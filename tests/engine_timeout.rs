@@ -33,7 +33,7 @@ fn started(
         on_cbw_error: on_error,
         cbw_timeout: Some(Duration::from_millis(200)),
         cbw_buffer: buffer,
-        ..EngineConfig::new(dir.path().join("fleece"), dir.path().join("mnt"))
+        ..EngineConfig::new(dir.path().join("fleece"))
     };
     let e = Arc::new(Engine::new(vec![dev], config, None).unwrap());
     e.setup("t", None, None).unwrap();

@@ -5,8 +5,8 @@
 
 use std::os::unix::fs::FileExt;
 
+use fleecefs::bitmap_file::{BitmapKind, CrashSafety, Header, TrackedBitmap, HEADER_LEN};
 use fleecefs::control::proto::{parse_request, Request, MAX_REQUEST};
-use fleecefs::persist::{BitmapKind, CrashSafety, Header, TrackedBitmap, HEADER_LEN};
 use fleecefs::source::Source;
 use proptest::prelude::*;
 

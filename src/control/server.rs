@@ -13,6 +13,7 @@ use std::time::Duration;
 use super::proto::{parse_request, Request, Response, ACK, MAX_REQUEST};
 use crate::engine::Engine;
 use crate::error::{report, Error};
+use crate::layout::MountLayout;
 
 /// Most connections handled at once.
 pub const MAX_CLIENTS: usize = 16;
@@ -20,7 +21,7 @@ const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Runs a request against the engine. `handle` sends teardowns to
 /// [`Engine::teardown_reply`] instead, which must know whether the reply arrived.
-fn dispatch(engine: &Engine, req: Request) -> Response {
+fn dispatch(engine: &Engine, layout: &MountLayout, req: Request) -> Response {
     let result: Result<serde_json::Value, Error> = match req {
         Request::Setup {
             target,
@@ -28,14 +29,16 @@ fn dispatch(engine: &Engine, req: Request) -> Response {
             bitmap,
         } => engine
             .setup(&target, devices.as_deref(), bitmap.as_deref())
-            .map(|r| serde_json::to_value(r).unwrap_or_default()),
+            .map(|r| serde_json::to_value(r.at_mount(layout)).unwrap_or_default()),
         // Not reached from `handle` (see above); kept so the match stays exhaustive.
         Request::Teardown {
             target, success, ..
         } => engine
             .teardown(&target, success)
             .map(|r| serde_json::to_value(r).unwrap_or_default()),
-        Request::Status {} => Ok(serde_json::to_value(engine.status()).unwrap_or_default()),
+        Request::Status {} => {
+            Ok(serde_json::to_value(engine.status().at_mount(layout)).unwrap_or_default())
+        }
         Request::BitmapRemove { target } => engine
             .remove_bitmaps(&target)
             .map(|r| serde_json::to_value(r).unwrap_or_default()),
@@ -118,7 +121,7 @@ fn response<T: serde::Serialize>(result: Result<T, Error>) -> Response {
     }
 }
 
-fn handle(engine: &Engine, mut stream: UnixStream) {
+fn handle(engine: &Engine, layout: &MountLayout, mut stream: UnixStream) {
     // SAFETY: geteuid cannot fail.
     let me = unsafe { libc::geteuid() };
     match peer_uid(&stream) {
@@ -168,7 +171,7 @@ fn handle(engine: &Engine, mut stream: UnixStream) {
         }
         Ok(req) => {
             log::debug!("control request: {req:?}");
-            dispatch(engine, req)
+            dispatch(engine, layout, req)
         }
         Err(msg) => {
             log::warn!("refused control request: {msg}");
@@ -179,7 +182,8 @@ fn handle(engine: &Engine, mut stream: UnixStream) {
 }
 
 /// Accepts connections forever (until the process exits).
-pub fn serve(listener: UnixListener, engine: Arc<Engine>) {
+pub fn serve(listener: UnixListener, engine: Arc<Engine>, layout: MountLayout) {
+    let layout = Arc::new(layout);
     let active = Arc::new(AtomicUsize::new(0));
     for conn in listener.incoming() {
         let mut stream = match conn {
@@ -199,11 +203,11 @@ pub fn serve(listener: UnixListener, engine: Arc<Engine>) {
             );
             continue;
         }
-        let (engine, mine) = (engine.clone(), active.clone());
+        let (engine, layout, mine) = (engine.clone(), layout.clone(), active.clone());
         let spawned = std::thread::Builder::new()
             .name("control".into())
             .spawn(move || {
-                handle(&engine, stream);
+                handle(&engine, &layout, stream);
                 mine.fetch_sub(1, Ordering::AcqRel);
             });
         if let Err(e) = spawned {

@@ -7,7 +7,7 @@
 //! source and returns. Flusher threads store pending copies in the fleecing file later,
 //! and only then remove them from the map. Snapshot reads of a copied cluster take the
 //! data from the map while it is there and from the fleecing file otherwise, so they see
-//! the point-in-time data at every moment (see `cbw.rs`).
+//! the point-in-time data at every moment (see `cbw/mod.rs`).
 //!
 //! What the writer waits for is memory, not the fleecing storage: the bytes pending or
 //! being written are bounded by the buffer's capacity, and a writer that finds it full
@@ -20,13 +20,10 @@
 //! `break-guest-write` cannot use this: its writes must fail when the copy fails, and a
 //! write-behind failure happens after the write has returned.
 
-use std::collections::{HashMap, VecDeque};
-use std::ops::Range;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::cbw::DeviceAccess;
 use crate::error::{Error, Kind, Result};
 
 /// Default `--cbw-buffer`: 16 MiB, 256 clusters of 64 KiB.
@@ -45,90 +42,28 @@ pub struct PendingCopy {
     pub data: Vec<u8>,
 }
 
-/// The pending copies of one device access, by cluster.
-#[derive(Default)]
-pub struct PendingMap {
-    map: Mutex<HashMap<u64, Arc<PendingCopy>>>,
-    /// Clusters in `map`; lets readers skip the lock when nothing is pending.
-    clusters: AtomicUsize,
-}
-
-impl PendingMap {
-    fn lock(&self) -> MutexGuard<'_, HashMap<u64, Arc<PendingCopy>>> {
-        self.map.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Whether no copy is pending.
-    pub fn is_empty(&self) -> bool {
-        self.clusters.load(Ordering::Acquire) == 0
-    }
-
-    /// Publishes `copy` for its clusters. The caller holds their stripe lock and marks
-    /// them copied afterwards.
-    pub fn insert(&self, copy: &Arc<PendingCopy>) {
-        let mut map = self.lock();
-        for c in copy.first..copy.first + copy.clusters {
-            map.insert(c, copy.clone());
-        }
-        self.clusters
-            .fetch_add(copy.clusters as usize, Ordering::AcqRel);
-    }
-
-    /// The pending copy holding cluster `c`, if any.
-    pub fn get(&self, c: u64) -> Option<Arc<PendingCopy>> {
-        if self.is_empty() {
-            return None;
-        }
-        self.lock().get(&c).cloned()
-    }
-
-    /// Removes `copy` once it is stored (or will never be). Returns the runs of its
-    /// clusters that were discarded meanwhile, whose fleecing space the caller releases
-    /// again (its write may have landed after the discard's punch).
-    pub fn finish(&self, copy: &Arc<PendingCopy>) -> Vec<Range<u64>> {
-        let mut gone: Vec<Range<u64>> = Vec::new();
-        let mut map = self.lock();
-        let mut removed = 0;
-        for c in copy.first..copy.first + copy.clusters {
-            match map.get(&c) {
-                Some(p) if Arc::ptr_eq(p, copy) => {
-                    map.remove(&c);
-                    removed += 1;
-                }
-                _ => match gone.last_mut() {
-                    Some(r) if r.end == c => r.end = c + 1,
-                    _ => gone.push(c..c + 1),
-                },
-            }
-        }
-        self.clusters.fetch_sub(removed, Ordering::AcqRel);
-        gone
-    }
-
-    /// Drops the pending copies of `clusters` (a discard, under their stripe lock).
-    pub fn discard(&self, clusters: Range<u64>) {
-        if self.is_empty() {
-            return;
-        }
-        let mut map = self.lock();
-        let mut removed = 0;
-        for c in clusters {
-            if map.remove(&c).is_some() {
-                removed += 1;
-            }
-        }
-        self.clusters.fetch_sub(removed, Ordering::AcqRel);
-    }
-
-    /// Clusters pending (for tests and status).
-    pub fn len(&self) -> usize {
-        self.clusters.load(Ordering::Acquire)
-    }
+/// Where the buffer stores its copies: the device access they were copied for
+/// (`DeviceAccess` implements this). The buffer knows the access only through this trait,
+/// so it does not depend on the copy path that feeds it.
+pub trait CopyTarget: Send + Sync {
+    /// The device the access is of (for messages).
+    fn device_name(&self) -> &str;
+    /// Whether nothing of the access will be read again (broken or ended), so its
+    /// copies need not be stored.
+    fn stores_nothing(&self) -> bool;
+    /// Stores `copy` in the fleecing file, then removes it from the pending map (a failed
+    /// write breaks the access first).
+    fn store_pending(&self, copy: &Arc<PendingCopy>);
+    /// Removes `copy` from the pending map without storing it (its access is broken or
+    /// ended).
+    fn drop_pending(&self, copy: &Arc<PendingCopy>);
+    /// Marks the access broken (all its devices).
+    fn break_with(&self, reason: String);
 }
 
 /// One pending copy to store.
 pub struct Job {
-    access: Arc<DeviceAccess>,
+    access: Arc<dyn CopyTarget>,
     copy: Arc<PendingCopy>,
 }
 
@@ -140,7 +75,7 @@ impl Job {
 
 struct Busy {
     since: Instant,
-    access: Arc<DeviceAccess>,
+    access: Arc<dyn CopyTarget>,
 }
 
 #[derive(Default)]
@@ -257,7 +192,7 @@ impl Shared {
                 if st.closed {
                     return;
                 }
-                let late: Vec<Arc<DeviceAccess>> = st
+                let late: Vec<Arc<dyn CopyTarget>> = st
                     .busy
                     .iter()
                     .flatten()
@@ -280,7 +215,7 @@ impl Shared {
             };
             drop(late);
             for job in dead {
-                job.access.pending().finish(&job.copy);
+                job.access.drop_pending(&job.copy);
             }
         }
     }
@@ -343,7 +278,7 @@ impl WriteBehind {
             if !dead.is_empty() {
                 drop(st);
                 for job in dead {
-                    job.access.pending().finish(&job.copy);
+                    job.access.drop_pending(&job.copy);
                 }
                 st = s.lock();
                 continue;
@@ -395,7 +330,7 @@ impl WriteBehind {
 
     /// Queues `copies` of `access` (their bytes were reserved) and gives back
     /// `unused` reserved bytes.
-    pub fn submit(&self, access: &Arc<DeviceAccess>, copies: Vec<Arc<PendingCopy>>, unused: u64) {
+    pub fn submit(&self, access: &Arc<dyn CopyTarget>, copies: Vec<Arc<PendingCopy>>, unused: u64) {
         let s = &self.shared;
         let mut st = s.lock();
         let n = copies.len();

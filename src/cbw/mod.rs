@@ -16,7 +16,7 @@
 //! # The ordering invariant
 //! For every cluster `c` and every live write `w` that touches it while an access is
 //! active: if `c` needs copy-before-write, the old data of `c` is in the fleecing file or
-//! in the access's pending map (write-behind, see `writebehind.rs`), and `copied[c]` is
+//! in the access's pending map (write-behind, see `cbw/writebehind.rs`), and `copied[c]` is
 //! set, **before** `w` reaches the source. A pending copy leaves the map only once it is
 //! in the fleecing file, the access is broken, or nobody can read it (discarded, or the
 //! access ended). And for every write: `c` is marked in
@@ -42,280 +42,27 @@
 //! A snapshot read and a copy of the same cluster are serialized by the stripe lock;
 //! operations on different lock units run in parallel.
 
+pub mod access;
+mod copy;
+pub mod policy;
+pub mod writebehind;
+
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::time::SystemTime;
 
 use crate::bitmap::Bitmap;
-use crate::dirtymap::DirtyMap;
+use crate::bitmap_file::TrackedBitmap;
 use crate::error::{Error, Kind, Result};
 use crate::fleece::FleecingFile;
-use crate::persist::TrackedBitmap;
-pub use crate::policy::Broken;
-pub use crate::policy::OnCbwError;
-use crate::policy::{inject_copy_fault, inject_fleece_read_fault, CbwPolicy};
 use crate::source::Source;
 use crate::sys;
 use crate::units::ClusterSize;
-use crate::writebehind::{PendingCopy, PendingMap, WriteBehind};
+use copy::{copy_clusters, Store};
 
-/// Smallest span of bytes one stripe lock covers. With 64 KiB clusters a lock covers one
-/// cluster; smaller clusters are grouped so that I/O per lock stays >= 64 KiB.
-pub const LOCK_UNIT_MIN: u64 = 64 << 10;
-/// Number of stripe locks per access.
-const STRIPES: usize = 4096;
-/// Largest buffer one copy step uses; bigger clusters are copied in pieces.
-const COPY_CHUNK: usize = 1 << 20;
-
-/// Counters of one device's access (for `status`).
-#[derive(Clone, Debug, Default)]
-pub struct AccessStats {
-    /// Bytes of old data copied into the fleecing file.
-    pub copied_bytes: u64,
-    /// Bytes of the snapshot discarded.
-    pub discarded_bytes: u64,
-    /// Bytes the fleecing file occupies on disk.
-    pub fleecing_allocated: u64,
-    /// Bytes in the dirty map.
-    pub dirty_bytes: u64,
-    /// Copied clusters whose old data is still in memory (write-behind), in bytes.
-    pub pending_bytes: u64,
-}
-
-/// One device's part of an active backup access.
-pub struct DeviceAccess {
-    id: u64,
-    name: String,
-    cluster: ClusterSize,
-    created: SystemTime,
-    fleece: FleecingFile,
-    dirty_map: DirtyMap,
-    accessible: Bitmap,
-    copied: Bitmap,
-    stripes: Box<[RwLock<()>]>,
-    unit_shift: u32,
-    copied_bytes: AtomicU64,
-    discarded_bytes: AtomicU64,
-    policy: CbwPolicy,
-    /// Old data of copied clusters not yet stored in the fleecing file (write-behind).
-    pending: PendingMap,
-    /// Set by teardown: nothing will read this access again.
-    retired: AtomicBool,
-}
-
-impl DeviceAccess {
-    /// An access over `frozen` (the clusters to expose) using `fleece`. Cannot fail, so
-    /// the engine builds it while holding the gates.
-    pub fn new(
-        id: u64,
-        device: &Device,
-        frozen: Arc<Bitmap>,
-        fleece: FleecingFile,
-        policy: CbwPolicy,
-    ) -> DeviceAccess {
-        let accessible = frozen.to_heap();
-        let copied = Bitmap::new(frozen.len(), false);
-        let dirty_map = DirtyMap::new(frozen, device.cluster, device.size());
-        let unit = device.cluster.bytes().max(LOCK_UNIT_MIN);
-        DeviceAccess {
-            id,
-            name: device.name.clone(),
-            cluster: device.cluster,
-            created: SystemTime::now(),
-            fleece,
-            dirty_map,
-            accessible,
-            copied,
-            stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
-            unit_shift: unit.trailing_zeros(),
-            copied_bytes: AtomicU64::new(0),
-            discarded_bytes: AtomicU64::new(0),
-            policy,
-            pending: PendingMap::default(),
-            retired: AtomicBool::new(false),
-        }
-    }
-
-    /// The device this access is of.
-    pub fn device_name(&self) -> &str {
-        &self.name
-    }
-
-    /// Copies not yet stored in the fleecing file.
-    pub fn pending(&self) -> &PendingMap {
-        &self.pending
-    }
-
-    /// Marks the access ended (teardown): its pending copies need not be stored.
-    pub fn retire(&self) {
-        self.retired.store(true, Ordering::SeqCst);
-    }
-
-    fn is_retired(&self) -> bool {
-        self.retired.load(Ordering::SeqCst)
-    }
-
-    /// Whether nothing of this access will be read again (broken or ended), so copies
-    /// for it need not be stored.
-    pub fn stores_nothing(&self) -> bool {
-        self.is_broken() || self.is_retired()
-    }
-
-    /// Stores a pending copy in the fleecing file (a write-behind flusher), then removes
-    /// it from the pending map. A failed write breaks the access *before* the copy leaves
-    /// the map, so readers see either the old data or the broken access.
-    pub fn store_pending(&self, copy: &Arc<PendingCopy>) {
-        let stored = !self.stores_nothing() && {
-            let r = inject_copy_fault().and_then(|_| self.fleece.write_at(&copy.data, copy.offset));
-            if let Err(e) = &r {
-                self.break_with(format!(
-                    "copy-before-write on device {} failed: {}",
-                    self.name,
-                    crate::error::report(e)
-                ));
-            }
-            r.is_ok()
-        };
-        let discarded = self.pending.finish(copy);
-        if stored {
-            // A discard may have punched these clusters before the write landed.
-            for run in discarded {
-                let bytes = self
-                    .cluster
-                    .byte_range(run, copy.offset + copy.data.len() as u64);
-                self.fleece.punch(bytes.start, bytes.end - bytes.start);
-            }
-        }
-    }
-
-    /// Reads copied (point-in-time) data at `pos`: pending copies from memory, the rest
-    /// from the fleecing file. Called under the stripe lock of `pos`.
-    fn read_copied(&self, buf: &mut [u8], pos: u64) -> Result<()> {
-        inject_fleece_read_fault();
-        if self.pending.is_empty() {
-            return self.fleece.read_at(buf, pos);
-        }
-        let end = pos + buf.len() as u64;
-        let mut p = pos;
-        while p < end {
-            let c = self.cluster.index_of(p);
-            let mut run_end = self.cluster.start_of(c + 1).min(end);
-            let copy = self.pending.get(c);
-            if copy.is_none() {
-                // Extend over the following clusters that are not pending either.
-                while run_end < end && self.pending.get(self.cluster.index_of(run_end)).is_none() {
-                    run_end = self
-                        .cluster
-                        .start_of(self.cluster.index_of(run_end) + 1)
-                        .min(end);
-                }
-            }
-            let dst = &mut buf[(p - pos) as usize..(run_end - pos) as usize];
-            match copy {
-                Some(copy) => {
-                    let at = (p - copy.offset) as usize;
-                    dst.copy_from_slice(&copy.data[at..at + dst.len()]);
-                }
-                None => self.fleece.read_at(dst, p)?,
-            }
-            p = run_end;
-        }
-        Ok(())
-    }
-
-    /// The access generation this belongs to.
-    pub fn id(&self) -> u64 {
-        self.id
-    }
-
-    /// The instant of setup: the snapshot's modification time, so that tools comparing
-    /// size and mtime (rsync, restic) see each access as a new version of the file.
-    pub fn created(&self) -> SystemTime {
-        self.created
-    }
-
-    /// The dirty map of this access.
-    pub fn dirty_map(&self) -> &DirtyMap {
-        &self.dirty_map
-    }
-
-    /// The fleecing file.
-    pub fn fleecing(&self) -> &FleecingFile {
-        &self.fleece
-    }
-
-    /// Counters.
-    pub fn stats(&self) -> AccessStats {
-        AccessStats {
-            copied_bytes: self.copied_bytes.load(Ordering::Relaxed),
-            discarded_bytes: self.discarded_bytes.load(Ordering::Relaxed),
-            fleecing_allocated: self.fleece.allocated_bytes(),
-            dirty_bytes: self.dirty_map.dirty_bytes(),
-            pending_bytes: self.pending.len() as u64 * self.cluster.bytes(),
-        }
-    }
-
-    /// Why the access is broken, if it is.
-    pub fn broken(&self) -> Option<&Broken> {
-        self.policy.breaker.broken()
-    }
-
-    /// Marks the whole access broken (all its devices).
-    pub fn break_with(&self, reason: String) {
-        self.policy.breaker.break_with(reason)
-    }
-
-    fn is_broken(&self) -> bool {
-        self.policy.breaker.is_broken()
-    }
-
-    fn needs_copy(&self, c: u64) -> bool {
-        self.accessible.get(c) && !self.copied.get(c)
-    }
-
-    fn stripe(&self, unit: u64) -> &RwLock<()> {
-        &self.stripes[(unit as usize) & (STRIPES - 1)]
-    }
-
-    /// Waits for a stripe lock without blocking forever. Readers and discards hold the
-    /// device gate, so they must not wait forever behind a copy stuck in the fleecing
-    /// file (a waiting teardown would then hold up every live write); the copy's writer
-    /// gives up after `--cbw-timeout` and breaks the access. A write-behind copy waits
-    /// at most until its `deadline`, since the holder may be a reader stuck reading the
-    /// fleecing file. Returns `None` once the access is broken or the deadline passed.
-    fn wait_stripe<G>(
-        &self,
-        mut try_lock: impl FnMut() -> std::sync::TryLockResult<G>,
-        deadline: Option<std::time::Instant>,
-    ) -> Option<G> {
-        let mut spins = 0u32;
-        loop {
-            match try_lock() {
-                Ok(g) => return Some(g),
-                Err(std::sync::TryLockError::Poisoned(p)) => return Some(p.into_inner()),
-                Err(std::sync::TryLockError::WouldBlock) => {}
-            }
-            if self.is_broken() || deadline.is_some_and(|d| std::time::Instant::now() >= d) {
-                return None;
-            }
-            spins += 1;
-            if spins < 64 {
-                std::thread::yield_now();
-            } else {
-                std::thread::sleep(std::time::Duration::from_micros(100));
-            }
-        }
-    }
-
-    /// Clusters of `clusters` that fall into lock unit `unit`.
-    fn unit_clusters(&self, cluster: ClusterSize, unit: u64, clusters: &Range<u64>) -> Range<u64> {
-        let per_unit_shift = self.unit_shift - cluster.bytes().trailing_zeros();
-        let first = unit << per_unit_shift;
-        let last = (unit + 1) << per_unit_shift;
-        first.max(clusters.start)..last.min(clusters.end)
-    }
-}
+pub use access::{AccessStats, CbwPolicy, DeviceAccess, DeviceShape, PendingMap, LOCK_UNIT_MIN};
+pub use policy::{Broken, OnCbwError};
 
 /// What every data operation of a device reads under its gate.
 #[derive(Default)]
@@ -333,20 +80,6 @@ pub struct Device {
     cluster: ClusterSize,
     gate: RwLock<GateState>,
     last_error: Mutex<Option<(String, SystemTime)>>,
-}
-
-thread_local! {
-    static COPY_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-fn with_copy_buf<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
-    COPY_BUF.with(|b| {
-        let mut b = b.borrow_mut();
-        if b.len() < len {
-            b.resize(len, 0);
-        }
-        f(&mut b[..len])
-    })
 }
 
 impl Device {
@@ -403,6 +136,23 @@ impl Device {
         // A poisoned gate only means a thread panicked while holding it; what it guards
         // (an Option<Arc> and a Vec of Arcs) is never left half-updated, so keep serving.
         self.gate.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A new access of this device over `frozen` (the clusters to expose) using
+    /// `fleece`. Cannot fail, so the engine builds it while holding the gates.
+    pub fn new_access(
+        &self,
+        id: u64,
+        frozen: Arc<Bitmap>,
+        fleece: FleecingFile,
+        policy: CbwPolicy,
+    ) -> DeviceAccess {
+        let shape = DeviceShape {
+            name: &self.name,
+            cluster: self.cluster,
+            size: self.size(),
+        };
+        DeviceAccess::new(id, shape, frozen, fleece, policy)
     }
 
     /// The current access, if any.
@@ -776,159 +526,4 @@ impl Device {
         }
         result
     }
-}
-
-/// Where [`copy_clusters`] puts old data.
-enum Store<'a> {
-    /// In the fleecing file, before returning.
-    Now,
-    /// In memory, stored later by the write-behind buffer; waits for room in it at most
-    /// until the deadline.
-    Behind(&'a WriteBehind, Option<std::time::Instant>),
-}
-
-/// The slow path of copy-before-write: lock unit by unit, re-check, copy runs of
-/// clusters from the source (to the fleecing file, or to memory with write-behind),
-/// then mark them copied.
-fn copy_clusters(
-    source: &Source,
-    cluster: ClusterSize,
-    access: &Arc<DeviceAccess>,
-    clusters: Range<u64>,
-    store: Store<'_>,
-) -> Result<()> {
-    let size = source.size();
-    let unit_of = |c: u64| cluster.start_of(c) >> access.unit_shift;
-    let mut unit = unit_of(clusters.start);
-    let last_unit = unit_of(clusters.end - 1);
-    while unit <= last_unit {
-        let in_unit = access.unit_clusters(cluster, unit, &clusters);
-        unit += 1;
-        let want: u64 = in_unit
-            .clone()
-            .filter(|&c| access.needs_copy(c))
-            .map(|c| {
-                let b = cluster.byte_range(c..c + 1, size);
-                b.end - b.start
-            })
-            .sum();
-        if want == 0 {
-            continue;
-        }
-        // Room in the write-behind buffer is waited for before the stripe lock, so no
-        // reader ever waits behind a writer that waits for the fleecing storage. (The
-        // engine only uses write-behind when one lock unit fits in the buffer.)
-        let (behind, deadline) = match store {
-            Store::Behind(wb, deadline) => {
-                wb.reserve(want, deadline)?;
-                (Some(wb), deadline)
-            }
-            Store::Now => (None, None),
-        };
-        let mut copies = Vec::new();
-        let result = copy_unit(
-            source,
-            cluster,
-            access,
-            in_unit,
-            unit - 1,
-            (behind, deadline),
-            &mut copies,
-        );
-        if let Some(wb) = behind {
-            // Whatever was published must be stored, also when a later run failed.
-            let used: u64 = copies.iter().map(|c| c.data.len() as u64).sum();
-            wb.submit(access, copies, want - used);
-        }
-        result?;
-    }
-    Ok(())
-}
-
-/// Copies the clusters of `in_unit` (lock unit `unit`) that need it, under its stripe
-/// lock. With write-behind, old data goes into `copies`, published in the pending map,
-/// and the stripe lock is waited for at most until the deadline: a snapshot reader
-/// holding it may be stuck reading slow fleecing storage, and the writer runs in its own
-/// thread, not on the copy pool that bounds synchronous copies.
-fn copy_unit(
-    source: &Source,
-    cluster: ClusterSize,
-    access: &DeviceAccess,
-    in_unit: Range<u64>,
-    unit: u64,
-    (behind, deadline): (Option<&WriteBehind>, Option<std::time::Instant>),
-    copies: &mut Vec<Arc<PendingCopy>>,
-) -> Result<()> {
-    let size = source.size();
-    let stripe = access.stripe(unit);
-    let _g = match deadline {
-        None => stripe.write().unwrap_or_else(|p| p.into_inner()),
-        Some(d) => match access.wait_stripe(|| stripe.try_write(), Some(d)) {
-            Some(g) => g,
-            None if access.is_broken() => return Ok(()),
-            None => {
-                return Err(Error::new(
-                    Kind::TimedOut,
-                    format!(
-                        "copy-before-write on device {} waited longer than the timeout for a snapshot read of the same clusters",
-                        access.name
-                    ),
-                ))
-            }
-        },
-    };
-    if access.is_broken() {
-        return Ok(());
-    }
-    let mut c = in_unit.start;
-    while c < in_unit.end {
-        if !access.needs_copy(c) {
-            c += 1;
-            continue;
-        }
-        let run_start = c;
-        while c < in_unit.end && access.needs_copy(c) {
-            c += 1;
-        }
-        let bytes = cluster.byte_range(run_start..c, size);
-        let n = bytes.end - bytes.start;
-        access.policy.budget.reserve(n)?;
-        let copied = match behind {
-            Some(wb) => {
-                let mut data = wb.buffer(n as usize);
-                source.read_at(&mut data, bytes.start).map(|()| {
-                    let copy = Arc::new(PendingCopy {
-                        first: run_start,
-                        clusters: c - run_start,
-                        offset: bytes.start,
-                        data,
-                    });
-                    access.pending.insert(&copy);
-                    copies.push(copy);
-                })
-            }
-            None => copy_bytes(source, access, bytes),
-        };
-        if let Err(e) = copied {
-            access.policy.budget.release(n);
-            return Err(e);
-        }
-        access.copied.set_range(run_start..c);
-        access.copied_bytes.fetch_add(n, Ordering::Relaxed);
-    }
-    Ok(())
-}
-
-fn copy_bytes(source: &Source, access: &DeviceAccess, bytes: Range<u64>) -> Result<()> {
-    inject_copy_fault()?;
-    let mut pos = bytes.start;
-    while pos < bytes.end {
-        let n = ((bytes.end - pos) as usize).min(COPY_CHUNK);
-        with_copy_buf(n, |buf| {
-            source.read_at(buf, pos)?;
-            access.fleece.write_at(buf, pos)
-        })?;
-        pos += n as u64;
-    }
-    Ok(())
 }

@@ -22,9 +22,9 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::bitmap::Bitmap;
+use crate::bitmap_file::{BitmapKind, CrashSafety, TrackedBitmap};
 use crate::cbw::Device;
 use crate::error::{Error, Result};
-use crate::persist::{BitmapKind, CrashSafety, TrackedBitmap};
 use crate::state::write_atomic;
 
 const REGISTRY: &str = "registry.json";
@@ -53,7 +53,7 @@ const FAILED_WHILE_TRACKING: &str = "writing it failed while it was tracking wri
 /// The state of one registered bitmap.
 pub enum BitmapState {
     /// Open and trustworthy.
-    Ok(Arc<TrackedBitmap>),
+    Open(Arc<TrackedBitmap>),
     /// Cannot be trusted; the next setup with it recreates it.
     Invalid(String),
     /// Its device is not served by this daemon; left as it is.
@@ -77,7 +77,7 @@ pub struct Entry {
 }
 
 /// A bitmap line of `status`.
-#[derive(Serialize, Debug, Clone)]
+#[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct BitmapStatus {
     /// Device name.
     pub device: String,
@@ -99,10 +99,46 @@ pub struct BitmapStatus {
     pub sequence: Option<u64>,
 }
 
+/// What setup did with the bitmap of one device: the `bitmap_action` of its report
+/// (docs/usage.md), spelled in kebab-case in JSON and tables.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum BitmapAction {
+    /// No `--bitmap`, and the target had none on this device: a full backup.
+    NotUsed,
+    /// No `--bitmap`, and the target's bitmap on this device was removed: a full backup.
+    NotUsedRemoved,
+    /// A new bitmap was created (all dirty): a full backup.
+    New,
+    /// The bitmap was used: an incremental backup.
+    Used,
+    /// The bitmap could not be trusted and was recreated (all dirty): a full backup.
+    Invalid,
+}
+
+impl BitmapAction {
+    /// The name used in JSON, tables and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BitmapAction::NotUsed => "not-used",
+            BitmapAction::NotUsedRemoved => "not-used-removed",
+            BitmapAction::New => "new",
+            BitmapAction::Used => "used",
+            BitmapAction::Invalid => "invalid",
+        }
+    }
+}
+
+impl std::fmt::Display for BitmapAction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// What setup decided for one device.
 pub struct Decision {
     /// The `bitmap_action` reported.
-    pub action: &'static str,
+    pub action: BitmapAction,
     /// The bitmap the access uses (frozen), if any.
     pub bitmap: Option<Arc<TrackedBitmap>>,
     /// Its name.
@@ -279,7 +315,7 @@ impl BitmapStore {
         let interrupted = bg_path.exists();
         let state = match (main, interrupted) {
             (Err(reason), _) => BitmapState::Invalid(reason),
-            (Ok(t), false) => BitmapState::Ok(Arc::new(t)),
+            (Ok(t), false) => BitmapState::Open(Arc::new(t)),
             (Ok(t), true) => {
                 match TrackedBitmap::open(&bg_path, dev.source(), cluster, self.crash_safe)?
                     .and_then(|bg| check_names(bg, r, BitmapKind::Background))
@@ -296,7 +332,7 @@ impl BitmapStore {
                             r.device,
                             r.name
                         );
-                        BitmapState::Ok(Arc::new(t))
+                        BitmapState::Open(Arc::new(t))
                     }
                     Err(reason) => BitmapState::Invalid(format!(
                     "the background bitmap of an interrupted backup cannot be trusted: {reason}"
@@ -325,8 +361,10 @@ impl BitmapStore {
                     invalid: match &e.state {
                         BitmapState::Invalid(reason) => Some(reason.clone()),
                         BitmapState::Dormant => e.recorded_invalid.clone(),
-                        BitmapState::Ok(t) if t.failed() => Some(FAILED_WHILE_TRACKING.to_string()),
-                        BitmapState::Ok(_) => None,
+                        BitmapState::Open(t) if t.failed() => {
+                            Some(FAILED_WHILE_TRACKING.to_string())
+                        }
+                        BitmapState::Open(_) => None,
                     },
                 })
                 .collect(),
@@ -346,7 +384,7 @@ impl BitmapStore {
             .iter()
             .filter(|e| e.device == device && Some(e.target.as_str()) != except_target)
             .filter_map(|e| match &e.state {
-                BitmapState::Ok(t) => Some(t.clone()),
+                BitmapState::Open(t) => Some(t.clone()),
                 _ => None,
             })
             .collect()
@@ -364,7 +402,7 @@ impl BitmapStore {
         let pos = self.position(dev.name(), target);
         let cluster = dev.cluster().bytes();
         let mut d = Decision {
-            action: "not-used",
+            action: BitmapAction::NotUsed,
             bitmap: None,
             name: None,
             background: None,
@@ -388,24 +426,24 @@ impl BitmapStore {
             };
         let Some(name) = bitmap else {
             if pos.is_some() {
-                d.action = "not-used-removed";
+                d.action = BitmapAction::NotUsedRemoved;
             }
             return Ok(d);
         };
         match pos.map(|i| &self.entries[i]) {
             Some(e) if e.name == name => match &e.state {
-                BitmapState::Ok(t) if !t.failed() => {
-                    d.action = "used";
+                BitmapState::Open(t) if !t.failed() => {
+                    d.action = BitmapAction::Used;
                     d.bitmap = Some(t.clone());
                 }
-                BitmapState::Ok(_) => {
-                    d.action = "invalid";
-                    let reason = FAILED_WHILE_TRACKING.to_string();
-                    d.new_entry = Some(self.fresh_entry(dev, target, name, &reason));
+                BitmapState::Open(_) => {
+                    d.action = BitmapAction::Invalid;
+                    d.new_entry =
+                        Some(self.fresh_entry(dev, target, name, Some(FAILED_WHILE_TRACKING)));
                 }
                 BitmapState::Invalid(reason) => {
-                    d.action = "invalid";
-                    d.new_entry = Some(self.fresh_entry(dev, target, name, reason));
+                    d.action = BitmapAction::Invalid;
+                    d.new_entry = Some(self.fresh_entry(dev, target, name, Some(reason)));
                 }
                 BitmapState::Dormant => unreachable!("device {} is served", dev.name()),
             },
@@ -415,18 +453,18 @@ impl BitmapStore {
                     e.name,
                     dev.name()
                 );
-                d.action = "new";
-                d.new_entry = Some(self.fresh_entry(dev, target, name, "created"));
+                d.action = BitmapAction::New;
+                d.new_entry = Some(self.fresh_entry(dev, target, name, None));
             }
             None => {
-                d.action = "new";
-                d.new_entry = Some(self.fresh_entry(dev, target, name, "created"));
+                d.action = BitmapAction::New;
+                d.new_entry = Some(self.fresh_entry(dev, target, name, None));
             }
         }
         if let Some(e) = &mut d.new_entry {
             // Replace the file of the same name only once the access is installed.
             let t = create(BitmapKind::Target, name, "pending", true)?;
-            e.state = BitmapState::Ok(t.clone());
+            e.state = BitmapState::Open(t.clone());
             d.bitmap = Some(t);
         }
         match create(BitmapKind::Background, name, "background", false) {
@@ -440,8 +478,10 @@ impl BitmapStore {
         Ok(d)
     }
 
-    fn fresh_entry(&self, dev: &Device, target: &str, name: &str, reason: &str) -> Entry {
-        if reason != "created" {
+    /// A new registry entry for bitmap `name`: a first one (`invalid: None`), or one that
+    /// replaces a bitmap found invalid for the reason `invalid`.
+    fn fresh_entry(&self, dev: &Device, target: &str, name: &str, invalid: Option<&str>) -> Entry {
+        if let Some(reason) = invalid {
             log::warn!(
                 "bitmap '{name}' of target '{target}' on {} is invalid ({reason}): recreated all dirty, this backup is full",
                 dev.name()
@@ -453,7 +493,7 @@ impl BitmapStore {
             name: name.to_string(),
             state: BitmapState::Invalid("being created".into()),
             recorded_invalid: None,
-            note: (reason != "created").then(|| {
+            note: invalid.map(|reason| {
                 format!(
                     "recreated all dirty at {} because {reason}",
                     crate::logger::utc_timestamp(crate::sys::unix_now())
@@ -464,7 +504,7 @@ impl BitmapStore {
 
     /// Deletes the files a decision created (setup failed before it was installed).
     pub fn abandon(&self, d: &Decision) {
-        if let Some(BitmapState::Ok(t)) = d.new_entry.as_ref().map(|e| &e.state) {
+        if let Some(BitmapState::Open(t)) = d.new_entry.as_ref().map(|e| &e.state) {
             let _ = t.remove();
         }
         if let Some(bg) = &d.background {
@@ -477,11 +517,11 @@ impl BitmapStore {
     pub fn commit(&mut self, target: &str, decisions: &mut [(String, Decision)]) -> Result<()> {
         for (device, d) in decisions.iter_mut() {
             let pos = self.position(device, target);
-            let keep_existing = d.action == "used";
+            let keep_existing = d.action == BitmapAction::Used;
             if !keep_existing {
                 if let Some(i) = pos {
                     let old = self.entries.remove(i);
-                    if let BitmapState::Ok(t) = &old.state {
+                    if let BitmapState::Open(t) = &old.state {
                         if let Err(e) = t.remove() {
                             log::warn!("{}", crate::error::report(&e));
                         }
@@ -489,7 +529,7 @@ impl BitmapStore {
                         let p = self.path(&old.device, &old.target, &old.name, BitmapKind::Target);
                         let _ = std::fs::remove_file(p);
                     }
-                    if d.action == "not-used-removed" {
+                    if d.action == BitmapAction::NotUsedRemoved {
                         log::info!(
                             "removed bitmap '{}' of target '{target}' on {device}",
                             old.name
@@ -498,7 +538,7 @@ impl BitmapStore {
                 }
             }
             if let Some(e) = d.new_entry.take() {
-                if let BitmapState::Ok(t) = &e.state {
+                if let BitmapState::Open(t) = &e.state {
                     t.rename_to(&self.path(device, target, &e.name, BitmapKind::Target))?;
                 }
                 self.entries.push(e);
@@ -553,7 +593,7 @@ impl BitmapStore {
                     sequence: None,
                 };
                 match (&e.state, dev) {
-                    (BitmapState::Ok(t), Some(d)) => {
+                    (BitmapState::Open(t), Some(d)) => {
                         s.dirty_bytes = dirty_bytes(t.bits(), d.cluster().bytes(), d.size());
                         s.consistent = !t.failed();
                         if t.failed() {
@@ -578,7 +618,7 @@ impl BitmapStore {
         let failed = self
             .entries
             .iter()
-            .any(|e| matches!(&e.state, BitmapState::Ok(t) if t.failed()));
+            .any(|e| matches!(&e.state, BitmapState::Open(t) if t.failed()));
         if failed {
             if let Err(e) = self.save_registry() {
                 log::error!("{}", crate::error::report(&e));
@@ -589,7 +629,7 @@ impl BitmapStore {
     /// Clean shutdown: every open bitmap is flushed, checksummed and marked not in use.
     pub fn close_all(&self, devices: &[Arc<Device>]) {
         for e in &self.entries {
-            let BitmapState::Ok(t) = &e.state else {
+            let BitmapState::Open(t) = &e.state else {
                 continue;
             };
             let Some(dev) = devices.iter().find(|d| d.name() == e.device) else {

@@ -5,7 +5,7 @@
 //! A copy with a timeout runs on a pool thread while the writer waits at most the
 //! timeout for it. If it gives up, the copy goes on by itself (a blocking `pwrite`
 //! cannot be interrupted); the caller marks the access broken *before* its write reaches
-//! the source, so whatever the late copy stores is never served (see `cbw.rs`).
+//! the source, so whatever the late copy stores is never served (see `cbw/mod.rs`).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -203,24 +203,6 @@ impl CopyPool {
                 .0;
         }
     }
-}
-
-/// Everything a device access needs to apply the policy.
-#[derive(Clone)]
-pub struct CbwPolicy {
-    /// What a failed or timed-out copy breaks.
-    pub on_error: OnCbwError,
-    /// How long a writer waits for a copy (`None`: as long as it takes, inline).
-    pub timeout: Option<Duration>,
-    /// The pool timed copies run on.
-    pub pool: Option<Arc<CopyPool>>,
-    /// Where copies go under break-snapshot: into memory first, stored by flusher
-    /// threads (`None`: copies are synchronous).
-    pub write_behind: Option<Arc<crate::writebehind::WriteBehind>>,
-    /// Fleecing space of the access.
-    pub budget: Arc<FleecingBudget>,
-    /// Whether the access is broken.
-    pub breaker: Arc<Breaker>,
 }
 
 /// Test-only fault injection (cargo feature `fault-injection`):

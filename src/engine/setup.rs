@@ -1,0 +1,224 @@
+//! `setup`: starts a backup access. Everything that can fail (fleecing files, bitmap
+//! decisions, the registry, the access record) is prepared first; then every gate of the
+//! access is taken in device index order and the accesses are switched in while all are
+//! held, so the snapshot of several devices is one instant.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::bitmap::Bitmap;
+use crate::bitmap_store::{BitmapAction, Decision};
+use crate::cbw::policy::{Breaker, FleecingBudget};
+use crate::cbw::CbwPolicy;
+use crate::engine::report::{SetupDevice, SetupReport};
+use crate::engine::{validate_name, Active, ActiveDevice, Engine};
+use crate::error::{Error, IoContext, Result};
+use crate::fleece::FleecingFile;
+use crate::layout::MountLayout;
+use crate::state::AccessRecord;
+use crate::sys::unix_now;
+
+impl Engine {
+    fn resolve_devices(&self, names: Option<&[String]>) -> Result<Vec<usize>> {
+        let Some(names) = names else {
+            return Ok((0..self.devices.len()).collect());
+        };
+        if names.is_empty() {
+            return Err(Error::invalid("--devices names no device"));
+        }
+        let mut out: Vec<usize> = Vec::new();
+        for n in names {
+            let i = self.device_index(n).ok_or_else(|| {
+                let known: Vec<&str> = self.devices.iter().map(|d| d.name()).collect();
+                Error::not_found(format!(
+                    "unknown device '{}' (devices: {})",
+                    n.escape_debug(),
+                    known.join(", ")
+                ))
+            })?;
+            if out.contains(&i) {
+                return Err(Error::invalid(format!("device '{n}' is named twice")));
+            }
+            out.push(i);
+        }
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    fn fleecing_path(&self, device: &str, target: &str) -> PathBuf {
+        self.config
+            .fleecing_dir
+            .join(format!("{device}.{target}.fleece"))
+    }
+
+    /// Starts a backup access for `target` on `devices` (all when `None`).
+    pub fn setup(
+        &self,
+        target: &str,
+        devices: Option<&[String]>,
+        bitmap: Option<&str>,
+    ) -> Result<SetupReport> {
+        validate_name("target", target)?;
+        if let Some(b) = bitmap {
+            validate_name("bitmap name", b)?;
+        }
+        let mut control = self.control();
+        if control.shut_down {
+            return Err(Error::busy("the daemon is shutting down"));
+        }
+        if let Some(a) = &control.active {
+            return Err(Error::busy(format!(
+                "a backup access is already active for target '{}'; tear it down first",
+                a.target
+            )));
+        }
+        let indices = self.resolve_devices(devices)?;
+        let control = &mut *control;
+        if bitmap.is_some() && control.bitmaps.is_none() {
+            return Err(Error::invalid(
+                "--bitmap needs a state directory for the bitmaps",
+            ));
+        }
+        std::fs::create_dir_all(&self.config.fleecing_dir).context(|| {
+            format!(
+                "creating fleecing directory {}",
+                self.config.fleecing_dir.display()
+            )
+        })?;
+        let id = control.next_id;
+        control.next_id += 1;
+        let started_at = unix_now();
+        let record = AccessRecord {
+            target: target.to_string(),
+            started_at,
+            devices: indices
+                .iter()
+                .map(|&i| {
+                    let name = self.devices[i].name();
+                    (name.to_string(), self.fleecing_path(name, target))
+                })
+                .collect(),
+        };
+        if let Some(state) = &self.state {
+            // A teardown that could not delete a fleecing file left its record: clean up
+            // now, or refuse, rather than forget those files by overwriting the record.
+            if let Some(old) = state.leftover_access()? {
+                let removed = state.remove_leftovers(&old).map_err(|e| {
+                    Error::busy(format!(
+                        "fleecing files of the earlier access '{}' cannot be removed ({}); remove them and retry",
+                        old.target,
+                        crate::error::report(&e)
+                    ))
+                })?;
+                log::warn!(
+                    "removed {} leftover fleecing file(s) of the earlier access '{}'",
+                    removed.len(),
+                    old.target
+                );
+            }
+            state.record_access(&record)?;
+        }
+        // Prepare everything that can fail before touching any gate: fleecing files,
+        // bitmap decisions (new files), then the registry.
+        let mut fleeces: Vec<FleecingFile> = Vec::new();
+        let mut decisions: Vec<(String, Decision)> = Vec::new();
+        let prepared = (|| -> Result<()> {
+            for (&i, (_, path)) in indices.iter().zip(&record.devices) {
+                let dev = &self.devices[i];
+                fleeces.push(FleecingFile::create(path, dev.size())?);
+                if let Some(store) = control.bitmaps.as_mut() {
+                    decisions.push((dev.name().to_string(), store.decide(dev, target, bitmap)?));
+                }
+            }
+            if let Some(store) = control.bitmaps.as_mut() {
+                store.commit(target, &mut decisions)?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = prepared {
+            for f in &fleeces {
+                let _ = f.remove();
+            }
+            if let Some(store) = &control.bitmaps {
+                for (_, d) in &decisions {
+                    store.abandon(d);
+                }
+            }
+            if let Some(state) = &self.state {
+                let _ = state.clear_access();
+            }
+            return Err(e);
+        }
+        let mut decisions = decisions.into_iter();
+        let policy = CbwPolicy {
+            on_error: self.config.on_cbw_error,
+            timeout: self.config.cbw_timeout,
+            pool: self.copy_pool.clone(),
+            write_behind: self.write_behind.clone(),
+            budget: Arc::new(FleecingBudget::new(self.config.fleecing_limit)),
+            breaker: Arc::new(Breaker::default()),
+        };
+        let mut active_devices = Vec::new();
+        let mut report = Vec::new();
+        {
+            // One instant for all devices: hold every gate, then switch. No write is in
+            // flight on any of them, so each frozen bitmap is exact and every later write
+            // lands in its background bitmap.
+            let mut gates: Vec<_> = indices
+                .iter()
+                .map(|&i| self.devices[i].lock_gate())
+                .collect();
+            for ((gate, &i), fleece) in gates.iter_mut().zip(&indices).zip(fleeces) {
+                let dev = &self.devices[i];
+                let decision = decisions.next().map(|(_, d)| d);
+                let (action, bitmap, name, background) = match decision {
+                    Some(d) => (d.action, d.bitmap, d.name, d.background),
+                    None => (BitmapAction::NotUsed, None, None, None),
+                };
+                let frozen = match (&bitmap, action) {
+                    (Some(b), BitmapAction::Used) => Arc::new(b.bits().to_heap()),
+                    _ => Arc::new(Bitmap::new(dev.clusters(), true)),
+                };
+                let access = Arc::new(dev.new_access(id, frozen, fleece, policy.clone()));
+                let paths = MountLayout::relative();
+                report.push(SetupDevice {
+                    name: dev.name().to_string(),
+                    size: dev.size(),
+                    snapshot: paths.snapshot(dev.name()),
+                    dirty_map: paths.dirty_map(dev.name()),
+                    bitmap: name,
+                    bitmap_action: action,
+                    dirty_bytes: access.dirty_map().dirty_bytes(),
+                });
+                gate.access = Some(access);
+                if let Some(store) = &control.bitmaps {
+                    gate.tracking = store.tracking_for(dev.name(), Some(target));
+                    gate.tracking.extend(background.clone());
+                }
+                active_devices.push(ActiveDevice {
+                    index: i,
+                    bitmap,
+                    background,
+                });
+            }
+        }
+        control.active = Some(Active {
+            target: target.to_string(),
+            id,
+            devices: active_devices,
+            started_at,
+        });
+        log::info!(
+            "backup access for target '{target}' set up on {}",
+            report
+                .iter()
+                .map(|d| format!("{} ({})", d.name, d.bitmap_action))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        Ok(SetupReport {
+            target: target.to_string(),
+            devices: report,
+        })
+    }
+}

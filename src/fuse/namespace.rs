@@ -1,0 +1,551 @@
+//! The namespace the FUSE adapter serves: inode numbers, attributes, directory entries,
+//! and the policy of what may be opened, written or changed. Every refusal is an
+//! [`Error`] with a kind (not found, is a directory, read-only, not permitted ...);
+//! `error.rs` turns kinds into errnos, so this module knows no errno.
+//!
+//! ```text
+//! MOUNTPOINT/                 ino 1
+//!   live/                     ino 2
+//!     NAME                    ino 16 + 3*i   read-write, page cached
+//!   snapshot/                 ino 3
+//!     NAME                    ino 17 + 3*i   only during an access; direct I/O
+//!     NAME.dirty              ino 18 + 3*i   only during an access; direct I/O
+//! ```
+//! Snapshot and dirty-map handles carry the access id in `fh`, so a handle opened during
+//! one access never reads another access's snapshot (ESTALE instead).
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use fuser::{FileAttr, FileType, FopenFlags, INodeNo};
+
+use crate::cbw::{Device, DeviceAccess};
+use crate::engine::Engine;
+use crate::error::{Error, Kind, Result};
+use crate::layout;
+
+const ROOT: u64 = 1;
+const LIVE_DIR: u64 = 2;
+const SNAP_DIR: u64 = 3;
+const FIRST_FILE: u64 = 16;
+/// Attributes of fixed things (dirs, live files) may be cached briefly.
+const TTL_STABLE: Duration = Duration::from_secs(1);
+/// Snapshot entries come and go with accesses: never cached.
+const TTL_NONE: Duration = Duration::ZERO;
+
+/// A node of the namespace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Node {
+    /// The mount point.
+    Root,
+    /// `live/`.
+    LiveDir,
+    /// `snapshot/`.
+    SnapDir,
+    /// `live/NAME` of device `i`.
+    Live(usize),
+    /// `snapshot/NAME` of device `i`.
+    Snap(usize),
+    /// `snapshot/NAME.dirty` of device `i`.
+    Dirty(usize),
+}
+
+impl Node {
+    /// The node of inode number `ino` on a mount of `ndev` devices.
+    pub fn from_ino(ino: u64, ndev: usize) -> Option<Node> {
+        match ino {
+            ROOT => Some(Node::Root),
+            LIVE_DIR => Some(Node::LiveDir),
+            SNAP_DIR => Some(Node::SnapDir),
+            i if i >= FIRST_FILE => {
+                let k = i - FIRST_FILE;
+                let dev = (k / 3) as usize;
+                if dev >= ndev {
+                    return None;
+                }
+                Some(match k % 3 {
+                    0 => Node::Live(dev),
+                    1 => Node::Snap(dev),
+                    _ => Node::Dirty(dev),
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// Its inode number.
+    pub fn ino(self) -> u64 {
+        match self {
+            Node::Root => ROOT,
+            Node::LiveDir => LIVE_DIR,
+            Node::SnapDir => SNAP_DIR,
+            Node::Live(i) => FIRST_FILE + 3 * i as u64,
+            Node::Snap(i) => FIRST_FILE + 3 * i as u64 + 1,
+            Node::Dirty(i) => FIRST_FILE + 3 * i as u64 + 2,
+        }
+    }
+
+    /// Whether it is a directory.
+    pub fn is_dir(self) -> bool {
+        matches!(self, Node::Root | Node::LiveDir | Node::SnapDir)
+    }
+
+    /// How long the kernel may cache its attributes and entry.
+    pub fn ttl(self) -> &'static Duration {
+        match self {
+            Node::Snap(_) | Node::Dirty(_) | Node::SnapDir => &TTL_NONE,
+            _ => &TTL_STABLE,
+        }
+    }
+
+    /// The file type of its directory entry.
+    pub fn file_type(self) -> FileType {
+        if self.is_dir() {
+            FileType::Directory
+        } else {
+            FileType::RegularFile
+        }
+    }
+}
+
+/// The refusal for a file operation on a directory.
+pub fn is_a_directory() -> Error {
+    Error::new(
+        Kind::IsDirectory,
+        "the operation needs a file, not a directory",
+    )
+}
+
+/// The refusal for a change to a snapshot or dirty map.
+pub fn read_only() -> Error {
+    Error::new(
+        Kind::ReadOnly,
+        "snapshot files and dirty maps are read-only",
+    )
+}
+
+/// The refusal for creating, removing or renaming anything.
+pub fn not_permitted() -> Error {
+    Error::new(
+        Kind::NotPermitted,
+        "the files of a fleecefs mount cannot be created, removed or renamed",
+    )
+}
+
+/// How a file is opened: the handle and the kernel's caching flags.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Opened {
+    /// The file handle (the access id for snapshot files and dirty maps).
+    pub fh: u64,
+    /// Direct I/O or page cache.
+    pub flags: FopenFlags,
+}
+
+/// The namespace of one mount over an engine.
+pub struct Namespace {
+    engine: Arc<Engine>,
+    started: SystemTime,
+    owner: (u32, u32),
+}
+
+impl Namespace {
+    /// The namespace over `engine`; directories belong to `owner` (uid, gid).
+    pub fn new(engine: Arc<Engine>, owner: (u32, u32)) -> Namespace {
+        Namespace {
+            engine,
+            started: SystemTime::now(),
+            owner,
+        }
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The node of `ino`, or NotFound.
+    pub fn node(&self, ino: INodeNo) -> Result<Node> {
+        Node::from_ino(ino.0, self.engine.devices().len())
+            .ok_or_else(|| Error::not_found(format!("no inode {}", ino.0)))
+    }
+
+    /// Device `i`.
+    pub fn device(&self, i: usize) -> &Arc<Device> {
+        &self.engine.devices()[i]
+    }
+
+    /// The access that currently exposes device `i`, if any.
+    pub fn access_of(&self, i: usize) -> Option<Arc<DeviceAccess>> {
+        self.device(i).access()
+    }
+
+    fn gone(&self, i: usize) -> Error {
+        Error::not_found(format!(
+            "{}/{}: no backup access is active",
+            layout::SNAPSHOT_DIR,
+            self.device(i).name()
+        ))
+    }
+
+    /// The attributes of `node`; NotFound for snapshot files outside an access.
+    pub fn attr(&self, node: Node) -> Result<FileAttr> {
+        let mut a = FileAttr {
+            ino: INodeNo(node.ino()),
+            size: 0,
+            blocks: 0,
+            atime: self.started,
+            mtime: self.started,
+            ctime: self.started,
+            crtime: self.started,
+            kind: FileType::Directory,
+            perm: 0o755,
+            nlink: 2,
+            uid: self.owner.0,
+            gid: self.owner.1,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        };
+        let file = |a: &mut FileAttr, dev: &Device, size: u64, perm: u32| {
+            let id = dev.source().identity();
+            a.kind = FileType::RegularFile;
+            a.nlink = 1;
+            a.size = size;
+            a.blocks = size.div_ceil(512);
+            a.perm = perm as u16;
+            a.uid = id.uid;
+            a.gid = id.gid;
+        };
+        match node {
+            Node::Root | Node::LiveDir | Node::SnapDir => {}
+            Node::Live(i) => {
+                let dev = self.device(i);
+                file(&mut a, dev, dev.size(), dev.source().identity().mode);
+                if let Some((mtime, ctime)) = dev.source().times() {
+                    (a.mtime, a.ctime) = (mtime, ctime);
+                }
+            }
+            Node::Snap(i) => {
+                let access = self.access_of(i).ok_or_else(|| self.gone(i))?;
+                let dev = self.device(i);
+                file(
+                    &mut a,
+                    dev,
+                    dev.size(),
+                    dev.source().identity().mode & !0o022,
+                );
+                a.blocks = access.dirty_map().dirty_bytes().div_ceil(512);
+                (a.mtime, a.ctime) = (access.created(), access.created());
+            }
+            Node::Dirty(i) => {
+                let access = self.access_of(i).ok_or_else(|| self.gone(i))?;
+                let dev = self.device(i);
+                file(
+                    &mut a,
+                    dev,
+                    access.dirty_map().text_len(),
+                    dev.source().identity().mode & 0o444,
+                );
+                (a.mtime, a.ctime) = (access.created(), access.created());
+            }
+        }
+        Ok(a)
+    }
+
+    /// The entries of directory `dir` (without `.` and `..`).
+    fn children(&self, dir: Node) -> Vec<(Node, String)> {
+        match dir {
+            Node::Root => vec![
+                (Node::LiveDir, layout::LIVE_DIR.into()),
+                (Node::SnapDir, layout::SNAPSHOT_DIR.into()),
+            ],
+            Node::LiveDir => self
+                .engine
+                .devices()
+                .iter()
+                .enumerate()
+                .map(|(i, d)| (Node::Live(i), d.name().to_string()))
+                .collect(),
+            Node::SnapDir => {
+                let mut out = Vec::new();
+                for (i, d) in self.engine.devices().iter().enumerate() {
+                    if d.access().is_some() {
+                        out.push((Node::Snap(i), d.name().to_string()));
+                        out.push((Node::Dirty(i), layout::dirty_map_name(d.name())));
+                    }
+                }
+                out
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// The node called `name` in `parent`, with its attributes.
+    pub fn lookup(&self, parent: Node, name: &str) -> Result<(Node, FileAttr)> {
+        self.children(parent)
+            .into_iter()
+            .find(|(_, n)| n == name)
+            .and_then(|(node, _)| self.attr(node).ok().map(|a| (node, a)))
+            .ok_or_else(|| Error::not_found(format!("no entry '{}'", name.escape_debug())))
+    }
+
+    /// The entries of directory `dir`, `.` and `..` first; NotDirectory for a file.
+    pub fn entries(&self, dir: Node) -> Result<Vec<(INodeNo, FileType, String)>> {
+        if !dir.is_dir() {
+            return Err(Error::new(Kind::NotDirectory, "not a directory"));
+        }
+        let mut entries = vec![
+            (INodeNo(dir.ino()), FileType::Directory, ".".to_string()),
+            (INodeNo(ROOT), FileType::Directory, "..".to_string()),
+        ];
+        for (node, name) in self.children(dir) {
+            entries.push((INodeNo(node.ino()), node.file_type(), name));
+        }
+        Ok(entries)
+    }
+
+    /// What `setattr` may change: times are accepted and ignored (the source's times
+    /// belong to the source), the size only stays what it is, nothing else changes.
+    pub fn check_setattr(
+        &self,
+        node: Node,
+        attr: &FileAttr,
+        size: Option<u64>,
+        changes_owner_or_mode: bool,
+    ) -> Result<()> {
+        if let Some(s) = size {
+            match node {
+                Node::Live(_) if s == attr.size => {}
+                Node::Live(i) => {
+                    return Err(Error::new(
+                        Kind::NotPermitted,
+                        format!(
+                            "refused to resize live/{} to {s}: devices have a fixed size",
+                            self.device(i).name()
+                        ),
+                    ))
+                }
+                Node::Snap(_) | Node::Dirty(_) => return Err(read_only()),
+                _ => return Err(is_a_directory()),
+            }
+        }
+        if changes_owner_or_mode {
+            return Err(Error::new(
+                Kind::NotPermitted,
+                "the owner and mode of fleecefs files are those of their source",
+            ));
+        }
+        Ok(())
+    }
+
+    /// How `node` is opened with open(2) `flags`. `coherent_direct_io`: the kernel keeps
+    /// mmap coherent with direct writes; `live_cache`: `--live-cache`.
+    pub fn open(
+        &self,
+        node: Node,
+        flags: i32,
+        coherent_direct_io: bool,
+        live_cache: bool,
+    ) -> Result<Opened> {
+        let writing = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        match node {
+            Node::Live(_) => {
+                // Direct I/O unless the page cache is asked for: reads and writes go
+                // straight between the caller's buffer and the daemon, one copy fewer
+                // than through the FUSE page cache (docs/performance.md). It needs a
+                // kernel that keeps mmap coherent with direct writes; without one, or
+                // with --live-cache, buffered opens are page-cached and write-through.
+                // Every change to a live file goes through this mount and keeps that
+                // cache coherent (writes fill it, fallocate and direct writes invalidate
+                // it), so it survives open/close.
+                let direct = coherent_direct_io && (!live_cache || flags & libc::O_DIRECT != 0);
+                let flags = if direct {
+                    FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES
+                } else {
+                    FopenFlags::FOPEN_KEEP_CACHE
+                };
+                Ok(Opened { fh: 0, flags })
+            }
+            Node::Snap(i) | Node::Dirty(i) => {
+                if matches!(node, Node::Dirty(_)) && writing {
+                    return Err(read_only());
+                }
+                match self.access_of(i) {
+                    // Snapshot data never changes during an access, but discards must
+                    // turn into EACCES at once and a new access must not see old pages:
+                    // no page cache.
+                    Some(a) => Ok(Opened {
+                        fh: a.id(),
+                        flags: FopenFlags::FOPEN_DIRECT_IO,
+                    }),
+                    None => Err(self.gone(i)),
+                }
+            }
+            _ => Err(is_a_directory()),
+        }
+    }
+
+    /// Reads the dirty map of device `i` for the handle of access `fh`.
+    pub fn read_dirty_map(&self, i: usize, fh: u64, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        match self.access_of(i) {
+            Some(a) if a.id() == fh => Ok(a.dirty_map().read_at(offset, buf)),
+            _ => Err(Error::new(
+                Kind::Stale,
+                "the backup access of this dirty map has ended",
+            )),
+        }
+    }
+
+    /// `statfs`: total blocks of 4 KiB over all devices, and the number of files.
+    pub fn statfs(&self) -> (u64, u64) {
+        let total: u64 = self.engine.devices().iter().map(|d| d.size()).sum();
+        let files = 3 + 3 * self.engine.devices().len() as u64;
+        (total.div_ceil(4096), files)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inode_numbers_round_trip() {
+        for node in [
+            Node::Root,
+            Node::LiveDir,
+            Node::SnapDir,
+            Node::Live(0),
+            Node::Snap(0),
+            Node::Dirty(0),
+            Node::Live(2),
+            Node::Snap(2),
+            Node::Dirty(2),
+        ] {
+            assert_eq!(Node::from_ino(node.ino(), 3), Some(node));
+        }
+        assert_eq!(Node::Live(1).ino(), 19);
+        assert_eq!(Node::from_ino(0, 3), None);
+        assert_eq!(Node::from_ino(4, 3), None);
+        assert_eq!(Node::from_ino(FIRST_FILE + 9, 3), None);
+    }
+
+    fn errno_of<T>(r: Result<T>) -> i32 {
+        match r {
+            Ok(_) => 0,
+            Err(e) => e.errno(),
+        }
+    }
+
+    /// The errno of every refusal of the namespace, without a mount: an engine over one
+    /// small image file, before and during an access.
+    #[test]
+    fn errnos_of_the_namespace() {
+        use crate::engine::EngineConfig;
+        use crate::source::Source;
+        use crate::units::ClusterSize;
+
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("d.img");
+        std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+        let dev = Device::new(
+            "d".into(),
+            Source::open(&img).unwrap(),
+            ClusterSize::new(65536).unwrap(),
+        );
+        let config = EngineConfig::new(dir.path().join("fleece"));
+        let engine = Arc::new(Engine::new(vec![dev], config, None).unwrap());
+        let ns = Namespace::new(engine.clone(), (0, 0));
+        let live = Node::Live(0);
+
+        assert_eq!(errno_of(ns.node(INodeNo(99))), libc::ENOENT);
+        assert_eq!(errno_of(ns.lookup(Node::Root, "nope")), libc::ENOENT);
+        assert_eq!(ns.lookup(Node::Root, "live").unwrap().0, Node::LiveDir);
+        assert_eq!(ns.lookup(Node::LiveDir, "d").unwrap().0, live);
+        // Outside an access the snapshot files do not exist.
+        assert_eq!(errno_of(ns.lookup(Node::SnapDir, "d")), libc::ENOENT);
+        assert_eq!(errno_of(ns.attr(Node::Snap(0))), libc::ENOENT);
+        assert_eq!(
+            errno_of(ns.open(Node::Snap(0), libc::O_RDONLY, true, false)),
+            libc::ENOENT
+        );
+        assert_eq!(
+            errno_of(ns.open(Node::LiveDir, libc::O_RDONLY, true, false)),
+            libc::EISDIR
+        );
+        assert_eq!(errno_of(ns.entries(live)), libc::ENOTDIR);
+
+        let attr = ns.attr(live).unwrap();
+        assert_eq!(
+            errno_of(ns.check_setattr(live, &attr, Some(attr.size), false)),
+            0
+        );
+        assert_eq!(
+            errno_of(ns.check_setattr(live, &attr, Some(1), false)),
+            libc::EPERM
+        );
+        assert_eq!(
+            errno_of(ns.check_setattr(live, &attr, None, true)),
+            libc::EPERM
+        );
+        assert_eq!(
+            errno_of(ns.check_setattr(Node::Snap(0), &attr, Some(1), false)),
+            libc::EROFS
+        );
+        assert_eq!(
+            errno_of(ns.check_setattr(Node::Root, &attr, Some(1), false)),
+            libc::EISDIR
+        );
+
+        // Direct I/O for live files unless --live-cache, or without a coherent kernel.
+        let o = ns.open(live, libc::O_RDWR, true, false).unwrap();
+        assert!(o.flags.contains(FopenFlags::FOPEN_DIRECT_IO));
+        let o = ns.open(live, libc::O_RDWR, true, true).unwrap();
+        assert_eq!(o.flags, FopenFlags::FOPEN_KEEP_CACHE);
+        let o = ns
+            .open(live, libc::O_RDWR | libc::O_DIRECT, true, true)
+            .unwrap();
+        assert!(o.flags.contains(FopenFlags::FOPEN_DIRECT_IO));
+        let o = ns.open(live, libc::O_RDWR, false, false).unwrap();
+        assert_eq!(o.flags, FopenFlags::FOPEN_KEEP_CACHE);
+
+        engine.setup("t", None, None).unwrap();
+        let id = engine.active().unwrap().0;
+        let snap = ns.open(Node::Snap(0), libc::O_RDWR, true, false).unwrap();
+        assert_eq!((snap.fh, snap.flags), (id, FopenFlags::FOPEN_DIRECT_IO));
+        assert_eq!(
+            errno_of(ns.open(Node::Dirty(0), libc::O_WRONLY, true, false)),
+            libc::EROFS
+        );
+        assert_eq!(
+            ns.open(Node::Dirty(0), libc::O_RDONLY, true, false)
+                .unwrap()
+                .fh,
+            id
+        );
+        let names: Vec<String> = ns
+            .entries(Node::SnapDir)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.2)
+            .collect();
+        assert_eq!(names, [".", "..", "d", "d.dirty"]);
+        let mut buf = [0u8; 64];
+        assert!(ns.read_dirty_map(0, id, 0, &mut buf).unwrap() > 0);
+        assert_eq!(
+            errno_of(ns.read_dirty_map(0, id + 1, 0, &mut buf)),
+            libc::ESTALE
+        );
+        engine.teardown("t", false).unwrap();
+        assert_eq!(
+            errno_of(ns.read_dirty_map(0, id, 0, &mut buf)),
+            libc::ESTALE
+        );
+    }
+
+    #[test]
+    fn refusals_carry_the_kinds_of_their_errnos() {
+        assert_eq!(is_a_directory().errno(), libc::EISDIR);
+        assert_eq!(read_only().errno(), libc::EROFS);
+        assert_eq!(not_permitted().errno(), libc::EPERM);
+    }
+}

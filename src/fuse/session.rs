@@ -1,0 +1,66 @@
+//! Mounting the FUSE adapter: the mount options and the session thread.
+
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use fuser::{Config, MountOption, Session, SessionACL};
+
+use crate::engine::Engine;
+use crate::fuse::pool::{BackupPool, BackupPriority, POOL_THREADS};
+use crate::fuse::FleeceFs;
+
+/// How the FUSE session is set up.
+#[derive(Clone, Debug)]
+pub struct SessionOptions {
+    /// The file system name in the mount table (`fleecefs:STATE_DIR`).
+    pub fsname: String,
+    /// Other users may use the mount (`--allow-other`); otherwise only the owner.
+    pub allow_other: bool,
+    /// FUSE worker threads.
+    pub threads: usize,
+    /// Buffered opens of live files use the page cache (`--live-cache`).
+    pub live_cache: bool,
+    /// Where snapshot and dirty-map reads run (`--backup-priority`).
+    pub backup_priority: BackupPriority,
+}
+
+/// Mounts `engine` at `mountpoint`: `default_permissions`, an owner-only ACL unless
+/// `allow_other`, one cloned `/dev/fuse` fd per worker thread; with
+/// `--backup-priority low`, the backup read pool (`pool.rs`).
+pub fn mount(
+    engine: Arc<Engine>,
+    mountpoint: &Path,
+    opts: &SessionOptions,
+) -> io::Result<Session<FleeceFs>> {
+    let mut fuse_config = Config::default();
+    fuse_config.mount_options = vec![
+        MountOption::FSName(opts.fsname.clone()),
+        MountOption::Subtype("fleecefs".into()),
+        MountOption::DefaultPermissions,
+    ];
+    fuse_config.acl = if opts.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    fuse_config.n_threads = Some(opts.threads);
+    fuse_config.clone_fd = true;
+    let pool = match opts.backup_priority {
+        BackupPriority::Low => Some(BackupPool::start(POOL_THREADS)?),
+        BackupPriority::Normal => None,
+    };
+    Session::new(
+        FleeceFs::new(engine, opts.live_cache, pool),
+        mountpoint,
+        &fuse_config,
+    )
+}
+
+/// Runs `session` on its own thread (`fuse-session`) until the file system is unmounted.
+pub fn spawn(session: Session<FleeceFs>) -> io::Result<JoinHandle<io::Result<()>>> {
+    std::thread::Builder::new()
+        .name("fuse-session".into())
+        .spawn(move || session.run())
+}
