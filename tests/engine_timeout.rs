@@ -231,7 +231,11 @@ fn slow_copies_time_out_without_blocking_the_writer_or_corrupting_anything() {
         "writer waited {waited:?} for a stuck reader"
     );
     assert!(!e.status().access.unwrap().broken);
-    assert_eq!(reader.join().unwrap().unwrap(), 0x11, "not the point-in-time data");
+    assert_eq!(
+        reader.join().unwrap().unwrap(),
+        0x11,
+        "not the point-in-time data"
+    );
     std::env::set_var("FLEECEFS_FAULT_FLEECE_READ", "");
     assert!(e.teardown("t", false).is_ok());
 
@@ -252,7 +256,11 @@ fn slow_copies_time_out_without_blocking_the_writer_or_corrupting_anything() {
         start.elapsed()
     );
     let r = reader.join().unwrap();
-    assert_eq!(r.unwrap_err().errno(), libc::EACCES, "discarded data served");
+    assert_eq!(
+        r.unwrap_err().errno(),
+        libc::EACCES,
+        "discarded data served"
+    );
     std::env::set_var("FLEECEFS_FAULT_FLEECE_READ", "");
 
     // A snapshot reader stuck reading the fleecing file holds neither teardown nor the
