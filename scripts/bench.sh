@@ -317,7 +317,8 @@ GUEST_PHASES=(
 )
 if [ "$ONLY" = guest ]; then
     NOACC_WORKLOADS=$GUEST_NOACC
-    ACCESS_PHASES=("${GUEST_PHASES[@]}")
+    # plus the snapshot read without any guest I/O: full speed (work-conserving)?
+    ACCESS_PHASES=("verify_cbw wl_snap_seqread wl_guest_access" "wl_guest_backup")
 else
     NOACC_WORKLOADS="$NOACC_WORKLOADS $GUEST_NOACC"
     ACCESS_PHASES+=("${GUEST_PHASES[@]}")
