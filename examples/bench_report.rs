@@ -437,7 +437,12 @@ fn main_table(systems: &[&str], m: &[Vec<Option<Stats>>]) -> String {
     let mut t = String::new();
     let _ = writeln!(t, "| {} |", hdr.join(" | "));
     let _ = writeln!(t, "|{}", "---|".repeat(hdr.len()));
+    let ran = |line: &Vec<Option<Stats>>| line.iter().any(Option::is_some);
     for (r, line) in ROWS.iter().zip(m) {
+        // A workload that ran on no system (BENCH_ONLY) has no row.
+        if !ran(line) {
+            continue;
+        }
         let mut cells = vec![r.label.to_string()];
         for v in line {
             cells.push(fmt(v.map(|v| v.mb_s), 1));
@@ -454,6 +459,12 @@ fn main_table(systems: &[&str], m: &[Vec<Option<Stats>>]) -> String {
     let _ = writeln!(t, "| target | measured | required | met |");
     let _ = writeln!(t, "|---|---|---|---|");
     for tg in TARGETS {
+        let row = ROWS
+            .iter()
+            .position(|r| r.workload == tg.workload && r.job.is_none());
+        if row.is_some_and(|i| !ran(&m[i])) {
+            continue;
+        }
         let r = match (fl, idx(tg.against)) {
             (Some(a), Some(b)) => ROWS
                 .iter()
