@@ -30,6 +30,7 @@ enum Storage {
 // SAFETY: the raw pointer only refers into the owned mapping, and all access to it goes
 // through atomic operations.
 unsafe impl Send for Storage {}
+// SAFETY: as for Send: shared access goes through atomic operations only.
 unsafe impl Sync for Storage {}
 
 /// A fixed-size bitmap of clusters with atomic bit operations.

@@ -48,11 +48,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
-use memmap2::MmapOptions;
-
 use crate::bitmap::Bitmap;
 use crate::error::{Error, IoContext, Result};
 use crate::source::Source;
+use crate::sync::Recover;
 
 const MAGIC: &[u8; 8] = b"FLEECEBM";
 /// Format version written and understood.
@@ -282,15 +281,10 @@ pub type Invalid = String;
 impl TrackedBitmap {
     fn map(path: &Path, file: File, header: Header, safety: CrashSafety) -> Result<TrackedBitmap> {
         let len = Bitmap::bytes_for(header.nbits).max(8);
-        // SAFETY: the file is ours (state dir, 0600) and no other process maps it while
-        // we hold the state lock; the mapping is only accessed through atomics.
-        let map = unsafe {
-            MmapOptions::new()
-                .offset(HEADER_LEN as u64)
-                .len(len)
-                .map_mut(&file)
-        }
-        .context(|| format!("mapping bitmap {}", path.display()))?;
+        // The file is ours (state dir, 0600) and no other process maps it while we hold
+        // the state lock; the mapping is only accessed through atomics.
+        let map = crate::sys::map_shared(&file, HEADER_LEN as u64, len)
+            .context(|| format!("mapping bitmap {}", path.display()))?;
         let bits = Bitmap::from_mmap(map, 0, header.nbits);
         // Filled by the caller once the bits are on stable storage.
         let durable = (safety == CrashSafety::Sync).then(|| Bitmap::new(header.nbits, false));
@@ -369,7 +363,7 @@ impl TrackedBitmap {
         if let Some(dir) = path.parent() {
             crate::state::sync_dir(dir)?;
         }
-        *t.path.lock().unwrap_or_else(|p| p.into_inner()) = path.to_path_buf();
+        *t.path.lock().recover() = path.to_path_buf();
         Ok(t)
     }
 
@@ -467,7 +461,7 @@ impl TrackedBitmap {
         }
         // Mark it in use before any write is tracked in it.
         {
-            let mut h = t.header.lock().unwrap_or_else(|p| p.into_inner());
+            let mut h = t.header.lock().recover();
             h.in_use = true;
             h.crash_safe = safety != CrashSafety::Off;
             h.synced = safety == CrashSafety::Sync;
@@ -488,10 +482,7 @@ impl TrackedBitmap {
 
     /// A copy of the header.
     pub fn header(&self) -> Header {
-        self.header
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.header.lock().recover().clone()
     }
 
     /// The bits.
@@ -501,12 +492,12 @@ impl TrackedBitmap {
 
     /// Where the file is.
     pub fn path(&self) -> PathBuf {
-        self.path.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.path.lock().recover().clone()
     }
 
     /// Renames the file (durably) and remembers the new path.
     pub fn rename_to(&self, to: &Path) -> Result<()> {
-        let mut p = self.path.lock().unwrap_or_else(|p| p.into_inner());
+        let mut p = self.path.lock().recover();
         std::fs::rename(&*p, to).context(|| format!("renaming bitmap to {}", to.display()))?;
         if let Some(dir) = to.parent() {
             crate::state::sync_dir(dir)?;
@@ -527,7 +518,7 @@ impl TrackedBitmap {
         // On disk too: in use without crash-safe tracking loads as invalid after a
         // restart or a crash, whatever happens to the rest of the file.
         {
-            let mut h = self.header.lock().unwrap_or_else(|p| p.into_inner());
+            let mut h = self.header.lock().recover();
             h.in_use = true;
             h.crash_safe = false;
             h.synced = false;
@@ -597,10 +588,7 @@ impl TrackedBitmap {
 
     /// Counts a successful backup.
     pub fn bump_sequence(&self) -> Result<()> {
-        self.header
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .sequence += 1;
+        self.header.lock().recover().sequence += 1;
         self.write_header()
     }
 
@@ -617,7 +605,7 @@ impl TrackedBitmap {
             .flush()
             .context(|| format!("flushing bitmap {}", self.path().display()))?;
         {
-            let mut h = self.header.lock().unwrap_or_else(|p| p.into_inner());
+            let mut h = self.header.lock().recover();
             h.data_crc = crc_of(&self.bits);
             h.source_mtime_ns = source.mtime_ns()? as i64;
             h.in_use = false;

@@ -256,8 +256,7 @@ pub fn status(mp: &Path, json: bool) -> Result<()> {
 
 /// Fails unless the current user is root (mounting and the control socket need it).
 pub fn require_root(what: &str) -> Result<()> {
-    // SAFETY: geteuid cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
+    if crate::sys::euid() != 0 {
         return Err(Error::invalid(format!("{what} needs root")));
     }
     Ok(())

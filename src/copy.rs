@@ -19,7 +19,6 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -552,7 +551,7 @@ impl Copier<'_> {
         if self.vbuf.is_empty() {
             self.vbuf = vec![0u8; CHUNK];
         }
-        drop_cache(self.dest, off, len);
+        sys::drop_cached_pages(self.dest, off, len);
         for (c_off, c_len) in pieces(off, len, CHUNK as u64) {
             let n = c_len as usize;
             sys::read_exact_at(self.snap, &mut self.buf[..n], c_off)
@@ -581,17 +580,6 @@ impl Copier<'_> {
     }
 }
 
-/// Drops DEST's clean cached pages of a range so verification reads what is on the disk.
-fn drop_cache(f: &File, off: u64, len: u64) {
-    let (Ok(o), Ok(l)) = (libc::off_t::try_from(off), libc::off_t::try_from(len)) else {
-        return;
-    };
-    // SAFETY: plain syscall on a valid fd; only advice, failure is harmless.
-    unsafe {
-        libc::posix_fadvise(f.as_raw_fd(), o, l, libc::POSIX_FADV_DONTNEED);
-    }
-}
-
 /// Progress on stderr: a bar redrawn in place on a terminal, a log line every 10% otherwise.
 struct Progress {
     name: String,
@@ -606,8 +594,7 @@ struct Progress {
 
 impl Progress {
     fn new(name: &str, total: u64, enabled: bool) -> Progress {
-        // SAFETY: isatty only inspects the descriptor.
-        let tty = enabled && unsafe { libc::isatty(2) } == 1;
+        let tty = enabled && sys::stderr_is_tty();
         Progress {
             name: name.to_string(),
             total,

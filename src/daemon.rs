@@ -18,7 +18,6 @@ use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixListener;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -34,6 +33,7 @@ use crate::fuse::session::{self, SessionOptions};
 use crate::layout::MountLayout;
 use crate::source::Source;
 use crate::state::{StateDir, LOG_FILE};
+use crate::sys;
 use crate::units::{parse_size, ClusterSize};
 
 /// A validated `mount` request.
@@ -341,13 +341,7 @@ fn start_background() -> Result<()> {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    // SAFETY: setsid is async-signal-safe; the child leaves our session and terminal.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
+    crate::sys::new_session_on_exec(&mut cmd);
     let mut child = cmd
         .spawn()
         .context(|| "starting the fleecefs daemon".into())?;
@@ -378,51 +372,20 @@ fn start_background() -> Result<()> {
     ))
 }
 
-fn block_signals() -> libc::sigset_t {
-    // SAFETY: plain libc signal-mask calls on a local set.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
-            libc::sigaddset(&mut set, s);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    }
-}
-
-fn redirect_stdio_to_null() {
-    // SAFETY: dup2 onto the standard descriptors of this process.
-    unsafe {
-        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
-        if null >= 0 {
-            libc::dup2(null, 0);
-            libc::dup2(null, 1);
-            libc::dup2(null, 2);
-            if null > 2 {
-                libc::close(null);
-            }
-        }
-    }
-}
-
 /// Unmounts `mountpoint`; if it is busy, detaches it and aborts the FUSE connection so
 /// the session ends anyway.
 pub fn force_unmount(mountpoint: &Path, connection: Option<u32>) {
     let Ok(c) = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes()) else {
         return;
     };
-    // SAFETY: umount2 with a valid C string.
-    if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
+    let Err(e) = sys::umount(&c, false) else {
         return;
-    }
-    let e = std::io::Error::last_os_error();
+    };
     log::warn!(
         "unmounting {}: {e}; detaching it and aborting its FUSE connection",
         mountpoint.display()
     );
-    // SAFETY: as above.
-    unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    let _ = sys::umount(&c, true);
     if let Some(id) = connection {
         abort_connection(id);
     }
@@ -445,16 +408,15 @@ fn bind_socket(state: &StateDir) -> Result<UnixListener> {
     let path = state.socket_path();
     // We hold the state lock, so an existing socket is a leftover.
     let _ = fs::remove_file(&path);
-    // SAFETY: umask is process-wide; no other thread creates files at this point.
-    let old = unsafe { libc::umask(0o177) };
+    // The umask is process-wide; no other thread creates files at this point.
+    let old = sys::set_umask(0o177);
     let l = UnixListener::bind(&path);
-    // SAFETY: as above.
-    unsafe { libc::umask(old) };
+    sys::set_umask(old);
     l.context(|| format!("creating control socket {}", path.display()))
 }
 
 fn serve(plan: MountPlan, daemon_child: bool, allow_other: bool) -> Result<()> {
-    let signals = block_signals();
+    let signals = sys::block_signals(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP]);
     let state = StateDir::open(&plan.state_dir)?;
     if daemon_child {
         crate::logger::tee_to_file(&state.path().join(LOG_FILE));
@@ -552,7 +514,7 @@ fn serve(plan: MountPlan, daemon_child: bool, allow_other: bool) -> Result<()> {
         let _ = std::io::stdout().write_all(b"ready\n");
         let _ = std::io::stdout().flush();
         crate::logger::stop_tee();
-        redirect_stdio_to_null();
+        sys::redirect_stdio_to_null();
         let _ = std::env::set_current_dir("/");
     }
     {
@@ -560,9 +522,8 @@ fn serve(plan: MountPlan, daemon_child: bool, allow_other: bool) -> Result<()> {
         std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || loop {
-                let mut sig: libc::c_int = 0;
-                // SAFETY: sigwait on the set blocked in every thread.
-                if unsafe { libc::sigwait(&signals, &mut sig) } == 0 {
+                // The signals are blocked in every thread: only this one receives them.
+                if let Some(sig) = sys::wait_signal(&signals) {
                     log::info!("signal {sig}: unmounting {}", mountpoint.display());
                     force_unmount(&mountpoint, Some(connection));
                 }
@@ -586,9 +547,7 @@ pub fn unmount(mountpoint: &Path) -> Result<()> {
     let mp = resolve_mountpoint(mountpoint)?;
     let c = std::ffi::CString::new(mp.as_os_str().as_encoded_bytes())
         .map_err(|_| Error::invalid("mount point path contains a NUL byte"))?;
-    // SAFETY: umount2 with a valid C string.
-    if unsafe { libc::umount2(c.as_ptr(), 0) } != 0 {
-        let e = std::io::Error::last_os_error();
+    if let Err(e) = sys::umount(&c, false) {
         if e.raw_os_error() == Some(libc::EBUSY) {
             return Err(Error::busy(format!(
                 "{} is busy: a process still has files open under it (see 'fuser -vm {}')",
@@ -607,14 +566,7 @@ pub fn wait_for_daemon_exit(state_dir: &Path, timeout: Duration) -> Result<()> {
     let f = fs::File::open(&lock).context(|| format!("opening {}", lock.display()))?;
     let deadline = std::time::Instant::now() + timeout;
     loop {
-        // SAFETY: flock on a valid fd.
-        if unsafe {
-            libc::flock(
-                std::os::unix::io::AsRawFd::as_raw_fd(&f),
-                libc::LOCK_SH | libc::LOCK_NB,
-            )
-        } == 0
-        {
+        if sys::try_flock(&f, false).is_ok() {
             return Ok(());
         }
         if std::time::Instant::now() > deadline {

@@ -1,10 +1,15 @@
 //! fleecefs: a FUSE filesystem that gives backup tools a consistent point-in-time view
 //! of live disk images, by copy-before-write into sparse fleecing files.
 //!
-//! The engine (`engine`, `cbw`, `bitmap`, `dirtymap`, `fleece`, `source`) knows nothing
-//! of FUSE and is tested directly; `fuse` translates kernel requests into engine calls;
-//! `control` is the daemon's command socket; `daemon` wires them together.
+//! The engine (`engine/`: the access lifecycle; `cbw/`: the copy path of one device;
+//! `bitmap`, `bitmap_file`, `bitmap_store`, `dirtymap`, `fleece`, `source`, `state`)
+//! knows nothing of FUSE and is tested directly; `fuse/` translates kernel requests into
+//! engine calls; `control/` is the daemon's command socket; `daemon` wires them together;
+//! `commands` and `copy` are the client side. `layout` spells the mount's file names,
+//! `units` the cluster arithmetic, `error` the errno table, `sys` every libc call and
+//! `sync` the poison recovery. docs/architecture.md has the module map.
 #![warn(missing_docs)]
+#![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod bitmap;
 pub mod bitmap_file;
@@ -24,5 +29,6 @@ pub mod layout;
 pub mod logger;
 pub mod source;
 pub mod state;
+pub mod sync;
 pub mod sys;
 pub mod units;

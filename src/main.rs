@@ -1,4 +1,5 @@
 //! The `fleecefs` command: parse, run, exit code (0 done, 1 failed, 2 usage error).
+#![warn(clippy::undocumented_unsafe_blocks)]
 
 use clap::Parser;
 

@@ -8,7 +8,6 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -65,8 +64,7 @@ impl StateDir {
             .custom_flags(libc::O_CLOEXEC)
             .open(&lock_path)
             .context(|| format!("opening {}", lock_path.display()))?;
-        // SAFETY: flock on a valid fd.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        if crate::sys::try_flock(&lock, true).is_err() {
             let holder = fs::read_to_string(&lock_path).unwrap_or_default();
             return Err(Error::busy(format!(
                 "state directory {} is in use by another fleecefs daemon (pid {})",

@@ -1,5 +1,7 @@
-//! Thin wrappers over the few Linux calls std does not offer: fallocate, the size of a
-//! block device, allocated blocks. Everything here is positional I/O on file descriptors.
+//! Every libc call of fleecefs, as thin safe wrappers over what std does not offer:
+//! fallocate, the size of a block device, allocated blocks, locks, mounts, signals,
+//! process credentials, the shared mapping of bitmap files. File I/O here is positional.
+//! Each `unsafe` block says why it is sound (`clippy::undocumented_unsafe_blocks` is on).
 
 use std::fs::File;
 use std::io;
@@ -107,6 +109,157 @@ pub fn is_lock_conflict(e: &io::Error) -> bool {
 pub fn process_owner() -> (u32, u32) {
     // SAFETY: getuid and getgid take no arguments and cannot fail.
     unsafe { (libc::getuid(), libc::getgid()) }
+}
+
+/// The effective user id of this process.
+pub fn euid() -> u32 {
+    // SAFETY: geteuid takes no arguments and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Makes the process `cmd` starts leave our session (and terminal) before it runs.
+pub fn new_session_on_exec(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the child between fork and exec and only calls setsid,
+    // which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+}
+
+/// A set of signals blocked in the calling thread (and every thread it starts later),
+/// to be received with [`wait_signal`].
+pub struct BlockedSignals(libc::sigset_t);
+
+/// Blocks `signals` in the calling thread; threads started later inherit the mask.
+pub fn block_signals(signals: &[libc::c_int]) -> BlockedSignals {
+    // SAFETY: an all-zero sigset_t is a valid value to pass to sigemptyset.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: sigemptyset, sigaddset and pthread_sigmask only read and write `set`, a
+    // valid local; the old mask is not asked for (null).
+    unsafe {
+        libc::sigemptyset(&mut set);
+        for &s in signals {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+    BlockedSignals(set)
+}
+
+/// Waits for one of the blocked `signals` and returns it.
+pub fn wait_signal(signals: &BlockedSignals) -> Option<libc::c_int> {
+    let mut sig: libc::c_int = 0;
+    // SAFETY: sigwait reads a valid set and writes one int.
+    (unsafe { libc::sigwait(&signals.0, &mut sig) } == 0).then_some(sig)
+}
+
+/// Points stdin, stdout and stderr at /dev/null (a daemon that left its terminal).
+pub fn redirect_stdio_to_null() {
+    // SAFETY: open with a valid C string; dup2 and close on descriptors of this process.
+    unsafe {
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+        if null >= 0 {
+            libc::dup2(null, 0);
+            libc::dup2(null, 1);
+            libc::dup2(null, 2);
+            if null > 2 {
+                libc::close(null);
+            }
+        }
+    }
+}
+
+/// `umount2(2)` of `path`; `detach` is MNT_DETACH (lazy unmount).
+pub fn umount(path: &std::ffi::CStr, detach: bool) -> io::Result<()> {
+    let flags = if detach { libc::MNT_DETACH } else { 0 };
+    // SAFETY: umount2 with a valid NUL-terminated string.
+    if unsafe { libc::umount2(path.as_ptr(), flags) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Sets the process's file mode creation mask; returns the old one. The mask is
+/// process-wide: call it only while no other thread creates files.
+pub fn set_umask(mask: libc::mode_t) -> libc::mode_t {
+    // SAFETY: umask cannot fail.
+    unsafe { libc::umask(mask) }
+}
+
+/// `flock(2)` without waiting: an exclusive or shared lock on the whole file, held until
+/// the file is closed. Fails (EWOULDBLOCK) when another open file holds a conflicting one.
+pub fn try_flock(file: &File, exclusive: bool) -> io::Result<()> {
+    let op = if exclusive {
+        libc::LOCK_EX
+    } else {
+        libc::LOCK_SH
+    };
+    // SAFETY: flock on a valid fd.
+    if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// The user id of the process at the other end of a Unix socket (SO_PEERCRED).
+pub fn peer_uid(stream: &std::os::unix::net::UnixStream) -> Option<u32> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`, a valid local.
+    let r = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            &mut cred as *mut _ as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    (r == 0).then_some(cred.uid)
+}
+
+/// Advises the kernel to drop the clean cached pages of a range of `file` (so that a
+/// later read comes from the disk). Only advice: failures are ignored.
+pub fn drop_cached_pages(file: &File, offset: u64, len: u64) {
+    let (Ok(o), Ok(l)) = (to_off(offset), to_off(len)) else {
+        return;
+    };
+    // SAFETY: plain syscall on a valid fd.
+    unsafe {
+        libc::posix_fadvise(file.as_raw_fd(), o, l, libc::POSIX_FADV_DONTNEED);
+    }
+}
+
+/// Whether stderr is a terminal.
+pub fn stderr_is_tty() -> bool {
+    // SAFETY: isatty only inspects the descriptor.
+    unsafe { libc::isatty(2) == 1 }
+}
+
+/// Maps `len` bytes of `file` from `offset` shared and writable.
+///
+/// The caller must make sure that no other process changes the file's size or maps it
+/// in a way that breaks its accesses (fleecefs maps only files in its own state
+/// directory, 0600, under the state lock, and accesses them only through atomics).
+pub fn map_shared(file: &File, offset: u64, len: usize) -> io::Result<memmap2::MmapMut> {
+    // SAFETY: see above: the file is private to this daemon while it holds the state
+    // lock, so the mapping does not change under it except through this process.
+    unsafe {
+        memmap2::MmapOptions::new()
+            .offset(offset)
+            .len(len)
+            .map_mut(file)
+    }
 }
 
 /// `ioprio_set(2)` class of best-effort I/O (`IOPRIO_CLASS_BE`).

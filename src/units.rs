@@ -14,6 +14,19 @@ pub const MAX_CLUSTER: u64 = 64 << 20;
 /// Default cluster size (64 KiB), QEMU's default for copy-before-write.
 pub const DEFAULT_CLUSTER: u64 = 64 << 10;
 
+/// The index of a cluster, as opposed to a byte offset: [`ClusterSize::index_of`] and
+/// [`ClusterSize::start_of`] are the only ways between the two. (Ranges of clusters, as
+/// the bitmaps take them, are `Range<u64>` of indices.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ClusterIdx(pub u64);
+
+impl ClusterIdx {
+    /// The cluster after this one.
+    pub fn next(self) -> ClusterIdx {
+        ClusterIdx(self.0 + 1)
+    }
+}
+
 /// A power-of-two cluster size between [`MIN_CLUSTER`] and [`MAX_CLUSTER`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ClusterSize {
@@ -44,13 +57,13 @@ impl ClusterSize {
     }
 
     /// The cluster that holds byte `offset`.
-    pub fn index_of(self, offset: u64) -> u64 {
-        offset >> self.shift
+    pub fn index_of(self, offset: u64) -> ClusterIdx {
+        ClusterIdx(offset >> self.shift)
     }
 
     /// First byte of cluster `idx`.
-    pub fn start_of(self, idx: u64) -> u64 {
-        idx << self.shift
+    pub fn start_of(self, idx: ClusterIdx) -> u64 {
+        idx.0 << self.shift
     }
 
     /// Clusters touched by `[offset, offset+len)`, widened outward (copy-before-write).
@@ -58,7 +71,7 @@ impl ClusterSize {
         if len == 0 {
             return 0..0;
         }
-        self.index_of(offset)..self.index_of(offset + len - 1) + 1
+        self.index_of(offset).0..self.index_of(offset + len - 1).next().0
     }
 
     /// Whole clusters inside `[offset, offset+len)`, aligned inward (discard), as QEMU's
@@ -81,8 +94,8 @@ impl ClusterSize {
 
     /// Byte range of the clusters `clusters`, clipped at the device size.
     pub fn byte_range(self, clusters: Range<u64>, device_size: u64) -> Range<u64> {
-        let start = self.start_of(clusters.start).min(device_size);
-        let end = self.start_of(clusters.end).min(device_size);
+        let start = self.start_of(ClusterIdx(clusters.start)).min(device_size);
+        let end = self.start_of(ClusterIdx(clusters.end)).min(device_size);
         start..end
     }
 }

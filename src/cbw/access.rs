@@ -19,6 +19,7 @@ use crate::cbw::writebehind::{CopyTarget, PendingCopy, WriteBehind};
 use crate::dirtymap::DirtyMap;
 use crate::error::Result;
 use crate::fleece::FleecingFile;
+use crate::sync::Recover;
 use crate::units::ClusterSize;
 
 /// Smallest span of bytes one stripe lock covers. With 64 KiB clusters a lock covers one
@@ -173,15 +174,16 @@ impl DeviceAccess {
         let mut p = pos;
         while p < end {
             let c = self.cluster.index_of(p);
-            let mut run_end = self.cluster.start_of(c + 1).min(end);
-            let copy = self.pending.get(c);
+            let mut run_end = self.cluster.start_of(c.next()).min(end);
+            let copy = self.pending.get(c.0);
             if copy.is_none() {
                 // Extend over the following clusters that are not pending either.
-                while run_end < end && self.pending.get(self.cluster.index_of(run_end)).is_none() {
-                    run_end = self
-                        .cluster
-                        .start_of(self.cluster.index_of(run_end) + 1)
-                        .min(end);
+                while run_end < end {
+                    let n = self.cluster.index_of(run_end);
+                    if self.pending.get(n.0).is_some() {
+                        break;
+                    }
+                    run_end = self.cluster.start_of(n.next()).min(end);
                 }
             }
             let dst = &mut buf[(p - pos) as usize..(run_end - pos) as usize];
@@ -266,7 +268,7 @@ impl DeviceAccess {
         loop {
             match try_lock() {
                 Ok(g) => return Some(g),
-                Err(std::sync::TryLockError::Poisoned(p)) => return Some(p.into_inner()),
+                Err(std::sync::TryLockError::Poisoned(p)) => return Some(Err(p).recover()),
                 Err(std::sync::TryLockError::WouldBlock) => {}
             }
             if self.is_broken() || deadline.is_some_and(|d| std::time::Instant::now() >= d) {
@@ -346,7 +348,7 @@ pub struct PendingMap {
 
 impl PendingMap {
     fn lock(&self) -> MutexGuard<'_, HashMap<u64, Arc<PendingCopy>>> {
-        self.map.lock().unwrap_or_else(|p| p.into_inner())
+        self.map.lock().recover()
     }
 
     /// Whether no copy is pending.

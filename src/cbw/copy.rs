@@ -11,7 +11,8 @@ use crate::cbw::policy::inject_copy_fault;
 use crate::cbw::writebehind::{CopyTarget, PendingCopy, WriteBehind};
 use crate::error::{Error, Kind, Result};
 use crate::source::Source;
-use crate::units::ClusterSize;
+use crate::sync::Recover;
+use crate::units::{ClusterIdx, ClusterSize};
 
 /// Largest buffer one copy step uses; bigger clusters are copied in pieces.
 const COPY_CHUNK: usize = 1 << 20;
@@ -50,7 +51,7 @@ pub(super) fn copy_clusters(
     store: Store<'_>,
 ) -> Result<()> {
     let size = source.size();
-    let unit_of = |c: u64| cluster.start_of(c) >> access.unit_shift;
+    let unit_of = |c: u64| cluster.start_of(ClusterIdx(c)) >> access.unit_shift;
     let mut unit = unit_of(clusters.start);
     let last_unit = unit_of(clusters.end - 1);
     while unit <= last_unit {
@@ -115,7 +116,7 @@ pub(super) fn copy_unit(
     let size = source.size();
     let stripe = access.stripe(unit);
     let _g = match deadline {
-        None => stripe.write().unwrap_or_else(|p| p.into_inner()),
+        None => stripe.write().recover(),
         Some(d) => match access.wait_stripe(|| stripe.try_write(), Some(d)) {
             Some(g) => g,
             None if access.is_broken() => return Ok(()),

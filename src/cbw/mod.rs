@@ -60,8 +60,9 @@ use crate::bitmap_file::TrackedBitmap;
 use crate::error::{Error, Kind, Result};
 use crate::fleece::FleecingFile;
 use crate::source::Source;
+use crate::sync::Recover;
 use crate::sys;
-use crate::units::ClusterSize;
+use crate::units::{ClusterIdx, ClusterSize};
 use copy::{copy_clusters, Store};
 
 pub use access::{AccessStats, CbwPolicy, DeviceAccess, DeviceShape, PendingMap, LOCK_UNIT_MIN};
@@ -124,21 +125,19 @@ impl Device {
 
     /// The last I/O error the source returned, if any (for `status`).
     pub fn last_error(&self) -> Option<(String, SystemTime)> {
-        self.last_error.lock().map(|g| g.clone()).unwrap_or(None)
+        self.last_error.lock().recover().clone()
     }
 
     fn note_source_error(&self, e: &Error) {
         let text = crate::error::report(e);
         log::warn!("device {}: {text}", self.name);
-        if let Ok(mut g) = self.last_error.lock() {
-            *g = Some((text, SystemTime::now()));
-        }
+        *self.last_error.lock().recover() = Some((text, SystemTime::now()));
     }
 
     fn gate(&self) -> RwLockReadGuard<'_, GateState> {
         // A poisoned gate only means a thread panicked while holding it; what it guards
         // (an Option<Arc> and a Vec of Arcs) is never left half-updated, so keep serving.
-        self.gate.read().unwrap_or_else(|p| p.into_inner())
+        self.gate.read().recover()
     }
 
     /// A new access of this device over `frozen` (the clusters to expose) using
@@ -166,7 +165,7 @@ impl Device {
     /// The gate, exclusively: no data operation of this device runs while it is held.
     /// The engine takes the gates of all devices it switches, in device index order.
     pub fn lock_gate(&self) -> std::sync::RwLockWriteGuard<'_, GateState> {
-        self.gate.write().unwrap_or_else(|p| p.into_inner())
+        self.gate.write().recover()
     }
 
     /// What must happen before `[offset, offset+len)` of the source changes (the ordering
@@ -404,25 +403,25 @@ impl Device {
             let mut read_end = pos;
             while read_end < unit_end {
                 let c = self.cluster.index_of(read_end);
-                if !access.accessible.get(c) {
+                if !access.accessible.get(c.0) {
                     break;
                 }
                 // Extend over clusters with the same location (fleecing or source).
-                let from_fleece = access.copied.get(c);
-                let mut run_end = (self.cluster.start_of(c + 1)).min(unit_end);
+                let from_fleece = access.copied.get(c.0);
+                let mut run_end = self.cluster.start_of(c.next()).min(unit_end);
                 while run_end < unit_end {
                     let n = self.cluster.index_of(run_end);
-                    if !access.accessible.get(n) || access.copied.get(n) != from_fleece {
+                    if !access.accessible.get(n.0) || access.copied.get(n.0) != from_fleece {
                         break;
                     }
-                    run_end = self.cluster.start_of(n + 1).min(unit_end);
+                    run_end = self.cluster.start_of(n.next()).min(unit_end);
                 }
                 let dst = &mut buf[(read_end - offset) as usize..(run_end - offset) as usize];
                 if from_fleece {
                     access.read_copied(dst, read_end)?;
                 } else {
-                    for k in c..=self.cluster.index_of(run_end - 1) {
-                        from_source |= 1 << (k - first);
+                    for k in c.0..=self.cluster.index_of(run_end - 1).0 {
+                        from_source |= 1 << (k - first.0);
                     }
                     self.source
                         .read_at(dst, read_end)
@@ -445,12 +444,12 @@ impl Device {
                 let mut valid_end = pos;
                 while valid_end < read_end {
                     let c = self.cluster.index_of(valid_end);
-                    if !access.accessible.get(c)
-                        || (from_source & (1 << (c - first)) != 0 && access.copied.get(c))
+                    if !access.accessible.get(c.0)
+                        || (from_source & (1 << (c.0 - first.0)) != 0 && access.copied.get(c.0))
                     {
                         break;
                     }
-                    valid_end = self.cluster.start_of(c + 1).min(read_end);
+                    valid_end = self.cluster.start_of(c.next()).min(read_end);
                 }
                 if valid_end < read_end {
                     pos = valid_end;
@@ -498,7 +497,7 @@ impl Device {
         if clusters.is_empty() {
             return Ok(());
         }
-        let unit_of = |c: u64| self.cluster.start_of(c) >> access.unit_shift;
+        let unit_of = |c: u64| self.cluster.start_of(ClusterIdx(c)) >> access.unit_shift;
         let mut unit = unit_of(clusters.start);
         let last_unit = unit_of(clusters.end - 1);
         let mut to_punch: Vec<Range<u64>> = Vec::new();

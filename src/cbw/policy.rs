@@ -13,6 +13,7 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::error::{Error, Kind, Result};
+use crate::sync::Recover;
 
 /// What to do when copying old data to the fleecing file fails or times out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -149,12 +150,12 @@ impl CopyPool {
                 .name(format!("cbw-copy-{i}"))
                 .spawn(move || loop {
                     let job = {
-                        let mut jobs = q.jobs.lock().unwrap_or_else(|p| p.into_inner());
+                        let mut jobs = q.jobs.lock().recover();
                         loop {
                             if let Some(job) = jobs.pop_front() {
                                 break job;
                             }
-                            jobs = q.ready.wait(jobs).unwrap_or_else(|p| p.into_inner());
+                            jobs = q.ready.wait(jobs).recover();
                         }
                     };
                     job();
@@ -173,15 +174,15 @@ impl CopyPool {
         self.queue
             .jobs
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .recover()
             .push_back(Box::new(move || {
                 let r = f();
-                *theirs.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+                *theirs.0.lock().recover() = Some(r);
                 theirs.1.notify_one();
             }));
         self.queue.ready.notify_one();
         let deadline = Instant::now() + timeout;
-        let mut done = slot.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut done = slot.0.lock().recover();
         loop {
             if let Some(r) = done.take() {
                 return r;
@@ -196,11 +197,7 @@ impl CopyPool {
                     ),
                 ));
             }
-            done = slot
-                .1
-                .wait_timeout(done, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            done = slot.1.wait_timeout(done, deadline - now).recover().0;
         }
     }
 }

@@ -2,7 +2,7 @@
 //! default) when `--cbw-buffer` is not 0.
 //!
 //! A live write that must copy a cluster first reads the cluster's old data from the
-//! source into memory (a [`PendingCopy`]), publishes it in its access's [`PendingMap`]
+//! source into memory (a [`PendingCopy`]), publishes it in its access's `PendingMap`
 //! and marks the cluster copied, all under the cluster's stripe lock; then it writes the
 //! source and returns. Flusher threads store pending copies in the fleecing file later,
 //! and only then remove them from the map. Snapshot reads of a copied cluster take the
@@ -25,6 +25,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Kind, Result};
+use crate::sync::Recover;
 
 /// Default `--cbw-buffer`: 16 MiB, 256 clusters of 64 KiB.
 pub const DEFAULT_CAPACITY: u64 = 16 << 20;
@@ -103,7 +104,7 @@ struct Shared {
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.lock().recover()
     }
 
     fn release(&self, st: &mut State, bytes: u64) {
@@ -136,7 +137,7 @@ impl Shared {
 
     fn recycle(&self, copy: Arc<PendingCopy>) {
         if let Ok(copy) = Arc::try_unwrap(copy) {
-            let mut free = self.buffers.lock().unwrap_or_else(|p| p.into_inner());
+            let mut free = self.buffers.lock().recover();
             // Count what the buffers hold, not what they are used for.
             let total: usize = free.iter().map(Vec::capacity).sum();
             if (total + copy.data.capacity()) as u64 <= self.capacity / 4 {
@@ -157,7 +158,7 @@ impl Shared {
                         return;
                     }
                     st.idle_flushers += 1;
-                    st = self.work.wait(st).unwrap_or_else(|p| p.into_inner());
+                    st = self.work.wait(st).recover();
                     st.idle_flushers -= 1;
                 }
             };
@@ -188,7 +189,7 @@ impl Shared {
                 let (mut st, _) = self
                     .closing
                     .wait_timeout_while(st, period, |st| !st.closed)
-                    .unwrap_or_else(|p| p.into_inner());
+                    .recover();
                 if st.closed {
                     return;
                 }
@@ -285,7 +286,7 @@ impl WriteBehind {
             }
             st.space_waiters += 1;
             st = match deadline {
-                None => s.space.wait(st).unwrap_or_else(|p| p.into_inner()),
+                None => s.space.wait(st).recover(),
                 Some(d) => {
                     let now = Instant::now();
                     if now >= d {
@@ -298,10 +299,7 @@ impl WriteBehind {
                             ),
                         ));
                     }
-                    s.space
-                        .wait_timeout(st, d - now)
-                        .unwrap_or_else(|p| p.into_inner())
-                        .0
+                    s.space.wait_timeout(st, d - now).recover().0
                 }
             };
             st.space_waiters -= 1;
@@ -312,11 +310,7 @@ impl WriteBehind {
 
     /// A buffer of `len` bytes for old data (recycled when possible).
     pub fn buffer(&self, len: usize) -> Vec<u8> {
-        let mut free = self
-            .shared
-            .buffers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut free = self.shared.buffers.lock().recover();
         // Only a buffer of exactly this size is reused, so none grows or hides spare
         // capacity (runs of small clusters come in many sizes).
         match free.iter().position(|b| b.len() == len) {
@@ -360,11 +354,7 @@ impl WriteBehind {
                 return false;
             }
             st.space_waiters += 1;
-            st = s
-                .space
-                .wait_timeout(st, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            st = s.space.wait_timeout(st, deadline - now).recover().0;
             st.space_waiters -= 1;
         }
         true

@@ -4,7 +4,6 @@
 //! daemon keeps serving.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -14,6 +13,7 @@ use super::proto::{parse_request, Request, Response, ACK, MAX_REQUEST};
 use crate::engine::Engine;
 use crate::error::{report, Error};
 use crate::layout::MountLayout;
+use crate::sys;
 
 /// Most connections handled at once.
 pub const MAX_CLIENTS: usize = 16;
@@ -44,26 +44,6 @@ fn dispatch(engine: &Engine, layout: &MountLayout, req: Request) -> Response {
             .map(|r| serde_json::to_value(r).unwrap_or_default()),
     };
     response(result)
-}
-
-fn peer_uid(stream: &UnixStream) -> Option<u32> {
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `cred`.
-    let r = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            &mut cred as *mut _ as *mut libc::c_void,
-            &mut len,
-        )
-    };
-    (r == 0).then_some(cred.uid)
 }
 
 /// Writes the reply; whether it reached the client's socket.
@@ -122,9 +102,8 @@ fn response<T: serde::Serialize>(result: Result<T, Error>) -> Response {
 }
 
 fn handle(engine: &Engine, layout: &MountLayout, mut stream: UnixStream) {
-    // SAFETY: geteuid cannot fail.
-    let me = unsafe { libc::geteuid() };
-    match peer_uid(&stream) {
+    let me = sys::euid();
+    match sys::peer_uid(&stream) {
         Some(uid) if uid == 0 || uid == me => {}
         other => {
             log::warn!("refused control request from uid {other:?}: only root or the daemon's user may use it");

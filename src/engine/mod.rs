@@ -34,6 +34,7 @@ use crate::cbw::writebehind::WriteBehind;
 use crate::cbw::Device;
 use crate::error::{Error, IoContext, Result};
 use crate::state::StateDir;
+use crate::sync::Recover;
 
 /// Checks a device name, target ID or bitmap name: 1-64 of `[A-Za-z0-9._-]`, not
 /// starting with a dot.
@@ -214,7 +215,7 @@ impl Engine {
     }
 
     fn control(&self) -> MutexGuard<'_, Control> {
-        self.control.lock().unwrap_or_else(|p| p.into_inner())
+        self.control.lock().recover()
     }
 
     /// Shutdown, after the last live write: tears down any active access as a failure,
