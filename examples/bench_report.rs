@@ -667,6 +667,9 @@ fn ms(v: Option<f64>) -> String {
     }
 }
 
+/// A guest-first goal: name, measured ratio, requirement, test, unit ("%" or "x").
+type Goal = (&'static str, Option<f64>, &'static str, fn(f64) -> bool, &'static str);
+
 /// The guest-first tables: each system's three phases, then fleecefs against the goals of
 /// issue 15. Empty if no guest phase ran.
 fn guest_table(res: &Results, systems: &[&str]) -> Result<String, String> {
@@ -724,7 +727,7 @@ fn guest_table(res: &Results, systems: &[&str]) -> Result<String, String> {
         (Some(a), Some(b)) if b != 0.0 => Some(a / b),
         _ => None,
     };
-    let goals: [(&str, Option<f64>, &str, fn(f64) -> bool, &str); 4] = [
+    let goals: [Goal; 4] = [
         (
             "guest write IOPS during the backup, share of idle",
             f_backup.and_then(|b| rel(Some(b.write_iops), Some(idle.write_iops))),
