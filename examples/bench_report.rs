@@ -668,7 +668,13 @@ fn ms(v: Option<f64>) -> String {
 }
 
 /// A guest-first goal: name, measured ratio, requirement, test, unit ("%" or "x").
-type Goal = (&'static str, Option<f64>, &'static str, fn(f64) -> bool, &'static str);
+type Goal = (
+    &'static str,
+    Option<f64>,
+    &'static str,
+    fn(f64) -> bool,
+    &'static str,
+);
 
 /// The guest-first tables: each system's three phases, then fleecefs against the goals of
 /// issue 15. Empty if no guest phase ran.
