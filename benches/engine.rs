@@ -9,11 +9,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fleecefs::bitmap::Bitmap;
-use fleecefs::cbw::Device;
 use fleecefs::dirtymap::DirtyMap;
-use fleecefs::engine::{Engine, EngineConfig};
-use fleecefs::source::Source;
 use fleecefs::units::ClusterSize;
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+use support::EngineBuilder;
 
 /// Runs `f` `iters` times per round, three rounds; returns the best time per iteration.
 fn bench(iters: u64, mut f: impl FnMut(u64)) -> Duration {
@@ -47,7 +48,7 @@ fn main() {
     //    default: the writer only reads the old data into memory; flusher threads write
     //    the fleecing file meanwhile, so this measures the writer's side).
     let dir = tempfile::tempdir().expect("temp dir");
-    let src = dir.path().join("src.img");
+    let src = EngineBuilder::image(dir.path(), "d");
     let size = 1u64 << 30;
     std::fs::write(&src, vec![0x5au8; size as usize]).expect("source image");
     let clusters = size / CL;
@@ -60,16 +61,11 @@ fn main() {
     ] {
         // One engine at a time: a served source is locked (one writer per image).
         engines.clear();
-        let dev = Device::new(
-            "d".into(),
-            Source::open(&src).expect("open source"),
-            ClusterSize::new(CL).expect("cluster"),
-        );
-        let config = EngineConfig {
-            cbw_buffer: buffer,
-            ..EngineConfig::new(dir.path().join("fleece"))
-        };
-        let engine = Engine::new(vec![dev], config, None).expect("engine");
+        let engine = EngineBuilder::new(dir.path())
+            .cluster(CL)
+            .existing_device("d")
+            .cbw_buffer(buffer)
+            .build();
         let d = engine.devices()[0].clone();
         let first_touch = bench(clusters / 4, |i| {
             if i == 0 {

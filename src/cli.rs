@@ -32,11 +32,18 @@ pub enum Command {
     /// End a backup access, recording whether the backup succeeded
     #[command(after_help = "Example:\n  fleecefs teardown /mnt/fleece --target nightly --success")]
     Teardown(TeardownArgs),
-    /// Copy snapshot/NAME into an image file: full (new, sparse) or incremental (onto it)
+    /// Copy snapshot/NAME into a raw or qcow2 image, full or incremental
     #[command(
-        after_help = "Example:\n  fleecefs copy /mnt/fleece vm100 /backup/vm100.img --discard --verify"
+        after_help = "Examples:\n  fleecefs copy /mnt/fleece vm100 /backup/vm100.img --discard --verify\n  \
+                      fleecefs copy /mnt/fleece vm100 /backup/vm100.2.qcow2 --format qcow2 \\\n      \
+                      --incremental --backing /backup/vm100.1.qcow2 --discard --verify"
     )]
     Copy(CopyArgs),
+    /// Write a backup (raw, or the top of a qcow2 chain) back into live/NAME
+    #[command(
+        after_help = "Example:\n  fleecefs restore /mnt/fleece vm100 /backup/vm100.3.qcow2 --verify"
+    )]
+    Restore(RestoreArgs),
     /// Show devices, bitmaps and the active backup access
     #[command(after_help = "Example:\n  fleecefs status /mnt/fleece --json")]
     Status(StatusArgs),
@@ -158,6 +165,25 @@ pub struct SetupArgs {
     /// Dirty bitmap for incremental backups of this target
     #[arg(long, value_name = "NAME")]
     pub bitmap: Option<String>,
+    /// Command run just before the snapshot instant (e.g. "fsfreeze -f /mnt/data"); no
+    /// shell unless written as sh -c '...'
+    #[arg(long, value_name = "CMD", requires = "thaw_cmd")]
+    pub freeze_cmd: Option<String>,
+    /// Command run right after it, always once the freeze command was started
+    #[arg(long, value_name = "CMD", requires = "freeze_cmd")]
+    pub thaw_cmd: Option<String>,
+    /// Longest each of the freeze and thaw commands may run before it is killed
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 10.0,
+        allow_negative_numbers = true,
+        requires = "freeze_cmd"
+    )]
+    pub freeze_timeout: f64,
+    /// A failing or timed-out freeze command does not fail the setup
+    #[arg(long, requires = "freeze_cmd")]
+    pub freeze_optional: bool,
     /// Print the result as JSON
     #[arg(long)]
     pub json: bool,
@@ -190,11 +216,24 @@ pub struct CopyArgs {
     pub mountpoint: PathBuf,
     /// The device to copy (snapshot/NAME of the active backup access)
     pub name: String,
-    /// The image to write: a new file, or with --incremental the previous full image
+    /// The image to write: a new file, or (raw) with --incremental the previous full image
     pub dest: PathBuf,
-    /// Write only the dirty ranges onto DEST, the image of the previous backup
+    /// Write only the dirty ranges: raw onto DEST, the previous image; qcow2 into a new
+    /// overlay DEST on --backing PREV
     #[arg(long)]
     pub incremental: bool,
+    /// Format of DEST: raw, or qcow2 (a new image; with --incremental an overlay)
+    #[arg(long, value_enum, default_value = "raw")]
+    pub format: CopyFormatArg,
+    /// The previous backup (raw or qcow2) a qcow2 overlay is based on; only read
+    #[arg(long, value_name = "PREV")]
+    pub backing: Option<PathBuf>,
+    /// Average snapshot read rate in bytes per second, e.g. 100M
+    #[arg(long, value_name = "RATE")]
+    pub bwlimit: Option<String>,
+    /// Parallel snapshot readers (DEST is still written in order) [default: 2]
+    #[arg(long, value_name = "N")]
+    pub jobs: Option<usize>,
     /// Punch each range on the snapshot once it is safely in DEST (frees fleecing space)
     #[arg(long)]
     pub discard: bool,
@@ -204,6 +243,35 @@ pub struct CopyArgs {
     /// Print the summary as JSON
     #[arg(long)]
     pub json: bool,
+}
+
+/// `restore` flags.
+#[derive(Args, Debug)]
+pub struct RestoreArgs {
+    /// The fleecefs mount point
+    pub mountpoint: PathBuf,
+    /// The device to restore (live/NAME)
+    pub name: String,
+    /// The backup: a raw image or the top of a qcow2 chain
+    pub from: PathBuf,
+    /// Read the device back afterwards and compare it with the backup
+    #[arg(long)]
+    pub verify: bool,
+    /// Restore even while another process has live/NAME open
+    #[arg(long)]
+    pub force: bool,
+    /// Print the summary as JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `copy --format`.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CopyFormatArg {
+    /// Plain bytes (sparse)
+    Raw,
+    /// QEMU qcow2 (only allocated clusters; overlays for incrementals)
+    Qcow2,
 }
 
 /// `status` flags.

@@ -72,25 +72,74 @@ fn table(rows: &[Vec<String>]) {
     }
 }
 
-/// `fleecefs setup`.
+/// The freeze hooks of `fleecefs setup`, if given.
+pub fn freeze_hooks(a: &crate::cli::SetupArgs) -> Result<Option<crate::freeze::Hooks>> {
+    let (Some(freeze), Some(thaw)) = (&a.freeze_cmd, &a.thaw_cmd) else {
+        return Ok(None);
+    };
+    // Hook output goes to the daemon's log file (the mount must be fleecefs anyway).
+    let log_file =
+        crate::control::client::state_dir_of(&a.mountpoint)?.join(crate::state::LOG_FILE);
+    crate::freeze::Hooks::new(
+        freeze,
+        thaw,
+        a.freeze_timeout,
+        a.freeze_optional,
+        Some(log_file),
+    )
+    .map(Some)
+}
+
+/// `fleecefs setup`, between the freeze hooks if given.
 pub fn setup(
     mp: &Path,
     target: &str,
     devices: Option<Vec<String>>,
     bitmap: Option<String>,
+    hooks: Option<&crate::freeze::Hooks>,
     json: bool,
 ) -> Result<()> {
-    let v = call(
-        mp,
-        &Request::Setup {
-            target: target.to_string(),
-            devices,
-            bitmap,
-        },
-    )?;
+    let (mut v, freeze) = crate::freeze::around(hooks, || {
+        call(
+            mp,
+            &Request::Setup {
+                target: target.to_string(),
+                devices,
+                bitmap,
+            },
+        )
+    })?;
+    if let Some(o) = v.as_object_mut() {
+        o.insert("frozen".into(), Value::Bool(freeze.frozen));
+        if hooks.is_some() {
+            o.insert("freeze_seconds".into(), serde_json::json!(freeze.seconds));
+            if let Some(e) = &freeze.freeze_error {
+                o.insert("freeze_error".into(), Value::String(e.clone()));
+            }
+            if let Some(e) = &freeze.thaw_error {
+                o.insert("thaw_error".into(), Value::String(e.clone()));
+            }
+        }
+    }
+    let thaw_failed = || match &freeze.thaw_error {
+        Some(t) => Err(Error::invalid(format!(
+            "the backup access '{target}' is set up, but {t}: what it froze may still be frozen"
+        ))),
+        None => Ok(()),
+    };
     if json {
         print_json(&v);
-        return Ok(());
+        return thaw_failed();
+    }
+    if hooks.is_some() {
+        if freeze.frozen {
+            crate::out!(
+                "frozen for {:.2}s around the snapshot instant",
+                freeze.seconds
+            );
+        } else {
+            crate::out!("not frozen: the freeze command failed (--freeze-optional)");
+        }
     }
     let r: SetupReport = typed(&v)?;
     crate::out!(
@@ -114,7 +163,7 @@ pub fn setup(
         ]);
     }
     table(&rows);
-    Ok(())
+    thaw_failed()
 }
 
 /// `fleecefs teardown`.

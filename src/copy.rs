@@ -12,6 +12,15 @@
 //! snapshot, and only then punch the batch on the snapshot. A discarded range can never
 //! be read again, so it must be durable in DEST first.
 //!
+//! With `--format qcow2` DEST is always a new image ([`qcow2`], through the `imago`
+//! crate): a full one holding only the data clusters, or with `--incremental --backing
+//! PREV` an overlay holding exactly the dirty ranges (data clusters, and zero clusters for
+//! all-zero blocks) on PREV, which is only read. [`dest::Dest`] hides the difference.
+//!
+//! Snapshot reads run on `--jobs` threads ([`reader`]), paced by `--bwlimit`; DEST is
+//! written on the calling thread strictly in offset order, so the per-batch order above
+//! holds whatever the number of jobs.
+//!
 //! A failed incremental copy leaves DEST a mix of the old and new image; the caller then
 //! tears the access down with `--failure`, so the next access's dirty map covers every
 //! range this one did, and applying it onto DEST gives the right image.
@@ -22,14 +31,21 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use crate::cli::CopyArgs;
+use crate::cli::{CopyArgs, CopyFormatArg};
 use crate::dirtymap;
 use crate::error::{Error, IoContext, Kind, Result};
 use crate::layout::MountLayout;
 use crate::sys;
-use crate::units::format_size;
+use crate::units::{format_size, parse_size};
+
+pub mod dest;
+pub mod qcow2;
+pub mod reader;
+
+use dest::{Dest, Zeroed};
+use qcow2::ImageFormat;
 
 /// Bytes read from the snapshot per `pread` (the one reusable buffer).
 pub const CHUNK: usize = 4 << 20;
@@ -41,17 +57,49 @@ pub const BATCH: u64 = 64 << 20;
 /// Shortest time between two redraws of the progress bar.
 const REDRAW: Duration = Duration::from_millis(200);
 
+/// Snapshot reader threads when `--jobs` is not given (see docs/performance.md).
+pub const DEFAULT_JOBS: usize = 2;
+/// Most `--jobs`.
+pub const MAX_JOBS: usize = 64;
+
 /// What to do besides copying.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct CopyOptions {
-    /// DEST is the previous image: write only the dirty ranges onto it.
+    /// Raw: DEST is the previous image, write only the dirty ranges onto it. qcow2: DEST is
+    /// a new overlay on `backing` holding only the dirty ranges.
     pub incremental: bool,
+    /// The format of DEST.
+    pub format: ImageFormat,
+    /// qcow2 incremental: the previous backup (the overlay's backing image).
+    pub backing: Option<PathBuf>,
+    /// The device's cluster size (the qcow2 cluster size, capped at 2 MiB).
+    pub cluster_size: u64,
+    /// Snapshot reader threads.
+    pub jobs: usize,
+    /// Average snapshot read rate in bytes per second.
+    pub bwlimit: Option<u64>,
     /// Punch each batch on the snapshot once it is durable (and verified) in DEST.
     pub discard: bool,
     /// Re-read each batch from DEST and the snapshot and compare them.
     pub verify: bool,
     /// Report progress on stderr (a bar on a terminal, a plain line every 10% otherwise).
     pub progress: bool,
+}
+
+impl Default for CopyOptions {
+    fn default() -> Self {
+        CopyOptions {
+            incremental: false,
+            format: ImageFormat::Raw,
+            backing: None,
+            cluster_size: crate::units::DEFAULT_CLUSTER,
+            jobs: 1,
+            bwlimit: None,
+            discard: false,
+            verify: false,
+            progress: false,
+        }
+    }
 }
 
 /// What a copy did (printed as JSON with `--json`).
@@ -79,12 +127,66 @@ pub struct CopySummary {
     pub incremental: bool,
     /// Whether every range was read back from DEST and compared.
     pub verified: bool,
+    /// `raw` or `qcow2`.
+    pub format: String,
+    /// qcow2: data clusters allocated in DEST.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clusters_allocated: Option<u64>,
+    /// qcow2: the cluster size of DEST.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_size: Option<u64>,
+    /// qcow2 overlay: the backing file name recorded in DEST.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backing_file: Option<String>,
+    /// qcow2 overlay: the backing file's format recorded in DEST.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backing_format: Option<String>,
+    /// Snapshot reader threads.
+    pub jobs: usize,
+    /// `--bwlimit` in bytes per second.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bwlimit: Option<u64>,
 }
 
 /// `fleecefs copy`: copies, then prints the summary (one line, or JSON).
 pub fn run(a: &CopyArgs) -> Result<()> {
+    let format = match a.format {
+        CopyFormatArg::Raw => ImageFormat::Raw,
+        CopyFormatArg::Qcow2 => ImageFormat::Qcow2,
+    };
+    if a.backing.is_some() && !(format == ImageFormat::Qcow2 && a.incremental) {
+        return Err(Error::invalid(
+            "--backing names the previous backup of a qcow2 overlay: it needs --format qcow2 \
+             --incremental",
+        ));
+    }
+    if format == ImageFormat::Qcow2 && a.incremental && a.backing.is_none() {
+        return Err(Error::invalid(
+            "--format qcow2 --incremental writes a new overlay: name the previous backup with \
+             --backing PREV",
+        ));
+    }
+    let jobs = a.jobs.unwrap_or(DEFAULT_JOBS);
+    if jobs == 0 || jobs > MAX_JOBS {
+        return Err(Error::invalid(format!(
+            "--jobs {jobs} is out of range: 1 to {MAX_JOBS}"
+        )));
+    }
+    let bwlimit = match &a.bwlimit {
+        None => None,
+        Some(t) => match parse_size(t) {
+            Ok(0) => return Err(Error::invalid("--bwlimit must be more than 0")),
+            Ok(n) => Some(n),
+            Err(e) => return Err(Error::invalid(format!("--bwlimit: {e}"))),
+        },
+    };
     let opts = CopyOptions {
         incremental: a.incremental,
+        format,
+        backing: a.backing.clone(),
+        cluster_size: crate::units::DEFAULT_CLUSTER,
+        jobs,
+        bwlimit,
         discard: a.discard,
         verify: a.verify,
         progress: true,
@@ -103,17 +205,32 @@ pub fn run(a: &CopyArgs) -> Result<()> {
 pub fn summary_line(s: &CopySummary) -> String {
     let mut line = format!(
         "{} copy of {} to {}: {} in {} range(s), {} written, {} zero{}, {:.1}s ({})",
-        if s.incremental { "incremental" } else { "full" },
+        match (s.incremental, s.format.as_str()) {
+            (true, "qcow2") => "incremental qcow2",
+            (false, "qcow2") => "full qcow2",
+            (true, _) => "incremental",
+            (false, _) => "full",
+        },
         s.name,
         s.dest,
         format_size(s.bytes_read),
         s.ranges,
         format_size(s.bytes_written),
         format_size(s.bytes_skipped_zero),
-        if s.incremental { "" } else { " (holes)" },
+        if s.incremental || s.format == "qcow2" {
+            ""
+        } else {
+            " (holes)"
+        },
         s.seconds,
         rate(s.bytes_read, s.seconds),
     );
+    if let Some(n) = s.clusters_allocated {
+        line.push_str(&format!(", {n} cluster(s) allocated"));
+    }
+    if let Some(b) = &s.backing_file {
+        line.push_str(&format!(", backing {b}"));
+    }
     if s.bytes_discarded > 0 {
         line.push_str(&format!(", {} discarded", format_size(s.bytes_discarded)));
     }
@@ -123,7 +240,7 @@ pub fn summary_line(s: &CopySummary) -> String {
     line
 }
 
-fn rate(bytes: u64, seconds: f64) -> String {
+pub(crate) fn rate(bytes: u64, seconds: f64) -> String {
     if seconds <= 0.0 {
         return "- MB/s".into();
     }
@@ -131,7 +248,12 @@ fn rate(bytes: u64, seconds: f64) -> String {
 }
 
 /// Copies `MOUNTPOINT/snapshot/NAME` into `dest` by the ranges of its dirty map.
-pub fn copy(mountpoint: &Path, name: &str, dest: &Path, opts: CopyOptions) -> Result<CopySummary> {
+pub fn copy(
+    mountpoint: &Path,
+    name: &str,
+    dest: &Path,
+    mut opts: CopyOptions,
+) -> Result<CopySummary> {
     if name.is_empty() || name.contains('/') || name == "." || name == ".." {
         return Err(Error::invalid(format!("'{name}' is not a device name")));
     }
@@ -155,8 +277,25 @@ pub fn copy(mountpoint: &Path, name: &str, dest: &Path, opts: CopyOptions) -> Re
     let mount_dev = std::fs::metadata(mountpoint)
         .context(|| format!("stat of {}", mountpoint.display()))?
         .dev();
-    check_dest_outside(dest, mount_dev, opts.incremental)?;
+    let existing = opts.incremental && opts.format == ImageFormat::Raw;
+    check_dest_outside(dest, mount_dev, existing)?;
+    if opts.format == ImageFormat::Qcow2 {
+        opts.cluster_size = device_cluster_size(mountpoint, name)?;
+    }
     copy_files(&snapshot, &dirty, name, dest, opts)
+}
+
+/// The cluster size of device `name`, from the daemon's `status`.
+fn device_cluster_size(mountpoint: &Path, name: &str) -> Result<u64> {
+    let v = crate::control::client::call(mountpoint, &crate::control::proto::Request::Status {})?;
+    let status = crate::engine::Status::deserialize(&v)
+        .map_err(|e| Error::invalid(format!("the daemon's reply is not understood: {e}")))?;
+    status
+        .devices
+        .iter()
+        .find(|d| d.name == name)
+        .map(|d| d.cluster_size)
+        .ok_or_else(|| Error::not_found(format!("no device {name} in {}", mountpoint.display())))
 }
 
 /// Copies `snapshot` into `dest` by the ranges listed in the dirty map file `dirty`.
@@ -184,26 +323,48 @@ pub fn copy_files(
     let total: u64 = ranges.iter().map(|r| r.1).sum();
     if !opts.incremental && total != size {
         return Err(Error::invalid(format!(
-            "the backup access of {name} is incremental (its dirty map covers {} of {}): \
-             use --incremental onto the previous full image",
+            "the backup access of {name} is incremental (its dirty map covers {} of {}): {}",
             format_size(total),
-            format_size(size)
+            format_size(size),
+            match opts.format {
+                ImageFormat::Raw => "use --incremental onto the previous full image",
+                ImageFormat::Qcow2 => "use --incremental --backing PREV, the previous backup",
+            }
         )));
     }
-    let out = open_dest(dest, size, opts.incremental)?;
-    // An existing DEST may be someone's disk (a full copy creates a new file).
-    if opts.incremental {
-        lock_dest(&out, dest)?;
-    }
+    let (out, backing) = match opts.format {
+        ImageFormat::Raw => {
+            let f = open_dest(dest, size, opts.incremental)?;
+            // An existing DEST may be someone's disk (a full copy creates a new file).
+            if opts.incremental {
+                lock_dest(&f, dest)?;
+            }
+            (
+                Dest::Raw {
+                    file: f,
+                    existing: opts.incremental,
+                    punch: true,
+                },
+                None,
+            )
+        }
+        ImageFormat::Qcow2 => open_qcow2_dest(dest, size, &opts)?,
+    };
+    // Every DEST but a raw incremental one is a new file of ours.
+    let new_file = !(opts.incremental && opts.format == ImageFormat::Raw);
+    let cluster = match &out {
+        Dest::Qcow2 { cluster, .. } => Some(*cluster),
+        Dest::Raw { .. } => None,
+    };
     let mut c = Copier {
         name,
         snap: &snap,
-        dest: &out,
+        dest: out,
         dest_path: dest,
-        opts,
-        buf: vec![0u8; CHUNK],
+        discard: opts.discard,
+        verify: opts.verify,
+        sbuf: Vec::new(),
         vbuf: Vec::new(),
-        punch_dest: true,
         progress: Progress::new(name, total, opts.progress),
         s: CopySummary {
             name: name.to_string(),
@@ -217,14 +378,33 @@ pub fn copy_files(
             seconds: 0.0,
             incremental: opts.incremental,
             verified: opts.verify,
+            format: opts.format.name().to_string(),
+            clusters_allocated: None,
+            cluster_size: cluster,
+            backing_file: backing.as_ref().map(|b| b.0.clone()),
+            backing_format: backing.as_ref().map(|b| b.1.name().to_string()),
+            jobs: opts.jobs,
+            bwlimit: opts.bwlimit,
         },
     };
-    let r = c.run(&ranges);
+    let pacer = opts.bwlimit.map(reader::Pacer::new);
+    let r = c.run(&ranges, opts.jobs, pacer.as_ref());
     c.progress.finish(r.is_ok());
+    let Copier { dest: out, s, .. } = c;
+    let mut s = s;
+    s.clusters_allocated = out.clusters();
+    // Closing DEST releases its lock (the check below opens it again).
+    drop(out);
+    let r = r.and_then(|()| {
+        if opts.format == ImageFormat::Qcow2 {
+            check_qcow2(dest, size)
+        } else {
+            Ok(())
+        }
+    });
     if let Err(e) = r {
-        if !opts.incremental {
+        if new_file {
             // The file is ours and incomplete; left behind it would block the retry.
-            drop(out);
             let note = match std::fs::remove_file(dest) {
                 Ok(()) => format!("the incomplete {} was removed", dest.display()),
                 Err(re) => format!(
@@ -236,9 +416,83 @@ pub fn copy_files(
         }
         return Err(e);
     }
-    let mut s = c.s;
     s.seconds = start.elapsed().as_secs_f64();
     Ok(s)
+}
+
+/// Creates a qcow2 DEST: a full image, or an overlay on `opts.backing` (checked: it
+/// exists, is readable as raw or qcow2, and is not larger than the device). Returns the
+/// backing file name and format recorded in DEST.
+fn open_qcow2_dest(
+    dest: &Path,
+    size: u64,
+    opts: &CopyOptions,
+) -> Result<(Dest, Option<(String, ImageFormat)>)> {
+    if std::fs::symlink_metadata(dest).is_ok() {
+        return Err(Error::invalid(format!(
+            "{} already exists: a qcow2 copy always writes a new image (full or overlay)",
+            dest.display()
+        )));
+    }
+    let cluster = qcow2::cluster_for(opts.cluster_size);
+    let mut backing = None;
+    let mut recorded = None;
+    if opts.incremental {
+        let Some(prev_path) = &opts.backing else {
+            return Err(Error::invalid("--incremental qcow2 needs --backing PREV"));
+        };
+        let prev = qcow2::open_chain(prev_path, "previous backup")?;
+        if prev.size > size {
+            return Err(Error::invalid(format!(
+                "previous backup {} is {} bytes but the device is {size} bytes: it is not a \
+                 backup of this device",
+                prev_path.display(),
+                prev.size
+            )));
+        }
+        if prev.size < size {
+            log::info!(
+                "the device grew from {} to {size} bytes since {}: the overlay has the new size",
+                prev.size,
+                prev_path.display()
+            );
+        }
+        let name = qcow2::backing_name(dest, prev_path)?;
+        recorded = Some((name.clone(), prev.format));
+        backing = Some((name, prev.format, prev.image));
+    }
+    let overlay = backing.is_some();
+    let img = qcow2::create(dest, size, cluster, backing)?;
+    if let Err(e) = sync_parent(dest) {
+        drop(img);
+        let _ = std::fs::remove_file(dest);
+        return Err(e);
+    }
+    Ok((
+        Dest::Qcow2 {
+            img,
+            overlay,
+            clusters: 0,
+            cluster,
+        },
+        recorded,
+    ))
+}
+
+/// Reopens a finished qcow2 DEST by its path alone, as `qemu-img` would: the header, the
+/// backing chain it names and the virtual size must all be right.
+fn check_qcow2(dest: &Path, size: u64) -> Result<()> {
+    let img = qcow2::open_chain(dest, "the new image")
+        .map_err(|e| Error::invalid(format!("the written image does not reopen: {e}")))?;
+    if img.format != ImageFormat::Qcow2 || img.size != size {
+        return Err(Error::invalid(format!(
+            "the written image {} reopens as {} of {} bytes, not qcow2 of {size}",
+            dest.display(),
+            img.format.name(),
+            img.size
+        )));
+    }
+    Ok(())
 }
 
 /// Ranges must be sorted, disjoint, non-empty and inside the device.
@@ -451,43 +705,60 @@ pub fn zero_runs(buf: &[u8], block: usize) -> Vec<(usize, usize, bool)> {
 struct Copier<'a> {
     name: &'a str,
     snap: &'a File,
-    dest: &'a File,
+    dest: Dest,
     dest_path: &'a Path,
-    opts: CopyOptions,
-    buf: Vec<u8>,
+    discard: bool,
+    verify: bool,
+    /// Snapshot data re-read for verification.
+    sbuf: Vec<u8>,
+    /// DEST data read back for verification.
     vbuf: Vec<u8>,
-    /// Cleared once DEST refuses PUNCH_HOLE: zeros are then written.
-    punch_dest: bool,
     progress: Progress,
     s: CopySummary,
 }
 
 impl Copier<'_> {
-    fn run(&mut self, ranges: &[(u64, u64)]) -> Result<()> {
+    fn run(
+        &mut self,
+        ranges: &[(u64, u64)],
+        jobs: usize,
+        pacer: Option<&reader::Pacer>,
+    ) -> Result<()> {
+        // Chunks in offset order; the last chunk of each batch ends it.
+        let mut chunks: Vec<reader::Chunk> = Vec::new();
+        let mut batch_end: Vec<Option<(u64, u64)>> = Vec::new();
         for &(off, len) in ranges {
             for (b_off, b_len) in pieces(off, len, BATCH) {
-                self.batch(b_off, b_len)?;
+                for (c_off, c_len) in pieces(b_off, b_len, CHUNK as u64) {
+                    chunks.push((c_off, c_len as usize));
+                    batch_end.push(None);
+                }
+                if let Some(last) = batch_end.last_mut() {
+                    *last = Some((b_off, b_len));
+                }
             }
         }
-        self.dest
-            .sync_all()
-            .context(|| format!("syncing {}", self.dest_path.display()))
+        reader::for_each_chunk(self.snap, &chunks, jobs, pacer, |i, data| {
+            let off = chunks[i].0;
+            let data = data.map_err(|e| snapshot_error(self.name, Some(off), e))?;
+            self.chunk(off, data)?;
+            if let Some((b_off, b_len)) = batch_end[i] {
+                self.end_batch(b_off, b_len)?;
+            }
+            Ok(())
+        })?;
+        self.dest.sync(true, self.dest_path)
     }
 
-    fn batch(&mut self, off: u64, len: u64) -> Result<()> {
-        for (c_off, c_len) in pieces(off, len, CHUNK as u64) {
-            self.chunk(c_off, c_len as usize)?;
-        }
-        if !self.opts.verify && !self.opts.discard {
+    fn end_batch(&mut self, off: u64, len: u64) -> Result<()> {
+        if !self.verify && !self.discard {
             return Ok(());
         }
-        self.dest
-            .sync_data()
-            .context(|| format!("syncing {}", self.dest_path.display()))?;
-        if self.opts.verify {
+        self.dest.sync(false, self.dest_path)?;
+        if self.verify {
             self.verify(off, len)?;
         }
-        if self.opts.discard {
+        if self.discard {
             sys::fallocate(
                 self.snap,
                 sys::FALLOC_PUNCH_HOLE | sys::FALLOC_KEEP_SIZE,
@@ -500,70 +771,40 @@ impl Copier<'_> {
         Ok(())
     }
 
-    fn chunk(&mut self, off: u64, len: usize) -> Result<()> {
-        let buf = &mut self.buf[..len];
-        sys::read_exact_at(self.snap, buf, off)
-            .map_err(|e| snapshot_error(self.name, Some(off), e))?;
-        self.s.bytes_read += len as u64;
-        for (start, n, zero) in zero_runs(buf, ZERO_BLOCK) {
+    fn chunk(&mut self, off: u64, buf: &[u8]) -> Result<()> {
+        self.s.bytes_read += buf.len() as u64;
+        for (start, n, zero) in zero_runs(buf, self.dest.zero_block()) {
             let at = off + start as u64;
-            if zero && !self.opts.incremental {
-                // A new sparse file already reads as zeros there.
-                self.s.bytes_skipped_zero += n as u64;
+            if zero {
+                match self.dest.zero(at, n as u64, self.dest_path)? {
+                    Zeroed::Skipped => self.s.bytes_skipped_zero += n as u64,
+                    Zeroed::Written => self.s.bytes_written += n as u64,
+                }
                 continue;
             }
-            if zero && self.punch_dest {
-                match sys::fallocate(
-                    self.dest,
-                    sys::FALLOC_PUNCH_HOLE | sys::FALLOC_KEEP_SIZE,
-                    at,
-                    n as u64,
-                ) {
-                    Ok(()) => {
-                        self.s.bytes_skipped_zero += n as u64;
-                        continue;
-                    }
-                    Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
-                        log::info!(
-                            "{} cannot punch holes; writing zeros instead",
-                            self.dest_path.display()
-                        );
-                        self.punch_dest = false;
-                    }
-                    Err(e) => {
-                        return Err(Error::io(
-                            format!("punching {at}+{n} in {}", self.dest_path.display()),
-                            e,
-                        ))
-                    }
-                }
-            }
-            sys::write_all_at(self.dest, &buf[start..start + n], at)
-                .context(|| format!("writing {} at offset {at}", self.dest_path.display()))?;
+            self.dest
+                .write(&buf[start..start + n], at, self.dest_path)?;
             self.s.bytes_written += n as u64;
         }
         self.progress.update(self.s.bytes_read);
         Ok(())
     }
 
-    /// Compares `[off, off+len)` of DEST (re-read from the disk) with the snapshot.
+    /// Compares `[off, off+len)` of DEST (re-read from the disk, through the backing
+    /// chain of an overlay) with the snapshot.
     fn verify(&mut self, off: u64, len: u64) -> Result<()> {
         if self.vbuf.is_empty() {
             self.vbuf = vec![0u8; CHUNK];
+            self.sbuf = vec![0u8; CHUNK];
         }
-        sys::drop_cached_pages(self.dest, off, len);
         for (c_off, c_len) in pieces(off, len, CHUNK as u64) {
             let n = c_len as usize;
-            sys::read_exact_at(self.snap, &mut self.buf[..n], c_off)
+            sys::read_exact_at(self.snap, &mut self.sbuf[..n], c_off)
                 .map_err(|e| snapshot_error(self.name, Some(c_off), e))?;
-            sys::read_exact_at(self.dest, &mut self.vbuf[..n], c_off).context(|| {
-                format!(
-                    "reading back {} at offset {c_off}",
-                    self.dest_path.display()
-                )
-            })?;
-            if self.buf[..n] != self.vbuf[..n] {
-                let i = self.buf[..n]
+            self.dest
+                .read_back(&mut self.vbuf[..n], c_off, self.dest_path)?;
+            if self.sbuf[..n] != self.vbuf[..n] {
+                let i = self.sbuf[..n]
                     .iter()
                     .zip(&self.vbuf[..n])
                     .position(|(a, b)| a != b)
@@ -581,7 +822,8 @@ impl Copier<'_> {
 }
 
 /// Progress on stderr: a bar redrawn in place on a terminal, a log line every 10% otherwise.
-struct Progress {
+pub(crate) struct Progress {
+    verb: &'static str,
     name: String,
     total: u64,
     enabled: bool,
@@ -593,9 +835,15 @@ struct Progress {
 }
 
 impl Progress {
-    fn new(name: &str, total: u64, enabled: bool) -> Progress {
+    pub(crate) fn new(name: &str, total: u64, enabled: bool) -> Progress {
+        Progress::with_verb("copy", name, total, enabled)
+    }
+
+    /// Progress of `verb` (`copy`, `restore`) on device `name`.
+    pub(crate) fn with_verb(verb: &'static str, name: &str, total: u64, enabled: bool) -> Progress {
         let tty = enabled && sys::stderr_is_tty();
         Progress {
+            verb,
             name: name.to_string(),
             total,
             enabled,
@@ -606,7 +854,7 @@ impl Progress {
         }
     }
 
-    fn update(&mut self, done: u64) {
+    pub(crate) fn update(&mut self, done: u64) {
         if !self.enabled || self.total == 0 {
             return;
         }
@@ -624,7 +872,8 @@ impl Progress {
             self.logged_tenths = tenths;
             // Progress the user asked for: shown without -v (it is not debug logging).
             eprintln!(
-                "fleecefs: copy {}: {}% ({} of {}), {}",
+                "fleecefs: {} {}: {}% ({} of {}), {}",
+                self.verb,
                 self.name,
                 tenths * 10,
                 format_size(done),
@@ -667,7 +916,7 @@ impl Progress {
         let _ = err.flush();
     }
 
-    fn finish(&mut self, ok: bool) {
+    pub(crate) fn finish(&mut self, ok: bool) {
         if !self.tty {
             return;
         }
@@ -880,7 +1129,7 @@ mod tests {
             ..opts()
         };
         let missing = s.dir.path().join("missing.img");
-        let e = copy_files(&s.snap, &s.dirty, "disk", &missing, o).unwrap_err();
+        let e = copy_files(&s.snap, &s.dirty, "disk", &missing, o.clone()).unwrap_err();
         assert!(e.message().contains("does not exist"), "{}", e.message());
         assert!(!missing.exists());
         let short = s.dir.path().join("short.img");
@@ -907,32 +1156,107 @@ mod tests {
             .open(&dest)
             .unwrap();
         sys::write_all_at(&out, &[0xEE], 777_777).unwrap();
+        let summary =
+            copy_files(&s.snap, &s.dirty, "disk", &s.dir.path().join("x"), opts()).unwrap();
         let mut c = Copier {
             name: "disk",
             snap: &snap,
-            dest: &out,
-            dest_path: &dest,
-            opts: opts(),
-            buf: vec![0u8; CHUNK],
-            vbuf: Vec::new(),
-            punch_dest: true,
-            progress: Progress::new("disk", 0, false),
-            s: CopySummary {
-                name: "disk".into(),
-                dest: String::new(),
-                bytes_total: 0,
-                bytes_read: 0,
-                bytes_written: 0,
-                bytes_skipped_zero: 0,
-                bytes_discarded: 0,
-                ranges: 0,
-                seconds: 0.0,
-                incremental: false,
-                verified: true,
+            dest: Dest::Raw {
+                file: out,
+                existing: true,
+                punch: true,
             },
+            dest_path: &dest,
+            discard: false,
+            verify: true,
+            sbuf: Vec::new(),
+            vbuf: Vec::new(),
+            progress: Progress::new("disk", 0, false),
+            s: summary,
         };
         assert!(c.verify(0, 777_777).is_ok());
         let e = c.verify(0, 1 << 20).unwrap_err();
         assert!(e.message().contains("at offset 777777"), "{}", e.message());
+    }
+
+    #[test]
+    fn qcow2_full_and_overlay_read_back_through_the_chain() {
+        // Full qcow2 copy, then an overlay with the incremental dirty map: the overlay,
+        // read through its backing image, equals the second snapshot; a damaged cluster
+        // is caught by verification.
+        let s = setup(1 << 20, "0 1048576\n");
+        let full = s.dir.path().join("0.qcow2");
+        let o = CopyOptions {
+            format: ImageFormat::Qcow2,
+            verify: true,
+            jobs: 3,
+            ..opts()
+        };
+        let r = copy_files(&s.snap, &s.dirty, "disk", &full, o).unwrap();
+        assert_eq!(r.format, "qcow2");
+        // A zero-free cluster count: [len/4, len/2) is zeros except one 4K block.
+        assert_eq!(r.clusters_allocated, Some(16 - 4 + 1));
+        // Second point: new data over 64K..128K, zeros over 0..64K.
+        let mut image2 = s.image.clone();
+        image2[65536..131072].fill(0x42);
+        image2[..65536].fill(0);
+        std::fs::write(&s.snap, &image2).unwrap();
+        std::fs::write(&s.dirty, "0 131072\n").unwrap();
+        let top = s.dir.path().join("1.qcow2");
+        let o = CopyOptions {
+            format: ImageFormat::Qcow2,
+            incremental: true,
+            backing: Some(full.clone()),
+            verify: true,
+            ..opts()
+        };
+        let r = copy_files(&s.snap, &s.dirty, "disk", &top, o).unwrap();
+        assert_eq!(r.backing_file.as_deref(), Some("0.qcow2"));
+        assert_eq!(r.backing_format.as_deref(), Some("qcow2"));
+        assert_eq!(r.clusters_allocated, Some(1));
+        assert_eq!(r.bytes_skipped_zero, 65536);
+        let chain = qcow2::open_chain(&top, "image").unwrap();
+        let mut got = vec![0u8; 1 << 20];
+        chain.image.read(&mut got[..], 0).unwrap();
+        assert!(
+            got == image2,
+            "the overlay does not read as the second snapshot"
+        );
+        drop(chain);
+        // Verification reads back through the chain and names the first bad byte.
+        let prev = qcow2::open_chain(&full, "previous").unwrap();
+        let bad = s.dir.path().join("bad.qcow2");
+        let img = qcow2::create(
+            &bad,
+            1 << 20,
+            65536,
+            Some(("0.qcow2".into(), prev.format, prev.image)),
+        )
+        .unwrap();
+        img.image.write(&vec![0x43u8; 65536][..], 65536).unwrap();
+        let snap = File::open(&s.snap).unwrap();
+        let all = s.dir.path().join("all.dirty");
+        std::fs::write(&all, "0 1048576\n").unwrap();
+        let summary = copy_files(&s.snap, &all, "disk", &s.dir.path().join("x"), opts()).unwrap();
+        let mut c = Copier {
+            name: "disk",
+            snap: &snap,
+            dest: Dest::Qcow2 {
+                img,
+                overlay: true,
+                clusters: 0,
+                cluster: 65536,
+            },
+            dest_path: &bad,
+            discard: false,
+            verify: true,
+            sbuf: Vec::new(),
+            vbuf: Vec::new(),
+            progress: Progress::new("disk", 0, false),
+            s: summary,
+        };
+        // The damaged cluster differs from the snapshot at its first byte.
+        let e = c.verify(65536, 65536).unwrap_err();
+        assert!(e.message().contains("at offset 65536"), "{}", e.message());
     }
 }

@@ -5,7 +5,8 @@
 //! `bitmap`, `bitmap_file`, `bitmap_store`, `dirtymap`, `fleece`, `source`, `state`)
 //! knows nothing of FUSE and is tested directly; `fuse/` translates kernel requests into
 //! engine calls; `control/` is the daemon's command socket; `daemon` wires them together;
-//! `commands` and `copy` are the client side. `layout` spells the mount's file names,
+//! `commands`, `copy` (with `copy/`: readers, raw and qcow2 destinations), `restore` and
+//! `freeze` (setup's hooks) are the client side. `layout` spells the mount's file names,
 //! `units` the cluster arithmetic, `error` the errno table, `sys` every libc call and
 //! `sync` the poison recovery. docs/architecture.md has the module map.
 #![warn(missing_docs)]
@@ -24,9 +25,11 @@ pub mod dirtymap;
 pub mod engine;
 pub mod error;
 pub mod fleece;
+pub mod freeze;
 pub mod fuse;
 pub mod layout;
 pub mod logger;
+pub mod restore;
 pub mod source;
 pub mod state;
 pub mod sync;

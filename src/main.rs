@@ -4,7 +4,7 @@
 use clap::Parser;
 
 use fleecefs::cli::{BitmapCommand, Cli, Command};
-use fleecefs::{commands, copy, daemon, error, logger};
+use fleecefs::{commands, copy, daemon, error, logger, restore};
 
 fn run(cli: Cli) -> error::Result<()> {
     match cli.command {
@@ -12,9 +12,20 @@ fn run(cli: Cli) -> error::Result<()> {
             commands::require_root("mounting")?;
             daemon::mount(&a)
         }
-        Command::Setup(a) => commands::setup(&a.mountpoint, &a.target, a.devices, a.bitmap, a.json),
+        Command::Setup(a) => {
+            let hooks = commands::freeze_hooks(&a)?;
+            commands::setup(
+                &a.mountpoint,
+                &a.target,
+                a.devices,
+                a.bitmap,
+                hooks.as_ref(),
+                a.json,
+            )
+        }
         Command::Teardown(a) => commands::teardown(&a.mountpoint, &a.target, a.success, a.json),
         Command::Copy(a) => copy::run(&a),
+        Command::Restore(a) => restore::run(&a),
         Command::Status(a) => commands::status(&a.mountpoint, a.json),
         Command::Unmount(a) => daemon::unmount(&a.mountpoint),
         Command::Bitmap(BitmapCommand::Remove(a)) => {

@@ -64,6 +64,35 @@ pub fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()>
     }
 }
 
+/// Reads up to `buf.len()` bytes at `offset` (fewer at the end of the file).
+pub fn read_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+/// Sends SIGKILL to the process group `pgid` (a child started in its own group).
+pub fn kill_group(pgid: u32) {
+    let Ok(p) = libc::pid_t::try_from(pgid) else {
+        return;
+    };
+    if p <= 1 {
+        return;
+    }
+    // SAFETY: plain syscall; a negative pid names the process group. Failure (the group
+    // is gone) is harmless.
+    unsafe {
+        libc::kill(-p, libc::SIGKILL);
+    }
+}
+
 /// Writes all of `buf` at `offset`.
 pub fn write_all_at(file: &File, buf: &[u8], offset: u64) -> io::Result<()> {
     file.write_all_at(buf, offset)
@@ -90,6 +119,23 @@ pub fn lock_exclusive(file: &std::fs::File) -> std::io::Result<()> {
     fl.l_whence = libc::SEEK_SET as libc::c_short;
     fl.l_start = 0;
     // Length 0: to the end of the file, however large it grows.
+    fl.l_len = 0;
+    // SAFETY: fcntl on a valid fd with a valid flock.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Takes a shared (read) OFD lock on the whole of `file`: it conflicts with
+/// [`lock_exclusive`] held by another open file, not with other shared locks.
+pub fn lock_shared(file: &std::fs::File) -> std::io::Result<()> {
+    // SAFETY: an all-zero flock is valid; the fields are set below.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_RDLCK as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = 0;
     fl.l_len = 0;
     // SAFETY: fcntl on a valid fd with a valid flock.
     if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) } == 0 {

@@ -3,7 +3,8 @@
 //! the set of discarded clusters. No FUSE: the engine is driven directly.
 //!
 //! Fixed seeds run every time, plus one random seed that is printed, so a failure can be
-//! replayed with `FLEECEFS_SEED=<seed>`.
+//! replayed with `FLEECEFS_SEED=<seed>`. The single-threaded model also runs sequences
+//! of [`Op`]s from proptest strategies, so that a failing sequence shrinks to a short one.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -12,11 +13,13 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::thread;
 
 use fleecefs::bitmap_file::CrashSafety;
-use fleecefs::cbw::Device;
-use fleecefs::engine::{BitmapAction, Engine, EngineConfig};
+use fleecefs::engine::{BitmapAction, Engine};
 use fleecefs::error::Kind;
-use fleecefs::source::Source;
 use fleecefs::units::ClusterSize;
+use proptest::prelude::*;
+
+mod support;
+use support::EngineBuilder;
 
 /// SplitMix64: small, seedable, good enough to drive random operations.
 struct Rng(u64);
@@ -91,19 +94,12 @@ fn make_engine_with(
     initial: &mut Rng,
     mode: CopyMode,
 ) -> (Engine, Vec<Vec<u8>>) {
-    let mut devices = Vec::new();
+    let mut builder = EngineBuilder::new(dir).cluster(cluster);
     let mut models = Vec::new();
     for (i, &size) in sizes.iter().enumerate() {
-        let path = dir.join(format!("src{i}.img"));
         let mut data = vec![0u8; size as usize];
         initial.fill(&mut data);
-        std::fs::write(&path, &data).unwrap();
-        let source = Source::open(&path).unwrap();
-        devices.push(Device::new(
-            format!("d{i}"),
-            source,
-            ClusterSize::new(cluster).unwrap(),
-        ));
+        builder = builder.device(&format!("d{i}"), data.clone());
         models.push(data);
     }
     let (cbw_timeout, cbw_buffer) = match mode {
@@ -111,12 +107,11 @@ fn make_engine_with(
         CopyMode::Pool => (Some(std::time::Duration::from_secs(60)), 0),
         CopyMode::Inline => (None, 0),
     };
-    let config = EngineConfig {
-        cbw_timeout,
-        cbw_buffer,
-        ..EngineConfig::new(dir.join("fleece"))
-    };
-    (Engine::new(devices, config, None).unwrap(), models)
+    let engine = builder
+        .cbw_timeout(cbw_timeout)
+        .cbw_buffer(cbw_buffer)
+        .build();
+    (engine, models)
 }
 
 /// What a snapshot read must return according to the model.
@@ -150,51 +145,188 @@ struct Access {
     discarded: Vec<HashSet<u64>>,
 }
 
-#[test]
-fn random_operations_match_the_model() {
-    for seed in seeds() {
-        run_single_threaded(seed);
+/// One operation of the single-threaded model test. Its numbers are raw: the runner maps
+/// them onto the device (offsets modulo its size, lengths modulo a few clusters), so
+/// every value is valid and a failing sequence shrinks towards fewer operations and
+/// smaller numbers.
+#[derive(Clone, Debug)]
+enum Op {
+    /// A live write, often unaligned and odd-length, of bytes drawn from `fill`.
+    Write {
+        dev: usize,
+        off: u64,
+        len: u64,
+        fill: u64,
+    },
+    /// A live write that ends past the end of the device: refused, nothing changes.
+    WritePastEnd { dev: usize, back: u64 },
+    /// Punch hole or zero range on the live image.
+    Fallocate {
+        dev: usize,
+        off: u64,
+        len: u64,
+        punch: bool,
+    },
+    /// A live read, checked against the model.
+    ReadLive { dev: usize, off: u64, len: u64 },
+    /// A snapshot read (past the end too; cluster-aligned if `aligned`), checked against
+    /// the frozen model: the data, where it stops, EACCES, ESTALE.
+    ReadSnapshot {
+        dev: usize,
+        off: u64,
+        len: u64,
+        aligned: bool,
+    },
+    /// A discard of the snapshot.
+    Discard { dev: usize, off: u64, len: u64 },
+    /// Teardown (with `success`) when an access is active, else a setup on the devices
+    /// of `mask` (bit i: device i; none: the last one).
+    SetupOrTeardown { mask: u8, success: bool },
+    /// While an access is active: a second setup is refused naming the active target,
+    /// and a teardown of another target is not found.
+    Refused,
+}
+
+impl Op {
+    /// An operation drawn from `rng`, in the proportions of [`op_strategy`].
+    fn random(rng: &mut Rng) -> Op {
+        let dev = rng.next() as usize;
+        let (off, len) = (rng.next(), rng.next());
+        match rng.below(100) {
+            0..=39 => Op::Write {
+                dev,
+                off,
+                len,
+                fill: rng.next(),
+            },
+            40..=44 => Op::WritePastEnd { dev, back: off },
+            45..=49 => Op::Fallocate {
+                dev,
+                off,
+                len,
+                punch: rng.below(2) == 0,
+            },
+            50..=59 => Op::ReadLive { dev, off, len },
+            60..=79 => Op::ReadSnapshot {
+                dev,
+                off,
+                len,
+                aligned: rng.below(8) == 0,
+            },
+            80..=87 => Op::Discard { dev, off, len },
+            88..=93 => Op::SetupOrTeardown {
+                mask: rng.next() as u8,
+                success: rng.below(2) == 0,
+            },
+            _ => Op::Refused,
+        }
     }
 }
 
-fn run_single_threaded(seed: u64) {
-    let mut rng = Rng(seed);
+/// Operations in the proportions of the seeded runs (writes and snapshot reads most).
+fn op_strategy() -> impl Strategy<Value = Op> {
+    // Offsets and lengths in ranges that cover every device and a few clusters, so that
+    // they shrink towards 0 (the runner still maps them onto the device).
+    let n = || 0u64..(1 << 24);
+    let dev = || 0usize..4;
+    prop_oneof![
+        40 => (dev(), n(), n(), any::<u64>()).prop_map(|(dev, off, len, fill)| Op::Write { dev, off, len, fill }),
+        5 => (dev(), 0u64..16).prop_map(|(dev, back)| Op::WritePastEnd { dev, back }),
+        5 => (dev(), n(), n(), any::<bool>())
+            .prop_map(|(dev, off, len, punch)| Op::Fallocate { dev, off, len, punch }),
+        10 => (dev(), n(), n()).prop_map(|(dev, off, len)| Op::ReadLive { dev, off, len }),
+        20 => (dev(), n(), n(), any::<bool>())
+            .prop_map(|(dev, off, len, aligned)| Op::ReadSnapshot { dev, off, len, aligned }),
+        8 => (dev(), n(), n()).prop_map(|(dev, off, len)| Op::Discard { dev, off, len }),
+        6 => (any::<u8>(), any::<bool>())
+            .prop_map(|(mask, success)| Op::SetupOrTeardown { mask, success }),
+        6 => Just(Op::Refused),
+    ]
+}
+
+fn copy_mode_strategy() -> impl Strategy<Value = CopyMode> {
+    prop_oneof![
+        Just(CopyMode::Behind),
+        Just(CopyMode::Pool),
+        Just(CopyMode::Inline)
+    ]
+}
+
+#[test]
+fn random_operations_match_the_model() {
+    for seed in seeds() {
+        let mut rng = Rng(seed);
+        let cluster = [4096u64, 8192, 65536][rng.below(3) as usize];
+        let mode = CopyMode::of_seed(seed);
+        let ops: Vec<Op> = (0..4000).map(|_| Op::random(&mut rng)).collect();
+        run_ops(&format!("seed {seed}"), cluster, mode, seed, &ops);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 48,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    /// The same model as [`random_operations_match_the_model`], with sequences from
+    /// proptest strategies: a failing sequence shrinks to a short one that still fails.
+    #[test]
+    fn operation_sequences_match_the_model(
+        cluster in prop_oneof![Just(4096u64), Just(8192), Just(65536)],
+        mode in copy_mode_strategy(),
+        image in any::<u64>(),
+        ops in proptest::collection::vec(op_strategy(), 1..150),
+    ) {
+        run_ops("proptest", cluster, mode, image, &ops);
+    }
+}
+
+/// Runs `ops` on a fresh engine of two devices (one with a partial last cluster, one
+/// cluster-aligned) filled from `image_seed`, checking every result against the model;
+/// at the end the source files must hold exactly the live model.
+fn run_ops(name: &str, cluster: u64, mode: CopyMode, image_seed: u64, ops: &[Op]) {
+    let mut rng = Rng(image_seed);
     let dir = tempfile::tempdir().unwrap();
-    let cluster = [4096u64, 8192, 65536][rng.below(3) as usize];
-    // Sizes with a partial last cluster, and one cluster-aligned.
     let sizes = [cluster * 37 + 1234, cluster * 16];
-    let mode = CopyMode::of_seed(seed);
     let (engine, mut live) = make_engine_with(dir.path(), &sizes, cluster, &mut rng, mode);
     let mut access: Option<Access> = None;
     let mut buf = vec![0u8; (cluster * 4) as usize];
-    for step in 0..4000 {
-        let ctx = format!("seed {seed} ({mode:?}) step {step} cluster {cluster}");
-        let d = rng.below(sizes.len() as u64) as usize;
-        let size = sizes[d];
-        match rng.below(100) {
-            0..=39 => {
-                // live write, often unaligned and odd-length
-                let len = 1 + rng.below(cluster * 3) as usize;
-                let len = len.min(size as usize);
-                let off = rng.below(size - len as u64 + 1);
+    for (step, op) in ops.iter().enumerate() {
+        let ctx = format!("{name} ({mode:?}) step {step} cluster {cluster}: {op:?}");
+        match *op {
+            Op::Write {
+                dev,
+                off,
+                len,
+                fill,
+            } => {
+                let (d, size) = (dev % sizes.len(), sizes[dev % sizes.len()]);
+                let len = (1 + len % (cluster * 3)).min(size) as usize;
+                let off = off % (size - len as u64 + 1);
                 let mut data = vec![0u8; len];
-                rng.fill(&mut data);
+                Rng(fill).fill(&mut data);
                 let n = engine.devices()[d].write_live(off, &data).expect(&ctx);
                 assert_eq!(n, len, "{ctx}");
                 live[d][off as usize..off as usize + len].copy_from_slice(&data);
             }
-            40..=44 => {
-                // write past the end fails and changes nothing
-                let off = size - rng.below(10);
+            Op::WritePastEnd { dev, back } => {
+                let (d, size) = (dev % sizes.len(), sizes[dev % sizes.len()]);
+                let off = size - back % 10;
                 let err = engine.devices()[d].write_live(off, &[1u8; 11]).unwrap_err();
                 assert_eq!(err.kind(), Kind::PastEnd, "{ctx}");
             }
-            45..=49 => {
-                // live punch hole / zero range
-                let len = 1 + rng.below(cluster * 2);
-                let off = rng.below(size);
-                let len = len.min(size - off);
-                let mode = if rng.below(2) == 0 {
+            Op::Fallocate {
+                dev,
+                off,
+                len,
+                punch,
+            } => {
+                let (d, size) = (dev % sizes.len(), sizes[dev % sizes.len()]);
+                let off = off % size;
+                let len = (1 + len % (cluster * 2)).min(size - off);
+                let mode = if punch {
                     libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
                 } else {
                     libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
@@ -204,9 +336,10 @@ fn run_single_threaded(seed: u64) {
                     .expect(&ctx);
                 live[d][off as usize..(off + len) as usize].fill(0);
             }
-            50..=59 => {
-                let len = 1 + rng.below(buf.len() as u64) as usize;
-                let off = rng.below(size);
+            Op::ReadLive { dev, off, len } => {
+                let (d, size) = (dev % sizes.len(), sizes[dev % sizes.len()]);
+                let len = 1 + (len % buf.len() as u64) as usize;
+                let off = off % size;
                 let n = engine.devices()[d]
                     .read_live(off, &mut buf[..len])
                     .expect(&ctx);
@@ -217,7 +350,13 @@ fn run_single_threaded(seed: u64) {
                     "{ctx}: live read differs"
                 );
             }
-            60..=79 => {
+            Op::ReadSnapshot {
+                dev,
+                off,
+                len,
+                aligned,
+            } => {
+                let (d, size) = (dev % sizes.len(), sizes[dev % sizes.len()]);
                 let Some(a) = &access else { continue };
                 let Some(slot) = a.devices.iter().position(|&x| x == d) else {
                     let err = engine.devices()[d]
@@ -226,11 +365,11 @@ fn run_single_threaded(seed: u64) {
                     assert_eq!(err.kind(), Kind::Stale, "{ctx}");
                     continue;
                 };
-                let len = 1 + rng.below(buf.len() as u64) as usize;
-                let off = if rng.below(8) == 0 {
-                    rng.below(size / cluster + 1) * cluster
+                let len = 1 + (len % buf.len() as u64) as usize;
+                let off = if aligned {
+                    off % (size / cluster + 1) * cluster
                 } else {
-                    rng.below(size + 10)
+                    off % (size + 10)
                 };
                 let got = engine.devices()[d].read_snapshot(a.id, off, &mut buf[..len]);
                 let want =
@@ -251,13 +390,14 @@ fn run_single_threaded(seed: u64) {
                     ),
                 }
             }
-            80..=87 => {
+            Op::Discard { dev, off, len } => {
+                let (d, size) = (dev % sizes.len(), sizes[dev % sizes.len()]);
                 let Some(a) = &mut access else { continue };
                 let Some(slot) = a.devices.iter().position(|&x| x == d) else {
                     continue;
                 };
-                let len = rng.below(cluster * 5);
-                let off = rng.below(size);
+                let len = len % (cluster * 5);
+                let off = off % size;
                 engine.devices()[d]
                     .discard_snapshot(a.id, off, len)
                     .expect(&ctx);
@@ -266,9 +406,9 @@ fn run_single_threaded(seed: u64) {
                     a.discarded[slot].insert(c);
                 }
             }
-            88..=93 => {
+            Op::SetupOrTeardown { mask, success } => {
                 if let Some(a) = access.take() {
-                    engine.teardown(&a.target, rng.below(2) == 0).expect(&ctx);
+                    engine.teardown(&a.target, success).expect(&ctx);
                     for &d in &a.devices {
                         let err = engine.devices()[d]
                             .read_snapshot(a.id, 0, &mut buf[..1])
@@ -280,11 +420,10 @@ fn run_single_threaded(seed: u64) {
                         .collect();
                     assert!(left.is_empty(), "{ctx}: fleecing files left after teardown");
                 } else {
-                    // setup on a random non-empty subset of devices
                     let mut names = Vec::new();
                     let mut devs = Vec::new();
                     for (i, dev) in engine.devices().iter().enumerate() {
-                        if rng.below(2) == 0 || (i == sizes.len() - 1 && devs.is_empty()) {
+                        if mask & (1 << i) != 0 || (i == sizes.len() - 1 && devs.is_empty()) {
                             names.push(dev.name().to_string());
                             devs.push(i);
                         }
@@ -306,8 +445,7 @@ fn run_single_threaded(seed: u64) {
                     });
                 }
             }
-            _ => {
-                // second setup while one is active is refused, naming the active target
+            Op::Refused => {
                 if let Some(a) = &access {
                     let err = engine.setup("other", None, None).unwrap_err();
                     assert_eq!(err.kind(), Kind::Busy, "{ctx}");
@@ -320,11 +458,11 @@ fn run_single_threaded(seed: u64) {
     }
     // The source files hold exactly the live model.
     for (d, size) in sizes.iter().enumerate() {
-        let on_disk = std::fs::read(dir.path().join(format!("src{d}.img"))).unwrap();
+        let on_disk = std::fs::read(EngineBuilder::image(dir.path(), &format!("d{d}"))).unwrap();
         assert_eq!(on_disk.len() as u64, *size);
         assert!(
             on_disk == live[d],
-            "seed {seed}: source {d} differs from the model"
+            "{name}: source {d} differs from the model"
         );
     }
 }
@@ -520,7 +658,7 @@ fn run_threaded(seed: u64) {
         "seed {seed}: too few snapshot reads"
     );
     for (d, m) in shared.live.iter().enumerate() {
-        let on_disk = std::fs::read(dir.path().join(format!("src{d}.img"))).unwrap();
+        let on_disk = std::fs::read(EngineBuilder::image(dir.path(), &format!("d{d}"))).unwrap();
         assert!(
             on_disk == *m.lock().unwrap(),
             "seed {seed}: source {d} differs from the model"
@@ -670,17 +808,13 @@ fn bitmaps_cover_every_write_since_the_last_success() {
 }
 
 fn open_engine(dir: &Path, cluster: u64, crash_safe: CrashSafety) -> Engine {
-    let state = fleecefs::state::StateDir::open(&dir.join("state")).unwrap();
-    if let Some(rec) = state.leftover_access().unwrap() {
-        state.remove_leftovers(&rec).unwrap();
-    }
-    let source = Source::open(&dir.join("src0.img")).unwrap();
-    let dev = Device::new("d0".into(), source, ClusterSize::new(cluster).unwrap());
-    let config = EngineConfig {
-        crash_safe_bitmaps: crash_safe,
-        ..EngineConfig::new(dir.join("fleece"))
-    };
-    Engine::new(vec![dev], config, Some(state)).unwrap()
+    EngineBuilder::new(dir)
+        .cluster(cluster)
+        .existing_device("d0")
+        .crash_safe(crash_safe)
+        .with_state()
+        .clean_leftovers()
+        .build()
 }
 
 fn dirty_clusters(engine: &Engine, cluster: u64) -> HashSet<u64> {
@@ -707,7 +841,7 @@ fn run_bitmap_model(seed: u64, safety: CrashSafety) {
     let nclusters = size.div_ceil(cluster);
     let mut data = vec![0u8; size as usize];
     rng.fill(&mut data);
-    std::fs::write(dir.path().join("src0.img"), &data).unwrap();
+    std::fs::write(EngineBuilder::image(dir.path(), "d0"), &data).unwrap();
     let mut engine = Some(open_engine(dir.path(), cluster, crash_safe));
     // Model: clusters written since the last successful backup (None = bitmap must be
     // all dirty: it does not exist yet or was invalidated).

@@ -5,54 +5,24 @@
 
 use std::path::Path;
 
-use fleecefs::cbw::{Device, OnCbwError};
-use fleecefs::engine::{BitmapAction, Engine, EngineConfig};
+use fleecefs::cbw::OnCbwError;
+use fleecefs::engine::{BitmapAction, Engine};
 use fleecefs::error::Kind;
-use fleecefs::source::Source;
-use fleecefs::state::StateDir;
-use fleecefs::units::ClusterSize;
+
+mod support;
+use support::EngineBuilder;
 
 const CL: u64 = 65536;
 
-/// Opens a source, retrying while it is busy: a child another test thread is spawning
-/// (`chattr`) holds copies of this process's fds, and with them the lock of a source a
-/// test has just closed, until it execs.
-fn open_source(path: &Path) -> Source {
-    for _ in 0..100 {
-        match Source::open(path) {
-            Err(e) if e.kind() == Kind::Busy => {
-                std::thread::sleep(std::time::Duration::from_millis(10))
-            }
-            r => return r.unwrap(),
-        }
-    }
-    panic!("{} stayed locked for 1 s", path.display())
-}
-
 fn engine(dir: &Path, on_error: OnCbwError, limit: Option<u64>) -> Engine {
-    let mut devices = Vec::new();
-    for name in ["a", "b"] {
-        let path = dir.join(format!("{name}.img"));
-        if !path.exists() {
-            std::fs::write(&path, vec![0x11u8; (CL * 32) as usize]).unwrap();
-        }
-        devices.push(Device::new(
-            name.into(),
-            open_source(&path),
-            ClusterSize::new(CL).unwrap(),
-        ));
-    }
-    let config = EngineConfig {
-        on_cbw_error: on_error,
-        fleecing_limit: limit,
-        ..EngineConfig::new(dir.join("fleece"))
-    };
-    Engine::new(
-        devices,
-        config,
-        Some(StateDir::open(&dir.join("state")).unwrap()),
-    )
-    .unwrap()
+    EngineBuilder::new(dir)
+        .cluster(CL)
+        .filled_device("a", 0x11, CL * 32)
+        .filled_device("b", 0x11, CL * 32)
+        .on_cbw_error(on_error)
+        .fleecing_limit(limit)
+        .with_state()
+        .build()
 }
 
 #[test]

@@ -6,9 +6,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fleecefs::cbw::{Device, OnCbwError};
-use fleecefs::engine::{Engine, EngineConfig};
-use fleecefs::source::Source;
-use fleecefs::units::ClusterSize;
+use fleecefs::engine::Engine;
+
+mod support;
+use support::EngineBuilder;
 
 const CL: u64 = 65536;
 
@@ -22,20 +23,14 @@ fn started(
     cluster: u64,
 ) -> (tempfile::TempDir, Arc<Engine>, u64, Arc<Device>) {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("a.img");
-    std::fs::write(&path, vec![0x11u8; (CL * 16) as usize]).unwrap();
-    let dev = Device::new(
-        "a".into(),
-        Source::open(&path).unwrap(),
-        ClusterSize::new(cluster).unwrap(),
-    );
-    let config = EngineConfig {
-        on_cbw_error: on_error,
-        cbw_timeout: Some(Duration::from_millis(200)),
-        cbw_buffer: buffer,
-        ..EngineConfig::new(dir.path().join("fleece"))
-    };
-    let e = Arc::new(Engine::new(vec![dev], config, None).unwrap());
+    let engine = EngineBuilder::new(dir.path())
+        .cluster(cluster)
+        .device("a", vec![0x11u8; (CL * 16) as usize])
+        .on_cbw_error(on_error)
+        .cbw_timeout(Some(Duration::from_millis(200)))
+        .cbw_buffer(buffer)
+        .build();
+    let e = Arc::new(engine);
     e.setup("t", None, None).unwrap();
     let (id, _) = e.active().unwrap();
     let a = e.devices()[0].clone();

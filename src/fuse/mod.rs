@@ -334,9 +334,6 @@ impl Filesystem for FleeceFs {
         _size: u32,
         reply: ReplyXattr,
     ) {
-        // ENOSYS, not ENODATA: the kernel then knows there are no extended attributes at
-        // all and stops asking for `security.capability` before every write (which
-        // doubled the FUSE round trips of small writes).
         reply.error(errno(&no_xattrs()))
     }
 
