@@ -10,7 +10,8 @@
 //! Usage:
 //! - `bench_report summary FIO_JSON SYSTEM WORKLOAD`: one line per fio run, for the log;
 //! - `bench_report pid`: the daemon's pid from `fleecefs status --json` on stdin;
-//! - `bench_report tables RESULTS_DIR "SYSTEMS" "FLOORS"`: all tables (SYSTEMS as in
+//! - `bench_report tables RESULTS_DIR "SYSTEMS" "FLOORS"`: all tables, with the guest-first
+//!   phases and the writer scaling line of issue 15 when they ran (SYSTEMS as in
 //!   `BENCH_SYSTEMS`; FLOORS the FUSE floors that ran, in order, possibly "").
 //!
 //! A new workload needs a `wl_NAME` function in the driver and, to appear in the main table,
@@ -97,6 +98,16 @@ struct FioDir {
 #[derive(Debug, Deserialize)]
 struct FioLat {
     mean: f64,
+    /// With `--lat_percentiles=1`: percentile ("99.000000") -> ns.
+    #[serde(default)]
+    percentile: Option<HashMap<String, f64>>,
+}
+
+impl FioLat {
+    /// The `p`th percentile in µs (`p` as fio prints it, e.g. "99.900000").
+    fn pct_us(&self, p: &str) -> Option<f64> {
+        self.percentile.as_ref()?.get(p).map(|ns| ns / 1e3)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -426,7 +437,12 @@ fn main_table(systems: &[&str], m: &[Vec<Option<Stats>>]) -> String {
     let mut t = String::new();
     let _ = writeln!(t, "| {} |", hdr.join(" | "));
     let _ = writeln!(t, "|{}", "---|".repeat(hdr.len()));
+    let ran = |line: &Vec<Option<Stats>>| line.iter().any(Option::is_some);
     for (r, line) in ROWS.iter().zip(m) {
+        // A workload that ran on no system (BENCH_ONLY) has no row.
+        if !ran(line) {
+            continue;
+        }
         let mut cells = vec![r.label.to_string()];
         for v in line {
             cells.push(fmt(v.map(|v| v.mb_s), 1));
@@ -443,6 +459,12 @@ fn main_table(systems: &[&str], m: &[Vec<Option<Stats>>]) -> String {
     let _ = writeln!(t, "| target | measured | required | met |");
     let _ = writeln!(t, "|---|---|---|---|");
     for tg in TARGETS {
+        let row = ROWS
+            .iter()
+            .position(|r| r.workload == tg.workload && r.job.is_none());
+        if row.is_some_and(|i| !ran(&m[i])) {
+            continue;
+        }
         let r = match (fl, idx(tg.against)) {
             (Some(a), Some(b)) => ROWS
                 .iter()
@@ -602,6 +624,214 @@ fn floor_table(res: &Results, floors: &[&str]) -> Result<String, String> {
     Ok(t)
 }
 
+// ---------------------------------------------------------------- guest first (issue 15)
+
+/// The three phases of the VM-like load: fio workload name and label.
+const GUEST_PHASES: &[(&str, &str)] = &[
+    ("guest_idle", "idle (no access)"),
+    ("guest_access", "access, no reader (first touches copy)"),
+    ("guest_backup", "access + full-speed 1 MiB snapshot reader"),
+];
+
+/// One phase of the VM-like load: the guest group (both jobs, `group_reporting`) and the
+/// reader, if it ran.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct GuestPhase {
+    read_iops: f64,
+    write_iops: f64,
+    /// Write latency percentiles (total latency), µs: p50, p99, p99.9.
+    write_pct: [Option<f64>; 3],
+    /// Read latency p99, µs.
+    read_p99: Option<f64>,
+    reader_mb_s: Option<f64>,
+}
+
+const PCTS: [&str; 3] = ["50.000000", "99.000000", "99.900000"];
+
+fn guest_phase(fio: &FioOutput) -> Option<GuestPhase> {
+    let g = fio.jobs.iter().find(|j| j.jobname == "guest")?;
+    let reader = stats(fio, Some("reader"), Some(Dir::Read)).map(|s| s.mb_s);
+    Some(GuestPhase {
+        read_iops: g.read.iops,
+        write_iops: g.write.iops,
+        write_pct: PCTS.map(|p| g.write.lat_ns.pct_us(p)),
+        read_p99: g.read.lat_ns.pct_us(PCTS[1]),
+        reader_mb_s: reader,
+    })
+}
+
+fn ms(v: Option<f64>) -> String {
+    match v {
+        None => "-".to_string(),
+        Some(us) => format!("{:.2}", us / 1e3),
+    }
+}
+
+/// A guest-first goal: name, measured ratio, requirement, test, unit ("%" or "x").
+type Goal = (
+    &'static str,
+    Option<f64>,
+    &'static str,
+    fn(f64) -> bool,
+    &'static str,
+);
+
+/// The guest-first tables: each system's three phases, then fleecefs against the goals of
+/// issue 15. Empty if no guest phase ran.
+fn guest_table(res: &Results, systems: &[&str]) -> Result<String, String> {
+    let mut phases: HashMap<(&str, &str), GuestPhase> = HashMap::new();
+    for &s in systems {
+        for &(wl, _) in GUEST_PHASES {
+            if let Some(p) = res.fio(s, wl)?.as_ref().and_then(guest_phase) {
+                phases.insert((s, wl), p);
+            }
+        }
+    }
+    if phases.is_empty() {
+        return Ok(String::new());
+    }
+    let mut t = String::new();
+    let _ = writeln!(t);
+    let _ = writeln!(t, "| guest first: VM-like load on live | system | guest read IOPS | guest write IOPS | write IOPS vs idle | write p50 ms | write p99 ms | write p99.9 ms | read p99 ms | reader MB/s |");
+    let _ = writeln!(t, "|---|---|---|---|---|---|---|---|---|---|");
+    for &s in systems {
+        let idle = phases.get(&(s, "guest_idle")).copied();
+        for &(wl, label) in GUEST_PHASES {
+            let Some(p) = phases.get(&(s, wl)) else {
+                continue;
+            };
+            let kept = match idle {
+                Some(i) if i.write_iops > 0.0 => {
+                    format!("{:.0}%", 100.0 * p.write_iops / i.write_iops)
+                }
+                _ => "-".to_string(),
+            };
+            let _ = writeln!(
+                t,
+                "| {label} | {s} | {:.0} | {:.0} | {kept} | {} | {} | {} | {} | {} |",
+                p.read_iops,
+                p.write_iops,
+                ms(p.write_pct[0]),
+                ms(p.write_pct[1]),
+                ms(p.write_pct[2]),
+                ms(p.read_p99),
+                fmt(p.reader_mb_s, 1)
+            );
+        }
+    }
+    let get = |s: &str, wl: &str| phases.get(&(s, wl)).copied();
+    let (Some(idle), f_access, f_backup) = (
+        get("fleecefs", "guest_idle"),
+        get("fleecefs", "guest_access"),
+        get("fleecefs", "guest_backup"),
+    ) else {
+        return Ok(t);
+    };
+    let q_backup = get("qemu", "guest_backup");
+    let p99 = |p: &GuestPhase| p.write_pct[1];
+    let rel = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b != 0.0 => Some(a / b),
+        _ => None,
+    };
+    let goals: [Goal; 4] = [
+        (
+            "guest write IOPS during the backup, share of idle",
+            f_backup.and_then(|b| rel(Some(b.write_iops), Some(idle.write_iops))),
+            ">= 80%",
+            |r| r >= 0.8,
+            "%",
+        ),
+        (
+            "guest write p99 during the backup, vs idle",
+            f_backup.and_then(|b| rel(p99(&b), p99(&idle))),
+            "<= 2x",
+            |r| r <= 2.0,
+            "x",
+        ),
+        (
+            "reader MB/s during the backup, vs qemu's",
+            rel(
+                f_backup.and_then(|b| b.reader_mb_s),
+                q_backup.and_then(|b| b.reader_mb_s),
+            ),
+            ">= 3x",
+            |r| r >= 3.0,
+            "x",
+        ),
+        (
+            "first touch: guest write p99 during the access without a reader, vs idle",
+            f_access.and_then(|a| rel(p99(&a), p99(&idle))),
+            "<= 3x",
+            |r| r <= 3.0,
+            "x",
+        ),
+    ];
+    let _ = writeln!(t);
+    let _ = writeln!(
+        t,
+        "| guest-first goal (fleecefs) | measured | required | met |"
+    );
+    let _ = writeln!(t, "|---|---|---|---|");
+    for (name, r, need, ok, unit) in goals {
+        let (measured, met) = match r {
+            None => ("-".to_string(), "?"),
+            Some(r) => (
+                if unit == "%" {
+                    format!("{:.0}%", r * 100.0)
+                } else {
+                    format!("{r:.2}x")
+                },
+                if ok(r) { "yes" } else { "**no**" },
+            ),
+        };
+        let _ = writeln!(t, "| {name} | {measured} | {need} | {met} |");
+    }
+    Ok(t)
+}
+
+/// The writer scaling line: 4 KiB random buffered writes without an access, 1, 4 and 16
+/// writer threads, IOPS per system. Empty if it did not run.
+fn writers_table(res: &Results, systems: &[&str]) -> Result<String, String> {
+    let ns = [1, 4, 16];
+    let mut cells: Vec<Vec<Option<f64>>> = Vec::new();
+    for &s in systems {
+        let mut line = Vec::new();
+        for n in ns {
+            line.push(
+                res.fio(s, &format!("scale_w{n}"))?
+                    .as_ref()
+                    .and_then(|f| stats(f, None, Some(Dir::Write)))
+                    .map(|st| st.iops),
+            );
+        }
+        cells.push(line);
+    }
+    if cells.iter().flatten().all(Option::is_none) {
+        return Ok(String::new());
+    }
+    let mut t = String::new();
+    let _ = writeln!(t);
+    let _ = writeln!(
+        t,
+        "| live 4K randwrite, no access, IOPS | 1 writer | 4 writers | 16 writers | 16 vs 1 |"
+    );
+    let _ = writeln!(t, "|---|---|---|---|---|");
+    for (s, line) in systems.iter().zip(&cells) {
+        let r = match (line[0], line[2]) {
+            (Some(a), Some(b)) if a != 0.0 => format!("{:.2}x", b / a),
+            _ => "-".to_string(),
+        };
+        let _ = writeln!(
+            t,
+            "| {s} | {} | {} | {} | {r} |",
+            fmt(line[0], 0),
+            fmt(line[1], 0),
+            fmt(line[2], 0)
+        );
+    }
+    Ok(t)
+}
+
 // ---------------------------------------------------------------- bitmap cost
 
 const BITMAP_VARIANTS: &[(&str, &str)] = &[
@@ -655,7 +885,15 @@ fn bitmap_table(res: &Results) -> Result<String, String> {
 // ---------------------------------------------------------------- all tables
 
 fn tables(res: &Results, systems: &[&str], floors: &[&str]) -> Result<String, String> {
-    let mut t = main_table(systems, &measure(res, systems)?);
+    let m = measure(res, systems)?;
+    // A guest-only run (BENCH_ONLY=guest) has none of the main table's workloads.
+    let mut t = if m.iter().flatten().any(Option::is_some) {
+        main_table(systems, &m)
+    } else {
+        String::new()
+    };
+    t += &guest_table(res, systems)?;
+    t += &writers_table(res, systems)?;
     if let Some(sc) = res.text("scale.txt")? {
         t += &scale_table(&sc)?;
     }
@@ -935,5 +1173,107 @@ mod tests {
         put("fleecefs.seqread_noacc.json", "fio: error".to_string());
         let e = floor_table(&res, &["floor"]).unwrap_err();
         assert!(e.contains("fleecefs.seqread_noacc.json"), "{e}");
+    }
+
+    /// fio JSON of a guest phase: the guest group (read IOPS, write IOPS, write p50/p99/
+    /// p99.9 in ns) and, with `reader_bw`, a reader group.
+    fn guest_json(r_iops: f64, w_iops: f64, w_pct: [f64; 3], reader_bw: Option<f64>) -> String {
+        let lat = |pct: [f64; 3]| {
+            format!(
+                r#"{{"mean": 1, "percentile": {{"50.000000": {}, "99.000000": {}, "99.900000": {}}}}}"#,
+                pct[0], pct[1], pct[2]
+            )
+        };
+        let dir = |iops: f64, pct: [f64; 3]| {
+            format!(
+                r#"{{"io_bytes": {}, "bw_bytes": {}, "iops": {iops}, "lat_ns": {}}}"#,
+                iops * 4096.0,
+                iops * 4096.0,
+                lat(pct)
+            )
+        };
+        let mut jobs = vec![format!(
+            r#"{{"jobname": "guest", "read": {}, "write": {}}}"#,
+            dir(r_iops, [1e5, 2e6, 3e6]),
+            dir(w_iops, w_pct)
+        )];
+        if let Some(bw) = reader_bw {
+            jobs.push(format!(
+                r#"{{"jobname": "reader", "read": {{"io_bytes": 1, "bw_bytes": {bw}, "iops": 1, "lat_ns": {{"mean": 1}}}}, "write": {{"io_bytes": 0, "bw_bytes": 0, "iops": 0, "lat_ns": {{"mean": 0}}}}}}"#
+            ));
+        }
+        format!(r#"{{"jobs": [{}]}}"#, jobs.join(","))
+    }
+
+    #[test]
+    fn guest_table_phases_and_goals() {
+        let dir = tempfile::tempdir().unwrap();
+        let put = |name: &str, text: String| std::fs::write(dir.path().join(name), text).unwrap();
+        let res = Results {
+            dir: dir.path().to_path_buf(),
+        };
+        assert_eq!(guest_table(&res, &["qemu", "fleecefs"]).unwrap(), "");
+        put(
+            "fleecefs.guest_idle.json",
+            guest_json(7000.0, 3000.0, [5e5, 2e6, 4e6], None),
+        );
+        put(
+            "fleecefs.guest_access.json",
+            guest_json(6000.0, 2500.0, [6e5, 7e6, 9e6], None),
+        );
+        put(
+            "fleecefs.guest_backup.json",
+            guest_json(6500.0, 2700.0, [5e5, 3e6, 5e6], Some(900e6)),
+        );
+        put(
+            "qemu.guest_backup.json",
+            guest_json(700.0, 300.0, [5e6, 9e6, 1e7], Some(100e6)),
+        );
+        let t = guest_table(&res, &["qemu", "fleecefs"]).unwrap();
+        assert!(t.contains(
+            "| idle (no access) | fleecefs | 7000 | 3000 | 100% | 0.50 | 2.00 | 4.00 | 2.00 | - |"
+        ), "{t}");
+        assert!(t.contains(
+            "| access + full-speed 1 MiB snapshot reader | fleecefs | 6500 | 2700 | 90% | 0.50 | 3.00 | 5.00 | 2.00 | 900.0 |"
+        ), "{t}");
+        // qemu without its idle phase: no share of idle
+        assert!(t.contains("| qemu | 700 | 300 | - |"), "{t}");
+        assert!(
+            t.contains(
+                "| guest write IOPS during the backup, share of idle | 90% | >= 80% | yes |"
+            ),
+            "{t}"
+        );
+        assert!(
+            t.contains("| guest write p99 during the backup, vs idle | 1.50x | <= 2x | yes |"),
+            "{t}"
+        );
+        assert!(
+            t.contains("| reader MB/s during the backup, vs qemu's | 9.00x | >= 3x | yes |"),
+            "{t}"
+        );
+        assert!(t.contains("| first touch: guest write p99 during the access without a reader, vs idle | 3.50x | <= 3x | **no** |"), "{t}");
+    }
+
+    #[test]
+    fn writers_table_lists_each_system() {
+        let dir = tempfile::tempdir().unwrap();
+        let res = Results {
+            dir: dir.path().to_path_buf(),
+        };
+        assert_eq!(writers_table(&res, &["fleecefs"]).unwrap(), "");
+        for (n, iops) in [(1, 1000.0), (4, 1500.0), (16, 2000.0)] {
+            std::fs::write(
+                dir.path().join(format!("fleecefs.scale_w{n}.json")),
+                fio_json(&[("writers", NONE, [1.0, iops * 4096.0, iops, 1.0])]),
+            )
+            .unwrap();
+        }
+        let t = writers_table(&res, &["qemu", "fleecefs"]).unwrap();
+        assert!(
+            t.contains("| fleecefs | 1000 | 1500 | 2000 | 2.00x |"),
+            "{t}"
+        );
+        assert!(t.contains("| qemu | - | - | - | - |"), "{t}");
     }
 }

@@ -30,6 +30,14 @@
 #                             FUSE server, over /dev/fuse, over io_uring and with the
 #                             writeback cache, on the no-access live workloads; what any
 #                             FUSE server can reach here)
+#   BENCH_ONLY=guest          only the guest-first workloads (issue 15): the VM-like load
+#                             in three phases (idle, access, access + full-speed snapshot
+#                             reader) and the writer scaling line, on BENCH_SYSTEMS (then
+#                             "qemu fleecefs" by default); no floor, bitmap cost, micro-
+#                             benchmarks or scale line. About 2.5 minutes of measuring.
+#   BENCH_GUEST_RUNTIME=15    seconds per guest phase
+#   BENCH_REWARM=0            do not read the source back into the page cache before each
+#                             workload (see settle)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -40,7 +48,13 @@ PASSES=3                  # read passes of the whole image, each with its own op
 SIZE_MB=${BENCH_SIZE_MB:-1024}   # source image size (the issue: 1 GiB)
 CLUSTER=65536
 OUT=${BENCH_OUT:-$REPO/target/bench}
-SYSTEMS=${BENCH_SYSTEMS:-direct qemu fleecefs}
+ONLY=${BENCH_ONLY:-}
+case $ONLY in
+    "") SYSTEMS=${BENCH_SYSTEMS:-direct qemu fleecefs} ;;
+    guest) SYSTEMS=${BENCH_SYSTEMS:-qemu fleecefs} ;;
+    *) printf 'bench: BENCH_ONLY=%s: the only selection is "guest"\n' "$ONLY" >&2; exit 1 ;;
+esac
+GUEST_RUNTIME=${BENCH_GUEST_RUNTIME:-15}
 PERF=${BENCH_PERF:-}
 FLEECEFS=$REPO/target/release/fleecefs
 REPORT=$REPO/target/release/examples/bench_report   # the report program
@@ -98,8 +112,17 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# Lets dirty pages of the previous workload reach the disk before the next one starts.
-settle() { sync; sleep 1; }
+# Lets dirty pages of the previous workload reach the disk before the next one starts, and
+# reads the source back into the page cache: the kernel may drop idle page cache behind
+# the benchmark's back (this VM runs DAMON proactive reclaim: about 3% of an idle 1 GiB
+# file was gone after 60 s), and a copy-before-write that has to read its old cluster from
+# the disk takes milliseconds: the first-touch stalls of session 4 (docs/performance.md).
+# BENCH_REWARM=0 leaves the cache alone (as before issue 15).
+settle() {
+    sync
+    if [ "${BENCH_REWARM:-1}" != 0 ] && [ -n "${SRC:-}" ]; then cat "$SRC" >/dev/null; fi
+    sleep 1
+}
 
 # ---------------------------------------------------------------- fio
 
@@ -107,6 +130,8 @@ settle() { sync; sleep 1; }
 run_fio() {
     local name=$1; shift
     settle
+    local io0
+    io0=$(daemon_read_bytes)
     perf_start "$name"
     # in the background so that a signal reaches our trap at once (bash defers traps
     # while a foreground child runs, and fio exits 0 on Ctrl-C)
@@ -116,7 +141,25 @@ run_fio() {
     wait "$FIO_PID" || die "fio failed: $SYS $name (see $RES/$SYS.$name.json)"
     FIO_PID=""
     perf_stop "$name"
+    # Storage reads of the daemon during the workload (/proc/PID/io read_bytes): the
+    # source is meant to be in the page cache, so anything here is page cache that the
+    # kernel dropped (e.g. DAMON's proactive reclaim) and the daemon had to read from
+    # the disk, in milliseconds instead of microseconds.
+    local io1
+    io1=$(daemon_read_bytes)
+    if [ -n "$io0" ] && [ -n "$io1" ]; then
+        echo "daemon_read_bytes=$((io1 - io0))" >"$RES/$SYS.$name.io"
+        [ "$io1" -gt "$io0" ] && log "$SYS $name: the daemon read $(((io1 - io0) >> 10)) KiB from storage"
+    fi
     summary_line "$name"
+}
+
+# read_bytes of the current system's daemon (empty if there is none).
+daemon_read_bytes() {
+    local pid
+    pid=$(daemon_pid 2>/dev/null) || return 0
+    [ -n "$pid" ] && awk '/^read_bytes/{print $2}' "/proc/$pid/io" 2>/dev/null
+    return 0
 }
 
 summary_line() {
@@ -207,6 +250,41 @@ mixed() {
 wl_mixed_buffered() { mixed mixed_buffered 0; }
 wl_mixed_odirect() { mixed mixed_odirect 1; }
 
+# Guest first (issue 15): a VM-like load on live, the way a VM's disk is driven (fio
+# io_uring, O_DIRECT, queue depth 32, 2 jobs, 4 KiB random, 70% reads), measured in three
+# phases of GUEST_RUNTIME seconds each: without an access (guest_idle), during a fresh
+# access without a reader (guest_access: the first touches copy), and during a fresh
+# access while a backup reader streams the snapshot with 1 MiB reads as fast as it can
+# (guest_backup; it starts over at the end of the image). The guest jobs are one fio group
+# (group_reporting), so their latency percentiles are those of both jobs together; the
+# reader is a group of its own.
+GUEST_JOB=(--name=guest --ioengine=io_uring --direct=1 --iodepth=32 --numjobs=2 --bs=4k
+    --rw=randrw --rwmixread=70 --time_based --group_reporting --lat_percentiles=1
+    --percentile_list=50:99:99.9)
+wl_guest_idle() {
+    run_fio guest_idle "${GUEST_JOB[@]}" --filename="$LIVE" --runtime="$GUEST_RUNTIME"
+}
+wl_guest_access() {
+    run_fio guest_access "${GUEST_JOB[@]}" --filename="$LIVE" --runtime="$GUEST_RUNTIME"
+}
+wl_guest_backup() {
+    [ -n "$SNAP" ] || return 0
+    run_fio guest_backup "${GUEST_JOB[@]}" --filename="$LIVE" --runtime="$GUEST_RUNTIME" \
+        --name=reader --new_group --filename="$SNAP" --rw=read --bs=1M --time_based \
+        --runtime="$GUEST_RUNTIME" --invalidate=$RINV
+}
+
+# The scaling line: 4 KiB random buffered writes on live without an access, with 1, 4 and
+# 16 writer threads (psync). On a 2-CPU machine this mostly shows the limit: the writers
+# and the daemon's workers share the same two CPUs.
+scale_writers() {
+    run_fio "scale_w$1" --name=writers --filename="$LIVE" --rw=randwrite --bs=4k \
+        --numjobs="$1" --group_reporting --time_based --runtime="$RUNTIME"
+}
+wl_scale_w1() { scale_writers 1; }
+wl_scale_w4() { scale_writers 4; }
+wl_scale_w16() { scale_writers 16; }
+
 # Checks the copy-before-write of the system under test: after a write to live, the
 # snapshot still shows the old data of that cluster.
 verify_cbw() {
@@ -225,11 +303,26 @@ verify_cbw() {
 # The phases: the workloads without an access (also run on the FUSE floors), then one
 # entry per access (each a fresh access: setup, its steps in order, teardown).
 NOACC_WORKLOADS="wl_randwrite_noacc wl_seqwrite_noacc wl_seqread_noacc"
+FLOOR_WORKLOADS=$NOACC_WORKLOADS    # what the FUSE floors run
 ACCESS_PHASES=(
     "verify_cbw wl_snap_seqread wl_cbw_first wl_cbw_again"  # clean snapshot, then CBW writes
     "wl_mixed_buffered"                                     # reader against buffered writers
     "wl_mixed_odirect"                                      # reader against O_DIRECT writers
 )
+# Guest first (issue 15): run by every system that has an access (not direct).
+GUEST_NOACC="wl_guest_idle wl_scale_w1 wl_scale_w4 wl_scale_w16"
+GUEST_PHASES=(
+    "verify_cbw wl_guest_access"    # the VM-like load during an access, no reader
+    "wl_guest_backup"               # ... and with a full-speed snapshot reader
+)
+if [ "$ONLY" = guest ]; then
+    NOACC_WORKLOADS=$GUEST_NOACC
+    # plus the snapshot read without any guest I/O: full speed (work-conserving)?
+    ACCESS_PHASES=("verify_cbw wl_snap_seqread wl_guest_access" "wl_guest_backup")
+else
+    NOACC_WORKLOADS="$NOACC_WORKLOADS $GUEST_NOACC"
+    ACCESS_PHASES+=("${GUEST_PHASES[@]}")
+fi
 
 # run_steps FUNCTION...: runs each (a workload or a check) in order.
 run_steps() {
@@ -371,6 +464,8 @@ run_system() {
     run_steps $NOACC_WORKLOADS
     local phase
     for phase in "${ACCESS_PHASES[@]}"; do
+        # the guest phases with an access mean nothing on the raw file
+        [ "$SYS" = direct ] && case $phase in *wl_guest_*) continue ;; esac
         "${SYS}_access_start"
         # shellcheck disable=SC2086
         run_steps $phase
@@ -420,7 +515,7 @@ floor_run() {
     RINV=1
     LIVE=$W/floor/img
     # shellcheck disable=SC2086
-    run_steps $NOACC_WORKLOADS
+    run_steps $FLOOR_WORKLOADS
     floor_stop
     log "$SYS: $(tail -1 "$RES/$SYS.log")"
     FLOOR_SYSTEMS="$FLOOR_SYSTEMS $SYS"
@@ -534,6 +629,7 @@ machine_info() {
     echo "- qemu-storage-daemon: $(qemu-storage-daemon --version | head -1)"
     echo "- fio: $(fio --version)"
     echo "- load average (1, 5, 15 min) at start: $LOAD_START; before each system: $(paste -sd';' "$RES/load.txt" | sed 's/;/; /g'); at end: $(cut -d' ' -f1-3 /proc/loadavg)"
+    echo "- guest phases: fio ${GUEST_JOB[*]}, ${GUEST_RUNTIME} s each; reader: 1 MiB sequential reads of the snapshot (psync), as fast as it goes"
     echo "- fio: ioengine=psync, buffered unless noted, --invalidate=0 (sources stay in the page cache), ${RUNTIME} s per time-based workload; read workloads: $PASSES passes over the image, one open each, FUSE file's own cache dropped before each (--invalidate=1 on the FUSE file)"
 }
 
@@ -575,7 +671,7 @@ main() {
     build_fleecefs
     log "building the report program (examples/bench_report.rs, release)"
     (cd "$REPO" && cargo build --release --quiet --example bench_report)
-    if [ "${BENCH_FLOOR:-1}" != 0 ]; then
+    if [ "${BENCH_FLOOR:-1}" != 0 ] && [ "$ONLY" != guest ]; then
         log "building the FUSE floor (examples/fuse_floor.rs, release)"
         (cd "$REPO" && cargo build --release --quiet --example fuse_floor)
     fi
@@ -601,10 +697,12 @@ main() {
 
     local s start=$SECONDS
     for s in $SYSTEMS; do run_system "$s"; done
-    case " $SYSTEMS " in *" fleecefs "*) fuse_floor; bitmap_cost ;; esac
-    log "engine micro-benchmarks (cargo bench --bench engine, no FUSE)"
-    (cd "$REPO" && cargo bench --quiet --bench engine 2>/dev/null) >"$RES/micro.txt" || log "micro-benchmarks failed"
-    scale_test
+    if [ "$ONLY" != guest ]; then
+        case " $SYSTEMS " in *" fleecefs "*) fuse_floor; bitmap_cost ;; esac
+        log "engine micro-benchmarks (cargo bench --bench engine, no FUSE)"
+        (cd "$REPO" && cargo bench --quiet --bench engine 2>/dev/null) >"$RES/micro.txt" || log "micro-benchmarks failed"
+        scale_test
+    fi
     log "done in $((SECONDS - start)) s"
 
     # the raw results first, so that a report can be printed again from them

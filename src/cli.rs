@@ -210,6 +210,11 @@ pub struct MountArgs {
     /// instead of direct I/O: faster small sequential reads and re-reads, slower large I/O
     #[arg(long)]
     pub live_cache: bool,
+    /// Snapshot and dirty-map reads run below the guest, on idle-priority threads that
+    /// use only CPU time the guest leaves (low), or on the FUSE workers like live I/O
+    /// (normal)
+    #[arg(long, value_enum, value_name = "low|normal", default_value = "normal")]
+    pub backup_priority: crate::fuse::pool::BackupPriority,
     /// Internal: set in the background daemon started by `mount`
     #[arg(long, hide = true)]
     pub daemon_child: bool,

@@ -67,6 +67,8 @@ pub struct MountPlan {
     pub live_cache: bool,
     /// Write-behind buffer for copies (`--cbw-buffer`).
     pub cbw_buffer: u64,
+    /// Where snapshot reads run (`--backup-priority`).
+    pub backup_priority: crate::fuse::pool::BackupPriority,
 }
 
 /// `p` (absolute) with symlinks and `..` resolved as far as it exists; the missing rest
@@ -278,6 +280,7 @@ pub fn validate(args: &MountArgs) -> Result<MountPlan> {
         cbw_timeout,
         fleecing_limit,
         live_cache: args.live_cache,
+        backup_priority: args.backup_priority,
         cbw_buffer,
     })
 }
@@ -591,6 +594,7 @@ fn serve(plan: MountPlan, daemon_child: bool, allow_other: bool) -> Result<()> {
         allow_other,
         threads: plan.threads,
         live_cache: plan.live_cache,
+        backup_priority: plan.backup_priority,
     };
     let session =
         session::mount(engine.clone(), &plan.mountpoint, &session_options).map_err(|e| {

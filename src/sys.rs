@@ -639,3 +639,35 @@ pub fn map_shared(file: &File, offset: u64, len: usize) -> io::Result<memmap2::M
 pub fn dev_minor(dev: u64) -> u32 {
     libc::minor(dev)
 }
+
+/// `ioprio_set(2)` class of best-effort I/O (`IOPRIO_CLASS_BE`).
+const IOPRIO_CLASS_BE: i32 = 2;
+/// `IOPRIO_WHO_PROCESS`: a single thread, by tid (0: the calling thread).
+const IOPRIO_WHO_PROCESS: i32 = 1;
+/// Lowest best-effort I/O priority level.
+pub const IOPRIO_BE_LOWEST: i32 = 7;
+
+/// Lowers the calling thread to `SCHED_IDLE`: it runs only on CPU time that no normal
+/// thread wants (and a small share when every CPU is busy, so it never starves outright).
+/// Affects this thread only: Linux schedules threads, and pid 0 is the caller.
+pub fn set_thread_sched_idle() -> io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: plain syscall with a valid sched_param for the calling thread.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Sets the calling thread's I/O priority to best-effort `level` (0 highest, 7 lowest).
+pub fn set_thread_ioprio_best_effort(level: i32) -> io::Result<()> {
+    let value = (IOPRIO_CLASS_BE << 13) | (level & 7);
+    // SAFETY: ioprio_set takes three integers; who = 0 is the calling thread.
+    let r = unsafe { libc::syscall(libc::SYS_ioprio_set, IOPRIO_WHO_PROCESS, 0, value) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}

@@ -168,7 +168,10 @@ impl DeviceAccess {
     }
 
     /// Reads copied (point-in-time) data at `pos`: pending copies from memory, the rest
-    /// from the fleecing file. Called under the stripe lock of `pos`.
+    /// from the fleecing file. Called without locks for clusters seen copied (copied data
+    /// never changes during the access); the caller checks afterwards that they are still
+    /// accessible (a discard drops pending copies and punches the fleecing file) and that
+    /// the access has not ended (teardown drops pending copies unwritten).
     pub(super) fn read_copied(&self, buf: &mut [u8], pos: u64) -> Result<()> {
         inject_fleece_read_fault();
         if self.pending.is_empty() {

@@ -26,21 +26,24 @@
 //!
 //! # Locks and their order
 //! 1. `Engine::control` (setup, teardown, status; never on the data path)
-//! 2. device gates, in device index order (exclusive only in setup/teardown; every data
-//!    operation holds its device's gate shared for its whole duration, so setup and
-//!    teardown happen between data operations, at one instant for all devices; only a
-//!    snapshot read lets go of it for lock units made only of copied clusters, and
-//!    returns ESTALE if the access ended meanwhile)
+//! 2. device gates, in device index order (exclusive only in setup/teardown; every live
+//!    write and discard holds its device's gate shared for its whole duration, so setup
+//!    and teardown happen between them, at one instant for all devices; a snapshot read
+//!    takes it shared only to check, after reading a lock unit, that its access is still
+//!    the device's, and returns ESTALE if the access ended meanwhile)
 //! 3. one *stripe* lock of the access (`RwLock<()>` per lock unit of clusters, striped).
-//!    Snapshot reads hold it shared while they check bits and read a unit; copy and
-//!    discard hold it exclusive. **A thread holds at most one stripe lock at a time**,
+//!    Copy and discard hold it exclusive; a snapshot read takes it shared only to check
+//!    the unit's bits after reading the unit without locks (`Device::read_snapshot`), and
+//!    never together with the gate. **A thread holds at most one stripe lock at a time**,
 //!    so stripe locks cannot deadlock.
 //! 4. bitmaps are atomic words: no lock.
 //! 5. leaves: a pending map's mutex, the write-behind state mutex. A writer waits for
 //!    room in the write-behind buffer before it takes a stripe lock.
 //!
-//! A snapshot read and a copy of the same cluster are serialized by the stripe lock;
-//! operations on different lock units run in parallel.
+//! A copy and a discard of the same cluster are serialized by the stripe lock; a snapshot
+//! read that overlapped either finds out under the stripe lock afterwards and reads the
+//! cluster again (or stops where it was discarded). Operations on different lock units
+//! run in parallel.
 
 pub mod access;
 mod copy;
@@ -467,47 +470,31 @@ impl Device {
         }
         let end = size.min(offset + buf.len() as u64);
         let mut pos = offset;
-        'units: while pos < end {
-            // Gate, then stripe (the lock order), one lock unit at a time. The gate keeps
-            // teardown out while source data is read: after teardown, writes no longer
-            // copy first. Copied data (fleecing file or memory) never changes during the
-            // access, so a unit whose clusters to read are all copied is read without the
-            // gate: a read stuck in slow fleecing storage then does not hold up a
-            // teardown. If a teardown does overtake the read, the retired check below
-            // turns it into ESTALE (teardown drops pending copies unwritten).
-            let gate = self.gate();
-            if !matches!(gate.access.as_ref(), Some(a) if Arc::ptr_eq(a, &access)) {
-                // Torn down (retired) between two units: ESTALE below.
-                break;
-            }
+        while pos < end {
+            // One lock unit at a time, in two steps. First read without any lock, by the
+            // bits as they are now: copied clusters from the pending map or the fleecing
+            // file, the others from the source. Then check, under the gate and then the
+            // unit's stripe (shared, each only for a few bit tests), that what was read is
+            // still the point-in-time data: the access is still the device's (after
+            // teardown, writes no longer copy first), every cluster read is still
+            // accessible (a discard punches the fleecing file only after clearing it,
+            // under the stripe), and every cluster read from the source is still not
+            // copied (a writer sets `copied` under the stripe before its write reaches the
+            // source). A cluster that failed the check is read again (its bits change at
+            // most once each, so this ends). So a read holds no lock while it copies data:
+            // a reader on the backup pool at idle priority (fuse/pool.rs), or one stuck in
+            // slow fleecing storage, never holds up a live write, a discard or a teardown.
             let unit = pos >> access.unit_shift;
             let unit_end = ((unit + 1) << access.unit_shift).min(end);
-            let stripe = access.stripe(unit);
-            let Some(_g) = access.wait_stripe(|| stripe.try_read(), None) else {
-                return Err(self.broken_error(&access));
-            };
-            let mut gate = Some(gate);
             let first = self.cluster.index_of(pos);
-            let last = self.cluster.index_of(unit_end - 1);
-            if (first.0..=last.0)
-                .take_while(|&c| access.accessible.get(c))
-                .all(|c| access.copied.get(c))
-            {
-                gate = None;
-            }
-            while pos < unit_end {
-                let c = self.cluster.index_of(pos);
+            // bit i: cluster first + i was read from the source (a lock unit has at most
+            // 16 clusters: 64 KiB of 4 KiB clusters)
+            let mut from_source: u64 = 0;
+            let mut read_end = pos;
+            while read_end < unit_end {
+                let c = self.cluster.index_of(read_end);
                 if !access.accessible.get(c.0) {
-                    if pos == offset {
-                        return Err(Error::new(
-                            Kind::Inaccessible,
-                            format!(
-                                "snapshot/{} at {offset} was discarded or is not in the dirty map",
-                                self.name
-                            ),
-                        ));
-                    }
-                    break 'units;
+                    break;
                 }
                 // Extend over clusters with the same location (fleecing or source).
                 let from_fleece = access.copied.get(c.0);
@@ -519,18 +506,60 @@ impl Device {
                     }
                     run_end = self.cluster.start_of(n.next()).min(unit_end);
                 }
-                let dst = &mut buf[(pos - offset) as usize..(run_end - offset) as usize];
+                let dst = &mut buf[(read_end - offset) as usize..(run_end - offset) as usize];
                 if from_fleece {
-                    access.read_copied(dst, pos)
+                    access.read_copied(dst, read_end)?;
                 } else {
-                    debug_assert!(gate.is_some(), "source read without the gate");
+                    for k in c.0..=self.cluster.index_of(run_end - 1).0 {
+                        from_source |= 1 << (k - first.0);
+                    }
                     self.source
-                        .read_at(dst, pos)
-                        .inspect_err(|e| self.note_source_error(e))
-                }?;
-                pos = run_end;
+                        .read_at(dst, read_end)
+                        .inspect_err(|e| self.note_source_error(e))?;
+                }
+                read_end = run_end;
             }
-            drop(gate);
+            if read_end > pos {
+                {
+                    let gate = self.gate();
+                    if !matches!(gate.access.as_ref(), Some(a) if Arc::ptr_eq(a, &access)) {
+                        // Torn down (retired) meanwhile: ESTALE below.
+                        break;
+                    }
+                }
+                let stripe = access.stripe(unit);
+                let Some(_g) = access.wait_stripe(|| stripe.try_read(), None) else {
+                    return Err(self.broken_error(&access));
+                };
+                let mut valid_end = pos;
+                while valid_end < read_end {
+                    let c = self.cluster.index_of(valid_end);
+                    if !access.accessible.get(c.0)
+                        || (from_source & (1 << (c.0 - first.0)) != 0 && access.copied.get(c.0))
+                    {
+                        break;
+                    }
+                    valid_end = self.cluster.start_of(c.next()).min(read_end);
+                }
+                if valid_end < read_end {
+                    pos = valid_end;
+                    continue;
+                }
+            }
+            pos = read_end;
+            if pos < unit_end {
+                // An inaccessible cluster (bits never become accessible again).
+                if pos == offset {
+                    return Err(Error::new(
+                        Kind::Inaccessible,
+                        format!(
+                            "snapshot/{} at {offset} was discarded or is not in the dirty map",
+                            self.name
+                        ),
+                    ));
+                }
+                break;
+            }
         }
         // Once the access has ended, its pending copies are dropped without being stored,
         // so copied data read without the gate may be a hole of the fleecing file: a read

@@ -5,6 +5,7 @@
 //! `session.rs` mounts it.
 
 pub mod namespace;
+pub mod pool;
 pub mod session;
 
 use std::cell::RefCell;
@@ -26,6 +27,7 @@ use crate::engine::Engine;
 use crate::error::{Error, Kind, Result};
 use crate::sys;
 use namespace::{is_a_directory, not_permitted, read_only, Namespace, Node};
+use pool::BackupPool;
 
 /// Largest read or write the kernel is allowed to send.
 pub const MAX_IO: u32 = 1 << 20;
@@ -97,7 +99,7 @@ fn errno(e: &Error) -> Errno {
 
 /// The filesystem served over FUSE.
 pub struct FleeceFs {
-    ns: Namespace,
+    ns: Arc<Namespace>,
     /// The kernel invalidates cached pages on FOPEN_DIRECT_IO writes
     /// (FUSE_DIRECT_IO_ALLOW_MMAP), so O_DIRECT opens of live files may use parallel
     /// direct writes without leaving other, cached, opens stale.
@@ -105,16 +107,21 @@ pub struct FleeceFs {
     /// `--live-cache`: buffered opens of live files use the kernel page cache (kept
     /// across opens) instead of direct I/O.
     live_cache: bool,
+    /// `--backup-priority low`: snapshot and dirty-map reads run (and reply) there,
+    /// below the guest; `None`: on the worker that received them.
+    backup_pool: Option<BackupPool>,
 }
 
 impl FleeceFs {
     /// A filesystem over `engine`; directories belong to the daemon's user. With
-    /// `live_cache`, buffered opens of live files are page-cached (see `open`).
-    pub fn new(engine: Arc<Engine>, live_cache: bool) -> FleeceFs {
+    /// `live_cache`, buffered opens of live files are page-cached (see `open`). With a
+    /// `backup_pool`, snapshot and dirty-map reads are served there (`pool.rs`).
+    pub fn new(engine: Arc<Engine>, live_cache: bool, backup_pool: Option<BackupPool>) -> FleeceFs {
         FleeceFs {
-            ns: Namespace::new(engine, sys::process_owner()),
+            ns: Arc::new(Namespace::new(engine, sys::process_owner())),
             coherent_direct_io: false,
             live_cache,
+            backup_pool,
         }
     }
 
@@ -122,47 +129,6 @@ impl FleeceFs {
     pub fn with_coherent_direct_io(mut self, coherent: bool) -> FleeceFs {
         self.coherent_direct_io = coherent;
         self
-    }
-
-    /// A snapshot read through the page cache: a mapping's fault or readahead (the kernel
-    /// sends these without a lock owner, direct reads with one). The kernel takes a short
-    /// read as the end of the file and shrinks the file, after which even readable pages
-    /// fault; so a read that would stop short of the end (inaccessible data follows)
-    /// fails whole instead, and the kernel reads the faulting page alone, which succeeds
-    /// when it is readable. While a handle of the snapshot is open read-write, no page
-    /// enters the cache at all (the kernel drops the cached pages when such a handle is
-    /// mapped): a shared writable mapping then never holds a page another mapping sees.
-    fn read_snapshot_cached(
-        &self,
-        i: usize,
-        access_id: u64,
-        offset: u64,
-        buf: &mut [u8],
-    ) -> Result<usize> {
-        let dev = self.ns.device(i)?;
-        let n = dev.read_snapshot(access_id, offset, buf)?;
-        // Checked after the read: a read-write open that overtook it is seen here, and
-        // its mapping's invalidation waits for the page this read fills.
-        if dev.rw_snapshot_open() {
-            return Err(Error::new(
-                Kind::Inaccessible,
-                format!(
-                    "snapshot/{} is open read-write: mapped reads are refused",
-                    dev.name()
-                ),
-            ));
-        }
-        if n < buf.len() && offset + (n as u64) < dev.size() {
-            return Err(Error::new(
-                Kind::Inaccessible,
-                format!(
-                    "mapped read of snapshot/{} at {offset}+{} reaches inaccessible data",
-                    dev.name(),
-                    buf.len()
-                ),
-            ));
-        }
-        Ok(n)
     }
 
     fn with_buf<R>(size: u32, f: impl FnOnce(&mut [u8]) -> R) -> R {
@@ -175,6 +141,75 @@ impl FleeceFs {
             f(&mut b[..size])
         })
     }
+}
+
+/// A read of `node`, answered from the calling thread (a FUSE worker, or a backup pool
+/// thread for snapshot and dirty-map reads).
+fn serve_read(
+    ns: &Namespace,
+    node: Node,
+    fh: FileHandle,
+    offset: u64,
+    size: u32,
+    cached: bool,
+    reply: ReplyData,
+) {
+    FleeceFs::with_buf(size, |buf| {
+        let r: Result<usize> = match node {
+            Node::Live(i) => ns.device(i).and_then(|d| d.read_live(offset, buf)),
+            Node::Snap(i, _) if cached => read_snapshot_cached(ns, i, fh.0, offset, buf),
+            Node::Snap(i, _) => ns
+                .device(i)
+                .and_then(|d| d.read_snapshot(fh.0, offset, buf)),
+            Node::Dirty(i, _) => ns.read_dirty_map(i, fh.0, offset, buf),
+            _ => Err(is_a_directory()),
+        };
+        match r {
+            Ok(n) => reply.data(&buf[..n]),
+            Err(e) => reply.error(errno(&e)),
+        }
+    })
+}
+
+/// A snapshot read through the page cache: a mapping's fault or readahead (the kernel
+/// sends these without a lock owner, direct reads with one). The kernel takes a short
+/// read as the end of the file and shrinks the file, after which even readable pages
+/// fault; so a read that would stop short of the end (inaccessible data follows)
+/// fails whole instead, and the kernel reads the faulting page alone, which succeeds
+/// when it is readable. While a handle of the snapshot is open read-write, no page
+/// enters the cache at all (the kernel drops the cached pages when such a handle is
+/// mapped): a shared writable mapping then never holds a page another mapping sees.
+fn read_snapshot_cached(
+    ns: &Namespace,
+    i: usize,
+    access_id: u64,
+    offset: u64,
+    buf: &mut [u8],
+) -> Result<usize> {
+    let dev = ns.device(i)?;
+    let n = dev.read_snapshot(access_id, offset, buf)?;
+    // Checked after the read: a read-write open that overtook it is seen here, and
+    // its mapping's invalidation waits for the page this read fills.
+    if dev.rw_snapshot_open() {
+        return Err(Error::new(
+            Kind::Inaccessible,
+            format!(
+                "snapshot/{} is open read-write: mapped reads are refused",
+                dev.name()
+            ),
+        ));
+    }
+    if n < buf.len() && offset + (n as u64) < dev.size() {
+        return Err(Error::new(
+            Kind::Inaccessible,
+            format!(
+                "mapped read of snapshot/{} at {offset}+{} reaches inaccessible data",
+                dev.name(),
+                buf.len()
+            ),
+        ));
+    }
+    Ok(n)
 }
 
 impl Filesystem for FleeceFs {
@@ -284,29 +319,23 @@ impl Filesystem for FleeceFs {
         lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let _pass = crate::keeper::GATE.enter();
+        let pass = crate::keeper::GATE.enter();
         let node = match self.ns.node(ino) {
             Ok(node) => node,
             Err(e) => return reply.error(errno(&e)),
         };
-        Self::with_buf(size, |buf| {
-            let r: Result<usize> = match node {
-                Node::Live(i) => self.ns.device(i).and_then(|d| d.read_live(offset, buf)),
-                Node::Snap(i, _) if lock_owner.is_none() => {
-                    self.read_snapshot_cached(i, fh.0, offset, buf)
-                }
-                Node::Snap(i, _) => self
-                    .ns
-                    .device(i)
-                    .and_then(|d| d.read_snapshot(fh.0, offset, buf)),
-                Node::Dirty(i, _) => self.ns.read_dirty_map(i, fh.0, offset, buf),
-                _ => Err(is_a_directory()),
-            };
-            match r {
-                Ok(n) => reply.data(&buf[..n]),
-                Err(e) => reply.error(errno(&e)),
-            }
-        })
+        // A page-cache read (a mapping's fault or readahead) comes without a lock owner.
+        let cached = lock_owner.is_none();
+        if let (Node::Snap(..) | Node::Dirty(..), Some(pool)) = (node, &self.backup_pool) {
+            // A backup read: below the guest, on the pool, which replies (pool.rs); it
+            // stays inside the drain gate until then.
+            let ns = self.ns.clone();
+            return pool.submit(Box::new(move || {
+                let _pass = pass;
+                serve_read(&ns, node, fh, offset, size, cached, reply)
+            }));
+        }
+        serve_read(&self.ns, node, fh, offset, size, cached, reply)
     }
 
     fn write(

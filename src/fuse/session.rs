@@ -8,6 +8,7 @@ use std::thread::JoinHandle;
 use fuser::{Config, MountOption, Session, SessionACL};
 
 use crate::engine::Engine;
+use crate::fuse::pool::{BackupPool, BackupPriority, POOL_THREADS};
 use crate::fuse::FleeceFs;
 
 /// How the FUSE session is set up.
@@ -21,10 +22,13 @@ pub struct SessionOptions {
     pub threads: usize,
     /// Buffered opens of live files use the page cache (`--live-cache`).
     pub live_cache: bool,
+    /// Where snapshot and dirty-map reads run (`--backup-priority`).
+    pub backup_priority: BackupPriority,
 }
 
 /// Mounts `engine` at `mountpoint`: `default_permissions`, an owner-only ACL unless
-/// `allow_other`, one cloned `/dev/fuse` fd per worker thread.
+/// `allow_other`, one cloned `/dev/fuse` fd per worker thread; with
+/// `--backup-priority low`, the backup read pool (`pool.rs`).
 pub fn mount(
     engine: Arc<Engine>,
     mountpoint: &Path,
@@ -43,9 +47,13 @@ pub fn mount(
     };
     fuse_config.n_threads = Some(opts.threads);
     fuse_config.clone_fd = true;
+    let pool = match opts.backup_priority {
+        BackupPriority::Low => Some(BackupPool::start(POOL_THREADS)?),
+        BackupPriority::Normal => None,
+    };
     // Under a keeper: the keeper's fds instead of a new mount (src/keeper.rs).
     let session = crate::keeper::session(
-        FleeceFs::new(engine.clone(), opts.live_cache),
+        FleeceFs::new(engine.clone(), opts.live_cache, pool),
         mountpoint,
         &fuse_config,
     )?;

@@ -270,6 +270,12 @@ impl Fleece {
         i32::try_from(pid).expect("pid fits in i32")
     }
 
+    /// The worker's pid, from `status --json`: the process that serves requests.
+    pub fn worker_pid(&self) -> i32 {
+        let pid = json_u64(&self.status(), "worker_pid");
+        i32::try_from(pid).expect("pid fits in i32")
+    }
+
     /// The keeper's pid, from `status --json` (killing it ends the worker too).
     pub fn keeper_pid(&self) -> i32 {
         let pid = json_u64(&self.status(), "keeper_pid");
