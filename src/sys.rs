@@ -152,29 +152,23 @@ pub fn unix_now() -> u64 {
 /// image locking takes the same kind of lock on single bytes of the file. `fleecefs copy`
 /// locks its DEST the same way.
 pub fn lock_exclusive(file: &std::fs::File) -> std::io::Result<()> {
-    // SAFETY: an all-zero flock is valid; the fields are set below.
-    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = libc::F_WRLCK as libc::c_short;
-    fl.l_whence = libc::SEEK_SET as libc::c_short;
-    fl.l_start = 0;
-    // Length 0: to the end of the file, however large it grows.
-    fl.l_len = 0;
-    // SAFETY: fcntl on a valid fd with a valid flock.
-    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) } == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    ofd_lock(file, libc::F_WRLCK)
 }
 
 /// Takes a shared (read) OFD lock on the whole of `file`: it conflicts with
 /// [`lock_exclusive`] held by another open file, not with other shared locks.
 pub fn lock_shared(file: &std::fs::File) -> std::io::Result<()> {
+    ofd_lock(file, libc::F_RDLCK)
+}
+
+/// An OFD lock of `kind` (F_WRLCK, F_RDLCK) on the whole of `file`, without waiting.
+fn ofd_lock(file: &std::fs::File, kind: libc::c_int) -> std::io::Result<()> {
     // SAFETY: an all-zero flock is valid; the fields are set below.
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = libc::F_RDLCK as libc::c_short;
+    fl.l_type = kind as libc::c_short;
     fl.l_whence = libc::SEEK_SET as libc::c_short;
     fl.l_start = 0;
+    // Length 0: to the end of the file, however large it grows.
     fl.l_len = 0;
     // SAFETY: fcntl on a valid fd with a valid flock.
     if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) } == 0 {
