@@ -72,6 +72,12 @@ wait_restarts $((restarts + 1))
 "$FLEECEFS" restart "$T/m" >/dev/null
 [ "$(ls "$T/m/live" | tr '\n' ' ')" = "d e " ] || fail "after a planned restart, live/ holds: $(ls "$T/m/live")"
 cmp "$T/m/live/e" "$T/extra.img" || fail "live/e differs from its source after the restarts"
+# a resize survives a worker death too
+"$FLEECEFS" resize "$T/m" e +1M >/dev/null
+restarts=$(field 'd["worker_restarts"]')
+kill -9 "$(field 'd["worker_pid"]')"
+wait_restarts $((restarts + 1))
+[ "$(stat -c %s "$T/m/live/e")" = $((5 * M)) ] || fail "after a worker kill, live/e is $(stat -c %s "$T/m/live/e") bytes, not the resized 5 MiB"
 "$FLEECEFS" device remove "$T/m" e >/dev/null
 
 # --- the keeper killed: the mount ends (ENOTCONN), the next mount recovers --------------
