@@ -117,24 +117,53 @@ pub fn describe(file: &File) -> String {
 /// [`DYING_WAIT`].
 pub fn lock_waiting_for_dying(
     file: &File,
-    mut attempt: impl FnMut() -> io::Result<()>,
+    attempt: impl FnMut() -> io::Result<()>,
     is_conflict: impl Fn(&io::Error) -> bool,
 ) -> io::Result<()> {
+    retry_while_dying(own_id(file), attempt, is_conflict)
+}
+
+/// Opens a block device exclusively (`open`, which fails with EBUSY while another
+/// exclusive opener or a mount has it), waiting like [`lock_waiting_for_dying`] while
+/// the processes that have it open are all dying. `probe` is the device opened without
+/// `O_EXCL`, to find them.
+pub fn open_excl_waiting_for_dying(
+    probe: &File,
+    open: impl FnMut() -> io::Result<File>,
+) -> io::Result<File> {
+    retry_while_dying(own_id(probe), open, |e| {
+        e.raw_os_error() == Some(libc::EBUSY)
+    })
+}
+
+fn retry_while_dying<T>(
+    id: Option<(u64, u64)>,
+    mut attempt: impl FnMut() -> io::Result<T>,
+    is_conflict: impl Fn(&io::Error) -> bool,
+) -> io::Result<T> {
     let deadline = Instant::now() + DYING_WAIT;
-    let id = own_id(file);
     let mut waited = false;
+    let mut nobody = 0;
     loop {
         match attempt() {
-            Ok(()) => {
+            Ok(v) => {
                 if waited {
-                    log::info!("a dying process released its lock; going on");
+                    log::info!("a dying process let go of the file; going on");
                 }
-                return Ok(());
+                return Ok(v);
             }
             Err(e) if !is_conflict(&e) || Instant::now() >= deadline => return Err(e),
             Err(e) => {
                 let Some(id) = id else { return Err(e) };
-                if holders(id).iter().any(|h| !h.dying) {
+                let found = holders(id);
+                if found.iter().any(|h| !h.dying) {
+                    return Err(e);
+                }
+                // Nobody has it open: it just went (the next attempt succeeds), or the
+                // conflict is not a process's (a block device mounted, or claimed by
+                // device-mapper, md or swap), which waiting does not end.
+                nobody = if found.is_empty() { nobody + 1 } else { 0 };
+                if nobody > 3 {
                     return Err(e);
                 }
                 waited = true;

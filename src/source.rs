@@ -71,18 +71,45 @@ impl Source {
                 path.display()
             )));
         }
-        // O_EXCL on a block device: refused while it is mounted or opened exclusively.
-        let excl = if ft.is_block_device() {
-            libc::O_EXCL
-        } else {
-            0
+        let open = |flags: libc::c_int| {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_CLOEXEC | flags)
+                .open(path)
         };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_CLOEXEC | excl)
-            .open(path)
-            .context(|| format!("source {} cannot be opened read-write", path.display()))?;
+        let cannot_open = || format!("source {} cannot be opened read-write", path.display());
+        let file = if ft.is_block_device() {
+            // O_EXCL on a block device: refused (EBUSY) while it is mounted or opened
+            // exclusively. A fleecefs killed a moment ago may still be exiting: wait for
+            // it (bounded), found through the device opened without O_EXCL.
+            let probe = OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_CLOEXEC)
+                .open(path)
+                .context(|| format!("source {} cannot be opened", path.display()))?;
+            crate::holders::open_excl_waiting_for_dying(&probe, || open(libc::O_EXCL)).map_err(
+                |e| {
+                    if e.raw_os_error() != Some(libc::EBUSY) {
+                        return Error::io(cannot_open(), e);
+                    }
+                    let who = crate::holders::describe(&probe);
+                    Error::busy(format!(
+                        "source {} is in use: it is mounted or open exclusively{}",
+                        path.display(),
+                        if who.is_empty() {
+                            " (no process has it open: a mounted filesystem, device-mapper, \
+                             md or swap holds it)"
+                                .to_string()
+                        } else {
+                            who
+                        }
+                    ))
+                },
+            )?
+        } else {
+            open(0).context(cannot_open)?
+        };
         // A fleecefs killed a moment ago may still be exiting: wait for it (bounded).
         crate::holders::lock_waiting_for_dying(
             &file,
