@@ -210,11 +210,17 @@ pub struct MountArgs {
     /// instead of direct I/O: faster small sequential reads and re-reads, slower large I/O
     #[arg(long)]
     pub live_cache: bool,
-    /// Snapshot and dirty-map reads run below the guest, on idle-priority threads that
-    /// use only CPU time the guest leaves (low), or on the FUSE workers like live I/O
+    /// Snapshot and dirty-map reads run below the guest, on their own threads at idle CPU
+    /// priority (or paced to --backup-share) (low), or on the FUSE workers like live I/O
     /// (normal)
     #[arg(long, value_enum, value_name = "low|normal", default_value = "normal")]
     pub backup_priority: crate::fuse::pool::BackupPriority,
+    /// With --backup-priority low: instead of idle CPU priority, normal priority paced to
+    /// this much CPU time while the guest does I/O, in percent of one CPU: a floor for
+    /// backups on busy hosts (100: no pacing) [default: idle priority, no floor]
+    #[arg(long, value_name = "PERCENT",
+          value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub backup_share: Option<u8>,
     /// Internal: set in the background daemon started by `mount`
     #[arg(long, hide = true)]
     pub daemon_child: bool,

@@ -69,6 +69,8 @@ pub struct MountPlan {
     pub cbw_buffer: u64,
     /// Where snapshot reads run (`--backup-priority`).
     pub backup_priority: crate::fuse::pool::BackupPriority,
+    /// Their CPU share while the guest does I/O (`--backup-share`, percent), if paced.
+    pub backup_share: Option<u8>,
 }
 
 /// `p` (absolute) with symlinks and `..` resolved as far as it exists; the missing rest
@@ -120,6 +122,13 @@ pub fn validate(args: &MountArgs) -> Result<MountPlan> {
             "--cbw-timeout {} is too short: use 0 (no limit) or at least 0.001 seconds",
             args.cbw_timeout
         )));
+    }
+    if args.backup_share.is_some()
+        && args.backup_priority == crate::fuse::pool::BackupPriority::Normal
+    {
+        return Err(Error::invalid(
+            "--backup-share applies only with --backup-priority low",
+        ));
     }
     let cbw_timeout = (args.cbw_timeout > 0.0).then(|| Duration::from_secs_f64(args.cbw_timeout));
     let fleecing_limit = match &args.fleecing_limit {
@@ -281,6 +290,7 @@ pub fn validate(args: &MountArgs) -> Result<MountPlan> {
         fleecing_limit,
         live_cache: args.live_cache,
         backup_priority: args.backup_priority,
+        backup_share: args.backup_share,
         cbw_buffer,
     })
 }
@@ -595,6 +605,7 @@ fn serve(plan: MountPlan, daemon_child: bool, allow_other: bool) -> Result<()> {
         threads: plan.threads,
         live_cache: plan.live_cache,
         backup_priority: plan.backup_priority,
+        backup_share: plan.backup_share,
     };
     let session =
         session::mount(engine.clone(), &plan.mountpoint, &session_options).map_err(|e| {

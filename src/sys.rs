@@ -641,6 +641,19 @@ const IOPRIO_WHO_PROCESS: i32 = 1;
 /// Lowest best-effort I/O priority level.
 pub const IOPRIO_BE_LOWEST: i32 = 7;
 
+/// CPU time the calling thread has used (`CLOCK_THREAD_CPUTIME_ID`).
+pub fn thread_cpu_time() -> std::time::Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec, which outlives the call.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
+        return std::time::Duration::ZERO;
+    }
+    std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
 /// Lowers the calling thread to `SCHED_IDLE`: it runs only on CPU time that no normal
 /// thread wants (and a small share when every CPU is busy, so it never starves outright).
 /// Affects this thread only: Linux schedules threads, and pid 0 is the caller.

@@ -208,4 +208,51 @@ fn backup_priority_normal_serves_snapshot_reads_on_the_workers() {
     g.add_device("vm", MIB);
     let out = g.mount(&["--backup-priority", "fast"]);
     out.expect_failure("--backup-priority fast", "--backup-priority");
+    let out = g.mount(&["--backup-share", "30"]);
+    out.expect_failure(
+        "--backup-share without low",
+        "--backup-share applies only with --backup-priority low",
+    );
+    let out = g.mount(&["--backup-priority", "low", "--backup-share", "0"]);
+    out.expect_failure("--backup-share 0", "--backup-share");
+}
+
+/// `--backup-share`: the pool runs at normal CPU priority (paced while the guest is
+/// active; the pacing itself is unit-tested in pool.rs) and still returns the
+/// point-in-time data while a guest writes.
+#[test]
+fn backup_share_runs_the_pool_at_normal_priority_with_exact_data() {
+    const SIZE: u64 = 8 * MIB;
+    let mut f = Fleece::new();
+    let image = f.add_device("vm", SIZE);
+    fill_pattern(&image, 0, SIZE, 0x42);
+    f.mount(&["--backup-priority", "low", "--backup-share", "30"])
+        .expect_ok("fleecefs mount --backup-priority low --backup-share 30");
+    let threads = backup_threads(f.worker_pid());
+    assert_eq!(threads.len(), 4, "backup-read threads: {threads:?}");
+    for &(tid, policy, ioprio) in &threads {
+        assert_eq!(policy, libc::SCHED_OTHER, "thread {tid}");
+        assert_eq!(ioprio, (2 << 13) | 7, "thread {tid}");
+    }
+    f.setup(TARGET);
+    let live = f.live("vm");
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let file = OpenOptions::new().write(true).open(&live).expect("live");
+            let mut rng = Rng(7);
+            let data = vec![0x24u8; 4096];
+            while !stop.load(Ordering::Relaxed) {
+                let off = (rng.next() % (SIZE / 4096)) * 4096;
+                file.write_all_at(&data, off).expect("live write");
+            }
+        })
+    };
+    // The guest is active the whole time, so these reads are paced.
+    let snap = read_all(&f.snapshot("vm"));
+    stop.store(true, Ordering::Relaxed);
+    writer.join().expect("writer");
+    assert_all(&snap, 0x42, "snapshot/vm under a guest, paced");
+    f.teardown(TARGET);
 }

@@ -326,6 +326,9 @@ impl Filesystem for FleeceFs {
         };
         // A page-cache read (a mapping's fault or readahead) comes without a lock owner.
         let cached = lock_owner.is_none();
+        if let (Node::Live(_), Some(_)) = (node, &self.backup_pool) {
+            pool::note_guest();
+        }
         if let (Node::Snap(..) | Node::Dirty(..), Some(pool)) = (node, &self.backup_pool) {
             // A backup read: below the guest, on the pool, which replies (pool.rs); it
             // stays inside the drain gate until then.
@@ -353,6 +356,9 @@ impl Filesystem for FleeceFs {
         let _pass = crate::keeper::GATE.enter();
         let r = self.ns.node(ino).and_then(|node| match node {
             Node::Live(i) => {
+                if self.backup_pool.is_some() {
+                    pool::note_guest();
+                }
                 let dev = self.ns.device(i)?;
                 let n = dev.write_live(offset, data)?;
                 write_sync(&dev, flags)?;

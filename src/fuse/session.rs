@@ -24,6 +24,8 @@ pub struct SessionOptions {
     pub live_cache: bool,
     /// Where snapshot and dirty-map reads run (`--backup-priority`).
     pub backup_priority: BackupPriority,
+    /// Their CPU share while the guest does I/O (`--backup-share`, percent), if paced.
+    pub backup_share: Option<u8>,
 }
 
 /// Mounts `engine` at `mountpoint`: `default_permissions`, an owner-only ACL unless
@@ -48,7 +50,7 @@ pub fn mount(
     fuse_config.n_threads = Some(opts.threads);
     fuse_config.clone_fd = true;
     let pool = match opts.backup_priority {
-        BackupPriority::Low => Some(BackupPool::start(POOL_THREADS)?),
+        BackupPriority::Low => Some(BackupPool::start(POOL_THREADS, opts.backup_share)?),
         BackupPriority::Normal => None,
     };
     // Under a keeper: the keeper's fds instead of a new mount (src/keeper.rs).
