@@ -582,6 +582,24 @@ fn covers(ranges: &[(u64, u64)], from: u64, to: u64) -> bool {
 /// Creates DEST (full) or opens and checks it (incremental). For an incremental copy
 /// onto a smaller regular file whose missing range the dirty map covers (the device
 /// grew), also returns DEST's size: the caller grows it.
+/// Creates `dest` (mode 0600), which must not exist yet; `why` says why an existing one
+/// is refused.
+pub(crate) fn create_new(dest: &Path, why: &str) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(dest)
+        .map_err(|e| {
+            if e.kind() == io::ErrorKind::AlreadyExists {
+                Error::invalid(format!("{} already exists: {why}", dest.display()))
+            } else {
+                Error::io(format!("creating {}", dest.display()), e)
+            }
+        })
+}
+
 fn open_dest(
     dest: &Path,
     size: u64,
@@ -589,23 +607,11 @@ fn open_dest(
     ranges: &[(u64, u64)],
 ) -> Result<(File, Option<u64>)> {
     if !incremental {
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(dest)
-            .map_err(|e| {
-                if e.kind() == io::ErrorKind::AlreadyExists {
-                    Error::invalid(format!(
-                        "{} already exists: a full copy never overwrites a file \
-                         (remove it, or use --incremental to update the previous image)",
-                        dest.display()
-                    ))
-                } else {
-                    Error::io(format!("creating {}", dest.display()), e)
-                }
-            })?;
+        let f = create_new(
+            dest,
+            "a full copy never overwrites a file \
+             (remove it, or use --incremental to update the previous image)",
+        )?;
         if let Err(e) = f.set_len(size) {
             drop(f);
             let _ = std::fs::remove_file(dest);

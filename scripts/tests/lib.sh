@@ -80,6 +80,19 @@ expect_fail_with() {
     *) fail "expected '$text' from: $* ; got: $err" ;;
     esac
 }
+# expect_rc RC TEXT CMD... : CMD must exit with status RC and TEXT in its stderr
+expect_rc() {
+    local want=$1 text=$2 err rc=0
+    shift 2
+    err=$("$@" 2>&1 >/dev/null) || rc=$?
+    [ "$rc" = "$want" ] || fail "exit $rc (want $want) from: $* ; stderr: $err"
+    case "$err" in
+    *"$text"*) ;;
+    *) fail "expected '$text' from: $* ; got: $err" ;;
+    esac
+}
+# js FILE PYEXPR : evaluates PYEXPR on the JSON in FILE (`d`) and prints the result
+js() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print('"$2"')' "$1"; }
 # writes_now : like `writes`, but never reads the counter while the writer rewrites it
 writes_now() {
     local n=

@@ -10,18 +10,6 @@ M=$((1 << 20))
 S=$T/mnt/snapshot/disk
 L=$T/mnt/live/disk
 # expect_rc RC TEXT CMD... : CMD exits with RC and says TEXT on stderr
-expect_rc() {
-    local want=$1 text=$2 err rc=0
-    shift 2
-    err=$("$@" 2>&1 >/dev/null) || rc=$?
-    [ "$rc" = "$want" ] || fail "exit $rc (want $want) from: $* ; stderr: $err"
-    case "$err" in
-    *"$text"*) ;;
-    *) fail "expected '$text' from: $* ; got: $err" ;;
-    esac
-}
-# js FILE PYEXPR : evaluates PYEXPR on the JSON in FILE (`d`)
-js() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print('"$2"')' "$1"; }
 # setup_bitmap : `setup --target chain --bitmap b --json`, prints "ACTION DIRTY_BYTES"
 setup_bitmap() {
     "$FLEECEFS" setup "$T/mnt" --target chain --bitmap b --json | python3 -c '

@@ -14,17 +14,6 @@ source "$(dirname "$0")/lib.sh"
 
 M=$((1 << 20))
 ext4_on_live # L: live/disk, E: its ext4 mounted through $LOOPDEV
-js() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print('"$2"')' "$1"; }
-expect_rc() {
-    local want=$1 text=$2 err rc=0
-    shift 2
-    err=$("$@" 2>&1 >/dev/null) || rc=$?
-    [ "$rc" = "$want" ] || fail "exit $rc (want $want) from: $* ; stderr: $err"
-    case "$err" in
-    *"$text"*) ;;
-    *) fail "expected '$text' from: $* ; got: $err" ;;
-    esac
-}
 no_access() {
     [ "$(status_json "$T/mnt" 'd["access"]')" = None ] || fail "$1: an access is set up"
 }

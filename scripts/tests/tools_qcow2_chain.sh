@@ -16,17 +16,6 @@ C=$((128 << 10))
 L=$T/mnt/live/disk
 B=$T/backup
 mkdir -p "$B"
-expect_rc() {
-    local want=$1 text=$2 err rc=0
-    shift 2
-    err=$("$@" 2>&1 >/dev/null) || rc=$?
-    [ "$rc" = "$want" ] || fail "exit $rc (want $want) from: $* ; stderr: $err"
-    case "$err" in
-    *"$text"*) ;;
-    *) fail "expected '$text' from: $* ; got: $err" ;;
-    esac
-}
-js() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print('"$2"')' "$1"; }
 put() { dd if="$3" of="$L" bs=1K seek=$(($1 * 1024)) count="$2" iflag=fullblock conv=notrunc status=none; }
 # top_ranges IMAGE : the ranges allocated in IMAGE itself (data or zero clusters, depth 0),
 # merged, as "OFFSET LENGTH" lines

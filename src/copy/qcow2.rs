@@ -11,7 +11,7 @@
 
 use std::fs::{File as StdFile, OpenOptions};
 use std::io;
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
 use imago::file::File;
@@ -152,22 +152,7 @@ pub fn create(
     cluster: u64,
     backing: Option<(String, ImageFormat, Image)>,
 ) -> Result<NewImage> {
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(dest)
-        .map_err(|e| {
-            if e.kind() == io::ErrorKind::AlreadyExists {
-                Error::invalid(format!(
-                    "{} already exists: a qcow2 copy always writes a new image",
-                    dest.display()
-                ))
-            } else {
-                Error::io(format!("creating {}", dest.display()), e)
-            }
-        })?;
+    let f = crate::copy::create_new(dest, "a qcow2 copy always writes a new image")?;
     let made = (|| {
         // Nobody else has it yet: the lock cannot conflict; a filesystem without locks is
         // no reason to fail.
