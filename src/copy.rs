@@ -579,9 +579,6 @@ fn covers(ranges: &[(u64, u64)], from: u64, to: u64) -> bool {
     pos >= to
 }
 
-/// Creates DEST (full) or opens and checks it (incremental). For an incremental copy
-/// onto a smaller regular file whose missing range the dirty map covers (the device
-/// grew), also returns DEST's size: the caller grows it.
 /// Creates `dest` (mode 0600), which must not exist yet; `why` says why an existing one
 /// is refused.
 pub(crate) fn create_new(dest: &Path, why: &str) -> Result<File> {
@@ -600,6 +597,9 @@ pub(crate) fn create_new(dest: &Path, why: &str) -> Result<File> {
         })
 }
 
+/// Creates DEST (full) or opens and checks it (incremental). For an incremental copy
+/// onto a smaller regular file whose missing range the dirty map covers (the device
+/// grew), also returns DEST's size: the caller grows it.
 fn open_dest(
     dest: &Path,
     size: u64,

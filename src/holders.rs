@@ -94,21 +94,27 @@ fn own_id(file: &File) -> Option<(u64, u64)> {
     )))
 }
 
-/// ", held by pid N (comm)" for the live holders of `file`, or "".
+/// ": held by pid N (comm)" for the holders of `file` (live ones; or, if all are dying,
+/// those, said so), or "".
 pub fn describe(file: &File) -> String {
     let Some(id) = own_id(file) else {
         return String::new();
     };
-    let live: Vec<String> = holders(id)
-        .into_iter()
-        .filter(|h| !h.dying)
+    let all = holders(id);
+    let live: Vec<&Holder> = all.iter().filter(|h| !h.dying).collect();
+    let (shown, note) = if live.is_empty() {
+        (all.iter().collect(), ", still exiting after being killed")
+    } else {
+        (live, "")
+    };
+    if shown.is_empty() {
+        return String::new();
+    }
+    let names: Vec<String> = shown
+        .iter()
         .map(|h| format!("pid {} ({})", h.pid, h.comm))
         .collect();
-    if live.is_empty() {
-        String::new()
-    } else {
-        format!(": held by {}", live.join(", "))
-    }
+    format!(": held by {}{note}", names.join(", "))
 }
 
 /// Runs `attempt` (a lock on `file`) until it succeeds, or fails otherwise than with a

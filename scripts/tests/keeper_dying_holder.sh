@@ -35,33 +35,39 @@ buf = bytearray(65536)
 os.preadv(s, [memoryview(buf)], off)
 EOF
 off=0
-# dying_holder_waited SOURCE lock|excl : a holder dies slowly; a mount waits for it
-dying_holder_waited() {
-    local src=$1 how=$2 pid start ms
+# kill_holder_slowly SOURCE lock|excl : starts a holder of SOURCE, checks that a mount
+# names it while it lives, then kills it during its stalled read; sets HOLDER to its pid
+kill_holder_slowly() {
+    local src=$1 how=$2
     python3 "$T/holder.py" "$src" "$how" "$T/st/snapshot/s" $off >"$T/ready" &
-    pid=$!
+    HOLDER=$!
     off=$((off + 65536))                       # a cluster not yet read (no cache)
     for _ in $(seq 100); do grep -q ready "$T/ready" && break; sleep 0.05; done
     grep -q ready "$T/ready" || fail "$how holder did not start"
     # a live holder is named, and nothing is mounted
     mkdir -p "$T/m"
-    expect_fail_with "held by pid $pid (" \
+    expect_fail_with "held by pid $HOLDER (" \
         "$FLEECEFS" mount "$T/m" --state-dir "$T/s" --device d="$src"
     sleep 0.5                                  # its read is in the stalling server now
-    kill -9 $pid
+    kill -9 $HOLDER
     for _ in $(seq 100); do
-        grep -q "^State:.*D" "/proc/$pid/status" 2>/dev/null && break
+        grep -q "^State:.*D" "/proc/$HOLDER/status" 2>/dev/null && break
         sleep 0.01
     done
-    grep -q "^State:.*D" "/proc/$pid/status" 2>/dev/null || fail "$how holder is not dying"
+    grep -q "^State:.*D" "/proc/$HOLDER/status" 2>/dev/null || fail "$how holder is not dying"
+}
+# dying_holder_waited SOURCE lock|excl : a holder dies slowly; a mount waits for it
+dying_holder_waited() {
+    local src=$1 how=$2 start ms
+    kill_holder_slowly "$src" "$how"
     start=$(date +%s%N)
     fmount "$T/m" --state-dir "$T/s" --device d="$src" 2>"$T/err" ||
         fail "$how: mount while the holder was dying: $(cat "$T/err")"
     ms=$(( ($(date +%s%N) - start) / 1000000 ))
-    ! kill -0 $pid 2>/dev/null || fail "$how holder still there after the mount"
+    ! kill -0 $HOLDER 2>/dev/null || fail "$how holder still there after the mount"
     [ "$ms" -ge 1000 ] || fail "$how: the mount took $ms ms: the holder was not dying"
     echo "$how: the mount waited $ms ms for the dying holder"
-    wait $pid 2>/dev/null || true
+    wait $HOLDER 2>/dev/null || true
     "$FLEECEFS" unmount "$T/m"
 }
 
@@ -81,6 +87,18 @@ expect_fail_with "no process has it open: a mounted filesystem" \
 ms=$(( ($(date +%s%N) - start) / 1000000 ))
 [ "$ms" -lt 2000 ] || fail "a mounted block device was refused only after $ms ms"
 umount "$T/ext4"
+
+# --- a holder still dying after the 5 s wait is named as such --------------------------
+"$FLEECEFS" unmount "$T/st"
+FLEECEFS_FAULT_FLEECE_READ=delay=7000 fmount "$T/st" --state-dir "$T/sst" \
+    --device s=$T/stall.img --cbw-buffer 0 --threads 1
+"$FLEECEFS" setup "$T/st" --target t >/dev/null
+dd if=/dev/zero of="$T/st/live/s" bs=64K count=1 conv=notrunc status=none
+off=0
+kill_holder_slowly "$T/src.img" lock
+expect_fail_with "held by pid $HOLDER (python3), still exiting after being killed" \
+    "$FLEECEFS" mount "$T/m" --state-dir "$T/s" --device d="$T/src.img"
+wait $HOLDER 2>/dev/null || true
 
 # --- interrupted requests are not errors in the log -----------------------------------
 # A signal to a process waiting for a request makes the kernel send FUSE_INTERRUPT; fuser
@@ -123,4 +141,4 @@ for round in $(seq 10); do
     ! grep "Failed to send FUSE reply" "$T/sst/fleecefs.log" ||
         fail "round $round: an interrupted request was logged as an error"
 done
-echo "ok: dying holders of a locked file and of an O_EXCL block device waited for, live ones and a mounted filesystem named, interrupted requests not logged as errors"
+echo "ok: dying holders of a locked file and of an O_EXCL block device waited for, live ones, one dying too long and a mounted filesystem named, interrupted requests not logged as errors"

@@ -84,7 +84,7 @@ static GUEST_SEEN: AtomicU64 = AtomicU64::new(0);
 /// Records a guest request (called by the FUSE workers for live files).
 pub fn note_guest() {
     let ns = epoch().elapsed().as_nanos() as u64;
-    // Coarse: one store per request at most every microsecond or so is plenty.
+    // Coarse: at most one store per 100 µs, so the workers do not fight over the line.
     if ns.saturating_sub(GUEST_SEEN.load(Ordering::Relaxed)) > 100_000 {
         GUEST_SEEN.store(ns.max(1), Ordering::Relaxed);
     }
