@@ -26,10 +26,10 @@
 //! range this one did, and applying it onto DEST gives the right image.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
@@ -41,10 +41,12 @@ use crate::sys;
 use crate::units::{format_size, parse_size};
 
 pub mod dest;
+pub mod progress;
 pub mod qcow2;
 pub mod reader;
 
-use dest::{Dest, Zeroed};
+use dest::{check_dest_outside, check_qcow2, lock_dest, open_dest, sync_parent, Dest, Zeroed};
+pub(crate) use progress::Progress;
 use qcow2::ImageFormat;
 
 /// Bytes read from the snapshot per `pread` (the one reusable buffer).
@@ -54,8 +56,6 @@ pub const ZERO_BLOCK: usize = 64 << 10;
 /// Bytes written between syncs of DEST when verifying or discarding. A multiple of every
 /// cluster size, so batches of a cluster-aligned range stay cluster-aligned.
 pub const BATCH: u64 = 64 << 20;
-/// Shortest time between two redraws of the progress bar.
-const REDRAW: Duration = Duration::from_millis(200);
 
 /// Snapshot reader threads when `--jobs` is not given (see docs/performance.md).
 pub const DEFAULT_JOBS: usize = 2;
@@ -495,22 +495,6 @@ fn open_qcow2_dest(
     ))
 }
 
-/// Reopens a finished qcow2 DEST by its path alone, as `qemu-img` would: the header, the
-/// backing chain it names and the virtual size must all be right.
-fn check_qcow2(dest: &Path, size: u64) -> Result<()> {
-    let img = qcow2::open_chain(dest, "the new image")
-        .map_err(|e| Error::invalid(format!("the written image does not reopen: {e}")))?;
-    if img.format != ImageFormat::Qcow2 || img.size != size {
-        return Err(Error::invalid(format!(
-            "the written image {} reopens as {} of {} bytes, not qcow2 of {size}",
-            dest.display(),
-            img.format.name(),
-            img.size
-        )));
-    }
-    Ok(())
-}
-
 /// Ranges must be sorted, disjoint, non-empty and inside the device.
 fn check_ranges(ranges: &[(u64, u64)], size: u64) -> std::result::Result<(), String> {
     let mut end = 0u64;
@@ -525,162 +509,6 @@ fn check_ranges(ranges: &[(u64, u64)], size: u64) -> std::result::Result<(), Str
         end = e;
     }
     Ok(())
-}
-
-/// Locks an existing DEST like a source (`sys::lock_exclusive`), so that a copy never
-/// writes an image a fleecefs daemon or QEMU is using, nor races another copy.
-fn lock_dest(out: &File, dest: &Path) -> Result<()> {
-    sys::lock_exclusive(out).or_else(|e| {
-        if sys::is_lock_conflict(&e) {
-            Err(Error::busy(format!(
-                "{} is in use: another process holds a lock on it (a source a fleecefs \
-                 daemon serves, a disk QEMU uses, or another copy)",
-                dest.display()
-            )))
-        } else {
-            log::warn!(
-                "cannot lock {} ({e}): copying without the lock",
-                dest.display()
-            );
-            Ok(())
-        }
-    })
-}
-
-/// Refuses a DEST on the fleecefs mount itself (`mount_dev`: its device number): writing
-/// the backup into `live/` would change the image, into `snapshot/` would fail half-way.
-fn check_dest_outside(dest: &Path, mount_dev: u64, incremental: bool) -> Result<()> {
-    let probe = if incremental {
-        dest.to_path_buf()
-    } else {
-        match dest.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        }
-    };
-    match std::fs::metadata(&probe) {
-        Ok(m) if m.dev() == mount_dev => Err(Error::invalid(format!(
-            "{} is on the fleecefs mount: write the backup outside it",
-            dest.display()
-        ))),
-        // Whatever else is wrong with DEST, opening it says so.
-        _ => Ok(()),
-    }
-}
-
-/// Whether the sorted, non-overlapping `ranges` cover `[from, to)` entirely.
-fn covers(ranges: &[(u64, u64)], from: u64, to: u64) -> bool {
-    let mut pos = from;
-    for &(off, len) in ranges {
-        if off <= pos && off + len > pos {
-            pos = off + len;
-        }
-    }
-    pos >= to
-}
-
-/// Creates `dest` (mode 0600), which must not exist yet; `why` says why an existing one
-/// is refused.
-pub(crate) fn create_new(dest: &Path, why: &str) -> Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(dest)
-        .map_err(|e| {
-            if e.kind() == io::ErrorKind::AlreadyExists {
-                Error::invalid(format!("{} already exists: {why}", dest.display()))
-            } else {
-                Error::io(format!("creating {}", dest.display()), e)
-            }
-        })
-}
-
-/// Creates DEST (full) or opens and checks it (incremental). For an incremental copy
-/// onto a smaller regular file whose missing range the dirty map covers (the device
-/// grew), also returns DEST's size: the caller grows it.
-fn open_dest(
-    dest: &Path,
-    size: u64,
-    incremental: bool,
-    ranges: &[(u64, u64)],
-) -> Result<(File, Option<u64>)> {
-    if !incremental {
-        let f = create_new(
-            dest,
-            "a full copy never overwrites a file \
-             (remove it, or use --incremental to update the previous image)",
-        )?;
-        if let Err(e) = f.set_len(size) {
-            drop(f);
-            let _ = std::fs::remove_file(dest);
-            return Err(Error::io(
-                format!("setting the size of {}", dest.display()),
-                e,
-            ));
-        }
-        if let Err(e) = sync_parent(dest) {
-            drop(f);
-            let _ = std::fs::remove_file(dest);
-            return Err(e);
-        }
-        return Ok((f, None));
-    }
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(dest)
-        .map_err(|e| {
-            if e.kind() == io::ErrorKind::NotFound {
-                Error::not_found(format!(
-                    "{} does not exist: --incremental writes onto the image of the previous \
-                     backup (make a full copy first)",
-                    dest.display()
-                ))
-            } else {
-                Error::io(format!("opening {}", dest.display()), e)
-            }
-        })?;
-    let meta = f
-        .metadata()
-        .context(|| format!("stat of {}", dest.display()))?;
-    let len = if meta.file_type().is_block_device() {
-        sys::block_device_size(&f).context(|| format!("size of {}", dest.display()))?
-    } else if meta.is_file() {
-        meta.len()
-    } else {
-        return Err(Error::invalid(format!(
-            "{} is not a regular file or block device",
-            dest.display()
-        )));
-    };
-    if len < size && meta.is_file() && covers(ranges, len, size) {
-        return Ok((f, Some(len)));
-    }
-    if len != size {
-        let why = if len < size && meta.is_file() {
-            " (and the dirty map does not cover the range the device grew by)"
-        } else {
-            ""
-        };
-        return Err(Error::invalid(format!(
-            "{} is {len} bytes but the device is {size} bytes{why}: it is not an image of this device",
-            dest.display()
-        )));
-    }
-    Ok((f, None))
-}
-
-/// Makes a newly created DEST's directory entry durable.
-fn sync_parent(dest: &Path) -> Result<()> {
-    let parent = match dest.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    File::open(&parent)
-        .and_then(|d| d.sync_all())
-        .context(|| format!("syncing directory {}", parent.display()))
 }
 
 /// An I/O error on the snapshot or its dirty map, in the words of a backup.
@@ -870,130 +698,6 @@ impl Copier<'_> {
     }
 }
 
-/// Progress on stderr: a bar redrawn in place on a terminal, a log line every 10% otherwise.
-pub(crate) struct Progress {
-    verb: &'static str,
-    name: String,
-    total: u64,
-    enabled: bool,
-    tty: bool,
-    start: Instant,
-    last_draw: Option<Instant>,
-    /// Tenths of the total already logged (not on a terminal).
-    logged_tenths: u64,
-}
-
-impl Progress {
-    pub(crate) fn new(name: &str, total: u64, enabled: bool) -> Progress {
-        Progress::with_verb("copy", name, total, enabled)
-    }
-
-    /// Progress of `verb` (`copy`, `restore`) on device `name`.
-    pub(crate) fn with_verb(verb: &'static str, name: &str, total: u64, enabled: bool) -> Progress {
-        let tty = enabled && sys::stderr_is_tty();
-        Progress {
-            verb,
-            name: name.to_string(),
-            total,
-            enabled,
-            tty,
-            start: Instant::now(),
-            last_draw: None,
-            logged_tenths: 0,
-        }
-    }
-
-    pub(crate) fn update(&mut self, done: u64) {
-        if !self.enabled || self.total == 0 {
-            return;
-        }
-        if self.tty {
-            let now = Instant::now();
-            if self.last_draw.is_some_and(|t| now - t < REDRAW) {
-                return;
-            }
-            self.last_draw = Some(now);
-            self.draw(done);
-            return;
-        }
-        let tenths = tenths(done, self.total);
-        if tenths > self.logged_tenths {
-            self.logged_tenths = tenths;
-            // Progress the user asked for: shown without -v (it is not debug logging).
-            eprintln!(
-                "fleecefs: {} {}: {}% ({} of {}), {}",
-                self.verb,
-                self.name,
-                tenths * 10,
-                format_size(done),
-                format_size(self.total),
-                rate(done, self.start.elapsed().as_secs_f64())
-            );
-        }
-    }
-
-    fn draw(&self, done: u64) {
-        let secs = self.start.elapsed().as_secs_f64();
-        let frac = if self.total == 0 {
-            1.0
-        } else {
-            done as f64 / self.total as f64
-        };
-        const WIDTH: usize = 30;
-        let filled = ((frac * WIDTH as f64) as usize).min(WIDTH);
-        let eta = if done > 0 && done < self.total {
-            let left = secs * (self.total - done) as f64 / done as f64;
-            format!("ETA {}", clock(left))
-        } else if done >= self.total {
-            format!("in {}", clock(secs))
-        } else {
-            "ETA -".into()
-        };
-        let line = format!(
-            "\r{} [{}{}] {:3.0}% {}/{} {} {}\x1b[K",
-            self.name,
-            "#".repeat(filled),
-            "-".repeat(WIDTH - filled),
-            frac * 100.0,
-            format_size(done),
-            format_size(self.total),
-            rate(done, secs),
-            eta
-        );
-        let mut err = io::stderr().lock();
-        let _ = err.write_all(line.as_bytes());
-        let _ = err.flush();
-    }
-
-    pub(crate) fn finish(&mut self, ok: bool) {
-        if !self.tty {
-            return;
-        }
-        if ok {
-            self.draw(self.total);
-        }
-        let _ = io::stderr().write_all(b"\n");
-    }
-}
-
-/// Whole tenths of `total` that `done` covers (0 to 10).
-fn tenths(done: u64, total: u64) -> u64 {
-    if total == 0 {
-        return 10;
-    }
-    (u128::from(done.min(total)) * 10 / u128::from(total)) as u64
-}
-
-/// `M:SS` or `H:MM:SS`.
-fn clock(secs: f64) -> String {
-    let s = secs.max(0.0).round() as u64;
-    if s >= 3600 {
-        format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
-    } else {
-        format!("{}:{:02}", s / 60, s % 60)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1083,19 +787,13 @@ mod tests {
     }
 
     #[test]
-    fn range_checks_and_progress_math() {
+    fn range_checks() {
         assert!(check_ranges(&[(0, 10), (10, 5)], 15).is_ok());
         assert!(check_ranges(&[], 15).is_ok());
         assert!(check_ranges(&[(0, 10), (5, 5)], 15).is_err());
         assert!(check_ranges(&[(0, 16)], 15).is_err());
         assert!(check_ranges(&[(0, 0)], 15).is_err());
         assert!(check_ranges(&[(u64::MAX, 2)], 15).is_err());
-        assert_eq!(tenths(0, 100), 0);
-        assert_eq!(tenths(19, 100), 1);
-        assert_eq!(tenths(100, 100), 10);
-        assert_eq!(tenths(u64::MAX, u64::MAX), 10);
-        assert_eq!(clock(59.6), "1:00");
-        assert_eq!(clock(3725.0), "1:02:05");
     }
 
     #[test]

@@ -1,12 +1,14 @@
 //! Where a copy writes: a raw file or block device (full: new and sparse; incremental:
 //! the previous image, updated in place), or a new qcow2 image (full, or an overlay on the
 //! previous backup). The copier sees one interface: data at an offset, zeros over a range,
-//! make durable, read back.
+//! make durable, read back. Also the checks and opening of DEST before a copy starts.
 
-use std::fs::File;
-use std::path::Path;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 
-use crate::copy::qcow2::NewImage;
+use crate::copy::qcow2::{self, ImageFormat, NewImage};
 use crate::error::{Error, IoContext, Result};
 use crate::sys;
 
@@ -156,4 +158,175 @@ impl Dest {
             Dest::Qcow2 { clusters, .. } => Some(*clusters),
         }
     }
+}
+/// Reopens a finished qcow2 DEST by its path alone, as `qemu-img` would: the header, the
+/// backing chain it names and the virtual size must all be right.
+pub(crate) fn check_qcow2(dest: &Path, size: u64) -> Result<()> {
+    let img = qcow2::open_chain(dest, "the new image")
+        .map_err(|e| Error::invalid(format!("the written image does not reopen: {e}")))?;
+    if img.format != ImageFormat::Qcow2 || img.size != size {
+        return Err(Error::invalid(format!(
+            "the written image {} reopens as {} of {} bytes, not qcow2 of {size}",
+            dest.display(),
+            img.format.name(),
+            img.size
+        )));
+    }
+    Ok(())
+}
+
+/// Locks an existing DEST like a source (`sys::lock_exclusive`), so that a copy never
+/// writes an image a fleecefs daemon or QEMU is using, nor races another copy.
+pub(crate) fn lock_dest(out: &File, dest: &Path) -> Result<()> {
+    sys::lock_exclusive(out).or_else(|e| {
+        if sys::is_lock_conflict(&e) {
+            Err(Error::busy(format!(
+                "{} is in use: another process holds a lock on it (a source a fleecefs \
+                 daemon serves, a disk QEMU uses, or another copy)",
+                dest.display()
+            )))
+        } else {
+            log::warn!(
+                "cannot lock {} ({e}): copying without the lock",
+                dest.display()
+            );
+            Ok(())
+        }
+    })
+}
+
+/// Refuses a DEST on the fleecefs mount itself (`mount_dev`: its device number): writing
+/// the backup into `live/` would change the image, into `snapshot/` would fail half-way.
+pub(crate) fn check_dest_outside(dest: &Path, mount_dev: u64, incremental: bool) -> Result<()> {
+    let probe = if incremental {
+        dest.to_path_buf()
+    } else {
+        match dest.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        }
+    };
+    match std::fs::metadata(&probe) {
+        Ok(m) if m.dev() == mount_dev => Err(Error::invalid(format!(
+            "{} is on the fleecefs mount: write the backup outside it",
+            dest.display()
+        ))),
+        // Whatever else is wrong with DEST, opening it says so.
+        _ => Ok(()),
+    }
+}
+
+/// Whether the sorted, non-overlapping `ranges` cover `[from, to)` entirely.
+fn covers(ranges: &[(u64, u64)], from: u64, to: u64) -> bool {
+    let mut pos = from;
+    for &(off, len) in ranges {
+        if off <= pos && off + len > pos {
+            pos = off + len;
+        }
+    }
+    pos >= to
+}
+
+/// Creates `dest` (mode 0600), which must not exist yet; `why` says why an existing one
+/// is refused.
+pub(crate) fn create_new(dest: &Path, why: &str) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(dest)
+        .map_err(|e| {
+            if e.kind() == io::ErrorKind::AlreadyExists {
+                Error::invalid(format!("{} already exists: {why}", dest.display()))
+            } else {
+                Error::io(format!("creating {}", dest.display()), e)
+            }
+        })
+}
+
+/// Creates DEST (full) or opens and checks it (incremental). For an incremental copy
+/// onto a smaller regular file whose missing range the dirty map covers (the device
+/// grew), also returns DEST's size: the caller grows it.
+pub(crate) fn open_dest(
+    dest: &Path,
+    size: u64,
+    incremental: bool,
+    ranges: &[(u64, u64)],
+) -> Result<(File, Option<u64>)> {
+    if !incremental {
+        let f = create_new(
+            dest,
+            "a full copy never overwrites a file \
+             (remove it, or use --incremental to update the previous image)",
+        )?;
+        if let Err(e) = f.set_len(size) {
+            drop(f);
+            let _ = std::fs::remove_file(dest);
+            return Err(Error::io(
+                format!("setting the size of {}", dest.display()),
+                e,
+            ));
+        }
+        if let Err(e) = sync_parent(dest) {
+            drop(f);
+            let _ = std::fs::remove_file(dest);
+            return Err(e);
+        }
+        return Ok((f, None));
+    }
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dest)
+        .map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound {
+                Error::not_found(format!(
+                    "{} does not exist: --incremental writes onto the image of the previous \
+                     backup (make a full copy first)",
+                    dest.display()
+                ))
+            } else {
+                Error::io(format!("opening {}", dest.display()), e)
+            }
+        })?;
+    let meta = f
+        .metadata()
+        .context(|| format!("stat of {}", dest.display()))?;
+    let len = if meta.file_type().is_block_device() {
+        sys::block_device_size(&f).context(|| format!("size of {}", dest.display()))?
+    } else if meta.is_file() {
+        meta.len()
+    } else {
+        return Err(Error::invalid(format!(
+            "{} is not a regular file or block device",
+            dest.display()
+        )));
+    };
+    if len < size && meta.is_file() && covers(ranges, len, size) {
+        return Ok((f, Some(len)));
+    }
+    if len != size {
+        let why = if len < size && meta.is_file() {
+            " (and the dirty map does not cover the range the device grew by)"
+        } else {
+            ""
+        };
+        return Err(Error::invalid(format!(
+            "{} is {len} bytes but the device is {size} bytes{why}: it is not an image of this device",
+            dest.display()
+        )));
+    }
+    Ok((f, None))
+}
+
+/// Makes a newly created DEST's directory entry durable.
+pub(crate) fn sync_parent(dest: &Path) -> Result<()> {
+    let parent = match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    File::open(&parent)
+        .and_then(|d| d.sync_all())
+        .context(|| format!("syncing directory {}", parent.display()))
 }

@@ -152,7 +152,7 @@ pub fn create(
     cluster: u64,
     backing: Option<(String, ImageFormat, Image)>,
 ) -> Result<NewImage> {
-    let f = crate::copy::create_new(dest, "a qcow2 copy always writes a new image")?;
+    let f = crate::copy::dest::create_new(dest, "a qcow2 copy always writes a new image")?;
     let made = (|| {
         // Nobody else has it yet: the lock cannot conflict; a filesystem without locks is
         // no reason to fail.
