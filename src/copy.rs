@@ -45,7 +45,9 @@ pub mod progress;
 pub mod qcow2;
 pub mod reader;
 
-use dest::{check_dest_outside, check_qcow2, lock_dest, open_dest, sync_parent, Dest, Zeroed};
+use dest::{
+    check_dest_outside, check_qcow2, create_new, lock_dest, open_dest, sync_parent, Dest, Zeroed,
+};
 pub(crate) use progress::Progress;
 use qcow2::ImageFormat;
 
@@ -478,7 +480,8 @@ fn open_qcow2_dest(
         backing = Some((name, prev.format, prev.image));
     }
     let overlay = backing.is_some();
-    let img = qcow2::create(dest, size, cluster, backing)?;
+    let f = create_new(dest, "a qcow2 copy always writes a new image")?;
+    let img = qcow2::create(f, dest, size, cluster, backing)?;
     if let Err(e) = sync_parent(dest) {
         drop(img);
         let _ = std::fs::remove_file(dest);
@@ -974,6 +977,7 @@ mod tests {
         let prev = qcow2::open_chain(&full, "previous").unwrap();
         let bad = s.dir.path().join("bad.qcow2");
         let img = qcow2::create(
+            dest::create_new(&bad, "test").unwrap(),
             &bad,
             1 << 20,
             65536,

@@ -426,7 +426,15 @@ pub fn mount(args: &MountArgs) -> Result<()> {
     }
     let plan = validate(args)?;
     if args.foreground || args.daemon_child {
-        crate::keeper::run(plan, args)
+        crate::keeper::run(
+            crate::keeper::MountPlan {
+                mountpoint: plan.mountpoint,
+                state_dir: plan.state_dir,
+                stale_mount: plan.stale_mount,
+                threads: plan.threads,
+            },
+            args,
+        )
     } else {
         start_background()
     }
@@ -471,49 +479,6 @@ fn start_background() -> Result<()> {
     ))
 }
 
-/// Unmounts `mountpoint`; if it is busy, detaches it and aborts the FUSE connection so
-/// the session ends anyway.
-pub fn force_unmount(mountpoint: &Path, connection: Option<u32>) {
-    let Ok(c) = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes()) else {
-        return;
-    };
-    let Err(e) = sys::umount(&c, false) else {
-        return;
-    };
-    log::warn!(
-        "unmounting {}: {e}; detaching it and aborting its FUSE connection",
-        mountpoint.display()
-    );
-    let _ = sys::umount(&c, true);
-    if let Some(id) = connection {
-        abort_connection(id);
-    }
-}
-
-/// Detaches the mount and aborts its FUSE connection (when known): what a keeper that
-/// gives up leaves is a mount point that can be mounted again.
-pub(crate) fn detach_and_abort(mountpoint: &Path, connection: Option<u32>) {
-    if let Ok(c) = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes()) {
-        let _ = sys::umount(&c, true);
-    }
-    if let Some(id) = connection {
-        abort_connection(id);
-    }
-}
-
-fn abort_connection(id: u32) {
-    let dir = Path::new("/sys/fs/fuse/connections");
-    if !dir.join(id.to_string()).exists() {
-        let _ = Command::new("mount")
-            .args(["-t", "fusectl", "fusectl", "/sys/fs/fuse/connections"])
-            .stderr(Stdio::null())
-            .status();
-    }
-    if let Err(e) = fs::write(dir.join(id.to_string()).join("abort"), b"1") {
-        log::error!("cannot abort FUSE connection {id}: {e}");
-    }
-}
-
 fn bind_socket(state: &StateDir) -> Result<UnixListener> {
     let path = state.socket_path();
     // We hold the state lock, so an existing socket is a leftover.
@@ -556,7 +521,7 @@ fn serve(plan: MountPlan, daemon_child: bool, allow_other: bool) -> Result<()> {
         }
     }
     if plan.stale_mount {
-        force_unmount(&plan.mountpoint, None);
+        sys::force_unmount(&plan.mountpoint, None);
         log::warn!(
             "cleaned up the stale mount at {} left by a daemon that died",
             plan.mountpoint.display()
@@ -622,7 +587,7 @@ fn serve(plan: MountPlan, daemon_child: bool, allow_other: bool) -> Result<()> {
         .map(|m| sys::dev_minor(m.dev()))
         .map_err(|e| {
             // Do not leave a mount behind that nobody will serve once this process exits.
-            force_unmount(&plan.mountpoint, None);
+            sys::force_unmount(&plan.mountpoint, None);
             let _ = fs::remove_file(&socket_path);
             Error::io(
                 format!("checking the new mount at {}", plan.mountpoint.display()),
@@ -657,7 +622,7 @@ fn serve(plan: MountPlan, daemon_child: bool, allow_other: bool) -> Result<()> {
                         crate::keeper::stop_keeping_connection(&engine);
                     }
                     log::info!("signal {sig}: unmounting {}", mountpoint.display());
-                    force_unmount(&mountpoint, Some(connection));
+                    sys::force_unmount(&mountpoint, Some(connection));
                 }
             })
             .context(|| "starting the signal thread".into())?;

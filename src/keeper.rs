@@ -36,7 +36,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::cli::MountArgs;
 use crate::control::client::FSNAME_PREFIX;
-use crate::daemon::MountPlan;
 use crate::engine::Engine;
 use crate::error::{Error, IoContext, Kind, Result};
 use crate::state::{StateDir, LOG_FILE};
@@ -364,6 +363,21 @@ pub fn worker_init() -> Result<()> {
 }
 
 impl Worker {
+    /// Takes the `/dev/fuse` fds inherited from the keeper (the session fd first, then
+    /// its clones); empty the second time.
+    pub fn take_fuse_fds(&self) -> Vec<OwnedFd> {
+        std::mem::take(&mut *self.fds.lock().unwrap_or_else(|e| e.into_inner()))
+            .into_iter()
+            .map(OwnedFd::from)
+            .collect()
+    }
+
+    /// What an earlier worker's INIT negotiated, or `None` for the first worker (which
+    /// answers INIT itself).
+    pub fn negotiated(&self) -> Option<Negotiated> {
+        self.env.negotiated
+    }
+
     /// The mount point the keeper mounted.
     pub fn mountpoint(&self) -> &Path {
         &self.env.mountpoint
@@ -457,45 +471,6 @@ pub fn record_init(coherent_direct_io: bool, has_resend: bool) {
             serde_json::to_string(&n).unwrap_or_default()
         ));
     }
-}
-
-/// The FUSE session of this process: a new mount (no keeper), the first worker's
-/// handshake on the keeper's fds, or a later worker's takeover without INIT.
-pub fn session(
-    fs: crate::fuse::FleeceFs,
-    mountpoint: &Path,
-    config: &fuser::Config,
-) -> std::io::Result<fuser::Session<crate::fuse::FleeceFs>> {
-    let Some(w) = worker() else {
-        return fuser::Session::new(fs, mountpoint, config);
-    };
-    let mut fds: Vec<OwnedFd> =
-        std::mem::take(&mut *w.fds.lock().unwrap_or_else(|e| e.into_inner()))
-            .into_iter()
-            .map(OwnedFd::from)
-            .collect();
-    if fds.is_empty() {
-        return Err(std::io::Error::other("no /dev/fuse fd from the keeper"));
-    }
-    let clones = fds.split_off(1);
-    let first = fds.remove(0);
-    let mut config = config.clone();
-    config.n_threads = Some(clones.len() + 1);
-    let acl = config.acl;
-    let session = match w.env.negotiated {
-        None => fuser::Session::from_fd(fs, first, acl, config)?,
-        Some(n) => fuser::Session::from_fd_initialized(
-            fs.with_coherent_direct_io(n.coherent_direct_io),
-            first,
-            acl,
-            config,
-        ),
-    };
-    // A request being copied into a fresh page when the worker is killed would fail with
-    // EIO instead of waiting for the next worker (see fuser's prefault_read_buffers).
-    Ok(session
-        .with_clone_fds(clones)
-        .prefault_read_buffers(crate::fuse::MAX_IO as usize + 4096))
 }
 
 /// After a takeover: asks the kernel to resend what the dead worker had read but not
@@ -711,8 +686,21 @@ fn give_up(mountpoint: &Path, connection: Option<u32>, why: &str) -> Error {
         "giving up on {}: {why}; the mount is detached and its connection aborted (mount again to recover)",
         mountpoint.display()
     );
-    crate::daemon::detach_and_abort(mountpoint, connection);
+    sys::detach_and_abort(mountpoint, connection);
     Error::invalid(format!("gave up: {why}"))
+}
+
+/// What the keeper needs of a validated `mount` request (`daemon::MountPlan`).
+#[derive(Clone, Debug)]
+pub struct MountPlan {
+    /// Absolute mount point.
+    pub mountpoint: PathBuf,
+    /// Absolute state directory (may not exist yet).
+    pub state_dir: PathBuf,
+    /// Whether the mount point is a stale fleecefs mount to clean up first.
+    pub stale_mount: bool,
+    /// FUSE worker threads (one `/dev/fuse` fd each).
+    pub threads: usize,
 }
 
 /// The keeper: mounts, then runs workers until the mount ends.
@@ -752,7 +740,7 @@ pub fn run(plan: MountPlan, args: &MountArgs) -> Result<()> {
 /// Cleans a stale mount up, opens `/dev/fuse`, mounts, clones.
 fn mount_new(plan: &MountPlan, args: &MountArgs) -> Result<Vec<File>> {
     if plan.stale_mount {
-        crate::daemon::force_unmount(&plan.mountpoint, None);
+        sys::force_unmount(&plan.mountpoint, None);
         log::warn!(
             "cleaned up the stale mount at {} left by a daemon that died",
             plan.mountpoint.display()
@@ -771,7 +759,7 @@ fn mount_new(plan: &MountPlan, args: &MountArgs) -> Result<Vec<File>> {
         match sys::fuse_clone(&fds[0]) {
             Ok(c) => fds.push(c),
             Err(e) => {
-                crate::daemon::detach_and_abort(&plan.mountpoint, None);
+                sys::detach_and_abort(&plan.mountpoint, None);
                 return Err(Error::io("cloning the /dev/fuse fd", e));
             }
         }
@@ -1030,7 +1018,7 @@ impl Keeper {
                     Event::Signal(sig) => {
                         log::info!("signal {sig}: unmounting {}", mp.display());
                         unmounting = true;
-                        crate::daemon::force_unmount(&mp, self.connection);
+                        sys::force_unmount(&mp, self.connection);
                     }
                     Event::Exit(p, st) if p == pid => {
                         // The report of a handover precedes the exit, but comes through
@@ -1061,7 +1049,7 @@ impl Keeper {
                 return Ok(());
             }
             if unmounting {
-                crate::daemon::detach_and_abort(&mp, self.connection);
+                sys::detach_and_abort(&mp, self.connection);
                 return Ok(());
             }
             if stopping {
@@ -1070,7 +1058,7 @@ impl Keeper {
             }
             if !served_once {
                 // The first worker failed before serving: `mount` fails (it said why).
-                crate::daemon::detach_and_abort(&mp, None);
+                sys::detach_and_abort(&mp, None);
                 return Err(Error::new(Kind::Invalid, String::new()));
             }
             let reason = match (&planned, status.code()) {

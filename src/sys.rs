@@ -678,3 +678,47 @@ pub fn set_thread_ioprio_best_effort(level: i32) -> io::Result<()> {
         Err(io::Error::last_os_error())
     }
 }
+
+/// Unmounts `mountpoint`; if it is busy, detaches it and aborts the FUSE connection so
+/// the session ends anyway.
+pub fn force_unmount(mountpoint: &std::path::Path, connection: Option<u32>) {
+    let Ok(c) = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes()) else {
+        return;
+    };
+    let Err(e) = umount(&c, false) else {
+        return;
+    };
+    log::warn!(
+        "unmounting {}: {e}; detaching it and aborting its FUSE connection",
+        mountpoint.display()
+    );
+    let _ = umount(&c, true);
+    if let Some(id) = connection {
+        abort_connection(id);
+    }
+}
+
+/// Detaches the mount and aborts its FUSE connection (when known): what a keeper that
+/// gives up leaves is a mount point that can be mounted again.
+pub fn detach_and_abort(mountpoint: &std::path::Path, connection: Option<u32>) {
+    if let Ok(c) = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes()) {
+        let _ = umount(&c, true);
+    }
+    if let Some(id) = connection {
+        abort_connection(id);
+    }
+}
+
+/// Aborts FUSE connection `id` through fusectl (mounted first if needed).
+fn abort_connection(id: u32) {
+    let dir = std::path::Path::new("/sys/fs/fuse/connections");
+    if !dir.join(id.to_string()).exists() {
+        let _ = std::process::Command::new("mount")
+            .args(["-t", "fusectl", "fusectl", "/sys/fs/fuse/connections"])
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+    if let Err(e) = std::fs::write(dir.join(id.to_string()).join("abort"), b"1") {
+        log::error!("cannot abort FUSE connection {id}: {e}");
+    }
+}

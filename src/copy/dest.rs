@@ -330,3 +330,20 @@ pub(crate) fn sync_parent(dest: &Path) -> Result<()> {
         .and_then(|d| d.sync_all())
         .context(|| format!("syncing directory {}", parent.display()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_new_refuses_an_existing_file_and_leaves_it_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("img");
+        let f = create_new(&p, "because").unwrap();
+        assert_eq!(f.metadata().unwrap().mode() & 0o777, 0o600);
+        std::fs::write(&p, b"kept").unwrap();
+        let e = create_new(&p, "because").err().unwrap();
+        assert!(e.to_string().contains("already exists: because"), "{e}");
+        assert_eq!(std::fs::read(&p).unwrap(), b"kept");
+    }
+}

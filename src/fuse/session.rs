@@ -54,7 +54,7 @@ pub fn mount(
         BackupPriority::Normal => None,
     };
     // Under a keeper: the keeper's fds instead of a new mount (src/keeper.rs).
-    let session = crate::keeper::session(
+    let session = session(
         FleeceFs::new(engine.clone(), opts.live_cache, pool),
         mountpoint,
         &fuse_config,
@@ -72,4 +72,35 @@ pub fn spawn(session: Session<FleeceFs>) -> io::Result<JoinHandle<io::Result<()>
     std::thread::Builder::new()
         .name("fuse-session".into())
         .spawn(move || session.run())
+}
+
+/// The FUSE session of this process: a new mount (no keeper), the first worker's
+/// handshake on the keeper's fds, or a later worker's takeover without INIT.
+fn session(fs: FleeceFs, mountpoint: &Path, config: &Config) -> io::Result<Session<FleeceFs>> {
+    let Some(w) = crate::keeper::worker() else {
+        return Session::new(fs, mountpoint, config);
+    };
+    let mut fds = w.take_fuse_fds();
+    if fds.is_empty() {
+        return Err(io::Error::other("no /dev/fuse fd from the keeper"));
+    }
+    let clones = fds.split_off(1);
+    let first = fds.remove(0);
+    let mut config = config.clone();
+    config.n_threads = Some(clones.len() + 1);
+    let acl = config.acl;
+    let session = match w.negotiated() {
+        None => Session::from_fd(fs, first, acl, config)?,
+        Some(n) => Session::from_fd_initialized(
+            fs.with_coherent_direct_io(n.coherent_direct_io),
+            first,
+            acl,
+            config,
+        ),
+    };
+    // A request being copied into a fresh page when the worker is killed would fail with
+    // EIO instead of waiting for the next worker (see fuser's prefault_read_buffers).
+    Ok(session
+        .with_clone_fds(clones)
+        .prefault_read_buffers(crate::fuse::MAX_IO as usize + 4096))
 }
