@@ -90,7 +90,7 @@ umount "$T/ext4"
 
 # --- a holder still dying after the 5 s wait is named as such --------------------------
 "$FLEECEFS" unmount "$T/st"
-FLEECEFS_FAULT_FLEECE_READ=delay=7000 fmount "$T/st" --state-dir "$T/sst" \
+FLEECEFS_FAULT_FLEECE_READ=delay=9000 fmount "$T/st" --state-dir "$T/sst" \
     --device s=$T/stall.img --cbw-buffer 0 --threads 1
 "$FLEECEFS" setup "$T/st" --target t >/dev/null
 dd if=/dev/zero of="$T/st/live/s" bs=64K count=1 conv=notrunc status=none
