@@ -164,16 +164,18 @@ setup_during_writes() {
     BEFORE=$(writes_now)
 }
 
-# ext4_on_live : a 128 MiB image served as live/disk at $T/mnt (state $T/state), an ext4
-# made on it and mounted at $E through a loop device ($LOOPDEV); sets L=live/disk, E
+# ext4_on_live [NAME [MIB]] : a MIB (default 128) MiB image $T/NAME.img (NAME default
+# disk) served as live/NAME at $T/mnt (state $T/state), an ext4 made on it and mounted at
+# $E through a loop device ($LOOPDEV); sets L=live/NAME, E
 ext4_on_live() {
-    truncate -s $((128 * 1024 * 1024)) "$T/src.img"
-    fmount "$T/mnt" --state-dir "$T/state" --device disk=$T/src.img
-    L=$T/mnt/live/disk
-    mkfs.ext4 -F -q "$L" || fail "mkfs.ext4 on live/disk failed"
+    local name=${1:-disk} mib=${2:-128}
+    truncate -s $((mib * 1024 * 1024)) "$T/$name.img"
+    fmount "$T/mnt" --state-dir "$T/state" --device "$name=$T/$name.img"
+    L=$T/mnt/live/$name
+    mkfs.ext4 -F -q "$L" || fail "mkfs.ext4 on live/$name failed"
     loop_attach "$L"
     E=$T/ext4
     mkdir -p "$E"
     LOOPS+=("$E")
-    mount -o noatime "$LOOPDEV" "$E" || fail "mounting the ext4 on $LOOPDEV failed"
+mount -o noatime "$LOOPDEV" "$E" || fail "mounting the ext4 on $LOOPDEV failed"
 }

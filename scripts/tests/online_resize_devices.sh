@@ -28,15 +28,7 @@ lockable() {
 }
 
 # ---- 1. grow under load: ext4 through a loop device, fio writing -----------------------
-truncate -s $((48 * M)) "$T/vm.img"
-fmount "$MNT" --state-dir "$T/state" --device vm=$T/vm.img
-L=$MNT/live/vm
-mkfs.ext4 -F -q "$L" || fail "mkfs.ext4 on live/vm failed"
-loop_attach "$L"
-E=$T/ext4
-mkdir -p "$E"
-LOOPS+=("$E")
-mount -o noatime "$LOOPDEV" "$E" || fail "mounting the ext4 on $LOOPDEV failed"
+ext4_on_live vm 48 # L: live/vm, E: its ext4 mounted through $LOOPDEV
 mkdir "$E/old"
 for i in $(seq 20); do head -c $((RANDOM * 8)) /dev/urandom >"$E/old/f$i"; done
 sync -f "$E"
