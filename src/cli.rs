@@ -215,6 +215,16 @@ pub struct MountArgs {
     /// (normal)
     #[arg(long, value_enum, value_name = "low|normal", default_value = "normal")]
     pub backup_priority: crate::fuse::pool::BackupPriority,
+    /// How snapshot reads read the source: through the page cache (cached), or with
+    /// O_DIRECT (direct): less CPU per byte, and a backup larger than memory leaves the
+    /// page cache to the guest; as fast as the storage, not the cache
+    #[arg(
+        long,
+        value_enum,
+        value_name = "cached|direct",
+        default_value = "cached"
+    )]
+    pub backup_read: crate::source::BackupRead,
     /// With --backup-priority low: instead of idle CPU priority, normal priority paced to
     /// this much CPU time while the guest does I/O, in percent of one CPU: a floor for
     /// backups on busy hosts (100: no pacing) [default: idle priority, no floor]

@@ -71,6 +71,8 @@ pub struct MountPlan {
     pub backup_priority: crate::fuse::pool::BackupPriority,
     /// Their CPU share while the guest does I/O (`--backup-share`, percent), if paced.
     pub backup_share: Option<u8>,
+    /// How snapshot reads read the source (`--backup-read`).
+    pub backup_read: crate::source::BackupRead,
 }
 
 /// `p` (absolute) with symlinks and `..` resolved as far as it exists; the missing rest
@@ -291,6 +293,7 @@ pub fn validate(args: &MountArgs) -> Result<MountPlan> {
         live_cache: args.live_cache,
         backup_priority: args.backup_priority,
         backup_share: args.backup_share,
+        backup_read: args.backup_read,
         cbw_buffer,
     })
 }
@@ -532,7 +535,11 @@ fn serve(plan: MountPlan, daemon_child: bool, allow_other: bool) -> Result<()> {
     for ((name, path), slot) in plan.devices.iter().zip(slots) {
         devices.push((
             slot,
-            Device::new(name.clone(), Source::open(path)?, plan.cluster),
+            Device::new(
+                name.clone(),
+                Source::open_with(path, plan.backup_read)?,
+                plan.cluster,
+            ),
         ));
     }
     let config = EngineConfig {
@@ -542,6 +549,7 @@ fn serve(plan: MountPlan, daemon_child: bool, allow_other: bool) -> Result<()> {
         fleecing_limit: plan.fleecing_limit,
         crash_safe_bitmaps: plan.crash_safe_bitmaps,
         cbw_buffer: plan.cbw_buffer,
+        backup_read: plan.backup_read,
     };
     let listener = bind_socket(&state)?;
     let socket_path = state.socket_path();

@@ -40,6 +40,42 @@ pub fn identity_of(path: &Path) -> Option<(u64, u64, bool)> {
     ))
 }
 
+/// How snapshot reads read the source (`mount --backup-read`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum BackupRead {
+    /// Through the page cache, like every other read of the source.
+    #[default]
+    Cached,
+    /// With `O_DIRECT` where aligned: no CPU copy out of the page cache, and a backup of
+    /// an image larger than memory does not evict what the guest has cached.
+    Direct,
+}
+
+/// Alignment of offsets, lengths and buffers of direct reads: the page size, which every
+/// logical block size fleecefs meets (512, 4096) divides.
+pub const DIRECT_ALIGN: usize = 4096;
+
+/// Opens `file` again (the same inode, through `/proc/self/fd`) read-only with
+/// `O_DIRECT`; `None` where the filesystem does not take it.
+fn open_direct(file: &File, path: &Path) -> Option<File> {
+    use std::os::fd::AsRawFd;
+    let r = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC | libc::O_DIRECT)
+        .open(format!("/proc/self/fd/{}", file.as_raw_fd()));
+    match r {
+        Ok(f) => Some(f),
+        Err(e) => {
+            log::warn!(
+                "source {}: --backup-read direct: O_DIRECT is refused ({e}); snapshot reads \
+                 go through the page cache",
+                path.display()
+            );
+            None
+        }
+    }
+}
+
 /// What [`Source::now`] reports.
 pub struct SourceNow {
     /// Modification time.
@@ -53,6 +89,13 @@ pub struct SourceNow {
 /// An open source image.
 pub struct Source {
     file: File,
+    /// The same file opened again with `O_DIRECT`, for backup reads (`None` where the
+    /// filesystem refuses `O_DIRECT`). See [`Source::read_for_backup`].
+    direct: Option<File>,
+    /// Cleared when a direct read fails with EINVAL (alignment the device does not take).
+    direct_ok: std::sync::atomic::AtomicBool,
+    /// Bytes read with `O_DIRECT` so far.
+    direct_bytes: AtomicU64,
     path: PathBuf,
     /// Changed only by the engine while the device's gate is held exclusively.
     size: AtomicU64,
@@ -60,8 +103,14 @@ pub struct Source {
 }
 
 impl Source {
-    /// Opens `path` read-write. It must be a non-empty regular file or block device.
+    /// Opens `path` read-write, snapshot reads through the page cache. It must be a
+    /// non-empty regular file or block device.
     pub fn open(path: &Path) -> Result<Source> {
+        Source::open_with(path, BackupRead::Cached)
+    }
+
+    /// Opens `path` read-write, with snapshot reads as `backup_read` says.
+    pub fn open_with(path: &Path, backup_read: BackupRead) -> Result<Source> {
         let meta = std::fs::metadata(path)
             .context(|| format!("source {} cannot be opened", path.display()))?;
         let ft = meta.file_type();
@@ -157,8 +206,15 @@ impl Source {
             gid: meta.gid(),
             block_device: ft.is_block_device(),
         };
+        let direct = match backup_read {
+            BackupRead::Direct => open_direct(&file, path),
+            BackupRead::Cached => None,
+        };
         Ok(Source {
             file,
+            direct_ok: std::sync::atomic::AtomicBool::new(direct.is_some()),
+            direct,
+            direct_bytes: AtomicU64::new(0),
             path: path.to_path_buf(),
             size: AtomicU64::new(size),
             identity,
@@ -251,6 +307,60 @@ impl Source {
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         sys::read_exact_at(&self.file, buf, offset)
             .context(|| format!("reading source {} at {offset}", self.path.display()))
+    }
+
+    /// Reads `buf.len()` bytes at `offset` for a backup (a snapshot read of clusters not
+    /// copied): with `O_DIRECT` where offset, length and buffer are aligned, else through
+    /// the page cache. A direct read costs the CPU no copy out of the page cache (the
+    /// device, or the hypervisor, moves the data) and leaves the cache to the guest; the
+    /// kernel writes back dirty cached pages of the range first, so it reads what a
+    /// buffered read would.
+    pub fn read_for_backup(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let done = self.read_direct_prefix(buf, offset);
+        if done < buf.len() {
+            self.read_at(&mut buf[done..], offset + done as u64)?;
+        }
+        Ok(())
+    }
+
+    /// Reads the longest aligned prefix of `buf` with `O_DIRECT`; returns how much it read
+    /// (0 when not aligned, not possible, or failed: the caller reads the rest buffered,
+    /// and reports any error that persists).
+    fn read_direct_prefix(&self, buf: &mut [u8], offset: u64) -> usize {
+        let Some(direct) = &self.direct else {
+            return 0;
+        };
+        let len = buf.len() / DIRECT_ALIGN * DIRECT_ALIGN;
+        if len == 0
+            || offset % DIRECT_ALIGN as u64 != 0
+            || buf.as_ptr() as usize % DIRECT_ALIGN != 0
+            || !self.direct_ok.load(Ordering::Relaxed)
+        {
+            return 0;
+        }
+        match std::os::unix::fs::FileExt::read_at(direct, &mut buf[..len], offset) {
+            Ok(n) => {
+                let n = n / DIRECT_ALIGN * DIRECT_ALIGN;
+                self.direct_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                n
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                if self.direct_ok.swap(false, Ordering::Relaxed) {
+                    log::warn!(
+                        "source {}: --backup-read direct: a direct read failed ({e}); \
+                         snapshot reads go through the page cache from now on",
+                        self.path.display()
+                    );
+                }
+                0
+            }
+            Err(_) => 0,
+        }
+    }
+
+    /// Bytes snapshot reads have read with `O_DIRECT` (`--backup-read direct`).
+    pub fn direct_read_bytes(&self) -> u64 {
+        self.direct_bytes.load(Ordering::Relaxed)
     }
 
     /// Writes `buf` at `offset`.

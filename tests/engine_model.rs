@@ -15,6 +15,7 @@ use std::thread;
 use fleecefs::bitmap_file::CrashSafety;
 use fleecefs::engine::{BitmapAction, Engine};
 use fleecefs::error::Kind;
+use fleecefs::source::BackupRead;
 use fleecefs::units::ClusterSize;
 use proptest::prelude::*;
 
@@ -64,7 +65,45 @@ fn make_engine(
     cluster: u64,
     initial: &mut Rng,
 ) -> (Engine, Vec<Vec<u8>>) {
-    make_engine_with(dir, sizes, cluster, initial, CopyMode::Behind)
+    make_engine_with(
+        dir,
+        sizes,
+        cluster,
+        initial,
+        CopyMode::Behind,
+        BackupRead::Cached,
+    )
+}
+
+/// `--backup-read` by seed: direct for half of them (by seed / 3, so that both read modes
+/// meet every [`CopyMode`]).
+fn backup_read_of_seed(seed: u64) -> BackupRead {
+    if (seed / 3) % 2 == 0 {
+        BackupRead::Cached
+    } else {
+        BackupRead::Direct
+    }
+}
+
+/// With `--backup-read direct`, the run must have read some of the snapshot with
+/// `O_DIRECT` (else it did not test that path); with `cached`, none of it.
+fn assert_direct_reads(engine: &Engine, read: BackupRead, name: &str) {
+    let direct: u64 = engine
+        .devices()
+        .iter()
+        .map(|d| d.source().direct_read_bytes())
+        .sum();
+    match read {
+        BackupRead::Direct => assert!(direct > 0, "{name}: no snapshot read was direct"),
+        BackupRead::Cached => assert_eq!(direct, 0, "{name}: a cached engine read direct"),
+    }
+}
+
+/// A zeroed buffer of `len` bytes at a page-aligned address, as the daemon's read
+/// buffers are, so that aligned snapshot reads take the direct path of
+/// `--backup-read direct`.
+fn aligned_buf(len: usize) -> memmap2::MmapMut {
+    memmap2::MmapMut::map_anon(len).expect("mapping a read buffer")
 }
 
 /// How copy-before-write stores old data.
@@ -93,6 +132,7 @@ fn make_engine_with(
     cluster: u64,
     initial: &mut Rng,
     mode: CopyMode,
+    read: BackupRead,
 ) -> (Engine, Vec<Vec<u8>>) {
     let mut builder = EngineBuilder::new(dir).cluster(cluster);
     let mut models = Vec::new();
@@ -108,6 +148,7 @@ fn make_engine_with(
         CopyMode::Inline => (None, 0),
     };
     let engine = builder
+        .backup_read(read)
         .cbw_timeout(cbw_timeout)
         .cbw_buffer(cbw_buffer)
         .build();
@@ -269,7 +310,8 @@ fn random_operations_match_the_model() {
         let cluster = [4096u64, 8192, 65536][rng.below(3) as usize];
         let mode = CopyMode::of_seed(seed);
         let ops: Vec<Op> = (0..4000).map(|_| Op::random(&mut rng)).collect();
-        run_ops(&format!("seed {seed}"), cluster, mode, seed, &ops);
+        let read = backup_read_of_seed(seed);
+        run_ops(&format!("seed {seed}"), cluster, mode, read, seed, &ops);
     }
 }
 
@@ -286,26 +328,35 @@ proptest! {
     fn operation_sequences_match_the_model(
         cluster in prop_oneof![Just(4096u64), Just(8192), Just(65536)],
         mode in copy_mode_strategy(),
+        direct in any::<bool>(),
         image in any::<u64>(),
         ops in proptest::collection::vec(op_strategy(), 1..150),
     ) {
-        run_ops("proptest", cluster, mode, image, &ops);
+        let read = if direct { BackupRead::Direct } else { BackupRead::Cached };
+        run_ops("proptest", cluster, mode, read, image, &ops);
     }
 }
 
 /// Runs `ops` on a fresh engine of two devices (one with a partial last cluster, one
 /// cluster-aligned) filled from `image_seed`, checking every result against the model;
 /// at the end the source files must hold exactly the live model.
-fn run_ops(name: &str, cluster: u64, mode: CopyMode, image_seed: u64, ops: &[Op]) {
+fn run_ops(
+    name: &str,
+    cluster: u64,
+    mode: CopyMode,
+    read: BackupRead,
+    image_seed: u64,
+    ops: &[Op],
+) {
     let mut rng = Rng(image_seed);
     let dir = tempfile::tempdir().unwrap();
     let mut sizes = vec![cluster * 37 + 1234, cluster * 16];
     let initial_sizes = sizes.clone();
-    let (engine, mut live) = make_engine_with(dir.path(), &sizes, cluster, &mut rng, mode);
+    let (engine, mut live) = make_engine_with(dir.path(), &sizes, cluster, &mut rng, mode, read);
     let mut access: Option<Access> = None;
-    let mut buf = vec![0u8; (cluster * 4) as usize];
+    let mut buf = aligned_buf((cluster * 4) as usize);
     for (step, op) in ops.iter().enumerate() {
-        let ctx = format!("{name} ({mode:?}) step {step} cluster {cluster}: {op:?}");
+        let ctx = format!("{name} ({mode:?}, {read:?}) step {step} cluster {cluster}: {op:?}");
         match *op {
             Op::Write {
                 dev,
@@ -384,11 +435,15 @@ fn run_ops(name: &str, cluster: u64, mode: CopyMode, image_seed: u64, ops: &[Op]
                     assert_eq!(err.kind(), Kind::Stale, "{ctx}");
                     continue;
                 };
-                let len = 1 + (len % buf.len() as u64) as usize;
-                let off = if aligned {
-                    off % (size / cluster + 1) * cluster
+                let (off, len) = if aligned {
+                    // whole pages at a cluster: what a direct read takes
+                    let pages = buf.len() as u64 / 4096;
+                    (
+                        off % (size / cluster + 1) * cluster,
+                        ((1 + len % pages) * 4096) as usize,
+                    )
                 } else {
-                    off % (size + 10)
+                    (off % (size + 10), 1 + (len % buf.len() as u64) as usize)
                 };
                 let got = engine.devices()[d].read_snapshot(a.id, off, &mut buf[..len]);
                 let want =
@@ -492,6 +547,9 @@ fn run_ops(name: &str, cluster: u64, mode: CopyMode, image_seed: u64, ops: &[Op]
             }
         }
     }
+    if name.starts_with("seed") {
+        assert_direct_reads(&engine, read, name);
+    }
     // The source files hold exactly the live model.
     for (d, size) in sizes.iter().enumerate() {
         let on_disk = std::fs::read(EngineBuilder::image(dir.path(), &format!("d{d}"))).unwrap();
@@ -537,7 +595,8 @@ fn run_threaded(seed: u64) {
     let cluster = 4096u64;
     let sizes = [cluster * 64 + 700, cluster * 32];
     let mode = CopyMode::of_seed(seed);
-    let (engine, live) = make_engine_with(dir.path(), &sizes, cluster, &mut rng, mode);
+    let read = backup_read_of_seed(seed);
+    let (engine, live) = make_engine_with(dir.path(), &sizes, cluster, &mut rng, mode, read);
     let shared = Arc::new(Shared {
         engine,
         quiesce: RwLock::new(()),
@@ -582,7 +641,7 @@ fn run_threaded(seed: u64) {
         let s = shared.clone();
         let mut r = Rng(seed ^ ((rd + 100) * 0x9999));
         handles.push(thread::spawn(move || {
-            let mut buf = vec![0u8; (cluster * 8) as usize];
+            let mut buf = aligned_buf((cluster * 8) as usize);
             let mut ops = 0;
             while !s.stop.load(Ordering::Relaxed) {
                 let Some((id, frozen, discard_started)) = s.current.read().unwrap().clone() else {
@@ -591,8 +650,13 @@ fn run_threaded(seed: u64) {
                 };
                 let d = r.below(sizes.len() as u64) as usize;
                 let size = sizes[d];
-                let off = r.below(size);
-                let len = 1 + r.below(buf.len() as u64) as usize;
+                // half of the reads in whole pages (direct reads with --backup-read direct)
+                let (off, len) = if r.below(2) == 0 {
+                    let pages = buf.len() as u64 / 4096;
+                    (r.below(size) / 4096 * 4096, (1 + r.below(pages)) as usize * 4096)
+                } else {
+                    (r.below(size), 1 + r.below(buf.len() as u64) as usize)
+                };
                 match s.engine.devices()[d].read_snapshot(id, off, &mut buf[..len]) {
                     Ok(n) => {
                         let end = (off + len as u64).min(size);
@@ -719,6 +783,7 @@ fn run_threaded(seed: u64) {
         shared.snapshot_reads.load(Ordering::Relaxed) > 100,
         "seed {seed}: too few snapshot reads"
     );
+    assert_direct_reads(&shared.engine, read, &format!("seed {seed}"));
     for (d, m) in shared.live.iter().enumerate() {
         let on_disk = std::fs::read(EngineBuilder::image(dir.path(), &format!("d{d}"))).unwrap();
         assert!(

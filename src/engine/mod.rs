@@ -76,6 +76,8 @@ pub struct EngineConfig {
     /// Bytes of old data held in memory before the fleecing file under break-snapshot
     /// (`--cbw-buffer`; 0: copies are synchronous).
     pub cbw_buffer: u64,
+    /// How snapshot reads read the source (`--backup-read`), for devices added later too.
+    pub backup_read: crate::source::BackupRead,
 }
 
 impl EngineConfig {
@@ -90,6 +92,7 @@ impl EngineConfig {
             fleecing_limit: None,
             crash_safe_bitmaps: crate::bitmap_file::CrashSafety::On,
             cbw_buffer: crate::cbw::writebehind::DEFAULT_CAPACITY,
+            backup_read: crate::source::BackupRead::Cached,
         }
     }
 }

@@ -337,7 +337,7 @@ impl Engine {
                     )));
                 }
             }
-            let source = Source::open(path)?;
+            let source = Source::open_with(path, self.config.backup_read)?;
             new.push(Arc::new(Device::new(name.clone(), source, self.cluster)));
         }
         let control = &mut *control;

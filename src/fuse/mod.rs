@@ -75,8 +75,10 @@ impl crate::engine::KernelCache for KernelNotifier {
 }
 
 thread_local! {
-    /// One read buffer per FUSE worker thread: no allocation per request.
-    static READ_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// One read buffer per FUSE worker thread: no allocation per request. Anonymous
+    /// memory, so page-aligned, as the source's direct reads need
+    /// (`Source::read_for_backup`).
+    static READ_BUF: RefCell<Option<memmap2::MmapMut>> = const { RefCell::new(None) };
 }
 
 /// The errno of a failed request (the table is [`Error::errno`]). Refusals of the
@@ -135,10 +137,18 @@ impl FleeceFs {
         READ_BUF.with(|b| {
             let mut b = b.borrow_mut();
             let size = (size as usize).min(16 << 20);
-            if b.len() < size {
-                b.resize(size, 0);
+            if b.as_ref().is_none_or(|m| m.len() < size) {
+                // Failing to map a few MiB is running out of memory, as a Vec's
+                // allocation failure would be.
+                *b = Some(
+                    memmap2::MmapMut::map_anon(size.max(4096))
+                        .expect("mapping a read buffer (out of memory)"),
+                );
             }
-            f(&mut b[..size])
+            match b.as_mut() {
+                Some(m) => f(&mut m[..size]),
+                None => unreachable!("the buffer was mapped above"),
+            }
         })
     }
 }

@@ -10,7 +10,7 @@ use fleecefs::cbw::policy::OnCbwError;
 use fleecefs::cbw::Device;
 use fleecefs::engine::{Engine, EngineConfig};
 use fleecefs::error::Kind;
-use fleecefs::source::Source;
+use fleecefs::source::{BackupRead, Source};
 use fleecefs::state::StateDir;
 use fleecefs::units::ClusterSize;
 
@@ -100,6 +100,12 @@ impl EngineBuilder {
         self
     }
 
+    /// `--backup-read`: how snapshot reads read the sources.
+    pub fn backup_read(mut self, read: BackupRead) -> EngineBuilder {
+        self.config.backup_read = read;
+        self
+    }
+
     /// `--crash-safe-bitmaps`.
     pub fn crash_safe(mut self, safety: CrashSafety) -> EngineBuilder {
         self.config.crash_safe_bitmaps = safety;
@@ -138,7 +144,7 @@ impl EngineBuilder {
             }
             devices.push(Device::new(
                 name,
-                open_source(&path),
+                open_source_with(&path, self.config.backup_read),
                 ClusterSize::new(self.cluster).expect("a valid cluster size"),
             ));
         }
@@ -160,8 +166,13 @@ impl EngineBuilder {
 /// a source a test has just closed, until it execs; and the flusher threads of an engine
 /// just dropped may hold its last references for a moment.
 pub fn open_source(path: &Path) -> Source {
+    open_source_with(path, BackupRead::Cached)
+}
+
+/// [`open_source`] with snapshot reads as `read` says.
+pub fn open_source_with(path: &Path, read: BackupRead) -> Source {
     for _ in 0..100 {
-        match Source::open(path) {
+        match Source::open_with(path, read) {
             Err(e) if e.kind() == Kind::Busy => {
                 std::thread::sleep(std::time::Duration::from_millis(10))
             }
