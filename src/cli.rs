@@ -227,10 +227,12 @@ pub struct MountArgs {
     pub backup_read: crate::source::BackupRead,
     /// With --backup-priority low: instead of idle CPU priority, normal priority paced to
     /// this much CPU time while the guest does I/O, in percent of one CPU: a floor for
-    /// backups on busy hosts (100: no pacing) [default: idle priority, no floor]
-    #[arg(long, value_name = "PERCENT",
-          value_parser = clap::value_parser!(u8).range(1..=100))]
-    pub backup_share: Option<u8>,
+    /// backups on busy hosts (100: no pacing); auto: the share adapts so that the guest
+    /// keeps 85% of the request rate it has while the backup pauses [default: idle
+    /// priority, no floor]
+    #[arg(long, value_name = "PERCENT|auto",
+          value_parser = crate::fuse::pool::parse_backup_share)]
+    pub backup_share: Option<crate::fuse::pool::BackupShare>,
     /// Internal: set in the background daemon started by `mount`
     #[arg(long, hide = true)]
     pub daemon_child: bool,

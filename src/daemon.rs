@@ -69,8 +69,8 @@ pub struct MountPlan {
     pub cbw_buffer: u64,
     /// Where snapshot reads run (`--backup-priority`).
     pub backup_priority: crate::fuse::pool::BackupPriority,
-    /// Their CPU share while the guest does I/O (`--backup-share`, percent), if paced.
-    pub backup_share: Option<u8>,
+    /// Their CPU share while the guest does I/O (`--backup-share`), if paced.
+    pub backup_share: Option<crate::fuse::pool::BackupShare>,
     /// How snapshot reads read the source (`--backup-read`).
     pub backup_read: crate::source::BackupRead,
 }

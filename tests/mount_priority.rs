@@ -215,21 +215,50 @@ fn backup_priority_normal_serves_snapshot_reads_on_the_workers() {
     );
     let out = g.mount(&["--backup-priority", "low", "--backup-share", "0"]);
     out.expect_failure("--backup-share 0", "--backup-share");
+    let out = g.mount(&["--backup-priority", "low", "--backup-share", "often"]);
+    out.expect_failure("--backup-share often", "'auto' or a percentage");
 }
 
-/// `--backup-share`: the pool runs at normal CPU priority (paced while the guest is
-/// active; the pacing itself is unit-tested in pool.rs) and still returns the
-/// point-in-time data while a guest writes.
+/// Whether the daemon `pid` has a thread named `name`.
+fn has_thread(pid: i32, name: &str) -> bool {
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("listing the daemon's threads")
+        .flatten()
+        .any(|t| {
+            fs::read_to_string(t.path().join("comm"))
+                .unwrap_or_default()
+                .trim()
+                == name
+        })
+}
+
+/// `--backup-share 30` and `auto`: the pool runs at normal CPU priority (paced while the
+/// guest is active; the pacing and the controller are unit-tested in pool.rs) and still
+/// returns the point-in-time data while a guest writes; `auto` has its controller
+/// thread.
 #[test]
 fn backup_share_runs_the_pool_at_normal_priority_with_exact_data() {
+    for share in ["30", "auto"] {
+        backup_share_with_exact_data(share);
+    }
+}
+
+fn backup_share_with_exact_data(share: &str) {
     const SIZE: u64 = 8 * MIB;
     let mut f = Fleece::new();
     let image = f.add_device("vm", SIZE);
     fill_pattern(&image, 0, SIZE, 0x42);
-    f.mount(&["--backup-priority", "low", "--backup-share", "30"])
-        .expect_ok("fleecefs mount --backup-priority low --backup-share 30");
+    f.mount(&["--backup-priority", "low", "--backup-share", share])
+        .expect_ok(&format!(
+            "fleecefs mount --backup-priority low --backup-share {share}"
+        ));
     let threads = backup_threads(f.worker_pid());
     assert_eq!(threads.len(), 4, "backup-read threads: {threads:?}");
+    assert_eq!(
+        has_thread(f.worker_pid(), "backup-pacer"),
+        share == "auto",
+        "the backup-pacer thread with --backup-share {share}"
+    );
     for &(tid, policy, ioprio) in &threads {
         assert_eq!(policy, libc::SCHED_OTHER, "thread {tid}");
         assert_eq!(ioprio, (2 << 13) | 7, "thread {tid}");
@@ -253,6 +282,10 @@ fn backup_share_runs_the_pool_at_normal_priority_with_exact_data() {
     let snap = read_all(&f.snapshot("vm"));
     stop.store(true, Ordering::Relaxed);
     writer.join().expect("writer");
-    assert_all(&snap, 0x42, "snapshot/vm under a guest, paced");
+    assert_all(
+        &snap,
+        0x42,
+        &format!("snapshot/vm under a guest, --backup-share {share}"),
+    );
     f.teardown(TARGET);
 }

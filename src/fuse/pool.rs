@@ -34,7 +34,7 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -55,6 +55,29 @@ pub enum BackupPriority {
 /// nothing.
 pub const POOL_THREADS: usize = 4;
 
+/// How the pool is paced while the guest is active (`--backup-share`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackupShare {
+    /// At most this many percent of one CPU (1-100; 100: no pacing).
+    Percent(u8),
+    /// A share that adapts to keep the guest's request rate at [`AUTO_TARGET`] of what
+    /// it is while the backup pauses (see [`Controller`]).
+    Auto,
+}
+
+/// Parses `--backup-share`: `auto`, or a percentage of one CPU, 1-100.
+pub fn parse_backup_share(s: &str) -> Result<BackupShare, String> {
+    if s == "auto" {
+        return Ok(BackupShare::Auto);
+    }
+    match s.parse::<u8>() {
+        Ok(p) if (1..=100).contains(&p) => Ok(BackupShare::Percent(p)),
+        _ => Err(format!(
+            "'{s}' is not 'auto' or a percentage of one CPU from 1 to 100"
+        )),
+    }
+}
+
 /// One backup read: runs on a pool thread and replies itself.
 pub type Job = Box<dyn FnOnce() + Send + 'static>;
 
@@ -68,6 +91,8 @@ struct Shared {
     queue: Mutex<Queue>,
     ready: Condvar,
     pacer: Option<Pacer>,
+    /// Set by `close`: the controller thread (`--backup-share auto`) exits.
+    stop: AtomicBool,
 }
 
 /// The guest counts as active for this long after its last request.
@@ -80,9 +105,12 @@ fn epoch() -> Instant {
 
 /// When the guest (a live request) was last seen, in ns since [`epoch`]; 0: never.
 static GUEST_SEEN: AtomicU64 = AtomicU64::new(0);
+/// Guest requests seen so far (the rate `--backup-share auto` steers by).
+static GUEST_REQUESTS: AtomicU64 = AtomicU64::new(0);
 
 /// Records a guest request (called by the FUSE workers for live files).
 pub fn note_guest() {
+    GUEST_REQUESTS.fetch_add(1, Ordering::Relaxed);
     let ns = epoch().elapsed().as_nanos() as u64;
     // Coarse: at most one store per 100 µs, so the workers do not fight over the line.
     if ns.saturating_sub(GUEST_SEEN.load(Ordering::Relaxed)) > 100_000 {
@@ -99,15 +127,39 @@ fn guest_active() -> bool {
 /// Paces backup reads while the guest is active: after a read that used `c` of CPU time,
 /// the next may start only `c * (1 - share) / share` later, so the pool's threads
 /// together use at most `share` of one CPU; with no guest request for [`GUEST_WINDOW`],
-/// no pause (work-conserving).
+/// no pause (work-conserving). With `--backup-share auto` the [`Controller`] sets the
+/// share and pauses the pool for its probes.
 struct Pacer {
-    share: f64,
+    /// The share of one CPU, in millionths (1,000,000 and more: no pacing).
+    share_ppm: AtomicU64,
     not_before: Mutex<Instant>,
+    /// Set during a probe of the controller: no backup read starts.
+    probing: AtomicBool,
+    /// CPU time the pool's reads used, in ns (the controller's "did the backup read").
+    busy_ns: AtomicU64,
 }
 
+const PPM: u64 = 1_000_000;
+
 impl Pacer {
+    fn new(share: f64) -> Pacer {
+        Pacer {
+            share_ppm: AtomicU64::new(share_to_ppm(share)),
+            not_before: Mutex::new(Instant::now()),
+            probing: AtomicBool::new(false),
+            busy_ns: AtomicU64::new(0),
+        }
+    }
+
+    fn share(&self) -> f64 {
+        self.share_ppm.load(Ordering::Relaxed) as f64 / PPM as f64
+    }
+
     fn wait(&self) {
-        if !guest_active() {
+        while self.probing.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if !guest_active() || self.share() >= 1.0 {
             return;
         }
         let until = *self.not_before.lock().unwrap_or_else(|p| p.into_inner());
@@ -118,12 +170,119 @@ impl Pacer {
     }
 
     fn account(&self, busy: Duration) {
-        if !guest_active() {
+        self.busy_ns
+            .fetch_add(busy.as_nanos() as u64, Ordering::Relaxed);
+        let share = self.share();
+        if !guest_active() || share >= 1.0 {
             return;
         }
         let mut nb = self.not_before.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
-        *nb = (*nb).max(now) + busy.mul_f64((1.0 - self.share) / self.share);
+        *nb = (*nb).max(now) + busy.mul_f64((1.0 - share) / share);
+    }
+}
+
+fn share_to_ppm(share: f64) -> u64 {
+    (share * PPM as f64).round() as u64
+}
+
+/// `--backup-share auto`: the guest should keep this share of the request rate it has
+/// while the backup pauses (issue 15's goal is 80%; the rest is margin for noise).
+pub const AUTO_TARGET: f64 = 0.85;
+/// The share the controller starts from, and its floor: a backup always progresses.
+const AUTO_START: f64 = 0.25;
+const AUTO_MIN: f64 = 0.05;
+/// Additive increase per period when the guest keeps its rate; multiplicative decrease.
+const AUTO_STEP: f64 = 0.05;
+const AUTO_CUT: f64 = 0.7;
+/// A period: settle, measure the guest with the backup reading, settle, measure it with
+/// the backup paused (the probe). The probes take the backup 50 of 360 ms while the
+/// guest is active, none otherwise.
+const SETTLE: Duration = Duration::from_millis(10);
+const LOADED: Duration = Duration::from_millis(300);
+const PROBE: Duration = Duration::from_millis(40);
+
+/// The next share from one period's measurement: the guest's request rate while the
+/// backup read (`loaded`) and while it paused (`free`), and whether the pool read at
+/// all. Additive increase while the guest keeps [`AUTO_TARGET`] of its free rate,
+/// multiplicative decrease when it does not (AIMD, as TCP shares a link).
+fn next_share(share: f64, loaded: f64, free: f64, pool_read: bool) -> f64 {
+    if !pool_read || free <= 0.0 {
+        return share; // nothing learned
+    }
+    if loaded < AUTO_TARGET * free {
+        (share.min(1.0) * AUTO_CUT).max(AUTO_MIN)
+    } else {
+        (share + AUTO_STEP).min(1.0)
+    }
+}
+
+/// `--backup-share auto`: a thread (`backup-pacer`) that measures the guest's request
+/// rate with the backup reading and, for a short probe, with the backup paused, and
+/// steers the pool's share by [`next_share`]. Latency inside the daemon is not a usable
+/// signal here: the guest's requests wait in the kernel's queue and for a CPU, which the
+/// daemon does not see; the rate it keeps is the goal itself. While the guest is idle
+/// there is no probe and no pacing (work-conserving).
+struct Controller;
+
+impl Controller {
+    fn run(shared: &Shared) {
+        let Some(pacer) = &shared.pacer else { return };
+        let mut share = AUTO_START;
+        let sleep = |d: Duration| -> bool {
+            let end = Instant::now() + d;
+            while Instant::now() < end {
+                if shared.stop.load(Ordering::Relaxed) {
+                    return false;
+                }
+                std::thread::sleep((end - Instant::now()).min(Duration::from_millis(10)));
+            }
+            !shared.stop.load(Ordering::Relaxed)
+        };
+        let rate_over = |d: Duration| -> Option<f64> {
+            let (r0, t0) = (GUEST_REQUESTS.load(Ordering::Relaxed), Instant::now());
+            if !sleep(d) {
+                return None;
+            }
+            let n = GUEST_REQUESTS.load(Ordering::Relaxed) - r0;
+            Some(n as f64 / t0.elapsed().as_secs_f64())
+        };
+        loop {
+            if !sleep(SETTLE) {
+                return;
+            }
+            let busy0 = pacer.busy_ns.load(Ordering::Relaxed);
+            let Some(loaded) = rate_over(LOADED) else {
+                return;
+            };
+            let pool_read = pacer.busy_ns.load(Ordering::Relaxed) > busy0;
+            if !guest_active() {
+                // Idle guest: nothing to protect, nothing to probe.
+                continue;
+            }
+            pacer.probing.store(true, Ordering::Relaxed);
+            let free = if sleep(SETTLE) {
+                rate_over(PROBE)
+            } else {
+                None
+            };
+            pacer.probing.store(false, Ordering::Relaxed);
+            let Some(free) = free else {
+                return;
+            };
+            let next = next_share(share, loaded, free, pool_read);
+            if next != share {
+                log::debug!(
+                    "backup share {:.0}% -> {:.0}%: guest {loaded:.0}/s while reading, {free:.0}/s paused",
+                    share * 100.0,
+                    next * 100.0
+                );
+            }
+            share = next;
+            pacer
+                .share_ppm
+                .store(share_to_ppm(share), Ordering::Relaxed);
+        }
     }
 }
 
@@ -134,19 +293,21 @@ pub struct BackupPool {
 }
 
 impl BackupPool {
-    /// Starts `n` threads. A thread that cannot lower its priority logs it once and
-    /// serves at normal priority (the reads are the same; only the guest's share of the
-    /// CPUs is not protected).
-    pub fn start(n: usize, share_percent: Option<u8>) -> io::Result<BackupPool> {
-        let share = share_percent.map(|p| f64::from(p.clamp(1, 100)) / 100.0);
+    /// Starts `n` threads (and, with `auto`, the controller). A thread that cannot lower
+    /// its priority logs it once and serves at normal priority (the reads are the same;
+    /// only the guest's share of the CPUs is not protected).
+    pub fn start(n: usize, share: Option<BackupShare>) -> io::Result<BackupPool> {
         let idle = share.is_none();
+        let pacer = match share {
+            None | Some(BackupShare::Percent(100..)) => None,
+            Some(BackupShare::Percent(p)) => Some(Pacer::new(f64::from(p.max(1)) / 100.0)),
+            Some(BackupShare::Auto) => Some(Pacer::new(AUTO_START)),
+        };
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue::default()),
             ready: Condvar::new(),
-            pacer: share.filter(|s| *s < 1.0).map(|share| Pacer {
-                share,
-                not_before: Mutex::new(Instant::now()),
-            }),
+            pacer,
+            stop: AtomicBool::new(false),
         });
         let mut pool = BackupPool {
             shared,
@@ -160,6 +321,13 @@ impl BackupPool {
                     lower_priority(i, idle);
                     worker(&shared)
                 })?;
+            pool.threads.push(t);
+        }
+        if share == Some(BackupShare::Auto) {
+            let shared = pool.shared.clone();
+            let t = std::thread::Builder::new()
+                .name("backup-pacer".into())
+                .spawn(move || Controller::run(&shared))?;
             pool.threads.push(t);
         }
         Ok(pool)
@@ -184,6 +352,7 @@ impl BackupPool {
             let mut q = self.shared.queue.lock().unwrap_or_else(|p| p.into_inner());
             q.closed = true;
         }
+        self.shared.stop.store(true, Ordering::Relaxed);
         self.shared.ready.notify_all();
         for t in self.threads.drain(..) {
             let _ = t.join();
@@ -246,7 +415,7 @@ mod tests {
 
     #[test]
     fn runs_every_job_and_close_drains_the_queue() {
-        let mut pool = BackupPool::start(2, Some(100)).unwrap();
+        let mut pool = BackupPool::start(2, Some(BackupShare::Percent(100))).unwrap();
         let done = Arc::new(AtomicUsize::new(0));
         for _ in 0..100 {
             let done = done.clone();
@@ -266,7 +435,11 @@ mod tests {
 
     #[test]
     fn pool_threads_run_at_idle_or_paced_normal_cpu_and_lowest_io_priority() {
-        for (share, want) in [(None, libc::SCHED_IDLE), (Some(45), libc::SCHED_OTHER)] {
+        for (share, want) in [
+            (None, libc::SCHED_IDLE),
+            (Some(BackupShare::Percent(45)), libc::SCHED_OTHER),
+            (Some(BackupShare::Auto), libc::SCHED_OTHER),
+        ] {
             let pool = BackupPool::start(1, share).unwrap();
             let (tx, rx) = std::sync::mpsc::channel();
             pool.submit(Box::new(move || {
@@ -287,7 +460,7 @@ mod tests {
     /// Runs 10 jobs that each burn 5 ms of CPU on a pool with a 10% share; returns the
     /// wall time until the last one ended.
     fn ten_busy_jobs() -> Duration {
-        let mut pool = BackupPool::start(1, Some(10)).unwrap();
+        let mut pool = BackupPool::start(1, Some(BackupShare::Percent(10))).unwrap();
         let start = Instant::now();
         for _ in 0..10 {
             pool.submit(Box::new(|| {
@@ -299,9 +472,14 @@ mod tests {
         start.elapsed()
     }
 
+    /// Tests that note guest requests (global state) run one at a time.
+    static GUEST_TESTS: Mutex<()> = Mutex::new(());
+
     #[test]
     fn pacing_only_while_the_guest_is_active() {
-        // No guest request yet (nothing else in this test binary notes one): full speed.
+        let _one = GUEST_TESTS.lock().unwrap_or_else(|p| p.into_inner());
+        std::thread::sleep(GUEST_WINDOW * 2); // a guest of another test has gone quiet
+                                              // No guest request now: full speed.
         let idle = ten_busy_jobs();
         // A guest request every millisecond: each 5 ms job is followed by a 45 ms pause.
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -321,5 +499,101 @@ mod tests {
         assert!(idle < Duration::from_millis(300), "unpaced: {idle:?}");
         // 50 ms of CPU and 9 pauses of at least 45 ms.
         assert!(paced >= Duration::from_millis(450), "paced: {paced:?}");
+    }
+
+    #[test]
+    fn backup_share_parses_auto_and_percentages() {
+        assert_eq!(parse_backup_share("auto"), Ok(BackupShare::Auto));
+        assert_eq!(parse_backup_share("1"), Ok(BackupShare::Percent(1)));
+        assert_eq!(parse_backup_share("100"), Ok(BackupShare::Percent(100)));
+        for bad in ["0", "101", "-5", "", "Auto", "50%"] {
+            let e = parse_backup_share(bad).unwrap_err();
+            assert!(e.contains("'auto' or a percentage"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn auto_share_is_aimd_on_the_guest_rate() {
+        let eq = |a: f64, b: f64| (a - b).abs() < 1e-9;
+        // the guest keeps 90% of its free rate: a step up
+        assert!(eq(next_share(0.25, 90.0, 100.0, true), 0.30));
+        // it keeps 80%: cut by 30%
+        assert!(eq(next_share(0.25, 80.0, 100.0, true), 0.175));
+        // never below the floor, never above one CPU
+        assert!(eq(next_share(0.06, 0.0, 100.0, true), AUTO_MIN));
+        assert!(eq(next_share(0.98, 100.0, 100.0, true), 1.0));
+        // unpaced (1.0) and the guest suffers: down from one CPU
+        assert!(eq(next_share(1.0, 10.0, 100.0, true), 0.7));
+        // the pool did not read, or the guest was idle during the probe: nothing learned
+        assert!(eq(next_share(0.4, 10.0, 100.0, false), 0.4));
+        assert!(eq(next_share(0.4, 0.0, 0.0, true), 0.4));
+    }
+
+    /// Runs a pool with `--backup-share auto` for `secs` seconds under a simulated guest
+    /// that notes a request every 200 µs, every 800 µs while a backup read runs if
+    /// `slowed`; returns the controller's mean share over the second half (single
+    /// periods are noisy: a probe of 40 ms sees about 140 requests of this guest).
+    fn auto_share_after(slowed: bool, secs: u64) -> f64 {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reading = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let guest = {
+            let (stop, reading) = (stop.clone(), reading.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    note_guest();
+                    let gap = if slowed && reading.load(Ordering::Relaxed) {
+                        800
+                    } else {
+                        200
+                    };
+                    std::thread::sleep(Duration::from_micros(gap));
+                }
+            })
+        };
+        let mut pool = BackupPool::start(1, Some(BackupShare::Auto)).unwrap();
+        for _ in 0..20_000 {
+            let (stop, reading) = (stop.clone(), reading.clone());
+            pool.submit(Box::new(move || {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                reading.store(true, Ordering::Relaxed);
+                let t = sys::thread_cpu_time();
+                while sys::thread_cpu_time() - t < Duration::from_millis(2) {}
+                reading.store(false, Ordering::Relaxed);
+            }));
+        }
+        let pacer = pool.shared.pacer.as_ref().unwrap();
+        assert!((pacer.share() - AUTO_START).abs() < 1e-6);
+        std::thread::sleep(Duration::from_millis(secs * 500));
+        let mut samples = Vec::new();
+        while samples.len() < (secs * 10) as usize {
+            samples.push(pacer.share());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let share = samples.iter().sum::<f64>() / samples.len() as f64;
+        stop.store(true, Ordering::Relaxed);
+        pool.close();
+        guest.join().unwrap();
+        share
+    }
+
+    /// The controller finds the share at which the guest keeps 85% of its rate: with a
+    /// guest that runs at a quarter of its rate while the backup reads, keeping 85% means
+    /// reading 20% of the time (1 - 0.75 s = 0.85), and the share oscillates about that
+    /// (cut by 30%, raised by 5 points); with a guest the reads do not slow, it rises.
+    #[test]
+    fn auto_share_settles_where_the_guest_keeps_its_target() {
+        let _one = GUEST_TESTS.lock().unwrap_or_else(|p| p.into_inner());
+        let slowed = auto_share_after(true, 6);
+        assert!(
+            (0.08..=0.3).contains(&slowed),
+            "slowed guest: mean share {slowed}"
+        );
+        let unaffected = auto_share_after(false, 4);
+        assert!(
+            unaffected >= 0.4,
+            "unaffected guest: mean share {unaffected}"
+        );
     }
 }

@@ -24,8 +24,8 @@ pub struct SessionOptions {
     pub live_cache: bool,
     /// Where snapshot and dirty-map reads run (`--backup-priority`).
     pub backup_priority: BackupPriority,
-    /// Their CPU share while the guest does I/O (`--backup-share`, percent), if paced.
-    pub backup_share: Option<u8>,
+    /// Their CPU share while the guest does I/O (`--backup-share`), if paced.
+    pub backup_share: Option<crate::fuse::pool::BackupShare>,
 }
 
 /// Mounts `engine` at `mountpoint`: `default_permissions`, an owner-only ACL unless
