@@ -228,7 +228,7 @@ pub struct MountArgs {
     /// With --backup-priority low: instead of idle CPU priority, normal priority paced to
     /// this much CPU time while the guest does I/O, in percent of one CPU: a floor for
     /// backups on busy hosts (100: no pacing); auto: the share adapts so that the guest
-    /// keeps 85% of the request rate it has while the backup pauses [default: idle
+    /// keeps 92% of the request rate it has while the backup pauses [default: idle
     /// priority, no floor]
     #[arg(long, value_name = "PERCENT|auto",
           value_parser = crate::fuse::pool::parse_backup_share)]

@@ -187,8 +187,11 @@ fn share_to_ppm(share: f64) -> u64 {
 }
 
 /// `--backup-share auto`: the guest should keep this share of the request rate it has
-/// while the backup pauses (issue 15's goal is 80%; the rest is margin for noise).
-pub const AUTO_TARGET: f64 = 0.85;
+/// while the backup pauses. Issue 15's goal is 80% of the guest's rate without any
+/// access; at 0.85 the guest kept 71-84% of that in three runs, at 0.92 80-93%
+/// (docs/performance.md, session 7): the probes see a guest that already pays for the
+/// access's copies, and AIMD runs below its target on average.
+pub const AUTO_TARGET: f64 = 0.92;
 /// The share the controller starts from, and its floor: a backup always progresses.
 const AUTO_START: f64 = 0.25;
 const AUTO_MIN: f64 = 0.05;
@@ -515,8 +518,8 @@ mod tests {
     #[test]
     fn auto_share_is_aimd_on_the_guest_rate() {
         let eq = |a: f64, b: f64| (a - b).abs() < 1e-9;
-        // the guest keeps 90% of its free rate: a step up
-        assert!(eq(next_share(0.25, 90.0, 100.0, true), 0.30));
+        // the guest keeps 95% of its free rate: a step up
+        assert!(eq(next_share(0.25, 95.0, 100.0, true), 0.30));
         // it keeps 80%: cut by 30%
         assert!(eq(next_share(0.25, 80.0, 100.0, true), 0.175));
         // never below the floor, never above one CPU
@@ -530,21 +533,25 @@ mod tests {
     }
 
     /// Runs a pool with `--backup-share auto` for `secs` seconds under a simulated guest
-    /// that notes a request every 200 µs, every 800 µs while a backup read runs if
-    /// `slowed`; returns the controller's mean share over the second half (single
-    /// periods are noisy: a probe of 40 ms sees about 140 requests of this guest).
-    fn auto_share_after(slowed: bool, secs: u64) -> f64 {
+    /// that notes a request every 50 µs, every 100 µs while a backup read runs if
+    /// `slowed`; returns the controller's mean and highest share over the second half
+    /// (single periods are noisy: a probe of 40 ms sees a few hundred requests of this
+    /// guest).
+    fn auto_share_after(slowed: bool, secs: u64) -> (f64, f64) {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let reading = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let guest = {
             let (stop, reading) = (stop.clone(), reading.clone());
             std::thread::spawn(move || {
+                // SAFETY: prctl(PR_SET_TIMERSLACK) on the calling thread: sleeps of
+                // 50 µs stay close to 50 µs, so the guest's rate is steady.
+                unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1, 0, 0, 0) };
                 while !stop.load(Ordering::Relaxed) {
                     note_guest();
                     let gap = if slowed && reading.load(Ordering::Relaxed) {
-                        800
+                        100
                     } else {
-                        200
+                        50
                     };
                     std::thread::sleep(Duration::from_micros(gap));
                 }
@@ -571,29 +578,30 @@ mod tests {
             samples.push(pacer.share());
             std::thread::sleep(Duration::from_millis(50));
         }
-        let share = samples.iter().sum::<f64>() / samples.len() as f64;
+        let mean = samples.iter().sum::<f64>() / samples.len() as f64;
+        let max = samples.iter().copied().fold(0.0, f64::max);
         stop.store(true, Ordering::Relaxed);
         pool.close();
         guest.join().unwrap();
-        share
+        (mean, max)
     }
 
-    /// The controller finds the share at which the guest keeps 85% of its rate: with a
-    /// guest that runs at a quarter of its rate while the backup reads, keeping 85% means
-    /// reading 20% of the time (1 - 0.75 s = 0.85), and the share oscillates about that
-    /// (cut by 30%, raised by 5 points); with a guest the reads do not slow, it rises.
+    /// The controller finds the share at which the guest keeps [`AUTO_TARGET`] (92%) of
+    /// its rate: with a guest that runs at half its rate while the backup reads, that
+    /// means reading 16% of the time (1 - 0.5 s = 0.92), and the share oscillates about
+    /// that (cut by 30%, raised by 5 points); with a guest the reads do not slow, it rises.
     #[test]
     fn auto_share_settles_where_the_guest_keeps_its_target() {
         let _one = GUEST_TESTS.lock().unwrap_or_else(|p| p.into_inner());
-        let slowed = auto_share_after(true, 6);
+        let (slowed, _) = auto_share_after(true, 6);
         assert!(
             (0.08..=0.3).contains(&slowed),
             "slowed guest: mean share {slowed}"
         );
-        let unaffected = auto_share_after(false, 4);
+        let (_, unaffected) = auto_share_after(false, 4);
         assert!(
-            unaffected >= 0.4,
-            "unaffected guest: mean share {unaffected}"
+            unaffected >= 0.45,
+            "unaffected guest: highest share {unaffected}"
         );
     }
 }
