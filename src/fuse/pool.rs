@@ -17,7 +17,9 @@
 //! at most that share of one CPU then (counted in thread CPU time), and no pause
 //! otherwise. Idle priority protects the guest best but can starve a backup on a busy
 //! host; the share is a floor as well as a cap (measured in docs/performance.md,
-//! session 6). The whole cost of a snapshot read is in the pool thread: the `pread`s of
+//! session 6). With `--backup-share auto` the share follows the guest: a controller
+//! thread raises it while the guest keeps its request rate against short probes with
+//! the backup paused, and cuts it when the guest does not ([`Controller`], session 7). The whole cost of a snapshot read is in the pool thread: the `pread`s of
 //! source and fleecing file, and the kernel's copy of the reply into the reader's
 //! buffer (done by the `write` to `/dev/fuse`).
 //!
@@ -188,8 +190,8 @@ fn share_to_ppm(share: f64) -> u64 {
 
 /// `--backup-share auto`: the guest should keep this share of the request rate it has
 /// while the backup pauses. Issue 15's goal is 80% of the guest's rate without any
-/// access; at 0.85 the guest kept 71-84% of that in three runs, at 0.92 80-93%
-/// (docs/performance.md, session 7): the probes see a guest that already pays for the
+/// access; at 0.85 the guest kept 71-84% of that in three runs, at 0.92 78-93% in
+/// eight of nine and 63% in one (docs/performance.md, session 7): the probes see a guest that already pays for the
 /// access's copies, and AIMD runs below its target on average.
 pub const AUTO_TARGET: f64 = 0.92;
 /// The share the controller starts from, and its floor: a backup always progresses.
