@@ -19,7 +19,7 @@
 //! host; the share is a floor as well as a cap (measured in docs/performance.md,
 //! session 6). With `--backup-share auto` the share follows the guest: a controller
 //! thread raises it while the guest keeps its request rate against short probes with
-//! the backup paused, and cuts it when the guest does not ([`Controller`], session 7). The whole cost of a snapshot read is in the pool thread: the `pread`s of
+//! the backup paused, and cuts it when the guest does not (`Controller`, session 7). The whole cost of a snapshot read is in the pool thread: the `pread`s of
 //! source and fleecing file, and the kernel's copy of the reply into the reader's
 //! buffer (done by the `write` to `/dev/fuse`).
 //!
@@ -63,7 +63,7 @@ pub enum BackupShare {
     /// At most this many percent of one CPU (1-100; 100: no pacing).
     Percent(u8),
     /// A share that adapts to keep the guest's request rate at [`AUTO_TARGET`] of what
-    /// it is while the backup pauses (see [`Controller`]).
+    /// it is while the backup pauses (see `Controller`).
     Auto,
 }
 
