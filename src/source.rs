@@ -6,7 +6,7 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::error::{Error, IoContext, Result};
 use crate::sys;
@@ -93,7 +93,7 @@ pub struct Source {
     /// filesystem refuses `O_DIRECT`). See [`Source::read_for_backup`].
     direct: Option<File>,
     /// Cleared when a direct read fails with EINVAL (alignment the device does not take).
-    direct_ok: std::sync::atomic::AtomicBool,
+    direct_ok: AtomicBool,
     /// Bytes read with `O_DIRECT` so far.
     direct_bytes: AtomicU64,
     path: PathBuf,
@@ -212,7 +212,7 @@ impl Source {
         };
         Ok(Source {
             file,
-            direct_ok: std::sync::atomic::AtomicBool::new(direct.is_some()),
+            direct_ok: AtomicBool::new(direct.is_some()),
             direct,
             direct_bytes: AtomicU64::new(0),
             path: path.to_path_buf(),

@@ -137,18 +137,16 @@ impl FleeceFs {
         READ_BUF.with(|b| {
             let mut b = b.borrow_mut();
             let size = (size as usize).min(16 << 20);
-            if b.as_ref().is_none_or(|m| m.len() < size) {
-                // Failing to map a few MiB is running out of memory, as a Vec's
-                // allocation failure would be.
-                *b = Some(
-                    memmap2::MmapMut::map_anon(size.max(4096))
-                        .expect("mapping a read buffer (out of memory)"),
-                );
+            if b.as_ref().is_some_and(|m| m.len() < size) {
+                *b = None;
             }
-            match b.as_mut() {
-                Some(m) => f(&mut m[..size]),
-                None => unreachable!("the buffer was mapped above"),
-            }
+            // Failing to map a few MiB is running out of memory, as a Vec's allocation
+            // failure would be.
+            let m = b.get_or_insert_with(|| {
+                memmap2::MmapMut::map_anon(size.max(4096))
+                    .expect("mapping a read buffer (out of memory)")
+            });
+            f(&mut m[..size])
         })
     }
 }
