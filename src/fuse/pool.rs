@@ -597,7 +597,9 @@ mod tests {
     /// The controller finds the share at which the guest keeps [`AUTO_TARGET`] (92%) of
     /// its rate: with a guest that runs at half its rate while the backup reads, that
     /// means reading 16% of the time (1 - 0.5 s = 0.92), and the share oscillates about
-    /// that (cut by 30%, raised by 5 points); with a guest the reads do not slow, it rises.
+    /// that (cut by 30%, raised by 5 points); with a guest the reads do not slow, it rises
+    /// (its highest value at least two steps above the start: noise in the probes cuts it
+    /// now and then, a controller that only cuts stays at or below the start).
     #[test]
     fn auto_share_settles_where_the_guest_keeps_its_target() {
         let _one = GUEST_TESTS.lock().unwrap_or_else(|p| p.into_inner());
@@ -608,7 +610,7 @@ mod tests {
         );
         let (_, unaffected) = auto_share_after(false, 5);
         assert!(
-            unaffected >= 0.4,
+            unaffected >= 0.35,
             "unaffected guest: highest share {unaffected}"
         );
     }
