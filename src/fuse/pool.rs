@@ -19,8 +19,9 @@
 //! host; the share is a floor as well as a cap (measured in docs/performance.md,
 //! session 6). With `--backup-share auto` the share follows the guest: a controller
 //! thread raises it while the guest keeps its request rate against short probes with
-//! the backup paused, and cuts it when the guest does not (`Controller`, session 7). The whole cost of a snapshot read is in the pool thread: the `pread`s of
-//! source and fleecing file, and the kernel's copy of the reply into the reader's
+//! the backup paused, and cuts it when the guest does not (`control_share`, session 7).
+//! The whole cost of a snapshot read is in the pool thread: the `pread`s of source and
+//! fleecing file, and the kernel's copy of the reply into the reader's
 //! buffer (done by the `write` to `/dev/fuse`).
 //!
 //! Why this cannot hold up the guest through a lock: a snapshot read holds no lock while
@@ -63,7 +64,7 @@ pub enum BackupShare {
     /// At most this many percent of one CPU (1-100; 100: no pacing).
     Percent(u8),
     /// A share that adapts to keep the guest's request rate at [`AUTO_TARGET`] of what
-    /// it is while the backup pauses (see `Controller`).
+    /// it is while the backup pauses (see `control_share`).
     Auto,
 }
 
@@ -134,7 +135,7 @@ fn guest_active() -> bool {
 /// Paces backup reads while the guest is active: after a read that used `c` of CPU time,
 /// the next may start only `c * (1 - share) / share` later, so the pool's threads
 /// together use at most `share` of one CPU; with no guest request for [`GUEST_WINDOW`],
-/// no pause (work-conserving). With `--backup-share auto` the [`Controller`] sets the
+/// no pause (work-conserving). With `--backup-share auto`, [`control_share`] sets the
 /// share and pauses the pool for its probes.
 struct Pacer {
     /// The share of one CPU, in millionths (1,000,000 and more: no pacing).
@@ -196,8 +197,9 @@ fn share_to_ppm(share: f64) -> u64 {
 /// `--backup-share auto`: the guest should keep this share of the request rate it has
 /// while the backup pauses. Issue 15's goal is 80% of the guest's rate without any
 /// access; at 0.85 the guest kept 71-84% of that in three runs, at 0.92 78-93% in
-/// eight of nine and 63% in one (docs/performance.md, session 7): the probes see a guest that already pays for the
-/// access's copies, and AIMD runs below its target on average.
+/// eight of nine and 63% in one (docs/performance.md, session 7): the probes see a
+/// guest that already pays for the access's copies, and AIMD runs below its target on
+/// average.
 pub const AUTO_TARGET: f64 = 0.92;
 /// The share the controller starts from, and its floor: a backup always progresses.
 const AUTO_START: f64 = 0.25;
@@ -233,66 +235,62 @@ fn next_share(share: f64, loaded: f64, free: f64, pool_read: bool) -> f64 {
 /// signal here: the guest's requests wait in the kernel's queue and for a CPU, which the
 /// daemon does not see; the rate it keeps is the goal itself. While the guest is idle
 /// there is no probe and no pacing (work-conserving).
-struct Controller;
-
-impl Controller {
-    fn run(shared: &Shared) {
-        let Some(pacer) = &shared.pacer else { return };
-        let mut share = AUTO_START;
-        let sleep = |d: Duration| -> bool {
-            let end = Instant::now() + d;
-            while Instant::now() < end {
-                if shared.stop.load(Ordering::Relaxed) {
-                    return false;
-                }
-                std::thread::sleep((end - Instant::now()).min(Duration::from_millis(10)));
+fn control_share(shared: &Shared) {
+    let Some(pacer) = &shared.pacer else { return };
+    let sleep = |d: Duration| -> bool {
+        let end = Instant::now() + d;
+        while Instant::now() < end {
+            if shared.stop.load(Ordering::Relaxed) {
+                return false;
             }
-            !shared.stop.load(Ordering::Relaxed)
-        };
-        let rate_over = |d: Duration| -> Option<f64> {
-            let (r0, t0) = (GUEST_REQUESTS.load(Ordering::Relaxed), Instant::now());
-            if !sleep(d) {
-                return None;
-            }
-            let n = GUEST_REQUESTS.load(Ordering::Relaxed) - r0;
-            Some(n as f64 / t0.elapsed().as_secs_f64())
-        };
-        loop {
-            if !sleep(SETTLE) {
-                return;
-            }
-            let busy0 = pacer.busy_ns.load(Ordering::Relaxed);
-            let Some(loaded) = rate_over(LOADED) else {
-                return;
-            };
-            let pool_read = pacer.busy_ns.load(Ordering::Relaxed) > busy0;
-            if !guest_active() {
-                // Idle guest: nothing to protect, nothing to probe.
-                continue;
-            }
-            pacer.probing.store(true, Ordering::Relaxed);
-            let free = if sleep(SETTLE) {
-                rate_over(PROBE)
-            } else {
-                None
-            };
-            pacer.probing.store(false, Ordering::Relaxed);
-            let Some(free) = free else {
-                return;
-            };
-            let next = next_share(share, loaded, free, pool_read);
-            if next != share {
-                log::debug!(
-                    "backup share {:.0}% -> {:.0}%: guest {loaded:.0}/s while reading, {free:.0}/s paused",
-                    share * 100.0,
-                    next * 100.0
-                );
-            }
-            share = next;
-            pacer
-                .share_ppm
-                .store(share_to_ppm(share), Ordering::Relaxed);
+            std::thread::sleep(
+                end.saturating_duration_since(Instant::now())
+                    .min(Duration::from_millis(10)),
+            );
         }
+        !shared.stop.load(Ordering::Relaxed)
+    };
+    let rate_over = |d: Duration| -> Option<f64> {
+        let (r0, t0) = (GUEST_REQUESTS.load(Ordering::Relaxed), Instant::now());
+        if !sleep(d) {
+            return None;
+        }
+        let n = GUEST_REQUESTS.load(Ordering::Relaxed) - r0;
+        Some(n as f64 / t0.elapsed().as_secs_f64())
+    };
+    loop {
+        if !sleep(SETTLE) {
+            return;
+        }
+        let busy0 = pacer.busy_ns.load(Ordering::Relaxed);
+        let Some(loaded) = rate_over(LOADED) else {
+            return;
+        };
+        let pool_read = pacer.busy_ns.load(Ordering::Relaxed) > busy0;
+        if !guest_active() {
+            // Idle guest: nothing to protect, nothing to probe.
+            continue;
+        }
+        pacer.probing.store(true, Ordering::Relaxed);
+        let free = if sleep(SETTLE) {
+            rate_over(PROBE)
+        } else {
+            None
+        };
+        pacer.probing.store(false, Ordering::Relaxed);
+        let Some(free) = free else {
+            return;
+        };
+        let share = pacer.share();
+        let next = next_share(share, loaded, free, pool_read);
+        if next != share {
+            log::debug!(
+                "backup share {:.0}% -> {:.0}%: guest {loaded:.0}/s reading, {free:.0}/s paused",
+                share * 100.0,
+                next * 100.0
+            );
+        }
+        pacer.share_ppm.store(share_to_ppm(next), Ordering::Relaxed);
     }
 }
 
@@ -338,7 +336,7 @@ impl BackupPool {
             let shared = pool.shared.clone();
             let t = std::thread::Builder::new()
                 .name("backup-pacer".into())
-                .spawn(move || Controller::run(&shared))?;
+                .spawn(move || control_share(&shared))?;
             pool.threads.push(t);
         }
         Ok(pool)
