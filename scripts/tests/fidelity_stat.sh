@@ -6,6 +6,21 @@ source "$(dirname "$0")/lib.sh"
 
 M=$((1 << 20))
 truncate -s $((64 * M)) "$T/a.img"
+
+# A fresh mount, before any setup has created the default fleecing dir: statfs reports
+# the filesystem that dir will be created on (its nearest existing parent's), on the
+# mount and on an open live file (what `fstatfs` callers such as io_uring drivers see).
+fmount "$T/fresh" --state-dir "$T/st0" --device d="$T/a.img"
+[ ! -e "$T/st0/fleecing" ] || fail "the fleecing dir exists before any setup"
+df "$T/fresh" >/dev/null || fail "df of a fresh mount failed"
+stat -f "$T/fresh" >/dev/null || fail "stat -f of a fresh mount failed"
+stat -f "$T/fresh/live/d" >/dev/null || fail "stat -f of live/d on a fresh mount failed"
+python3 -c 'import os,sys; fd=os.open(sys.argv[1], os.O_RDONLY); os.fstatvfs(fd)' "$T/fresh/live/d" \
+    || fail "fstatvfs of an open live/d on a fresh mount failed"
+got=$(stat -f -c '%S %b' "$T/fresh")
+want=$(stat -f -c '%S %b' "$T/st0")
+[ "$got" = "$want" ] || fail "statfs of a fresh mount is '$got', the state dir's filesystem is '$want'"
+"$FLEECEFS" unmount "$T/fresh"
 dd if=/dev/urandom of="$T/a.img" bs=1M count=3 seek=10 conv=notrunc status=none
 mkdir -p "$T/fl"
 fmount "$T/mp" --state-dir "$T/st" --fleecing-dir "$T/fl" --device d="$T/a.img"

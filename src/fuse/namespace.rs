@@ -430,11 +430,30 @@ impl Namespace {
 
     /// `statfs`: the fleecing dir's filesystem, the space snapshots consume while an
     /// access runs (the images have fixed sizes), so `df` and monitoring see what can
-    /// fill up: (block size, blocks, free, available, inodes, free inodes).
+    /// fill up: (block size, blocks, free, available, inodes, free inodes). Until the
+    /// first setup creates the fleecing dir (or after it is removed), the filesystem of
+    /// its nearest existing parent: the one it will be created on. `statfs` must not
+    /// fail on a healthy mount (`df`, and programs that `fstatfs` an open `live/NAME`).
     pub fn statfs(&self) -> Result<(u64, u64, u64, u64, u64, u64)> {
         let dir = self.engine.fleecing_dir();
-        crate::sys::fs_space(dir)
-            .map_err(|e| Error::io(format!("statfs of fleecing dir {}", dir.display()), e))
+        let mut at = dir;
+        loop {
+            match crate::sys::fs_space(at) {
+                Ok(space) => return Ok(space),
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR)) => {
+                    match at.parent() {
+                        Some(parent) => at = parent,
+                        None => return Err(Error::io(format!("statfs of {}", at.display()), e)),
+                    }
+                }
+                Err(e) => {
+                    return Err(Error::io(
+                        format!("statfs of fleecing dir {}", dir.display()),
+                        e,
+                    ))
+                }
+            }
+        }
     }
 }
 
