@@ -1,4 +1,4 @@
-//! Engine micro-benchmarks without FUSE (issue 5): copy-before-write of a cluster,
+//! Engine micro-benchmarks without FUSE: copy-before-write of a cluster,
 //! bitmap set/test/merge, dirty-map generation for a 1 TiB device. A simple harness
 //! (`cargo bench --bench engine`): each case runs for a fixed number of iterations, best of
 //! three rounds, and prints one line. Numbers are for this machine only; compare them

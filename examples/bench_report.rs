@@ -11,7 +11,7 @@
 //! - `bench_report summary FIO_JSON SYSTEM WORKLOAD`: one line per fio run, for the log;
 //! - `bench_report pid`: the daemon's pid from `fleecefs status --json` on stdin;
 //! - `bench_report tables RESULTS_DIR "SYSTEMS" "FLOORS"`: all tables, with the guest-first
-//!   phases and the writer scaling line of issue 15 when they ran (SYSTEMS as in
+//!   phases and the writer scaling line when they ran (SYSTEMS as in
 //!   `BENCH_SYSTEMS`; FLOORS the FUSE floors that ran, in order, possibly "").
 //!
 //! A new workload needs a `wl_NAME` function in the driver and, to appear in the main table,
@@ -340,7 +340,7 @@ const ROWS: &[Row] = &[
     },
 ];
 
-/// A target of issue 5: fleecefs's throughput on a workload at least `need` times that of
+/// A performance target: fleecefs's throughput on a workload at least `need` times that of
 /// `against`.
 struct Target {
     name: &'static str,
@@ -624,7 +624,7 @@ fn floor_table(res: &Results, floors: &[&str]) -> Result<String, String> {
     Ok(t)
 }
 
-// ---------------------------------------------------------------- guest first (issue 15)
+// ---------------------------------------------------------------- guest first
 
 /// The three phases of the VM-like load: fio workload name and label.
 const GUEST_PHASES: &[(&str, &str)] = &[
@@ -676,8 +676,8 @@ type Goal = (
     &'static str,
 );
 
-/// The guest-first tables: each system's three phases, then fleecefs against the goals of
-/// issue 15. Empty if no guest phase ran.
+/// The guest-first tables: each system's three phases, then fleecefs against the
+/// guest-first goals. Empty if no guest phase ran.
 fn guest_table(res: &Results, systems: &[&str]) -> Result<String, String> {
     let mut phases: HashMap<(&str, &str), GuestPhase> = HashMap::new();
     for &s in systems {

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# CPU cost of a snapshot read (issue 15, docs/performance.md "Quiet-machine runs"): mounts
+# CPU cost of a snapshot read (docs/performance.md, "CPU cost of a snapshot read"): mounts
 # a 1 GiB cached image, sets up an access, and reads snapshot/d with fio (1 MiB psync reads,
 # RUNTIME seconds, no guest I/O). Prints the rate and the CPU time per MiB of the daemon's
 # worker (/proc/PID/stat utime+stime) and of the whole machine (/proc/stat busy time).

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# fleecefs benchmark (issue 5): the same fio workloads, in one run, on
+# fleecefs benchmark: the same fio workloads, in one run, on
 #   direct    the source image itself (the physical limit on this machine),
 #   qemu      qemu-storage-daemon: copy-before-write filter + snapshot-access node over a
 #             raw fleecing file, live and snapshot exported with --export fuse (writable),
 #   fleecefs  this project, release build.
 # Sources stay in the page cache (fio --invalidate=0) so the layer is measured, not the
 # disk. Prints a markdown table (MB/s, IOPS, mean latency per system, the ratios
-# fleecefs/qemu and fleecefs/direct, the issue's targets) and a scale line.
+# fleecefs/qemu and fleecefs/direct, the performance targets) and a scale line.
 #
 # This script is the driver: it sets the systems up, runs the workloads and keeps the raw
 # results (fio JSON and a few text files) in one directory; examples/bench_report.rs reads
@@ -15,7 +15,7 @@
 # Run as root on Debian:  scripts/bench.sh
 # Environment:
 #   BENCH_RUNTIME=10          seconds per time-based workload
-#   BENCH_SIZE_MB=1024        source image size (MiB; the issue asks for 1 GiB)
+#   BENCH_SIZE_MB=1024        source image size (MiB; the targets are for 1 GiB)
 #   BENCH_TMPDIR=/tmp         where the temporary directory goes
 #   BENCH_OUT=target/bench    where results (fio JSON, results.md, perf reports) are kept
 #   BENCH_SYSTEMS="direct qemu fleecefs"
@@ -30,7 +30,7 @@
 #                             FUSE server, over /dev/fuse, over io_uring and with the
 #                             writeback cache, on the no-access live workloads; what any
 #                             FUSE server can reach here)
-#   BENCH_ONLY=guest          only the guest-first workloads (issue 15): the VM-like load
+#   BENCH_ONLY=guest          only the guest-first workloads: the VM-like load
 #                             in three phases (idle, access, access + full-speed snapshot
 #                             reader) and the writer scaling line, on BENCH_SYSTEMS (then
 #                             "qemu fleecefs" by default); no floor, bitmap cost, micro-
@@ -45,7 +45,7 @@ REPO=$PWD
 RUNTIME=${BENCH_RUNTIME:-10}
 CAP=$((RUNTIME * 3))      # upper bound for the size-based (one pass per open) workloads
 PASSES=3                  # read passes of the whole image, each with its own open()
-SIZE_MB=${BENCH_SIZE_MB:-1024}   # source image size (the issue: 1 GiB)
+SIZE_MB=${BENCH_SIZE_MB:-1024}   # source image size (the targets: 1 GiB)
 CLUSTER=65536
 OUT=${BENCH_OUT:-$REPO/target/bench}
 ONLY=${BENCH_ONLY:-}
@@ -116,8 +116,8 @@ trap 'exit 130' INT TERM
 # reads the source back into the page cache: the kernel may drop idle page cache behind
 # the benchmark's back (this VM runs DAMON proactive reclaim: about 3% of an idle 1 GiB
 # file was gone after 60 s), and a copy-before-write that has to read its old cluster from
-# the disk takes milliseconds: the first-touch stalls of session 4 (docs/performance.md).
-# BENCH_REWARM=0 leaves the cache alone (as before issue 15).
+# the disk takes milliseconds: the first-touch stalls (docs/performance.md).
+# BENCH_REWARM=0 leaves the cache alone.
 settle() {
     sync
     if [ "${BENCH_REWARM:-1}" != 0 ] && [ -n "${SRC:-}" ]; then cat "$SRC" >/dev/null; fi
@@ -250,7 +250,7 @@ mixed() {
 wl_mixed_buffered() { mixed mixed_buffered 0; }
 wl_mixed_odirect() { mixed mixed_odirect 1; }
 
-# Guest first (issue 15): a VM-like load on live, the way a VM's disk is driven (fio
+# Guest first: a VM-like load on live, the way a VM's disk is driven (fio
 # io_uring, O_DIRECT, queue depth 32, 2 jobs, 4 KiB random, 70% reads), measured in three
 # phases of GUEST_RUNTIME seconds each: without an access (guest_idle), during a fresh
 # access without a reader (guest_access: the first touches copy), and during a fresh
@@ -309,7 +309,7 @@ ACCESS_PHASES=(
     "wl_mixed_buffered"                                     # reader against buffered writers
     "wl_mixed_odirect"                                      # reader against O_DIRECT writers
 )
-# Guest first (issue 15): run by every system that has an access (not direct).
+# Guest first: run by every system that has an access (not direct).
 GUEST_NOACC="wl_guest_idle wl_scale_w1 wl_scale_w4 wl_scale_w16"
 GUEST_PHASES=(
     "verify_cbw wl_guest_access"    # the VM-like load during an access, no reader
@@ -536,7 +536,7 @@ fuse_floor() {
 
 # ---------------------------------------------------------------- bitmap cost
 
-# The cost of dirty bitmaps (issue 3): the first-touch replay (one 4 KiB write into every
+# The cost of dirty bitmaps: the first-touch replay (one 4 KiB write into every
 # cluster, no access), on fleecefs without a bitmap and with a clean bitmap under each
 # --crash-safe-bitmaps mode: on (default; bits in shared memory, survive a daemon crash),
 # sync (one msync per clean-to-dirty transition: every write here), off. fio's JSON goes

@@ -102,7 +102,7 @@ fn break_guest_write_fails_the_write_and_keeps_the_snapshot() {
     e.teardown("t", true).unwrap();
 }
 
-/// Regression (review finding): `bitmap remove` of one target during another target's
+/// Regression: `bitmap remove` of one target during another target's
 /// access on some devices must not stop tracking that target's bitmaps on the others.
 #[test]
 fn bitmap_remove_during_an_access_keeps_other_targets_tracking() {

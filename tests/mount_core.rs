@@ -1,6 +1,6 @@
 //! Real-mount tests of the fleecefs core: every test mounts its own FUSE filesystem
 //! through the real `fleecefs` binary in its own temp dir (cargo runs tests in parallel)
-//! and checks the contract of issue 2 with real syscalls.
+//! and checks the filesystem's contract (docs/usage.md) with real syscalls.
 
 mod common;
 

@@ -1,4 +1,4 @@
-//! Guest first (issue 15), on real mounts: snapshot reads served by the backup pool
+//! Guest first, on real mounts: snapshot reads served by the backup pool
 //! (`--backup-priority low`) run on idle-priority threads and still return
 //! the point-in-time bytes while live writers overwrite the same clusters.
 

@@ -1,9 +1,9 @@
-//! Guest first: backup reads on a small pool of low-priority threads (issue 15).
+//! Guest first: backup reads on a small pool of low-priority threads.
 //!
 //! The FUSE workers serve the guest (the VM writing and reading `live/NAME`) and the
 //! backup (reading `snapshot/NAME` and `NAME.dirty`) alike. A backup tool that streams
 //! the snapshot as fast as it can keeps workers and CPUs busy with 1 MiB copies that the
-//! guest's small requests then wait behind. With `--backup-priority low` (the default)
+//! guest's small requests then wait behind. With `--backup-priority low`
 //! a worker hands every snapshot and dirty-map read to this pool and goes back to
 //! `/dev/fuse` at once; a pool thread reads and replies itself (a fuser reply may be sent
 //! from any thread).
@@ -17,9 +17,9 @@
 //! at most that share of one CPU then (counted in thread CPU time), and no pause
 //! otherwise. Idle priority protects the guest best but can starve a backup on a busy
 //! host; the share is a floor as well as a cap (measured in docs/performance.md,
-//! session 6). With `--backup-share auto` the share follows the guest: a controller
+//! "Guest first"). With `--backup-share auto` the share follows the guest: a controller
 //! thread raises it while the guest keeps its request rate against short probes with
-//! the backup paused, and cuts it when the guest does not (`control_share`, session 7).
+//! the backup paused, and cuts it when the guest does not (`control_share`).
 //! The whole cost of a snapshot read is in the pool thread: the `pread`s of source and
 //! fleecing file, and the kernel's copy of the reply into the reader's
 //! buffer (done by the `write` to `/dev/fuse`).
@@ -195,9 +195,9 @@ fn share_to_ppm(share: f64) -> u64 {
 }
 
 /// `--backup-share auto`: the guest should keep this share of the request rate it has
-/// while the backup pauses. Issue 15's goal is 80% of the guest's rate without any
+/// while the backup pauses. The goal is 80% of the guest's rate without any
 /// access; at 0.85 the guest kept 71-84% of that in three runs, at 0.92 78-93% in
-/// eight of nine and 63% in one (docs/performance.md, session 7): the probes see a
+/// eight of nine and 63% in one (docs/performance.md, "Guest first"): the probes see a
 /// guest that already pays for the access's copies, and AIMD runs below its target on
 /// average.
 pub const AUTO_TARGET: f64 = 0.92;
