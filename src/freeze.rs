@@ -26,6 +26,10 @@ use crate::logger::utc_timestamp;
 /// Default `--freeze-timeout`.
 pub const DEFAULT_TIMEOUT: f64 = 10.0;
 
+/// How long a command's output is still read after it exited (its pipes normally close
+/// with it; a process it left running in the background may keep them open).
+const OUTPUT_GRACE: Duration = Duration::from_secs(2);
+
 /// The hooks of one setup.
 #[derive(Clone, Debug)]
 pub struct Hooks {
@@ -168,9 +172,13 @@ fn run(
             message: format!("the {what} command '{shown}' cannot be started: {e}"),
         })?;
     log::info!("{what} command started: {shown}");
-    // Output is logged by two threads that end when the pipes close; they are not
-    // waited for (a process the command left behind may hold the pipes open).
+    // Output is logged by two threads that end when the pipes close. Once the command
+    // has exited they are waited for, so its last lines are in the log before this
+    // returns (the CLI exits right after the thaw), but only for a bounded time: a
+    // process the command left behind may hold the pipes open.
     let last = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let mut readers = 0;
     for pipe in [
         child
             .stdout
@@ -187,6 +195,8 @@ fn run(
         let what = what.to_string();
         let log_file = log_file.map(Path::to_path_buf);
         let last = last.clone();
+        let done = done_tx.clone();
+        readers += 1;
         std::thread::spawn(move || {
             for line in BufReader::new(pipe).lines() {
                 let Ok(line) = line else { break };
@@ -195,8 +205,23 @@ fn run(
                     *l = line;
                 }
             }
+            let _ = done.send(());
         });
     }
+    drop(done_tx);
+    // Waits until both output threads have logged everything up to the end of their
+    // pipe, at most `OUTPUT_GRACE` (nothing to wait for in the usual case: the pipes
+    // close when the command exits).
+    let drain_output = || {
+        let until = Instant::now() + OUTPUT_GRACE;
+        for _ in 0..readers {
+            let left = until.saturating_duration_since(Instant::now());
+            if done_rx.recv_timeout(left).is_err() {
+                log::debug!("the {what} command's output pipes are still open (a process it left behind)");
+                break;
+            }
+        }
+    };
     let deadline = Instant::now() + timeout;
     let status = loop {
         match child.try_wait() {
@@ -204,6 +229,7 @@ fn run(
             Ok(None) if Instant::now() >= deadline => {
                 crate::sys::kill_group(child.id());
                 let _ = child.wait();
+                drain_output();
                 let m = format!(
                     "the {what} command '{shown}' did not finish within {:.1}s and was killed",
                     timeout.as_secs_f64()
@@ -223,12 +249,11 @@ fn run(
             }
         }
     };
+    drain_output();
     if status.success() {
         log_line(log_file, &format!("{what} command '{shown}' succeeded"));
         return Ok(());
     }
-    // Let the output threads catch the last line (bounded: they may never finish).
-    std::thread::sleep(Duration::from_millis(20));
     let said = last.lock().map(|l| l.clone()).unwrap_or_default();
     let m = format!(
         "the {what} command '{shown}' failed ({status}){}",
