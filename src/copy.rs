@@ -131,6 +131,12 @@ pub struct CopySummary {
     pub verified: bool,
     /// `raw` or `qcow2`.
     pub format: String,
+    /// The size of the device (and of a raw DEST).
+    pub device_size: u64,
+    /// qcow2: the virtual size of DEST, the device size rounded up to whole 512-byte
+    /// sectors (QEMU reads a qcow2 image's size rounded down).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub virtual_size: Option<u64>,
     /// qcow2: data clusters allocated in DEST.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub clusters_allocated: Option<u64>,
@@ -232,6 +238,12 @@ pub fn summary_line(s: &CopySummary) -> String {
     }
     if let Some(b) = &s.backing_file {
         line.push_str(&format!(", backing {b}"));
+    }
+    if let Some(v) = s.virtual_size.filter(|&v| v != s.device_size) {
+        line.push_str(&format!(
+            ", virtual size rounded up from {} to {v} bytes (whole 512-byte sectors)",
+            s.device_size
+        ));
     }
     if s.bytes_discarded > 0 {
         line.push_str(&format!(", {} discarded", format_size(s.bytes_discarded)));
@@ -368,6 +380,18 @@ pub fn copy_files(
         }
         ImageFormat::Qcow2 => open_qcow2_dest(dest, size, &opts)?,
     };
+    let virtual_size = match opts.format {
+        ImageFormat::Qcow2 => Some(qcow2::virtual_size(size)),
+        ImageFormat::Raw => None,
+    };
+    if let Some(v) = virtual_size.filter(|&v| v != size) {
+        log::info!(
+            "{name} is {size} bytes, not a multiple of {}: the qcow2 virtual size is rounded up \
+             to {v} bytes (QEMU reads whole sectors; the last {} byte(s) read as zeros)",
+            qcow2::SECTOR,
+            v - size
+        );
+    }
     // Every DEST but a raw incremental one is a new file of ours.
     let new_file = !(opts.incremental && opts.format == ImageFormat::Raw);
     let cluster = match &out {
@@ -398,6 +422,8 @@ pub fn copy_files(
             verified: opts.verify,
             format: opts.format.name().to_string(),
             clusters_allocated: None,
+            device_size: size,
+            virtual_size,
             cluster_size: cluster,
             backing_file: backing.as_ref().map(|b| b.0.clone()),
             backing_format: backing.as_ref().map(|b| b.1.name().to_string()),
@@ -415,7 +441,7 @@ pub fn copy_files(
     drop(out);
     let r = r.and_then(|()| {
         if opts.format == ImageFormat::Qcow2 {
-            check_qcow2(dest, size)
+            check_qcow2(dest, qcow2::virtual_size(size), size, opts.verify)
         } else {
             Ok(())
         }
@@ -460,7 +486,8 @@ fn open_qcow2_dest(
             return Err(Error::invalid("--incremental qcow2 needs --backing PREV"));
         };
         let prev = qcow2::open_chain(prev_path, "previous backup")?;
-        if prev.size > size {
+        // A qcow2 backup of this device has its size rounded up to whole sectors.
+        if prev.size > qcow2::virtual_size(size) {
             return Err(Error::invalid(format!(
                 "previous backup {} is {} bytes but the device is {size} bytes: it is not a \
                  backup of this device",
@@ -481,7 +508,7 @@ fn open_qcow2_dest(
     }
     let overlay = backing.is_some();
     let f = create_new(dest, "a qcow2 copy always writes a new image")?;
-    let img = qcow2::create(f, dest, size, cluster, backing)?;
+    let img = qcow2::create(f, dest, qcow2::virtual_size(size), cluster, backing)?;
     if let Err(e) = sync_parent(dest) {
         drop(img);
         let _ = std::fs::remove_file(dest);

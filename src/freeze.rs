@@ -217,7 +217,9 @@ fn run(
         for _ in 0..readers {
             let left = until.saturating_duration_since(Instant::now());
             if done_rx.recv_timeout(left).is_err() {
-                log::debug!("the {what} command's output pipes are still open (a process it left behind)");
+                log::debug!(
+                    "the {what} command's output pipes are still open (a process it left behind)"
+                );
                 break;
             }
         }

@@ -112,11 +112,22 @@ pub fn restore(
         .metadata()
         .context(|| format!("stat of {}", live.display()))?
         .len();
-    if backup.size != size {
+    // A qcow2 backup of a device whose size is not a whole number of sectors has its
+    // virtual size rounded up (`copy`): the bytes past the device's end must be zeros.
+    let padded = backup.format == qcow2::ImageFormat::Qcow2
+        && backup.size > size
+        && backup.size == qcow2::virtual_size(size);
+    if padded {
+        check_zero_tail(&backup.image, from, size, backup.size)?;
+    } else if backup.size != size {
+        let mp = mountpoint.display();
+        let b = backup.size;
         return Err(Error::invalid(format!(
-            "backup {} is {} bytes but {name} is {size} bytes: it is not a backup of this device",
+            "backup {} is {b} bytes but {name} is {size} bytes: if it is a backup of {name} \
+             from before a resize, resize the device first (`fleecefs resize {mp} {name} {b}{}`), \
+             then restore",
             from.display(),
-            backup.size
+            if b < size { " --allow-shrink" } else { "" }
         )));
     }
     if !force {
@@ -205,6 +216,23 @@ fn write_differences(
         p.update(off + len);
     }
     Ok(())
+}
+
+/// Checks that `[size, end)` of a backup image (past the device's end) reads as zeros.
+fn check_zero_tail(image: &Image, from: &Path, size: u64, end: u64) -> Result<()> {
+    let mut tail = vec![0u8; (end - size) as usize];
+    image
+        .read(&mut tail[..], size)
+        .context(|| format!("reading {} at offset {size}", from.display()))?;
+    match tail.iter().position(|&b| b != 0) {
+        None => Ok(()),
+        Some(i) => Err(Error::invalid(format!(
+            "backup {} is {end} bytes and has data at offset {}, past the device's {size} bytes: \
+             it is not a backup of this device",
+            from.display(),
+            size + i as u64
+        ))),
+    }
 }
 
 /// Reads the whole device back and compares it with the backup.

@@ -205,7 +205,7 @@ expect_rc 1 "(bash) and 1 other(s): stop it first, or use --force" \
 cmp -s "$L" "$T/ref1.img" || fail "a refused restore changed live/disk"
 restore_point "$B/0.qcow2" "$T/ref0.img" --force
 exec 7<&-
-expect_rc 1 "not a backup of this device" "$FLEECEFS" restore "$T/mnt" disk "$T/small.raw"
+expect_rc 1 "resize the device first" "$FLEECEFS" restore "$T/mnt" disk "$T/small.raw"
 expect_rc 1 "does not exist" "$FLEECEFS" restore "$T/mnt" disk "$B/none.qcow2"
 expect_rc 1 "no device nodisk" "$FLEECEFS" restore "$T/mnt" nodisk "$B/0.qcow2"
 cmp -s "$L" "$T/ref0.img" || fail "a refused restore changed live/disk"

@@ -160,8 +160,11 @@ impl Dest {
     }
 }
 /// Reopens a finished qcow2 DEST by its path alone, as `qemu-img` would: the header, the
-/// backing chain it names and the virtual size must all be right.
-pub(crate) fn check_qcow2(dest: &Path, size: u64) -> Result<()> {
+/// backing chain it names and the virtual size must all be right, and QEMU must read
+/// every byte of the `device_size`-byte device from it (it reads whole sectors only).
+/// With `verify`, the bytes past the device's end (up to the virtual size) must read as
+/// zeros, as QEMU reads the end of the raw device.
+pub(crate) fn check_qcow2(dest: &Path, size: u64, device_size: u64, verify: bool) -> Result<()> {
     let img = qcow2::open_chain(dest, "the new image")
         .map_err(|e| Error::invalid(format!("the written image does not reopen: {e}")))?;
     if img.format != ImageFormat::Qcow2 || img.size != size {
@@ -171,6 +174,28 @@ pub(crate) fn check_qcow2(dest: &Path, size: u64) -> Result<()> {
             img.format.name(),
             img.size
         )));
+    }
+    if qcow2::qemu_readable(img.size) < device_size {
+        return Err(Error::invalid(format!(
+            "the written image {} has a virtual size of {} bytes, of which QEMU reads only {}: \
+             the device has {device_size}",
+            dest.display(),
+            img.size,
+            qcow2::qemu_readable(img.size)
+        )));
+    }
+    if verify && img.size > device_size {
+        let mut tail = vec![0u8; (img.size - device_size) as usize];
+        img.image
+            .read(&mut tail[..], device_size)
+            .context(|| format!("reading back {} at offset {device_size}", dest.display()))?;
+        if let Some(i) = tail.iter().position(|&b| b != 0) {
+            return Err(Error::invalid(format!(
+                "verification failed: {} reads non-zero data at offset {}, past the device's end",
+                dest.display(),
+                device_size + i as u64
+            )));
+        }
     }
     Ok(())
 }

@@ -36,6 +36,26 @@ pub const MAX_CLUSTER: u64 = 2 << 20;
 /// Smallest qcow2 cluster.
 pub const MIN_CLUSTER: u64 = 512;
 
+/// QEMU's sector: the block layer counts every image size in whole sectors.
+pub const SECTOR: u64 = 512;
+
+/// The virtual size of a qcow2 image of a `device_size`-byte device: rounded up to whole
+/// sectors. QEMU reads a qcow2 image's size rounded *down* to a sector (so an exact size
+/// would lose the tail), and reads a raw file's rounded *up* (the tail reads as zeros):
+/// rounded up, the qcow2 image reads as QEMU reads the raw device.
+pub fn virtual_size(device_size: u64) -> u64 {
+    // Past the largest multiple of a sector nothing fits (qcow2 refuses such sizes).
+    device_size
+        .div_ceil(SECTOR)
+        .checked_mul(SECTOR)
+        .unwrap_or(u64::MAX / SECTOR * SECTOR)
+}
+
+/// The bytes of an image of `size` (its qcow2 header) that QEMU reads.
+pub fn qemu_readable(size: u64) -> u64 {
+    size / SECTOR * SECTOR
+}
+
 /// The formats a backup image can have.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ImageFormat {
@@ -237,6 +257,17 @@ pub fn backing_name(dest: &Path, prev: &Path) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn virtual_sizes_are_whole_sectors() {
+        assert_eq!(virtual_size(0), 0);
+        assert_eq!(virtual_size(1), 512);
+        assert_eq!(virtual_size(512), 512);
+        assert_eq!(virtual_size(1000), 1024);
+        assert_eq!(virtual_size(u64::MAX), u64::MAX / 512 * 512);
+        assert_eq!(qemu_readable(1000), 512);
+        assert_eq!(qemu_readable(1024), 1024);
+    }
 
     #[test]
     fn cluster_sizes_map_onto_qcow2() {
