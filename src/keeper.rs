@@ -441,13 +441,8 @@ pub fn restore_broken_access(engine: &Engine) {
     else {
         return;
     };
-    match engine.setup(&target, Some(&devices), None) {
+    match engine.restore_broken(&target, &devices, "daemon restarted") {
         Ok(_) => {
-            for d in engine.devices() {
-                if let Some(a) = d.access() {
-                    a.break_with("daemon restarted".into());
-                }
-            }
             log::warn!(
                 "backup access '{target}' was active when the worker died: it is broken (daemon restarted); tear it down"
             );
@@ -594,7 +589,9 @@ pub fn handle_restart(
             engine.shutdown();
         }
         Some((_, target)) => {
-            log::warn!("restart --force: backup access '{target}' breaks (daemon restarted)")
+            log::warn!("restart --force: backup access '{target}' breaks (daemon restarted)");
+            // Its bitmaps are closed cleanly: the next setup of the target uses them.
+            engine.hand_over();
         }
     }
     w.report(&format!("restart {start} {}", binary.display()));

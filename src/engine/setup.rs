@@ -18,6 +18,14 @@ use crate::layout::MountLayout;
 use crate::state::AccessRecord;
 use crate::sys::unix_now;
 
+/// What a setup does with the target's bitmaps.
+enum Bitmaps<'a> {
+    /// A user's setup: use, create or remove the target's bitmap (`--bitmap NAME`).
+    Choose(Option<&'a str>),
+    /// A broken access restored after a worker death (the reason): leave them alone.
+    Keep(&'a str),
+}
+
 impl Engine {
     /// The devices of a setup with their slots, in slot order (gate order).
     fn resolve_devices(&self, names: Option<&[String]>) -> Result<Vec<(usize, Arc<Device>)>> {
@@ -57,6 +65,34 @@ impl Engine {
         devices: Option<&[String]>,
         bitmap: Option<&str>,
     ) -> Result<SetupReport> {
+        self.start_access(target, devices, Bitmaps::Choose(bitmap))
+    }
+
+    /// Sets up again, broken at once (`reason`), the access of `target` on `devices`
+    /// that was active when the previous worker died, so its snapshot handles and its
+    /// teardown find it. It leaves the target's bitmaps as recovery found them and
+    /// keeps them tracking every write: they still hold everything since the target's
+    /// last successful backup (recovery ORed each background into its bitmap), and the
+    /// next setup with them is `used`.
+    pub fn restore_broken(
+        &self,
+        target: &str,
+        devices: &[String],
+        reason: &str,
+    ) -> Result<SetupReport> {
+        self.start_access(target, Some(devices), Bitmaps::Keep(reason))
+    }
+
+    fn start_access(
+        &self,
+        target: &str,
+        devices: Option<&[String]>,
+        bitmaps: Bitmaps<'_>,
+    ) -> Result<SetupReport> {
+        let (bitmap, keep) = match bitmaps {
+            Bitmaps::Choose(b) => (b, None),
+            Bitmaps::Keep(reason) => (None, Some(reason)),
+        };
         validate_name("target", target)?;
         if let Some(b) = bitmap {
             validate_name("bitmap name", b)?;
@@ -124,11 +160,11 @@ impl Engine {
         let prepared = (|| -> Result<()> {
             for ((_, dev), (_, path)) in indices.iter().zip(&record.devices) {
                 fleeces.push(FleecingFile::create(path, dev.size())?);
-                if let Some(store) = control.bitmaps.as_mut() {
+                if let (Some(store), None) = (control.bitmaps.as_mut(), keep) {
                     decisions.push((dev.name().to_string(), store.decide(dev, target, bitmap)?));
                 }
             }
-            if let Some(store) = control.bitmaps.as_mut() {
+            if let (Some(store), None) = (control.bitmaps.as_mut(), keep) {
                 store.commit(target, &mut decisions)?;
             }
             Ok(())
@@ -156,6 +192,10 @@ impl Engine {
             budget: Arc::new(FleecingBudget::new(self.config.fleecing_limit)),
             breaker: Arc::new(Breaker::default()),
         };
+        if let Some(reason) = keep {
+            // Before the access is installed: no read ever sees it unbroken.
+            policy.breaker.break_with(reason.to_string());
+        }
         let mut active_devices = Vec::new();
         let mut report = Vec::new();
         {
@@ -187,7 +227,9 @@ impl Engine {
                 });
                 gate.access = Some(access);
                 if let Some(store) = &control.bitmaps {
-                    gate.tracking = store.tracking_for(dev.name(), Some(target));
+                    // A kept target's bitmaps are not frozen: they go on tracking.
+                    let except = if keep.is_some() { None } else { Some(target) };
+                    gate.tracking = store.tracking_for(dev.name(), except);
                     gate.tracking.extend(background.clone());
                 }
                 active_devices.push(ActiveDevice {

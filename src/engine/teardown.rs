@@ -115,6 +115,26 @@ impl Engine {
         }
     }
 
+    /// A planned restart while an access is active (`restart --force`), after the last
+    /// live write of this worker: for the bitmaps the access ends as a failure would
+    /// (each target bitmap |= its background, the background deleted), and every bitmap
+    /// is closed cleanly, so the next worker opens them as after a clean stop, whatever
+    /// `--crash-safe-bitmaps` says. The access record and its fleecing files stay: the
+    /// next worker restores the access broken ([`Engine::restore_broken`]).
+    pub fn hand_over(&self) {
+        let mut control = self.control();
+        control.shut_down = true;
+        if let Some(active) = control.active.take() {
+            let (_, errors) = self.switch_back(&active, control.bitmaps.as_ref(), false);
+            for e in errors {
+                log::error!("{}", crate::error::report(&e));
+            }
+        }
+        if let Some(store) = &control.bitmaps {
+            store.close_all(&self.devices());
+        }
+    }
+
     /// The reply of a teardown. After a success, what goes wrong in the cleanup does not
     /// make the backup a failure (the caller would drop a good backup): warnings.
     #[allow(clippy::too_many_arguments)]
