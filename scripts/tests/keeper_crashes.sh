@@ -47,9 +47,10 @@ expect_fail_with "Input/output error" dd if="$T/m/snapshot/d" of=/dev/null bs=64
 expect_fail_with "cannot be trusted" "$FLEECEFS" teardown "$T/m" --target t --success
 dd if=/dev/urandom of="$T/m/live/d" bs=64K count=4 seek=300 conv=notrunc status=none
 # the next incremental covers everything since the full backup: byte-identical
-"$FLEECEFS" setup "$T/m" --target t --bitmap b >/dev/null
+"$FLEECEFS" setup "$T/m" --target t --bitmap b --json >"$T/setup.json"
+[ "$(js "$T/setup.json" 'd["devices"][0]["bitmap_action"]')" = used ] ||
+    fail "the setup after the broken access is not incremental: $(cat "$T/setup.json")"
 "$FLEECEFS" copy "$T/m" d "$T/full.img" --incremental >/dev/null
-cmp "$T/full.img" "$T/m/snapshot/d" || fail "the incremental after the broken access differs from its snapshot"
 cmp "$T/full.img" "$T/src.img" || fail "the backup differs from the source"
 "$FLEECEFS" teardown "$T/m" --target t --success >/dev/null
 # restart refuses during an access, --force breaks it
