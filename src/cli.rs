@@ -214,7 +214,7 @@ pub struct MountArgs {
     /// priority (or paced to --backup-share) (low), or on the FUSE workers like live I/O
     /// (normal)
     #[arg(long, value_enum, value_name = "low|normal", default_value = "normal")]
-    pub backup_priority: crate::fuse::pool::BackupPriority,
+    pub backup_priority: crate::sched::BackupPriority,
     /// How snapshot reads read the source: through the page cache (cached), or with
     /// O_DIRECT (direct): less CPU per byte, and a backup larger than memory leaves the
     /// page cache to the guest; as fast as the storage, not the cache
@@ -231,8 +231,8 @@ pub struct MountArgs {
     /// keeps 92% of the request rate it has while the backup pauses [default: idle
     /// priority, no floor]
     #[arg(long, value_name = "PERCENT|auto",
-          value_parser = crate::fuse::pool::parse_backup_share)]
-    pub backup_share: Option<crate::fuse::pool::BackupShare>,
+          value_parser = crate::sched::parse_backup_share)]
+    pub backup_share: Option<crate::sched::BackupShare>,
     /// Internal: set in the background daemon started by `mount`
     #[arg(long, hide = true)]
     pub daemon_child: bool,

@@ -68,9 +68,9 @@ pub struct MountPlan {
     /// Write-behind buffer for copies (`--cbw-buffer`).
     pub cbw_buffer: u64,
     /// Where snapshot reads run (`--backup-priority`).
-    pub backup_priority: crate::fuse::pool::BackupPriority,
+    pub backup_priority: crate::sched::BackupPriority,
     /// Their CPU share while the guest does I/O (`--backup-share`), if paced.
-    pub backup_share: Option<crate::fuse::pool::BackupShare>,
+    pub backup_share: Option<crate::sched::BackupShare>,
     /// How snapshot reads read the source (`--backup-read`).
     pub backup_read: crate::source::BackupRead,
 }
@@ -125,9 +125,7 @@ pub fn validate(args: &MountArgs) -> Result<MountPlan> {
             args.cbw_timeout
         )));
     }
-    if args.backup_share.is_some()
-        && args.backup_priority == crate::fuse::pool::BackupPriority::Normal
-    {
+    if args.backup_share.is_some() && args.backup_priority == crate::sched::BackupPriority::Normal {
         return Err(Error::invalid(
             "--backup-share applies only with --backup-priority low",
         ));
@@ -572,19 +570,27 @@ fn serve(plan: MountPlan, daemon_child: bool, allow_other: bool) -> Result<()> {
             .context(|| "starting the control thread".into())?;
     }
 
+    // One backup scheduler for the mount, shared by every frontend that serves it.
+    let backup = crate::sched::BackupScheduler::start(plan.backup_priority, plan.backup_share)
+        .map_err(|e| {
+            let _ = fs::remove_file(&socket_path);
+            Error::io("starting the backup read pool", e)
+        })?;
     let session_options = SessionOptions {
         fsname: format!("{FSNAME_PREFIX}{}", plan.state_dir.display()),
         allow_other,
         threads: plan.threads,
         live_cache: plan.live_cache,
-        backup_priority: plan.backup_priority,
-        backup_share: plan.backup_share,
+        backup: Arc::new(backup),
     };
     let session =
         session::mount(engine.clone(), &plan.mountpoint, &session_options).map_err(|e| {
             let _ = fs::remove_file(&socket_path);
             Error::io(format!("mounting {}", plan.mountpoint.display()), e)
         })?;
+    // The session holds the scheduler now: it stops (its queue drained) when the session
+    // ends, before the shutdown.
+    drop(session_options);
     let resend_fd = std::os::fd::AsFd::as_fd(&session).try_clone_to_owned().ok();
     let fuse_thread = session::spawn(session).context(|| "starting the FUSE session".into())?;
     crate::keeper::resend(resend_fd.as_ref().map(std::os::fd::AsFd::as_fd));

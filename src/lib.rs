@@ -4,7 +4,8 @@
 //! The engine (`engine/`: the access lifecycle; `cbw/`: the copy path of one device;
 //! `bitmap`, `bitmap_file`, `bitmap_store`, `dirtymap`, `fleece`, `source`, `state`)
 //! knows nothing of FUSE and is tested directly; `fuse/` translates kernel requests into
-//! engine calls; `control/` is the daemon's command socket; `daemon` wires them together;
+//! engine calls; `sched/` schedules backup reads below the guest for every frontend;
+//! `control/` is the daemon's command socket; `daemon` wires them together;
 //! `commands`, `copy` (with `copy/`: readers, raw and qcow2 destinations), `restore` and
 //! `freeze` (setup's hooks) are the client side. `layout` spells the mount's file names,
 //! `units` the cluster arithmetic, `error` the errno table, `sys` every libc call and
@@ -32,6 +33,7 @@ pub mod keeper;
 pub mod layout;
 pub mod logger;
 pub mod restore;
+pub mod sched;
 pub mod source;
 pub mod state;
 pub mod sync;

@@ -233,7 +233,7 @@ fn has_thread(pid: i32, name: &str) -> bool {
 }
 
 /// `--backup-share 30` and `auto`: the pool runs at normal CPU priority (paced while the
-/// guest is active; the pacing and the controller are unit-tested in pool.rs) and still
+/// guest is active; the pacing and the controller are unit-tested in src/sched/) and still
 /// returns the point-in-time data while a guest writes; `auto` has its controller
 /// thread.
 #[test]

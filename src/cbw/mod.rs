@@ -489,7 +489,7 @@ impl Device {
             // its write reaches the source). Reading resumes at the first cluster that
             // failed the check (its bits change at most once each, so this ends). So a
             // read holds no lock while it copies data: a reader on the backup pool at idle
-            // priority (fuse/pool.rs), or one stuck in slow fleecing storage, never holds
+            // priority (src/sched/), or one stuck in slow fleecing storage, never holds
             // up a live write, a discard or a teardown.
             let mut source_runs = [(0u64, 0u64); SOURCE_RUNS_PER_PASS];
             let mut nruns = 0;

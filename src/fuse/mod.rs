@@ -5,7 +5,6 @@
 //! `session.rs` mounts it.
 
 pub mod namespace;
-pub mod pool;
 pub mod session;
 
 use std::cell::RefCell;
@@ -25,9 +24,9 @@ use fuser::{
 use crate::cbw::Device;
 use crate::engine::Engine;
 use crate::error::{Error, Kind, Result};
+use crate::sched::BackupScheduler;
 use crate::sys;
 use namespace::{is_a_directory, not_permitted, read_only, Namespace, Node};
-use pool::BackupPool;
 
 /// Largest read or write the kernel is allowed to send.
 pub const MAX_IO: u32 = 1 << 20;
@@ -109,21 +108,22 @@ pub struct FleeceFs {
     /// `--live-cache`: buffered opens of live files use the kernel page cache (kept
     /// across opens) instead of direct I/O.
     live_cache: bool,
-    /// `--backup-priority low`: snapshot and dirty-map reads run (and reply) there,
-    /// below the guest; `None`: on the worker that received them.
-    backup_pool: Option<BackupPool>,
+    /// Backup scheduling of the mount: snapshot and dirty-map reads run (and reply)
+    /// there, below the guest (`--backup-priority low`), or on the worker that received
+    /// them (`normal`); live requests are noted as the guest's.
+    sched: Arc<BackupScheduler>,
 }
 
 impl FleeceFs {
     /// A filesystem over `engine`; directories belong to the daemon's user. With
-    /// `live_cache`, buffered opens of live files are page-cached (see `open`). With a
-    /// `backup_pool`, snapshot and dirty-map reads are served there (`pool.rs`).
-    pub fn new(engine: Arc<Engine>, live_cache: bool, backup_pool: Option<BackupPool>) -> FleeceFs {
+    /// `live_cache`, buffered opens of live files are page-cached (see `open`). Snapshot
+    /// and dirty-map reads are scheduled by `sched` (`src/sched/`).
+    pub fn new(engine: Arc<Engine>, live_cache: bool, sched: Arc<BackupScheduler>) -> FleeceFs {
         FleeceFs {
             ns: Arc::new(Namespace::new(engine, sys::process_owner())),
             coherent_direct_io: false,
             live_cache,
-            backup_pool,
+            sched,
         }
     }
 
@@ -334,17 +334,18 @@ impl Filesystem for FleeceFs {
         };
         // A page-cache read (a mapping's fault or readahead) comes without a lock owner.
         let cached = lock_owner.is_none();
-        if let (Node::Live(_), Some(_)) = (node, &self.backup_pool) {
-            pool::note_guest();
-        }
-        if let (Node::Snap(..) | Node::Dirty(..), Some(pool)) = (node, &self.backup_pool) {
-            // A backup read: below the guest, on the pool, which replies (pool.rs); it
-            // stays inside the drain gate until then.
-            let ns = self.ns.clone();
-            return pool.submit(Box::new(move || {
-                let _pass = pass;
-                serve_read(&ns, node, fh, offset, size, cached, reply)
-            }));
+        match node {
+            Node::Live(_) => self.sched.note_guest(),
+            Node::Snap(..) | Node::Dirty(..) if self.sched.pooled() => {
+                // A backup read: below the guest, on the pool, which replies
+                // (src/sched/); it stays inside the drain gate until then.
+                let ns = self.ns.clone();
+                return self.sched.run_backup_read(move || {
+                    let _pass = pass;
+                    serve_read(&ns, node, fh, offset, size, cached, reply)
+                });
+            }
+            _ => {}
         }
         serve_read(&self.ns, node, fh, offset, size, cached, reply)
     }
@@ -364,9 +365,7 @@ impl Filesystem for FleeceFs {
         let _pass = crate::keeper::GATE.enter();
         let r = self.ns.node(ino).and_then(|node| match node {
             Node::Live(i) => {
-                if self.backup_pool.is_some() {
-                    pool::note_guest();
-                }
+                self.sched.note_guest();
                 let dev = self.ns.device(i)?;
                 let n = dev.write_live(offset, data)?;
                 write_sync(&dev, flags)?;

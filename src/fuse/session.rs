@@ -8,8 +8,8 @@ use std::thread::JoinHandle;
 use fuser::{Config, MountOption, Session, SessionACL};
 
 use crate::engine::Engine;
-use crate::fuse::pool::{BackupPool, BackupPriority, POOL_THREADS};
 use crate::fuse::FleeceFs;
+use crate::sched::BackupScheduler;
 
 /// How the FUSE session is set up.
 #[derive(Clone, Debug)]
@@ -22,15 +22,14 @@ pub struct SessionOptions {
     pub threads: usize,
     /// Buffered opens of live files use the page cache (`--live-cache`).
     pub live_cache: bool,
-    /// Where snapshot and dirty-map reads run (`--backup-priority`).
-    pub backup_priority: BackupPriority,
-    /// Their CPU share while the guest does I/O (`--backup-share`), if paced.
-    pub backup_share: Option<crate::fuse::pool::BackupShare>,
+    /// Where snapshot and dirty-map reads run (`--backup-priority`, `--backup-share`):
+    /// the mount's scheduler, shared with its other frontends.
+    pub backup: Arc<BackupScheduler>,
 }
 
 /// Mounts `engine` at `mountpoint`: `default_permissions`, an owner-only ACL unless
-/// `allow_other`, one cloned `/dev/fuse` fd per worker thread; with
-/// `--backup-priority low`, the backup read pool (`pool.rs`).
+/// `allow_other`, one cloned `/dev/fuse` fd per worker thread; backup reads go through
+/// `opts.backup` (`src/sched/`).
 pub fn mount(
     engine: Arc<Engine>,
     mountpoint: &Path,
@@ -49,13 +48,9 @@ pub fn mount(
     };
     fuse_config.n_threads = Some(opts.threads);
     fuse_config.clone_fd = true;
-    let pool = match opts.backup_priority {
-        BackupPriority::Low => Some(BackupPool::start(POOL_THREADS, opts.backup_share)?),
-        BackupPriority::Normal => None,
-    };
     // Under a keeper: the keeper's fds instead of a new mount (src/keeper.rs).
     let session = session(
-        FleeceFs::new(engine.clone(), opts.live_cache, pool),
+        FleeceFs::new(engine.clone(), opts.live_cache, opts.backup.clone()),
         mountpoint,
         &fuse_config,
     )?;
