@@ -370,8 +370,13 @@ impl Source {
     }
 
     /// SEEK_DATA (`data`) or SEEK_HOLE on the source: where its next data (hole) at or
-    /// after `offset` is; `None` when there is none. A block device is all data.
+    /// after `offset` is; `None` when there is none. A block device is all data (it has
+    /// no SEEK_HOLE: lseek answers EINVAL): data at `offset`, no hole before its end (the
+    /// callers clip both to the device size).
     pub fn seek(&self, offset: u64, data: bool) -> Result<Option<u64>> {
+        if self.identity.block_device {
+            return Ok(data.then_some(offset));
+        }
         sys::seek_data_or_hole(&self.file, offset, data).context(|| {
             format!(
                 "lseek(SEEK_{}) on source {} at {offset}",

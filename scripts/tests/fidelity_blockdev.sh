@@ -54,4 +54,51 @@ errors=$(status_json "$T/mp2" 'len(d["errors"])')
 [ "$errors" = 0 ] || fail "status lists a refused fallocate mode as a device error: $(status_json "$T/mp2" 'd["errors"]')"
 "$FLEECEFS" unmount "$T/mp2"
 umount "$T/tmpfs"
+
+# SEEK_DATA/SEEK_HOLE on a block-device source (which has no SEEK_HOLE of its own): live/
+# is all data; an incremental snapshot's data is its accessible clusters, so
+# `cp --sparse=always` and `qemu-img convert` read only those (the others answer EACCES)
+head -c $((8 * M)) /dev/urandom >"$T/s.img"
+loop_attach "$T/s.img"
+fmount "$T/mp3" --state-dir "$T/st3" --device s="$LOOPDEV" --cluster-size 64K
+L3=$T/mp3/live/s
+# seek FILE WHENCE OFFSET : the offset lseek returns, or the errno name
+seek() {
+    python3 -c '
+import errno, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+try:
+    print(os.lseek(fd, int(sys.argv[3]), os.SEEK_DATA if sys.argv[2] == "data" else os.SEEK_HOLE))
+except OSError as e:
+    print(errno.errorcode[e.errno])' "$@"
+}
+[ "$(seek "$L3" data 0)" = 0 ] || fail "SEEK_DATA 0 on live/s of a block device: $(seek "$L3" data 0)"
+[ "$(seek "$L3" data 4097)" = 4097 ] || fail "SEEK_DATA 4097 on live/s: $(seek "$L3" data 4097)"
+[ "$(seek "$L3" hole 0)" = $((8 * M)) ] || fail "SEEK_HOLE 0 on live/s: $(seek "$L3" hole 0)"
+[ "$(seek "$L3" data $((8 * M)))" = ENXIO ] || fail "SEEK_DATA at the end of live/s: $(seek "$L3" data $((8 * M)))"
+cp --sparse=always "$L3" "$T/live-copy.img" || fail "cp --sparse=always of live/s failed"
+cmp "$L3" "$T/live-copy.img" || fail "cp --sparse=always of live/s differs"
+"$FLEECEFS" setup "$T/mp3" --target t --bitmap t >/dev/null
+"$FLEECEFS" teardown "$T/mp3" --target t --success >/dev/null
+dd if=/dev/urandom of="$L3" bs=64K count=2 seek=10 conv=notrunc status=none   # [640K, 768K)
+dd if=/dev/urandom of="$L3" bs=64K count=1 seek=100 conv=notrunc status=none  # [6400K, 6464K)
+"$FLEECEFS" setup "$T/mp3" --target t --bitmap t >/dev/null
+cp "$L3" "$T/ref3.img"   # the image at setup (nothing writes now)
+S3=$T/mp3/snapshot/s
+[ "$(cat "$S3.dirty")" = "$(printf '%s\n' "655360 131072" "6553600 65536")" ] || fail "unexpected dirty map: $(cat "$S3.dirty")"
+[ "$(seek "$S3" data 0)" = 655360 ] || fail "SEEK_DATA 0 on the snapshot: $(seek "$S3" data 0)"
+[ "$(seek "$S3" hole 655360)" = 786432 ] || fail "SEEK_HOLE 655360 on the snapshot: $(seek "$S3" hole 655360)"
+[ "$(seek "$S3" data 786432)" = 6553600 ] || fail "SEEK_DATA 786432 on the snapshot: $(seek "$S3" data 786432)"
+[ "$(seek "$S3" hole 6553600)" = 6619136 ] || fail "SEEK_HOLE 6553600 on the snapshot: $(seek "$S3" hole 6553600)"
+[ "$(seek "$S3" data 6619136)" = ENXIO ] || fail "SEEK_DATA past the last dirty range: $(seek "$S3" data 6619136)"
+# what a sparse copy of the incremental snapshot must hold: the dirty ranges, zeros elsewhere
+truncate -s $((8 * M)) "$T/want3.img"
+dd if="$T/ref3.img" of="$T/want3.img" bs=64K skip=10 seek=10 count=2 conv=notrunc status=none
+dd if="$T/ref3.img" of="$T/want3.img" bs=64K skip=100 seek=100 count=1 conv=notrunc status=none
+cp --sparse=always "$S3" "$T/snap-cp.img" || fail "cp --sparse=always of an incremental snapshot of a block device failed"
+cmp "$T/snap-cp.img" "$T/want3.img" || fail "cp --sparse=always of the incremental snapshot differs from its dirty ranges"
+qemu-img convert -f raw -O raw "$S3" "$T/snap-qemu.img" || fail "qemu-img convert of an incremental snapshot of a block device failed"
+cmp "$T/snap-qemu.img" "$T/want3.img" || fail "qemu-img convert of the incremental snapshot differs from its dirty ranges"
+"$FLEECEFS" teardown "$T/mp3" --target t --success >/dev/null
+"$FLEECEFS" unmount "$T/mp3"
 echo "fidelity_blockdev: ok"
