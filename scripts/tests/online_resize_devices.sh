@@ -147,6 +147,14 @@ expect_fail_with "unknown device 'nope'" "$F" resize "$MNT" nope +1M
 expect_fail_with "would cut off its last" "$F" resize "$MNT" d 1M
 expect_fail_with "unknown size suffix" "$F" resize "$MNT" d 12Q
 expect_fail_with "not a size" "$F" resize "$MNT" d +abc
+for huge in 18446744073709551615 9223372036854775808 +18446744073709551615; do
+    expect_rc 1 "cannot be resized to" "$F" resize "$MNT" d "$huge"
+    err=$("$F" resize "$MNT" d "$huge" 2>&1 || true)
+    case "$err" in
+    *"no file or device can be larger than 9223372036854775807 bytes") ;;
+    *) fail "resize to $huge: $err" ;;
+    esac
+done
 rc=0
 "$F" resize "$MNT" 2>/dev/null || rc=$?
 [ "$rc" = 2 ] || fail "resize without NAME exits $rc, not 2"

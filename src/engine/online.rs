@@ -158,10 +158,16 @@ impl Engine {
             let new = match want {
                 SizeRequest::Current => current,
                 SizeRequest::Absolute(n) => n,
-                SizeRequest::Grow(d) => old
-                    .checked_add(d)
-                    .ok_or_else(|| Error::invalid(format!("{old} + {d} bytes is too large")))?,
+                SizeRequest::Grow(d) => old.saturating_add(d),
             };
+            // Linux file sizes and offsets are signed 64-bit numbers.
+            let largest = i64::MAX as u64;
+            if new > largest {
+                return Err(Error::invalid(format!(
+                    "device '{name}' cannot be resized to {new} bytes: no file or device can be \
+                     larger than {largest} bytes"
+                )));
+            }
             if new == 0 {
                 return Err(Error::invalid(format!(
                     "device '{name}' cannot be resized to 0 bytes"
