@@ -25,7 +25,16 @@
 //! has written it since setup), or in the pending map, or in the fleecing file.
 //!
 //! # Locks and their order
-//! 1. `Engine::control` (setup, teardown, status; never on the data path)
+//! Taken only in this order (docs/architecture.md, "Invariants and lock order", argues
+//! why this cannot deadlock):
+//! 0. the drain gate of a planned restart (`keeper::GATE`): data requests enter it first
+//!    and leave it last; while open it is two atomics, no lock
+//! 1. `Engine::control` (setup, teardown, status, bitmap remove, resize, device add and
+//!    remove, shutdown; never on the data path)
+//!
+//!    1a. the device table (`RwLock` of the devices by slot): written only under
+//!    `Engine::control`; read just long enough to clone one `Arc<Device>`, never held
+//!    while a gate is taken or I/O is done
 //! 2. device gates, in device index order (exclusive only in setup/teardown; every live
 //!    write and discard holds its device's gate shared for its whole duration, so setup
 //!    and teardown happen between them, at one instant for all devices; a snapshot read
@@ -36,9 +45,12 @@
 //!    the unit's bits after reading the unit without locks (`Device::read_snapshot`), and
 //!    never together with the gate. **A thread holds at most one stripe lock at a time**,
 //!    so stripe locks cannot deadlock.
+//!    Discards, write-behind copies and snapshot reads wait for a stripe by polling it
+//!    (discards and copies at most the copy timeout) and stop once the access breaks.
 //! 4. bitmaps are atomic words: no lock.
-//! 5. leaves: a pending map's mutex, the write-behind state mutex. A writer waits for
-//!    room in the write-behind buffer before it takes a stripe lock.
+//! 5. leaves, never held while taking another lock: a pending map's mutex, the
+//!    write-behind state mutex, a device's last error, a bitmap file's header. A writer
+//!    waits for room in the write-behind buffer before it takes a stripe lock.
 //!
 //! A copy and a discard of the same cluster are serialized by the stripe lock; a snapshot
 //! read that overlapped either finds out under the stripe lock afterwards and reads the
