@@ -233,6 +233,17 @@ pub struct MountArgs {
     #[arg(long, value_name = "PERCENT|auto",
           value_parser = crate::sched::parse_backup_share)]
     pub backup_share: Option<crate::sched::BackupShare>,
+    /// The OOM killer's adjustment for the worker (-1000 to 1000), set at every worker
+    /// start; the keeper protects itself at -900, so the OOM killer picks the worker,
+    /// which the keeper replaces
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 0,
+        allow_negative_numbers = true,
+        value_parser = clap::value_parser!(i32).range(-1000..=1000)
+    )]
+    pub worker_oom_score_adj: i32,
     /// Internal: set in the background daemon started by `mount`
     #[arg(long, hide = true)]
     pub daemon_child: bool,

@@ -418,6 +418,10 @@ fn check_mountpoint(path: &Path, state_dir: &Path) -> Result<(PathBuf, bool)> {
 
 /// `fleecefs mount`: validate, then serve here (`--foreground`) or in the background.
 pub fn mount(args: &MountArgs) -> Result<()> {
+    // Before anything opens files; workers inherit the limit.
+    if let Err(e) = sys::raise_fd_limit() {
+        log::warn!("cannot raise the limit of open files: {e}");
+    }
     if args.worker {
         crate::keeper::worker_init()?;
         return serve(validate(args)?, false, args.allow_other);

@@ -53,6 +53,9 @@ const EXIT_HANDOVER: i32 = 75;
 pub const CRASH_LIMIT: usize = 5;
 /// See [`CRASH_LIMIT`].
 pub const CRASH_WINDOW: Duration = Duration::from_secs(60);
+/// The keeper's `oom_score_adj`: the OOM killer takes a worker first (replaced at once);
+/// the keeper's death would end the mount.
+pub const KEEPER_OOM_SCORE_ADJ: i32 = -900;
 /// Longest a planned restart waits for the requests in flight.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 

@@ -319,6 +319,55 @@ pub fn child_keep_fds_and_die_with_parent(fds: &[i32], parent: i32) -> io::Resul
     Ok(())
 }
 
+/// Raises the soft limit of open files (RLIMIT_NOFILE) to the hard limit: a daemon
+/// needs a few fds per device and more per device of a backup access, and the usual
+/// soft limit (1024) is too low for a few hundred devices. Returns (old, new) soft
+/// limits.
+pub fn raise_fd_limit() -> io::Result<(u64, u64)> {
+    // SAFETY: an all-zero rlimit is valid; getrlimit fills it.
+    let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: getrlimit with a valid pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let old = lim.rlim_cur;
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: setrlimit with a valid pointer; raising the soft limit up to the hard
+        // one needs no privilege.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok((old as u64, lim.rlim_cur as u64))
+}
+
+/// Sets this process's `oom_score_adj` (-1000 to 1000; lowering it needs
+/// CAP_SYS_RESOURCE). Only async-signal-safe calls, so a child may call it between fork
+/// and exec: `text` is the value in decimal, prepared before the fork.
+pub fn set_oom_score_adj(text: &[u8]) -> io::Result<()> {
+    // SAFETY: open of a NUL-terminated path; the fd is closed below.
+    let fd = unsafe {
+        libc::open(
+            c"/proc/self/oom_score_adj".as_ptr(),
+            libc::O_WRONLY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: write from a valid buffer to the fd opened above.
+    let n = unsafe { libc::write(fd, text.as_ptr().cast(), text.len()) };
+    let err = io::Error::last_os_error();
+    // SAFETY: closes the fd opened above.
+    unsafe { libc::close(fd) };
+    if n == text.len() as isize {
+        Ok(())
+    } else {
+        Err(err)
+    }
+}
+
 /// Sends `signal` to process `pid`.
 pub fn kill(pid: u32, signal: i32) -> io::Result<()> {
     // SAFETY: kill(2) with plain integers.

@@ -48,6 +48,11 @@ pub fn run(plan: MountPlan, args: &MountArgs) -> Result<()> {
     if args.daemon_child {
         crate::logger::tee_to_file(&state.path().join(LOG_FILE));
     }
+    // The OOM killer must pick a worker (replaced at once), never the keeper (whose death
+    // ends the mount).
+    if let Err(e) = sys::set_oom_score_adj(KEEPER_OOM_SCORE_ADJ.to_string().as_bytes()) {
+        log::warn!("cannot set the keeper's oom_score_adj to {KEEPER_OOM_SCORE_ADJ}: {e}");
+    }
     let adopted = ADOPTED.lock().unwrap_or_else(|e| e.into_inner()).take();
     let (fds, negotiated, fd_store) = match adopted {
         Some(a) => {
@@ -168,6 +173,7 @@ fn keep_running(
         own_binary: own_binary.clone(),
         binary: own_binary,
         worker_args,
+        worker_oom: args.worker_oom_score_adj,
         tx,
         rx,
         negotiated,
@@ -192,6 +198,8 @@ struct Keeper {
     own_binary: PathBuf,
     binary: PathBuf,
     worker_args: Vec<std::ffi::OsString>,
+    /// `oom_score_adj` of every worker (`--worker-oom-score-adj`).
+    worker_oom: i32,
     tx: mpsc::Sender<Event>,
     rx: mpsc::Receiver<Event>,
     negotiated: Option<Negotiated>,
@@ -233,6 +241,7 @@ impl Keeper {
         let mut keep = env.fds.clone();
         keep.extend([env.report_fd, env.lock_fd]);
         let parent = std::process::id() as i32;
+        let oom = self.worker_oom.to_string().into_bytes();
         let mut cmd = Command::new(&self.binary);
         cmd.args(&self.worker_args)
             .current_dir(&self.cwd)
@@ -241,7 +250,10 @@ impl Keeper {
             .stdout(Stdio::null());
         // SAFETY: the closure only makes async-signal-safe calls (fcntl, prctl, getppid).
         unsafe {
-            cmd.pre_exec(move || sys::child_keep_fds_and_die_with_parent(&keep, parent));
+            cmd.pre_exec(move || {
+                sys::child_keep_fds_and_die_with_parent(&keep, parent)?;
+                sys::set_oom_score_adj(&oom)
+            });
         }
         let mut child = cmd
             .spawn()
