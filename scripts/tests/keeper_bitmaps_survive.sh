@@ -1,3 +1,4 @@
+#!/usr/bin/env bash
 # A worker death (kill -9) or `restart --force` during an incremental backup access keeps
 # the target's bitmap: the access comes back broken, and after its teardown the next
 # setup is `used`, its dirty map covering every write before the access and during it

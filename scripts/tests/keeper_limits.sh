@@ -1,3 +1,4 @@
+#!/usr/bin/env bash
 # Process limits of the keeper and its workers: the OOM killer's adjustment (the keeper
 # protects itself, each worker gets --worker-oom-score-adj, again after a restart), and
 # the limit of open files (raised to the hard limit: 300 devices with bitmaps set up
