@@ -94,6 +94,11 @@ fn own_id(file: &File) -> Option<(u64, u64)> {
     )))
 }
 
+/// The processes (other than this one) that have `file` open too.
+pub fn holders_of(file: &File) -> Vec<Holder> {
+    own_id(file).map(holders).unwrap_or_default()
+}
+
 /// ": held by pid N (comm)" for the holders of `file` (live ones; or, if all are dying,
 /// those, said so), or "".
 pub fn describe(file: &File) -> String {

@@ -1,13 +1,14 @@
 //! Finding the daemon of a mount point and talking to it.
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::proto::{Request, Response, ACK};
 use crate::error::{Error, Result};
-use crate::state::CONTROL_SOCKET;
+use crate::state::{CONTROL_SOCKET, LOCK_FILE, LOG_FILE};
 
 /// Prefix of the mount source that marks a fleecefs mount; the state dir follows.
 pub const FSNAME_PREFIX: &str = "fleecefs:";
@@ -114,28 +115,102 @@ pub fn state_dir_of(mountpoint: &Path) -> Result<PathBuf> {
     }
 }
 
+/// Longest a command waits for a worker to serve while the keeper holds the mount (a
+/// worker that died is replaced within a second; more under load).
+pub const WORKER_START_WAIT: Duration = Duration::from_secs(10);
+
+/// Why one attempt to talk to the daemon failed.
+enum Failure {
+    /// An answer that ends the command (a refusal, a malformed reply, a timeout).
+    Final(Error),
+    /// Nobody answered: no listener, or the connection was dropped. `sent`: the request
+    /// may have reached a worker (which then died before it replied).
+    NoAnswer { err: String, sent: bool },
+}
+
 /// Sends `req` to the daemon of `mountpoint` and returns its result.
+///
+/// When nobody answers while the mount's keeper is alive (a worker died and the next
+/// one is starting), waits and tries again for up to [`WORKER_START_WAIT`]. A request
+/// that may have reached a worker that died is sent once more: every request is safe to
+/// repeat (a repeated setup or teardown is refused, naming what is active, or ends the
+/// access the worker death left broken). Only when no keeper holds the mount does the
+/// error suggest `umount -l`.
 pub fn call(mountpoint: &Path, req: &Request) -> Result<serde_json::Value> {
     let state = state_dir_of(mountpoint)?;
+    #[allow(unused_mut)]
+    let mut wait = WORKER_START_WAIT;
+    #[cfg(feature = "fault-injection")]
+    if let Some(ms) = std::env::var("FLEECEFS_FAULT_WORKER_START_WAIT_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        wait = Duration::from_millis(ms);
+    }
+    let deadline = Instant::now() + wait;
+    let mut resent = false;
+    loop {
+        let (err, sent) = match attempt(&state, req) {
+            Ok(v) => return Ok(v),
+            Err(Failure::Final(e)) => return Err(e),
+            Err(Failure::NoAnswer { err, sent }) => (err, sent),
+        };
+        let Some(keeper) = live_holder(&state) else {
+            return Err(Error::not_found(format!(
+                "the fleecefs daemon of {} does not answer ({err}) and no process holds its state directory; run 'umount -l {}' and mount again",
+                mountpoint.display(),
+                mountpoint.display()
+            )));
+        };
+        if Instant::now() >= deadline || (sent && resent) {
+            return Err(Error::busy(format!(
+                "the fleecefs daemon of {} does not answer ({err}) after {:.1} s, but its keeper (pid {keeper}) still holds the mount: do not unmount; see {} and try again",
+                mountpoint.display(),
+                wait.as_secs_f64(),
+                state.join(LOG_FILE).display()
+            )));
+        }
+        resent |= sent;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A live (not dying) process that holds the state directory's lock open: the keeper
+/// (or its worker), which keeps the mount while a worker starts.
+fn live_holder(state: &Path) -> Option<u32> {
+    let lock = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(state.join(LOCK_FILE))
+        .ok()?;
+    crate::holders::holders_of(&lock)
+        .into_iter()
+        .find(|h| !h.dying)
+        .map(|h| h.pid)
+}
+
+fn attempt(state: &Path, req: &Request) -> std::result::Result<serde_json::Value, Failure> {
     let socket = state.join(CONTROL_SOCKET);
     let mut stream = UnixStream::connect(&socket).map_err(|e| {
         if e.kind() == std::io::ErrorKind::PermissionDenied {
-            return Error::invalid(format!(
+            return Failure::Final(Error::invalid(format!(
                 "permission denied on {}: fleecefs commands need root",
                 socket.display()
-            ));
+            )));
         }
-        Error::not_found(format!(
-            "the fleecefs daemon of {} does not answer ({e}); if it died, run 'umount -l {}' and mount again",
-            mountpoint.display(),
-            mountpoint.display()
-        ))
+        Failure::NoAnswer {
+            err: e.to_string(),
+            sent: false,
+        }
     })?;
-    let mut line = serde_json::to_vec(req).map_err(|e| Error::invalid(e.to_string()))?;
+    let mut line =
+        serde_json::to_vec(req).map_err(|e| Failure::Final(Error::invalid(e.to_string())))?;
     line.push(b'\n');
-    stream
-        .write_all(&line)
-        .map_err(|e| Error::io("sending request to the daemon", e))?;
+    // Nothing was delivered if this fails: the worker went away before reading.
+    stream.write_all(&line).map_err(|e| Failure::NoAnswer {
+        err: format!("sending the request: {e}"),
+        sent: false,
+    })?;
     // A teardown with `ack` waits for our acknowledgement: the write side stays open.
     let ack = matches!(req, Request::Teardown { ack: true, .. });
     if !ack {
@@ -144,26 +219,50 @@ pub fn call(mountpoint: &Path, req: &Request) -> Result<serde_json::Value> {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(600)));
     // The reply is one line: complete once its newline is here.
     let mut out = Vec::new();
-    BufReader::new(&stream)
-        .read_until(b'\n', &mut out)
-        .map_err(|e| Error::io("reading the daemon's reply", e))?;
-    let resp: Response = serde_json::from_slice(&out)
-        .map_err(|e| Error::invalid(format!("the daemon sent a malformed reply ({e})")))?;
+    match BufReader::new(&stream).read_until(b'\n', &mut out) {
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            return Err(Failure::Final(Error::io("reading the daemon's reply", e)))
+        }
+        Err(e) => {
+            return Err(Failure::NoAnswer {
+                err: format!("reading the reply: {e}"),
+                sent: true,
+            })
+        }
+        // The worker died before it replied (a reply is written whole, with its newline).
+        Ok(_) if out.last() != Some(&b'\n') => {
+            return Err(Failure::NoAnswer {
+                err: "the connection closed before a reply".into(),
+                sent: true,
+            })
+        }
+        Ok(_) => {}
+    }
+    let resp: Response = serde_json::from_slice(&out).map_err(|e| {
+        Failure::Final(Error::invalid(format!(
+            "the daemon sent a malformed reply ({e})"
+        )))
+    })?;
     if ack {
         // The daemon applies a success to the bitmaps only once this arrives; if it does
         // not, the backup counts as failed there too.
         (&stream)
             .write_all(format!("{ACK}\n").as_bytes())
-            .map_err(|e| Error::io("acknowledging the daemon's reply", e))?;
+            .map_err(|e| Failure::Final(Error::io("acknowledging the daemon's reply", e)))?;
     }
     if resp.ok {
         Ok(resp.data.unwrap_or(serde_json::Value::Null))
     } else {
-        Err(Error::new(
+        Err(Failure::Final(Error::new(
             crate::error::Kind::Invalid,
             resp.error
                 .unwrap_or_else(|| "the daemon refused the request".into()),
-        ))
+        )))
     }
 }
 
