@@ -94,3 +94,23 @@ fn every_source_file_is_in_the_module_map() {
     }
     assert!(problems.is_empty(), "\n{problems}");
 }
+
+/// docs/architecture.md ("Invariants and lock order") states the copy-before-write
+/// ordering invariant and the lock order only by linking to these sections of the code.
+#[test]
+fn the_invariants_the_doc_links_to_are_in_the_code() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let doc = fs::read_to_string(root.join(DOC)).unwrap();
+    let code = fs::read_to_string(root.join("src/cbw/mod.rs")).unwrap();
+    for section in ["The ordering invariant", "Locks and their order"] {
+        assert!(
+            doc.contains(&format!("\"{section}\"")),
+            "{DOC} no longer names the section \"{section}\" of src/cbw/mod.rs"
+        );
+        assert!(
+            code.contains(&format!("//! # {section}")),
+            "src/cbw/mod.rs has no `//! # {section}` section, which {DOC} links to: \
+             keep it at the top of the copy path, or update the link"
+        );
+    }
+}
