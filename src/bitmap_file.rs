@@ -334,13 +334,19 @@ impl TrackedBitmap {
             name: name.to_string(),
         };
         let tmp = path.with_extension("new");
+        // Always a new file (a leftover goes first), never through a symlink.
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(Error::io(format!("removing {}", tmp.display()), e))
+            }
+            _ => {}
+        }
         let file = OpenOptions::new()
             .read(true)
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(0o600)
-            .custom_flags(libc::O_CLOEXEC)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
             .open(&tmp)
             .context(|| format!("creating bitmap {}", tmp.display()))?;
         let data_len = Bitmap::bytes_for(nbits).max(8) as u64;
@@ -378,7 +384,7 @@ impl TrackedBitmap {
         let file = match OpenOptions::new()
             .read(true)
             .write(true)
-            .custom_flags(libc::O_CLOEXEC)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
             .open(path)
         {
             Ok(f) => f,

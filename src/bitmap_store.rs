@@ -16,6 +16,7 @@
 //!   background. Either way nothing written since the last successful backup is lost.
 
 use std::collections::HashMap;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -245,7 +246,15 @@ impl BitmapStore {
         crash_safe: CrashSafety,
     ) -> Result<BitmapStore> {
         let reg_path = dir.join(REGISTRY);
-        let registry: Registry = match std::fs::read(&reg_path) {
+        let read = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+            .open(&reg_path)
+            .and_then(|mut f| {
+                let mut b: Vec<u8> = Vec::new();
+                std::io::Read::read_to_end(&mut f, &mut b).map(|_| b)
+            });
+        let registry: Registry = match read {
             Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
                 log::error!(
                     "bitmap registry {} is damaged ({e}); bitmaps it listed will be new",

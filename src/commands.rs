@@ -82,7 +82,7 @@ pub fn freeze_hooks(a: &crate::cli::SetupArgs) -> Result<Option<crate::freeze::H
     };
     // Hook output goes to the daemon's log file (the mount must be fleecefs anyway).
     let log_file =
-        crate::control::client::state_dir_of(&a.mountpoint)?.join(crate::state::LOG_FILE);
+        crate::control::client::trusted_state_dir_of(&a.mountpoint)?.join(crate::state::LOG_FILE);
     crate::freeze::Hooks::new(
         freeze,
         thaw,

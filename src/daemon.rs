@@ -16,7 +16,7 @@
 
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -31,6 +31,7 @@ use crate::engine::{check_device_name, Engine, EngineConfig};
 use crate::error::{Error, IoContext, Result};
 use crate::fuse::session::{self, SessionOptions};
 use crate::layout::MountLayout;
+use crate::secure_path;
 use crate::source::Source;
 use crate::state::{StateDir, LOG_FILE};
 use crate::sys;
@@ -167,38 +168,15 @@ pub fn validate(args: &MountArgs) -> Result<MountPlan> {
         )));
     }
     let state_dir = absolute(&args.state_dir)?;
-    match fs::metadata(&state_dir) {
-        Ok(m) if !m.is_dir() => {
-            return Err(Error::invalid(format!(
-                "state directory {} is not a directory",
-                state_dir.display()
-            )))
-        }
-        Ok(m) if m.mode() & 0o002 != 0 => {
-            return Err(Error::invalid(format!(
-                "state directory {} is writable by every user: use a directory of its own",
-                state_dir.display()
-            )))
-        }
-        _ => {}
-    }
+    // The daemon runs as root: it must not follow a path another user controls.
+    secure_path::open_trusted_dir(&state_dir, "state directory", secure_path::Missing::Allow)?;
     let fleecing_dir = match &args.fleecing_dir {
         Some(d) => {
             let d = absolute(d)?;
-            match fs::metadata(&d) {
-                Ok(m) if m.is_dir() => d,
-                Ok(_) => {
-                    return Err(Error::invalid(format!(
-                        "--fleecing-dir {} is not a directory",
-                        d.display()
-                    )))
-                }
-                Err(e) => {
-                    return Err(Error::io(format!("--fleecing-dir {}", d.display()), e));
-                }
-            }
+            secure_path::open_trusted_dir(&d, "--fleecing-dir", secure_path::Missing::Fail)?;
+            d
         }
-        None => state_dir.join("fleecing"),
+        None => state_dir.join(crate::state::FLEECING_DIR),
     };
     let (mountpoint, stale_mount) = match crate::keeper::worker() {
         // A worker must not touch the mount before it serves it: the keeper checked it.
@@ -422,6 +400,9 @@ pub fn mount(args: &MountArgs) -> Result<()> {
     if let Err(e) = sys::raise_fd_limit() {
         log::warn!("cannot raise the limit of open files: {e}");
     }
+    // Every file the daemon makes has an explicit mode; the umask only narrows, so that
+    // an inherited `umask 000` opens nothing.
+    sys::set_umask(0o077);
     if args.worker {
         crate::keeper::worker_init()?;
         return serve(validate(args)?, false, args.allow_other);
@@ -678,7 +659,11 @@ pub fn unmount(mountpoint: &Path) -> Result<()> {
 /// Waits until nobody holds the state directory lock any more.
 pub fn wait_for_daemon_exit(state_dir: &Path, timeout: Duration) -> Result<()> {
     let lock = state_dir.join(crate::state::LOCK_FILE);
-    let f = fs::File::open(&lock).context(|| format!("opening {}", lock.display()))?;
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&lock)
+        .context(|| format!("opening {}", lock.display()))?;
     let deadline = std::time::Instant::now() + timeout;
     loop {
         if sys::try_flock(&f, false).is_ok() {

@@ -14,7 +14,6 @@
 //! killed on timeout. Their output goes to the log: the daemon's log file in the state
 //! directory, and stderr with `-v`.
 
-use std::fs::OpenOptions;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -276,7 +275,7 @@ fn run(
 fn log_line(file: Option<&Path>, line: &str) {
     log::info!("{line}");
     let Some(path) = file else { return };
-    if let Ok(mut f) = OpenOptions::new().append(true).open(path) {
+    if let Ok(mut f) = crate::secure_path::open_log(path) {
         let _ = f.write_all(
             format!(
                 "{} fleecefs-setup[{}] info: {line}\n",

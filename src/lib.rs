@@ -34,6 +34,7 @@ pub mod layout;
 pub mod logger;
 pub mod restore;
 pub mod sched;
+pub mod secure_path;
 pub mod source;
 pub mod state;
 pub mod sync;

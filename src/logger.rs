@@ -15,13 +15,10 @@ static FILE: Mutex<Option<File>> = Mutex::new(None);
 /// Whether records also go to stderr while a log file is set.
 static TEE: AtomicBool = AtomicBool::new(true);
 
-/// Sends records to `path` (appending) as well as to stderr.
+/// Sends records to `path` (appending; created 0600, a wider mode narrowed, never
+/// through a symlink) as well as to stderr.
 pub fn tee_to_file(path: &Path) {
-    match std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-    {
+    match crate::secure_path::open_log(path) {
         Ok(f) => {
             if let Ok(mut g) = FILE.lock() {
                 *g = Some(f);

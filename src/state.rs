@@ -5,14 +5,14 @@
 //! removed only after they are all deleted, so after a crash the next `mount` knows
 //! exactly which leftovers to remove.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::fs::File;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, IoContext, Result};
+use crate::secure_path::{open_in, open_trusted_dir, remove_in, rename_in, Missing};
 
 /// Name of the daemon lock (holds the pid) inside the state directory.
 pub const LOCK_FILE: &str = "fleecefs.lock";
@@ -21,6 +21,10 @@ const ACCESS_RECORD: &str = "access.json";
 pub const DEVICE_RECORD: &str = "devices.json";
 /// Name of the control socket inside the state directory.
 pub const CONTROL_SOCKET: &str = "control.sock";
+/// Name of the directory of the persistent bitmaps inside the state directory.
+pub const BITMAP_DIR: &str = "bitmaps";
+/// Name of the default fleecing directory inside the state directory.
+pub const FLEECING_DIR: &str = "fleecing";
 /// Name of the daemon log inside the state directory (background daemons log here).
 pub const LOG_FILE: &str = "fleecefs.log";
 
@@ -62,46 +66,71 @@ pub struct DeviceRecord {
 /// need the lock (`mount` reads it before starting the daemon).
 pub fn read_device_record(dir: &Path) -> Result<Option<DeviceRecord>> {
     let p = dir.join(DEVICE_RECORD);
-    match fs::read(&p) {
+    let Some(d) = open_trusted_dir(dir, "state directory", Missing::Allow)? else {
+        return Ok(None);
+    };
+    match read_in(&d, DEVICE_RECORD) {
         Ok(bytes) => serde_json::from_slice(&bytes)
             .map(Some)
             .map_err(|e| Error::invalid(format!("device record {} is damaged: {e}", p.display()))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(Error::io(format!("reading {}", p.display()), e)),
+        Err(e) => Err(nofollow_error(format!("reading {}", p.display()), e)),
+    }
+}
+
+/// The whole file `name` in `dir`, never through a symlink.
+fn read_in(dir: &File, name: &str) -> std::io::Result<Vec<u8>> {
+    let mut f = open_in(dir, name.as_ref(), libc::O_RDONLY, 0)?;
+    let mut bytes = Vec::new();
+    f.read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// An I/O error of a file opened with `O_NOFOLLOW`; ELOOP says it is a symlink.
+fn nofollow_error(context: String, e: std::io::Error) -> Error {
+    if e.raw_os_error() == Some(libc::ELOOP) {
+        Error::invalid(format!(
+            "{context}: it is a symlink, which fleecefs never follows in its state directory (remove it)"
+        ))
+    } else {
+        Error::io(context, e)
     }
 }
 
 /// An open, locked state directory.
 pub struct StateDir {
     path: PathBuf,
+    dir: File,
     _lock: File,
 }
 
 impl StateDir {
     /// Creates `path` if needed (mode 0700) and takes its lock. Fails if another daemon
-    /// holds it.
+    /// holds it, or if the directory or one above it is not trusted
+    /// ([`crate::secure_path`]).
     pub fn open(path: &Path) -> Result<StateDir> {
-        let created = !path.exists();
-        fs::create_dir_all(path)
-            .context(|| format!("creating state directory {}", path.display()))?;
+        let dir = open_trusted_dir(path, "state directory", Missing::Create)?
+            .ok_or_else(|| Error::not_found(format!("state directory {}", path.display())))?;
         let path = path
             .canonicalize()
             .context(|| format!("resolving state directory {}", path.display()))?;
-        // Only a directory made here: the mode of an existing one is its owner's choice
-        // (the socket and the files inside are 0600 either way).
-        if created {
-            let _ = fs::set_permissions(&path, fs::Permissions::from_mode(0o700));
+        // Its subdirectories are never followed as symlinks either.
+        for sub in [BITMAP_DIR, FLEECING_DIR] {
+            if let Ok(Some(_)) = crate::secure_path::symlink_in(&dir, sub.as_ref()) {
+                return Err(Error::invalid(format!(
+                    "{} is a symlink, which fleecefs never follows in its state directory (remove it)",
+                    path.join(sub).display()
+                )));
+            }
         }
         let lock_path = path.join(LOCK_FILE);
-        let mut lock = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(&lock_path)
-            .context(|| format!("opening {}", lock_path.display()))?;
+        let mut lock = open_in(
+            &dir,
+            LOCK_FILE.as_ref(),
+            libc::O_RDWR | libc::O_CREAT,
+            0o600,
+        )
+        .map_err(|e| nofollow_error(format!("opening {}", lock_path.display()), e))?;
         // A daemon killed a moment ago may still be exiting: wait for it (bounded).
         let locked = crate::holders::lock_waiting_for_dying(
             &lock,
@@ -109,7 +138,8 @@ impl StateDir {
             |e| e.raw_os_error() == Some(libc::EWOULDBLOCK),
         );
         if locked.is_err() {
-            let holder = fs::read_to_string(&lock_path).unwrap_or_default();
+            let mut holder = String::new();
+            let _ = (&lock).read_to_string(&mut holder);
             return Err(Error::busy(format!(
                 "state directory {} is in use by another fleecefs daemon (pid {})",
                 path.display(),
@@ -119,16 +149,26 @@ impl StateDir {
         lock.set_len(0)
             .context(|| format!("writing {}", lock_path.display()))?;
         let _ = writeln!(lock, "{}", std::process::id());
-        Ok(StateDir { path, _lock: lock })
+        Ok(StateDir {
+            path,
+            dir,
+            _lock: lock,
+        })
     }
 
     /// The state directory `path` (absolute, existing) under `lock`, an open file of its
     /// lock that another process of this mount (the keeper) holds locked.
     pub fn adopt(path: &Path, lock: File) -> Result<StateDir> {
+        let dir = open_trusted_dir(path, "state directory", Missing::Fail)?
+            .ok_or_else(|| Error::not_found(format!("state directory {}", path.display())))?;
         let path = path
             .canonicalize()
             .context(|| format!("resolving state directory {}", path.display()))?;
-        Ok(StateDir { path, _lock: lock })
+        Ok(StateDir {
+            path,
+            dir,
+            _lock: lock,
+        })
     }
 
     /// The fd of the lock file (open while this StateDir lives).
@@ -146,10 +186,11 @@ impl StateDir {
         self.path.join(CONTROL_SOCKET)
     }
 
-    /// Directory for persistent bitmaps (created on demand).
+    /// Directory for persistent bitmaps (created on demand, mode 0700, and refused when
+    /// it is a symlink or writable by another user).
     pub fn bitmap_dir(&self) -> Result<PathBuf> {
-        let dir = self.path.join("bitmaps");
-        fs::create_dir_all(&dir).context(|| format!("creating {}", dir.display()))?;
+        let dir = self.path.join(BITMAP_DIR);
+        crate::secure_path::subdir_in(&self.dir, BITMAP_DIR.as_ref(), &dir)?;
         Ok(dir)
     }
 
@@ -157,30 +198,28 @@ impl StateDir {
     pub fn record_devices(&self, record: &DeviceRecord) -> Result<()> {
         let text = serde_json::to_vec_pretty(record)
             .map_err(|e| Error::invalid(format!("encoding device record: {e}")))?;
-        write_atomic(&self.path.join(DEVICE_RECORD), &text)
+        write_atomic_in(&self.dir, &self.path, DEVICE_RECORD, &text)
     }
 
     /// Records an access and its fleecing files before they are created.
     pub fn record_access(&self, record: &AccessRecord) -> Result<()> {
         let text = serde_json::to_vec_pretty(record)
             .map_err(|e| Error::invalid(format!("encoding access record: {e}")))?;
-        write_atomic(&self.path.join(ACCESS_RECORD), &text)
+        write_atomic_in(&self.dir, &self.path, ACCESS_RECORD, &text)
     }
 
     /// Forgets the access record once its fleecing files are gone.
     pub fn clear_access(&self) -> Result<()> {
         let p = self.path.join(ACCESS_RECORD);
-        match fs::remove_file(&p) {
-            Ok(()) => sync_dir(&self.path),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Error::io(format!("removing {}", p.display()), e)),
-        }
+        remove_in(&self.dir, ACCESS_RECORD.as_ref())
+            .and_then(|()| self.dir.sync_all())
+            .context(|| format!("removing {}", p.display()))
     }
 
     /// The access record left by a daemon that did not shut down cleanly, if any.
     pub fn leftover_access(&self) -> Result<Option<AccessRecord>> {
         let p = self.path.join(ACCESS_RECORD);
-        match fs::read(&p) {
+        match read_in(&self.dir, ACCESS_RECORD) {
             Ok(bytes) => match serde_json::from_slice(&bytes) {
                 Ok(r) => Ok(Some(r)),
                 Err(e) => {
@@ -189,20 +228,60 @@ impl StateDir {
                 }
             },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(Error::io(format!("reading {}", p.display()), e)),
+            Err(e) => Err(nofollow_error(format!("reading {}", p.display()), e)),
         }
     }
 
     /// Removes the fleecing files of a leftover access record and the record itself.
-    /// Returns the files that were removed.
+    /// Returns the files that were removed. Only what a fleecing file can be is removed:
+    /// a regular file named `*.fleece` in a trusted directory; anything else the record
+    /// names is left alone with a warning.
     pub fn remove_leftovers(&self, record: &AccessRecord) -> Result<Vec<PathBuf>> {
         let mut removed = Vec::new();
         for (_, path) in &record.devices {
-            match fs::remove_file(path) {
+            let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+                log::warn!(
+                    "access record names {}: not a fleecing file, left alone",
+                    path.display()
+                );
+                continue;
+            };
+            if !name.as_encoded_bytes().ends_with(b".fleece") {
+                log::warn!(
+                    "access record names {}: not a fleecing file, left alone",
+                    path.display()
+                );
+                continue;
+            }
+            let dir = match open_trusted_dir(parent, "fleecing directory", Missing::Allow) {
+                Ok(Some(d)) => d,
+                Ok(None) => continue,
+                Err(e) => {
+                    log::warn!(
+                        "leftover fleecing file {} left alone: {}",
+                        path.display(),
+                        crate::error::report(&e)
+                    );
+                    continue;
+                }
+            };
+            let gone = match open_in(&dir, name, libc::O_RDONLY, 0).and_then(|f| f.metadata()) {
+                Ok(m) if m.is_file() => remove_in(&dir, name),
+                Ok(_) => {
+                    log::warn!(
+                        "leftover fleecing file {} is not a regular file: left alone",
+                        path.display()
+                    );
+                    continue;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => Err(e),
+            };
+            match gone {
                 Ok(()) => removed.push(path.clone()),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => {
-                    return Err(Error::io(
+                    return Err(nofollow_error(
                         format!("removing leftover fleecing file {}", path.display()),
                         e,
                     ))
@@ -215,21 +294,46 @@ impl StateDir {
 }
 
 /// Writes `bytes` to `path` atomically: temp file, fsync, rename, fsync of the directory.
+/// The temp file is made anew (`O_EXCL`, never through a symlink).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = path.with_extension("tmp");
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .context(|| format!("creating {}", tmp.display()))?;
+    let dir_path = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| Error::invalid(format!("{} is not a file name", path.display())))?;
+    let dir = File::open(dir_path).context(|| format!("opening {}", dir_path.display()))?;
+    write_atomic_in(&dir, dir_path, name, bytes)
+}
+
+/// [`write_atomic`] of `name` in the open directory `dir` (at `dir_path`, for messages).
+fn write_atomic_in(dir: &File, dir_path: &Path, name: &str, bytes: &[u8]) -> Result<()> {
+    let tmp_name = Path::new(name).with_extension("tmp").into_os_string();
+    let tmp = dir_path.join(&tmp_name);
+    // A leftover of a crash (or anything else under that name) goes first: the temp file
+    // is always a new one.
+    remove_in(dir, &tmp_name).context(|| format!("removing {}", tmp.display()))?;
+    let mut f = open_in(
+        dir,
+        &tmp_name,
+        libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
+        0o600,
+    )
+    .map_err(|e| nofollow_error(format!("creating {}", tmp.display()), e))?;
     f.write_all(bytes)
         .and_then(|_| f.sync_all())
         .context(|| format!("writing {}", tmp.display()))?;
-    fs::rename(&tmp, path).context(|| format!("renaming {} into place", tmp.display()))?;
-    sync_dir(dir)
+    rename_in(dir, &tmp_name, name.as_ref()).context(|| {
+        format!(
+            "renaming {} to {}",
+            tmp.display(),
+            dir_path.join(name).display()
+        )
+    })?;
+    dir.sync_all()
+        .context(|| format!("syncing directory {}", dir_path.display()))
 }
 
 /// fsync of a directory, so that renames and unlinks in it are durable.
@@ -252,7 +356,7 @@ mod tests {
         assert!(again.err().unwrap().to_string().contains("in use"));
         assert_eq!(s.leftover_access().unwrap(), None);
         let f = dir.path().join("x.fleece");
-        fs::write(&f, b"old").unwrap();
+        std::fs::write(&f, b"old").unwrap();
         let rec = AccessRecord {
             target: "t".into(),
             started_at: 1,
@@ -265,5 +369,39 @@ mod tests {
         assert_eq!(s.leftover_access().unwrap(), None);
         drop(s);
         assert!(StateDir::open(dir.path()).is_ok());
+    }
+
+    #[test]
+    fn never_follows_a_symlink_nor_removes_what_is_not_a_fleecing_file() {
+        use std::os::unix::fs::{symlink, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let st = dir.path().join("st");
+        std::fs::create_dir(&st).unwrap();
+        symlink(&victim, st.join(LOCK_FILE)).unwrap();
+        let e = StateDir::open(&st).err().unwrap().to_string();
+        assert!(e.contains("symlink"), "{e}");
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        std::fs::remove_file(st.join(LOCK_FILE)).unwrap();
+        // A temp file planted as a symlink is replaced, not written through.
+        symlink(&victim, st.join("devices.tmp")).unwrap();
+        let s = StateDir::open(&st).unwrap();
+        s.record_devices(&DeviceRecord::default()).unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        // An access record naming another file leaves that file alone.
+        let rec = AccessRecord {
+            target: "t".into(),
+            started_at: 1,
+            devices: vec![("d".into(), victim.clone())],
+        };
+        s.record_access(&rec).unwrap();
+        assert_eq!(s.remove_leftovers(&rec).unwrap(), Vec::<PathBuf>::new());
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        drop(s);
+        // A state directory its group may write is refused.
+        std::fs::set_permissions(&st, std::fs::Permissions::from_mode(0o770)).unwrap();
+        let e = StateDir::open(&st).err().unwrap().to_string();
+        assert!(e.contains("writable by its group"), "{e}");
     }
 }

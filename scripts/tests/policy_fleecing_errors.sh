@@ -5,7 +5,7 @@
 source "$(dirname "$0")/lib.sh"
 
 mkdir -p "$T/tiny"
-mount -t tmpfs -o size=1m tmpfs "$T/tiny"
+mount -t tmpfs -o size=1m,mode=0700 tmpfs "$T/tiny"
 MOUNTS+=("$T/tiny")        # the cleanup trap falls back to umount -l for it
 
 status_field() {  # status_field PY_EXPR (s = status JSON)

@@ -1,7 +1,7 @@
 //! Finding the daemon of a mount point and talking to it.
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -115,6 +115,35 @@ pub fn state_dir_of(mountpoint: &Path) -> Result<PathBuf> {
     }
 }
 
+/// [`state_dir_of`], refused unless it is a trusted directory
+/// ([`crate::secure_path`]): a mount names its state directory itself, and a user who
+/// could write there could answer root's commands in the daemon's place.
+pub fn trusted_state_dir_of(mountpoint: &Path) -> Result<PathBuf> {
+    let state = state_dir_of(mountpoint)?;
+    let what = format!("the state directory of {}", mountpoint.display());
+    crate::secure_path::open_trusted_dir(&state, &what, crate::secure_path::Missing::Fail)?;
+    // The socket itself: root's (or ours), not a symlink. Its directory is trusted, so
+    // what is checked here is what `connect` reaches.
+    let socket = state.join(CONTROL_SOCKET);
+    if let Ok(m) = std::fs::symlink_metadata(&socket) {
+        if !m.file_type().is_socket() || (m.uid() != 0 && m.uid() != crate::sys::euid()) {
+            return Err(Error::invalid(format!(
+                "{} is not a socket of root's (a {} owned by uid {}): refusing to talk to it",
+                socket.display(),
+                if m.file_type().is_symlink() {
+                    "symlink"
+                } else if m.is_file() {
+                    "file"
+                } else {
+                    "node"
+                },
+                m.uid()
+            )));
+        }
+    }
+    Ok(state)
+}
+
 /// Longest a command waits for a worker to serve while the keeper holds the mount (a
 /// worker that died is replaced within a second; more under load).
 pub const WORKER_START_WAIT: Duration = Duration::from_secs(10);
@@ -137,7 +166,7 @@ enum Failure {
 /// access the worker death left broken). Only when no keeper holds the mount does the
 /// error suggest `umount -l`.
 pub fn call(mountpoint: &Path, req: &Request) -> Result<serde_json::Value> {
-    let state = state_dir_of(mountpoint)?;
+    let state = trusted_state_dir_of(mountpoint)?;
     #[allow(unused_mut)]
     let mut wait = WORKER_START_WAIT;
     #[cfg(feature = "fault-injection")]

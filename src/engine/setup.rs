@@ -12,7 +12,7 @@ use crate::cbw::policy::{Breaker, FleecingBudget};
 use crate::cbw::{CbwPolicy, Device};
 use crate::engine::report::{SetupDevice, SetupReport};
 use crate::engine::{validate_name, Active, ActiveDevice, Engine};
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 use crate::fleece::FleecingFile;
 use crate::layout::MountLayout;
 use crate::state::AccessRecord;
@@ -114,12 +114,13 @@ impl Engine {
                 "--bitmap needs a state directory for the bitmaps",
             ));
         }
-        std::fs::create_dir_all(&self.config.fleecing_dir).context(|| {
-            format!(
-                "creating fleecing directory {}",
-                self.config.fleecing_dir.display()
-            )
-        })?;
+        // Checked at every setup: a directory another user may write would let that
+        // user take the fleecing file's name first.
+        crate::secure_path::open_trusted_dir(
+            &self.config.fleecing_dir,
+            "fleecing directory",
+            crate::secure_path::Missing::Create,
+        )?;
         let id = control.next_id;
         control.next_id += 1;
         let started_at = unix_now();
