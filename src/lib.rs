@@ -8,8 +8,9 @@
 //! `control/` is the daemon's command socket; `daemon` wires them together;
 //! `commands`, `copy` (with `copy/`: readers, raw and qcow2 destinations), `restore` and
 //! `freeze` (setup's hooks) are the client side. `layout` spells the mount's file names,
-//! `units` the cluster arithmetic, `error` the errno table, `sys` every libc call and
-//! `sync` the poison recovery. docs/architecture.md has the module map.
+//! `units` the cluster arithmetic, `error` the errno table, `secure_path` the trusted-path
+//! checks (with their `*at` calls), `sys` every other libc call and `sync` the poison
+//! recovery. docs/architecture.md has the module map.
 #![warn(missing_docs)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
