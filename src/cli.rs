@@ -244,6 +244,10 @@ pub struct MountArgs {
         value_parser = clap::value_parser!(i32).range(-1000..=1000)
     )]
     pub worker_oom_score_adj: i32,
+    /// Also serve device NAME to a VMM as a vhost-user-blk disk on the UNIX socket
+    /// SOCKET (created mode 0600); `,ro` for a read-only disk (repeatable)
+    #[arg(long = "vhost-user-blk", value_name = "NAME=SOCKET[,ro]")]
+    pub vhost_user_blk: Vec<String>,
     /// Internal: set in the background daemon started by `mount`
     #[arg(long, hide = true)]
     pub daemon_child: bool,

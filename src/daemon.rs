@@ -74,6 +74,8 @@ pub struct MountPlan {
     pub backup_share: Option<crate::sched::BackupShare>,
     /// How snapshot reads read the source (`--backup-read`).
     pub backup_read: crate::source::BackupRead,
+    /// vhost-user-blk exports (`--vhost-user-blk`).
+    pub vhost_user_blk: Vec<crate::vhost_user::ExportSpec>,
 }
 
 /// `p` (absolute) with symlinks and `..` resolved as far as it exists; the missing rest
@@ -246,6 +248,13 @@ pub fn validate(args: &MountArgs) -> Result<MountPlan> {
         devices.push((name.to_string(), path, id));
     }
     let devices: Vec<(String, PathBuf)> = devices.into_iter().map(|(n, p, _)| (n, p)).collect();
+    let vhost_user_blk = args
+        .vhost_user_blk
+        .iter()
+        .map(|s| crate::vhost_user::ExportSpec::parse(s))
+        .collect::<Result<Vec<_>>>()?;
+    let names: Vec<String> = devices.iter().map(|(n, _)| n.clone()).collect();
+    crate::vhost_user::validate(&vhost_user_blk, &names)?;
     Ok(MountPlan {
         mountpoint,
         state_dir,
@@ -271,6 +280,7 @@ pub fn validate(args: &MountArgs) -> Result<MountPlan> {
         backup_share: args.backup_share,
         backup_read: args.backup_read,
         cbw_buffer,
+        vhost_user_blk,
     })
 }
 
@@ -535,6 +545,9 @@ fn serve(plan: MountPlan, daemon_child: bool, allow_other: bool) -> Result<()> {
         backup_read: plan.backup_read,
     };
     let listener = bind_socket(&state)?;
+    let vhost_listeners = crate::vhost_user::bind(&plan.vhost_user_blk).inspect_err(|_| {
+        let _ = fs::remove_file(state.socket_path());
+    })?;
     let socket_path = state.socket_path();
     let engine = match Engine::with_slots(devices, next_slot, config, Some(state))
         .and_then(|e| e.save_device_record().map(|_| e))
@@ -546,6 +559,7 @@ fn serve(plan: MountPlan, daemon_child: bool, allow_other: bool) -> Result<()> {
         }
     };
     crate::keeper::restore_broken_access(&engine);
+    crate::vhost_user::start(&engine, &plan.vhost_user_blk, vhost_listeners)?;
     {
         let engine = engine.clone();
         let layout = MountLayout::new(plan.mountpoint.clone());
@@ -630,6 +644,7 @@ fn serve(plan: MountPlan, daemon_child: bool, allow_other: bool) -> Result<()> {
     log::info!("{} unmounted, shutting down", plan.mountpoint.display());
     engine.shutdown();
     let _ = fs::remove_file(&socket_path);
+    crate::vhost_user::remove_sockets(&plan.vhost_user_blk);
     match result {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(Error::io("FUSE session ended with an error", e)),

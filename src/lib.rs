@@ -4,7 +4,7 @@
 //! The engine (`engine/`: the access lifecycle; `cbw/`: the copy path of one device;
 //! `bitmap`, `bitmap_file`, `bitmap_store`, `dirtymap`, `fleece`, `source`, `state`)
 //! knows nothing of FUSE and is tested directly; `fuse/` translates kernel requests into
-//! engine calls; `sched/` schedules backup reads below the guest for every frontend;
+//! engine calls, `vhost_user/` virtio-blk requests of a VMM; `sched/` schedules backup reads below the guest for every frontend;
 //! `control/` is the daemon's command socket; `daemon` wires them together;
 //! `commands`, `copy` (with `copy/`: readers, raw and qcow2 destinations), `restore` and
 //! `freeze` (setup's hooks) are the client side. `layout` spells the mount's file names,
@@ -41,3 +41,4 @@ pub mod state;
 pub mod sync;
 pub mod sys;
 pub mod units;
+pub mod vhost_user;

@@ -60,6 +60,7 @@
 pub mod access;
 mod copy;
 pub mod policy;
+mod vectored;
 pub mod writebehind;
 
 use std::ops::Range;

@@ -39,6 +39,7 @@ fn dispatch(engine: &Engine, layout: &MountLayout, req: Request) -> Response {
         Request::Status {} => {
             let mut v = serde_json::to_value(engine.status().at_mount(layout)).unwrap_or_default();
             crate::keeper::add_status(&mut v);
+            crate::vhost_user::add_status(&mut v);
             Ok(v)
         }
         // Not reached from `handle` either: it exits the process after the reply.

@@ -1,0 +1,274 @@
+//! The vhost-user-blk frontend: serves devices to VMMs (QEMU, Cloud Hypervisor,
+//! crosvm) as virtio-blk disks over vhost-user sockets, with the rust-vmm crates
+//! (`vhost`, `vhost-user-backend`, `virtio-queue`, `vm-memory`).
+//!
+//! The VMM shares the guest's memory; requests are read and written in place with
+//! `preadv`/`pwritev` on the guest's buffers (no bounce buffer) through the same engine
+//! calls `live/NAME` uses (`request.rs`), so copy-before-write, dirty bitmaps, break
+//! policies and fleecing limits apply unchanged. `backend.rs` is the virtio-blk device
+//! (features, configuration space, queues).
+//!
+//! Per export one thread (`vhost-NAME`) accepts a VMM on the listening socket and serves
+//! it until it disconnects, then accepts the next; the queues run on threads of their own
+//! (one per queue). A VMM that reconnects after the worker restarted (`reconnect=1` on
+//! QEMU's chardev) sets the queues up again and resubmits what was not completed.
+
+mod backend;
+mod request;
+
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use vhost::vhost_user::Listener;
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+use crate::engine::Engine;
+use crate::error::{Error, IoContext, Result};
+
+pub use backend::BlkBackend;
+
+/// Most queues an export offers (at most the number of CPUs).
+const MAX_QUEUES: usize = 16;
+
+/// `--vhost-user-blk NAME=SOCKET[,ro]`: one export as given on the command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportSpec {
+    /// The device served.
+    pub name: String,
+    /// The listening socket (absolute).
+    pub socket: PathBuf,
+    /// Whether the guest may only read.
+    pub read_only: bool,
+}
+
+impl ExportSpec {
+    /// Parses `NAME=SOCKET[,ro]`; a relative SOCKET is taken from the current directory.
+    pub fn parse(s: &str) -> Result<ExportSpec> {
+        let bad = |why: &str| {
+            Error::invalid(format!(
+                "--vhost-user-blk '{}': {why} (expected NAME=SOCKET or NAME=SOCKET,ro)",
+                s.escape_debug()
+            ))
+        };
+        let (name, rest) = s.split_once('=').ok_or_else(|| bad("no '='"))?;
+        let (socket, read_only) = match rest.strip_suffix(",ro") {
+            Some(p) => (p, true),
+            None => (rest, false),
+        };
+        if name.is_empty() {
+            return Err(bad("no device name"));
+        }
+        if socket.is_empty() {
+            return Err(bad("no socket path"));
+        }
+        let socket = Path::new(socket);
+        let socket = if socket.is_absolute() {
+            socket.to_path_buf()
+        } else {
+            std::env::current_dir()
+                .context(|| "reading the current directory".into())?
+                .join(socket)
+        };
+        Ok(ExportSpec {
+            name: name.to_string(),
+            socket,
+            read_only,
+        })
+    }
+}
+
+/// A served export and its counters (for `status`).
+pub struct Export {
+    /// Device name; also the disk's serial (`GET_ID`).
+    pub name: String,
+    /// The listening socket.
+    pub socket: PathBuf,
+    /// Read-only export.
+    pub read_only: bool,
+    /// Queues offered to the VMM.
+    pub queues: usize,
+    connected: AtomicBool,
+    requests: AtomicU64,
+    errors: AtomicU64,
+}
+
+impl Export {
+    fn count(&self, failed: bool) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        if failed {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The export as `status --json` shows it.
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::json!({
+            "device": self.name,
+            "socket": self.socket,
+            "read_only": self.read_only,
+            "connected": self.connected.load(Ordering::Relaxed),
+            "queues": self.queues,
+            "requests": self.requests.load(Ordering::Relaxed),
+            "errors": self.errors.load(Ordering::Relaxed),
+        })
+    }
+}
+
+/// The exports this process serves (set once at start).
+static EXPORTS: OnceLock<Vec<Arc<Export>>> = OnceLock::new();
+
+/// Adds `vhost_user_blk` (every export's state) to a `status` reply.
+pub fn add_status(v: &mut serde_json::Value) {
+    if let (Some(exports), Some(obj)) = (EXPORTS.get(), v.as_object_mut()) {
+        let list: Vec<_> = exports.iter().map(|e| e.status()).collect();
+        obj.insert("vhost_user_blk".into(), serde_json::Value::Array(list));
+    }
+}
+
+/// Checks the exports against the devices served: known names, one socket each.
+pub fn validate(specs: &[ExportSpec], devices: &[String]) -> Result<()> {
+    for (i, s) in specs.iter().enumerate() {
+        if !devices.contains(&s.name) {
+            return Err(Error::invalid(format!(
+                "--vhost-user-blk: unknown device '{}' (devices: {})",
+                s.name.escape_debug(),
+                devices.join(", ")
+            )));
+        }
+        if specs[..i].iter().any(|o| o.socket == s.socket) {
+            return Err(Error::invalid(format!(
+                "--vhost-user-blk: socket {} is given twice",
+                s.socket.display()
+            )));
+        }
+        match s.socket.parent() {
+            Some(dir) if dir.is_dir() => {}
+            _ => {
+                return Err(Error::invalid(format!(
+                    "--vhost-user-blk: the directory of socket {} does not exist",
+                    s.socket.display()
+                )))
+            }
+        }
+        if let Ok(m) = std::fs::symlink_metadata(&s.socket) {
+            if !m.file_type().is_socket() {
+                return Err(Error::invalid(format!(
+                    "--vhost-user-blk: {} exists and is not a socket",
+                    s.socket.display()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Creates the listening sockets (mode 0600; a leftover socket at the path is replaced).
+/// Call while no other thread creates files: the umask is process-wide.
+pub fn bind(specs: &[ExportSpec]) -> Result<Vec<UnixListener>> {
+    let mut out = Vec::new();
+    for s in specs {
+        if let Ok(m) = std::fs::symlink_metadata(&s.socket) {
+            if !m.file_type().is_socket() {
+                return Err(Error::invalid(format!(
+                    "vhost-user-blk socket {} exists and is not a socket",
+                    s.socket.display()
+                )));
+            }
+            let _ = std::fs::remove_file(&s.socket);
+        }
+        let old = crate::sys::set_umask(0o177);
+        let l = UnixListener::bind(&s.socket);
+        crate::sys::set_umask(old);
+        let l = l.context(|| format!("creating vhost-user-blk socket {}", s.socket.display()))?;
+        // Not group- or world-accessible whatever the umask did.
+        std::fs::set_permissions(&s.socket, std::fs::Permissions::from_mode(0o600))
+            .context(|| format!("setting the mode of {}", s.socket.display()))?;
+        out.push(l);
+    }
+    Ok(out)
+}
+
+/// Removes the listening sockets (the mount ends; a worker restart keeps them).
+pub fn remove_sockets(specs: &[ExportSpec]) {
+    for s in specs {
+        let _ = std::fs::remove_file(&s.socket);
+    }
+}
+
+/// Serves every export on its listener, each from a thread of its own.
+pub fn start(
+    engine: &Arc<Engine>,
+    specs: &[ExportSpec],
+    listeners: Vec<UnixListener>,
+) -> Result<()> {
+    let queues = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, MAX_QUEUES);
+    let mut exports = Vec::new();
+    for (s, l) in specs.iter().zip(listeners) {
+        let export = Arc::new(Export {
+            name: s.name.clone(),
+            socket: s.socket.clone(),
+            read_only: s.read_only,
+            queues,
+            connected: AtomicBool::new(false),
+            requests: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+        });
+        exports.push(export.clone());
+        let engine = engine.clone();
+        std::thread::Builder::new()
+            .name(format!("vhost-{}", s.name))
+            .spawn(move || serve(engine, export, l))
+            .context(|| format!("starting the vhost-user-blk thread of {}", s.name))?;
+    }
+    let _ = EXPORTS.set(exports);
+    Ok(())
+}
+
+/// Accepts one VMM after the other on `listener` and serves it until it disconnects.
+fn serve(engine: Arc<Engine>, export: Arc<Export>, listener: UnixListener) {
+    let mut listener = Listener::from(listener);
+    loop {
+        // Counted as an open handle of live/NAME while a VMM may use it, so that
+        // `device remove` refuses it.
+        let device = engine
+            .device_index(&export.name)
+            .and_then(|slot| engine.open_live(slot));
+        let Some(device) = device else {
+            log::warn!(
+                "vhost-user-blk {}: the device is no longer served; {} stops",
+                export.name,
+                export.socket.display()
+            );
+            let _ = std::fs::remove_file(&export.socket);
+            return;
+        };
+        let backend = Arc::new(BlkBackend::new(export.clone(), device.clone()));
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let result = VhostUserDaemon::new(format!("vhost-{}-req", export.name), backend, mem)
+            .map_err(|e| e.to_string())
+            .and_then(|mut daemon| {
+                daemon.start(&mut listener).map_err(|e| e.to_string())?;
+                export.connected.store(true, Ordering::Relaxed);
+                log::info!("vhost-user-blk {}: a VMM connected", export.name);
+                let r = daemon.wait();
+                export.connected.store(false, Ordering::Relaxed);
+                log::info!(
+                    "vhost-user-blk {}: the VMM disconnected ({r:?})",
+                    export.name
+                );
+                Ok(())
+            });
+        device.handle_released();
+        if let Err(e) = result {
+            log::warn!("vhost-user-blk {}: {e}", export.name);
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}

@@ -1,0 +1,374 @@
+//! The vhost-user-blk export with a real vhost-user client: libblkio's
+//! `virtio-blk-vhost-user` driver (the `blkio` crate) connects to the socket of
+//! `fleecefs mount --vhost-user-blk NAME=SOCKET`, shares its memory and submits virtio-blk
+//! requests on several queues.
+
+mod common;
+
+use std::fs;
+use std::mem::MaybeUninit;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
+use common::*;
+
+const SIZE: u64 = 16 * MIB;
+const BUF: usize = 4 * MIB as usize;
+
+/// A connected libblkio client with one shared memory region of [`BUF`] bytes.
+struct Client {
+    queues: Vec<Blkioq>,
+    region: MemoryRegion,
+    blkio: Blkio,
+}
+
+impl Client {
+    fn connect(socket: &Path, queues: i32, read_only: bool) -> Client {
+        let mut blkio = Blkio::new("virtio-blk-vhost-user").expect("the libblkio driver");
+        blkio
+            .set_str("path", socket.to_str().expect("utf-8 socket path"))
+            .expect("setting path");
+        blkio
+            .set_bool("read-only", read_only)
+            .expect("setting read-only");
+        blkio.connect().expect("connecting to the export");
+        blkio
+            .set_i32("num-queues", queues)
+            .expect("setting num-queues");
+        let started = blkio.start().expect("starting the client");
+        let region = blkio
+            .alloc_mem_region(BUF)
+            .expect("allocating a memory region");
+        blkio
+            .map_mem_region(&region)
+            .expect("mapping the memory region");
+        Client {
+            queues: started.queues,
+            region,
+            blkio,
+        }
+    }
+
+    fn capacity(&self) -> u64 {
+        self.blkio.get_u64("capacity").expect("capacity")
+    }
+
+    /// The shared buffer at `at`, `len` bytes.
+    fn buf(&mut self, at: usize, len: usize) -> &mut [u8] {
+        assert!(at + len <= BUF);
+        // SAFETY: the region is BUF bytes of memory the client mapped; `&mut self`
+        // keeps other borrows out while no request of ours is in flight.
+        unsafe { std::slice::from_raw_parts_mut((self.region.addr + at) as *mut u8, len) }
+    }
+
+    fn ptr(&self, at: usize) -> *mut u8 {
+        (self.region.addr + at) as *mut u8
+    }
+
+    /// Waits for `n` completions on queue `q`; returns their (user_data, ret).
+    fn wait(&mut self, q: usize, n: usize) -> Vec<(usize, i32)> {
+        let mut out = Vec::new();
+        while out.len() < n {
+            let mut c = [const { MaybeUninit::<Completion>::uninit() }; 64];
+            let want = (n - out.len()).min(c.len());
+            let got = self.queues[q]
+                .do_io(&mut c, want, None, None)
+                .expect("waiting for completions");
+            for done in &c[..got] {
+                // SAFETY: do_io initialized the first `got` completions.
+                let done = unsafe { done.assume_init_ref() };
+                out.push((done.user_data, done.ret));
+            }
+        }
+        out
+    }
+
+    fn write(&mut self, q: usize, offset: u64, at: usize, len: usize) -> i32 {
+        let p = self.ptr(at);
+        self.queues[q].write(offset, p, len, 0, ReqFlags::empty());
+        self.wait(q, 1)[0].1
+    }
+
+    fn read(&mut self, q: usize, offset: u64, at: usize, len: usize) -> i32 {
+        let p = self.ptr(at);
+        self.queues[q].read(offset, p, len, 0, ReqFlags::empty());
+        self.wait(q, 1)[0].1
+    }
+
+    fn flush(&mut self, q: usize) -> i32 {
+        self.queues[q].flush(0, ReqFlags::empty());
+        self.wait(q, 1)[0].1
+    }
+}
+
+/// A mount with devices `vm` (and the others of `extra_devices`) exported at `vm.sock`.
+fn exported(extra: &[&str]) -> (Fleece, PathBuf) {
+    let mut f = Fleece::new();
+    f.add_device("vm", SIZE);
+    let sock = f.root.join("vm.sock");
+    let spec = format!("vm={}", sock.display());
+    let mut args = vec!["--vhost-user-blk", spec.as_str()];
+    args.extend_from_slice(extra);
+    f.mount(&args).expect_ok("fleecefs mount --vhost-user-blk");
+    (f, sock)
+}
+
+/// A byte pattern that differs per offset and seed.
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[test]
+fn data_round_trips_on_several_queues_and_live_file_agrees() {
+    let (f, sock) = exported(&[]);
+    let mode = fs::metadata(&sock)
+        .expect("the socket")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "socket mode {mode:o}");
+    let mut c = Client::connect(&sock, 2, false);
+    assert_eq!(c.capacity(), SIZE);
+    assert_eq!(c.queues.len(), 2);
+    // Many requests in flight on both queues: 64 x 32K writes, alternating queues.
+    const N: usize = 64;
+    const LEN: usize = 32 * 1024;
+    let data = pattern(1, N * LEN);
+    c.buf(0, N * LEN).copy_from_slice(&data);
+    for i in 0..N {
+        let p = c.ptr(i * LEN);
+        let offset = (i * 3 * LEN) as u64; // spread, with gaps
+        c.queues[i % 2].write(offset, p, LEN, i, ReqFlags::empty());
+    }
+    for q in 0..2 {
+        for (user, ret) in c.wait(q, N / 2) {
+            assert_eq!(ret, 0, "write {user}");
+        }
+    }
+    // Read back through the other queue into a second area of the buffer.
+    c.buf(0, N * LEN).fill(0);
+    for i in 0..N {
+        let p = c.ptr(i * LEN);
+        c.queues[(i + 1) % 2].read((i * 3 * LEN) as u64, p, LEN, i, ReqFlags::empty());
+    }
+    for q in 0..2 {
+        for (user, ret) in c.wait(q, N / 2) {
+            assert_eq!(ret, 0, "read {user}");
+        }
+    }
+    assert_bytes_eq(c.buf(0, N * LEN), &data, "read back over vhost-user");
+    // live/vm sees the same bytes, and the gaps stayed zero.
+    for i in 0..N {
+        let live = read_range(&f.live("vm"), (i * 3 * LEN) as u64, 3 * LEN as u64);
+        assert_bytes_eq(&live[..LEN], &data[i * LEN..(i + 1) * LEN], "live/vm");
+        assert_all(&live[LEN..], 0, "gap in live/vm");
+    }
+    // A write through live/vm is seen by the client.
+    fill_pattern(&f.live("vm"), MIB, 8192, 0x5a);
+    assert_eq!(c.read(0, MIB, 0, 8192), 0);
+    assert_all(c.buf(0, 8192), 0x5a, "live write seen over vhost-user");
+    // A large request of many pages.
+    let big = pattern(7, BUF);
+    c.buf(0, BUF).copy_from_slice(&big);
+    assert_eq!(c.write(1, 8 * MIB, 0, BUF), 0);
+    assert_bytes_eq(
+        &read_range(&f.live("vm"), 8 * MIB, BUF as u64),
+        &big,
+        "4 MiB write",
+    );
+    // Requests past the end fail; the export keeps serving.
+    let r = c.read(0, SIZE, 0, 4096);
+    assert!(r < 0, "a read past the end succeeded: {r}");
+    assert_eq!(c.read(0, SIZE - 4096, 0, 4096), 0);
+    // status --json: the export, connected, with its counters.
+    let status = f.status();
+    let e = &status["vhost_user_blk"][0];
+    assert_eq!(e["device"], "vm", "{status}");
+    assert_eq!(e["connected"], true, "{status}");
+    assert!(json_u64(e, "requests") >= 2 * N as u64, "{status}");
+    assert!(json_u64(e, "queues") >= 1, "{status}");
+}
+
+#[test]
+fn flush_is_an_fdatasync_of_the_source() {
+    let (f, sock) = exported(&[]);
+    let mut c = Client::connect(&sock, 1, false);
+    c.buf(0, 4096).fill(0x33);
+    assert_eq!(c.write(0, 0, 0, 4096), 0);
+    let log = f.root.join("strace.log");
+    let mut strace = Command::new("strace")
+        .args(["-f", "-qq", "-e", "trace=fdatasync", "-o"])
+        .arg(&log)
+        .arg("-p")
+        .arg(f.worker_pid().to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting strace");
+    // strace attaches before it traces: wait until it has written its first line or
+    // flush until one fdatasync shows up.
+    let mut seen = false;
+    for _ in 0..100 {
+        assert_eq!(c.flush(0), 0);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        if fs::read_to_string(&log).is_ok_and(|t| t.contains("fdatasync(")) {
+            seen = true;
+            break;
+        }
+    }
+    let _ = strace.kill();
+    let _ = strace.wait();
+    assert!(
+        seen,
+        "no fdatasync in {}",
+        fs::read_to_string(&log).unwrap_or_default()
+    );
+}
+
+#[test]
+fn discard_and_write_zeroes() {
+    let (f, sock) = exported(&[]);
+    let mut c = Client::connect(&sock, 1, false);
+    let data = pattern(3, 2 * MIB as usize);
+    c.buf(0, data.len()).copy_from_slice(&data);
+    assert_eq!(c.write(0, 0, 0, data.len()), 0);
+    let blocks_before = fs::metadata(f.source("vm")).expect("source").blocks();
+    // Discard the first MiB: reads zeros, and the source gave the space back.
+    c.queues[0].discard(0, MIB, 0, ReqFlags::empty());
+    assert_eq!(c.wait(0, 1)[0].1, 0, "discard");
+    assert_eq!(c.read(0, 0, 0, MIB as usize), 0);
+    assert_all(c.buf(0, MIB as usize), 0, "discarded range");
+    let blocks_after = fs::metadata(f.source("vm")).expect("source").blocks();
+    assert!(
+        blocks_after < blocks_before,
+        "{blocks_after} >= {blocks_before}"
+    );
+    // Write zeroes without unmapping, then with: both read zeros.
+    c.queues[0].write_zeroes(MIB, 64 * KIB, 0, ReqFlags::NO_UNMAP);
+    assert_eq!(c.wait(0, 1)[0].1, 0, "write zeroes");
+    c.queues[0].write_zeroes(MIB + 128 * KIB, 64 * KIB, 0, ReqFlags::empty());
+    assert_eq!(c.wait(0, 1)[0].1, 0, "write zeroes (unmap)");
+    let live = read_range(&f.live("vm"), MIB, MIB);
+    assert_all(&live[..64 * KIB as usize], 0, "zeroed");
+    assert_bytes_eq(
+        &live[64 * KIB as usize..128 * KIB as usize],
+        &data[(MIB + 64 * KIB) as usize..(MIB + 128 * KIB) as usize],
+        "between the zeroed ranges",
+    );
+    assert_all(
+        &live[128 * KIB as usize..192 * KIB as usize],
+        0,
+        "zeroed (unmap)",
+    );
+}
+
+#[test]
+fn read_only_export_refuses_writes() {
+    let mut f = Fleece::new();
+    f.add_device("vm", SIZE);
+    let sock = f.root.join("ro.sock");
+    let spec = format!("vm={},ro", sock.display());
+    f.mount(&["--vhost-user-blk", &spec])
+        .expect_ok("mount with a read-only export");
+    fill_pattern(&f.live("vm"), 0, 4096, 0x77);
+    let mut c = Client::connect(&sock, 1, true);
+    assert_eq!(c.blkio.get_bool("read-only").ok(), Some(true));
+    assert_eq!(c.read(0, 0, 0, 4096), 0);
+    assert_all(c.buf(0, 4096), 0x77, "read of a read-only export");
+    let r = c.write(0, 0, 0, 4096);
+    assert!(r < 0, "a write to a read-only export succeeded");
+    assert_all(&read_range(&f.live("vm"), 0, 4096), 0x77, "unchanged");
+}
+
+#[test]
+fn backup_access_stays_exact_while_the_vm_writes_and_bitmaps_cover_every_write() {
+    let (f, sock) = exported(&[]);
+    // Before the access: a pattern everywhere.
+    let reference = pattern(11, SIZE as usize);
+    fs::OpenOptions::new()
+        .write(true)
+        .open(f.live("vm"))
+        .and_then(|l| std::os::unix::fs::FileExt::write_all_at(&l, &reference, 0))
+        .expect("writing live/vm");
+    f.setup("nightly");
+    let mut c = Client::connect(&sock, 2, false);
+    let snapshot = f.snapshot("vm");
+    let reader = std::thread::spawn(move || read_all(&snapshot));
+    // Writes on both queues while the backup reads: 4K blocks at pseudo-random offsets.
+    let mut written = Vec::new();
+    let mut x: u64 = 12345;
+    for round in 0..32 {
+        for i in 0..16usize {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let offset = (x >> 33) % (SIZE / 4096) * 4096;
+            let at = i * 4096;
+            c.buf(at, 4096).fill((round * 16 + i) as u8 | 1);
+            let p = c.ptr(at);
+            c.queues[i % 2].write(offset, p, 4096, i, ReqFlags::empty());
+            written.push(offset);
+        }
+        for q in 0..2 {
+            for (user, ret) in c.wait(q, 8) {
+                assert_eq!(ret, 0, "write {user} of round {round}");
+            }
+        }
+    }
+    let snap = reader.join().expect("the snapshot reader");
+    assert_bytes_eq(&snap, &reference, "snapshot/vm while the VM wrote");
+    assert_bytes_eq(
+        &read_all(&f.snapshot("vm")),
+        &reference,
+        "snapshot/vm after",
+    );
+    f.teardown("nightly");
+    // The next access of the target holds exactly what changed: every write is covered.
+    let setup = f.setup("nightly");
+    let map = fs::read_to_string(f.dirty_map("vm")).expect("the dirty map");
+    let ranges: Vec<(u64, u64)> = map
+        .lines()
+        .map(|l| {
+            let mut it = l.split(' ').map(|n| n.parse::<u64>().expect("a number"));
+            (it.next().expect("offset"), it.next().expect("length"))
+        })
+        .collect();
+    for off in written {
+        assert!(
+            ranges.iter().any(|&(o, l)| o <= off && off + 4096 <= o + l),
+            "write at {off} is not in the dirty map {map} ({setup})"
+        );
+    }
+    f.teardown("nightly");
+}
+
+#[test]
+fn bad_export_options_are_refused() {
+    let mut f = Fleece::new();
+    f.add_device("vm", SIZE);
+    let sock = f.root.join("x.sock");
+    let unknown = format!("nosuch={}", sock.display());
+    f.mount(&["--vhost-user-blk", &unknown])
+        .expect_failure("unknown device", "unknown device 'nosuch'");
+    f.mount(&["--vhost-user-blk", "vm"])
+        .expect_failure("no socket", "expected NAME=SOCKET");
+    let file = f.root.join("file");
+    fs::write(&file, b"x").expect("a regular file");
+    let not_socket = format!("vm={}", file.display());
+    f.mount(&["--vhost-user-blk", &not_socket])
+        .expect_failure("not a socket", "is not a socket");
+    let spec = format!("vm={}", sock.display());
+    f.mount(&["--vhost-user-blk", &spec, "--vhost-user-blk", &spec])
+        .expect_failure("twice", "given twice");
+    assert!(!sock.exists(), "a refused mount left its socket");
+}
