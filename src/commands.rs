@@ -308,6 +308,45 @@ pub fn device_add(a: &crate::cli::DeviceAddArgs) -> Result<()> {
     Ok(())
 }
 
+/// A `device remove` refused because `live/NAME` is open: adds who holds it open (loop
+/// devices attached to it, which the kernel holds with no process descriptor, and
+/// processes), or else the `fuser` command that would find them.
+fn name_holders(mp: &Path, name: &str, e: Error) -> Error {
+    if !e.message().starts_with(&format!("live/{name} is open")) {
+        return e;
+    }
+    let live = crate::layout::MountLayout::new(mp).live(name);
+    let loops = crate::restore::loop_devices_on(&live);
+    let procs = crate::restore::openers(&live);
+    let mut who: Vec<String> = loops
+        .iter()
+        .chain(&procs)
+        .map(|(w, what)| format!("{w} ({what})"))
+        .collect();
+    if who.is_empty() {
+        return e.with_note(format!("'fuser -v {}' names the processes", live.display()));
+    }
+    if who.len() > 4 {
+        let more = who.len() - 3;
+        who.truncate(3);
+        who.push(format!("{more} other(s)"));
+    }
+    let detach: Vec<String> = loops
+        .iter()
+        .filter_map(|(w, _)| w.strip_prefix("loop device "))
+        .map(|d| format!("losetup -d {d}"))
+        .collect();
+    e.with_note(format!(
+        "held by {}{}",
+        who.join(", "),
+        if detach.is_empty() {
+            String::new()
+        } else {
+            format!(" (detach with '{}')", detach.join("; "))
+        }
+    ))
+}
+
 /// `fleecefs device remove`.
 pub fn device_remove(a: &crate::cli::DeviceRemoveArgs) -> Result<()> {
     let v = call(
@@ -315,7 +354,8 @@ pub fn device_remove(a: &crate::cli::DeviceRemoveArgs) -> Result<()> {
         &Request::DeviceRemove {
             device: a.name.clone(),
         },
-    )?;
+    )
+    .map_err(|e| name_holders(&a.mountpoint, &a.name, e))?;
     if a.json {
         print_json(&v);
         return Ok(());

@@ -177,7 +177,14 @@ cmp "$T/rec.before" "$T/state2/devices.json" || fail "a refused command changed 
 lockable "$T/x.img" && fail "the source of an added device is not locked"
 exec 5<"$MNT/live/x"
 expect_fail_with "live/x is open" "$F" device remove "$MNT" x
+expect_fail_with "process $$ (bash)" "$F" device remove "$MNT" x
 exec 5<&-
+# a loop device holds it with no process descriptor: the message names it
+loop_attach "$MNT/live/x"
+expect_fail_with "held by loop device $LOOPDEV (attached) (detach with 'losetup -d $LOOPDEV')" "$F" device remove "$MNT" x
+err=$("$F" device remove "$MNT" x 2>&1 || true)
+case "$err" in *MOUNTPOINT*) fail "device remove names a placeholder: $err" ;; esac
+loop_detach "$LOOPDEV"
 "$F" setup "$MNT" --target xt --devices x --bitmap xb >/dev/null
 expect_fail_with "part of the backup access of target 'xt'" "$F" device remove "$MNT" x
 expect_fail_with "cannot shrink until" "$F" resize "$MNT" x 1M --allow-shrink

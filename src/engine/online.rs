@@ -467,7 +467,7 @@ impl Engine {
                 let open = dev.open_handles();
                 if open > 0 {
                     return Err(Error::busy(format!(
-                        "live/{name} is open ({open} handle(s)); close it first (see 'fuser -v MOUNTPOINT/live/{name}')"
+                        "live/{name} is open ({open} handle(s)): close it first"
                     )));
                 }
                 table[slot] = None;
