@@ -374,8 +374,31 @@ pub fn device_remove(a: &crate::cli::DeviceRemoveArgs) -> Result<()> {
     Ok(())
 }
 
-fn mib(bytes: u64) -> String {
-    format!("{:.1}", bytes as f64 / (1 << 20) as f64)
+/// The mount's options in `status`, in the words of `mount`'s flags.
+fn options_line(o: &crate::engine::MountOptions) -> String {
+    let mut line = format!(
+        "options: cluster size {}, backup priority {}",
+        format_size(o.cluster_size),
+        o.backup_priority
+    );
+    if let Some(share) = &o.backup_share {
+        line.push_str(&format!(
+            ", backup share {share}{}",
+            if share == "auto" { "" } else { "%" }
+        ));
+    }
+    line.push_str(&format!(
+        ", backup read {}, fleecing limit {}, crash-safe bitmaps {}, on cbw error {}, cbw timeout {}, cbw buffer {}{}",
+        o.backup_read,
+        o.fleecing_limit.map_or("none".to_string(), format_size),
+        o.crash_safe_bitmaps,
+        o.on_cbw_error,
+        o.cbw_timeout_seconds
+            .map_or("none".to_string(), |t| format!("{t}s")),
+        format_size(o.cbw_buffer),
+        if o.live_cache { ", live cache" } else { "" }
+    ));
+    line
 }
 
 /// `fleecefs status`.
@@ -387,6 +410,9 @@ pub fn status(mp: &Path, json: bool) -> Result<()> {
     }
     let st: Status = typed(&v)?;
     crate::out!("fleecefs at {} (pid {})", st.mountpoint.display(), st.pid);
+    if let Some(o) = &st.options {
+        crate::out!("{}", options_line(o));
+    }
     let mut rows = vec![vec!["DEVICE", "SIZE", "CLUSTER", "SOURCE"]
         .into_iter()
         .map(String::from)
@@ -404,12 +430,10 @@ pub fn status(mp: &Path, json: bool) -> Result<()> {
     if st.bitmaps.is_empty() {
         crate::out!("no bitmaps");
     } else {
-        let mut rows = vec![
-            vec!["BITMAP", "DEVICE", "TARGET", "DIRTY MiB", "CONSISTENT"]
-                .into_iter()
-                .map(String::from)
-                .collect(),
-        ];
+        let mut rows = vec![vec!["BITMAP", "DEVICE", "TARGET", "DIRTY", "CONSISTENT"]
+            .into_iter()
+            .map(String::from)
+            .collect()];
         for b in &st.bitmaps {
             let consistent = if b.consistent {
                 "yes".to_string()
@@ -420,7 +444,7 @@ pub fn status(mp: &Path, json: bool) -> Result<()> {
                 b.name.clone(),
                 b.device.clone(),
                 b.target.clone(),
-                mib(b.dirty_bytes),
+                format_size(b.dirty_bytes),
                 consistent,
             ]);
         }
@@ -444,15 +468,15 @@ pub fn status(mp: &Path, json: bool) -> Result<()> {
                 utc_timestamp(a.started_at)
             );
             let in_memory = if a.pending_bytes > 0 {
-                format!(" ({} MiB of it still in memory)", mib(a.pending_bytes))
+                format!(" ({} of it still in memory)", format_size(a.pending_bytes))
             } else {
                 String::new()
             };
             crate::out!(
-                "  fleecing {} MiB, copied before write {} MiB{in_memory}, discarded {pct:.0}% of {} MiB",
-                mib(a.fleecing_allocated),
-                mib(a.copied_bytes),
-                mib(dirty)
+                "  fleecing {}, copied before write {}{in_memory}, discarded {pct:.0}% of {}",
+                format_size(a.fleecing_allocated),
+                format_size(a.copied_bytes),
+                format_size(dirty)
             );
             if a.broken {
                 crate::out!(

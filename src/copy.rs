@@ -199,7 +199,31 @@ pub fn run(a: &CopyArgs) -> Result<()> {
         verify: a.verify,
         progress: true,
     };
-    let s = copy(&a.mountpoint, &a.name, &a.dest, opts)?;
+    let r = copy(&a.mountpoint, &a.name, &a.dest, opts);
+    // The daemon's log is the mount's backup history: the copy's outcome goes there too.
+    if let Ok(state) = crate::control::client::state_dir_of(&a.mountpoint) {
+        let log = state.join(crate::state::LOG_FILE);
+        match &r {
+            Ok(s) => crate::logger::append_to_daemon_log(
+                &log,
+                "copy",
+                log::Level::Info,
+                &summary_line(s),
+            ),
+            Err(e) => crate::logger::append_to_daemon_log(
+                &log,
+                "copy",
+                log::Level::Error,
+                &format!(
+                    "copy of {} to {} failed: {}",
+                    a.name,
+                    a.dest.display(),
+                    crate::error::report(e)
+                ),
+            ),
+        }
+    }
+    let s = r?;
     if a.json {
         let text = serde_json::to_string_pretty(&s).map_err(|e| Error::invalid(e.to_string()))?;
         crate::out!("{text}");
@@ -256,9 +280,9 @@ pub fn summary_line(s: &CopySummary) -> String {
 
 pub(crate) fn rate(bytes: u64, seconds: f64) -> String {
     if seconds <= 0.0 {
-        return "- MB/s".into();
+        return "-/s".into();
     }
-    format!("{:.1} MB/s", bytes as f64 / 1e6 / seconds)
+    crate::units::format_rate(bytes as f64 / seconds)
 }
 
 /// Copies `MOUNTPOINT/snapshot/NAME` into `dest` by the ranges of its dirty map.

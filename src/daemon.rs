@@ -432,7 +432,19 @@ pub fn mount(args: &MountArgs) -> Result<()> {
             args,
         )
     } else {
-        start_background()
+        start_background()?;
+        let names: Vec<&str> = plan.devices.iter().map(|(n, _)| n.as_str()).collect();
+        crate::out!(
+            "mounted {}: {} (log {})",
+            plan.mountpoint.display(),
+            if names.is_empty() {
+                "no device yet".to_string()
+            } else {
+                format!("{} device(s): {}", names.len(), names.join(", "))
+            },
+            plan.state_dir.join(LOG_FILE).display()
+        );
+        Ok(())
     }
 }
 
@@ -473,6 +485,41 @@ fn start_background() -> Result<()> {
             String::new()
         },
     ))
+}
+
+/// The options of `plan` as `status` shows them: flag values as written on the command
+/// line.
+fn mount_options(plan: &MountPlan) -> crate::engine::MountOptions {
+    use clap::ValueEnum;
+    let name = |v: Option<clap::builder::PossibleValue>| {
+        v.map(|v| v.get_name().to_string()).unwrap_or_default()
+    };
+    crate::engine::MountOptions {
+        cluster_size: plan.cluster.bytes(),
+        backup_priority: name(plan.backup_priority.to_possible_value()),
+        backup_share: plan.backup_share.map(|s| match s {
+            crate::sched::BackupShare::Percent(p) => p.to_string(),
+            crate::sched::BackupShare::Auto => "auto".to_string(),
+        }),
+        backup_read: name(plan.backup_read.to_possible_value()),
+        fleecing_limit: plan.fleecing_limit,
+        fleecing_dir: plan.fleecing_dir.clone(),
+        crash_safe_bitmaps: match plan.crash_safe_bitmaps {
+            crate::bitmap_file::CrashSafety::On => "on",
+            crate::bitmap_file::CrashSafety::Sync => "sync",
+            crate::bitmap_file::CrashSafety::Off => "off",
+        }
+        .to_string(),
+        on_cbw_error: match plan.on_cbw_error {
+            OnCbwError::BreakSnapshot => "break-snapshot",
+            OnCbwError::BreakGuestWrite => "break-guest-write",
+        }
+        .to_string(),
+        cbw_timeout_seconds: plan.cbw_timeout.map(|t| t.as_secs_f64()),
+        cbw_buffer: plan.cbw_buffer,
+        live_cache: plan.live_cache,
+        threads: plan.threads,
+    }
 }
 
 fn bind_socket(state: &StateDir) -> Result<UnixListener> {
@@ -558,6 +605,7 @@ fn serve(plan: MountPlan, daemon_child: bool, allow_other: bool) -> Result<()> {
             return Err(e);
         }
     };
+    engine.set_mount_options(mount_options(&plan));
     crate::keeper::restore_broken_access(&engine);
     crate::vhost_user::start(&engine, &plan.vhost_user_blk, vhost_listeners)?;
     {
@@ -668,7 +716,9 @@ pub fn unmount(mountpoint: &Path) -> Result<()> {
         }
         return Err(Error::io(format!("unmounting {}", mountpoint.display()), e));
     }
-    wait_for_daemon_exit(&state, Duration::from_secs(120))
+    wait_for_daemon_exit(&state, Duration::from_secs(120))?;
+    crate::out!("unmounted {}", mp.display());
+    Ok(())
 }
 
 /// Waits until nobody holds the state directory lock any more.

@@ -14,13 +14,12 @@
 //! killed on timeout. Their output goes to the log: the daemon's log file in the state
 //! directory, and stderr with `-v`.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
-use crate::logger::utc_timestamp;
 
 /// Default `--freeze-timeout`.
 pub const DEFAULT_TIMEOUT: f64 = 10.0;
@@ -274,16 +273,8 @@ fn run(
 /// One line to the log: the daemon's log file (if given and writable) and `log::info!`.
 fn log_line(file: Option<&Path>, line: &str) {
     log::info!("{line}");
-    let Some(path) = file else { return };
-    if let Ok(mut f) = crate::secure_path::open_log(path) {
-        let _ = f.write_all(
-            format!(
-                "{} fleecefs-setup[{}] info: {line}\n",
-                utc_timestamp(crate::sys::unix_now()),
-                std::process::id()
-            )
-            .as_bytes(),
-        );
+    if let Some(path) = file {
+        crate::logger::append_to_daemon_log(path, "setup", log::Level::Info, line);
     }
 }
 

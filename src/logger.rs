@@ -1,6 +1,8 @@
 //! A small `log` backend: one line per record on stderr (the daemon's stderr is its log
-//! file once it runs in the background). Quiet by default: warnings and errors only;
-//! `-v` adds info, `-vv` debug, `-vvv` trace (including fuser's own messages).
+//! file once it runs in the background). Commands are quiet by default: warnings and
+//! errors only; `-v` adds info, `-vv` debug, `-vvv` trace (including fuser's own
+//! messages). A daemon logs info too (mounts, setups, teardowns and their outcome: its
+//! log is a backup history).
 
 use std::fs::File;
 use std::io::Write;
@@ -28,13 +30,37 @@ pub fn tee_to_file(path: &Path) {
     }
 }
 
+/// Appends one line, as a daemon's log lines look, to the log file `path` of a daemon
+/// from a command of `program` (`setup`, `copy`, `restore`):
+/// `TIME fleecefs-PROGRAM[PID] LEVEL: line`. Opened as the daemon opens it
+/// ([`crate::secure_path::open_log`]: never through a symlink, 0600); failing to write is
+/// not an error of the command.
+pub fn append_to_daemon_log(path: &Path, program: &str, level: Level, line: &str) {
+    let Ok(mut f) = crate::secure_path::open_log(path) else {
+        return;
+    };
+    let _ = f.write_all(
+        format!(
+            "{} fleecefs-{program}[{}] {}: {line}\n",
+            utc_timestamp(crate::sys::unix_now()),
+            std::process::id(),
+            level.as_str().to_lowercase()
+        )
+        .as_bytes(),
+    );
+}
+
 /// Stops writing to stderr; records go to the log file only.
 pub fn stop_tee() {
     TEE.store(false, Ordering::Relaxed);
 }
 
 struct Logger {
+    /// What goes to a terminal: `-v` flags (warnings and errors without).
     level: LevelFilter,
+    /// What goes to the daemon's log: its log file, or its stderr when it has no file
+    /// (in the foreground, e.g. under systemd, stderr is the journal). At least info.
+    log_level: LevelFilter,
     daemon: bool,
 }
 
@@ -63,10 +89,10 @@ pub fn utc_timestamp(secs: u64) -> String {
 impl Log for Logger {
     fn enabled(&self, m: &Metadata<'_>) -> bool {
         // fuser logs unimplemented operations as warnings; only show them when tracing.
-        if m.target().starts_with("fuser") && self.level < LevelFilter::Trace {
+        if m.target().starts_with("fuser") && self.log_level < LevelFilter::Trace {
             return m.level() <= Level::Error;
         }
-        m.level() <= self.level
+        m.level() <= self.log_level
     }
 
     fn log(&self, r: &Record<'_>) {
@@ -94,7 +120,8 @@ impl Log for Logger {
         if let Ok(mut g) = FILE.lock() {
             if let Some(f) = g.as_mut() {
                 let _ = f.write_all(line.as_bytes());
-                to_stderr = TEE.load(Ordering::Relaxed);
+                // While it is still attached to the terminal, as quiet as a command.
+                to_stderr = TEE.load(Ordering::Relaxed) && r.level() <= self.level;
             }
         }
         if to_stderr {
@@ -113,8 +140,18 @@ pub fn init(verbosity: u8, daemon: bool) {
         2 => LevelFilter::Debug,
         _ => LevelFilter::Trace,
     };
-    if log::set_boxed_logger(Box::new(Logger { level, daemon })).is_ok() {
-        log::set_max_level(level);
+    let log_level = if daemon {
+        level.max(LevelFilter::Info)
+    } else {
+        level
+    };
+    let logger = Logger {
+        level,
+        log_level,
+        daemon,
+    };
+    if log::set_boxed_logger(Box::new(logger)).is_ok() {
+        log::set_max_level(log_level);
     }
 }
 

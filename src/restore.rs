@@ -55,24 +55,53 @@ pub struct RestoreSummary {
 
 /// `fleecefs restore`.
 pub fn run(a: &RestoreArgs) -> Result<()> {
-    let s = restore(&a.mountpoint, &a.name, &a.from, a.verify, a.force, true)?;
+    let r = restore(&a.mountpoint, &a.name, &a.from, a.verify, a.force, true);
+    // The daemon's log is the mount's history: the restore's outcome goes there too.
+    if let Ok(state) = crate::control::client::state_dir_of(&a.mountpoint) {
+        let log = state.join(crate::state::LOG_FILE);
+        match &r {
+            Ok(s) => crate::logger::append_to_daemon_log(
+                &log,
+                "restore",
+                log::Level::Info,
+                &summary_line(s),
+            ),
+            Err(e) => crate::logger::append_to_daemon_log(
+                &log,
+                "restore",
+                log::Level::Error,
+                &format!(
+                    "restore of {} onto {} failed: {}",
+                    a.from.display(),
+                    a.name,
+                    crate::error::report(e)
+                ),
+            ),
+        }
+    }
+    let s = r?;
     if a.json {
         let text = serde_json::to_string_pretty(&s).map_err(|e| Error::invalid(e.to_string()))?;
         crate::out!("{text}");
     } else {
-        crate::out!(
-            "restored {} ({}) onto {}: {} written, {} already equal, {:.1}s ({}){}",
-            s.from,
-            s.format,
-            s.name,
-            format_size(s.bytes_written),
-            format_size(s.bytes_skipped_equal),
-            s.seconds,
-            rate(s.bytes_total, s.seconds),
-            if s.verified { ", verified" } else { "" }
-        );
+        crate::out!("{}", summary_line(&s));
     }
     Ok(())
+}
+
+/// The one-line summary printed without `--json`.
+fn summary_line(s: &RestoreSummary) -> String {
+    format!(
+        "restored {} ({}) onto {}: {} written, {} already equal, {:.1}s ({}){}",
+        s.from,
+        s.format,
+        s.name,
+        format_size(s.bytes_written),
+        format_size(s.bytes_skipped_equal),
+        s.seconds,
+        rate(s.bytes_total, s.seconds),
+        if s.verified { ", verified" } else { "" }
+    )
 }
 
 /// Restores `from` onto `MOUNTPOINT/live/NAME`.

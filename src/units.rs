@@ -154,9 +154,35 @@ pub fn format_size(bytes: u64) -> String {
     }
 }
 
+/// Formats a rate for people in the units of [`format_size`] per second, binary like
+/// them: `512/s`, `64.0K/s`, `206.2M/s`.
+pub fn format_rate(bytes_per_second: f64) -> String {
+    const UNITS: [&str; 5] = ["", "K", "M", "G", "T"];
+    let mut value = bytes_per_second.max(0.0);
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{}/s", value.round() as u64)
+    } else {
+        format!("{value:.1}{}/s", UNITS[unit])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rates_are_binary() {
+        assert_eq!(format_rate(0.0), "0/s");
+        assert_eq!(format_rate(512.0), "512/s");
+        assert_eq!(format_rate(65536.0), "64.0K/s");
+        assert_eq!(format_rate(100.0 * 1048576.0), "100.0M/s");
+        assert_eq!(format_rate(1.5 * 1073741824.0), "1.5G/s");
+    }
 
     #[test]
     fn parse_sizes() {

@@ -24,8 +24,8 @@ pub use online::{
 };
 
 pub use report::{
-    AccessDeviceStatus, AccessStatus, BitmapAction, BitmapRemoveReport, DeviceStatus, SetupDevice,
-    SetupReport, Status, TeardownReport,
+    AccessDeviceStatus, AccessStatus, BitmapAction, BitmapRemoveReport, DeviceStatus, MountOptions,
+    SetupDevice, SetupReport, Status, TeardownReport,
 };
 
 use std::path::PathBuf;
@@ -142,6 +142,8 @@ pub struct Engine {
     /// Cluster size of every device (devices added later get it too).
     cluster: crate::units::ClusterSize,
     kernel: OnceLock<Box<dyn KernelCache>>,
+    /// The options the mount was made with, as `status` shows them (set by the daemon).
+    options: OnceLock<MountOptions>,
     config: EngineConfig,
     copy_pool: Option<Arc<CopyPool>>,
     write_behind: Option<Arc<WriteBehind>>,
@@ -237,6 +239,7 @@ impl Engine {
             devices: RwLock::new(table),
             cluster,
             kernel: OnceLock::new(),
+            options: OnceLock::new(),
             config,
             copy_pool,
             write_behind,
@@ -249,6 +252,11 @@ impl Engine {
                 next_slot,
             }),
         })
+    }
+
+    /// Records the options the mount was made with, for `status` (once).
+    pub fn set_mount_options(&self, options: MountOptions) {
+        let _ = self.options.set(options);
     }
 
     /// Connects the kernel side (once, after the FUSE session exists).
@@ -451,6 +459,7 @@ impl Engine {
             bitmaps,
             access,
             errors,
+            options: self.options.get().cloned(),
         }
     }
 

@@ -139,6 +139,39 @@ pub struct Status {
     pub access: Option<AccessStatus>,
     /// Errors worth a look (source I/O errors, broken accesses).
     pub errors: Vec<String>,
+    /// The options the mount was made with.
+    #[serde(default)]
+    pub options: Option<MountOptions>,
+}
+
+/// The options a mount was made with, as `status` shows them: the values of `mount`'s
+/// flags (defaults included).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct MountOptions {
+    /// `--cluster-size` in bytes (devices added later get it too).
+    pub cluster_size: u64,
+    /// `--backup-priority`: `low` or `normal`.
+    pub backup_priority: String,
+    /// `--backup-share`: a percentage of one CPU (`45`) or `auto`; `None` without it.
+    pub backup_share: Option<String>,
+    /// `--backup-read`: `cached` or `direct`.
+    pub backup_read: String,
+    /// `--fleecing-limit` in bytes; `None`: no limit.
+    pub fleecing_limit: Option<u64>,
+    /// `--fleecing-dir`.
+    pub fleecing_dir: PathBuf,
+    /// `--crash-safe-bitmaps`: `on`, `sync` or `off`.
+    pub crash_safe_bitmaps: String,
+    /// `--on-cbw-error`: `break-snapshot` or `break-guest-write`.
+    pub on_cbw_error: String,
+    /// `--cbw-timeout` in seconds; `None`: no limit.
+    pub cbw_timeout_seconds: Option<f64>,
+    /// `--cbw-buffer` in bytes.
+    pub cbw_buffer: u64,
+    /// `--live-cache` given.
+    pub live_cache: bool,
+    /// `--threads`: FUSE worker threads.
+    pub threads: usize,
 }
 
 impl SetupReport {

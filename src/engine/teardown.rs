@@ -82,14 +82,17 @@ impl Engine {
         let (accesses, bitmap_errors) =
             self.switch_back(&active, control.bitmaps.as_ref(), effective_success);
         let cleanup = self.finish(&accesses);
-        log::info!(
-            "backup access for target '{target}' torn down ({})",
-            if effective_success {
-                "success"
-            } else {
-                "failure"
-            }
-        );
+        let devices = active
+            .devices
+            .iter()
+            .map(|d| d.device.name())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let why_failed = match (&broken_reason, success) {
+            (Some(reason), _) => format!("its access broke ({reason})"),
+            (None, false) => "as requested (--failure)".to_string(),
+            (None, true) => String::new(),
+        };
         let result = self.teardown_result(
             target,
             &active,
@@ -102,6 +105,18 @@ impl Engine {
         // Only a delivered reply that says success may apply it.
         let reported = matches!(&result, Ok(r) if r.success);
         let delivered = deliver(result) && reported;
+        // The log is the mount's backup history: every teardown and its outcome.
+        if effective_success && delivered {
+            log::info!("backup access for target '{target}' torn down: success on {devices}");
+        } else if effective_success {
+            log::info!(
+                "backup access for target '{target}' torn down: failure on {devices} (the reply of the success was not delivered)"
+            );
+        } else {
+            log::info!(
+                "backup access for target '{target}' torn down: failure on {devices}, {why_failed}"
+            );
+        }
         if effective_success {
             if !delivered {
                 log::warn!(
