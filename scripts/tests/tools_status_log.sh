@@ -13,7 +13,7 @@ head -c $((4 * M)) /dev/urandom >"$T/d.img"
 mkdir -p "$T/mnt"
 MOUNTS+=("$T/mnt")
 out=$("$FLEECEFS" mount "$T/mnt" --state-dir "$T/state" --device d="$T/d.img" \
-    --backup-priority low --backup-share auto --fleecing-limit 1G --crash-safe-bitmaps sync 2>&1)
+    --backup-priority low --backup-share auto --fleecing-limit 1G --crash-safe-bitmaps sync)
 [ "$(printf '%s\n' "$out" | wc -l)" = 1 ] || fail "mount printed more than one line: $out"
 [ "$out" = "mounted $T/mnt: 1 device(s): d (log $T/state/fleecefs.log)" ] || fail "mount printed: $out"
 LOG=$T/state/fleecefs.log
