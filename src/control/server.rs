@@ -3,11 +3,11 @@
 //! disconnects mid-request gets an error reply or is dropped, with one log line; the
 //! daemon keeps serving.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::proto::{parse_request, Request, Response, ACK, MAX_REQUEST};
 use crate::engine::{Engine, SizeRequest};
@@ -103,14 +103,10 @@ fn teardown_delivered(stream: &mut UnixStream, resp: &Response, ack: bool) -> bo
         let _ = stream.shutdown(std::net::Shutdown::Write);
         return true;
     }
-    let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
-    let mut line = Vec::new();
-    let got = BufReader::new(&*stream)
-        .take(ACK.len() as u64 + 2)
-        .read_until(b'\n', &mut line);
+    let got = read_line_within(stream, ACK.len() + 1, READ_TIMEOUT);
     let _ = stream.shutdown(std::net::Shutdown::Both);
     match got {
-        Ok(_) if line.trim_ascii() == ACK.as_bytes() => true,
+        Ok(line) if line.trim_ascii() == ACK.as_bytes() => true,
         Ok(_) => {
             log::info!("control client did not acknowledge the teardown reply");
             false
@@ -118,6 +114,58 @@ fn teardown_delivered(stream: &mut UnixStream, resp: &Response, ack: bool) -> bo
         Err(e) => {
             log::info!("control client did not acknowledge the teardown reply: {e}");
             false
+        }
+    }
+}
+
+/// Reads one line from `stream`: at most `limit` bytes and its newline (one byte more
+/// says the line is too long), all within `timeout` from now. The time limit is for the
+/// whole line, not for each read, so a client that sends a byte now and then cannot hold
+/// its slot (one of [`MAX_CLIENTS`]) for longer than that. Ends early at end of file.
+fn read_line_within(stream: &UnixStream, limit: usize, timeout: Duration) -> io::Result<Vec<u8>> {
+    let deadline = Instant::now() + timeout;
+    let mut line = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let late = || {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "no complete line within {} s ({} bytes received)",
+                    timeout.as_secs(),
+                    line.len()
+                ),
+            )
+        };
+        if left.is_zero() {
+            return Err(late());
+        }
+        stream.set_read_timeout(Some(left))?;
+        let want = (limit + 1 - line.len()).min(buf.len());
+        let n = match (&*stream).read(&mut buf[..want]) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(late())
+            }
+            Err(e) => return Err(e),
+        };
+        if n == 0 {
+            return Ok(line);
+        }
+        if let Some(i) = buf[..n].iter().position(|&b| b == b'\n') {
+            line.extend_from_slice(&buf[..=i]);
+            return Ok(line);
+        }
+        line.extend_from_slice(&buf[..n]);
+        if line.len() > limit {
+            return Ok(line);
         }
     }
 }
@@ -146,15 +194,13 @@ fn handle(engine: &Engine, layout: &MountLayout, mut stream: UnixStream) {
             return;
         }
     }
-    let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
-    let mut line = Vec::new();
-    let read = BufReader::new(&stream)
-        .take(MAX_REQUEST as u64 + 1)
-        .read_until(b'\n', &mut line);
-    if let Err(e) = read {
-        log::warn!("dropped control client: {e}");
-        return;
-    }
+    let line = match read_line_within(&stream, MAX_REQUEST, READ_TIMEOUT) {
+        Ok(line) => line,
+        Err(e) => {
+            log::warn!("dropped control client: {e}");
+            return;
+        }
+    };
     if line.is_empty() {
         log::info!("control client disconnected without a request");
         return;
@@ -232,5 +278,51 @@ pub fn serve(listener: UnixListener, engine: Arc<Engine>, layout: MountLayout) {
             log::warn!("cannot start control handler: {e}");
             active.fetch_sub(1, Ordering::AcqRel);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_line_has_one_deadline_however_the_bytes_trickle() {
+        let (mut client, server) = UnixStream::pair().unwrap();
+        let writer = std::thread::spawn(move || {
+            for _ in 0..30 {
+                if client.write_all(b"x").is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        let start = Instant::now();
+        let e = read_line_within(&server, 100, Duration::from_millis(800)).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            start.elapsed()
+        );
+        drop(server);
+        writer.join().unwrap();
+    }
+
+    #[test]
+    fn lines_long_lines_and_end_of_file() {
+        let (mut client, server) = UnixStream::pair().unwrap();
+        client.write_all(b"hello\nrest").unwrap();
+        let got = read_line_within(&server, 100, Duration::from_secs(5)).unwrap();
+        assert_eq!(got, b"hello\n");
+        let (mut client, server) = UnixStream::pair().unwrap();
+        client.write_all(&[b'a'; 50]).unwrap();
+        let got = read_line_within(&server, 10, Duration::from_secs(5)).unwrap();
+        assert_eq!(got.len(), 11);
+        drop(client);
+        let (client, server) = UnixStream::pair().unwrap();
+        drop(client);
+        assert!(read_line_within(&server, 10, Duration::from_secs(5))
+            .unwrap()
+            .is_empty());
     }
 }
