@@ -371,4 +371,13 @@ fn bad_export_options_are_refused() {
     f.mount(&["--vhost-user-blk", &spec, "--vhost-user-blk", &spec])
         .expect_failure("twice", "given twice");
     assert!(!sock.exists(), "a refused mount left its socket");
+    let open_dir = f.root.join("open");
+    fs::create_dir(&open_dir).expect("a directory");
+    fs::set_permissions(&open_dir, fs::Permissions::from_mode(0o777)).expect("chmod 777");
+    let in_open = format!("vm={}", open_dir.join("vm.sock").display());
+    f.mount(&["--vhost-user-blk", &in_open])
+        .expect_failure("a directory every user can write", "is not safe");
+    let missing = format!("vm={}", f.root.join("nodir/vm.sock").display());
+    f.mount(&["--vhost-user-blk", &missing])
+        .expect_failure("a missing directory", "nodir");
 }

@@ -26,7 +26,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use super::request::{self, Chain, Target, MAX_RANGE_SECTORS, MAX_RANGE_SEGMENTS, SECTOR};
+use super::request::{self, Target, MAX_RANGE_SECTORS, MAX_RANGE_SEGMENTS, SECTOR};
 use super::Export;
 use crate::cbw::Device;
 use crate::sync::Recover;
@@ -111,8 +111,7 @@ impl BlkBackend {
             let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem);
             let Some(chain) = chain else { break };
             let head = chain.head_index();
-            let descs = chain.map(|d| (d.addr(), d.len(), d.is_write_only()));
-            let written = match Chain::map(mem, descs).and_then(|c| request::execute(&target, &c)) {
+            let written = match request::serve_chain(&target, mem, chain) {
                 Ok(o) => {
                     self.export.count(o.status != VIRTIO_BLK_S_OK as u8);
                     o.written

@@ -14,6 +14,8 @@
 //! QEMU's chardev) sets the queues up again and resubmits what was not completed.
 
 mod backend;
+#[cfg(test)]
+mod hostile;
 mod request;
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -146,15 +148,7 @@ pub fn validate(specs: &[ExportSpec], devices: &[String]) -> Result<()> {
                 s.socket.display()
             )));
         }
-        match s.socket.parent() {
-            Some(dir) if dir.is_dir() => {}
-            _ => {
-                return Err(Error::invalid(format!(
-                    "--vhost-user-blk: the directory of socket {} does not exist",
-                    s.socket.display()
-                )))
-            }
-        }
+        trusted_dir(&s.socket)?;
         if let Ok(m) = std::fs::symlink_metadata(&s.socket) {
             if !m.file_type().is_socket() {
                 return Err(Error::invalid(format!(
@@ -167,11 +161,29 @@ pub fn validate(specs: &[ExportSpec], devices: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// Checks that the directory of `socket` exists and only root can change what is in it
+/// (the daemon replaces a leftover socket there).
+fn trusted_dir(socket: &Path) -> Result<()> {
+    let dir = socket.parent().ok_or_else(|| {
+        Error::invalid(format!(
+            "--vhost-user-blk: socket {} has no directory",
+            socket.display()
+        ))
+    })?;
+    crate::secure_path::open_trusted_dir(
+        dir,
+        "--vhost-user-blk socket directory",
+        crate::secure_path::Missing::Fail,
+    )
+    .map(|_| ())
+}
+
 /// Creates the listening sockets (mode 0600; a leftover socket at the path is replaced).
 /// Call while no other thread creates files: the umask is process-wide.
 pub fn bind(specs: &[ExportSpec]) -> Result<Vec<UnixListener>> {
     let mut out = Vec::new();
     for s in specs {
+        trusted_dir(&s.socket)?;
         if let Ok(m) = std::fs::symlink_metadata(&s.socket) {
             if !m.file_type().is_socket() {
                 return Err(Error::invalid(format!(

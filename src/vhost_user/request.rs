@@ -165,6 +165,20 @@ pub struct Target<'d> {
     pub read_only: bool,
 }
 
+/// Maps a descriptor chain popped from a queue and executes it.
+pub fn serve_chain<M>(
+    target: &Target<'_>,
+    mem: &GuestMemoryMmap<()>,
+    chain: virtio_queue::DescriptorChain<M>,
+) -> std::result::Result<Outcome, Malformed>
+where
+    M: std::ops::Deref,
+    M::Target: vm_memory::GuestMemory,
+{
+    let descs = chain.map(|d| (d.addr(), d.len(), d.is_write_only()));
+    Chain::map(mem, descs).and_then(|c| execute(target, &c))
+}
+
 /// Executes one request; `Err` only when the chain has no room for a status byte.
 pub fn execute(target: &Target<'_>, chain: &Chain<'_>) -> std::result::Result<Outcome, Malformed> {
     let status_at = chain
