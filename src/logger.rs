@@ -44,7 +44,7 @@ pub fn append_to_daemon_log(path: &Path, program: &str, level: Level, line: &str
             "{} fleecefs-{program}[{}] {}: {line}\n",
             utc_timestamp(crate::sys::unix_now()),
             std::process::id(),
-            level.as_str().to_lowercase()
+            level_name(level)
         )
         .as_bytes(),
     );
@@ -53,6 +53,18 @@ pub fn append_to_daemon_log(path: &Path, program: &str, level: Level, line: &str
 /// Stops writing to stderr; records go to the log file only.
 pub fn stop_tee() {
     TEE.store(false, Ordering::Relaxed);
+}
+
+/// How a level is spelled in every line fleecefs writes (`fleecefs: warning: ...` on a
+/// terminal, `fleecefs[PID] warning: ...` in the log), the words of its other messages.
+pub fn level_name(level: Level) -> &'static str {
+    match level {
+        Level::Error => "error",
+        Level::Warn => "warning",
+        Level::Info => "info",
+        Level::Debug => "debug",
+        Level::Trace => "trace",
+    }
 }
 
 struct Logger {
@@ -104,15 +116,11 @@ impl Log for Logger {
                 "{} fleecefs[{}] {}: {}\n",
                 utc_timestamp(crate::sys::unix_now()),
                 std::process::id(),
-                r.level().as_str().to_lowercase(),
+                level_name(r.level()),
                 r.args()
             )
         } else if r.level() <= Level::Warn {
-            format!(
-                "fleecefs: {}: {}\n",
-                r.level().as_str().to_lowercase(),
-                r.args()
-            )
+            format!("fleecefs: {}: {}\n", level_name(r.level()), r.args())
         } else {
             format!("fleecefs: {}\n", r.args())
         };

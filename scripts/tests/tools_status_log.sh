@@ -3,8 +3,9 @@
 # `status` shows the options the mount was made with (text and --json); `findmnt -t
 # fuse.fleecefs` lists the mount; the log (STATE_DIR/fleecefs.log) holds, at the default
 # level, every setup, every teardown with its outcome, and each copy and restore result
-# (success and failure), in the line format docs/formats.md spells. Sizes and rates in the
-# output are binary (K/M/G, M/s), as docs/usage.md says.
+# (success and failure), in the line format docs/formats.md spells, with warnings spelled
+# "warning" there and on the terminal. Sizes and rates in the output are binary (K/M/G,
+# M/s), as docs/usage.md says.
 source "$(dirname "$0")/lib.sh"
 
 DOCS=$(cd "$(dirname "$0")/../../docs" && pwd)
@@ -43,7 +44,14 @@ printf '%s\n' "$summary" | grep -q 'MB/s' && fail "the copy's rate is in decimal
 "$FLEECEFS" setup "$T/mnt" --target night --bitmap night >/dev/null
 "$FLEECEFS" teardown "$T/mnt" --target night --failure >/dev/null
 "$FLEECEFS" restore "$T/mnt" d "$T/full.img" >/dev/null 2>&1 || fail "restore failed"
-out=$("$FLEECEFS" unmount "$T/mnt")
+# a warning reads "warning" on the terminal (as every other warning line) and in the log
+err=$("$FLEECEFS" setup "$T/mnt" --target late --freeze-cmd false --thaw-cmd true --freeze-optional 2>&1 >/dev/null) ||
+    fail "setup with an optional failing freeze failed"
+case "$err" in
+"fleecefs: warning: the freeze command 'false' failed"*) ;;
+*) fail "the warning of an optional failed freeze reads: $err" ;;
+esac
+out=$("$FLEECEFS" unmount "$T/mnt")   # with the access active: a warning in the log
 [ "$out" = "unmounted $T/mnt" ] || fail "unmount printed: $out"
 
 # the log, at the default level
@@ -55,9 +63,10 @@ has "$ts fleecefs\[[0-9]+\] info: backup access for target 'night' set up on d \
 has "$ts fleecefs\[[0-9]+\] info: backup access for target 'night' torn down: failure on d, as requested" "the failed teardown"
 has "$ts fleecefs-copy\[[0-9]+\] info: full copy of d to $T/full.img: 4M in 1 range\(s\)" "the copy's summary"
 has "$ts fleecefs-copy\[[0-9]+\] error: copy of d to $T/full.img failed: " "the failed copy"
+has "$ts fleecefs\[[0-9]+\] warning: shutting down: backup access for target 'late' is torn down as a failure" "the shutdown's warning"
 has "$ts fleecefs-restore\[[0-9]+\] info: restored $T/full.img \(raw\) onto d: " "the restore"
 # every line has the documented shape; the documented example has it too
-bad=$(grep -Ev "$ts fleecefs(-setup|-copy|-restore)?\[[0-9]+\] (error|warn|info|debug|trace): " "$LOG" || true)
+bad=$(grep -Ev "$ts fleecefs(-setup|-copy|-restore)?\[[0-9]+\] (error|warning|info|debug|trace): " "$LOG" || true)
 [ -z "$bad" ] || fail "log lines not in the documented format: $bad"
 example=$(grep -o '`[0-9]\{4\}-[0-9-]*T[0-9:]*Z fleecefs\[[0-9]*\] [a-z]*: [^`]*`' "$DOCS/formats.md" | head -1 | tr -d '`')
 [ -n "$example" ] || fail "docs/formats.md has no example log line"
