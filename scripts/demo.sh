@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "demo: run as root (it mounts a FUSE filesystem)" >&2; exit 1; }
-command -v cargo >/dev/null || { echo "demo: cargo is not installed" >&2; exit 1; }
+source scripts/check-toolchain.sh demo # cargo and rustc new enough, else one line, exit 1
 
 SIZE_MB=${DEMO_SIZE_MB:-256}
 echo "== building fleecefs (release)"

@@ -13,7 +13,7 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 [ -e /dev/fuse ] || { echo "scripts/test.sh: /dev/fuse is missing (modprobe fuse)" >&2; exit 1; }
-command -v cargo >/dev/null || { echo "scripts/test.sh: cargo is not installed" >&2; exit 1; }
+source scripts/check-toolchain.sh scripts/test.sh # cargo and rustc new enough, else one line, exit 1
 
 # Debian packages the tests use; installed only when a tool is missing.
 need=()
