@@ -2,9 +2,11 @@
 # Runs every fleecefs test on a fresh Debian machine, as root:
 #   1. installs what the tests need (Debian packages; Rust crates through cargo),
 #   2. formatting and lint gates (cargo fmt, clippy -D warnings, cargo doc),
-#   3. cargo tests: unit tests, engine model tests, real-mount integration tests,
+#   3. cargo tests: unit tests, engine model tests, and (feature root-tests) the
+#      real-mount integration tests,
 #   4. shell tests in scripts/tests/*.sh with the tools people use (cp, dd, rsync, ...).
-# It prints 'N passed, N failed' for the shell tests and exits non-zero on any failure.
+# Every group runs even when an earlier one failed; at the end it prints one line per
+# group and exits non-zero if any failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,43 +35,74 @@ if [ ${#need[@]} -gt 0 ]; then
     apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
+# Each group's outcome, in order: "ok NAME", "FAIL NAME" or "skipped NAME (why)".
+summary=()
+failures=0
+record() { # record STATUS NAME
+    summary+=("$1 $2")
+    [ "$1" = FAIL ] && failures=$((failures + 1))
+    return 0
+}
+run_group() { # run_group NAME COMMAND...: runs it, records the outcome
+    local name=$1
+    shift
+    echo "== $name"
+    if "$@"; then record ok "$name"; else record FAIL "$name"; fi
+}
+
 if cargo fmt --version >/dev/null 2>&1; then
-    echo "== cargo fmt --check"
-    cargo fmt --check
+    run_group fmt cargo fmt --check
 else
-    echo "== cargo fmt is not installed: formatting not checked"
+    record skipped "fmt (cargo fmt is not installed)"
 fi
 if cargo clippy --version >/dev/null 2>&1; then
-    echo "== cargo clippy"
-    cargo clippy --all-targets --features fault-injection --quiet -- -D warnings
+    run_group clippy cargo clippy --all-targets --features fault-injection,root-tests --quiet -- -D warnings
+else
+    record skipped "clippy (cargo clippy is not installed)"
 fi
-echo "== cargo doc"
-RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet
+run_group doc env RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet
 
-echo "== cargo test"
-cargo build --quiet --features fault-injection
-cargo test --quiet --features fault-injection 2>&1 | tee /tmp/fleecefs-cargo-test.log
-grep -q "test result: FAILED" /tmp/fleecefs-cargo-test.log && exit 1
+cargo_tests() {
+    local log=/tmp/fleecefs-cargo-test.log
+    cargo build --quiet --features fault-injection || return 1
+    # pipefail: the status is cargo's (tee only shows the output).
+    cargo test --quiet --features fault-injection,root-tests 2>&1 | tee "$log"
+}
+run_group "cargo tests" cargo_tests
 
-echo "== shell tests"
-export FLEECEFS="$PWD/target/debug/fleecefs"
-passed=0
-failed=0
-failed_names=()
-for t in scripts/tests/*.sh; do
-    [ -e "$t" ] || continue
-    [ "$(basename "$t")" = lib.sh ] && continue     # helpers, not a test
-    name=$(basename "$t" .sh)
-    start=$(date +%s)
-    if bash "$t" >"/tmp/fleecefs-$name.log" 2>&1; then
-        passed=$((passed + 1))
-        echo "ok   $name ($(( $(date +%s) - start ))s)"
-    else
-        failed=$((failed + 1))
-        failed_names+=("$name")
-        echo "FAIL $name ($(( $(date +%s) - start ))s); its output:"
-        sed 's/^/    /' "/tmp/fleecefs-$name.log" | tail -40
+shell_tests() {
+    if [ ! -x "$PWD/target/debug/fleecefs" ]; then
+        echo "no target/debug/fleecefs (the build failed): shell tests not run" >&2
+        return 1
     fi
+    export FLEECEFS="$PWD/target/debug/fleecefs"
+    local passed=0 failed=0 failed_names=() t name start
+    for t in scripts/tests/*.sh; do
+        [ -e "$t" ] || continue
+        [ "$(basename "$t")" = lib.sh ] && continue     # helpers, not a test
+        name=$(basename "$t" .sh)
+        start=$(date +%s)
+        if bash "$t" >"/tmp/fleecefs-$name.log" 2>&1; then
+            passed=$((passed + 1))
+            echo "ok   $name ($(( $(date +%s) - start ))s)"
+        else
+            failed=$((failed + 1))
+            failed_names+=("$name")
+            echo "FAIL $name ($(( $(date +%s) - start ))s); its output:"
+            sed 's/^/    /' "/tmp/fleecefs-$name.log" | tail -40
+        fi
+    done
+    echo "shell: $passed passed, $failed failed"
+    [ "$failed" = 0 ] || { echo "failed: ${failed_names[*]}" >&2; return 1; }
+}
+run_group "shell tests" shell_tests
+
+echo "== summary"
+for line in "${summary[@]}"; do
+    echo "  $line"
 done
-echo "shell: $passed passed, $failed failed"
-[ "$failed" = 0 ] || { echo "failed: ${failed_names[*]}" >&2; exit 1; }
+if [ "$failures" -gt 0 ]; then
+    echo "scripts/test.sh: $failures of ${#summary[@]} groups failed" >&2
+    exit 1
+fi
+echo "scripts/test.sh: all groups passed"

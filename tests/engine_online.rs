@@ -8,30 +8,23 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use fleecefs::cbw::Device;
-use fleecefs::engine::{Engine, EngineConfig, SizeRequest};
+use fleecefs::engine::{Engine, SizeRequest};
 use fleecefs::source::Source;
-use fleecefs::units::ClusterSize;
+
+mod support;
+use support::EngineBuilder;
 
 const CL: u64 = 64 << 10;
 
+/// An engine with a state directory over `DIR/NAME.img` images of the given sizes (a
+/// byte pattern, so moved data would show).
 fn engine(dir: &Path, images: &[(&str, u64)]) -> Engine {
-    let state = fleecefs::state::StateDir::open(&dir.join("state")).unwrap();
-    let mut devs = Vec::new();
+    let mut b = EngineBuilder::new(dir).cluster(CL).with_state();
     for (name, size) in images {
-        let p = dir.join(format!("{name}.img"));
-        if !p.exists() {
-            let data: Vec<u8> = (0..*size).map(|i| (i * 7 % 251) as u8).collect();
-            std::fs::write(&p, data).unwrap();
-        }
-        devs.push(Device::new(
-            name.to_string(),
-            Source::open(&p).unwrap(),
-            ClusterSize::new(CL).unwrap(),
-        ));
+        let data: Vec<u8> = (0..*size).map(|i| (i * 7 % 251) as u8).collect();
+        b = b.device(name, data);
     }
-    let config = EngineConfig::new(dir.join("fleece"));
-    Engine::new(devs, config, Some(state)).unwrap()
+    b.build()
 }
 
 fn dirty_ranges(e: &Engine, slot: usize) -> Vec<(u64, u64)> {

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 15, `mount --backup-read direct`: snapshot reads read the source with O_DIRECT.
+# `mount --backup-read direct`: snapshot reads read the source with O_DIRECT.
 #  - The snapshot copied with dd (1 MiB reads: direct), with an odd block size (unaligned
 #    reads: through the page cache) and through a mapping is the point-in-time image,
 #    while a writer changes live (copy-before-write) and on a source whose size is not a

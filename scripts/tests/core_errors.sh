@@ -30,14 +30,17 @@ bad() {
 WANT="missing.img" bad "$FLEECEFS" mount "$T/mp" --state-dir "$T/st" --device d=$T/missing.img
 WANT="$T/dir" bad "$FLEECEFS" mount "$T/mp" --state-dir "$T/st" --device d=$T/dir
 WANT="a/b" bad "$FLEECEFS" mount "$T/mp" --state-dir "$T/st" --device a/b=$T/a.img
-WANT=".a" bad "$FLEECEFS" mount "$T/mp" --state-dir "$T/st" --device .a=$T/a.img
+WANT=".a|invalid device name" bad "$FLEECEFS" mount "$T/mp" --state-dir "$T/st" --device .a=$T/a.img
+WANT="invalid device name" bad "$FLEECEFS" mount "$T/mp" --state-dir "$T/st" --device "$(printf 'x%.0s' $(seq 65))=$T/a.img"
+WANT="NAME=PATH" bad "$FLEECEFS" mount "$T/mp" --state-dir "$T/st" --device "$T/a.img"
 WANT="'d'" bad "$FLEECEFS" mount "$T/mp" --state-dir "$T/st" --device d=$T/a.img --device d=$T/b.img
 WANT="$T/full|empty" bad "$FLEECEFS" mount "$T/full" --state-dir "$T/st" --device d=$T/a.img
 [ "$(cat "$T/full/file")" = keep ] || fail "the non-empty mount point was changed"
-WANT="$T/nomp" bad "$FLEECEFS" mount "$T/nomp" --state-dir "$T/st" --device d=$T/a.img
+WANT="$T/nomp|does not exist" bad "$FLEECEFS" mount "$T/nomp" --state-dir "$T/st" --device d=$T/a.img
 [ ! -e "$T/nomp" ] || fail "a missing mount point was created"
 WANT="3000" bad "$FLEECEFS" mount "$T/mp" --state-dir "$T/st" --device d=$T/a.img --cluster-size 3000
 WANT="cluster" bad "$FLEECEFS" mount "$T/mp" --state-dir "$T/st" --device d=$T/a.img --cluster-size 128M
+WANT="--cluster-size" bad "$FLEECEFS" mount "$T/mp" --state-dir "$T/st" --device d=$T/a.img --cluster-size 1X
 WANT="--cbw-buffer|5G" bad "$FLEECEFS" mount "$T/mp" --state-dir "$T/st" --device d=$T/a.img --cbw-buffer 5G
 WANT="--cbw-buffer|one cluster" bad "$FLEECEFS" mount "$T/mp" --state-dir "$T/st" --device d=$T/a.img --cbw-buffer 32K
 WANT="--cbw-buffer|lots" bad "$FLEECEFS" mount "$T/mp" --state-dir "$T/st" --device d=$T/a.img --cbw-buffer lots
@@ -75,7 +78,9 @@ daemons() { pgrep -f -- "mount $T/" | wc -l; }
 fmount "$T/mp" --state-dir "$T/st" --device d=$T/a.img --device e=$T/b.img
 pid=$(status_json "$T/mp" 'd["pid"]')
 head -c $((4 * M)) /dev/urandom >"$T/c.img"
-WANT="$T/st|$pid" bad "$FLEECEFS" mount "$T/mp2" --state-dir "$T/st" --device d=$T/c.img
+lock_before=$(cat "$T/st/fleecefs.lock")
+WANT="$T/st|$pid|in use" bad "$FLEECEFS" mount "$T/mp2" --state-dir "$T/st" --device d=$T/c.img
+[ "$(cat "$T/st/fleecefs.lock")" = "$lock_before" ] || fail "a refused second daemon changed the lock file"
 # the sources are locked while served: a second daemon on another state dir is refused
 # (two writers would defeat copy-before-write), and so is QEMU writing the image
 WANT="$T/a.img|in use" bad "$FLEECEFS" mount "$T/mp2" --state-dir "$T/st2" --device d=$T/a.img
@@ -89,11 +94,13 @@ fi
 [ "$(status_json "$T/mp" 'd["pid"]')" = "$pid" ] || fail "the first daemon is gone after a second mount attempt"
 [ "$(daemons)" = 2 ] || fail "daemons (a keeper and its worker) after a refused second mount: $(pgrep -af -- "mount $T/")"
 # mounting on top of a busy fleecefs mount point is refused too
-WANT="$T/mp" bad "$FLEECEFS" mount "$T/mp" --state-dir "$T/st2" --device d=$T/c.img
+WANT="$T/mp|already a fleecefs mount" bad "$FLEECEFS" mount "$T/mp" --state-dir "$T/st2" --device d=$T/c.img
 
 # setup / teardown / status errors
 no_access() { [ "$(status_json "$T/mp" 'd["access"]')" = None ] || fail "$1 left a backup access"; }
-WANT="'x'" bad "$FLEECEFS" setup "$T/mp" --target t --devices x
+WANT="t1" bad "$FLEECEFS" teardown "$T/mp" --target t1 --failure
+no_access "teardown without an access"
+WANT="unknown device 'x'" bad "$FLEECEFS" setup "$T/mp" --target t --devices x
 no_access "setup with an unknown device"
 WANT="'x'" bad "$FLEECEFS" setup "$T/mp" --target t --devices d,x
 no_access "setup with one unknown device of two"
@@ -103,7 +110,7 @@ for tg in a/b ../../x .hidden ""; do
     WANT="'$tg'" bad "$FLEECEFS" setup "$T/mp" --target "$tg"
     no_access "setup with target '$tg'"
 done
-[ ! -e "$T/mp/snapshot/d" ] || fail "snapshot/d exists after a failed setup"
+[ -z "$(ls -A "$T/mp/snapshot")" ] || fail "snapshot/ is not empty after a failed setup"
 [ -z "$(find "$T/st" -name '*.fleece')" ] || fail "a failed setup left fleecing files"
 "$FLEECEFS" setup "$T/mp" --target first >/dev/null || fail "setup failed"
 WANT="first" bad "$FLEECEFS" setup "$T/mp" --target second
@@ -121,7 +128,7 @@ rc=0
     fail "teardown usage error does not name --success|--failure: $(cat "$T/err")"
 [ "$(status_json "$T/mp" 'd["access"]["target"]')" = first ] || fail "a teardown usage error ended the access"
 [ -e "$T/mp/snapshot/d" ] || fail "snapshot/d is gone after failed teardowns"
-WANT="$T/dir" bad "$FLEECEFS" status "$T/dir"
+WANT="$T/dir|not a fleecefs mount" bad "$FLEECEFS" status "$T/dir"
 WANT="$T/dir" bad "$FLEECEFS" setup "$T/dir" --target t
 WANT="$T/dir" bad "$FLEECEFS" teardown "$T/dir" --target t --success
 WANT="$T/dir" bad "$FLEECEFS" unmount "$T/dir"

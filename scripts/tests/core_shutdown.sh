@@ -57,13 +57,18 @@ wait_gone "$PID" "umount"
 torn_down_logged "$ST/fleecefs.log" "umount"
 remount "umount"
 
-# 2. SIGINT while a reader holds the snapshot open (the daemon must not hang on it)
+# 2. SIGINT while a backup reads the snapshot (the daemon must not hang on it; the open
+#    snapshot no longer reads afterwards)
 start_access
-sleep 30 3<"$MP/snapshot/disk" &
+exec 3<"$MP/snapshot/disk"
+dd bs=4096 count=1 status=none <&3 >/dev/null || fail "the open snapshot does not read"
+sleep 30 4<"$MP/snapshot/disk" &
 HOLDER=$!
 sleep 0.2
 kill -INT "$PID"
 wait_gone "$PID" "SIGINT with an open snapshot"
+! dd bs=4096 count=1 status=none <&3 >/dev/null 2>&1 || fail "the open snapshot still reads after shutdown"
+exec 3<&-
 kill "$HOLDER" 2>/dev/null || true
 wait "$HOLDER" 2>/dev/null || true
 torn_down_logged "$ST/fleecefs.log" "SIGINT"

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Sources and crashes: a block device as the source; a source that shrinks under the
 # daemon (EIO for the affected reads, the daemon stays up and status says why); and
-# kill -9 at random moments of setup / write / teardown cycles, each followed by a clean
-# re-mount (no leftovers) and a verified backup.
+# kill -9 during an access (the next mount says it recovered, removes the dead mount and
+# the fleecing file) and at random moments of setup / write / teardown cycles, each
+# followed by a clean re-mount (no leftovers) and a verified backup.
 source "$(dirname "$0")/lib.sh"
 
 # --- a block device as the source ---------------------------------------------------
@@ -67,8 +68,39 @@ for line in open(sys.argv[2]):
 PY
 umount -l "$T/ma" 2>/dev/null || true
 
-# --- kill -9 at random moments -------------------------------------------------------
+# --- kill -9 during an access: the next mount recovers ------------------------------
+# The dead mount and the fleecing file stay behind; the next `mount` says it recovered,
+# removes both, and a new access reads point-in-time data.
 head -c $((16 << 20)) /dev/urandom >"$T/src.img"
+fmount "$T/mk" --state-dir "$T/sk" --device d=$T/src.img
+"$FLEECEFS" setup "$T/mk" --target k >/dev/null
+dd if=/dev/urandom of="$T/mk/live/d" bs=64K count=2 conv=notrunc status=none
+LEFT=$T/sk/fleecing/d.k.fleece
+for i in $(seq 100); do [ "$(stat -c %b "$LEFT")" -gt 0 ] && break; sleep 0.1; done
+[ "$(stat -c %b "$LEFT")" -gt 0 ] || fail "the fleecing file holds no copies (write-behind)"
+pid=$(status_json "$T/mk" 'd["keeper_pid"]')
+kill -9 "$pid"
+for i in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+! kill -0 "$pid" 2>/dev/null || fail "the killed daemon $pid still runs"
+[ "$(grep -c " $T/mk " /proc/mounts)" = 1 ] || fail "the dead mount is not there after kill -9"
+[ -e "$LEFT" ] || fail "the fleecing file is gone after kill -9"
+cp "$T/src.img" "$T/before.img"
+"$FLEECEFS" mount "$T/mk" --state-dir "$T/sk" --device d=$T/src.img 2>"$T/mount.err" ||
+    fail "mount after kill -9 failed: $(cat "$T/mount.err")"
+for w in "recovered from an unclean shutdown" "leftover fleecing file" "stale mount"; do
+    grep -q "$w" "$T/mount.err" || fail "mount after kill -9 does not say '$w': $(cat "$T/mount.err")"
+done
+[ ! -e "$LEFT" ] || fail "the leftover fleecing file was not removed"
+[ "$(grep -c " $T/mk " /proc/mounts)" = 1 ] || fail "not exactly one mount after recovery"
+[ "$(status_json "$T/mk" 'd["access"]')" = None ] || fail "an access survived kill -9"
+"$FLEECEFS" setup "$T/mk" --target fresh >/dev/null || fail "setup after recovery"
+dd if=/dev/urandom of="$T/mk/live/d" bs=64K count=1 conv=notrunc status=none
+cmp "$T/mk/snapshot/d" "$T/before.img" || fail "snapshot after recovery differs from the point in time"
+"$FLEECEFS" teardown "$T/mk" --target fresh --success >/dev/null
+[ -z "$(ls "$T/sk/fleecing")" ] || fail "teardown after recovery left fleecing files"
+"$FLEECEFS" unmount "$T/mk"
+
+# --- kill -9 at random moments -------------------------------------------------------
 cycle() {  # setup / write / teardown forever, as a backup tool and a guest would
     local i=0
     while :; do

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 12 item 8: caller errors are not device errors, and fallocate on a block-device
+# Caller errors are not device errors, and fallocate on a block-device
 # source does what it does on a regular file.
 #  - Unaligned punch hole and zero range on a block device: the partial edges are zeroed,
 #    the aligned middle discarded/zeroed; the snapshot keeps the point-in-time data.

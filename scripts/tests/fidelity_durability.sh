@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 12 item 1: a write to live/NAME with O_DSYNC or RWF_DSYNC semantics is
+# A write to live/NAME with O_DSYNC or RWF_DSYNC semantics is
 # fdatasync'ed on the source before the reply (O_SYNC, RWF_SYNC: fsync), in every mode
 # (direct I/O, --live-cache buffered and O_DIRECT opens); plain writes sync nothing.
 # Checked by tracing the daemon: in each worker thread, every pwrite to the source is

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 12 item 9: one rule for writes that cross the end of the device, in every mode
+# One rule for writes that cross the end of the device, in every mode
 # (direct I/O, --live-cache buffered, O_DIRECT) and for every size: what fits is written
 # and the write returns that short count (as on a block device); a write that starts at
 # or past the end fails with ENOSPC. The device never grows.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 12 item 11: the rows of the errno table in docs/usage.md that no other test
+# The rows of the errno table in docs/usage.md that no other test
 # checks, on a real mount, plus the restore commands the docs give (and `cp` onto
 # live/NAME failing with EPERM, as documented). The other rows and their tests:
 #   live write ENOSPC / short count: fidelity_end; source's errno (not a device error),

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# Issue 12 items 2, 3, 4 and 10: mapped snapshots.
-#  2. Touching only readable pages of a mapped snapshot with inaccessible (discarded)
+# Mapped snapshots:
+#  - Touching only readable pages of a mapped snapshot with inaccessible (discarded)
 #     clusters never faults, reads the point-in-time data, and the size never shrinks;
 #     an inaccessible page fails (SIGBUS) like any I/O error.
-#  3. A mapping (of NAME or NAME.dirty) made during access 1 never shows access 2's data
+#  - A mapping (of NAME or NAME.dirty) made during access 1 never shows access 2's data
 #     after teardown and a new setup, even when access 2's pages are in a page cache.
-#  4. A shared writable mapping of the snapshot (opened O_RDWR, as fallocate needs)
+#  - A shared writable mapping of the snapshot (opened O_RDWR, as fallocate needs)
 #     never changes what other mappings see.
-# 10. fstat on a handle of an ended access fails with ESTALE (also after a new setup).
+#  - fstat on a handle of an ended access fails with ESTALE (also after a new setup).
 source "$(dirname "$0")/lib.sh"
 
 K=$((1 << 10))

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 12 item 5: lseek SEEK_DATA/SEEK_HOLE.
+# lseek SEEK_DATA/SEEK_HOLE:
 #  - live/NAME: the source's own map.
 #  - snapshot/NAME: holes where clusters are inaccessible (discarded, outside the dirty
 #    map of an incremental) and where the image had holes at setup; data where it had

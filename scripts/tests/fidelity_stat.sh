@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 12 items 6 and 7: statfs of the mount reports the fleecing dir's filesystem (df
+# statfs of the mount reports the fleecing dir's filesystem (df
 # is not 100% full), and st_blocks of live/NAME is the source's allocation (du is right),
 # for a sparse regular file; a block device counts as fully allocated.
 source "$(dirname "$0")/lib.sh"

@@ -1,4 +1,4 @@
-# Crash recovery without luck (issue 14):
+# Crash recovery without luck:
 #   - a mount waits for a holder of its source that is dying, and names a live one. The
 #     dying holder is made deterministic: a process takes the source's lock (a regular
 #     file's OFD lock, a block device's O_EXCL), and is killed while one of its reads hangs

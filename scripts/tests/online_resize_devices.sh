@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Operating without downtime (issue 16): grow a device under load (ext4 inside, grown
+# Operating without downtime: grow a device under load (ext4 inside, grown
 # online through a loop device, fio writing), grow during a backup access, 20 device
 # add/remove cycles while another device is written and backed up, the refusals, and
 # kill -9 right after `device add` and after `resize`.
