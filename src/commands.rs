@@ -9,8 +9,8 @@ use serde_json::Value;
 use crate::control::client::call;
 use crate::control::proto::Request;
 use crate::engine::{
-    BitmapRemoveReport, DeviceAddReport, DeviceRemoveReport, ResizeReport, SetupReport, Status,
-    TeardownReport,
+    AddedBitmap, BitmapRemoveReport, DeviceAddReport, DeviceRemoveReport, ResizeReport,
+    ResizedBitmaps, SetupReport, Status, TeardownReport,
 };
 use crate::error::{Error, Result};
 use crate::logger::utc_timestamp;
@@ -255,16 +255,16 @@ pub fn resize(a: &crate::cli::ResizeArgs) -> Result<()> {
         format_size(old),
         format_size(new)
     );
-    match r.bitmaps.as_str() {
-        "grown" => crate::out!(
+    match r.bitmaps {
+        ResizedBitmaps::Grown => crate::out!(
             "bitmaps grown, the new range counts as dirty: {}",
             r.bitmap_names.join(", ")
         ),
-        "invalid" => crate::out!(
+        ResizedBitmaps::Invalid => crate::out!(
             "bitmaps invalid, their next backup is full: {}",
             r.bitmap_names.join(", ")
         ),
-        _ => {}
+        ResizedBitmaps::Unchanged => {}
     }
     Ok(())
 }
@@ -302,7 +302,7 @@ pub fn device_add(a: &crate::cli::DeviceAddArgs) -> Result<()> {
             } else {
                 "; bitmaps "
             },
-            d.bitmaps.join(", ")
+            AddedBitmap::list(&d.bitmaps)
         );
     }
     Ok(())

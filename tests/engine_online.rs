@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use fleecefs::engine::{Engine, SizeRequest};
+use fleecefs::engine::{AddedBitmap, Engine, ResizedBitmaps, SizeRequest};
 use fleecefs::source::Source;
 
 mod support;
@@ -104,7 +104,7 @@ fn grows_racing_writes_during_an_access_keep_the_snapshot() {
             .unwrap();
         assert_eq!(r.old_size, *sizes.last().unwrap());
         sizes.push(r.new_size);
-        assert_eq!(r.bitmaps, "grown");
+        assert_eq!(r.bitmaps, ResizedBitmaps::Grown);
     }
     stop.store(true, Ordering::Relaxed);
     let writes: u64 = writers.into_iter().map(|w| w.join().unwrap()).sum();
@@ -201,7 +201,7 @@ fn shrink_needs_the_flag_and_invalidates_bitmaps() {
     assert!(err.to_string().contains("would cut off its last"), "{err}");
     assert_eq!(e.device(0).unwrap().size(), 8 * CL);
     let r = e.resize("a", SizeRequest::Absolute(4 * CL), true).unwrap();
-    assert_eq!(r.bitmaps, "invalid");
+    assert_eq!(r.bitmaps, ResizedBitmaps::Invalid);
     let f = std::fs::File::open(dir.path().join("a.img")).unwrap();
     assert_eq!(f.metadata().unwrap().len(), 4 * CL);
     let d = e.device(0).unwrap();
@@ -216,5 +216,45 @@ fn shrink_needs_the_flag_and_invalidates_bitmaps() {
         fleecefs::engine::BitmapAction::Invalid
     );
     e.teardown("t", false).unwrap();
+    e.shutdown();
+}
+
+/// `device add` reports the bitmaps it found for the device as data: used when the
+/// source was not modified while it was not served, invalid (with the reason) when it
+/// was; the message form is `TARGET/NAME: used|invalid (REASON)`.
+#[test]
+fn device_add_reports_its_bitmaps_as_used_or_invalid() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(dir.path(), &[("a", 4 * CL), ("c", 4 * CL)]);
+    e.setup("t", None, Some("b")).unwrap();
+    e.teardown("t", true).unwrap();
+    let c = dir.path().join("c.img");
+    e.remove_device("c").unwrap();
+    let r = e.add_devices(&[("c".into(), c.clone())]).unwrap();
+    let used = AddedBitmap {
+        target: "t".into(),
+        name: "b".into(),
+        used: true,
+        reason: None,
+    };
+    assert_eq!(r.devices[0].bitmaps, vec![used.clone()]);
+    assert_eq!(AddedBitmap::list(&r.devices[0].bitmaps), "t/b: used");
+    e.remove_device("c").unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&c)
+        .unwrap()
+        .write_all_at(b"changed while not served", 0)
+        .unwrap();
+    let r = e.add_devices(&[("c".into(), c)]).unwrap();
+    let b = &r.devices[0].bitmaps;
+    assert_eq!(b.len(), 1);
+    assert!(!b[0].used && b[0].reason.is_some(), "{b:?}");
+    let text = AddedBitmap::list(b);
+    assert!(text.starts_with("t/b: invalid ("), "{text}");
+    // JSON: objects, not formatted strings
+    let json = serde_json::to_value(&r).unwrap();
+    assert_eq!(json["devices"][0]["bitmaps"][0]["used"], false);
+    assert_eq!(json["devices"][0]["bitmaps"][0]["name"], "b");
     e.shutdown();
 }

@@ -158,7 +158,11 @@ fn unaligned_discard_aligns_inward() {
     f.setup(TARGET);
     let snap = open_ok(&f.snapshot("d"), libc::O_RDWR);
     // Read first, as a backup does before it discards what it has read.
-    assert_all(&read_all(&f.snapshot("d")), 0x11, "snapshot before discards");
+    assert_all(
+        &read_all(&f.snapshot("d")),
+        0x11,
+        "snapshot before discards",
+    );
 
     // [C+100, 3C-100) holds no whole cluster: nothing is discarded.
     ok(

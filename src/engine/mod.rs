@@ -20,7 +20,8 @@ mod setup;
 mod teardown;
 
 pub use online::{
-    check_device_name, DeviceAddReport, DeviceRemoveReport, ResizeReport, SizeRequest,
+    check_device_name, AddedBitmap, DeviceAddReport, DeviceRemoveReport, ResizeReport,
+    ResizedBitmaps, SizeRequest,
 };
 
 pub use report::{

@@ -40,11 +40,59 @@ pub struct ResizeReport {
     pub old_size: u64,
     /// Size now, in bytes.
     pub new_size: u64,
-    /// What happened to the device's bitmaps: `grown` (the new range is dirty),
-    /// `invalid` (a shrink), `unchanged`.
-    pub bitmaps: String,
+    /// What happened to the device's bitmaps.
+    pub bitmaps: ResizedBitmaps,
     /// Names of the bitmaps concerned (`TARGET/NAME`).
     pub bitmap_names: Vec<String>,
+}
+
+/// What a resize did to the bitmaps of the device (`bitmaps` of `resize --json`).
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ResizedBitmaps {
+    /// Every bitmap of the device grew; the new range counts as dirty.
+    Grown,
+    /// A shrink: every bitmap of the device is invalid (its next backup is full).
+    Invalid,
+    /// No bitmap changed (the size did not, or the device has none).
+    Unchanged,
+}
+
+/// A bitmap found in the state dir for a device that `device add` served.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct AddedBitmap {
+    /// Target ID.
+    pub target: String,
+    /// Bitmap name.
+    pub name: String,
+    /// Loaded for incremental backups (`used`); otherwise `invalid`, for `reason`.
+    pub used: bool,
+    /// Why it is invalid.
+    pub reason: Option<String>,
+}
+
+impl AddedBitmap {
+    /// The bitmaps as a message lists them: comma-separated [`AddedBitmap`]s.
+    pub fn list(bitmaps: &[AddedBitmap]) -> String {
+        let items: Vec<String> = bitmaps.iter().map(AddedBitmap::to_string).collect();
+        items.join(", ")
+    }
+}
+
+impl std::fmt::Display for AddedBitmap {
+    /// `TARGET/NAME: used`, or `TARGET/NAME: invalid (REASON)`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}: ", self.target, self.name)?;
+        if self.used {
+            write!(f, "used")
+        } else {
+            write!(
+                f,
+                "invalid ({})",
+                self.reason.as_deref().unwrap_or("no reason recorded")
+            )
+        }
+    }
 }
 
 /// One device of a `device add` result.
@@ -56,8 +104,8 @@ pub struct AddedDevice {
     pub source: PathBuf,
     /// Size in bytes.
     pub size: u64,
-    /// Its bitmaps found in the state dir, `TARGET/NAME: used|invalid (reason)`.
-    pub bitmaps: Vec<String>,
+    /// Its bitmaps found in the state dir.
+    pub bitmaps: Vec<AddedBitmap>,
 }
 
 /// The result of `device add`.
@@ -184,7 +232,7 @@ impl Engine {
                 device: name.to_string(),
                 old_size: old,
                 new_size: new,
-                bitmaps: "unchanged".into(),
+                bitmaps: ResizedBitmaps::Unchanged,
                 bitmap_names: Vec::new(),
             };
             if new == old {
@@ -225,7 +273,7 @@ impl Engine {
                     source.set_size(new);
                     gate.tracking.clear();
                 }
-                report.bitmaps = "invalid".into();
+                report.bitmaps = ResizedBitmaps::Invalid;
                 if let Some(store) = control.bitmaps.as_mut() {
                     let reason = format!("device {name} was shrunk from {old} to {new} bytes");
                     if let Err(e) = store.invalidate_device(name, &reason) {
@@ -284,9 +332,9 @@ impl Engine {
                     store.record_failures();
                 }
                 report.bitmaps = if pairs.is_empty() {
-                    "unchanged".into()
+                    ResizedBitmaps::Unchanged
                 } else {
-                    "grown".into()
+                    ResizedBitmaps::Grown
                 };
                 log::info!("device {name} grown from {old} to {new} bytes");
             }
@@ -405,17 +453,11 @@ impl Engine {
                 bitmaps: statuses
                     .iter()
                     .filter(|b| b.device == d.name())
-                    .map(|b| {
-                        if b.consistent {
-                            format!("{}/{}: used", b.target, b.name)
-                        } else {
-                            format!(
-                                "{}/{}: invalid ({})",
-                                b.target,
-                                b.name,
-                                b.reason.as_deref().unwrap_or("unknown")
-                            )
-                        }
+                    .map(|b| AddedBitmap {
+                        target: b.target.clone(),
+                        name: b.name.clone(),
+                        used: b.consistent,
+                        reason: (!b.consistent).then(|| b.reason.clone()).flatten(),
                     })
                     .collect(),
             })
@@ -431,7 +473,7 @@ impl Engine {
                 } else {
                     "; bitmaps: "
                 },
-                d.bitmaps.join(", ")
+                AddedBitmap::list(&d.bitmaps)
             );
         }
         Ok(DeviceAddReport { devices })
