@@ -216,6 +216,10 @@ fn a_crash_during_an_access_recovers_a_superset() {
 /// failure (a caller that dropped the backup would lose the writes before its setup),
 /// and the next setup removes it.
 #[test]
+#[cfg_attr(
+    not(feature = "root-tests"),
+    ignore = "needs root: chattr +i (CAP_LINUX_IMMUTABLE)"
+)]
 fn cleanup_errors_after_a_recorded_success_are_warnings() {
     let dir = tempfile::tempdir().unwrap();
     let e = engine(dir.path(), OnCbwError::BreakSnapshot, None);
