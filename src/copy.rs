@@ -152,7 +152,7 @@ pub fn run(a: &CopyArgs) -> Result<()> {
     };
     let r = copy(&a.mountpoint, &a.name, &a.dest, opts);
     // The daemon's log is the mount's backup history: the copy's outcome goes there too.
-    if let Ok(state) = crate::control::client::state_dir_of(&a.mountpoint) {
+    if let Ok(state) = crate::control::client::trusted_state_dir_of(&a.mountpoint) {
         let log = state.join(crate::state::LOG_FILE);
         match &r {
             Ok(s) => crate::logger::append_to_daemon_log(

@@ -15,6 +15,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -57,7 +58,7 @@ pub struct RestoreSummary {
 pub fn run(a: &RestoreArgs) -> Result<()> {
     let r = restore(&a.mountpoint, &a.name, &a.from, a.verify, a.force, true);
     // The daemon's log is the mount's history: the restore's outcome goes there too.
-    if let Ok(state) = crate::control::client::state_dir_of(&a.mountpoint) {
+    if let Ok(state) = crate::control::client::trusted_state_dir_of(&a.mountpoint) {
         let log = state.join(crate::state::LOG_FILE);
         match &r {
             Ok(s) => crate::logger::append_to_daemon_log(
@@ -135,6 +136,7 @@ pub fn restore(
     let out = OpenOptions::new()
         .read(true)
         .write(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(&live)
         .context(|| format!("opening {}", live.display()))?;
     let size = out

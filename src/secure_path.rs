@@ -158,6 +158,41 @@ fn refuse(what: &str, path: &Path, at: &Path, why: &str) -> Error {
 /// with [`Missing::Allow`], a missing rest returns `Ok(None)` after the existing part
 /// passed.
 pub fn open_trusted_dir(path: &Path, what: &str, missing: Missing) -> Result<Option<File>> {
+    walk(path, what, missing, true)
+}
+
+/// The directory that holds `path` (a file the CLI reads or writes as root: a copy's
+/// DEST, a restore's source), opened by a walk from `/` that follows only symlinks owned
+/// by root (or the process's user), and the file's name in it: open it with [`open_in`]
+/// (`O_NOFOLLOW`), so that no other user's symlink leads the CLI to another file. A
+/// relative `path` is taken from the current directory.
+pub fn parent_of(path: &Path, what: &str) -> Result<(File, OsString)> {
+    let abs = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map_err(|e| Error::io("finding the current directory", e))?
+            .join(path)
+    };
+    let name = match abs.file_name() {
+        Some(n) if abs.components().next_back() != Some(Component::ParentDir) => n.to_os_string(),
+        _ => {
+            return Err(Error::invalid(format!(
+                "{what} {} does not name a file",
+                path.display()
+            )))
+        }
+    };
+    let parent = abs.parent().unwrap_or(Path::new("/"));
+    let dir = walk(parent, what, Missing::Fail, false)?
+        .ok_or_else(|| Error::not_found(format!("{what} {}", path.display())))?;
+    Ok((dir, name))
+}
+
+/// Walks `path` from `/`. `strict`: every directory must be trusted (symlinks are then
+/// followed, their directory being trusted); otherwise directories are not checked, and
+/// a symlink is followed only when root (or this process's user) owns it.
+fn walk(path: &Path, what: &str, missing: Missing, strict: bool) -> Result<Option<File>> {
     if !path.is_absolute() {
         return Err(Error::invalid(format!(
             "{what} {} is not an absolute path",
@@ -167,6 +202,9 @@ pub fn open_trusted_dir(path: &Path, what: &str, missing: Missing) -> Result<Opt
     let euid = crate::sys::euid();
     let root = File::open("/").map_err(|e| Error::io("opening /", e))?;
     let check = |f: &File, at: &Path, last: bool| -> Result<()> {
+        if !strict {
+            return Ok(());
+        }
         let m = f
             .metadata()
             .map_err(|e| Error::io(format!("stat of {}", at.display()), e))?;
@@ -202,6 +240,19 @@ pub fn open_trusted_dir(path: &Path, what: &str, missing: Missing) -> Result<Opt
         let link = symlink_in(dir, &name);
         match link {
             Ok(Some(target)) => {
+                if !strict {
+                    let owner = open_in(dir, &name, libc::O_PATH, 0)
+                        .and_then(|l| l.metadata())
+                        .map_err(|e| Error::io(format!("stat of {}", here.display()), e))?
+                        .uid();
+                    if owner != 0 && owner != euid {
+                        return Err(Error::invalid(format!(
+                            "{what} {}: {} is a symlink owned by uid {owner}; fleecefs follows only root's symlinks (give the real path)",
+                            path.display(),
+                            here.display()
+                        )));
+                    }
+                }
                 links += 1;
                 if links > MAX_LINKS {
                     return Err(Error::invalid(format!(

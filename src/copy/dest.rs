@@ -3,13 +3,14 @@
 //! previous backup). The copier sees one interface: data at an offset, zeros over a range,
 //! make durable, read back. Also the checks and opening of DEST before a copy starts.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use crate::copy::qcow2::{self, ImageFormat, NewImage};
 use crate::error::{Error, IoContext, Result};
+use crate::secure_path;
 use crate::sys;
 
 /// What became of a zero range.
@@ -255,19 +256,32 @@ fn covers(ranges: &[(u64, u64)], from: u64, to: u64) -> bool {
 /// Creates `dest` (mode 0600), which must not exist yet; `why` says why an existing one
 /// is refused.
 pub(crate) fn create_new(dest: &Path, why: &str) -> Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(dest)
-        .map_err(|e| {
-            if e.kind() == io::ErrorKind::AlreadyExists {
-                Error::invalid(format!("{} already exists: {why}", dest.display()))
-            } else {
-                Error::io(format!("creating {}", dest.display()), e)
-            }
-        })
+    let (dir, name) = secure_path::parent_of(dest, "DEST")?;
+    secure_path::open_in(
+        &dir,
+        &name,
+        libc::O_RDWR | libc::O_CREAT | libc::O_EXCL,
+        0o600,
+    )
+    .map_err(|e| {
+        if e.kind() == io::ErrorKind::AlreadyExists {
+            Error::invalid(format!("{} already exists: {why}", dest.display()))
+        } else {
+            Error::io(format!("creating {}", dest.display()), e)
+        }
+    })
+}
+
+/// The error of opening a file the CLI was given with `O_NOFOLLOW`: a symlink is said so.
+pub(crate) fn symlink_refused(what: &str, path: &Path, e: io::Error) -> Error {
+    if e.raw_os_error() == Some(libc::ELOOP) {
+        Error::invalid(format!(
+            "{what} {} is a symlink: fleecefs never reads or writes a backup through one (give the file's own path)",
+            path.display()
+        ))
+    } else {
+        Error::io(format!("opening {what} {}", path.display()), e)
+    }
 }
 
 /// Creates DEST (full) or opens and checks it (incremental). For an incremental copy
@@ -300,24 +314,29 @@ pub(crate) fn open_dest(
         }
         return Ok((f, None));
     }
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(dest)
-        .map_err(|e| {
-            if e.kind() == io::ErrorKind::NotFound {
-                Error::not_found(format!(
-                    "{} does not exist: --incremental writes onto the image of the previous \
-                     backup (make a full copy first)",
-                    dest.display()
-                ))
-            } else {
-                Error::io(format!("opening {}", dest.display()), e)
-            }
-        })?;
+    let (dir, name) = secure_path::parent_of(dest, "DEST")?;
+    let f = secure_path::open_in(&dir, &name, libc::O_RDWR, 0).map_err(|e| {
+        if e.kind() == io::ErrorKind::NotFound {
+            Error::not_found(format!(
+                "{} does not exist: --incremental writes onto the image of the previous \
+                 backup (make a full copy first)",
+                dest.display()
+            ))
+        } else {
+            symlink_refused("DEST", dest, e)
+        }
+    })?;
     let meta = f
         .metadata()
         .context(|| format!("stat of {}", dest.display()))?;
+    // A second name could be any file's (a hard link made to it): only a file with one.
+    if meta.is_file() && meta.nlink() > 1 {
+        return Err(Error::invalid(format!(
+            "{} has {} hard links: --incremental writes only onto a file with one name",
+            dest.display(),
+            meta.nlink()
+        )));
+    }
     let len = if meta.file_type().is_block_device() {
         sys::block_device_size(&f).context(|| format!("size of {}", dest.display()))?
     } else if meta.is_file() {

@@ -9,7 +9,7 @@
 //! copy writing it, makes the copy fail instead of reading a moving image, and QEMU, whose
 //! image locks are OFD locks on single bytes, sees them as conflicting permissions.
 
-use std::fs::{File as StdFile, OpenOptions};
+use std::fs::File as StdFile;
 use std::io;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
@@ -110,11 +110,12 @@ pub struct Prev {
 /// Opens `path` read-only (the previous backup of an incremental copy, or a restore
 /// source) and reads its format and virtual size. `what` names it in messages.
 pub fn open_chain(path: &Path, what: &str) -> Result<Prev> {
-    let f = OpenOptions::new().read(true).open(path).map_err(|e| {
+    let (dir, name) = crate::secure_path::parent_of(path, what)?;
+    let f = crate::secure_path::open_in(&dir, &name, libc::O_RDONLY, 0).map_err(|e| {
         if e.kind() == io::ErrorKind::NotFound {
             Error::not_found(format!("{what} {} does not exist", path.display()))
         } else {
-            Error::io(format!("opening {what} {}", path.display()), e)
+            super::dest::symlink_refused(what, path, e)
         }
     })?;
     let meta = f
@@ -290,7 +291,7 @@ mod tests {
         let top = dir.path().join("top.qcow2");
         let name = backing_name(&top, &base).unwrap();
         assert_eq!(name, "base.raw");
-        let f = OpenOptions::new()
+        let f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# copy and restore run as root and never follow another user's symlink to a file:
+# `copy --incremental DEST` refuses a symlink at DEST, a symlink owned by a user on the
+# way to it and a DEST with a second hard link (before: a user's symlink grew a 17-byte
+# root file to the device's size); a full copy refuses a user's symlinked directory;
+# `restore` refuses a backup that is a user's symlink (it would write a root file into
+# the disk). The files they point to are left as they were.
+source "$(dirname "$0")/lib.sh"
+
+U=fleecefs-test
+id -u "$U" >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin "$U"
+UID_U=$(id -u "$U")
+as_user() { setpriv --reuid="$U" --regid="$U" --clear-groups "$@"; }
+chmod 755 "$T"
+mkdir -m 1777 "$T/pub"
+mkdir -m 700 "$T/root"
+printf 'root file 17 byte' >"$T/root/victim"
+head -c $((4 << 20)) /dev/urandom >"$T/root/secret.img"
+intact() {
+    [ "$(cat "$T/root/victim")" = "root file 17 byte" ] || fail "$1: the root file was changed"
+}
+
+head -c $((4 << 20)) /dev/urandom >"$T/src.img"
+cp "$T/src.img" "$T/orig.img"
+fmount "$T/mnt" --state-dir "$T/state" --device disk="$T/src.img"
+# A new bitmap: the dirty map covers the whole device, so an incremental copy onto a
+# smaller file would grow it to the device's size.
+"$FLEECEFS" setup "$T/mnt" --target t --bitmap b >/dev/null
+as_user mkdir "$T/pub/u"
+as_user ln -s "$T/root/victim" "$T/pub/u/img"
+expect_fail_with "is a symlink" "$FLEECEFS" copy --incremental "$T/mnt" disk "$T/pub/u/img"
+intact "symlink at DEST"
+as_user ln -s "$T/root" "$T/pub/u/dir"
+expect_fail_with "$T/pub/u/dir is a symlink owned by uid $UID_U" \
+    "$FLEECEFS" copy --incremental "$T/mnt" disk "$T/pub/u/dir/victim"
+intact "user's symlink on the way to DEST"
+expect_fail_with "symlink owned by uid $UID_U" "$FLEECEFS" copy "$T/mnt" disk "$T/pub/u/dir/new.img"
+[ ! -e "$T/root/new.img" ] || fail "a full copy created a file through a user's symlink"
+ln "$T/root/victim" "$T/pub/u/hard" # as protected_hardlinks=0 would let the user
+expect_fail_with "hard links" "$FLEECEFS" copy --incremental "$T/mnt" disk "$T/pub/u/hard"
+intact "hard link at DEST"
+# the real thing still works
+"$FLEECEFS" copy "$T/mnt" disk "$T/full.img" >/dev/null
+cmp "$T/full.img" "$T/orig.img" || fail "full copy differs"
+"$FLEECEFS" teardown "$T/mnt" --target t --success >/dev/null
+
+# restore: a backup that is a user's symlink to a root file is refused, the disk unchanged
+as_user ln -s "$T/root/secret.img" "$T/pub/u/backup.img"
+expect_fail_with "is a symlink" "$FLEECEFS" restore "$T/mnt" disk "$T/pub/u/backup.img"
+expect_fail_with "symlink owned by uid $UID_U" "$FLEECEFS" restore "$T/mnt" disk "$T/pub/u/dir/secret.img"
+cmp "$T/mnt/live/disk" "$T/orig.img" || fail "a refused restore changed the disk"
+"$FLEECEFS" restore "$T/mnt" disk "$T/full.img" >/dev/null
+echo "security_copy_paths: ok"
