@@ -28,6 +28,10 @@ command -v cmp >/dev/null || need+=(diffutils)
 command -v losetup >/dev/null || need+=(mount)
 command -v fio >/dev/null || need+=(fio)
 command -v strace >/dev/null || need+=(strace)
+command -v nbdinfo >/dev/null || need+=(libnbd-bin)
+command -v nbdcopy >/dev/null || need+=(libnbd-bin)
+/usr/bin/python3 -c 'import nbd' 2>/dev/null || need+=(python3-libnbd)
+command -v openssl >/dev/null || need+=(openssl)
 if [ ${#need[@]} -gt 0 ]; then
     echo "== installing ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive

@@ -232,6 +232,13 @@ impl Bitmap {
         }
     }
 
+    /// The value of bit `i` (< `len()`) and the end of the run of bits with that value
+    /// (at most `len()`).
+    pub fn run_of(&self, i: u64) -> (bool, u64) {
+        let value = self.get(i);
+        (value, self.next(i, !value).unwrap_or(self.nbits))
+    }
+
     /// The run of set bits that starts at or after `from`, as a range of bit indices.
     pub fn next_run(&self, from: u64) -> Option<Range<u64>> {
         let start = self.next(from, true)?;

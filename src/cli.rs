@@ -248,6 +248,18 @@ pub struct MountArgs {
     /// SOCKET (created mode 0600); `,ro` for a read-only disk (repeatable)
     #[arg(long = "vhost-user-blk", value_name = "NAME=SOCKET[,ro]")]
     pub vhost_user_blk: Vec<String>,
+    /// Export the backup access over NBD here: unix:PATH (a socket, mode 0600) or
+    /// tcp:ADDRESS:PORT (TLS required, see --nbd-tls-creds); repeatable [default: no NBD]
+    #[arg(long = "nbd", value_name = "unix:PATH|tcp:ADDR:PORT",
+          value_parser = crate::nbd::parse_listen)]
+    pub nbd: Vec<crate::nbd::Listen>,
+    /// TLS credentials for NBD over TCP, in QEMU's x509 layout: server-cert.pem,
+    /// server-key.pem, and ca-cert.pem to require client certificates it signed
+    #[arg(long, value_name = "DIR")]
+    pub nbd_tls_creds: Option<PathBuf>,
+    /// Allow NBD over TCP without TLS (anyone who can connect reads the snapshots)
+    #[arg(long)]
+    pub nbd_insecure: bool,
     /// Internal: set in the background daemon started by `mount`
     #[arg(long, hide = true)]
     pub daemon_child: bool,

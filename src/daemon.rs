@@ -76,6 +76,8 @@ pub struct MountPlan {
     pub backup_read: crate::source::BackupRead,
     /// vhost-user-blk exports (`--vhost-user-blk`).
     pub vhost_user_blk: Vec<crate::vhost_user::ExportSpec>,
+    /// The NBD server (`--nbd`, `--nbd-tls-creds`, `--nbd-insecure`).
+    pub nbd: crate::nbd::server::NbdConfig,
 }
 
 /// `p` (absolute) with symlinks and `..` resolved as far as it exists; the missing rest
@@ -255,6 +257,7 @@ pub fn validate(args: &MountArgs) -> Result<MountPlan> {
         .collect::<Result<Vec<_>>>()?;
     let names: Vec<String> = devices.iter().map(|(n, _)| n.clone()).collect();
     crate::vhost_user::validate(&vhost_user_blk, &names)?;
+    let nbd = validate_nbd(args)?;
     Ok(MountPlan {
         mountpoint,
         state_dir,
@@ -281,6 +284,38 @@ pub fn validate(args: &MountArgs) -> Result<MountPlan> {
         backup_read: args.backup_read,
         cbw_buffer,
         vhost_user_blk,
+        nbd,
+    })
+}
+
+/// The NBD flags: TCP needs TLS credentials or `--nbd-insecure`; credentials are
+/// loaded here, so that a bad file fails the mount.
+fn validate_nbd(args: &MountArgs) -> Result<crate::nbd::server::NbdConfig> {
+    use crate::nbd::Listen;
+    let tcp = args.nbd.iter().find(|l| matches!(l, Listen::Tcp(_)));
+    if args.nbd_tls_creds.is_some() && tcp.is_none() {
+        return Err(Error::invalid(
+            "--nbd-tls-creds is only for --nbd tcp:ADDR:PORT listeners",
+        ));
+    }
+    if let (Some(l), None, false) = (tcp, &args.nbd_tls_creds, args.nbd_insecure) {
+        return Err(Error::invalid(format!(
+            "--nbd {l} needs TLS: give --nbd-tls-creds DIR (or --nbd-insecure to serve it in clear text)"
+        )));
+    }
+    for (i, l) in args.nbd.iter().enumerate() {
+        if args.nbd[..i].contains(l) {
+            return Err(Error::invalid(format!("--nbd {l} is given twice")));
+        }
+    }
+    let tls = match &args.nbd_tls_creds {
+        Some(dir) => Some(crate::nbd::link::tls_config(&absolute(dir)?)?),
+        None => None,
+    };
+    Ok(crate::nbd::server::NbdConfig {
+        listen: args.nbd.clone(),
+        tls,
+        insecure: args.nbd_insecure,
     })
 }
 
@@ -591,6 +626,10 @@ fn serve(plan: MountPlan, daemon_child: bool, allow_other: bool) -> Result<()> {
         cbw_buffer: plan.cbw_buffer,
         backup_read: plan.backup_read,
     };
+    let mut nbd_listeners = Vec::new();
+    for l in &plan.nbd.listen {
+        nbd_listeners.push(crate::nbd::server::bind(l)?);
+    }
     let listener = bind_socket(&state)?;
     let vhost_listeners = crate::vhost_user::bind(&plan.vhost_user_blk).inspect_err(|_| {
         let _ = fs::remove_file(state.socket_path());
@@ -608,35 +647,58 @@ fn serve(plan: MountPlan, daemon_child: bool, allow_other: bool) -> Result<()> {
     engine.set_mount_options(mount_options(&plan));
     crate::keeper::restore_broken_access(&engine);
     crate::vhost_user::start(&engine, &plan.vhost_user_blk, vhost_listeners)?;
+    // One backup scheduler for the mount, shared by every frontend that serves it.
+    let backup = match crate::sched::BackupScheduler::start(plan.backup_priority, plan.backup_share)
+    {
+        Ok(b) => Arc::new(b),
+        Err(e) => {
+            let _ = fs::remove_file(&socket_path);
+            return Err(Error::io("starting the backup read pool", e));
+        }
+    };
+    let nbd = if plan.nbd.listen.is_empty() {
+        None
+    } else {
+        Some(Arc::new(crate::nbd::NbdServer::start(
+            engine.clone(),
+            backup.clone(),
+            plan.nbd.clone(),
+            nbd_listeners,
+        )?))
+    };
     {
         let engine = engine.clone();
         let layout = MountLayout::new(plan.mountpoint.clone());
+        let extra: Option<server::StatusExtra> = nbd.clone().map(|n| {
+            Box::new(move |v: &mut serde_json::Value| {
+                if let Some(obj) = v.as_object_mut() {
+                    obj.insert(
+                        "nbd".into(),
+                        serde_json::to_value(n.status()).unwrap_or_default(),
+                    );
+                }
+            }) as server::StatusExtra
+        });
         std::thread::Builder::new()
             .name("control-accept".into())
-            .spawn(move || server::serve(listener, engine, layout))
+            .spawn(move || server::serve(listener, engine, layout, extra))
             .context(|| "starting the control thread".into())?;
     }
 
-    // One backup scheduler for the mount, shared by every frontend that serves it.
-    let backup = crate::sched::BackupScheduler::start(plan.backup_priority, plan.backup_share)
-        .map_err(|e| {
-            let _ = fs::remove_file(&socket_path);
-            Error::io("starting the backup read pool", e)
-        })?;
     let session_options = SessionOptions {
         fsname: format!("{FSNAME_PREFIX}{}", plan.state_dir.display()),
         allow_other,
         threads: plan.threads,
         live_cache: plan.live_cache,
-        backup: Arc::new(backup),
+        backup: backup.clone(),
     };
     let session =
         session::mount(engine.clone(), &plan.mountpoint, &session_options).map_err(|e| {
             let _ = fs::remove_file(&socket_path);
             Error::io(format!("mounting {}", plan.mountpoint.display()), e)
         })?;
-    // The session holds the scheduler now: it stops (its queue drained) when the session
-    // ends, before the shutdown.
+    // The session and the NBD server hold the scheduler now; it is closed (its queue
+    // drained) when the session has ended, before the shutdown.
     drop(session_options);
     let resend_fd = std::os::fd::AsFd::as_fd(&session).try_clone_to_owned().ok();
     let fuse_thread = session::spawn(session).context(|| "starting the FUSE session".into())?;
@@ -690,6 +752,11 @@ fn serve(plan: MountPlan, daemon_child: bool, allow_other: bool) -> Result<()> {
     }
     let result = fuse_thread.join();
     log::info!("{} unmounted, shutting down", plan.mountpoint.display());
+    if let Some(n) = &nbd {
+        n.stop();
+        crate::nbd::server::remove_sockets(&plan.nbd.listen);
+    }
+    backup.close();
     engine.shutdown();
     let _ = fs::remove_file(&socket_path);
     crate::vhost_user::remove_sockets(&plan.vhost_user_blk);

@@ -116,6 +116,18 @@ impl DirtyMap {
         filled
     }
 
+    /// Whether the byte at `offset` (below the device size) is dirty, and where the run
+    /// of bytes with the same answer ends (at most the device size).
+    pub fn run_at(&self, offset: u64) -> (bool, u64) {
+        let (value, end) = self.frozen.run_of(self.cluster.index_of(offset).0);
+        (
+            value,
+            self.cluster
+                .start_of(crate::units::ClusterIdx(end))
+                .min(self.device_size),
+        )
+    }
+
     /// The whole text (tests and small maps).
     pub fn to_text(&self) -> String {
         let mut buf = vec![0u8; self.text_len as usize];

@@ -33,6 +33,7 @@ pub mod holders;
 pub mod keeper;
 pub mod layout;
 pub mod logger;
+pub mod nbd;
 pub mod restore;
 pub mod sched;
 pub mod secure_path;

@@ -227,6 +227,20 @@ impl DeviceAccess {
         &self.dirty_map
     }
 
+    /// Whether the snapshot byte at `offset` (< `size()`) is readable (in the dirty map
+    /// and not discarded), and where the run of bytes with the same answer ends (at most
+    /// `size()`). A snapshot read of the run fails (not readable) or, for a readable
+    /// run, succeeds unless a discard overtakes it.
+    pub fn accessible_run(&self, offset: u64) -> (bool, u64) {
+        let (value, end) = self.accessible.run_of(self.cluster.index_of(offset).0);
+        (
+            value,
+            self.cluster
+                .start_of(crate::units::ClusterIdx(end))
+                .min(self.size),
+        )
+    }
+
     /// The fleecing file.
     pub fn fleecing(&self) -> &FleecingFile {
         &self.fleece

@@ -19,9 +19,17 @@ use crate::sys;
 pub const MAX_CLIENTS: usize = 16;
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Adds a frontend's part to the `status` reply (the NBD server's listeners and exports).
+pub type StatusExtra = Box<dyn Fn(&mut serde_json::Value) + Send + Sync>;
+
 /// Runs a request against the engine. `handle` sends teardowns to
 /// [`Engine::teardown_reply`] instead, which must know whether the reply arrived.
-fn dispatch(engine: &Engine, layout: &MountLayout, req: Request) -> Response {
+fn dispatch(
+    engine: &Engine,
+    layout: &MountLayout,
+    extra: Option<&StatusExtra>,
+    req: Request,
+) -> Response {
     let result: Result<serde_json::Value, Error> = match req {
         Request::Setup {
             target,
@@ -40,6 +48,9 @@ fn dispatch(engine: &Engine, layout: &MountLayout, req: Request) -> Response {
             let mut v = serde_json::to_value(engine.status().at_mount(layout)).unwrap_or_default();
             crate::keeper::add_status(&mut v);
             crate::vhost_user::add_status(&mut v);
+            if let Some(add) = extra {
+                add(&mut v);
+            }
             Ok(v)
         }
         // Not reached from `handle` either: it exits the process after the reply.
@@ -181,7 +192,12 @@ fn response<T: serde::Serialize>(result: Result<T, Error>) -> Response {
     }
 }
 
-fn handle(engine: &Engine, layout: &MountLayout, mut stream: UnixStream) {
+fn handle(
+    engine: &Engine,
+    layout: &MountLayout,
+    extra: Option<&StatusExtra>,
+    mut stream: UnixStream,
+) {
     let me = sys::euid();
     match sys::peer_uid(&stream) {
         Some(uid) if uid == 0 || uid == me => {}
@@ -235,7 +251,7 @@ fn handle(engine: &Engine, layout: &MountLayout, mut stream: UnixStream) {
         }
         Ok(req) => {
             log::debug!("control request: {req:?}");
-            dispatch(engine, layout, req)
+            dispatch(engine, layout, extra, req)
         }
         Err(msg) => {
             log::warn!("refused control request: {msg}");
@@ -246,8 +262,14 @@ fn handle(engine: &Engine, layout: &MountLayout, mut stream: UnixStream) {
 }
 
 /// Accepts connections forever (until the process exits).
-pub fn serve(listener: UnixListener, engine: Arc<Engine>, layout: MountLayout) {
+pub fn serve(
+    listener: UnixListener,
+    engine: Arc<Engine>,
+    layout: MountLayout,
+    extra: Option<StatusExtra>,
+) {
     let layout = Arc::new(layout);
+    let extra = Arc::new(extra);
     let active = Arc::new(AtomicUsize::new(0));
     for conn in listener.incoming() {
         let mut stream = match conn {
@@ -268,10 +290,11 @@ pub fn serve(listener: UnixListener, engine: Arc<Engine>, layout: MountLayout) {
             continue;
         }
         let (engine, layout, mine) = (engine.clone(), layout.clone(), active.clone());
+        let extra = extra.clone();
         let spawned = std::thread::Builder::new()
             .name("control".into())
             .spawn(move || {
-                handle(&engine, &layout, stream);
+                handle(&engine, &layout, extra.as_ref().as_ref(), stream);
                 mine.fetch_sub(1, Ordering::AcqRel);
             });
         if let Err(e) = spawned {

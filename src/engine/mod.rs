@@ -107,6 +107,8 @@ struct ActiveDevice {
     bitmap: Option<Arc<TrackedBitmap>>,
     /// Records writes made during the access.
     background: Option<Arc<TrackedBitmap>>,
+    /// The name of `bitmap` (`setup --bitmap`).
+    bitmap_name: Option<String>,
 }
 
 struct Active {
@@ -124,6 +126,18 @@ struct Control {
     shut_down: bool,
     /// The slot the next added device gets (slots are never reused).
     next_slot: usize,
+}
+
+/// One device of the active access, as a frontend exposes it.
+pub struct Exposed {
+    /// Its slot.
+    pub slot: usize,
+    /// The device.
+    pub device: Arc<Device>,
+    /// Its part of the access.
+    pub access: Arc<crate::cbw::DeviceAccess>,
+    /// The name of the access's bitmap (`setup --bitmap`), if it uses one.
+    pub bitmap: Option<String>,
 }
 
 /// What the engine tells the kernel when a device changes (the FUSE layer implements
@@ -360,6 +374,29 @@ impl Engine {
         if let Some(store) = &self.control().bitmaps {
             store.close_all(&self.devices());
         }
+    }
+
+    /// The devices of the active access (slot, device, its bitmap's name if the access
+    /// uses one), in slot order; empty without an access.
+    pub fn exposed(&self) -> Vec<Exposed> {
+        self.control()
+            .active
+            .as_ref()
+            .map(|a| {
+                a.devices
+                    .iter()
+                    .filter_map(|d| {
+                        let access = d.device.access()?;
+                        Some(Exposed {
+                            slot: d.index,
+                            device: d.device.clone(),
+                            access,
+                            bitmap: d.bitmap_name.clone(),
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// The active access id and target, if any.

@@ -222,7 +222,7 @@ impl Engine {
                     size: dev.size(),
                     snapshot: paths.snapshot(dev.name()),
                     dirty_map: paths.dirty_map(dev.name()),
-                    bitmap: name,
+                    bitmap: name.clone(),
                     bitmap_action: action,
                     dirty_bytes: access.dirty_map().dirty_bytes(),
                 });
@@ -238,6 +238,7 @@ impl Engine {
                     device: dev.clone(),
                     bitmap,
                     background,
+                    bitmap_name: name,
                 });
             }
         }

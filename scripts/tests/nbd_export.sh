@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# The NBD export of the backup access over a Unix socket, with the tools people use:
+# nbdinfo --list and --map (base:allocation against SEEK_DATA/SEEK_HOLE of snapshot/NAME,
+# qemu:dirty-bitmap against NAME.dirty), full backups with nbdcopy and qemu-img convert
+# while a writer changes live/NAME, an incremental with libnbd (dirty ranges onto the
+# previous backup, a trim after each, reads outside fail with EINVAL), status --json,
+# no export without an access, and hostile clients that leave the daemon serving.
+source "$(dirname "$0")/lib.sh"
+
+M=$((1 << 20))
+HERE=$(cd "$(dirname "$0")" && pwd)
+PY=/usr/bin/python3   # the system python, where python3-libnbd lives
+S=$T/nbd.sock
+U="nbd+unix:///disk?socket=$S"
+L=$T/mnt/live/disk
+
+truncate -s $((64 * M)) "$T/src.img"
+head -c $((8 * M)) /dev/urandom | dd of="$T/src.img" bs=1M conv=notrunc iflag=fullblock status=none
+head -c $((4 * M)) /dev/urandom | dd of="$T/src.img" bs=1M seek=40 conv=notrunc iflag=fullblock status=none
+fmount "$T/mnt" --state-dir "$T/state" --device disk="$T/src.img" --nbd "unix:$S"
+[ "$(stat -c %a "$S")" = 600 ] || fail "the socket is not mode 0600"
+[ "$(status_json "$T/mnt" 'd["nbd"]["listeners"]')" = "['unix:$S']" ] || fail "status lists no listener"
+
+# No access: no export.
+[ -z "$(nbdinfo --list "nbd+unix://?socket=$S" 2>/dev/null | grep 'export=')" ] || fail "an export without an access"
+expect_fail_with "" nbdinfo "$U"
+
+# 1. Full backup, while a writer changes live/disk.
+cp "$T/src.img" "$T/at_setup1.img"
+"$FLEECEFS" setup "$T/mnt" --target nightly --bitmap b1 >/dev/null
+start_writer "$L" $((64 * M / 4096))
+nbdinfo --list "nbd+unix://?socket=$S" >"$T/list"
+grep -q 'export="disk"' "$T/list" || fail "nbdinfo --list shows no export: $(cat "$T/list")"
+grep -q 'qemu:dirty-bitmap:b1' "$T/list" || fail "no dirty bitmap context: $(cat "$T/list")"
+grep -q 'can_multi_conn: true' "$T/list" || fail "no multi-conn"
+grep -q 'can_trim: true' "$T/list" || fail "no trim"
+grep -q 'block_size_preferred: 65536' "$T/list" || fail "preferred block size is not the cluster size"
+nbdcopy "$U" "$T/full_nbdcopy.img"
+cmp "$T/full_nbdcopy.img" "$T/at_setup1.img" || fail "nbdcopy backup differs from the image at setup"
+qemu-img convert -f raw -O raw "$U" "$T/full_qemu.img"
+cmp "$T/full_qemu.img" "$T/at_setup1.img" || fail "qemu-img convert backup differs from the image at setup"
+# base:allocation agrees with SEEK_DATA/SEEK_HOLE of snapshot/disk (a cluster copied
+# since setup counts as data in both: the writer pauses while they are compared)
+pause_writer
+nbdinfo --map "$U" | awk '{ print $1, $2, ($3 == 0 ? "data" : "hole") }' >"$T/map.nbd"
+$PY - "$T/mnt/snapshot/disk" >"$T/map.seek" <<'PY'
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+size = os.fstat(fd).st_size
+pos = 0
+while pos < size:
+    try:
+        d = os.lseek(fd, pos, os.SEEK_DATA)
+    except OSError:
+        d = size
+    if d > pos:
+        print(pos, d - pos, "hole")
+    if d >= size:
+        break
+    h = os.lseek(fd, d, os.SEEK_HOLE)
+    print(d, h - d, "data")
+    pos = h
+PY
+diff "$T/map.nbd" "$T/map.seek" || fail "nbdinfo --map differs from SEEK_DATA/SEEK_HOLE"
+grep -q data "$T/map.nbd" && grep -q hole "$T/map.nbd" || fail "the map has no data or no hole"
+resume_writer
+# the dirty bitmap is NAME.dirty (all of it, for a new bitmap)
+nbdinfo --map=qemu:dirty-bitmap:b1 "$U" | awk '$3 == 1 { print $1, $2 }' >"$T/dirty.nbd"
+diff "$T/dirty.nbd" "$T/mnt/snapshot/disk.dirty" || fail "the dirty bitmap differs from disk.dirty"
+[ "$(status_json "$T/mnt" 'd["nbd"]["exports"][0]["bytes_read"] >= 12 * 2**20')" = True ] ||
+    fail "status does not count the bytes read: $("$FLEECEFS" status "$T/mnt" --json)"
+# Hostile clients; afterwards the export still serves and the access is intact.
+timeout 120 $PY "$HERE/nbd/hostile.py" "$S" disk || fail "a hostile client was not handled"
+nbdinfo "$U" >/dev/null || fail "the export does not answer after the hostile clients"
+[ "$(status_json "$T/mnt" 'd["access"]["broken"]')" = False ] || fail "the access broke"
+stop_writer
+"$FLEECEFS" teardown "$T/mnt" --target nightly --success >/dev/null
+expect_fail_with "" nbdinfo "$U"
+
+# 2. Incremental with libnbd while the writer goes on; trims free the fleecing space.
+dd if=/dev/urandom of="$L" bs=64K count=5 seek=300 conv=notrunc status=none
+dd if=/dev/urandom of="$L" bs=4K count=3 seek=2000 conv=notrunc status=none
+cp "$T/src.img" "$T/at_setup2.img"
+"$FLEECEFS" setup "$T/mnt" --target nightly --bitmap b1 >"$T/setup2"
+grep -q used "$T/setup2" || fail "the bitmap was not used: $(cat "$T/setup2")"
+nbdinfo --map=qemu:dirty-bitmap:b1 "$U" | awk '$3 == 1 { print $1, $2 }' >"$T/dirty.nbd"
+diff "$T/dirty.nbd" "$T/mnt/snapshot/disk.dirty" || fail "the dirty bitmap differs from disk.dirty"
+start_writer "$L" $((64 * M / 4096))
+cp "$T/full_nbdcopy.img" "$T/incr.img"
+$PY "$HERE/nbd/incremental.py" "$S" disk b1 "$T/incr.img" >"$T/incr.out" ||
+    fail "the incremental over NBD failed"
+stop_writer
+cmp "$T/incr.img" "$T/at_setup2.img" || fail "full + incremental differs from the image at setup"
+[ "$(status_json "$T/mnt" 'd["access"]["fleecing_allocated"]')" = 0 ] ||
+    fail "fleecing space left after trimming every range: $("$FLEECEFS" status "$T/mnt" --json)"
+
+"$FLEECEFS" teardown "$T/mnt" --target nightly --success >/dev/null
+echo "nbd_export: ok"

@@ -1,0 +1,434 @@
+//! The transmission phase of one connection: requests in order, one at a time, each
+//! answered before the next is read (so a connection holds at most one request's
+//! buffer). Several connections read in parallel (`NBD_FLAG_CAN_MULTI_CONN`).
+//!
+//! Reads run where the mount's backup scheduler (`src/sched/`) puts backup reads: on its
+//! pool with `--backup-priority low`, else on this thread, as FUSE's snapshot reads do.
+//! The connection thread waits for the read, then sends the reply.
+//!
+//! The connection ends cleanly when the client sends `NBD_CMD_DISC` or closes, when
+//! its export's access ends (checked while it waits for a request, and by every
+//! request: ESHUTDOWN), or when the server stops. A client that stops in the middle of
+//! a request for longer than [`STALL`] is dropped; writes to a client that does not
+//! read time out the same way (the socket's send timeout).
+
+use std::io::{self, Read};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Kind};
+use crate::nbd::export::{wire_errno, Export};
+use crate::nbd::handshake::{Negotiated, CONTEXT_ALLOCATION, CONTEXT_DIRTY};
+use crate::nbd::proto::{self, Request};
+use crate::nbd::Transport;
+use crate::sched::BackupScheduler;
+
+/// How often an idle connection checks that its export and the server are still there.
+pub const IDLE_CHECK: Duration = Duration::from_millis(500);
+/// How long a client may stall in the middle of a request.
+pub const STALL: Duration = Duration::from_secs(30);
+/// Extents per meta context in one block status reply (QEMU sends up to 128 Ki).
+const MAX_EXTENTS: usize = 16384;
+
+/// What a connection shares with the server.
+pub struct ConnEnv {
+    /// The mount's backup scheduling: where reads run.
+    pub sched: Arc<BackupScheduler>,
+    /// Set when the server stops.
+    pub stop: Arc<AtomicBool>,
+    /// Bytes read by this connection (summed per export by `status`).
+    pub bytes_read: Arc<AtomicU64>,
+}
+
+/// The read buffer: anonymous memory (page-aligned, as direct reads of the source
+/// need), grown to the largest request seen, at most [`proto::MAX_REQUEST`].
+struct Buf(Option<memmap2::MmapMut>);
+
+impl Buf {
+    fn get(&mut self, len: usize) -> io::Result<&mut [u8]> {
+        if self.0.as_ref().is_none_or(|m| m.len() < len) {
+            self.0 = None;
+            self.0 = Some(memmap2::MmapMut::map_anon(len.max(65536))?);
+        }
+        match self.0.as_mut() {
+            Some(m) => Ok(&mut m[..len]),
+            None => Err(io::Error::other("no read buffer")),
+        }
+    }
+}
+
+enum Wait {
+    Request([u8; proto::REQUEST_LEN]),
+    End,
+}
+
+/// Reads `buf` whole, retrying read timeouts for at most [`STALL`] in all.
+fn read_patiently(link: &mut impl Read, buf: &mut [u8]) -> io::Result<()> {
+    let start = Instant::now();
+    let mut got = 0;
+    while got < buf.len() {
+        match link.read(&mut buf[got..]) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => got += n,
+            Err(e) if is_timeout(&e) && start.elapsed() < STALL => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+/// Waits for the next request header; `End` when the client closed, or (while no byte
+/// of a request has come) the export's access ended or the server stops.
+fn next_request(link: &mut impl Transport, export: &Export, env: &ConnEnv) -> io::Result<Wait> {
+    let mut h = [0u8; proto::REQUEST_LEN];
+    loop {
+        match link.read(&mut h[..]) {
+            Ok(0) => return Ok(Wait::End),
+            Ok(n) => {
+                read_patiently(link, &mut h[n..])?;
+                return Ok(Wait::Request(h));
+            }
+            Err(e) if is_timeout(&e) || e.kind() == io::ErrorKind::Interrupted => {
+                if env.stop.load(Ordering::Relaxed) || !export.is_current() {
+                    return Ok(Wait::End);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(Wait::End),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// How a request was answered.
+enum Outcome {
+    /// Go on with the next request.
+    Next,
+    /// End the connection (after the reply).
+    End,
+}
+
+/// Serves requests on `link` for the export chosen in `n` until the connection ends.
+pub fn serve(
+    link: &mut impl Transport,
+    n: &Negotiated,
+    export: Arc<Export>,
+    env: &ConnEnv,
+) -> io::Result<()> {
+    link.set_read_timeout(Some(IDLE_CHECK))?;
+    let mut buf = Buf(None);
+    loop {
+        let h = match next_request(link, &export, env)? {
+            Wait::Request(h) => h,
+            Wait::End => return Ok(()),
+        };
+        let Some(req) = proto::parse_request(&h) else {
+            log::info!(
+                "NBD client of export '{}' sent a bad request magic: disconnected",
+                export.name()
+            );
+            return Ok(());
+        };
+        match handle(link, n, &export, env, &mut buf, req)? {
+            Outcome::Next => {}
+            Outcome::End => return Ok(()),
+        }
+    }
+}
+
+fn einval(message: String) -> Error {
+    Error::new(Kind::Invalid, message)
+}
+
+/// The refusal of a request by its shape (bounds, length, flags), before any work.
+fn check_shape(req: &Request, size: u64, allowed_flags: u16) -> Result<(), Error> {
+    if req.flags & !allowed_flags != 0 {
+        return Err(einval(format!(
+            "unsupported flags {:#x} for command {}",
+            req.flags, req.kind
+        )));
+    }
+    if req
+        .offset
+        .checked_add(u64::from(req.len))
+        .is_none_or(|end| end > size)
+    {
+        return Err(einval(format!(
+            "request {}+{} is past the end of the export ({size} bytes)",
+            req.offset, req.len
+        )));
+    }
+    Ok(())
+}
+
+fn handle(
+    link: &mut impl Transport,
+    n: &Negotiated,
+    export: &Arc<Export>,
+    env: &ConnEnv,
+    buf: &mut Buf,
+    req: Request,
+) -> io::Result<Outcome> {
+    let size = export.size();
+    match req.kind {
+        proto::CMD_DISC => Ok(Outcome::End),
+        proto::CMD_READ => {
+            if req.len > proto::MAX_REQUEST {
+                let e = einval(format!(
+                    "read of {} bytes is over the 32 MiB limit",
+                    req.len
+                ));
+                return send_error(link, n, req.cookie, &e);
+            }
+            if let Err(e) = check_shape(&req, size, proto::CMD_FLAG_DF | proto::CMD_FLAG_FUA) {
+                return send_error(link, n, req.cookie, &e);
+            }
+            read(link, n, export, env, buf, req)
+        }
+        proto::CMD_WRITE => {
+            let e = Error::new(
+                Kind::NotPermitted,
+                "the export of a snapshot cannot be written",
+            );
+            if req.len > proto::MAX_REQUEST {
+                // Too large to skip: answer, then end the connection.
+                send_error(
+                    link,
+                    n,
+                    req.cookie,
+                    &einval(format!(
+                        "write of {} bytes is over the 32 MiB limit",
+                        req.len
+                    )),
+                )?;
+                return Ok(Outcome::End);
+            }
+            read_skip(link, u64::from(req.len))?;
+            send_error(link, n, req.cookie, &e)
+        }
+        proto::CMD_WRITE_ZEROES => {
+            let e = Error::new(
+                Kind::NotPermitted,
+                "the export of a snapshot cannot be written",
+            );
+            send_error(link, n, req.cookie, &e)
+        }
+        proto::CMD_FLUSH => {
+            if req.offset != 0 || req.len != 0 || req.flags != 0 {
+                return send_error(
+                    link,
+                    n,
+                    req.cookie,
+                    &einval("flush with an offset, length or flags".into()),
+                );
+            }
+            send_ok(link, n, req.cookie)
+        }
+        proto::CMD_TRIM => {
+            if let Err(e) = check_shape(&req, size, proto::CMD_FLAG_FUA) {
+                return send_error(link, n, req.cookie, &e);
+            }
+            match export.trim(req.offset, u64::from(req.len)) {
+                Ok(()) => send_ok(link, n, req.cookie),
+                Err(e) => send_error(link, n, req.cookie, &e),
+            }
+        }
+        proto::CMD_BLOCK_STATUS => {
+            if !n.structured || n.contexts.is_empty() {
+                return send_error(
+                    link,
+                    n,
+                    req.cookie,
+                    &einval("block status without a meta context".into()),
+                );
+            }
+            if req.len == 0 {
+                return send_error(
+                    link,
+                    n,
+                    req.cookie,
+                    &einval("block status of length 0".into()),
+                );
+            }
+            if let Err(e) = check_shape(&req, size, proto::CMD_FLAG_REQ_ONE) {
+                return send_error(link, n, req.cookie, &e);
+            }
+            block_status(link, n, export, req)
+        }
+        other => send_error(
+            link,
+            n,
+            req.cookie,
+            &einval(format!("command {other} is not supported")),
+        ),
+    }
+}
+
+fn read_skip(link: &mut impl Transport, mut n: u64) -> io::Result<()> {
+    let mut b = [0u8; 65536];
+    while n > 0 {
+        let k = n.min(b.len() as u64) as usize;
+        read_patiently(link, &mut b[..k])?;
+        n -= k as u64;
+    }
+    Ok(())
+}
+
+/// A successful reply without data.
+fn send_ok(link: &mut impl Transport, n: &Negotiated, cookie: u64) -> io::Result<Outcome> {
+    if n.structured {
+        link.write_all(&proto::chunk_header(
+            cookie,
+            proto::REPLY_FLAG_DONE,
+            proto::REPLY_TYPE_NONE,
+            0,
+        ))?;
+    } else {
+        link.write_all(&proto::simple_reply(cookie, 0))?;
+    }
+    link.flush()?;
+    Ok(Outcome::Next)
+}
+
+/// A failed request: the errno QEMU would send, with the message in a structured reply.
+/// An access that ended also ends the connection.
+fn send_error(
+    link: &mut impl Transport,
+    n: &Negotiated,
+    cookie: u64,
+    e: &Error,
+) -> io::Result<Outcome> {
+    let errno = wire_errno(e);
+    log::debug!("NBD request failed: {}", crate::error::report(e));
+    if n.structured {
+        link.write_all(&proto::error_chunk(cookie, errno, &crate::error::report(e)))?;
+    } else {
+        link.write_all(&proto::simple_reply(cookie, errno))?;
+    }
+    link.flush()?;
+    Ok(if e.kind() == Kind::Stale {
+        Outcome::End
+    } else {
+        Outcome::Next
+    })
+}
+
+type ReadResult = Result<Vec<(u64, u64, bool)>, Error>;
+
+/// The read itself, and its data/hole segments for a structured reply.
+fn read_and_map(export: &Export, buf: &mut [u8], req: Request, sparse: bool) -> ReadResult {
+    export.read(req.offset, buf)?;
+    let end = req.offset + u64::from(req.len);
+    if sparse {
+        export.segments(req.offset, u64::from(req.len))
+    } else {
+        Ok(vec![(req.offset, end, true)])
+    }
+}
+
+fn read(
+    link: &mut impl Transport,
+    n: &Negotiated,
+    export: &Arc<Export>,
+    env: &ConnEnv,
+    buf: &mut Buf,
+    req: Request,
+) -> io::Result<Outcome> {
+    let len = req.len as usize;
+    let sparse = n.structured && req.flags & proto::CMD_FLAG_DF == 0;
+    let result = match &env.sched {
+        sched if sched.pooled() && len > 0 => {
+            // The read runs on the backup pool; its buffer goes there and back.
+            let mut owned = std::mem::replace(buf, Buf(None));
+            owned.get(len)?;
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
+            let export = export.clone();
+            sched.run_backup_read(move || {
+                let r = match owned.0.as_mut() {
+                    Some(m) => read_and_map(&export, &mut m[..len], req, sparse),
+                    None => Err(Error::new(Kind::Io, "no read buffer")),
+                };
+                let _ = tx.send((owned, r));
+            });
+            let (back, r) = rx
+                .recv()
+                .map_err(|_| io::Error::other("backup pool dropped a read"))?;
+            *buf = back;
+            r
+        }
+        _ => {
+            let b = buf.get(len)?;
+            read_and_map(export, b, req, sparse)
+        }
+    };
+    let segments = match result {
+        Ok(s) => s,
+        Err(e) => return send_error(link, n, req.cookie, &e),
+    };
+    env.bytes_read
+        .fetch_add(u64::from(req.len), Ordering::Relaxed);
+    let data = buf.get(len)?;
+    if !n.structured {
+        link.write_all(&proto::simple_reply(req.cookie, 0))?;
+        link.write_all(data)?;
+        link.flush()?;
+        return Ok(Outcome::Next);
+    }
+    if segments.is_empty() {
+        return send_ok(link, n, req.cookie);
+    }
+    let last = segments.len() - 1;
+    for (i, (start, end, is_data)) in segments.into_iter().enumerate() {
+        let flags = if i == last { proto::REPLY_FLAG_DONE } else { 0 };
+        let seg_len = (end - start) as u32;
+        if is_data {
+            link.write_all(&proto::data_chunk_header(req.cookie, flags, start, seg_len))?;
+            let from = (start - req.offset) as usize;
+            link.write_all(&data[from..from + seg_len as usize])?;
+        } else {
+            link.write_all(&proto::hole_chunk(req.cookie, flags, start, seg_len))?;
+        }
+    }
+    link.flush()?;
+    Ok(Outcome::Next)
+}
+
+fn block_status(
+    link: &mut impl Transport,
+    n: &Negotiated,
+    export: &Export,
+    req: Request,
+) -> io::Result<Outcome> {
+    let max = if req.flags & proto::CMD_FLAG_REQ_ONE != 0 {
+        1
+    } else {
+        MAX_EXTENTS
+    };
+    let mut chunks = Vec::new();
+    for &id in &n.contexts {
+        let extents = match id {
+            CONTEXT_ALLOCATION => export.allocation(req.offset, req.len, max),
+            CONTEXT_DIRTY => export.dirty(req.offset, req.len, max),
+            _ => continue,
+        };
+        match extents {
+            Ok(e) => chunks.push((id, e)),
+            Err(e) => return send_error(link, n, req.cookie, &e),
+        }
+    }
+    let last = chunks.len().saturating_sub(1);
+    for (i, (id, extents)) in chunks.iter().enumerate() {
+        let flags = if i == last { proto::REPLY_FLAG_DONE } else { 0 };
+        link.write_all(&proto::block_status_chunk(req.cookie, flags, *id, extents))?;
+    }
+    link.flush()?;
+    Ok(Outcome::Next)
+}

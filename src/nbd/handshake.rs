@@ -1,0 +1,369 @@
+//! The fixed newstyle negotiation: greeting, client flags, then options until the
+//! client picks an export (`NBD_OPT_GO`, `NBD_OPT_EXPORT_NAME`) or leaves. Where the
+//! protocol leaves a choice, this does what QEMU's server does (`nbd/server.c`): an
+//! unknown option gets `NBD_REP_ERR_UNSUP`, an unknown export `NBD_REP_ERR_UNKNOWN`,
+//! `SET_META_CONTEXT` before `STRUCTURED_REPLY` `NBD_REP_ERR_INVALID`, and while TLS
+//! is required every option but `STARTTLS` and `ABORT` `NBD_REP_ERR_TLS_REQD`.
+//!
+//! Bounded: at most [`MAX_OPTIONS`] options, each at most [`proto::MAX_OPTION`] bytes
+//! (a larger one is refused and the client dropped); the caller bounds the time.
+
+use std::io::{self, Read, Write};
+
+use crate::nbd::export::{Catalog, ExportInfo, BASE_ALLOCATION, DIRTY_BITMAP_PREFIX};
+use crate::nbd::proto;
+
+/// Options a client may send before it picks an export.
+pub const MAX_OPTIONS: usize = 256;
+
+/// The context id of `base:allocation`.
+pub const CONTEXT_ALLOCATION: u32 = 1;
+/// The context id of the export's dirty bitmap.
+pub const CONTEXT_DIRTY: u32 = 2;
+
+/// A connection the negotiation runs on: a byte stream that may become TLS.
+pub trait Link: Read + Write {
+    /// Whether `STARTTLS` is offered (TLS credentials are configured).
+    fn tls_offered(&self) -> bool;
+    /// Whether TLS is required before anything else.
+    fn tls_required(&self) -> bool;
+    /// Whether the connection is TLS already.
+    fn is_tls(&self) -> bool;
+    /// Runs the TLS handshake as the server (after `NBD_REP_ACK` to `STARTTLS`).
+    fn start_tls(&mut self) -> io::Result<()>;
+}
+
+/// What the client picked.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Negotiated {
+    /// The export.
+    pub export: ExportInfo,
+    /// Structured replies were negotiated.
+    pub structured: bool,
+    /// The meta contexts selected (ids) for `NBD_CMD_BLOCK_STATUS`.
+    pub contexts: Vec<u32>,
+}
+
+/// How a negotiation ended without an export.
+#[derive(Debug)]
+pub enum Refused {
+    /// The client left (`NBD_OPT_ABORT`, or it closed the connection).
+    Left,
+    /// The client broke the protocol; the message says how.
+    Protocol(String),
+    /// The connection failed.
+    Io(io::Error),
+}
+
+impl From<io::Error> for Refused {
+    fn from(e: io::Error) -> Refused {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            Refused::Left
+        } else {
+            Refused::Io(e)
+        }
+    }
+}
+
+/// The transmission flags of every export: trim (discard) and flush, several
+/// connections at once, no `READ_ONLY` (a read-only export could not be trimmed:
+/// QEMU's backup-access export is writable for the same reason), writes refused.
+pub const TRANSMISSION_FLAGS: u16 = proto::FLAG_HAS_FLAGS
+    | proto::FLAG_SEND_FLUSH
+    | proto::FLAG_SEND_TRIM
+    | proto::FLAG_SEND_DF
+    | proto::FLAG_CAN_MULTI_CONN;
+
+/// The meta contexts of `export` that `query` selects, with their ids: `base:` and
+/// `base:allocation`; `qemu:`, `qemu:dirty-bitmap:` and the bitmap's own name.
+/// An empty query list (only for LIST) selects all.
+fn select_contexts(export: &ExportInfo, queries: &[String]) -> Vec<(u32, String)> {
+    let mut all = vec![(CONTEXT_ALLOCATION, BASE_ALLOCATION.to_string())];
+    if let Some(b) = &export.bitmap {
+        all.push((CONTEXT_DIRTY, format!("{DIRTY_BITMAP_PREFIX}{b}")));
+    }
+    if queries.is_empty() {
+        return all;
+    }
+    let mut out: Vec<(u32, String)> = Vec::new();
+    for q in queries {
+        for (id, name) in &all {
+            let hit = match q.as_str() {
+                "base:" => *id == CONTEXT_ALLOCATION,
+                "qemu:" | "qemu:dirty-bitmap:" => *id == CONTEXT_DIRTY,
+                _ => q == name,
+            };
+            if hit && !out.iter().any(|(i, _)| i == id) {
+                out.push((*id, name.clone()));
+            }
+        }
+    }
+    out
+}
+
+fn reply(link: &mut impl Link, option: u32, kind: u32, data: &[u8]) -> io::Result<()> {
+    link.write_all(&proto::option_reply(option, kind, data))?;
+    link.flush()
+}
+
+fn error_reply(link: &mut impl Link, option: u32, kind: u32, message: &str) -> io::Result<()> {
+    reply(link, option, kind, message.as_bytes())
+}
+
+/// Runs the negotiation on `link` against `catalog`.
+pub fn negotiate(link: &mut impl Link, catalog: &dyn Catalog) -> Result<Negotiated, Refused> {
+    link.write_all(&proto::greeting())?;
+    link.flush()?;
+    let mut flags = [0u8; 4];
+    link.read_exact(&mut flags)?;
+    let flags = u32::from_be_bytes(flags);
+    if flags & proto::FLAG_C_FIXED_NEWSTYLE == 0 {
+        return Err(Refused::Protocol(
+            "the client does not speak fixed newstyle".into(),
+        ));
+    }
+    if flags & !(proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES) != 0 {
+        return Err(Refused::Protocol(format!(
+            "unknown client flags {flags:#x}"
+        )));
+    }
+    let no_zeroes = flags & proto::FLAG_C_NO_ZEROES != 0;
+    let mut structured = false;
+    // The meta contexts set, and the export they were set for.
+    let mut contexts: Option<(String, Vec<u32>)> = None;
+    for _ in 0..MAX_OPTIONS {
+        let mut h = [0u8; 16];
+        link.read_exact(&mut h)?;
+        let h = proto::parse_option_header(&h)
+            .ok_or_else(|| Refused::Protocol("bad option magic".into()))?;
+        if h.len > proto::MAX_OPTION {
+            let _ = error_reply(
+                link,
+                h.option,
+                proto::REP_ERR_TOO_BIG,
+                "option data too large",
+            );
+            return Err(Refused::Protocol(format!(
+                "option {} with {} bytes of data",
+                h.option, h.len
+            )));
+        }
+        let mut data = vec![0u8; h.len as usize];
+        link.read_exact(&mut data)?;
+        let tls_pending = link.tls_required() && !link.is_tls();
+        match h.option {
+            proto::OPT_ABORT => {
+                let _ = reply(link, h.option, proto::REP_ACK, &[]);
+                return Err(Refused::Left);
+            }
+            proto::OPT_STARTTLS => {
+                if h.len != 0 {
+                    error_reply(link, h.option, proto::REP_ERR_INVALID, "no data expected")?;
+                } else if link.is_tls() {
+                    error_reply(link, h.option, proto::REP_ERR_INVALID, "TLS is already on")?;
+                } else if !link.tls_offered() {
+                    error_reply(
+                        link,
+                        h.option,
+                        proto::REP_ERR_POLICY,
+                        "TLS is not configured for this listener",
+                    )?;
+                } else {
+                    reply(link, h.option, proto::REP_ACK, &[])?;
+                    link.start_tls()?;
+                    // Everything negotiated in clear text is forgotten.
+                    structured = false;
+                    contexts = None;
+                }
+            }
+            proto::OPT_EXPORT_NAME if tls_pending => {
+                return Err(Refused::Protocol(
+                    "NBD_OPT_EXPORT_NAME before the required TLS".into(),
+                ));
+            }
+            _ if tls_pending => {
+                error_reply(link, h.option, proto::REP_ERR_TLS_REQD, "TLS is required")?;
+            }
+            proto::OPT_LIST => {
+                if !data.is_empty() {
+                    error_reply(link, h.option, proto::REP_ERR_INVALID, "no data expected")?;
+                    continue;
+                }
+                for e in catalog.list() {
+                    reply(
+                        link,
+                        h.option,
+                        proto::REP_SERVER,
+                        &proto::rep_server(&e.name),
+                    )?;
+                }
+                reply(link, h.option, proto::REP_ACK, &[])?;
+            }
+            proto::OPT_STRUCTURED_REPLY => {
+                if !data.is_empty() {
+                    error_reply(link, h.option, proto::REP_ERR_INVALID, "no data expected")?;
+                } else {
+                    structured = true;
+                    reply(link, h.option, proto::REP_ACK, &[])?;
+                }
+            }
+            proto::OPT_LIST_META_CONTEXT | proto::OPT_SET_META_CONTEXT => {
+                let set = h.option == proto::OPT_SET_META_CONTEXT;
+                let Some(m) = proto::parse_meta_request(&data) else {
+                    error_reply(link, h.option, proto::REP_ERR_INVALID, "malformed request")?;
+                    continue;
+                };
+                if set && !structured {
+                    error_reply(
+                        link,
+                        h.option,
+                        proto::REP_ERR_INVALID,
+                        "NBD_OPT_SET_META_CONTEXT needs structured replies first",
+                    )?;
+                    continue;
+                }
+                let Some(export) = catalog.find(&m.name) else {
+                    error_reply(
+                        link,
+                        h.option,
+                        proto::REP_ERR_UNKNOWN,
+                        &format!(
+                            "no export '{}' (no backup access, or no such device)",
+                            m.name
+                        ),
+                    )?;
+                    continue;
+                };
+                // SET with no queries selects nothing; LIST with none lists all.
+                let selected = if set && m.queries.is_empty() {
+                    Vec::new()
+                } else {
+                    select_contexts(&export, &m.queries)
+                };
+                for (id, name) in &selected {
+                    reply(
+                        link,
+                        h.option,
+                        proto::REP_META_CONTEXT,
+                        &proto::rep_meta_context(if set { *id } else { 0 }, name),
+                    )?;
+                }
+                if set {
+                    contexts = Some((m.name, selected.iter().map(|(id, _)| *id).collect()));
+                }
+                reply(link, h.option, proto::REP_ACK, &[])?;
+            }
+            proto::OPT_INFO | proto::OPT_GO => {
+                let Some(r) = proto::parse_info_request(&data) else {
+                    error_reply(link, h.option, proto::REP_ERR_INVALID, "malformed request")?;
+                    continue;
+                };
+                let Some(export) = catalog.find(&r.name) else {
+                    error_reply(
+                        link,
+                        h.option,
+                        proto::REP_ERR_UNKNOWN,
+                        &format!(
+                            "no export '{}' (no backup access, or no such device)",
+                            r.name
+                        ),
+                    )?;
+                    continue;
+                };
+                send_info(link, h.option, &export, &r.requests)?;
+                reply(link, h.option, proto::REP_ACK, &[])?;
+                if h.option == proto::OPT_GO {
+                    let contexts = match contexts {
+                        Some((name, ids)) if name == export.name => ids,
+                        _ => Vec::new(),
+                    };
+                    return Ok(Negotiated {
+                        export,
+                        structured,
+                        contexts,
+                    });
+                }
+            }
+            proto::OPT_EXPORT_NAME => {
+                let name = std::str::from_utf8(&data).unwrap_or("");
+                let Some(export) = catalog
+                    .find(name)
+                    .filter(|_| data.len() <= proto::MAX_STRING)
+                else {
+                    // The protocol has no error reply for this option: close.
+                    return Err(Refused::Protocol(format!(
+                        "NBD_OPT_EXPORT_NAME of an unknown export '{}'",
+                        name.escape_debug()
+                    )));
+                };
+                link.write_all(&export.size.to_be_bytes())?;
+                link.write_all(&TRANSMISSION_FLAGS.to_be_bytes())?;
+                if !no_zeroes {
+                    link.write_all(&[0u8; 124])?;
+                }
+                link.flush()?;
+                let contexts = match contexts {
+                    Some((name, ids)) if name == export.name => ids,
+                    _ => Vec::new(),
+                };
+                return Ok(Negotiated {
+                    export,
+                    structured,
+                    contexts,
+                });
+            }
+            other => {
+                error_reply(
+                    link,
+                    other,
+                    proto::REP_ERR_UNSUP,
+                    &format!("option {other} is not supported"),
+                )?;
+            }
+        }
+    }
+    Err(Refused::Protocol(format!(
+        "more than {MAX_OPTIONS} options without choosing an export"
+    )))
+}
+
+/// The `NBD_REP_INFO` replies of INFO/GO: always the size and flags and the block sizes
+/// (minimum 1, preferred the cluster size, maximum 32 MiB); name and description when
+/// asked for.
+fn send_info(link: &mut impl Link, option: u32, e: &ExportInfo, asked: &[u16]) -> io::Result<()> {
+    reply(
+        link,
+        option,
+        proto::REP_INFO,
+        &proto::info_export(e.size, TRANSMISSION_FLAGS),
+    )?;
+    let preferred = e.cluster.clamp(1, proto::MAX_REQUEST);
+    reply(
+        link,
+        option,
+        proto::REP_INFO,
+        &proto::info_block_size(1, preferred, proto::MAX_REQUEST),
+    )?;
+    if asked.contains(&proto::INFO_NAME) {
+        reply(
+            link,
+            option,
+            proto::REP_INFO,
+            &proto::info_text(proto::INFO_NAME, &e.name),
+        )?;
+    }
+    if asked.contains(&proto::INFO_DESCRIPTION) {
+        let text = "fleecefs snapshot of a backup access";
+        reply(
+            link,
+            option,
+            proto::REP_INFO,
+            &proto::info_text(proto::INFO_DESCRIPTION, text),
+        )?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[path = "handshake_tests.rs"]
+mod tests;
