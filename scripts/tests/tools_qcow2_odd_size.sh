@@ -45,6 +45,22 @@ qemu-img compare "$T/ref2.raw" "$B/inc.qcow2" >"$T/cmp.log" 2>&1 || fail "qemu-i
 qemu-img convert -O raw "$B/inc.qcow2" "$T/inc.raw"
 cmp -n $N "$T/ref2.raw" "$T/inc.raw" || fail "qemu-img convert of the overlay lost data"
 
+# an overlay on a raw backup of the exact size (QEMU reads the raw file rounded up too)
+"$FLEECEFS" bitmap remove "$T/mnt" --target t >/dev/null
+"$FLEECEFS" setup "$T/mnt" --target t --bitmap t >/dev/null
+"$FLEECEFS" copy "$T/mnt" d "$B/base.raw" 2>/dev/null >/dev/null || fail "full raw copy failed"
+"$FLEECEFS" teardown "$T/mnt" --target t --success >/dev/null
+[ "$(stat -c %s "$B/base.raw")" = $N ] || fail "the raw copy is not $N bytes"
+dd if=/dev/urandom of="$L" bs=1 count=300 seek=$((N - 300)) conv=notrunc status=none
+cp "$L" "$T/ref3.raw"
+"$FLEECEFS" setup "$T/mnt" --target t --bitmap t >/dev/null
+"$FLEECEFS" copy "$T/mnt" d "$B/onraw.qcow2" --format qcow2 --incremental --backing "$B/base.raw" \
+    --verify >/dev/null 2>&1 || fail "qcow2 overlay on a raw backup failed"
+"$FLEECEFS" teardown "$T/mnt" --target t --success >/dev/null
+qemu-img compare "$T/ref3.raw" "$B/onraw.qcow2" >"$T/cmp.log" 2>&1 || fail "qemu-img compare of the overlay on raw: $(cat "$T/cmp.log")"
+qemu-img convert -O raw "$B/onraw.qcow2" "$T/onraw.raw"
+cmp -n $N "$T/ref3.raw" "$T/onraw.raw" || fail "qemu-img convert of the overlay on raw lost data"
+
 # restore the full backup (padded) onto the device
 "$FLEECEFS" restore "$T/mnt" d "$B/full.qcow2" --verify >/dev/null || fail "restore of the padded qcow2 backup failed"
 cmp "$T/ref1.raw" "$L" || fail "after restore live/d differs from the full backup's point"
