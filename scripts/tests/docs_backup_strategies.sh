@@ -5,8 +5,10 @@
 # answering the night being simulated. Strategy 1 (a raw image, full then incremental),
 # strategy 2 (a qcow2 chain of four nights, restore of a point, then both retention
 # examples in the order given, each remaining point checked with qemu-img convert, and a
-# second backup on the same day next to the first), and strategy 4's mount. An
-# incremental snapshot refuses whole-file reads (EACCES), as the restic note says.
+# second backup on the same day next to the first), strategy 3's three freeze examples on
+# ext4 filesystems (frozen, or unfrozen when the optional freeze is missing), and strategy
+# 4's mount. An incremental snapshot refuses whole-file reads (EACCES), as the restic note
+# says.
 source "$(dirname "$0")/lib.sh"
 
 DOC=$(cd "$(dirname "$0")/../.." && pwd)/docs/backup-strategies.md
@@ -23,7 +25,7 @@ for ind, body in re.findall(r'^( *)```sh\n(.*?)^\1```', open(doc).read(), flags=
 if len(found) != 1:
     sys.exit(f"{len(found)} sh blocks of {doc} contain {want!r}")
 text = found[0]
-for old, new in [("/var/lib/images/vm100.raw", t + "/vm100.img"), ("/var/lib/fleecefs", t + "/state4"),
+for old, new in [("/var/lib/images/vm100.raw", t + "/vm100.img"), ("/var/lib/fleecefs", t + "/state4"), ("/srv/", t + "/srv/"),
                  ("/mnt/fleece", t + "/mnt4"), ("/backup", t + "/backup"), ("/restore", t + "/restore")]:
     text = text.replace(old, new)
 print(text)
@@ -119,6 +121,34 @@ NOW=20261105T0130 run "$inc" 2>/dev/null
 teardown
 point_is "$D/vm100.20261105T0100.qcow2" "$T/ref5"
 point_is "$D/vm100.20261105T0130.qcow2" "$T/ref6"
+
+# strategy 3: the freeze hooks, each example on its own (ext4 filesystems at /srv/data,
+# /srv/a, /srv/b through loop devices; no virsh here: the optional freeze goes on unfrozen)
+for fs in data a b; do
+    truncate -s 16M "$T/$fs.ext4"
+    mkfs.ext4 -F -q "$T/$fs.ext4"
+    loop_attach "$T/$fs.ext4"
+    mkdir -p "$T/srv/$fs"
+    LOOPS+=("$T/srv/$fs")
+    mount "$LOOPDEV" "$T/srv/$fs"
+done
+s3=$(block "fsfreeze -f")
+n=0
+while IFS= read -r -d $'\x1e' cmd; do
+    printf '%s\n' "$cmd" | grep -q "fleecefs setup" || continue
+    n=$((n + 1))
+    case "$cmd" in
+    *virsh*) want=False ;;
+    *) want=True ;;
+    esac
+    run "$cmd --json >$T/s3.json 2>/dev/null"
+    [ "$(js "$T/s3.json" 'd["frozen"]')" = $want ] || fail "strategy 3 example $n: frozen is not $want: $(cat "$T/s3.json")"
+    for fs in data a b; do
+        timeout 10 touch "$T/srv/$fs/after" || fail "strategy 3 example $n left $fs frozen"
+    done
+    teardown
+done < <(printf '%s\n' "$s3" | awk 'BEGIN { RS = ""; ORS = "\x1e" } { print }')
+[ "$n" = 3 ] || fail "strategy 3 has $n setup examples, not 3"
 "$FLEECEFS" unmount "$M" >/dev/null
 
 # strategy 4: the mount as written
@@ -128,4 +158,4 @@ run "$(block "--backup-read direct")" >/dev/null 2>&1
 [ "$(status_json "$T/mnt4" '(lambda o: (o["backup_priority"], o["backup_share"], o["backup_read"]))(d["options"])')" = \
     "('low', 'auto', 'direct')" ] || fail "strategy 4's mount does not have its options"
 "$FLEECEFS" unmount "$T/mnt4" >/dev/null
-echo "ok: backup-strategies.md: raw image, qcow2 chain of 4 nights, restore, both retention steps in order, same-day retry, strategy 4's mount"
+echo "ok: backup-strategies.md: raw image, qcow2 chain of 4 nights, restore, both retention steps in order, same-day retry, 3 freeze examples, strategy 4's mount"
