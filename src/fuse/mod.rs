@@ -1,9 +1,10 @@
 //! The FUSE adapter: translates kernel requests into calls of the namespace
-//! (`namespace.rs`: inodes, attributes, entries, open policy) and the engine, and their
-//! errors into errnos (one table, `error.rs`). Its only state: per device, the number of
-//! read-write handles of the snapshot (see `read_snapshot_cached`).
-//! `session.rs` mounts it.
+//! (`namespace.rs`: inodes, attributes, entries, open policy; `fileops.rs`: the rules of
+//! reads, writes, seeks, fallocate and handle counts) and the backup scheduler, and their
+//! errors into errnos (one table, `error.rs`): each `Filesystem` method is a call and a
+//! reply. `session.rs` mounts it.
 
+pub mod fileops;
 pub mod namespace;
 pub mod session;
 
@@ -21,12 +22,11 @@ use fuser::{
     WriteFlags,
 };
 
-use crate::cbw::Device;
 use crate::engine::Engine;
-use crate::error::{Error, Kind, Result};
+use crate::error::{Error, Kind};
 use crate::sched::BackupScheduler;
 use crate::sys;
-use namespace::{is_a_directory, not_permitted, read_only, Namespace, Node};
+use namespace::{not_permitted, Namespace, Node};
 
 /// Largest read or write the kernel is allowed to send.
 pub const MAX_IO: u32 = 1 << 20;
@@ -162,62 +162,10 @@ fn serve_read(
     cached: bool,
     reply: ReplyData,
 ) {
-    FleeceFs::with_buf(size, |buf| {
-        let r: Result<usize> = match node {
-            Node::Live(i) => ns.device(i).and_then(|d| d.read_live(offset, buf)),
-            Node::Snap(i, _) if cached => read_snapshot_cached(ns, i, fh.0, offset, buf),
-            Node::Snap(i, _) => ns
-                .device(i)
-                .and_then(|d| d.read_snapshot(fh.0, offset, buf)),
-            Node::Dirty(i, _) => ns.read_dirty_map(i, fh.0, offset, buf),
-            _ => Err(is_a_directory()),
-        };
-        match r {
-            Ok(n) => reply.data(&buf[..n]),
-            Err(e) => reply.error(errno(&e)),
-        }
+    FleeceFs::with_buf(size, |buf| match ns.read(node, fh.0, offset, buf, cached) {
+        Ok(n) => reply.data(&buf[..n]),
+        Err(e) => reply.error(errno(&e)),
     })
-}
-
-/// A snapshot read through the page cache: a mapping's fault or readahead (the kernel
-/// sends these without a lock owner, direct reads with one). The kernel takes a short
-/// read as the end of the file and shrinks the file, after which even readable pages
-/// fault; so a read that would stop short of the end (inaccessible data follows)
-/// fails whole instead, and the kernel reads the faulting page alone, which succeeds
-/// when it is readable. While a handle of the snapshot is open read-write, no page
-/// enters the cache at all (the kernel drops the cached pages when such a handle is
-/// mapped): a shared writable mapping then never holds a page another mapping sees.
-fn read_snapshot_cached(
-    ns: &Namespace,
-    i: usize,
-    access_id: u64,
-    offset: u64,
-    buf: &mut [u8],
-) -> Result<usize> {
-    let dev = ns.device(i)?;
-    let n = dev.read_snapshot(access_id, offset, buf)?;
-    // Checked after the read: a read-write open that overtook it is seen here, and
-    // its mapping's invalidation waits for the page this read fills.
-    if dev.rw_snapshot_open() {
-        return Err(Error::new(
-            Kind::Inaccessible,
-            format!(
-                "snapshot/{} is open read-write: mapped reads are refused",
-                dev.name()
-            ),
-        ));
-    }
-    if n < buf.len() && offset + (n as u64) < dev.size() {
-        return Err(Error::new(
-            Kind::Inaccessible,
-            format!(
-                "mapped read of snapshot/{} at {offset}+{} reaches inaccessible data",
-                dev.name(),
-                buf.len()
-            ),
-        ));
-    }
-    Ok(n)
 }
 
 impl Filesystem for FleeceFs {
@@ -302,16 +250,7 @@ impl Filesystem for FleeceFs {
                 .open(node, flags.0, self.coherent_direct_io, self.live_cache)
         });
         match opened {
-            Ok(o) => {
-                if let Ok(Node::Snap(i, _)) = self.ns.node(ino) {
-                    if flags.0 & libc::O_ACCMODE == libc::O_RDWR {
-                        if let Ok(d) = self.ns.device(i) {
-                            d.count_rw_snapshot_handle(true);
-                        }
-                    }
-                }
-                reply.opened(FileHandle(o.fh), o.flags)
-            }
+            Ok(o) => reply.opened(FileHandle(o.fh), o.flags),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -363,16 +302,11 @@ impl Filesystem for FleeceFs {
         reply: ReplyWrite,
     ) {
         let _pass = crate::keeper::GATE.enter();
-        let r = self.ns.node(ino).and_then(|node| match node {
-            Node::Live(i) => {
+        let r = self.ns.node(ino).and_then(|node| {
+            if let Node::Live(_) = node {
                 self.sched.note_guest();
-                let dev = self.ns.device(i)?;
-                let n = dev.write_live(offset, data)?;
-                write_sync(&dev, flags)?;
-                Ok(n)
             }
-            Node::Snap(..) | Node::Dirty(..) => Err(read_only()),
-            _ => Err(is_a_directory()),
+            self.ns.write(node, offset, data, flags.0)
         });
         match r {
             Ok(n) => reply.written(n as u32),
@@ -391,20 +325,10 @@ impl Filesystem for FleeceFs {
         reply: ReplyEmpty,
     ) {
         let _pass = crate::keeper::GATE.enter();
-        let r = self.ns.node(ino).and_then(|node| match node {
-            Node::Live(i) => self.ns.device(i)?.fallocate_live(mode, offset, length),
-            Node::Snap(i, _) if mode == sys::FALLOC_PUNCH_HOLE | sys::FALLOC_KEEP_SIZE => self
-                .ns
-                .device(i)?
-                .discard_snapshot(fh.0, offset, length),
-            Node::Snap(..) | Node::Dirty(..) => Err(Error::new(
-                Kind::Unsupported,
-                format!(
-                    "fallocate mode {mode:#x} is not supported on snapshot files and dirty maps (only punch hole with keep size, a discard)"
-                ),
-            )),
-            _ => Err(is_a_directory()),
-        });
+        let r = self
+            .ns
+            .node(ino)
+            .and_then(|node| self.ns.fallocate(node, fh.0, mode, offset, length));
         match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
@@ -430,28 +354,10 @@ impl Filesystem for FleeceFs {
         let Ok(offset) = u64::try_from(offset) else {
             return reply.error(Errno::ENXIO);
         };
-        let r = self.ns.node(ino).and_then(|node| match node {
-            Node::Live(i) => {
-                // The source's own map, clipped to the device.
-                let dev = self.ns.device(i)?;
-                let size = dev.size();
-                if offset >= size {
-                    return Ok(None);
-                }
-                dev.source().seek(offset, data).map(|r| match (r, data) {
-                    (Some(d), true) => Some(d).filter(|&d| d < size),
-                    (None, true) => None,
-                    (h, false) => Some(h.unwrap_or(size).min(size)),
-                })
-            }
-            Node::Snap(i, _) => self.ns.device(i)?.seek_snapshot(fh.0, offset, data),
-            // All data.
-            Node::Dirty(..) => self
-                .ns
-                .attr(node)
-                .map(|a| (offset < a.size).then_some(if data { offset } else { a.size })),
-            _ => Err(is_a_directory()),
-        });
+        let r = self
+            .ns
+            .node(ino)
+            .and_then(|node| self.ns.seek(node, fh.0, offset, data));
         match r {
             Ok(Some(o)) => reply.offset(o as i64),
             Ok(None) => reply.error(Errno::ENXIO),
@@ -469,21 +375,7 @@ impl Filesystem for FleeceFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        // Pairs with the counts taken in `open` (the node as numbered, whether its access
-        // or device is still there or not).
-        match Node::from_ino(ino.0) {
-            Some(Node::Live(i)) => {
-                if let Ok(d) = self.ns.device(i) {
-                    d.handle_released();
-                }
-            }
-            Some(Node::Snap(i, _)) if flags.0 & libc::O_ACCMODE == libc::O_RDWR => {
-                if let Ok(d) = self.ns.device(i) {
-                    d.count_rw_snapshot_handle(false);
-                }
-            }
-            _ => {}
-        }
+        self.ns.release(ino.0, flags.0);
         reply.ok()
     }
 
@@ -508,10 +400,10 @@ impl Filesystem for FleeceFs {
         reply: ReplyEmpty,
     ) {
         let _pass = crate::keeper::GATE.enter();
-        let r = self.ns.node(ino).and_then(|node| match node {
-            Node::Live(i) => self.ns.device(i)?.sync_live(datasync),
-            _ => Ok(()),
-        });
+        let r = self
+            .ns
+            .node(ino)
+            .and_then(|node| self.ns.fsync(node, datasync));
         match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
@@ -612,21 +504,6 @@ impl Filesystem for FleeceFs {
         reply: ReplyEmpty,
     ) {
         reply.error(errno(&not_permitted()))
-    }
-}
-
-/// O_DSYNC / O_SYNC semantics of one write: the kernel passes the file's open flags with
-/// every write, plus O_DSYNC for `RWF_DSYNC` and O_SYNC for `RWF_SYNC` (`fuse_write_flags`),
-/// and leaves the sync to the server for direct I/O. The source is synced before the
-/// reply (fdatasync for O_DSYNC, fsync for O_SYNC), so the write is durable when it
-/// returns. Plain writes pay nothing.
-fn write_sync(dev: &Device, flags: OpenFlags) -> Result<()> {
-    if flags.0 & libc::O_SYNC == libc::O_SYNC {
-        dev.sync_live(false)
-    } else if flags.0 & libc::O_DSYNC != 0 {
-        dev.sync_live(true)
-    } else {
-        Ok(())
     }
 }
 

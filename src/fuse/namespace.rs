@@ -408,6 +408,13 @@ impl Namespace {
                 // into EACCES at once: no page cache for reads (mappings use it, in the
                 // access's own inode).
                 let a = self.access_if(i, id)?;
+                // Counted (until `release`): while the snapshot is open read-write, no
+                // mapped read enters the page cache (`read_snapshot_cached`).
+                if matches!(node, Node::Snap(..)) && flags & libc::O_ACCMODE == libc::O_RDWR {
+                    if let Ok(d) = self.device(i) {
+                        d.count_rw_snapshot_handle(true);
+                    }
+                }
                 Ok(Opened {
                     fh: a.id(),
                     flags: FopenFlags::FOPEN_DIRECT_IO,
