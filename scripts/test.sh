@@ -32,6 +32,10 @@ command -v nbdinfo >/dev/null || need+=(libnbd-bin)
 command -v nbdcopy >/dev/null || need+=(libnbd-bin)
 /usr/bin/python3 -c 'import nbd' 2>/dev/null || need+=(python3-libnbd)
 command -v openssl >/dev/null || need+=(openssl)
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+# the VM test's initramfs needs a static busybox
+{ command -v busybox >/dev/null && ! ldd "$(command -v busybox)" >/dev/null 2>&1; } || need+=(busybox-static)
+ls /boot/vmlinuz-* >/dev/null 2>&1 || need+=(linux-image-amd64)
 if [ ${#need[@]} -gt 0 ]; then
     echo "== installing ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive
