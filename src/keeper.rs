@@ -315,7 +315,7 @@ pub struct Worker {
     env: WorkerEnv,
     report: Mutex<File>,
     fds: Mutex<Vec<File>>,
-    crashed_access: Mutex<Option<(String, Vec<String>)>>,
+    crashed_access: Mutex<Option<crate::state::AccessRecord>>,
     served_ms: Mutex<Option<u64>>,
     /// The kernel can resend (FUSE_HAS_RESEND), as negotiated at INIT.
     has_resend: AtomicBool,
@@ -421,11 +421,10 @@ impl Worker {
     /// access comes back broken (see [`restore_broken_access`]).
     pub fn note_crashed_access(&self, record: &crate::state::AccessRecord) {
         if self.restarted() {
-            let devices = record.devices.iter().map(|(n, _)| n.clone()).collect();
             *self
                 .crashed_access
                 .lock()
-                .unwrap_or_else(|e| e.into_inner()) = Some((record.target.clone(), devices));
+                .unwrap_or_else(|e| e.into_inner()) = Some(record.clone());
         }
     }
 }
@@ -436,7 +435,7 @@ impl Worker {
 /// change (recovery ORed each background into its bitmap).
 pub fn restore_broken_access(engine: &Engine) {
     let Some(w) = worker() else { return };
-    let Some((target, devices)) = w
+    let Some(record) = w
         .crashed_access
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -444,7 +443,9 @@ pub fn restore_broken_access(engine: &Engine) {
     else {
         return;
     };
-    match engine.restore_broken(&target, &devices, "daemon restarted") {
+    let target = record.target;
+    let devices: Vec<String> = record.devices.into_iter().map(|(n, _)| n).collect();
+    match engine.restore_broken(&target, &devices, record.id, "daemon restarted") {
         Ok(_) => {
             log::warn!(
                 "backup access '{target}' was active when the worker died: it is broken (daemon restarted); tear it down"
@@ -502,7 +503,16 @@ pub fn ready(connection: u32) {
     let now = now_ms();
     *w.served_ms.lock().unwrap_or_else(|e| e.into_inner()) = Some(now);
     if let Some(l) = &w.env.last_restart {
-        log::info!(
+        // A death (not a planned restart) is a warning, with the pause writers saw.
+        let planned =
+            l.reason.starts_with("planned restart") || l.reason.starts_with("service restarted");
+        let level = if planned {
+            log::Level::Info
+        } else {
+            log::Level::Warn
+        };
+        log::log!(
+            level,
             "worker {} serving after a restart ({}): writers paused {} ms",
             std::process::id(),
             l.reason,

@@ -17,6 +17,8 @@ use crate::secure_path::{open_in, open_trusted_dir, remove_in, rename_in, Missin
 /// Name of the daemon lock (holds the pid) inside the state directory.
 pub const LOCK_FILE: &str = "fleecefs.lock";
 const ACCESS_RECORD: &str = "access.json";
+/// The id of the last access set up with this state directory (decimal).
+const ACCESS_ID: &str = "access-id";
 /// Name of the record of the served device set inside the state directory.
 pub const DEVICE_RECORD: &str = "devices.json";
 /// Name of the control socket inside the state directory.
@@ -31,6 +33,10 @@ pub const LOG_FILE: &str = "fleecefs.log";
 /// What the state directory remembers about an active access.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct AccessRecord {
+    /// The access id (snapshot handles and inode numbers carry it; 0 in records written
+    /// before it was recorded).
+    #[serde(default)]
+    pub id: u64,
     /// Target ID of the access.
     pub target: String,
     /// When it started (seconds since the epoch).
@@ -208,6 +214,33 @@ impl StateDir {
         write_atomic_in(&self.dir, &self.path, ACCESS_RECORD, &text)
     }
 
+    /// The id of the last access set up with this state directory (0: none yet). A
+    /// restarted daemon or worker gives out higher ones, so a snapshot handle of an
+    /// earlier access never reads a later one.
+    pub fn last_access_id(&self) -> Result<u64> {
+        let p = self.path.join(ACCESS_ID);
+        match read_in(&self.dir, ACCESS_ID) {
+            Ok(bytes) => String::from_utf8_lossy(&bytes).trim().parse().map_err(|_| {
+                Error::invalid(format!(
+                    "{} is damaged (not a number): remove it only when no snapshot file of this mount is open",
+                    p.display()
+                ))
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(nofollow_error(format!("reading {}", p.display()), e)),
+        }
+    }
+
+    /// Records `id` as the last access id (before the access is set up).
+    pub fn record_access_id(&self, id: u64) -> Result<()> {
+        write_atomic_in(
+            &self.dir,
+            &self.path,
+            ACCESS_ID,
+            format!("{id}\n").as_bytes(),
+        )
+    }
+
     /// Forgets the access record once its fleecing files are gone.
     pub fn clear_access(&self) -> Result<()> {
         let p = self.path.join(ACCESS_RECORD);
@@ -358,6 +391,7 @@ mod tests {
         let f = dir.path().join("x.fleece");
         std::fs::write(&f, b"old").unwrap();
         let rec = AccessRecord {
+            id: 3,
             target: "t".into(),
             started_at: 1,
             devices: vec![("d".into(), f.clone())],
@@ -391,6 +425,7 @@ mod tests {
         assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
         // An access record naming another file leaves that file alone.
         let rec = AccessRecord {
+            id: 0,
             target: "t".into(),
             started_at: 1,
             devices: vec![("d".into(), victim.clone())],
@@ -403,5 +438,18 @@ mod tests {
         std::fs::set_permissions(&st, std::fs::Permissions::from_mode(0o770)).unwrap();
         let e = StateDir::open(&st).err().unwrap().to_string();
         assert!(e.contains("writable by its group"), "{e}");
+    }
+
+    #[test]
+    fn the_last_access_id_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateDir::open(dir.path()).unwrap();
+        assert_eq!(s.last_access_id().unwrap(), 0);
+        s.record_access_id(41).unwrap();
+        assert_eq!(s.last_access_id().unwrap(), 41);
+        // A record of an older version has no id: 0, "a new one".
+        let old: AccessRecord =
+            serde_json::from_str(r#"{"target":"t","started_at":1,"devices":[]}"#).unwrap();
+        assert_eq!(old.id, 0);
     }
 }

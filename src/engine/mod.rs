@@ -250,6 +250,11 @@ impl Engine {
             }
             table[slot] = Some(d);
         }
+        // Above every id given out before with this state directory.
+        let next_id = match &state {
+            Some(s) => s.last_access_id()?.saturating_add(1),
+            None => 1,
+        };
         Ok(Engine {
             devices: RwLock::new(table),
             cluster,
@@ -261,7 +266,7 @@ impl Engine {
             state,
             control: Mutex::new(Control {
                 active: None,
-                next_id: 1,
+                next_id,
                 bitmaps,
                 shut_down: false,
                 next_slot,

@@ -22,8 +22,13 @@ use crate::sys::unix_now;
 enum Bitmaps<'a> {
     /// A user's setup: use, create or remove the target's bitmap (`--bitmap NAME`).
     Choose(Option<&'a str>),
-    /// A broken access restored after a worker death (the reason): leave them alone.
-    Keep(&'a str),
+    /// A broken access restored after a worker death: leave them alone.
+    Keep {
+        /// Why it is broken.
+        reason: &'a str,
+        /// The dead worker's id of the access (0: unknown).
+        id: u64,
+    },
 }
 
 impl Engine {
@@ -74,13 +79,17 @@ impl Engine {
     /// keeps them tracking every write: they still hold everything since the target's
     /// last successful backup (recovery ORed each background into its bitmap), and the
     /// next setup with them is `used`.
+    /// The restored access keeps the dead worker's access id `id` (0: unknown, a new
+    /// one), so snapshot handles opened before the death find it broken (EIO) instead of
+    /// gone (ESTALE).
     pub fn restore_broken(
         &self,
         target: &str,
         devices: &[String],
+        id: u64,
         reason: &str,
     ) -> Result<SetupReport> {
-        self.start_access(target, Some(devices), Bitmaps::Keep(reason))
+        self.start_access(target, Some(devices), Bitmaps::Keep { reason, id })
     }
 
     fn start_access(
@@ -89,9 +98,9 @@ impl Engine {
         devices: Option<&[String]>,
         bitmaps: Bitmaps<'_>,
     ) -> Result<SetupReport> {
-        let (bitmap, keep) = match bitmaps {
-            Bitmaps::Choose(b) => (b, None),
-            Bitmaps::Keep(reason) => (None, Some(reason)),
+        let (bitmap, keep, restored_id) = match bitmaps {
+            Bitmaps::Choose(b) => (b, None, 0),
+            Bitmaps::Keep { reason, id } => (None, Some(reason), id),
         };
         validate_name("target", target)?;
         if let Some(b) = bitmap {
@@ -121,10 +130,20 @@ impl Engine {
             "fleecing directory",
             crate::secure_path::Missing::Create,
         )?;
-        let id = control.next_id;
-        control.next_id += 1;
+        let id = if restored_id > 0 {
+            control.next_id = control.next_id.max(restored_id + 1);
+            restored_id
+        } else {
+            let id = control.next_id;
+            control.next_id += 1;
+            if let Some(state) = &self.state {
+                state.record_access_id(id)?;
+            }
+            id
+        };
         let started_at = unix_now();
         let record = AccessRecord {
+            id,
             target: target.to_string(),
             started_at,
             devices: indices

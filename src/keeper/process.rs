@@ -426,7 +426,8 @@ impl Keeper {
                     self.binary = path;
                 }
             } else {
-                log::error!("{reason}: starting a new worker");
+                // Recovered (writers pause): a warning; the new worker logs the pause.
+                log::warn!("{reason}: starting a new worker");
                 // A worker killed with SIGKILL after it served was killed from outside
                 // (an operator, the OOM killer): recovered every time. Any other death,
                 // or one before serving, may repeat with the next worker (a request that
