@@ -72,4 +72,15 @@ example=$(grep -o '`[0-9]\{4\}-[0-9-]*T[0-9:]*Z fleecefs\[[0-9]*\] [a-z]*: [^`]*
 [ -n "$example" ] || fail "docs/formats.md has no example log line"
 printf '%s\n' "$example" | grep -Eq "$ts fleecefs\[[0-9]+\] info: backup access for target '[a-z]+' set up on [a-z0-9]+ \([a-z-]+\)$" ||
     fail "the log line docs/formats.md shows is not what the daemon writes: $example"
+# a broken access fails every snapshot read: that does not fill the log (one line per
+# request would), the break itself is there
+truncate -s $((4 * M)) "$T/e.img"
+fmount "$T/mnt2" --state-dir "$T/state2" --device e="$T/e.img" --fleecing-limit 128K >/dev/null
+"$FLEECEFS" setup "$T/mnt2" --target b >/dev/null
+dd if=/dev/urandom of="$T/mnt2/live/e" bs=64K count=8 conv=notrunc status=none   # past the limit
+[ "$(status_json "$T/mnt2" 'd["access"]["broken"]')" = True ] || fail "the access did not break"
+for _ in $(seq 50); do dd if="$T/mnt2/snapshot/e" of=/dev/null bs=4K count=1 iflag=direct status=none 2>/dev/null && fail "a broken snapshot was read"; done
+"$FLEECEFS" teardown "$T/mnt2" --target b --failure >/dev/null 2>&1 || true
+"$FLEECEFS" unmount "$T/mnt2" >/dev/null
+[ "$(grep -c "request failed" "$T/state2/fleecefs.log")" = 0 ] || fail "failed snapshot reads fill the log: $(grep -c "request failed" "$T/state2/fleecefs.log") lines"
 echo "ok: mount/unmount one line, status options, findmnt, log of setups, teardowns, copies, restore"

@@ -93,7 +93,10 @@ fn errno(e: &Error) -> Errno {
         | Kind::NotDirectory
         | Kind::NotPermitted
         | Kind::NotImplemented => log::debug!("{}", crate::error::report(e)),
-        _ => log::info!("request failed: {}", crate::error::report(e)),
+        // Debug too, as in the other frontends: the daemon's log has the info level, and
+        // a broken access fails every snapshot read; source errors are logged (warning)
+        // where they happen.
+        _ => log::debug!("request failed: {}", crate::error::report(e)),
     }
     Errno::from_i32(e.errno())
 }
