@@ -180,9 +180,19 @@ pub struct MountArgs {
     /// Stay in the foreground (log to stderr)
     #[arg(long)]
     pub foreground: bool,
-    /// Let users other than root use the mount (file modes still apply)
+    /// Let users other than root use the mount (file modes still apply, narrowed to what
+    /// the source's directories allow)
     #[arg(long)]
     pub allow_other: bool,
+    /// Permission bits of live files (octal, e.g. 0640) instead of the source's
+    #[arg(long, value_name = "OCTAL", value_parser = parse_mode)]
+    pub mode: Option<u32>,
+    /// Owner (numeric uid) of the mount's files and directories instead of the source's
+    #[arg(long, value_name = "UID")]
+    pub uid: Option<u32>,
+    /// Group (numeric gid) of the mount's files and directories instead of the source's
+    #[arg(long, value_name = "GID")]
+    pub gid: Option<u32>,
     /// What a failed copy-before-write breaks
     #[arg(long, value_enum, default_value = "break-snapshot")]
     pub on_cbw_error: OnCbwErrorArg,
@@ -429,4 +439,14 @@ pub struct BitmapRemoveArgs {
     /// Backup target ID whose bitmaps are deleted
     #[arg(long, value_name = "ID")]
     pub target: String,
+}
+
+/// `--mode`: permission bits in octal, at most 0777.
+fn parse_mode(text: &str) -> std::result::Result<u32, String> {
+    match u32::from_str_radix(text, 8) {
+        Ok(m) if m <= 0o777 => Ok(m),
+        _ => Err(format!(
+            "'{text}' is not a mode: give permission bits in octal, 0 to 0777 (e.g. 0640)"
+        )),
+    }
 }

@@ -78,6 +78,8 @@ pub struct MountPlan {
     pub vhost_user_blk: Vec<crate::vhost_user::ExportSpec>,
     /// The NBD server (`--nbd`, `--nbd-tls-creds`, `--nbd-insecure`).
     pub nbd: crate::nbd::server::NbdConfig,
+    /// Owners and modes the mount shows (`--allow-other`, `--mode`, `--uid`, `--gid`).
+    pub access: crate::fuse::namespace::AccessPolicy,
 }
 
 /// `p` (absolute) with symlinks and `..` resolved as far as it exists; the missing rest
@@ -285,6 +287,12 @@ pub fn validate(args: &MountArgs) -> Result<MountPlan> {
         cbw_buffer,
         vhost_user_blk,
         nbd,
+        access: crate::fuse::namespace::AccessPolicy {
+            allow_other: args.allow_other,
+            mode: args.mode,
+            uid: args.uid,
+            gid: args.gid,
+        },
     })
 }
 
@@ -688,6 +696,7 @@ fn serve(plan: MountPlan, daemon_child: bool, allow_other: bool) -> Result<()> {
     let session_options = SessionOptions {
         fsname: format!("{FSNAME_PREFIX}{}", plan.state_dir.display()),
         allow_other,
+        access: plan.access,
         threads: plan.threads,
         live_cache: plan.live_cache,
         backup: backup.clone(),

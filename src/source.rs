@@ -28,6 +28,36 @@ pub struct Identity {
     pub block_device: bool,
 }
 
+/// The permission bits of a file owned by `uid`:`gid` at `path` that its directories let
+/// through, conservatively: a class keeps its bits only if every directory above the
+/// file lets it search (`x`). Others need `o+x` everywhere; the file's group `o+x`, or
+/// `g+x` on a directory of the same group; its owner `o+x`, or `u+x` on a directory it
+/// owns. A directory that cannot be read for its mode lets nothing through.
+pub fn reach(path: &Path, uid: u32, gid: u32) -> u32 {
+    let Ok(real) = path.canonicalize() else {
+        return 0;
+    };
+    let mut mask = 0o777;
+    for dir in real.ancestors().skip(1) {
+        let Ok(m) = std::fs::metadata(dir) else {
+            return 0;
+        };
+        mask &= dir_lets_through(m.mode(), m.uid(), m.gid(), uid, gid);
+    }
+    mask
+}
+
+/// The classes of a file owned by `uid`:`gid` that a directory (mode `mode`, owned by
+/// `duid`:`dgid`) lets search it, as permission bits.
+pub fn dir_lets_through(mode: u32, duid: u32, dgid: u32, uid: u32, gid: u32) -> u32 {
+    let other = mode & 0o001 != 0;
+    let group = other || (dgid == gid && mode & 0o010 != 0);
+    let owner = other || (duid == uid && mode & 0o100 != 0);
+    (if owner { 0o700 } else { 0 })
+        | (if group { 0o070 } else { 0 })
+        | (if other { 0o007 } else { 0 })
+}
+
 /// `(dev, ino, block_device)` of the file at `path` as [`Identity`] records them, if it
 /// can be looked up (same file checks before opening).
 pub fn identity_of(path: &Path) -> Option<(u64, u64, bool)> {
@@ -100,6 +130,8 @@ pub struct Source {
     /// Changed only by the engine while the device's gate is held exclusively.
     size: AtomicU64,
     identity: Identity,
+    /// The permission bits the directories above the source let through ([`reach`]).
+    reach: u32,
 }
 
 impl Source {
@@ -217,8 +249,16 @@ impl Source {
             direct_bytes: AtomicU64::new(0),
             path: path.to_path_buf(),
             size: AtomicU64::new(size),
+            reach: reach(path, identity.uid, identity.gid),
             identity,
         })
+    }
+
+    /// The permission bits (`0o777` at most) that the directories above the source let
+    /// through to the file's owner, group and others: what a user who is not root can
+    /// reach of it by its path.
+    pub fn reach(&self) -> u32 {
+        self.reach
     }
 
     /// The path the source was opened from.
@@ -413,5 +453,44 @@ impl Source {
             self.file.sync_all()
         };
         r.context(|| format!("fsync of source {}", self.path.display()))
+    }
+}
+
+#[cfg(test)]
+mod reach_tests {
+    use super::*;
+
+    #[test]
+    fn directories_let_classes_through() {
+        // 0755 root dir: everyone.
+        assert_eq!(dir_lets_through(0o755, 0, 0, 1000, 1000), 0o777);
+        // 0700 root dir: nobody but an owner that is root.
+        assert_eq!(dir_lets_through(0o700, 0, 0, 0, 0), 0o700);
+        assert_eq!(dir_lets_through(0o700, 0, 0, 1000, 1000), 0);
+        // 0750 dir of the file's group: owner (not the dir's) not through u+x.
+        assert_eq!(dir_lets_through(0o750, 0, 50, 1000, 50), 0o070);
+        assert_eq!(dir_lets_through(0o750, 1000, 50, 1000, 50), 0o770);
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().join("d");
+        std::fs::create_dir(&d).unwrap();
+        std::fs::write(d.join("f"), b"x").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o711)).unwrap();
+        let owner = (sys_uid(), sys_gid());
+        let f = d.join("f");
+        std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let above = reach(t.path(), owner.0, owner.1);
+        assert_eq!(reach(&f, owner.0, owner.1), above);
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert_eq!(reach(&f, owner.0, owner.1), above & 0o700);
+        assert_eq!(reach(&t.path().join("missing"), owner.0, owner.1), 0);
+    }
+
+    fn sys_uid() -> u32 {
+        crate::sys::euid()
+    }
+
+    fn sys_gid() -> u32 {
+        crate::sys::process_owner().1
     }
 }

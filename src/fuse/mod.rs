@@ -130,6 +130,15 @@ impl FleeceFs {
         }
     }
 
+    /// Shows owners and modes as `policy` says (before the session starts).
+    pub fn with_access_policy(mut self, policy: namespace::AccessPolicy) -> FleeceFs {
+        if let Some(ns) = Arc::get_mut(&mut self.ns) {
+            let engine = ns.engine_arc();
+            *ns = Namespace::new(engine, sys::process_owner()).with_policy(policy);
+        }
+        self
+    }
+
     /// Set up for a connection whose INIT an earlier worker answered (see `init`).
     pub fn with_coherent_direct_io(mut self, coherent: bool) -> FleeceFs {
         self.coherent_direct_io = coherent;

@@ -149,11 +149,45 @@ pub struct Opened {
     pub flags: FopenFlags,
 }
 
+/// Who may use a mount's files, and so which owner and mode they show
+/// (`--allow-other`, `--mode`, `--uid`, `--gid`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AccessPolicy {
+    /// Other users may use the mount: a file's mode is then narrowed to what its
+    /// source's mode and the source's directories let through
+    /// ([`crate::source::Source::reach`]), so that the mount shows nobody a file they
+    /// could not reach at its source.
+    pub allow_other: bool,
+    /// The permission bits of live files instead (snapshot files: without group and
+    /// other write; dirty maps: read bits only).
+    pub mode: Option<u32>,
+    /// The owner of every file and directory instead of the source's.
+    pub uid: Option<u32>,
+    /// The group of every file and directory instead of the source's.
+    pub gid: Option<u32>,
+}
+
+impl AccessPolicy {
+    /// Whether directories keep the plain `0755` of the daemon's user: nothing asked.
+    fn plain(&self) -> bool {
+        !self.allow_other && self.mode.is_none() && self.uid.is_none() && self.gid.is_none()
+    }
+}
+
+/// The `r-x` bits a directory needs so that every class with a bit in `file_modes`
+/// reaches the files in it; its owner always has them.
+pub fn dir_mode_for(file_modes: u32) -> u32 {
+    0o500
+        | if file_modes & 0o070 != 0 { 0o050 } else { 0 }
+        | if file_modes & 0o007 != 0 { 0o005 } else { 0 }
+}
+
 /// The namespace of one mount over an engine.
 pub struct Namespace {
     engine: Arc<Engine>,
     started: SystemTime,
     owner: (u32, u32),
+    policy: AccessPolicy,
 }
 
 impl Namespace {
@@ -163,12 +197,68 @@ impl Namespace {
             engine,
             started: SystemTime::now(),
             owner,
+            policy: AccessPolicy::default(),
         }
+    }
+
+    /// Shows owners and modes as `policy` says.
+    pub fn with_policy(mut self, policy: AccessPolicy) -> Namespace {
+        self.policy = policy;
+        self
+    }
+
+    /// The owner, group and permission bits a live file of `dev` shows.
+    fn file_owner_mode(&self, dev: &Device) -> (u32, u32, u32) {
+        let src = dev.source();
+        let id = src.identity();
+        let mode = match self.policy.mode {
+            Some(m) => m & 0o777,
+            None if self.policy.allow_other => id.mode & 0o777 & src.reach(),
+            None => id.mode,
+        };
+        (
+            self.policy.uid.unwrap_or(id.uid),
+            self.policy.gid.unwrap_or(id.gid),
+            mode,
+        )
+    }
+
+    /// The owner, group and permission bits of the directories: the daemon's user and
+    /// `0755`, unless a policy is given; then the devices' owner (when they all have the
+    /// same) and `r-x` for the classes that may use some file.
+    fn dir_owner_mode(&self) -> (u32, u32, u32) {
+        if self.policy.plain() {
+            return (self.owner.0, self.owner.1, 0o755);
+        }
+        let files: Vec<(u32, u32, u32)> = self
+            .engine
+            .devices()
+            .iter()
+            .map(|d| self.file_owner_mode(d))
+            .collect();
+        let common = |pick: fn(&(u32, u32, u32)) -> u32, default: u32| match files.first() {
+            Some(f) if files.iter().all(|g| pick(g) == pick(f)) => pick(f),
+            _ => default,
+        };
+        (
+            self.policy
+                .uid
+                .unwrap_or_else(|| common(|f| f.0, self.owner.0)),
+            self.policy
+                .gid
+                .unwrap_or_else(|| common(|f| f.1, self.owner.1)),
+            dir_mode_for(files.iter().fold(0, |m, f| m | f.2)),
+        )
     }
 
     /// The engine.
     pub fn engine(&self) -> &Engine {
         &self.engine
+    }
+
+    /// The engine, shared.
+    pub fn engine_arc(&self) -> Arc<Engine> {
+        self.engine.clone()
     }
 
     /// The node of `ino`, or NotFound (also for a slot whose device was removed).
@@ -230,21 +320,27 @@ impl Namespace {
             blksize: 4096,
             flags: 0,
         };
-        let file = |a: &mut FileAttr, dev: &Device, size: u64, perm: u32| {
-            let id = dev.source().identity();
+        // `perm` maps the live file's mode to this file's.
+        let file = |a: &mut FileAttr, dev: &Device, size: u64, perm: fn(u32) -> u32| {
+            let (uid, gid, mode) = self.file_owner_mode(dev);
             a.kind = FileType::RegularFile;
             a.nlink = 1;
             a.size = size;
             a.blocks = size.div_ceil(512);
-            a.perm = perm as u16;
-            a.uid = id.uid;
-            a.gid = id.gid;
+            a.perm = perm(mode) as u16;
+            a.uid = uid;
+            a.gid = gid;
         };
         match node {
-            Node::Root | Node::LiveDir | Node::SnapDir => {}
+            Node::Root | Node::LiveDir | Node::SnapDir => {
+                (a.uid, a.gid, a.perm) = {
+                    let (u, g, m) = self.dir_owner_mode();
+                    (u, g, m as u16)
+                };
+            }
             Node::Live(i) => {
                 let dev = self.device(i)?;
-                file(&mut a, &dev, dev.size(), dev.source().identity().mode);
+                file(&mut a, &dev, dev.size(), |m| m);
                 if let Some(now) = dev.source().now() {
                     (a.mtime, a.ctime, a.blocks) = (now.mtime, now.ctime, now.blocks);
                 }
@@ -253,12 +349,7 @@ impl Namespace {
                 let access = self.access_if(i, id)?;
                 let dev = self.device(i)?;
                 // The snapshot keeps the size of setup when the device is resized.
-                file(
-                    &mut a,
-                    &dev,
-                    access.size(),
-                    dev.source().identity().mode & !0o022,
-                );
+                file(&mut a, &dev, access.size(), |m| m & !0o022);
                 // At most the bytes to read, and at most what the source holds plus what
                 // was copied (data at setup is in one of the two): a sparse image's
                 // snapshot looks sparse, so `cp` asks for its holes (SEEK_DATA).
@@ -270,12 +361,7 @@ impl Namespace {
             Node::Dirty(i, id) => {
                 let access = self.access_if(i, id)?;
                 let dev = self.device(i)?;
-                file(
-                    &mut a,
-                    &dev,
-                    access.dirty_map().text_len(),
-                    dev.source().identity().mode & 0o444,
-                );
+                file(&mut a, &dev, access.dirty_map().text_len(), |m| m & 0o444);
                 (a.mtime, a.ctime) = (access.created(), access.created());
             }
         }

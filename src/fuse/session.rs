@@ -18,6 +18,8 @@ pub struct SessionOptions {
     pub fsname: String,
     /// Other users may use the mount (`--allow-other`); otherwise only the owner.
     pub allow_other: bool,
+    /// The owners and modes files and directories show.
+    pub access: crate::fuse::namespace::AccessPolicy,
     /// FUSE worker threads.
     pub threads: usize,
     /// Buffered opens of live files use the page cache (`--live-cache`).
@@ -50,7 +52,8 @@ pub fn mount(
     fuse_config.clone_fd = true;
     // Under a keeper: the keeper's fds instead of a new mount (src/keeper.rs).
     let session = session(
-        FleeceFs::new(engine.clone(), opts.live_cache, opts.backup.clone()),
+        FleeceFs::new(engine.clone(), opts.live_cache, opts.backup.clone())
+            .with_access_policy(opts.access),
         mountpoint,
         &fuse_config,
     )?;
