@@ -20,6 +20,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
+use crate::sync::Recover;
 
 /// Default `--freeze-timeout`.
 pub const DEFAULT_TIMEOUT: f64 = 10.0;
@@ -199,9 +200,7 @@ fn run(
             for line in BufReader::new(pipe).lines() {
                 let Ok(line) = line else { break };
                 log_line(log_file.as_deref(), &format!("{what} command: {line}"));
-                if let Ok(mut l) = last.lock() {
-                    *l = line;
-                }
+                *last.lock().recover() = line;
             }
             let _ = done.send(());
         });
@@ -254,7 +253,7 @@ fn run(
         log_line(log_file, &format!("{what} command '{shown}' succeeded"));
         return Ok(());
     }
-    let said = last.lock().map(|l| l.clone()).unwrap_or_default();
+    let said = last.lock().recover().clone();
     let m = format!(
         "the {what} command '{shown}' failed ({status}){}",
         if said.is_empty() {

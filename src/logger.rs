@@ -12,6 +12,8 @@ use std::sync::Mutex;
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
 
+use crate::sync::Recover;
+
 /// The daemon's log file, once it has one.
 static FILE: Mutex<Option<File>> = Mutex::new(None);
 /// Whether records also go to stderr while a log file is set.
@@ -22,9 +24,7 @@ static TEE: AtomicBool = AtomicBool::new(true);
 pub fn tee_to_file(path: &Path) {
     match crate::secure_path::open_log(path) {
         Ok(f) => {
-            if let Ok(mut g) = FILE.lock() {
-                *g = Some(f);
-            }
+            *FILE.lock().recover() = Some(f);
         }
         Err(e) => log::warn!("cannot open log file {}: {e}", path.display()),
     }
@@ -125,12 +125,10 @@ impl Log for Logger {
             format!("fleecefs: {}\n", r.args())
         };
         let mut to_stderr = true;
-        if let Ok(mut g) = FILE.lock() {
-            if let Some(f) = g.as_mut() {
-                let _ = f.write_all(line.as_bytes());
-                // While it is still attached to the terminal, as quiet as a command.
-                to_stderr = TEE.load(Ordering::Relaxed) && r.level() <= self.level;
-            }
+        if let Some(f) = FILE.lock().recover().as_mut() {
+            let _ = f.write_all(line.as_bytes());
+            // While it is still attached to the terminal, as quiet as a command.
+            to_stderr = TEE.load(Ordering::Relaxed) && r.level() <= self.level;
         }
         if to_stderr {
             let _ = std::io::stderr().write_all(line.as_bytes());

@@ -17,6 +17,7 @@ use std::sync::{mpsc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
+use crate::sync::Recover;
 use crate::sys;
 
 /// One chunk of the snapshot to read: offset and length.
@@ -42,13 +43,11 @@ impl Pacer {
 
     /// Waits until `len` more bytes may be read.
     pub fn wait(&self, len: u64) {
-        let before = match self.reserved.lock() {
-            Ok(mut r) => {
-                let b = *r;
-                *r += len;
-                b
-            }
-            Err(_) => return,
+        let before = {
+            let mut r = self.reserved.lock().recover();
+            let b = *r;
+            *r += len;
+            b
         };
         let due = self.start + Duration::from_secs_f64(before as f64 / self.rate as f64);
         let now = Instant::now();
@@ -99,10 +98,7 @@ where
             let done_tx = done_tx.clone();
             let (free_rx, next, read) = (&free_rx, &next, &read);
             s.spawn(move || loop {
-                let got = match free_rx.lock() {
-                    Ok(rx) => rx.recv(),
-                    Err(_) => return,
-                };
+                let got = free_rx.lock().recover().recv();
                 let Ok(mut buf) = got else { return };
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(&c) = chunks.get(i) else { return };
