@@ -4,7 +4,8 @@
 # qemu:dirty-bitmap against NAME.dirty), full backups with nbdcopy and qemu-img convert
 # while a writer changes live/NAME, an incremental with libnbd (dirty ranges onto the
 # previous backup, a trim after each, reads outside fail with EINVAL), status --json,
-# no export without an access, and hostile clients that leave the daemon serving.
+# no export without an access, hostile clients that leave the daemon serving, and a
+# teardown that ends the connections.
 source "$(dirname "$0")/lib.sh"
 
 M=$((1 << 20))
@@ -94,5 +95,31 @@ cmp "$T/incr.img" "$T/at_setup2.img" || fail "full + incremental differs from th
 [ "$(status_json "$T/mnt" 'd["access"]["fleecing_allocated"]')" = 0 ] ||
     fail "fleecing space left after trimming every range: $("$FLEECEFS" status "$T/mnt" --json)"
 
+# Teardown ends the connections: an idle client finds its connection closed (not an
+# error reply from a dead export), within a bounded time.
+$PY - "$S" "$T/held" >"$T/held.out" 2>&1 <<'PY' &
+import errno, nbd, os, sys, time
+h = nbd.NBD()
+h.set_export_name("disk")
+h.connect_unix(sys.argv[1])
+open(sys.argv[2], "w").close()
+while os.path.exists(sys.argv[2]):
+    time.sleep(0.01)
+try:
+    h.pread(512, 0)
+    sys.exit("a read after teardown returned data")
+except nbd.Error as e:
+    assert e.errnum != errno.EINVAL, e
+    print("closed:", e)
+PY
+HELD=$!
+while [ ! -e "$T/held" ]; do kill -0 $HELD 2>/dev/null || fail "the client did not connect: $(cat "$T/held.out")"; sleep 0.01; done
+[ "$(status_json "$T/mnt" 'len(d["nbd"]["exports"][0]["clients"])')" = 1 ] || fail "status shows no client"
 "$FLEECEFS" teardown "$T/mnt" --target nightly --success >/dev/null
+sleep 1.5   # idle connections notice within 0.5 s
+[ "$(status_json "$T/mnt" 'd["nbd"]["connections"]')" = 0 ] || fail "the idle connection outlived the teardown"
+rm "$T/held"
+timeout 20 tail --pid=$HELD -f /dev/null || fail "the client hung after teardown"
+wait $HELD || fail "the connection was not ended by the teardown: $(cat "$T/held.out")"
+grep -q closed "$T/held.out" || fail "$(cat "$T/held.out")"
 echo "nbd_export: ok"

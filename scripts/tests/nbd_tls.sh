@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# NBD over TCP on 127.0.0.1: TLS with test certificates made here (openssl): a client with
+# a certificate the CA signed reads the export (nbdcopy equals snapshot/NAME); without TLS
+# it is refused (NBD_REP_ERR_TLS_REQD); with a certificate another CA signed it is refused
+# in the TLS handshake. The mount refuses TCP without TLS credentials or --nbd-insecure,
+# and --nbd-insecure serves clear text.
+source "$(dirname "$0")/lib.sh"
+
+M=$((1 << 20))
+port() { /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+# cert DIR NAME CA_DIR [SAN] : a key and a certificate NAME signed by CA_DIR's CA
+ca() {
+    mkdir -p "$1"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=test CA $(basename "$1")" \
+        -keyout "$1/ca-key.pem" -out "$1/ca-cert.pem" 2>/dev/null
+}
+cert() {
+    local dir=$1 name=$2 ca=$3 san=${4:-}
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=$name" -keyout "$dir/$name-key.pem" \
+        -out "$T/$name.csr" 2>/dev/null
+    printf 'basicConstraints=CA:FALSE\n%s\n' "${san:+subjectAltName=$san}" >"$T/$name.ext"
+    openssl x509 -req -in "$T/$name.csr" -CA "$ca/ca-cert.pem" -CAkey "$ca/ca-key.pem" \
+        -CAcreateserial -days 2 -extfile "$T/$name.ext" -out "$dir/$name-cert.pem" 2>/dev/null
+}
+ca "$T/ca"
+ca "$T/rogue"
+mkdir -p "$T/server" "$T/client" "$T/badclient"
+cert "$T/server" server "$T/ca" "IP:127.0.0.1"
+cp "$T/ca/ca-cert.pem" "$T/server/"
+cert "$T/client" client "$T/ca"
+cp "$T/ca/ca-cert.pem" "$T/client/"
+cert "$T/badclient" client "$T/rogue"
+cp "$T/ca/ca-cert.pem" "$T/badclient/"
+
+truncate -s $((16 * M)) "$T/src.img"
+head -c $((4 * M)) /dev/urandom | dd of="$T/src.img" bs=1M conv=notrunc iflag=fullblock status=none
+mkdir -p "$T/mnt"
+P=$(port)
+expect_fail_with "needs TLS" "$FLEECEFS" mount "$T/mnt" --state-dir "$T/state" \
+    --device disk="$T/src.img" --nbd "tcp:127.0.0.1:$P"
+expect_fail_with "not a socket" "$FLEECEFS" mount "$T/mnt" --state-dir "$T/state" \
+    --device disk="$T/src.img" --nbd "unix:$T/src.img"
+expect_fail_with "server-cert.pem" "$FLEECEFS" mount "$T/mnt" --state-dir "$T/state" \
+    --device disk="$T/src.img" --nbd "tcp:127.0.0.1:$P" --nbd-tls-creds "$T/client"
+fmount "$T/mnt" --state-dir "$T/state" --device disk="$T/src.img" \
+    --nbd "tcp:127.0.0.1:$P" --nbd-tls-creds "$T/server"
+"$FLEECEFS" setup "$T/mnt" --target t >/dev/null
+
+nbdcopy "nbds://127.0.0.1:$P/disk?tls-certificates=$T/client" "$T/copy.img" ||
+    fail "a client with a certificate the CA signed cannot read"
+cmp "$T/copy.img" "$T/mnt/snapshot/disk" || fail "the copy over TLS differs from the snapshot"
+nbdinfo "nbds://127.0.0.1:$P/disk?tls-certificates=$T/client" | grep -q "with TLS" ||
+    fail "nbdinfo does not report TLS"
+expect_fail_with "" nbdinfo "nbd://127.0.0.1:$P/disk"
+# without TLS, NBD_OPT_GO gets NBD_REP_ERR_TLS_REQD
+/usr/bin/python3 - "$P" <<'PY' || fail "a clear-text GO was not refused with NBD_REP_ERR_TLS_REQD"
+import socket, struct, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
+assert s.recv(18, socket.MSG_WAITALL)[:8] == b"NBDMAGIC"
+s.sendall(struct.pack(">I", 3))
+d = struct.pack(">I", 4) + b"disk" + struct.pack(">H", 0)
+s.sendall(struct.pack(">QII", 0x49484156454F5054, 7, len(d)) + d)
+magic, opt, kind, n = struct.unpack(">QIII", s.recv(20, socket.MSG_WAITALL))
+assert kind == (1 << 31) + 5, hex(kind)
+PY
+expect_fail_with "" nbdinfo "nbds://127.0.0.1:$P/disk?tls-certificates=$T/badclient"
+sleep 0.5
+grep -q "negotiation failed: .*[Cc]ert" "$T/state/fleecefs.log" ||
+    fail "the rogue client certificate was not refused in the TLS handshake: $(grep NBD "$T/state/fleecefs.log")"
+# after the refusals the export still serves
+nbdinfo "nbds://127.0.0.1:$P/disk?tls-certificates=$T/client" >/dev/null || fail "no longer serves"
+"$FLEECEFS" teardown "$T/mnt" --target t --success >/dev/null
+"$FLEECEFS" unmount "$T/mnt"
+
+# --nbd-insecure: clear text on TCP
+P=$(port)
+fmount "$T/mnt" --state-dir "$T/state" --device disk="$T/src.img" --nbd "tcp:127.0.0.1:$P" --nbd-insecure
+"$FLEECEFS" setup "$T/mnt" --target t >/dev/null
+nbdcopy "nbd://127.0.0.1:$P/disk" "$T/copy2.img"
+cmp "$T/copy2.img" "$T/src.img" || fail "the clear-text copy differs"
+[ "$(status_json "$T/mnt" 'd["nbd"]["listeners"]')" = "['tcp:127.0.0.1:$P']" ] || fail "status listeners"
+"$FLEECEFS" teardown "$T/mnt" --target t --success >/dev/null
+echo "nbd_tls: ok"
