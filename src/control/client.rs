@@ -204,17 +204,21 @@ pub fn call(mountpoint: &Path, req: &Request) -> Result<serde_json::Value> {
     }
 }
 
-/// A live (not dying) process that holds the state directory's lock open: the keeper
-/// (or its worker), which keeps the mount while a worker starts.
+/// The keeper, when it is alive (not dying): the process whose pid the state
+/// directory's lock file holds, with that file open. It keeps the mount while a worker
+/// starts. (Other processes may have the file open a moment: commands like this one.)
 fn live_holder(state: &Path) -> Option<u32> {
-    let lock = std::fs::OpenOptions::new()
+    let mut lock = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(state.join(LOCK_FILE))
         .ok()?;
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut lock, &mut text).ok()?;
+    let keeper: u32 = text.trim().parse().ok()?;
     crate::holders::holders_of(&lock)
         .into_iter()
-        .find(|h| !h.dying)
+        .find(|h| h.pid == keeper && !h.dying)
         .map(|h| h.pid)
 }
 
