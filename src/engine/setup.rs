@@ -79,6 +79,7 @@ impl Engine {
     /// keeps them tracking every write: they still hold everything since the target's
     /// last successful backup (recovery ORed each background into its bitmap), and the
     /// next setup with them is `used`.
+    ///
     /// The restored access keeps the dead worker's access id `id` (0: unknown, a new
     /// one), so snapshot handles opened before the death find it broken (EIO) instead of
     /// gone (ESTALE).
