@@ -1,8 +1,9 @@
 //! Backup scheduling: backup reads on a small pool of low-priority threads, below the
-//! guest. Frontend-neutral: a frontend (FUSE today) holds a [`BackupScheduler`], hands it
-//! every backup read ([`BackupScheduler::run_backup_read`]) and notes every guest
-//! request ([`BackupScheduler::note_guest`]); `guest.rs` keeps the guest's activity,
-//! `pacer.rs` the pacing and the `--backup-share auto` controller.
+//! guest. Frontend-neutral: each frontend (the FUSE adapter, the NBD export) holds the
+//! mount's [`BackupScheduler`], hands it every backup read
+//! ([`BackupScheduler::run_backup_read`]) and notes every guest request
+//! ([`BackupScheduler::note_guest`]); `guest.rs` keeps the guest's activity, `pacer.rs`
+//! the pacing and the `--backup-share auto` controller.
 //!
 //! The FUSE workers serve the guest (the VM writing and reading `live/NAME`) and the
 //! backup (reading `snapshot/NAME` and `NAME.dirty`) alike. A backup tool that streams
