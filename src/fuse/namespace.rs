@@ -578,6 +578,56 @@ mod tests {
         assert_eq!(Node::from_ino(4), None);
     }
 
+    /// Owners and modes under each access policy, without a mount: a 0644 image in a
+    /// 0700 directory.
+    #[test]
+    fn modes_under_allow_other_and_explicit_ones() {
+        use crate::engine::EngineConfig;
+        use crate::source::Source;
+        use crate::units::ClusterSize;
+        use std::os::unix::fs::PermissionsExt;
+
+        let dir = tempfile::tempdir().unwrap();
+        let private = dir.path().join("private");
+        std::fs::create_dir(&private).unwrap();
+        let img = private.join("d.img");
+        std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+        std::fs::set_permissions(&img, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let dev = Device::new(
+            "d".into(),
+            Source::open(&img).unwrap(),
+            ClusterSize::new(65536).unwrap(),
+        );
+        let config = EngineConfig::new(dir.path().join("fleece"));
+        let engine = Arc::new(Engine::new(vec![dev], config, None).unwrap());
+        let ns = |p: AccessPolicy| Namespace::new(engine.clone(), (0, 0)).with_policy(p);
+        let perm = |ns: &Namespace, n: Node| ns.attr(n).map(|a| a.perm).unwrap();
+        // Without a policy: the source's mode, directories 0755.
+        let plain = ns(AccessPolicy::default());
+        assert_eq!(perm(&plain, Node::Live(0)), 0o644);
+        assert_eq!(perm(&plain, Node::LiveDir), 0o755);
+        // --allow-other: only the owner class gets through the 0700 directory.
+        let other = ns(AccessPolicy {
+            allow_other: true,
+            ..AccessPolicy::default()
+        });
+        assert_eq!(perm(&other, Node::Live(0)), 0o600);
+        assert_eq!(perm(&other, Node::LiveDir), 0o500);
+        // Explicit mode and owner.
+        let explicit = ns(AccessPolicy {
+            allow_other: true,
+            mode: Some(0o640),
+            uid: Some(7),
+            gid: Some(8),
+        });
+        let a = explicit.attr(Node::Live(0)).unwrap();
+        assert_eq!((a.perm, a.uid, a.gid), (0o640, 7, 8));
+        let d = explicit.attr(Node::Root).unwrap();
+        assert_eq!((d.perm, d.uid, d.gid), (0o550, 7, 8));
+        assert_eq!(dir_mode_for(0o604), 0o505);
+    }
+
     fn errno_of<T>(r: Result<T>) -> i32 {
         match r {
             Ok(_) => 0,
