@@ -137,6 +137,62 @@ pub fn write_all_at(file: &File, buf: &[u8], offset: u64) -> io::Result<()> {
     file.write_all_at(buf, offset)
 }
 
+/// Most iovecs one `preadv`/`pwritev` takes (`IOV_MAX` on Linux).
+const IOV_MAX: usize = 1024;
+
+/// `preadv` (`write` false) or `pwritev` of all of `iov` at `offset`, in batches of at
+/// most `IOV_MAX`, retried after EINTR and short transfers; EOF before the end is
+/// `UnexpectedEof`. `iov` is advanced as it goes.
+///
+/// # Safety
+/// Every iovec must point to memory valid for reads (pwritev) or writes (preadv) of its
+/// length for the whole call: the kernel reads or writes it.
+pub unsafe fn transfer_all_at(
+    file: &File,
+    iov: &mut [libc::iovec],
+    offset: u64,
+    write: bool,
+) -> io::Result<()> {
+    let (mut done, mut offset) = (0usize, offset);
+    while done < iov.len() {
+        let batch = &iov[done..iov.len().min(done + IOV_MAX)];
+        let off = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: the caller guarantees every iovec's memory; `batch` is at most IOV_MAX
+        // entries of a live slice.
+        let n = unsafe {
+            if write {
+                libc::pwritev(file.as_raw_fd(), batch.as_ptr(), batch.len() as i32, off)
+            } else {
+                libc::preadv(file.as_raw_fd(), batch.as_ptr(), batch.len() as i32, off)
+            }
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+        }
+        let mut n = n as usize;
+        offset += n as u64;
+        while done < iov.len() && n >= iov[done].iov_len {
+            n -= iov[done].iov_len;
+            done += 1;
+        }
+        if n > 0 {
+            let v = &mut iov[done];
+            // SAFETY: n < v.iov_len: the new base stays inside the same buffer.
+            v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n).cast() };
+            v.iov_len -= n;
+        }
+    }
+    Ok(())
+}
+
 /// Seconds since the Unix epoch, now.
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now()

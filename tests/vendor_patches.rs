@@ -1,7 +1,7 @@
-//! The patch files in `vendor/fuser/patches/` describe the vendored fuser tree: undone
-//! in reverse order on a copy of `vendor/fuser/`, every one of them applies. A change
-//! to the vendored tree without its patch file (or a patch file that was edited without
-//! the tree) fails here. Needs `git` (for `git apply`), no network and no root.
+//! The patch files in `vendor/CRATE/patches/` describe each vendored tree (fuser, vhost):
+//! undone in reverse order on a copy of `vendor/CRATE/`, every one of them applies. A
+//! change to a vendored tree without its patch file (or a patch file that was edited
+//! without the tree) fails here. Needs `git` (for `git apply`), no network and no root.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -32,7 +32,18 @@ fn patches(vendor: &Path) -> Vec<PathBuf> {
 
 #[test]
 fn patches_reverse_apply_to_the_vendored_tree() {
-    let vendor = Path::new(env!("CARGO_MANIFEST_DIR")).join("vendor/fuser");
+    check_vendored("fuser");
+}
+
+#[test]
+fn vhost_patches_reverse_apply_to_the_vendored_tree() {
+    check_vendored("vhost");
+}
+
+fn check_vendored(name: &str) {
+    let vendor = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("vendor")
+        .join(name);
     let patches = patches(&vendor);
     assert!(
         !patches.is_empty(),
@@ -40,7 +51,7 @@ fn patches_reverse_apply_to_the_vendored_tree() {
         vendor.join("patches").display()
     );
     let dir = tempfile::tempdir().unwrap();
-    let tree = dir.path().join("fuser");
+    let tree = dir.path().join(name);
     copy_tree(&vendor.join("src"), &tree.join("src"));
     fs::copy(vendor.join("Cargo.toml"), tree.join("Cargo.toml")).unwrap();
     for patch in patches.iter().rev() {
@@ -49,11 +60,11 @@ fn patches_reverse_apply_to_the_vendored_tree() {
             .arg(patch)
             .current_dir(&tree)
             .output()
-            .expect("git is needed to check the fuser patches");
+            .expect("git is needed to check the vendored patches");
         assert!(
             out.status.success(),
-            "{} does not match vendor/fuser (undone after the later patches): {}\n\
-             A change to vendor/fuser needs its patch file (vendor/fuser/PATCHES.md).",
+            "{} does not match vendor/{name} (undone after the later patches): {}\n\
+             A change to vendor/{name} needs its patch file (vendor/{name}/PATCHES.md).",
             patch.display(),
             String::from_utf8_lossy(&out.stderr).trim()
         );

@@ -381,3 +381,28 @@ fn bad_export_options_are_refused() {
     f.mount(&["--vhost-user-blk", &missing])
         .expect_failure("a missing directory", "nodir");
 }
+
+#[test]
+fn resize_is_seen_by_the_client() {
+    let (f, sock) = exported(&[]);
+    let mut c = Client::connect(&sock, 1, false);
+    assert_eq!(c.capacity(), SIZE);
+    assert!(
+        c.read(0, SIZE, 0, 4096) < 0,
+        "a read past the end succeeded"
+    );
+    f.client("resize", &["vm", "+16M"])
+        .expect_ok("fleecefs resize +16M");
+    assert_eq!(c.capacity(), 2 * SIZE);
+    c.buf(0, 4096).fill(0x42);
+    assert_eq!(
+        c.write(0, SIZE + MIB, 0, 4096),
+        0,
+        "a write in the new space"
+    );
+    assert_all(
+        &read_range(&f.live("vm"), SIZE + MIB, 4096),
+        0x42,
+        "live/vm in the new space",
+    );
+}

@@ -3,7 +3,7 @@
 # `--vhost-user-blk vm=SOCKET` over an ext4 image. The guest writes files with sync
 # (each checked) while the worker is killed three times (QEMU reconnects, the requests
 # in flight are submitted again), then while a backup copies snapshot/vm. The guest sees
-# no I/O error, the disk's serial is the device name, and the backup is a clean ext4
+# no I/O error, the disk's serial is the device name, a resize shows in the guest, and the backup is a clean ext4
 # (after replaying its journal at most) holding every file synced before setup.
 source "$(dirname "$0")/lib.sh"
 QEMU=$(command -v qemu-system-x86_64) || fail "qemu-system-x86_64 is not installed"
@@ -61,6 +61,9 @@ while read -r cmd arg; do
             cat /mnt/d$n >/dev/null || echo "GUEST-IOERROR read d$n"
         done
         echo "WROTE $n"
+        ;;
+    size)
+        echo "SIZE $(cat /sys/block/vda/size)"
         ;;
     quit)
         umount /mnt || echo "GUEST-IOERROR umount"
@@ -139,6 +142,15 @@ echo "write 20" >&3
 cp --sparse=always "$T/mnt/snapshot/vm" "$T/backup.img"
 wait_console "WROTE 50" 240
 "$FLEECEFS" teardown "$T/mnt" --target t --success >/dev/null
+# --- a resize: the guest sees the new capacity without a reboot ---------------------------
+"$FLEECEFS" resize "$T/mnt" vm +64M >/dev/null
+for i in $(seq 100); do
+    echo "size" >&3
+    sleep 0.2
+    grep -q "^SIZE $((192 * M / 512))" "$T/console.log" && break
+done
+grep -q "^SIZE $((192 * M / 512))" "$T/console.log" ||
+    fail "the guest does not see the new size: $(grep '^SIZE' "$T/console.log" | tail -1)"
 echo "quit" >&3
 wait_console QUIT-DONE 60
 wait $QEMU_PID 2>/dev/null || true

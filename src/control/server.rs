@@ -71,6 +71,7 @@ fn dispatch(
                 (None, None) => Ok(SizeRequest::Current),
             };
             want.and_then(|w| engine.resize(&device, w, allow_shrink))
+                .inspect(|_| crate::vhost_user::size_changed(&device))
                 .map(|r| serde_json::to_value(r).unwrap_or_default())
         }
         Request::DeviceAdd { devices } => {

@@ -22,7 +22,7 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use vhost::vhost_user::Listener;
@@ -31,6 +31,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::engine::Engine;
 use crate::error::{Error, IoContext, Result};
+use crate::sync::Recover;
 
 pub use backend::BlkBackend;
 
@@ -97,6 +98,8 @@ pub struct Export {
     connected: AtomicBool,
     requests: AtomicU64,
     errors: AtomicU64,
+    /// The backend of the connected VMM, if any (told about resizes).
+    current: Mutex<Option<Arc<BlkBackend>>>,
 }
 
 impl Export {
@@ -129,6 +132,21 @@ pub fn add_status(v: &mut serde_json::Value) {
     if let (Some(exports), Some(obj)) = (EXPORTS.get(), v.as_object_mut()) {
         let list: Vec<_> = exports.iter().map(|e| e.status()).collect();
         obj.insert("vhost_user_blk".into(), serde_json::Value::Array(list));
+    }
+}
+
+/// Device `name` has a new size: every connected VMM of its exports is told that the
+/// configuration space changed, and reads the new capacity from it.
+pub fn size_changed(name: &str) {
+    for e in EXPORTS
+        .get()
+        .into_iter()
+        .flatten()
+        .filter(|e| e.name == name)
+    {
+        if let Some(b) = e.current.lock().recover().clone() {
+            b.config_changed();
+        }
     }
 }
 
@@ -231,6 +249,7 @@ pub fn start(
             connected: AtomicBool::new(false),
             requests: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            current: Mutex::new(None),
         });
         exports.push(export.clone());
         let engine = engine.clone();
@@ -263,20 +282,23 @@ fn serve(engine: Arc<Engine>, export: Arc<Export>, listener: UnixListener) {
         };
         let backend = Arc::new(BlkBackend::new(export.clone(), device.clone()));
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let result = VhostUserDaemon::new(format!("vhost-{}-req", export.name), backend, mem)
-            .map_err(|e| e.to_string())
-            .and_then(|mut daemon| {
-                daemon.start(&mut listener).map_err(|e| e.to_string())?;
-                export.connected.store(true, Ordering::Relaxed);
-                log::info!("vhost-user-blk {}: a VMM connected", export.name);
-                let r = daemon.wait();
-                export.connected.store(false, Ordering::Relaxed);
-                log::info!(
-                    "vhost-user-blk {}: the VMM disconnected ({r:?})",
-                    export.name
-                );
-                Ok(())
-            });
+        let result =
+            VhostUserDaemon::new(format!("vhost-{}-req", export.name), backend.clone(), mem)
+                .map_err(|e| e.to_string())
+                .and_then(|mut daemon| {
+                    daemon.start(&mut listener).map_err(|e| e.to_string())?;
+                    export.connected.store(true, Ordering::Relaxed);
+                    *export.current.lock().recover() = Some(backend);
+                    log::info!("vhost-user-blk {}: a VMM connected", export.name);
+                    let r = daemon.wait();
+                    *export.current.lock().recover() = None;
+                    export.connected.store(false, Ordering::Relaxed);
+                    log::info!(
+                        "vhost-user-blk {}: the VMM disconnected ({r:?})",
+                        export.name
+                    );
+                    Ok(())
+                });
         device.handle_released();
         if let Err(e) = result {
             log::warn!("vhost-user-blk {}: {e}", export.name);

@@ -9,7 +9,6 @@
 //! can be written, otherwise it is returned with nothing written.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
@@ -32,8 +31,6 @@ pub const MAX_RANGE_SEGMENTS: u32 = 1;
 /// Most sectors one discard or write-zeroes segment may cover (1 GiB).
 pub const MAX_RANGE_SECTORS: u32 = 1 << 21;
 
-/// Most iovecs one `preadv`/`pwritev` takes (`IOV_MAX` on Linux).
-const IOV_MAX: usize = 1024;
 /// The header every request starts with (`struct virtio_blk_outhdr`).
 const HEADER_LEN: usize = 16;
 /// One segment of a discard or write-zeroes request.
@@ -366,50 +363,9 @@ fn transfer(
             iov_len: s.len(),
         })
         .collect();
-    let mut done = 0usize;
-    let mut offset = offset;
-    while done < iov.len() {
-        let batch = &iov[done..iov.len().min(done + IOV_MAX)];
-        let off = libc::off_t::try_from(offset)
-            .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
-        // SAFETY: every iovec points into a guest memory slice that `slices` keeps
-        // mapped for the duration of the call; the kernel checks the addresses.
-        let n = unsafe {
-            if write {
-                libc::pwritev(file.as_raw_fd(), batch.as_ptr(), batch.len() as i32, off)
-            } else {
-                libc::preadv(file.as_raw_fd(), batch.as_ptr(), batch.len() as i32, off)
-            }
-        };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if n == 0 {
-            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
-        }
-        let mut n = n as usize;
-        offset += n as u64;
-        while n > 0 && done < iov.len() {
-            let v = &mut iov[done];
-            if n >= v.iov_len {
-                n -= v.iov_len;
-                done += 1;
-            } else {
-                // SAFETY: advancing inside the same slice.
-                v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n).cast() };
-                v.iov_len -= n;
-                n = 0;
-            }
-        }
-        while done < iov.len() && iov[done].iov_len == 0 {
-            done += 1;
-        }
-    }
-    Ok(())
+    // SAFETY: every iovec points into a guest memory slice that `slices` keeps mapped
+    // for the duration of the call.
+    unsafe { sys::transfer_all_at(file, &mut iov, offset, write) }
 }
 
 fn bad_chain() -> Error {
