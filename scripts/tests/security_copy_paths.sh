@@ -4,7 +4,8 @@
 # way to it and a DEST with a second hard link (before: a user's symlink grew a 17-byte
 # root file to the device's size); a full copy refuses a user's symlinked directory;
 # `restore` refuses a backup that is a user's symlink (it would write a root file into
-# the disk). The files they point to are left as they were.
+# the disk), also as the backing file a qcow2 backup names. The files they point to are
+# left as they were.
 source "$(dirname "$0")/lib.sh"
 
 U=fleecefs-test
@@ -48,6 +49,9 @@ cmp "$T/full.img" "$T/orig.img" || fail "full copy differs"
 as_user ln -s "$T/root/secret.img" "$T/pub/u/backup.img"
 expect_fail_with "is a symlink" "$FLEECEFS" restore "$T/mnt" disk "$T/pub/u/backup.img"
 expect_fail_with "symlink owned by uid $UID_U" "$FLEECEFS" restore "$T/mnt" disk "$T/pub/u/dir/secret.img"
+# ... and so is a qcow2 backup whose backing file (named in its header) is such a symlink
+qemu-img create -q -f qcow2 -b "$T/pub/u/backup.img" -F raw "$T/root/top.qcow2"
+expect_fail_with "is a symlink" "$FLEECEFS" restore "$T/mnt" disk "$T/root/top.qcow2"
 cmp "$T/mnt/live/disk" "$T/orig.img" || fail "a refused restore changed the disk"
 "$FLEECEFS" restore "$T/mnt" disk "$T/full.img" >/dev/null
 echo "security_copy_paths: ok"

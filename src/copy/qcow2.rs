@@ -15,11 +15,12 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
 use imago::file::File;
+use imago::format::gate::ImplicitOpenGate;
 use imago::qcow2::Qcow2;
 use imago::raw::Raw;
 use imago::{
     DenyImplicitOpenGate, FormatAccess, FormatCreateBuilder, FormatDriverBuilder,
-    PermissiveImplicitOpenGate, StorageOpenOptions,
+    StorageOpenOptions,
 };
 
 use crate::error::{Error, IoContext, Result};
@@ -27,6 +28,37 @@ use crate::sys;
 
 /// An image opened through imago (any format, with its backing chain).
 pub type Image = FormatAccess<File>;
+
+/// Opens the backing files a qcow2 header names as the CLI opens every file it is given
+/// ([`crate::secure_path::parent_of`], `O_NOFOLLOW`): an image a user wrote cannot lead
+/// root through a user's symlink to another file.
+#[derive(Clone, Copy, Debug, Default)]
+struct NoFollowGate;
+
+impl ImplicitOpenGate<File> for NoFollowGate {
+    fn open_format<F: FormatDriverBuilder<File>>(&mut self, builder: F) -> io::Result<Image> {
+        Ok(FormatAccess::new(builder.open(NoFollowGate)?))
+    }
+
+    fn open_storage(&mut self, opts: StorageOpenOptions) -> io::Result<File> {
+        let path = opts
+            .get_filename()
+            .ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidInput, "a backing file without a name")
+            })?
+            .to_path_buf();
+        let denied = |e: Error| io::Error::new(io::ErrorKind::PermissionDenied, e.to_string());
+        let (dir, name) = crate::secure_path::parent_of(&path, "backing file").map_err(denied)?;
+        let flags = if opts.get_writable() {
+            libc::O_RDWR
+        } else {
+            libc::O_RDONLY
+        };
+        let f = crate::secure_path::open_in(&dir, &name, flags, 0)
+            .map_err(|e| denied(super::dest::symlink_refused("backing file", &path, e)))?;
+        File::from_open_file(f, opts)
+    }
+}
 
 /// The qcow2 magic, `QFI\xfb`, at offset 0.
 const MAGIC: [u8; 4] = *b"QFI\xfb";
@@ -138,7 +170,7 @@ pub fn open_chain(path: &Path, what: &str) -> Result<Prev> {
         // Its backing files are opened read-only as its header names them.
         ImageFormat::Qcow2 => Qcow2::<File>::builder(st)
             .write(false)
-            .open(PermissiveImplicitOpenGate::default())
+            .open(NoFollowGate)
             .map(FormatAccess::new),
     }
     .map_err(|e| {
