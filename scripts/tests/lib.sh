@@ -179,3 +179,14 @@ ext4_on_live() {
     LOOPS+=("$E")
 mount -o noatime "$LOOPDEV" "$E" || fail "mounting the ext4 on $LOOPDEV failed"
 }
+# other_user : an unprivileged user for tests that act as one (fleecefs-test, created if
+# missing; tests running at once may both try). Sets U and UID_U; `as_user CMD...` runs
+# CMD as that user, without supplementary groups.
+other_user() {
+    U=fleecefs-test
+    id -u "$U" >/dev/null 2>&1 ||
+        useradd --system --no-create-home --shell /usr/sbin/nologin "$U" 2>/dev/null ||
+        id -u "$U" >/dev/null || fail "cannot create the user $U"
+    UID_U=$(id -u "$U")
+}
+as_user() { setpriv --reuid="$U" --regid="$U" --clear-groups "$@"; }

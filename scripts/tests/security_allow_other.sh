@@ -5,10 +5,7 @@
 # mount too; --mode/--uid/--gid set owners and modes explicitly; a bad --mode is refused.
 source "$(dirname "$0")/lib.sh"
 
-U=fleecefs-test
-id -u "$U" >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin "$U"
-UID_U=$(id -u "$U")
-as_user() { setpriv --reuid="$U" --regid="$U" --clear-groups "$@"; }
+other_user
 chmod 755 "$T"
 
 # 1. a 0644 image in a 0700 directory

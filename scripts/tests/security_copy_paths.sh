@@ -8,10 +8,7 @@
 # left as they were.
 source "$(dirname "$0")/lib.sh"
 
-U=fleecefs-test
-id -u "$U" >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin "$U"
-UID_U=$(id -u "$U")
-as_user() { setpriv --reuid="$U" --regid="$U" --clear-groups "$@"; }
+other_user
 chmod 755 "$T"
 mkdir -m 1777 "$T/pub"
 mkdir -m 700 "$T/root"

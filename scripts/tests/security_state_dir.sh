@@ -8,10 +8,7 @@
 # to 0600.
 source "$(dirname "$0")/lib.sh"
 
-U=fleecefs-test
-id -u "$U" >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin "$U"
-UID_U=$(id -u "$U")
-as_user() { setpriv --reuid="$U" --regid="$U" --clear-groups "$@"; }
+other_user
 chmod 755 "$T" # the user must reach its directories below
 
 head -c $((4 << 20)) /dev/urandom >"$T/src.img"
