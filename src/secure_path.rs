@@ -5,11 +5,11 @@
 //! the paths to its key files. One exception above the last component: a root-owned
 //! directory with the sticky bit (`/tmp`), whose entries only their owners may rename or
 //! remove, so a root-owned directory in it stays where it is. Symlinks along the path are
-//! followed only when the directory holding them is trusted (only root could have made
-//! them). Nothing but root can then change what a path through a trusted directory
-//! resolves to, so files in it cannot be swapped for a user's symlink; every file is
-//! still opened with `O_NOFOLLOW` under the directory's fd, so a leftover symlink is
-//! refused rather than followed.
+//! followed only when root owns them (in a sticky directory anyone may make one). Nothing
+//! but root can then change what a path through a trusted directory resolves to, so
+//! files in it cannot be swapped for a user's symlink; every file is still opened with
+//! `O_NOFOLLOW` under the directory's fd, so a leftover symlink is refused rather than
+//! followed.
 //!
 //! The state directory, the fleecing directory and the state directory a client finds
 //! for a mount (whose `control.sock` it talks to) all go through [`open_trusted_dir`].
@@ -189,9 +189,8 @@ pub fn parent_of(path: &Path, what: &str) -> Result<(File, OsString)> {
     Ok((dir, name))
 }
 
-/// Walks `path` from `/`. `strict`: every directory must be trusted (symlinks are then
-/// followed, their directory being trusted); otherwise directories are not checked, and
-/// a symlink is followed only when root (or this process's user) owns it.
+/// Walks `path` from `/`, following a symlink only when root (or this process's user)
+/// owns it. `strict`: every directory must be trusted too.
 fn walk(path: &Path, what: &str, missing: Missing, strict: bool) -> Result<Option<File>> {
     if !path.is_absolute() {
         return Err(Error::invalid(format!(
@@ -240,18 +239,17 @@ fn walk(path: &Path, what: &str, missing: Missing, strict: bool) -> Result<Optio
         let link = symlink_in(dir, &name);
         match link {
             Ok(Some(target)) => {
-                if !strict {
-                    let owner = open_in(dir, &name, libc::O_PATH, 0)
-                        .and_then(|l| l.metadata())
-                        .map_err(|e| Error::io(format!("stat of {}", here.display()), e))?
-                        .uid();
-                    if owner != 0 && owner != euid {
-                        return Err(Error::invalid(format!(
-                            "{what} {}: {} is a symlink owned by uid {owner}; fleecefs follows only root's symlinks (give the real path)",
-                            path.display(),
-                            here.display()
-                        )));
-                    }
+                // Also in a trusted directory: a sticky one (`/tmp`) takes anyone's.
+                let owner = open_in(dir, &name, libc::O_PATH, 0)
+                    .and_then(|l| l.metadata())
+                    .map_err(|e| Error::io(format!("stat of {}", here.display()), e))?
+                    .uid();
+                if owner != 0 && owner != euid {
+                    return Err(Error::invalid(format!(
+                        "{what} {}: {} is a symlink owned by uid {owner}; fleecefs follows only root's symlinks (give the real path)",
+                        path.display(),
+                        here.display()
+                    )));
                 }
                 links += 1;
                 if links > MAX_LINKS {

@@ -32,6 +32,12 @@ as_user mkdir "$T/pub/upar"
 mkdir "$T/pub/upar/st"
 expect_fail_with "not safe: $T/pub/upar is owned by uid $UID_U" \
     "$FLEECEFS" mount "$T/m1" --state-dir "$T/pub/upar/st" --device disk="$T/src.img"
+# ... and a user's symlink (in the sticky dir) to a directory of root's
+mkdir -m 700 "$T/rootst"
+as_user ln -s "$T/rootst" "$T/pub/link"
+expect_fail_with "$T/pub/link is a symlink owned by uid $UID_U" \
+    "$FLEECEFS" mount "$T/m1" --state-dir "$T/pub/link" --device disk="$T/src.img"
+[ -z "$(ls -A "$T/rootst")" ] || fail "files were made through a user's symlink to the state dir"
 mkdir -m 770 "$T/grp"
 expect_fail_with "writable by its group" "$FLEECEFS" mount "$T/m1" --state-dir "$T/grp" --device disk="$T/src.img"
 [ ! -e "$T/grp/fleecefs.lock" ] || fail "a refused state dir got a lock file"
