@@ -33,7 +33,7 @@ mod header;
 pub use header::{boot_id, random_id, BitmapKind, Header, HEADER_LEN, VERSION};
 
 /// How much of a crash a bitmap in use survives (`--crash-safe-bitmaps`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum CrashSafety {
     /// Any unclean stop makes it invalid (QEMU's rule).
     Off,

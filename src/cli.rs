@@ -66,6 +66,9 @@ pub enum Command {
     /// Add or remove devices while the mount serves others
     #[command(subcommand)]
     Device(DeviceCommand),
+    /// Internal: serves a mount for its keeper (started by the keeper only)
+    #[command(hide = true)]
+    Worker(WorkerArgs),
 }
 
 /// `device` subcommands.
@@ -273,9 +276,13 @@ pub struct MountArgs {
     /// Internal: set in the background daemon started by `mount`
     #[arg(long, hide = true)]
     pub daemon_child: bool,
-    /// Internal: a worker started by the keeper (see src/keeper.rs)
-    #[arg(long, hide = true)]
-    pub worker: bool,
+}
+
+/// `worker` (internal): the process a mount's keeper starts to serve it.
+#[derive(Args, Debug)]
+pub struct WorkerArgs {
+    /// The mount point the keeper mounted (its plan says the same)
+    pub mountpoint: PathBuf,
 }
 
 /// `setup` flags.

@@ -1,7 +1,9 @@
 //! The client commands: each sends one request to the daemon of a mount point and
 //! prints the result, as a table for people or as JSON for programs.
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -502,4 +504,87 @@ pub fn require_root(what: &str) -> Result<()> {
         return Err(Error::invalid(format!("{what} needs root")));
     }
     Ok(())
+}
+
+/// `fleecefs unmount`: unmount and wait until the daemon has cleaned up and exited.
+pub fn unmount(mountpoint: &Path) -> Result<()> {
+    let state = crate::control::client::state_dir_of(mountpoint)?;
+    let mp = crate::control::client::resolve_mountpoint(mountpoint)?;
+    let c = std::ffi::CString::new(mp.as_os_str().as_encoded_bytes())
+        .map_err(|_| Error::invalid("mount point path contains a NUL byte"))?;
+    if let Err(e) = crate::sys::umount(&c, false) {
+        if e.raw_os_error() == Some(libc::EBUSY) {
+            return Err(Error::busy(format!(
+                "{} is busy: a process still has files open under it (see 'fuser -vm {}')",
+                mountpoint.display(),
+                mountpoint.display()
+            )));
+        }
+        return Err(Error::io(format!("unmounting {}", mountpoint.display()), e));
+    }
+    wait_for_daemon_exit(&state, Duration::from_secs(120))?;
+    crate::out!("unmounted {}", mp.display());
+    Ok(())
+}
+
+/// Waits until nobody holds the state directory lock any more.
+fn wait_for_daemon_exit(state_dir: &Path, timeout: Duration) -> Result<()> {
+    let lock = state_dir.join(crate::state::LOCK_FILE);
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&lock)
+        .map_err(|e| Error::io(format!("opening {}", lock.display()), e))?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        if crate::sys::try_flock(&f, false).is_ok() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(Error::busy(format!(
+                "the daemon has not exited after {}s; see {}",
+                timeout.as_secs(),
+                state_dir.join(crate::state::LOG_FILE).display()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `fleecefs restart MOUNTPOINT [--binary PATH] [--force]`: asks the worker to hand over,
+/// then waits until the next worker serves.
+pub fn restart(mountpoint: &Path, binary: Option<&Path>, force: bool) -> Result<()> {
+    let binary = match binary {
+        Some(b) => {
+            let b = std::path::absolute(b)
+                .map_err(|e| Error::io(format!("resolving {}", b.display()), e))?;
+            Some(b.to_string_lossy().into_owned())
+        }
+        None => None,
+    };
+    let before = call(mountpoint, &Request::Status {})?;
+    let restarts = before["worker_restarts"].as_u64().unwrap_or(0);
+    let reply = call(mountpoint, &Request::Restart { binary, force })?;
+    let old = reply["old_worker_pid"].as_u64().unwrap_or(0);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        std::thread::sleep(Duration::from_millis(20));
+        if let Ok(v) = call(mountpoint, &Request::Status {}) {
+            let pause = v["last_restart"]["pause_ms"].as_u64();
+            if v["worker_restarts"].as_u64().unwrap_or(0) > restarts && pause.is_some() {
+                crate::out!(
+                    "restarted: worker {old} -> {} ({}); writers paused {} ms",
+                    v["worker_pid"],
+                    reply["binary"].as_str().unwrap_or("?"),
+                    pause.unwrap_or(0)
+                );
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(Error::busy(
+                "the new worker does not answer after 60 s; see the log in the state directory",
+            ));
+        }
+    }
 }

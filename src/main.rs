@@ -27,16 +27,15 @@ fn run(cli: Cli) -> error::Result<()> {
         Command::Copy(a) => copy::run(&a),
         Command::Restore(a) => restore::run(&a),
         Command::Status(a) => commands::status(&a.mountpoint, a.json),
-        Command::Unmount(a) => daemon::unmount(&a.mountpoint),
-        Command::Restart(a) => {
-            fleecefs::keeper::restart_command(&a.mountpoint, a.binary.as_deref(), a.force)
-        }
+        Command::Unmount(a) => commands::unmount(&a.mountpoint),
+        Command::Restart(a) => commands::restart(&a.mountpoint, a.binary.as_deref(), a.force),
         Command::Bitmap(BitmapCommand::Remove(a)) => {
             commands::bitmap_remove(&a.mountpoint, &a.target)
         }
         Command::Resize(a) => commands::resize(&a),
         Command::Device(DeviceCommand::Add(a)) => commands::device_add(&a),
         Command::Device(DeviceCommand::Remove(a)) => commands::device_remove(&a),
+        Command::Worker(a) => daemon::worker(&a.mountpoint),
     }
 }
 
@@ -101,8 +100,11 @@ fn parse() -> Cli {
 
 fn main() {
     let cli = parse();
-    let daemon =
-        matches!(&cli.command, Command::Mount(a) if a.foreground || a.daemon_child || a.worker);
+    let daemon = match &cli.command {
+        Command::Mount(a) => a.foreground || a.daemon_child,
+        Command::Worker(_) => true,
+        _ => false,
+    };
     logger::init(cli.verbose, daemon);
     if let Err(e) = run(cli) {
         // An empty message means the error was already printed (by the daemon child).

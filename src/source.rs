@@ -71,7 +71,17 @@ pub fn identity_of(path: &Path) -> Option<(u64, u64, bool)> {
 }
 
 /// How snapshot reads read the source (`mount --backup-read`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 pub enum BackupRead {
     /// Through the page cache, like every other read of the source.
     #[default]

@@ -28,9 +28,23 @@ impl ClusterIdx {
 }
 
 /// A power-of-two cluster size between [`MIN_CLUSTER`] and [`MAX_CLUSTER`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "u64", into = "u64")]
 pub struct ClusterSize {
     shift: u32,
+}
+
+impl TryFrom<u64> for ClusterSize {
+    type Error = String;
+    fn try_from(bytes: u64) -> Result<Self, String> {
+        ClusterSize::new(bytes)
+    }
+}
+
+impl From<ClusterSize> for u64 {
+    fn from(c: ClusterSize) -> u64 {
+        c.bytes()
+    }
 }
 
 impl ClusterSize {

@@ -71,8 +71,8 @@ WANT="needs a command|remove" RC=2 bad "$FLEECEFS" bitmap
 WANT="fleecefs bitmap remove --help" RC=2 bad "$FLEECEFS" bitmap remove "$T/mp"
 [ -z "$(ls -A "$T/mp")" ] || fail "failed mounts left files in the mount point"
 [ ! -e "$T/st" ] || fail "failed mounts created the state dir: $(ls -A "$T/st")"
-daemons() { pgrep -f -- "mount $T/" | wc -l; }
-[ "$(daemons)" = 0 ] || fail "failed mounts left processes: $(pgrep -af -- "mount $T/")"
+daemons() { pgrep -f -- "(mount|worker) $T/" | wc -l; }
+[ "$(daemons)" = 0 ] || fail "failed mounts left processes: $(pgrep -af -- "(mount|worker) $T/")"
 
 # a working mount, then a second daemon on its state dir
 fmount "$T/mp" --state-dir "$T/st" --device d=$T/a.img --device e=$T/b.img
@@ -92,7 +92,7 @@ if command -v qemu-io >/dev/null; then
     [ "$rc" != 0 ] && grep -qi "lock" "$T/qemu.out" || fail "qemu-io wrote a served source: $(cat "$T/qemu.out")"
 fi
 [ "$(status_json "$T/mp" 'd["pid"]')" = "$pid" ] || fail "the first daemon is gone after a second mount attempt"
-[ "$(daemons)" = 2 ] || fail "daemons (a keeper and its worker) after a refused second mount: $(pgrep -af -- "mount $T/")"
+[ "$(daemons)" = 2 ] || fail "daemons (a keeper and its worker) after a refused second mount: $(pgrep -af -- "(mount|worker) $T/")"
 # mounting on top of a busy fleecefs mount point is refused too
 WANT="$T/mp|already a fleecefs mount" bad "$FLEECEFS" mount "$T/mp" --state-dir "$T/st2" --device d=$T/c.img
 

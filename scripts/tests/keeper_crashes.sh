@@ -117,7 +117,7 @@ grep -q "giving up on $T/m: the worker died 5 times within 60 s" "$T/s/fleecefs.
 mnt 2>"$T/err" || fail "mount after the give-up: $(cat "$T/err")"
 cmp "$T/m/live/d" "$T/src.img" || fail "live differs from the source after the give-up"
 "$FLEECEFS" unmount "$T/m"
-pgrep -f -- "mount $T/m" >/dev/null && fail "processes left after unmount: $(pgrep -af -- "mount $T/m")"
+pgrep -f -- "(mount|worker) $T/m" >/dev/null && fail "processes left after unmount: $(pgrep -af -- "(mount|worker) $T/m")"
 # --- a kernel without FUSE_NOTIFY_RESEND (simulated): a warning, and today's behaviour --
 FLEECEFS_FAULT_NO_RESEND=1 mnt 2>"$T/err"
 grep -q "lacks FUSE_NOTIFY_RESEND" "$T/err" || fail "mount did not warn about the missing FUSE_NOTIFY_RESEND: $(cat "$T/err")"

@@ -16,7 +16,7 @@ use crate::error::{Error, Kind, Result};
 use crate::sync::Recover;
 
 /// What to do when copying old data to the fleecing file fails or times out.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum OnCbwError {
     /// The live write succeeds; the access becomes broken and snapshot reads fail (EIO).
     BreakSnapshot,

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use super::proto::{parse_request, Request, Response, ACK, MAX_REQUEST};
 use crate::engine::{Engine, SizeRequest};
 use crate::error::{report, Error};
+use crate::keeper::{KeeperStatus, Worker};
 use crate::layout::MountLayout;
 use crate::sys;
 
@@ -27,6 +28,7 @@ pub type StatusExtra = Box<dyn Fn(&mut serde_json::Value) + Send + Sync>;
 fn dispatch(
     engine: &Engine,
     layout: &MountLayout,
+    worker: &Worker,
     extra: Option<&StatusExtra>,
     req: Request,
 ) -> Response {
@@ -46,7 +48,7 @@ fn dispatch(
             .map(|r| serde_json::to_value(r).unwrap_or_default()),
         Request::Status {} => {
             let mut v = serde_json::to_value(engine.status().at_mount(layout)).unwrap_or_default();
-            crate::keeper::add_status(&mut v);
+            add_keeper_status(&mut v, &worker.status());
             crate::vhost_user::add_status(&mut v);
             if let Some(add) = extra {
                 add(&mut v);
@@ -182,6 +184,20 @@ fn read_line_within(stream: &UnixStream, limit: usize, timeout: Duration) -> io:
     }
 }
 
+/// Adds the keeper fields to a `status` reply; `pid` stays the daemon's: the keeper, the
+/// process that mounted and holds the lock.
+fn add_keeper_status(v: &mut serde_json::Value, k: &KeeperStatus) {
+    let Some(obj) = v.as_object_mut() else { return };
+    obj.insert("pid".into(), serde_json::json!(k.keeper_pid));
+    obj.insert("keeper_pid".into(), serde_json::json!(k.keeper_pid));
+    obj.insert("worker_pid".into(), serde_json::json!(k.worker_pid));
+    obj.insert(
+        "worker_restarts".into(),
+        serde_json::json!(k.worker_restarts),
+    );
+    obj.insert("last_restart".into(), serde_json::json!(k.last_restart));
+}
+
 fn response<T: serde::Serialize>(result: Result<T, Error>) -> Response {
     match result {
         Ok(data) => Response {
@@ -196,6 +212,7 @@ fn response<T: serde::Serialize>(result: Result<T, Error>) -> Response {
 fn handle(
     engine: &Engine,
     layout: &MountLayout,
+    worker: &Worker,
     extra: Option<&StatusExtra>,
     mut stream: UnixStream,
 ) {
@@ -245,14 +262,14 @@ fn handle(
         }
         Ok(Request::Restart { binary, force }) => {
             log::info!("control request: restart binary={binary:?} force={force}");
-            crate::keeper::handle_restart(engine, binary, force, |r| {
+            worker.handle_restart(engine, binary, force, |r| {
                 reply(&mut stream, &response(r));
             });
             return;
         }
         Ok(req) => {
             log::debug!("control request: {req:?}");
-            dispatch(engine, layout, extra, req)
+            dispatch(engine, layout, worker, extra, req)
         }
         Err(msg) => {
             log::warn!("refused control request: {msg}");
@@ -267,6 +284,7 @@ pub fn serve(
     listener: UnixListener,
     engine: Arc<Engine>,
     layout: MountLayout,
+    worker: Arc<Worker>,
     extra: Option<StatusExtra>,
 ) {
     let layout = Arc::new(layout);
@@ -290,12 +308,17 @@ pub fn serve(
             );
             continue;
         }
-        let (engine, layout, mine) = (engine.clone(), layout.clone(), active.clone());
+        let (engine, layout, worker, mine) = (
+            engine.clone(),
+            layout.clone(),
+            worker.clone(),
+            active.clone(),
+        );
         let extra = extra.clone();
         let spawned = std::thread::Builder::new()
             .name("control".into())
             .spawn(move || {
-                handle(&engine, &layout, extra.as_ref().as_ref(), stream);
+                handle(&engine, &layout, &worker, extra.as_ref().as_ref(), stream);
                 mine.fetch_sub(1, Ordering::AcqRel);
             });
         if let Err(e) = spawned {

@@ -115,6 +115,8 @@ pub struct FleeceFs {
     /// there, below the guest (`--backup-priority low`), or on the worker that received
     /// them (`normal`); live requests are noted as the guest's.
     sched: Arc<BackupScheduler>,
+    /// The keeper link of this worker: told what INIT negotiated.
+    worker: Option<Arc<crate::keeper::Worker>>,
 }
 
 impl FleeceFs {
@@ -127,6 +129,7 @@ impl FleeceFs {
             coherent_direct_io: false,
             live_cache,
             sched,
+            worker: None,
         }
     }
 
@@ -136,6 +139,12 @@ impl FleeceFs {
             let engine = ns.engine_arc();
             *ns = Namespace::new(engine, sys::process_owner()).with_policy(policy);
         }
+        self
+    }
+
+    /// Served by a keeper's worker: INIT's parameters are reported to the keeper.
+    pub fn with_worker(mut self, worker: Arc<crate::keeper::Worker>) -> FleeceFs {
+        self.worker = Some(worker);
         self
     }
 
@@ -191,12 +200,14 @@ impl Filesystem for FleeceFs {
         self.coherent_direct_io = config
             .add_capabilities(fuser::InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP)
             .is_ok();
-        crate::keeper::record_init(
-            self.coherent_direct_io,
-            config
-                .capabilities()
-                .contains(fuser::InitFlags::FUSE_HAS_RESEND),
-        );
+        if let Some(w) = &self.worker {
+            w.record_init(
+                self.coherent_direct_io,
+                config
+                    .capabilities()
+                    .contains(fuser::InitFlags::FUSE_HAS_RESEND),
+            );
+        }
         if !self.coherent_direct_io {
             log::info!("kernel without FUSE_DIRECT_IO_ALLOW_MMAP: O_DIRECT writes to live files are serialized per file");
         }

@@ -151,7 +151,7 @@ pub struct Opened {
 
 /// Who may use a mount's files, and so which owner and mode they show
 /// (`--allow-other`, `--mode`, `--uid`, `--gid`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct AccessPolicy {
     /// Other users may use the mount: a file's mode is then narrowed to what its
     /// source's mode and the source's directories let through

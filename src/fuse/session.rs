@@ -9,6 +9,7 @@ use fuser::{Config, MountOption, Session, SessionACL};
 
 use crate::engine::Engine;
 use crate::fuse::FleeceFs;
+use crate::keeper::Worker;
 use crate::sched::BackupScheduler;
 
 /// How the FUSE session is set up.
@@ -29,13 +30,15 @@ pub struct SessionOptions {
     pub backup: Arc<BackupScheduler>,
 }
 
-/// Mounts `engine` at `mountpoint`: `default_permissions`, an owner-only ACL unless
-/// `allow_other`, one cloned `/dev/fuse` fd per worker thread; backup reads go through
+/// Serves `engine` at `mountpoint` on the `/dev/fuse` fds the keeper handed `worker`
+/// (the keeper mounted: `default_permissions`, and `allow_other` if asked), one FUSE
+/// thread per fd, with an owner-only ACL unless `allow_other`; backup reads go through
 /// `opts.backup` (`src/sched/`).
 pub fn mount(
     engine: Arc<Engine>,
     mountpoint: &Path,
     opts: &SessionOptions,
+    worker: &Arc<Worker>,
 ) -> io::Result<Session<FleeceFs>> {
     let mut fuse_config = Config::default();
     fuse_config.mount_options = vec![
@@ -50,11 +53,11 @@ pub fn mount(
     };
     fuse_config.n_threads = Some(opts.threads);
     fuse_config.clone_fd = true;
-    // Under a keeper: the keeper's fds instead of a new mount (src/keeper.rs).
     let session = session(
         FleeceFs::new(engine.clone(), opts.live_cache, opts.backup.clone())
-            .with_access_policy(opts.access),
-        mountpoint,
+            .with_access_policy(opts.access)
+            .with_worker(worker.clone()),
+        worker,
         &fuse_config,
     )?;
     // Resizes and removals reach the kernel's caches through the session's notifier.
@@ -72,12 +75,9 @@ pub fn spawn(session: Session<FleeceFs>) -> io::Result<JoinHandle<io::Result<()>
         .spawn(move || session.run())
 }
 
-/// The FUSE session of this process: a new mount (no keeper), the first worker's
-/// handshake on the keeper's fds, or a later worker's takeover without INIT.
-fn session(fs: FleeceFs, mountpoint: &Path, config: &Config) -> io::Result<Session<FleeceFs>> {
-    let Some(w) = crate::keeper::worker() else {
-        return Session::new(fs, mountpoint, config);
-    };
+/// The FUSE session on the keeper's fds: the first worker's handshake, or a later
+/// worker's takeover without INIT.
+fn session(fs: FleeceFs, w: &Worker, config: &Config) -> io::Result<Session<FleeceFs>> {
     let mut fds = w.take_fuse_fds();
     if fds.is_empty() {
         return Err(io::Error::other("no /dev/fuse fd from the keeper"));

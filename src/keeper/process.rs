@@ -1,11 +1,30 @@
 //! The keeper process: mounts (or adopts the fds systemd kept), starts workers and
 //! starts them again when they die or hand over, gives up on a crash loop, and ends with
-//! the mount. The worker's side of the link is in the parent module.
+//! the mount.
 
-use super::*;
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::fdstore::{self, Adopted, FD_NAME_FUSE, FD_NAME_INIT};
+use super::{
+    now_ms, LastRestart, MountSpec, Negotiated, Report, WorkerPlan, CRASH_LIMIT, CRASH_WINDOW,
+    EXIT_HANDOVER, KEEPER_OOM_SCORE_ADJ, PLAN_ENV,
+};
+use crate::error::{Error, IoContext, Kind, Result};
+use crate::state::{StateDir, LOG_FILE};
+use crate::sys;
 
 enum Event {
-    Line(String),
+    Report(u32, Report),
     Exit(u32, ExitStatus),
     Signal(i32),
 }
@@ -28,24 +47,14 @@ fn give_up(mountpoint: &Path, connection: Option<u32>, why: &str) -> Error {
     Error::invalid(format!("gave up: {why}"))
 }
 
-/// What the keeper needs of a validated `mount` request (`daemon::MountPlan`).
-#[derive(Clone, Debug)]
-pub struct MountPlan {
-    /// Absolute mount point.
-    pub mountpoint: PathBuf,
-    /// Absolute state directory (may not exist yet).
-    pub state_dir: PathBuf,
-    /// Whether the mount point is a stale fleecefs mount to clean up first.
-    pub stale_mount: bool,
-    /// FUSE worker threads (one `/dev/fuse` fd each).
-    pub threads: usize,
-}
-
-/// The keeper: mounts, then runs workers until the mount ends.
-pub fn run(plan: MountPlan, args: &MountArgs) -> Result<()> {
+/// The keeper: mounts `spec` (or takes over the connection systemd kept, `adopted`),
+/// then runs workers that serve `serve` until the mount ends.
+pub fn run<S: Serialize>(spec: MountSpec, adopted: Option<Adopted>, serve: &S) -> Result<()> {
+    let serve = serde_json::to_value(serve)
+        .map_err(|e| Error::invalid(format!("cannot encode the worker plan: {e}")))?;
     sys::block_signals(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP]);
-    let state = StateDir::open(&plan.state_dir)?;
-    if args.daemon_child {
+    let state = StateDir::open(&spec.state_dir)?;
+    if spec.background {
         crate::logger::tee_to_file(&state.path().join(LOG_FILE));
     }
     // The OOM killer must pick a worker (replaced at once), never the keeper (whose death
@@ -53,17 +62,16 @@ pub fn run(plan: MountPlan, args: &MountArgs) -> Result<()> {
     if let Err(e) = sys::set_oom_score_adj(KEEPER_OOM_SCORE_ADJ.to_string().as_bytes()) {
         log::warn!("cannot set the keeper's oom_score_adj to {KEEPER_OOM_SCORE_ADJ}: {e}");
     }
-    let adopted = ADOPTED.lock().unwrap_or_else(|e| e.into_inner()).take();
     let (fds, negotiated, fd_store) = match adopted {
         Some(a) => {
             log::warn!(
                 "took the FUSE connection of {} over from systemd's file descriptor store ({} fds)",
-                plan.mountpoint.display(),
+                spec.mountpoint.display(),
                 a.fds.len()
             );
             let Some(n) = a.negotiated else {
                 return Err(give_up(
-                    &plan.mountpoint,
+                    &spec.mountpoint,
                     None,
                     "systemd's file descriptor store has the FUSE fds but not the parameters negotiated at INIT",
                 ));
@@ -71,38 +79,37 @@ pub fn run(plan: MountPlan, args: &MountArgs) -> Result<()> {
             (a.fds, Some(n), true)
         }
         None => {
-            let fds = mount_new(&plan, args)?;
+            let fds = mount_new(&spec)?;
             let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
-            let stored = fd_store_send(FD_NAME_FUSE, &raw);
+            let stored = fdstore::send(FD_NAME_FUSE, &raw);
             (fds, None, stored)
         }
     };
-    keep_running(plan, args, state, fds, negotiated, fd_store)
+    keep_running(spec, serve, state, fds, negotiated, fd_store)
 }
 
 /// Cleans a stale mount up, opens `/dev/fuse`, mounts, clones.
-fn mount_new(plan: &MountPlan, args: &MountArgs) -> Result<Vec<File>> {
-    if plan.stale_mount {
-        sys::force_unmount(&plan.mountpoint, None);
+fn mount_new(spec: &MountSpec) -> Result<Vec<File>> {
+    if spec.stale_mount {
+        sys::force_unmount(&spec.mountpoint, None);
         log::warn!(
             "cleaned up the stale mount at {} left by a daemon that died",
-            plan.mountpoint.display()
+            spec.mountpoint.display()
         );
     }
     let fuse = sys::open_dev_fuse().map_err(|e| Error::io("opening /dev/fuse", e))?;
-    let source = format!("{FSNAME_PREFIX}{}", plan.state_dir.display());
     let options = format!(
         "default_permissions,subtype=fleecefs{}",
-        if args.allow_other { ",allow_other" } else { "" }
+        if spec.allow_other { ",allow_other" } else { "" }
     );
-    sys::mount_fuse(&fuse, &source, &plan.mountpoint, &options)
-        .map_err(|e| Error::io(format!("mounting {}", plan.mountpoint.display()), e))?;
+    sys::mount_fuse(&fuse, &spec.fsname, &spec.mountpoint, &options)
+        .map_err(|e| Error::io(format!("mounting {}", spec.mountpoint.display()), e))?;
     let mut fds = vec![fuse];
-    for _ in 1..plan.threads {
+    for _ in 1..spec.threads {
         match sys::fuse_clone(&fds[0]) {
             Ok(c) => fds.push(c),
             Err(e) => {
-                sys::detach_and_abort(&plan.mountpoint, None);
+                sys::detach_and_abort(&spec.mountpoint, None);
                 return Err(Error::io("cloning the /dev/fuse fd", e));
             }
         }
@@ -110,9 +117,20 @@ fn mount_new(plan: &MountPlan, args: &MountArgs) -> Result<Vec<File>> {
     Ok(fds)
 }
 
+/// The `-v` flags that give a worker the keeper's log level.
+fn verbosity_args() -> Vec<&'static str> {
+    let n = match log::max_level() {
+        log::LevelFilter::Off | log::LevelFilter::Error | log::LevelFilter::Warn => 0,
+        log::LevelFilter::Info => 1,
+        log::LevelFilter::Debug => 2,
+        log::LevelFilter::Trace => 3,
+    };
+    vec!["-v"; n]
+}
+
 fn keep_running(
-    plan: MountPlan,
-    args: &MountArgs,
+    spec: MountSpec,
+    serve: serde_json::Value,
     state: StateDir,
     fds: Vec<File>,
     negotiated: Option<Negotiated>,
@@ -128,7 +146,14 @@ fn keep_running(
             .spawn(move || {
                 for line in BufReader::new(report_r).lines() {
                     let Ok(l) = line else { break };
-                    if tx.send(Event::Line(l)).is_err() {
+                    let ev = match Report::parse(&l) {
+                        Ok((pid, r)) => Event::Report(pid, r),
+                        Err(e) => {
+                            log::warn!("{e}");
+                            continue;
+                        }
+                    };
+                    if tx.send(ev).is_err() {
                         break;
                     }
                 }
@@ -151,11 +176,6 @@ fn keep_running(
     }
     let own_binary =
         std::env::current_exe().context(|| "finding the fleecefs executable".into())?;
-    let mut worker_args: Vec<std::ffi::OsString> = std::env::args_os()
-        .skip(1)
-        .filter(|a| a != "--daemon-child")
-        .collect();
-    worker_args.push("--worker".into());
     let last_restart = negotiated.map(|_| LastRestart {
         at: now_ms() / 1000,
         reason: "service restarted (systemd's file descriptor store)".into(),
@@ -163,17 +183,14 @@ fn keep_running(
         at_ms: now_ms(),
     });
     let mut keeper = Keeper {
-        plan,
+        lock_fd: state.lock_fd(),
+        spec,
+        serve,
         fd_store,
-        daemon: args.daemon_child,
         fds,
         report_w,
-        lock_fd: state.lock_fd(),
-        cwd: std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/")),
         own_binary: own_binary.clone(),
         binary: own_binary,
-        worker_args,
-        worker_oom: args.worker_oom_score_adj,
         tx,
         rx,
         negotiated,
@@ -188,18 +205,15 @@ fn keep_running(
 }
 
 struct Keeper {
-    plan: MountPlan,
+    spec: MountSpec,
+    /// What workers serve, as the daemon gave it (never read here).
+    serve: serde_json::Value,
     fd_store: bool,
-    daemon: bool,
     fds: Vec<File>,
     report_w: File,
     lock_fd: i32,
-    cwd: PathBuf,
     own_binary: PathBuf,
     binary: PathBuf,
-    worker_args: Vec<std::ffi::OsString>,
-    /// `oom_score_adj` of every worker (`--worker-oom-score-adj`).
-    worker_oom: i32,
     tx: mpsc::Sender<Event>,
     rx: mpsc::Receiver<Event>,
     negotiated: Option<Negotiated>,
@@ -209,46 +223,44 @@ struct Keeper {
     deaths: VecDeque<Instant>,
 }
 
-/// `args` without `--device NAME=PATH` and `--device=NAME=PATH` (clap's two spellings).
-fn without_device_options(args: &[std::ffi::OsString]) -> Vec<std::ffi::OsString> {
-    let mut out = Vec::with_capacity(args.len());
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        if a == "--device" {
-            it.next();
-        } else if !a.as_encoded_bytes().starts_with(b"--device=") {
-            out.push(a.clone());
-        }
-    }
-    out
-}
-
 impl Keeper {
-    fn spawn(&mut self) -> Result<u32> {
-        let env = WorkerEnv {
+    fn plan(&self) -> WorkerPlan<&serde_json::Value> {
+        WorkerPlan {
             keeper_pid: std::process::id(),
             keeper_binary: self.own_binary.clone(),
-            mountpoint: self.plan.mountpoint.clone(),
-            fds: self.fds.iter().map(|f| f.as_raw_fd()).collect(),
+            mountpoint: self.spec.mountpoint.clone(),
+            state_dir: self.spec.state_dir.clone(),
+            fuse_fds: self.fds.iter().map(|f| f.as_raw_fd()).collect(),
             report_fd: self.report_w.as_raw_fd(),
             lock_fd: self.lock_fd,
             restarts: self.restarts,
             last_restart: self.last_restart.clone(),
             negotiated: self.negotiated,
-            daemon: self.daemon,
+            background: self.spec.background,
             fd_store: self.fd_store,
-        };
-        let mut keep = env.fds.clone();
-        keep.extend([env.report_fd, env.lock_fd]);
+            serve: &self.serve,
+        }
+    }
+
+    fn spawn(&mut self) -> Result<u32> {
+        let plan = self.plan();
+        let memfd = plan.to_memfd()?;
+        let mut keep = plan.fuse_fds.clone();
+        keep.extend([plan.report_fd, plan.lock_fd, memfd.as_raw_fd()]);
         let parent = std::process::id() as i32;
-        let oom = self.worker_oom.to_string().into_bytes();
+        let oom = self.spec.worker_oom_score_adj.to_string().into_bytes();
         let mut cmd = Command::new(&self.binary);
-        cmd.args(&self.worker_args)
-            .current_dir(&self.cwd)
-            .env(WORKER_ENV, serde_json::to_string(&env).unwrap_or_default())
+        cmd.args(verbosity_args())
+            .arg("worker")
+            .arg(&self.spec.mountpoint)
+            // Nothing the worker does depends on the directory the mount was started
+            // from (every path in the plan is absolute), which may be gone by now.
+            .current_dir("/")
+            .env(PLAN_ENV, memfd.as_raw_fd().to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::null());
-        // SAFETY: the closure only makes async-signal-safe calls (fcntl, prctl, getppid).
+        // SAFETY: the closure only makes async-signal-safe calls (fcntl, prctl, getppid,
+        // open/write/close).
         unsafe {
             cmd.pre_exec(move || {
                 sys::child_keep_fds_and_die_with_parent(&keep, parent)?;
@@ -258,6 +270,7 @@ impl Keeper {
         let mut child = cmd
             .spawn()
             .context(|| format!("starting a worker from {}", self.binary.display()))?;
+        drop(memfd);
         let pid = child.id();
         let tx = self.tx.clone();
         std::thread::Builder::new()
@@ -276,8 +289,38 @@ impl Keeper {
         Ok(pid)
     }
 
+    /// The first worker serves: a background keeper tells `mount` and leaves the
+    /// terminal.
+    fn first_served(&self) {
+        if self.spec.background {
+            let _ = std::io::stdout().write_all(b"ready\n");
+            let _ = std::io::stdout().flush();
+            crate::logger::stop_tee();
+            sys::redirect_stdio_to_null();
+            let _ = std::env::set_current_dir("/");
+        }
+    }
+
+    /// Records what the first worker negotiated (and stores it with systemd).
+    fn negotiated(&mut self, n: Negotiated, warned_resend: &mut bool) {
+        if !n.has_resend && !*warned_resend {
+            *warned_resend = true;
+            log::warn!("this kernel lacks FUSE_NOTIFY_RESEND (Linux 6.9 or later): if the worker dies, the mount ends as before (ENOTCONN) instead of restarting");
+        }
+        if self.fd_store && self.negotiated.is_none() {
+            let json = serde_json::to_vec(&n).unwrap_or_default();
+            match sys::memfd_with(c"fleecefs-init", &json) {
+                Ok(m) => {
+                    fdstore::send(FD_NAME_INIT, &[m.as_raw_fd()]);
+                }
+                Err(e) => log::warn!("memfd for the fd store: {e}"),
+            }
+        }
+        self.negotiated = Some(n);
+    }
+
     fn serve(&mut self) -> Result<()> {
-        let mp = self.plan.mountpoint.clone();
+        let mp = self.spec.mountpoint.clone();
         let mut served_once = false;
         let mut warned_resend = false;
         loop {
@@ -303,62 +346,18 @@ impl Keeper {
                     return Err(give_up(&mp, self.connection, "keeper channel closed"));
                 };
                 match ev {
-                    Event::Line(line) => {
-                        let mut parts = line.splitn(3, ' ');
-                        let (who, what, rest) = (
-                            parts.next().unwrap_or(""),
-                            parts.next().unwrap_or(""),
-                            parts.next().unwrap_or(""),
-                        );
-                        if who != pid.to_string() {
-                            continue;
+                    Event::Report(from, _) if from != pid => {}
+                    Event::Report(_, Report::Init(n)) => self.negotiated(n, &mut warned_resend),
+                    Event::Report(_, Report::Ready { connection }) => {
+                        ready = true;
+                        self.connection = Some(connection);
+                        if !served_once {
+                            served_once = true;
+                            self.first_served();
                         }
-                        match what {
-                            "init" => {
-                                if let Ok(n) = serde_json::from_str::<Negotiated>(rest) {
-                                    if !n.has_resend && !warned_resend {
-                                        warned_resend = true;
-                                        log::warn!("this kernel lacks FUSE_NOTIFY_RESEND (Linux 6.9 or later): if the worker dies, the mount ends as before (ENOTCONN) instead of restarting");
-                                    }
-                                    if self.fd_store && self.negotiated.is_none() {
-                                        let json = serde_json::to_vec(&n).unwrap_or_default();
-                                        match sys::memfd_with(c"fleecefs-init", &json) {
-                                            Ok(m) => {
-                                                fd_store_send(FD_NAME_INIT, &[m.as_raw_fd()]);
-                                            }
-                                            Err(e) => log::warn!("memfd for the fd store: {e}"),
-                                        }
-                                    }
-                                    self.negotiated = Some(n);
-                                }
-                            }
-                            "ready" => {
-                                ready = true;
-                                self.connection = rest.trim().parse().ok();
-                                if !served_once {
-                                    served_once = true;
-                                    // The first worker recorded the device set; later
-                                    // workers serve the record, which `device add`,
-                                    // `device remove` and `resize` keep current, not the
-                                    // `--device` options the mount started with.
-                                    self.worker_args = without_device_options(&self.worker_args);
-                                    if self.daemon {
-                                        let _ = std::io::stdout().write_all(b"ready\n");
-                                        let _ = std::io::stdout().flush();
-                                        crate::logger::stop_tee();
-                                        sys::redirect_stdio_to_null();
-                                        let _ = std::env::set_current_dir("/");
-                                    }
-                                }
-                            }
-                            "restart" => {
-                                let mut p = rest.splitn(2, ' ');
-                                let at =
-                                    p.next().and_then(|t| t.parse().ok()).unwrap_or_else(now_ms);
-                                planned = Some((at, PathBuf::from(p.next().unwrap_or(""))));
-                            }
-                            _ => log::debug!("unknown worker report: {line}"),
-                        }
+                    }
+                    Event::Report(_, Report::Restart { at_ms, binary }) => {
+                        planned = Some((at_ms, binary));
                     }
                     Event::Signal(sig) if self.fd_store => {
                         log::info!("signal {sig}: stopping; {} stays mounted, its FUSE connection in systemd's file descriptor store", mp.display());
@@ -374,17 +373,12 @@ impl Keeper {
                         // The report of a handover precedes the exit, but comes through
                         // another thread: let it arrive.
                         if st.code() == Some(EXIT_HANDOVER) && planned.is_none() {
-                            while let Ok(Event::Line(l)) =
-                                self.rx.recv_timeout(Duration::from_millis(500))
-                            {
-                                if let Some(rest) = l.strip_prefix(&format!("{pid} restart ")) {
-                                    let mut p = rest.splitn(2, ' ');
-                                    let at = p
-                                        .next()
-                                        .and_then(|t| t.parse().ok())
-                                        .unwrap_or_else(now_ms);
-                                    planned = Some((at, PathBuf::from(p.next().unwrap_or(""))));
-                                    break;
+                            while let Ok(ev) = self.rx.recv_timeout(Duration::from_millis(500)) {
+                                if let Event::Report(from, Report::Restart { at_ms, binary }) = ev {
+                                    if from == pid {
+                                        planned = Some((at_ms, binary));
+                                        break;
+                                    }
                                 }
                             }
                         }
@@ -411,65 +405,17 @@ impl Keeper {
                 sys::detach_and_abort(&mp, None);
                 return Err(Error::new(Kind::Invalid, String::new()));
             }
-            let reason = match (&planned, status.code()) {
-                (Some((_, path)), Some(EXIT_HANDOVER)) => {
-                    format!("planned restart ({})", path.display())
-                }
-                _ => format!("worker {pid} {}", describe(&status)),
+            let handover = match planned {
+                Some(p) if status.code() == Some(EXIT_HANDOVER) => Some(p),
+                _ => None,
             };
-            let event_ms = match &planned {
-                Some((t, _)) if status.code() == Some(EXIT_HANDOVER) => *t,
-                _ => at_ms,
+            let (reason, event_ms) = match &handover {
+                Some((t, path)) => (format!("planned restart ({})", path.display()), *t),
+                None => (format!("worker {pid} {}", describe(&status)), at_ms),
             };
-            if planned.is_some() && status.code() == Some(EXIT_HANDOVER) {
-                if let Some((_, path)) = planned {
-                    self.binary = path;
-                }
-            } else {
-                // Recovered (writers pause): a warning; the new worker logs the pause.
-                log::warn!("{reason}: starting a new worker");
-                // A worker killed with SIGKILL after it served was killed from outside
-                // (an operator, the OOM killer): recovered every time. Any other death,
-                // or one before serving, may repeat with the next worker (a request that
-                // makes it panic is resent to it): those count toward the crash loop.
-                let counted = !(ready && status.signal() == Some(libc::SIGKILL));
-                if !ready && self.binary != self.own_binary {
-                    log::error!(
-                        "the worker from {} died before serving: back to {}",
-                        self.binary.display(),
-                        self.own_binary.display()
-                    );
-                    self.binary = self.own_binary.clone();
-                }
-                let now = Instant::now();
-                if counted {
-                    self.deaths.push_back(now);
-                }
-                while self
-                    .deaths
-                    .front()
-                    .is_some_and(|t| now.duration_since(*t) > CRASH_WINDOW)
-                {
-                    self.deaths.pop_front();
-                }
-                if self.deaths.len() >= CRASH_LIMIT {
-                    return Err(give_up(
-                        &mp,
-                        self.connection,
-                        &format!(
-                            "the worker died {} times within {} s (last: {reason})",
-                            self.deaths.len(),
-                            CRASH_WINDOW.as_secs()
-                        ),
-                    ));
-                }
-                if self.negotiated.is_some_and(|n| !n.has_resend) {
-                    return Err(give_up(
-                        &mp,
-                        self.connection,
-                        &format!("{reason}, and this kernel cannot resend its requests (no FUSE_NOTIFY_RESEND)"),
-                    ));
-                }
+            match handover {
+                Some((_, path)) => self.binary = path,
+                None => self.died(&reason, ready, &status)?,
             }
             self.restarts += 1;
             self.last_restart = Some(LastRestart {
@@ -480,35 +426,60 @@ impl Keeper {
             });
         }
     }
+
+    /// A worker died (not a handover): counts toward the crash loop, or gives up.
+    fn died(&mut self, reason: &str, ready: bool, status: &ExitStatus) -> Result<()> {
+        let mp = self.spec.mountpoint.clone();
+        // Recovered (writers pause): a warning; the new worker logs the pause.
+        log::warn!("{reason}: starting a new worker");
+        // A worker killed with SIGKILL after it served was killed from outside (an
+        // operator, the OOM killer): recovered every time. Any other death, or one before
+        // serving, may repeat with the next worker (a request that makes it panic is
+        // resent to it): those count toward the crash loop.
+        let counted = !(ready && status.signal() == Some(libc::SIGKILL));
+        if !ready && self.binary != self.own_binary {
+            log::error!(
+                "the worker from {} died before serving: back to {}",
+                self.binary.display(),
+                self.own_binary.display()
+            );
+            self.binary = self.own_binary.clone();
+        }
+        let now = Instant::now();
+        if counted {
+            self.deaths.push_back(now);
+        }
+        while self
+            .deaths
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > CRASH_WINDOW)
+        {
+            self.deaths.pop_front();
+        }
+        if self.deaths.len() >= CRASH_LIMIT {
+            return Err(give_up(
+                &mp,
+                self.connection,
+                &format!(
+                    "the worker died {} times within {} s (last: {reason})",
+                    self.deaths.len(),
+                    CRASH_WINDOW.as_secs()
+                ),
+            ));
+        }
+        if self.negotiated.is_some_and(|n| !n.has_resend) {
+            return Err(give_up(
+                &mp,
+                self.connection,
+                &format!(
+                    "{reason}, and this kernel cannot resend its requests (no FUSE_NOTIFY_RESEND)"
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 fn give_up_with(mp: &Path, connection: Option<u32>, e: Error) -> Error {
     give_up(mp, connection, &crate::error::report(&e))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn later_workers_drop_the_device_options() {
-        let args: Vec<std::ffi::OsString> = [
-            "mount",
-            "/m",
-            "--device",
-            "a=/x",
-            "--state-dir",
-            "/s",
-            "--device=b=/y",
-            "-v",
-        ]
-        .iter()
-        .map(Into::into)
-        .collect();
-        let want: Vec<std::ffi::OsString> = ["mount", "/m", "--state-dir", "/s", "-v"]
-            .iter()
-            .map(Into::into)
-            .collect();
-        assert_eq!(without_device_options(&args), want);
-    }
 }

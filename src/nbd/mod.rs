@@ -32,7 +32,7 @@ pub trait Transport: handshake::Link + Send {
 }
 
 /// Where the server listens (`mount --nbd`).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Listen {
     /// A Unix socket at this path (`unix:PATH`).
     Unix(PathBuf),

@@ -58,7 +58,9 @@ pub use pacer::AUTO_TARGET;
 use pacer::{Clock, Pacer};
 
 /// Where snapshot and dirty-map reads run (`mount --backup-priority`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
 pub enum BackupPriority {
     /// On the backup pool, below the guest (SCHED_IDLE, or paced to `--backup-share`;
     /// best-effort I/O level 7).
@@ -72,7 +74,7 @@ pub enum BackupPriority {
 pub const POOL_THREADS: usize = 4;
 
 /// How the pool is paced while the guest is active (`--backup-share`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum BackupShare {
     /// At most this many percent of one CPU (1-100; 100: no pacing).
     Percent(u8),

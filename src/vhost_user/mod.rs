@@ -39,7 +39,7 @@ pub use backend::BlkBackend;
 const MAX_QUEUES: usize = 16;
 
 /// `--vhost-user-blk NAME=SOCKET[,ro]`: one export as given on the command line.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ExportSpec {
     /// The device served.
     pub name: String,

@@ -1,0 +1,336 @@
+//! Serving, in a worker: recovery, engine, control socket, FUSE session, and the
+//! shutdown in order.
+
+use std::fs;
+use std::os::fd::AsFd;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::UnixListener;
+use std::sync::Arc;
+
+use super::plan::ServePlan;
+use crate::cbw::Device;
+use crate::control::client::FSNAME_PREFIX;
+use crate::control::server;
+use crate::engine::{Engine, EngineConfig};
+use crate::error::{Error, IoContext, Result};
+use crate::fuse::session::{self, SessionOptions};
+use crate::keeper::Worker;
+use crate::layout::MountLayout;
+use crate::source::Source;
+use crate::state::{StateDir, LOG_FILE};
+use crate::sys;
+
+/// The devices this worker serves: the plan's for the first worker; after a restart,
+/// the record (which `device add`, `device remove` and `resize` keep current), not the
+/// `--device` options the mount started with.
+fn devices(state: &StateDir, plan: &ServePlan, worker: &Worker) -> Result<ServePlan> {
+    let mut plan = plan.clone();
+    if worker.restarted() {
+        if let Some(r) = crate::state::read_device_record(state.path())? {
+            plan.devices = r.devices.into_iter().map(|d| (d.name, d.path)).collect();
+            plan.explicit_devices = false;
+        }
+    }
+    Ok(plan)
+}
+
+/// The slot of each device of `plan` (its recorded slot if the record has the same name
+/// and source, else a new one) and the next free slot. With explicit `--device` options
+/// that differ from the record, says what differs.
+fn assign_slots(state: &StateDir, plan: &ServePlan) -> Result<(Vec<usize>, usize)> {
+    let record = crate::state::read_device_record(state.path())?.unwrap_or_default();
+    let mut next = record
+        .devices
+        .iter()
+        .map(|d| d.slot + 1)
+        .max()
+        .unwrap_or(0)
+        .max(record.next_slot);
+    let mut slots = Vec::new();
+    let (mut added, mut changed) = (Vec::new(), Vec::new());
+    for (name, path) in &plan.devices {
+        match record.devices.iter().find(|d| &d.name == name) {
+            Some(r) if &r.path == path => slots.push(r.slot),
+            other => {
+                match other {
+                    Some(r) => changed.push(format!(
+                        "{name} is {} (was {})",
+                        path.display(),
+                        r.path.display()
+                    )),
+                    None => added.push(name.clone()),
+                }
+                slots.push(next);
+                next += 1;
+            }
+        }
+    }
+    let removed: Vec<&str> = record
+        .devices
+        .iter()
+        .filter(|r| !plan.devices.iter().any(|(n, _)| n == &r.name))
+        .map(|r| r.name.as_str())
+        .collect();
+    if plan.explicit_devices
+        && !record.devices.is_empty()
+        && !(added.is_empty() && changed.is_empty() && removed.is_empty())
+    {
+        let mut parts = Vec::new();
+        if !added.is_empty() {
+            parts.push(format!("added {}", added.join(", ")));
+        }
+        if !removed.is_empty() {
+            parts.push(format!("no longer served {}", removed.join(", ")));
+        }
+        if !changed.is_empty() {
+            parts.push(changed.join(", "));
+        }
+        log::warn!(
+            "the --device options differ from the device set last served ({}): {}",
+            state.path().join(crate::state::DEVICE_RECORD).display(),
+            parts.join("; ")
+        );
+    }
+    Ok((slots, next))
+}
+
+/// The options of `plan` as `status` shows them: flag values as written on the command
+/// line.
+fn mount_options(plan: &ServePlan) -> crate::engine::MountOptions {
+    use clap::ValueEnum;
+    let name = |v: Option<clap::builder::PossibleValue>| {
+        v.map(|v| v.get_name().to_string()).unwrap_or_default()
+    };
+    crate::engine::MountOptions {
+        cluster_size: plan.cluster.bytes(),
+        backup_priority: name(plan.backup_priority.to_possible_value()),
+        backup_share: plan.backup_share.map(|s| match s {
+            crate::sched::BackupShare::Percent(p) => p.to_string(),
+            crate::sched::BackupShare::Auto => "auto".to_string(),
+        }),
+        backup_read: name(plan.backup_read.to_possible_value()),
+        fleecing_limit: plan.fleecing_limit,
+        fleecing_dir: plan.fleecing_dir.clone(),
+        crash_safe_bitmaps: match plan.crash_safe_bitmaps {
+            crate::bitmap_file::CrashSafety::On => "on",
+            crate::bitmap_file::CrashSafety::Sync => "sync",
+            crate::bitmap_file::CrashSafety::Off => "off",
+        }
+        .to_string(),
+        on_cbw_error: match plan.on_cbw_error {
+            crate::cbw::OnCbwError::BreakSnapshot => "break-snapshot",
+            crate::cbw::OnCbwError::BreakGuestWrite => "break-guest-write",
+        }
+        .to_string(),
+        cbw_timeout_seconds: plan.cbw_timeout.map(|t| t.as_secs_f64()),
+        cbw_buffer: plan.cbw_buffer,
+        live_cache: plan.live_cache,
+        threads: plan.threads,
+    }
+}
+
+fn bind_socket(state: &StateDir) -> Result<UnixListener> {
+    let path = state.socket_path();
+    // We hold the state lock, so an existing socket is a leftover.
+    let _ = fs::remove_file(&path);
+    // The umask is process-wide; no other thread creates files at this point.
+    let old = sys::set_umask(0o177);
+    let l = UnixListener::bind(&path);
+    sys::set_umask(old);
+    l.context(|| format!("creating control socket {}", path.display()))
+}
+
+/// Recovery after an unclean stop: the access that did not end is noted (a restarted
+/// worker brings it back broken) and its leftover fleecing files are removed.
+fn recover(state: &StateDir, worker: &Worker) -> Result<()> {
+    let Some(record) = state.leftover_access()? else {
+        return Ok(());
+    };
+    worker.note_crashed_access(&record);
+    match state.remove_leftovers(&record) {
+        Ok(removed) => log::warn!(
+            "recovered from an unclean shutdown: backup access '{}' did not end; removed {} leftover fleecing file(s){}{}",
+            record.target,
+            removed.len(),
+            if removed.is_empty() { "" } else { ": " },
+            removed.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+        ),
+        // A leftover that cannot be removed must not keep the images from being
+        // served: the record stays, and the next setup tries again (or refuses).
+        Err(e) => log::warn!(
+            "{}; the record of backup access '{}' is kept and the next setup tries again",
+            crate::error::report(&e),
+            record.target
+        ),
+    }
+    Ok(())
+}
+
+/// Serves `plan` on the connection the keeper handed `worker`, until the mount ends.
+pub fn serve(plan: ServePlan, worker: Arc<Worker>) -> Result<()> {
+    let signals = sys::block_signals(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP]);
+    let state = worker.state_dir()?;
+    if worker.background() {
+        crate::logger::tee_to_file(&state.path().join(LOG_FILE));
+    }
+    recover(&state, &worker)?;
+    let plan = devices(&state, &plan, &worker)?;
+    let (slots, next_slot) = assign_slots(&state, &plan)?;
+    let mut devices = Vec::new();
+    for ((name, path), slot) in plan.devices.iter().zip(slots) {
+        devices.push((
+            slot,
+            Device::new(
+                name.clone(),
+                Source::open_with(path, plan.backup_read)?,
+                plan.cluster,
+            ),
+        ));
+    }
+    let config = EngineConfig {
+        fleecing_dir: plan.fleecing_dir.clone(),
+        on_cbw_error: plan.on_cbw_error,
+        cbw_timeout: plan.cbw_timeout,
+        fleecing_limit: plan.fleecing_limit,
+        crash_safe_bitmaps: plan.crash_safe_bitmaps,
+        cbw_buffer: plan.cbw_buffer,
+        backup_read: plan.backup_read,
+    };
+    let nbd_config = plan.nbd()?;
+    let mut nbd_listeners = Vec::new();
+    for l in &nbd_config.listen {
+        nbd_listeners.push(crate::nbd::server::bind(l)?);
+    }
+    let listener = bind_socket(&state)?;
+    let vhost_listeners = crate::vhost_user::bind(&plan.vhost_user_blk).inspect_err(|_| {
+        let _ = fs::remove_file(state.socket_path());
+    })?;
+    let socket_path = state.socket_path();
+    let engine = match Engine::with_slots(devices, next_slot, config, Some(state))
+        .and_then(|e| e.save_device_record().map(|_| e))
+    {
+        Ok(e) => Arc::new(e),
+        Err(e) => {
+            let _ = fs::remove_file(&socket_path);
+            return Err(e);
+        }
+    };
+    engine.set_mount_options(mount_options(&plan));
+    worker.restore_broken_access(&engine);
+    crate::vhost_user::start(&engine, &plan.vhost_user_blk, vhost_listeners)?;
+    // One backup scheduler for the mount, shared by every frontend that serves it.
+    let backup = match crate::sched::BackupScheduler::start(plan.backup_priority, plan.backup_share)
+    {
+        Ok(b) => Arc::new(b),
+        Err(e) => {
+            let _ = fs::remove_file(&socket_path);
+            return Err(Error::io("starting the backup read pool", e));
+        }
+    };
+    let nbd = if nbd_config.listen.is_empty() {
+        None
+    } else {
+        Some(Arc::new(crate::nbd::NbdServer::start(
+            engine.clone(),
+            backup.clone(),
+            nbd_config,
+            nbd_listeners,
+        )?))
+    };
+    {
+        let engine = engine.clone();
+        let layout = MountLayout::new(plan.mountpoint.clone());
+        let worker = worker.clone();
+        let extra: Option<server::StatusExtra> = nbd.clone().map(|n| {
+            Box::new(move |v: &mut serde_json::Value| {
+                if let Some(obj) = v.as_object_mut() {
+                    obj.insert(
+                        "nbd".into(),
+                        serde_json::to_value(n.status()).unwrap_or_default(),
+                    );
+                }
+            }) as server::StatusExtra
+        });
+        std::thread::Builder::new()
+            .name("control-accept".into())
+            .spawn(move || server::serve(listener, engine, layout, worker, extra))
+            .context(|| "starting the control thread".into())?;
+    }
+
+    let session_options = SessionOptions {
+        fsname: format!("{FSNAME_PREFIX}{}", plan.state_dir.display()),
+        allow_other: plan.allow_other,
+        access: plan.access,
+        threads: plan.threads,
+        live_cache: plan.live_cache,
+        backup: backup.clone(),
+    };
+    let session = session::mount(engine.clone(), &plan.mountpoint, &session_options, &worker)
+        .map_err(|e| {
+            let _ = fs::remove_file(&socket_path);
+            Error::io(format!("mounting {}", plan.mountpoint.display()), e)
+        })?;
+    // The session and the NBD server hold the scheduler now; it is closed (its queue
+    // drained) when the session has ended, before the shutdown.
+    drop(session_options);
+    let resend_fd = session.as_fd().try_clone_to_owned().ok();
+    let fuse_thread = session::spawn(session).context(|| "starting the FUSE session".into())?;
+    if let Some(fd) = &resend_fd {
+        worker.resend(fd.as_fd());
+    }
+    drop(resend_fd);
+    // Serving means answering: one lookup through the kernel.
+    let live = MountLayout::new(plan.mountpoint.clone()).live_dir();
+    let connection = fs::metadata(&live)
+        .map(|m| sys::dev_minor(m.dev()))
+        .map_err(|e| {
+            // Do not leave a mount behind that nobody will serve once this process exits.
+            sys::force_unmount(&plan.mountpoint, None);
+            let _ = fs::remove_file(&socket_path);
+            Error::io(
+                format!("checking the new mount at {}", plan.mountpoint.display()),
+                e,
+            )
+        })?;
+    log::info!(
+        "serving {} device(s) at {} (cluster size {}, {} threads)",
+        plan.devices.len(),
+        plan.mountpoint.display(),
+        plan.cluster,
+        plan.threads
+    );
+    worker.ready(connection);
+    {
+        let mountpoint = plan.mountpoint.clone();
+        let engine = engine.clone();
+        let worker = worker.clone();
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || loop {
+                // The signals are blocked in every thread: only this one receives them.
+                if let Some(sig) = sys::wait_signal(&signals) {
+                    if worker.fd_store() {
+                        worker.stop_keeping_connection(&engine);
+                    }
+                    log::info!("signal {sig}: unmounting {}", mountpoint.display());
+                    sys::force_unmount(&mountpoint, Some(connection));
+                }
+            })
+            .context(|| "starting the signal thread".into())?;
+    }
+    let result = fuse_thread.join();
+    log::info!("{} unmounted, shutting down", plan.mountpoint.display());
+    if let Some(n) = &nbd {
+        n.stop();
+        crate::nbd::server::remove_sockets(&plan.nbd_listen);
+    }
+    backup.close();
+    engine.shutdown();
+    let _ = fs::remove_file(&socket_path);
+    crate::vhost_user::remove_sockets(&plan.vhost_user_blk);
+    match result {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(Error::io("FUSE session ended with an error", e)),
+        Err(_) => Err(Error::invalid("FUSE session thread panicked")),
+    }
+}
