@@ -30,6 +30,13 @@ pub fn tee_to_file(path: &Path) {
     }
 }
 
+/// Closes the log file (later records go to stderr only): before the state directory
+/// lock is released, so that whoever waits for the lock finds no file of the state
+/// directory open (an unmount of the file system it is on, say).
+pub fn close_file() {
+    FILE.lock().recover().take();
+}
+
 /// Appends one line, as a daemon's log lines look, to the log file `path` of a daemon
 /// from a command of `program` (`setup`, `copy`, `restore`):
 /// `TIME fleecefs-PROGRAM[PID] LEVEL: line`. Opened as the daemon opens it

@@ -200,6 +200,7 @@ fn keep_running(
         deaths: VecDeque::new(),
     };
     let result = keeper.serve();
+    crate::logger::close_file();
     drop(state);
     result
 }
