@@ -38,6 +38,11 @@
 #   BENCH_GUEST_RUNTIME=15    seconds per guest phase
 #   BENCH_REWARM=0            do not read the source back into the page cache before each
 #                             workload (see settle)
+#   BENCH_ONLY=nbd            only the NBD path (also part of a full run): nbdcopy of the
+#                             whole snapshot from fleecefs's NBD export (mount --nbd) and
+#                             from qemu-storage-daemon's NBD export of its snapshot-access
+#                             node over a copy-before-write filter, and cp of snapshot/NAME,
+#                             NBD_PASSES (3) alternating passes each; a table of MB/s
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -52,7 +57,8 @@ ONLY=${BENCH_ONLY:-}
 case $ONLY in
     "") SYSTEMS=${BENCH_SYSTEMS:-direct qemu fleecefs} ;;
     guest) SYSTEMS=${BENCH_SYSTEMS:-qemu fleecefs} ;;
-    *) printf 'bench: BENCH_ONLY=%s: the only selection is "guest"\n' "$ONLY" >&2; exit 1 ;;
+    nbd) SYSTEMS="" ;;
+    *) printf 'bench: BENCH_ONLY=%s: the selections are "guest" and "nbd"\n' "$ONLY" >&2; exit 1 ;;
 esac
 GUEST_RUNTIME=${BENCH_GUEST_RUNTIME:-15}
 PERF=${BENCH_PERF:-}
@@ -74,6 +80,7 @@ install_deps() {
     command -v fio >/dev/null || need+=(fio)
     command -v qemu-storage-daemon >/dev/null || need+=(qemu-utils)
     command -v findmnt >/dev/null || need+=(util-linux)
+    command -v nbdcopy >/dev/null || need+=(libnbd-bin)
     if [ -n "$PERF" ] && ! command -v perf >/dev/null; then need+=(linux-perf); fi
     if [ ${#need[@]} -gt 0 ]; then
         log "installing ${need[*]}"
@@ -618,6 +625,76 @@ scale_test() {
     rm -f "$W"/scale/*.img
 }
 
+# ---------------------------------------------------------------- the NBD path
+
+NBD_PASSES=${NBD_PASSES:-3}
+
+# mbps BYTES NS : MB/s (10^6 bytes per second)
+mbps() { awk -v b="$1" -v ns="$2" 'BEGIN { printf "%.0f", b / (ns / 1e9) / 1e6 }'; }
+# median of its arguments
+median() { printf '%s\n' "$@" | sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
+
+# The backup provider's read path, whole snapshot, no writer: nbdcopy to null: from
+# fleecefs's export (multi-conn: nbdcopy opens 4 connections) and from qemu-storage-
+# daemon's export of snapshot-access over copy-before-write, exported writable as the
+# backup-access design does for discard (so QEMU does not offer multi-conn and nbdcopy
+# uses one connection); and cp of snapshot/NAME to /dev/null. Both daemons lock the
+# source, so they take turns: each pass mounts fleecefs (its nbdcopy and cp), then starts
+# qemu-storage-daemon (its nbdcopy). Table in $RES/nbd.md.
+nbd_bench() {
+    command -v nbdcopy >/dev/null || die "nbdcopy is not installed (libnbd-bin)"
+    local d=$W/nbd bytes=$((SIZE_MB << 20)) pass t f=() q=() c=()
+    mkdir -p "$d/mnt"
+    log "NBD: fleecefs --nbd and qemu-storage-daemon --nbd-server, $NBD_PASSES passes"
+    for pass in $(seq "$NBD_PASSES"); do
+        # shellcheck disable=SC2086
+        "$FLEECEFS" mount "$d/mnt" --state-dir "$d/state" --device "vm=$SRC" \
+            --nbd "unix:$d/f.sock" ${BENCH_FLEECEFS_OPTS:-}
+        FMOUNTS+=("$d/mnt")
+        "$FLEECEFS" setup "$d/mnt" --target nbdbench >/dev/null
+        settle
+        t=$(now_ns); nbdcopy "nbd+unix:///vm?socket=$d/f.sock" null: || die "nbdcopy from fleecefs failed"
+        f+=("$(mbps "$bytes" $(($(now_ns) - t)))")
+        settle
+        t=$(now_ns); cp "$d/mnt/snapshot/vm" /dev/null || die "cp of the snapshot failed"
+        c+=("$(mbps "$bytes" $(($(now_ns) - t)))")
+        "$FLEECEFS" teardown "$d/mnt" --target nbdbench --failure >/dev/null
+        "$FLEECEFS" unmount "$d/mnt"
+        rm -f "$d/fleece.raw"
+        qemu-img create -q -f raw "$d/fleece.raw" ${SIZE_MB}M
+        rm -f "$W/qsd.pid"
+        qemu-storage-daemon \
+            --blockdev "file,node-name=src-file,filename=$SRC" \
+            --blockdev "raw,node-name=src,file=src-file" \
+            --blockdev "file,node-name=fl-file,filename=$d/fleece.raw,discard=unmap" \
+            --blockdev "raw,node-name=fl,file=fl-file,discard=unmap" \
+            --blockdev "copy-before-write,node-name=cbw,file=src,target=fl,discard=unmap,on-cbw-error=break-snapshot,cbw-timeout=45" \
+            --blockdev "snapshot-access,node-name=snap,file=cbw,discard=unmap" \
+            --nbd-server "addr.type=unix,addr.path=$d/q.sock" \
+            --export "nbd,id=snap,node-name=snap,name=vm,writable=on" \
+            --pidfile "$W/qsd.pid" --daemonize || die "qemu-storage-daemon did not start"
+        QSD_PID=$(cat "$W/qsd.pid")
+        settle
+        t=$(now_ns); nbdcopy "nbd+unix:///vm?socket=$d/q.sock" null: || die "nbdcopy from qemu failed"
+        q+=("$(mbps "$bytes" $(($(now_ns) - t)))")
+        qsd_stop
+        log "NBD pass $pass: fleecefs ${f[-1]}, qemu ${q[-1]}, cp ${c[-1]} MB/s"
+    done
+    local fm qm cm
+    fm=$(median "${f[@]}") qm=$(median "${q[@]}") cm=$(median "${c[@]}")
+    {
+        echo "### NBD: the whole ${SIZE_MB} MiB snapshot, no writer"
+        echo
+        echo "| path | passes (MB/s) | median MB/s | fleecefs NBD / this |"
+        echo "|---|---|---|---|"
+        echo "| fleecefs NBD export, nbdcopy (4 connections) | ${f[*]} | $fm | 1.00 |"
+        echo "| qemu-storage-daemon NBD export of snapshot-access, nbdcopy (1 connection) | ${q[*]} | $qm | $(awk -v a="$fm" -v b="$qm" 'BEGIN { printf "%.2f", a / b }') |"
+        echo "| cp of fleecefs snapshot/NAME to /dev/null | ${c[*]} | $cm | $(awk -v a="$fm" -v b="$cm" 'BEGIN { printf "%.2f", a / b }') |"
+        echo
+        echo "Targets: fleecefs NBD >= 2x qemu-storage-daemon's NBD export, and >= cp of snapshot/NAME."
+    } >"$RES/nbd.md"
+}
+
 # ---------------------------------------------------------------- report
 
 machine_info() {
@@ -669,9 +746,11 @@ main() {
     done
     mkdir -p "$OUT"
     build_fleecefs
-    log "building the report program (examples/bench_report.rs, release)"
-    (cd "$REPO" && cargo build --release --quiet --example bench_report)
-    if [ "${BENCH_FLOOR:-1}" != 0 ] && [ "$ONLY" != guest ]; then
+    if [ "$ONLY" != nbd ]; then
+        log "building the report program (examples/bench_report.rs, release)"
+        (cd "$REPO" && cargo build --release --quiet --example bench_report)
+    fi
+    if [ "${BENCH_FLOOR:-1}" != 0 ] && [ -z "$ONLY" ]; then
         log "building the FUSE floor (examples/fuse_floor.rs, release)"
         (cd "$REPO" && cargo build --release --quiet --example fuse_floor)
     fi
@@ -696,6 +775,13 @@ main() {
     } >"$IOLOG"
 
     local s start=$SECONDS
+    if [ "$ONLY" = nbd ]; then
+        echo "nbd: $(cut -d' ' -f1-3 /proc/loadavg)" >>"$RES/load.txt"
+        nbd_bench
+        { echo "## fleecefs benchmark: the NBD path"; echo; machine_info; echo; cat "$RES/nbd.md"; } |
+            tee "$OUT/results-nbd.md"
+        return 0
+    fi
     for s in $SYSTEMS; do run_system "$s"; done
     if [ "$ONLY" != guest ]; then
         case " $SYSTEMS " in *" fleecefs "*) fuse_floor; bitmap_cost ;; esac
@@ -703,6 +789,7 @@ main() {
         (cd "$REPO" && cargo bench --quiet --bench engine 2>/dev/null) >"$RES/micro.txt" || log "micro-benchmarks failed"
         scale_test
     fi
+    case " $SYSTEMS " in *" qemu "*" fleecefs "* | *" fleecefs "*" qemu "*) [ "$ONLY" = guest ] || nbd_bench ;; esac
     log "done in $((SECONDS - start)) s"
 
     # the raw results first, so that a report can be printed again from them
@@ -715,6 +802,7 @@ main() {
         machine_info
         echo
         "$REPORT" tables "$RES" "$SYSTEMS" "$FLOOR_SYSTEMS"
+        if [ -e "$RES/nbd.md" ]; then echo; cat "$RES/nbd.md"; fi
     } | tee "$OUT/results.md"
 }
 

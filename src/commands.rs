@@ -489,6 +489,19 @@ pub fn status(mp: &Path, json: bool) -> Result<()> {
             }
         }
     }
+    if let Some(n) = v.get("nbd") {
+        let n: crate::nbd::NbdStatus = typed(n)?;
+        crate::out!();
+        crate::out!("NBD on {}", n.listeners.join(", "));
+        for e in &n.exports {
+            crate::out!(
+                "  export {}: {} client(s), {} read",
+                e.name,
+                e.clients.len(),
+                format_size(e.bytes_read)
+            );
+        }
+    }
     if !st.errors.is_empty() {
         crate::out!();
         for e in &st.errors {

@@ -5,6 +5,8 @@
 # give the image at their setup, and leave no fleecing space (each range is trimmed); a
 # failed run (the previous image is missing for an incremental) tears down as a failure and
 # the next run repairs; a run without a bitmap (none) is full; the bandwidth limit paces.
+# The mount reads on the backup pool with O_DIRECT (--backup-priority low, --backup-read
+# direct), the path a provider should not feel on the guest.
 source "$(dirname "$0")/lib.sh"
 
 M=$((1 << 20))
@@ -56,7 +58,8 @@ put() { dd if=/dev/urandom of="$L" bs=1K seek=$(($1 * 1024)) count="$2" conv=not
 
 truncate -s $((64 * M)) "$T/src.img"
 head -c $((8 * M)) /dev/urandom | dd of="$T/src.img" bs=1M conv=notrunc iflag=fullblock status=none
-fmount "$T/mnt" --state-dir "$T/state" --device disk="$T/src.img" --nbd "unix:$S"
+fmount "$T/mnt" --state-dir "$T/state" --device disk="$T/src.img" --nbd "unix:$S" \
+    --backup-priority low --backup-read direct   # reads on the backup pool, O_DIRECT
 mkdir "$B"
 expect_rc 2 "usage:" bash "$EX" "$S" disk
 expect_rc 2 "bitmap status" bash "$EX" "$S" disk maybe b 0 "$B"

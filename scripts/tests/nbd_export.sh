@@ -70,6 +70,7 @@ nbdinfo --map=qemu:dirty-bitmap:b1 "$U" | awk '$3 == 1 { print $1, $2 }' >"$T/di
 diff "$T/dirty.nbd" "$T/mnt/snapshot/disk.dirty" || fail "the dirty bitmap differs from disk.dirty"
 [ "$(status_json "$T/mnt" 'd["nbd"]["exports"][0]["bytes_read"] >= 12 * 2**20')" = True ] ||
     fail "status does not count the bytes read: $("$FLEECEFS" status "$T/mnt" --json)"
+"$FLEECEFS" status "$T/mnt" | grep -q "^  export disk: .* read" || fail "status (text) lists no NBD export"
 # Hostile clients; afterwards the export still serves and the access is intact.
 timeout 120 $PY "$HERE/nbd/hostile.py" "$S" disk || fail "a hostile client was not handled"
 nbdinfo "$U" >/dev/null || fail "the export does not answer after the hostile clients"
