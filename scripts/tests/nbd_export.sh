@@ -87,6 +87,14 @@ cp "$T/src.img" "$T/at_setup2.img"
 grep -q used "$T/setup2" || fail "the bitmap was not used: $(cat "$T/setup2")"
 nbdinfo --map=qemu:dirty-bitmap:b1 "$U" | awk '$3 == 1 { print $1, $2 }' >"$T/dirty.nbd"
 diff "$T/dirty.nbd" "$T/mnt/snapshot/disk.dirty" || fail "the dirty bitmap differs from disk.dirty"
+# QEMU's way: qemu-img map with x-dirty-bitmap reports dirty ranges as "data": false
+qemu-img map --output=json --image-opts \
+    "driver=nbd,export=disk,server.type=unix,server.path=$S,x-dirty-bitmap=qemu:dirty-bitmap:b1" |
+    $PY -c 'import json, sys
+for e in json.load(sys.stdin):
+    if not e["data"]:
+        print(e["start"], e["length"])' >"$T/dirty.qemu"
+diff "$T/dirty.qemu" "$T/mnt/snapshot/disk.dirty" || fail "qemu-img map x-dirty-bitmap differs from disk.dirty"
 start_writer "$L" $((64 * M / 4096))
 cp "$T/full_nbdcopy.img" "$T/incr.img"
 $PY "$HERE/nbd/incremental.py" "$S" disk b1 "$T/incr.img" >"$T/incr.out" ||
