@@ -35,6 +35,13 @@
 #                             reader) and the writer scaling line, on BENCH_SYSTEMS (then
 #                             "qemu fleecefs" by default); no floor, bitmap cost, micro-
 #                             benchmarks or scale line. About 2.5 minutes of measuring.
+#   BENCH_ONLY=frontends      only the frontends comparison (scripts/bench-frontends.sh):
+#                             libblkio 4K random 70/30, QD32 x 2 queues, on the image
+#                             (buffered, O_DIRECT), qemu-storage-daemon's vhost-user-blk
+#                             export (with and without a copy-before-write filter),
+#                             live/NAME, and fleecefs's vhost-user-blk export (with and
+#                             without an access), 3 rounds; a full run ends with it too
+#                             (BENCH_FRONTENDS=0: not)
 #   BENCH_GUEST_RUNTIME=15    seconds per guest phase
 #   BENCH_REWARM=0            do not read the source back into the page cache before each
 #                             workload (see settle)
@@ -58,7 +65,10 @@ case $ONLY in
     "") SYSTEMS=${BENCH_SYSTEMS:-direct qemu fleecefs} ;;
     guest) SYSTEMS=${BENCH_SYSTEMS:-qemu fleecefs} ;;
     nbd) SYSTEMS="" ;;
-    *) printf 'bench: BENCH_ONLY=%s: the selections are "guest" and "nbd"\n' "$ONLY" >&2; exit 1 ;;
+    # the frontends comparison alone (scripts/bench-frontends.sh, see there)
+    frontends) exec env BIN="${BENCH_FLEECEFS_BIN:-}" RUNTIME="${BENCH_RUNTIME:-10}" SIZE_MB="${BENCH_SIZE_MB:-1024}" \
+        OUT="${BENCH_OUT:-$REPO/target/bench}" bash "$REPO/scripts/bench-frontends.sh" ;;
+    *) printf 'bench: BENCH_ONLY=%s: the selections are "guest", "nbd" and "frontends"\n' "$ONLY" >&2; exit 1 ;;
 esac
 GUEST_RUNTIME=${BENCH_GUEST_RUNTIME:-15}
 PERF=${BENCH_PERF:-}
@@ -788,6 +798,12 @@ main() {
         log "engine micro-benchmarks (cargo bench --bench engine, no FUSE)"
         (cd "$REPO" && cargo bench --quiet --bench engine 2>/dev/null) >"$RES/micro.txt" || log "micro-benchmarks failed"
         scale_test
+        if [ "${BENCH_FRONTENDS:-1}" != 0 ]; then
+            log "the frontends comparison (scripts/bench-frontends.sh)"
+            (cd "$REPO" && cargo build --release --quiet --example blkio_bench)
+            BIN=$FLEECEFS RUNTIME=$RUNTIME SIZE_MB=$SIZE_MB OUT=$RES bash "$REPO/scripts/bench-frontends.sh" >"$RES/frontends.md" ||
+                log "the frontends comparison failed"
+        fi
     fi
     case " $SYSTEMS " in *" qemu "*" fleecefs "* | *" fleecefs "*" qemu "*) [ "$ONLY" = guest ] || nbd_bench ;; esac
     log "done in $((SECONDS - start)) s"
