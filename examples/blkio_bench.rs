@@ -52,6 +52,9 @@ fn opts() -> Result<Opts, String> {
     Ok(o)
 }
 
+/// What one queue did: reads, writes, latencies in ns.
+type QueueResult = Result<(u64, u64, Vec<u64>), String>;
+
 struct Rng(u64);
 
 impl Rng {
@@ -72,7 +75,7 @@ fn run_queue(
     blocks: u64,
     end: Instant,
     seed: u64,
-) -> Result<(u64, u64, Vec<u64>), String> {
+) -> QueueResult {
     let mut rng = Rng(seed | 1);
     let mut started = vec![Instant::now(); o.qd];
     let mut lat = Vec::with_capacity(1 << 20);
@@ -134,9 +137,11 @@ fn main() {
 fn run() -> Result<(), String> {
     let o = opts()?;
     let mut b = Blkio::new(&o.driver).map_err(|e| format!("{e:?}"))?;
-    b.set_str("path", &o.path).map_err(|e| format!("path: {e:?}"))?;
+    b.set_str("path", &o.path)
+        .map_err(|e| format!("path: {e:?}"))?;
     if o.direct {
-        b.set_bool("direct", true).map_err(|e| format!("direct: {e:?}"))?;
+        b.set_bool("direct", true)
+            .map_err(|e| format!("direct: {e:?}"))?;
     }
     b.connect().map_err(|e| format!("connect: {e:?}"))?;
     b.set_i32("num-queues", o.queues as i32)
@@ -150,7 +155,7 @@ fn run() -> Result<(), String> {
     let blocks = capacity / o.bs as u64;
     let end = Instant::now() + Duration::from_secs_f64(o.seconds);
     let t0 = Instant::now();
-    let results: Vec<Result<(u64, u64, Vec<u64>), String>> = std::thread::scope(|s| {
+    let results: Vec<QueueResult> = std::thread::scope(|s| {
         let handles: Vec<_> = started
             .queues
             .into_iter()
@@ -163,7 +168,10 @@ fn run() -> Result<(), String> {
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err("a queue thread panicked".into())))
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("a queue thread panicked".into()))
+            })
             .collect()
     });
     let secs = t0.elapsed().as_secs_f64();
