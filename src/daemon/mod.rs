@@ -81,6 +81,8 @@ pub fn mount(args: &MountArgs) -> Result<()> {
         stale_mount,
         background: args.daemon_child,
         worker_oom_score_adj: serve.worker_oom_score_adj,
+        // Bound here, held by the keeper: the NBD sockets survive worker restarts.
+        listen_fds: crate::nbd::server::bind_all(&serve.nbd_listen)?,
     };
     crate::keeper::run(spec, adopted, &serve)
 }

@@ -197,10 +197,9 @@ pub fn serve(plan: ServePlan, worker: Arc<Worker>) -> Result<()> {
         backup_read: plan.backup_read,
     };
     let nbd_config = plan.nbd()?;
-    let mut nbd_listeners = Vec::new();
-    for l in &nbd_config.listen {
-        nbd_listeners.push(crate::nbd::server::bind(l)?);
-    }
+    // The keeper holds the listening sockets (bound before it mounted).
+    let nbd_listeners =
+        crate::nbd::server::listeners_from(&nbd_config.listen, worker.take_listen_fds())?;
     let listener = bind_socket(&state)?;
     let vhost_listeners = crate::vhost_user::bind(&plan.vhost_user_blk).inspect_err(|_| {
         let _ = fs::remove_file(state.socket_path());

@@ -36,6 +36,10 @@ pub struct MountSpec {
     pub background: bool,
     /// `oom_score_adj` of every worker (`--worker-oom-score-adj`).
     pub worker_oom_score_adj: i32,
+    /// Listening sockets of the frontends (the NBD server's), bound by the daemon: the
+    /// keeper holds them, so that they outlive workers, and hands them to every worker in
+    /// this order. It never accepts on them.
+    pub listen_fds: Vec<std::os::fd::OwnedFd>,
 }
 
 /// Everything a worker gets from its keeper. `S` is what the worker serves (the daemon's
@@ -53,6 +57,9 @@ pub struct WorkerPlan<S> {
     pub state_dir: PathBuf,
     /// `/dev/fuse` fds: the session fd, then its clones.
     pub fuse_fds: Vec<i32>,
+    /// The listening sockets the keeper holds for the frontends ([`MountSpec`]).
+    #[serde(default)]
+    pub listen_fds: Vec<i32>,
     /// Write end of the report pipe.
     pub report_fd: i32,
     /// The state directory lock (shared with the keeper).

@@ -232,6 +232,7 @@ impl Keeper {
             mountpoint: self.spec.mountpoint.clone(),
             state_dir: self.spec.state_dir.clone(),
             fuse_fds: self.fds.iter().map(|f| f.as_raw_fd()).collect(),
+            listen_fds: self.spec.listen_fds.iter().map(|f| f.as_raw_fd()).collect(),
             report_fd: self.report_w.as_raw_fd(),
             lock_fd: self.lock_fd,
             restarts: self.restarts,
@@ -247,6 +248,7 @@ impl Keeper {
         let plan = self.plan();
         let memfd = plan.to_memfd()?;
         let mut keep = plan.fuse_fds.clone();
+        keep.extend(&plan.listen_fds);
         keep.extend([plan.report_fd, plan.lock_fd, memfd.as_raw_fd()]);
         let parent = std::process::id() as i32;
         let oom = self.spec.worker_oom_score_adj.to_string().into_bytes();

@@ -26,6 +26,7 @@ pub struct Worker {
     plan: WorkerPlan<()>,
     report: Mutex<File>,
     fuse_fds: Mutex<Vec<File>>,
+    listen_fds: Mutex<Vec<File>>,
     crashed_access: Mutex<Option<AccessRecord>>,
     served_ms: Mutex<Option<u64>>,
     /// The kernel can resend (FUSE_HAS_RESEND), as negotiated at INIT.
@@ -46,6 +47,11 @@ pub fn worker_init<S: DeserializeOwned>() -> Result<(Arc<Worker>, S)> {
         .iter()
         .map(|&fd| take(fd))
         .collect::<Result<Vec<_>>>()?;
+    let listen_fds = plan
+        .listen_fds
+        .iter()
+        .map(|&fd| take(fd))
+        .collect::<Result<Vec<_>>>()?;
     #[cfg(feature = "fault-injection")]
     if let Some(from) = std::env::var("FLEECEFS_FAULT_WORKER_DIE_FROM")
         .ok()
@@ -62,6 +68,7 @@ pub fn worker_init<S: DeserializeOwned>() -> Result<(Arc<Worker>, S)> {
         plan,
         report: Mutex::new(report),
         fuse_fds: Mutex::new(fuse_fds),
+        listen_fds: Mutex::new(listen_fds),
         crashed_access: Mutex::new(None),
         served_ms: Mutex::new(None),
         has_resend: AtomicBool::new(resend),
@@ -78,6 +85,7 @@ impl<S> WorkerPlan<S> {
             mountpoint,
             state_dir,
             fuse_fds,
+            listen_fds,
             report_fd,
             lock_fd,
             restarts,
@@ -93,6 +101,7 @@ impl<S> WorkerPlan<S> {
             mountpoint,
             state_dir,
             fuse_fds,
+            listen_fds,
             report_fd,
             lock_fd,
             restarts,
@@ -124,6 +133,15 @@ impl Worker {
     /// its clones); empty the second time.
     pub fn take_fuse_fds(&self) -> Vec<OwnedFd> {
         std::mem::take(&mut *self.fuse_fds.lock().unwrap_or_else(|e| e.into_inner()))
+            .into_iter()
+            .map(OwnedFd::from)
+            .collect()
+    }
+
+    /// Takes the listening sockets the keeper holds for the frontends, in the order the
+    /// daemon bound them; empty the second time.
+    pub fn take_listen_fds(&self) -> Vec<OwnedFd> {
+        std::mem::take(&mut *self.listen_fds.lock().unwrap_or_else(|e| e.into_inner()))
             .into_iter()
             .map(OwnedFd::from)
             .collect()

@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::net::TcpListener;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -88,6 +89,39 @@ pub fn bind(l: &Listen) -> Result<Listener> {
             .map(Listener::Tcp)
             .context(|| format!("listening on tcp:{a}")),
     }
+}
+
+/// Binds every listener of `listen`, as fds for the keeper to hold (see `bind`).
+pub fn bind_all(listen: &[Listen]) -> Result<Vec<OwnedFd>> {
+    listen
+        .iter()
+        .map(|l| {
+            bind(l).map(|b| match b {
+                Listener::Unix(u) => OwnedFd::from(u),
+                Listener::Tcp(t) => OwnedFd::from(t),
+            })
+        })
+        .collect()
+}
+
+/// The listeners of `listen` over `fds`, the sockets [`bind_all`] made (held by the
+/// keeper, inherited by this worker), in the same order.
+pub fn listeners_from(listen: &[Listen], fds: Vec<OwnedFd>) -> Result<Vec<Listener>> {
+    if fds.len() != listen.len() {
+        return Err(Error::invalid(format!(
+            "the keeper handed over {} listening socket(s) for {} --nbd listener(s)",
+            fds.len(),
+            listen.len()
+        )));
+    }
+    Ok(listen
+        .iter()
+        .zip(fds)
+        .map(|(l, fd)| match l {
+            Listen::Unix(_) => Listener::Unix(UnixListener::from(fd)),
+            Listen::Tcp(_) => Listener::Tcp(TcpListener::from(fd)),
+        })
+        .collect())
 }
 
 /// Removes the Unix sockets of `listen` (at shutdown).
