@@ -5,7 +5,7 @@
 # while a writer changes live/NAME, an incremental with libnbd (dirty ranges onto the
 # previous backup, a trim after each, reads outside fail with EINVAL), status --json,
 # no export without an access, hostile clients that leave the daemon serving, and a
-# teardown that ends the connections.
+# teardown that ends the connections (idle ones, and one with reads in flight).
 source "$(dirname "$0")/lib.sh"
 
 M=$((1 << 20))
@@ -103,6 +103,34 @@ stop_writer
 cmp "$T/incr.img" "$T/at_setup2.img" || fail "full + incremental differs from the image at setup"
 [ "$(status_json "$T/mnt" 'd["access"]["fleecing_allocated"]')" = 0 ] ||
     fail "fleecing space left after trimming every range: $("$FLEECEFS" status "$T/mnt" --json)"
+
+# A teardown while reads are in flight: each read finishes or fails, the reader ends
+# within seconds and the teardown does not wait on it.
+"$FLEECEFS" teardown "$T/mnt" --target nightly --success >/dev/null
+"$FLEECEFS" setup "$T/mnt" --target nightly >/dev/null
+$PY - "$S" "$T/busy" >"$T/busy.out" 2>&1 <<'PY' &
+import nbd, sys
+h = nbd.NBD()
+h.set_export_name("disk")
+h.connect_unix(sys.argv[1])
+size, n, pos = h.get_size(), 0, 0
+open(sys.argv[2], "w").close()
+try:
+    while True:
+        h.pread(8 << 20, pos)
+        pos = (pos + (8 << 20)) % size
+        n += 1
+except nbd.Error as e:
+    print("ended after %d reads: %s" % (n, e))
+PY
+BUSY=$!
+while [ ! -e "$T/busy" ]; do kill -0 $BUSY 2>/dev/null || fail "the reader did not connect: $(cat "$T/busy.out")"; sleep 0.01; done
+sleep 0.3
+timeout 20 "$FLEECEFS" teardown "$T/mnt" --target nightly --success >/dev/null || fail "teardown hung on a reading client"
+timeout 20 tail --pid=$BUSY -f /dev/null || fail "the reader hung after teardown"
+wait $BUSY || fail "the reader failed: $(cat "$T/busy.out")"
+grep -q "ended after [1-9]" "$T/busy.out" || fail "the reader: $(cat "$T/busy.out")"
+"$FLEECEFS" setup "$T/mnt" --target nightly --bitmap b1 >/dev/null
 
 # Teardown ends the connections: an idle client finds its connection closed (not an
 # error reply from a dead export), within a bounded time.
