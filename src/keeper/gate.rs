@@ -4,6 +4,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::sync::Recover;
+
 /// Requests that act on data pass this gate. A planned restart closes it and waits until
 /// no request is inside: requests that arrive later wait at the gate until the worker
 /// exits, and the kernel resends them to the next worker. Passing it costs two atomic
@@ -35,9 +37,9 @@ impl Gate {
         self.inside.fetch_add(1, Ordering::SeqCst);
         if self.closed.load(Ordering::SeqCst) {
             self.leave();
-            let mut g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+            let mut g = self.lock.lock().recover();
             loop {
-                g = self.idle.wait(g).unwrap_or_else(|e| e.into_inner());
+                g = self.idle.wait(g).recover();
             }
         }
         Pass(self)
@@ -45,7 +47,7 @@ impl Gate {
 
     fn leave(&self) {
         if self.inside.fetch_sub(1, Ordering::SeqCst) == 1 && self.closed.load(Ordering::SeqCst) {
-            let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+            let _g = self.lock.lock().recover();
             self.idle.notify_all();
         }
     }
@@ -54,7 +56,7 @@ impl Gate {
     pub(super) fn close_and_drain(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         self.closed.store(true, Ordering::SeqCst);
-        let mut g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut g = self.lock.lock().recover();
         while self.inside.load(Ordering::SeqCst) > 0 {
             if Instant::now() >= deadline {
                 return false;
@@ -62,7 +64,7 @@ impl Gate {
             g = self
                 .idle
                 .wait_timeout(g, Duration::from_millis(10))
-                .unwrap_or_else(|e| e.into_inner())
+                .recover()
                 .0;
         }
         true

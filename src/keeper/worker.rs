@@ -18,6 +18,7 @@ use super::{
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::state::{AccessRecord, StateDir};
+use crate::sync::Recover;
 use crate::sys;
 
 /// A worker's link to its keeper: what the keeper handed over, and the report pipe.
@@ -132,7 +133,7 @@ impl Worker {
     /// Takes the `/dev/fuse` fds inherited from the keeper (the session fd first, then
     /// its clones); empty the second time.
     pub fn take_fuse_fds(&self) -> Vec<OwnedFd> {
-        std::mem::take(&mut *self.fuse_fds.lock().unwrap_or_else(|e| e.into_inner()))
+        std::mem::take(&mut *self.fuse_fds.lock().recover())
             .into_iter()
             .map(OwnedFd::from)
             .collect()
@@ -182,7 +183,7 @@ impl Worker {
     }
 
     fn report(&self, r: &Report) {
-        let mut f = self.report.lock().unwrap_or_else(|e| e.into_inner());
+        let mut f = self.report.lock().recover();
         let _ = writeln!(f, "{}", r.line(std::process::id()));
     }
 
@@ -190,10 +191,7 @@ impl Worker {
     /// access comes back broken (see [`Worker::restore_broken_access`]).
     pub fn note_crashed_access(&self, record: &AccessRecord) {
         if self.restarted() {
-            *self
-                .crashed_access
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()) = Some(record.clone());
+            *self.crashed_access.lock().recover() = Some(record.clone());
         }
     }
 
@@ -202,12 +200,7 @@ impl Worker {
     /// snapshot cannot be trusted. Reads get EIO, `teardown --success` fails, and the
     /// bitmaps keep every change (recovery ORed each background into its bitmap).
     pub fn restore_broken_access(&self, engine: &Engine) {
-        let Some(record) = self
-            .crashed_access
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-        else {
+        let Some(record) = self.crashed_access.lock().recover().take() else {
             return;
         };
         let target = record.target;
@@ -258,7 +251,7 @@ impl Worker {
     /// leaves the terminal.
     pub fn ready(&self, connection: u32) {
         let now = now_ms();
-        *self.served_ms.lock().unwrap_or_else(|e| e.into_inner()) = Some(now);
+        *self.served_ms.lock().recover() = Some(now);
         if let Some(l) = &self.plan.last_restart {
             // A death (not a planned restart) is a warning, with the pause writers saw.
             let planned = l.reason.starts_with("planned restart")
@@ -286,10 +279,7 @@ impl Worker {
     /// The keeper fields of `status`.
     pub fn status(&self) -> KeeperStatus {
         let mut last = self.plan.last_restart.clone();
-        if let (Some(l), Some(served)) = (
-            &mut last,
-            *self.served_ms.lock().unwrap_or_else(|e| e.into_inner()),
-        ) {
+        if let (Some(l), Some(served)) = (&mut last, *self.served_ms.lock().recover()) {
             l.pause_ms = Some(served.saturating_sub(l.at_ms));
         }
         KeeperStatus {
