@@ -3,7 +3,8 @@
 # a certificate the CA signed reads the export (nbdcopy equals snapshot/NAME); without TLS
 # it is refused (NBD_REP_ERR_TLS_REQD); with a certificate another CA signed it is refused
 # in the TLS handshake. The mount refuses TCP without TLS credentials or --nbd-insecure,
-# and --nbd-insecure serves clear text.
+# and --nbd-insecure serves clear text. A Unix socket in a directory other users can
+# write is refused.
 source "$(dirname "$0")/lib.sh"
 
 M=$((1 << 20))
@@ -40,6 +41,9 @@ expect_fail_with "needs TLS" "$FLEECEFS" mount "$T/mnt" --state-dir "$T/state" \
     --device disk="$T/src.img" --nbd "tcp:127.0.0.1:$P"
 expect_fail_with "not a socket" "$FLEECEFS" mount "$T/mnt" --state-dir "$T/state" \
     --device disk="$T/src.img" --nbd "unix:$T/src.img"
+mkdir -m 0777 "$T/open"
+expect_fail_with "socket directory" "$FLEECEFS" mount "$T/mnt" --state-dir "$T/state" \
+    --device disk="$T/src.img" --nbd "unix:$T/open/s.sock"
 expect_fail_with "server-cert.pem" "$FLEECEFS" mount "$T/mnt" --state-dir "$T/state" \
     --device disk="$T/src.img" --nbd "tcp:127.0.0.1:$P" --nbd-tls-creds "$T/client"
 fmount "$T/mnt" --state-dir "$T/state" --device disk="$T/src.img" \

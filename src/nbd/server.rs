@@ -63,11 +63,20 @@ pub enum Listener {
     Tcp(TcpListener),
 }
 
-/// Creates the listening socket of `l`: a Unix socket (mode 0600; an old socket at the
-/// path is replaced, anything else there is refused) or a TCP socket.
+/// Creates the listening socket of `l`: a Unix socket (mode 0600, in a directory only
+/// root can change; an old socket at the path is replaced, anything else there is
+/// refused) or a TCP socket.
 pub fn bind(l: &Listen) -> Result<Listener> {
     match l {
         Listen::Unix(p) => {
+            let dir = p.parent().ok_or_else(|| {
+                Error::invalid(format!("--nbd unix:{}: no directory", p.display()))
+            })?;
+            crate::secure_path::open_trusted_dir(
+                dir,
+                "--nbd socket directory",
+                crate::secure_path::Missing::Fail,
+            )?;
             match std::fs::symlink_metadata(p) {
                 Ok(m) if m.file_type().is_socket() => std::fs::remove_file(p)
                     .context(|| format!("removing the old socket {}", p.display()))?,
