@@ -345,6 +345,7 @@ fn read(
     let len = req.len as usize;
     let sparse = n.structured && req.flags & proto::CMD_FLAG_DF == 0;
     let result = match &env.sched {
+        // A pool: the read runs there, below the guest (`--backup-priority low`).
         sched if sched.pooled() && len > 0 => {
             // The read runs on the backup pool; its buffer goes there and back.
             let mut owned = std::mem::replace(buf, Buf(None));

@@ -56,11 +56,6 @@ impl Sock {
         }
     }
 
-    /// Whether this is a TCP connection.
-    pub fn is_tcp(&self) -> bool {
-        matches!(self.kind, SockKind::Tcp(_))
-    }
-
     /// The peer, for logs and `status`.
     pub fn peer(&self) -> String {
         match &self.kind {

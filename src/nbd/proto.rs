@@ -3,8 +3,6 @@
 //! sends or receives. Pure functions over byte slices and `Read`/`Write`, so tests pass
 //! a `Vec<u8>`; no policy (what to answer is in `handshake.rs` and `conn.rs`).
 
-use std::io::{self, Read, Write};
-
 /// `NBDMAGIC`: the first 8 bytes the server sends.
 pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 /// `IHAVEOPT`: newstyle negotiation, and the magic of every option the client sends.
@@ -457,30 +455,6 @@ pub fn block_status_chunk(
         b.extend_from_slice(&f.to_be_bytes());
     }
     b
-}
-
-/// Reads exactly `buf.len()` bytes.
-pub fn read_exact(r: &mut impl Read, buf: &mut [u8]) -> io::Result<()> {
-    r.read_exact(buf)
-}
-
-/// Reads and drops `n` bytes (a refused write's payload), 64 KiB at a time.
-pub fn skip(r: &mut impl Read, mut n: u64) -> io::Result<()> {
-    let mut buf = [0u8; 65536];
-    while n > 0 {
-        let k = n.min(buf.len() as u64) as usize;
-        r.read_exact(&mut buf[..k])?;
-        n -= k as u64;
-    }
-    Ok(())
-}
-
-/// Writes all of `parts` in order.
-pub fn write_parts(w: &mut impl Write, parts: &[&[u8]]) -> io::Result<()> {
-    for p in parts {
-        w.write_all(p)?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
