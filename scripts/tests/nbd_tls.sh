@@ -4,7 +4,7 @@
 # it is refused (NBD_REP_ERR_TLS_REQD); with a certificate another CA signed it is refused
 # in the TLS handshake. The mount refuses TCP without TLS credentials or --nbd-insecure,
 # and --nbd-insecure serves clear text. A Unix socket in a directory other users can
-# write is refused.
+# write is refused. An idle TLS connection is closed by the teardown.
 source "$(dirname "$0")/lib.sh"
 
 M=$((1 << 20))
@@ -73,7 +73,32 @@ grep -q "negotiation failed: .*[Cc]ert" "$T/state/fleecefs.log" ||
     fail "the rogue client certificate was not refused in the TLS handshake: $(grep NBD "$T/state/fleecefs.log")"
 # after the refusals the export still serves
 nbdinfo "nbds://127.0.0.1:$P/disk?tls-certificates=$T/client" >/dev/null || fail "no longer serves"
+# an idle TLS connection is ended by the teardown too
+/usr/bin/python3 - "$P" "$T/client" "$T/held" >"$T/held.out" 2>&1 <<'PY' &
+import nbd, os, sys, time
+h = nbd.NBD()
+h.set_tls(nbd.TLS_REQUIRE)
+h.set_tls_certificates(sys.argv[2])
+h.set_export_name("disk")
+h.connect_tcp("127.0.0.1", sys.argv[1])
+h.pread(4096, 0)
+open(sys.argv[3], "w").close()
+while os.path.exists(sys.argv[3]):
+    time.sleep(0.01)
+try:
+    h.pread(4096, 0)
+    sys.exit("a read after teardown returned data")
+except nbd.Error as e:
+    print("closed:", e)
+PY
+HELD=$!
+while [ ! -e "$T/held" ]; do kill -0 $HELD 2>/dev/null || fail "the TLS client did not connect: $(cat "$T/held.out")"; sleep 0.01; done
 "$FLEECEFS" teardown "$T/mnt" --target t --success >/dev/null
+sleep 1.5
+[ "$(status_json "$T/mnt" 'd["nbd"]["connections"]')" = 0 ] || fail "the idle TLS connection outlived the teardown"
+rm "$T/held"
+timeout 20 tail --pid=$HELD -f /dev/null || fail "the TLS client hung"
+wait $HELD || fail "$(cat "$T/held.out")"
 "$FLEECEFS" unmount "$T/mnt"
 
 # --nbd-insecure: clear text on TCP
