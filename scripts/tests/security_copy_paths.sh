@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # copy and restore run as root and never follow another user's symlink to a file:
 # `copy --incremental DEST` refuses a symlink at DEST, a symlink owned by a user on the
-# way to it and a DEST with a second hard link (before: a user's symlink grew a 17-byte
-# root file to the device's size); a full copy refuses a user's symlinked directory;
+# way to it, a DEST with a second hard link (before: a user's symlink grew a 17-byte
+# root file to the device's size) and a DEST of neither the device's size nor its size
+# at a previous backup; a full copy refuses a user's symlinked directory;
 # `restore` refuses a backup that is a user's symlink (it would write a root file into
 # the disk), also as the backing file a qcow2 backup names. The files they point to are
 # left as they were.
@@ -37,6 +38,13 @@ expect_fail_with "symlink owned by uid $UID_U" "$FLEECEFS" copy "$T/mnt" disk "$
 ln "$T/root/victim" "$T/pub/u/hard" # as protected_hardlinks=0 would let the user
 expect_fail_with "hard links" "$FLEECEFS" copy --incremental "$T/mnt" disk "$T/pub/u/hard"
 intact "hard link at DEST"
+# Even named directly, a regular file of neither the device's size nor a size the device
+# had at a previous backup is refused (the dirty map covers the whole device: no
+# previous backup), not grown.
+printf 'root file 17 byte' >"$T/root/small"
+expect_fail_with "is 17 bytes but the device is $((4 << 20)) bytes (the dirty map covers the whole device" \
+    "$FLEECEFS" copy --incremental "$T/mnt" disk "$T/root/small"
+[ "$(cat "$T/root/small")" = "root file 17 byte" ] || fail "a small regular file as DEST was changed"
 # the real thing still works
 "$FLEECEFS" copy "$T/mnt" disk "$T/full.img" >/dev/null
 cmp "$T/full.img" "$T/orig.img" || fail "full copy differs"

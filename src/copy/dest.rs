@@ -284,9 +284,11 @@ pub(crate) fn symlink_refused(what: &str, path: &Path, e: io::Error) -> Error {
     }
 }
 
-/// Creates DEST (full) or opens and checks it (incremental). For an incremental copy
-/// onto a smaller regular file whose missing range the dirty map covers (the device
-/// grew), also returns DEST's size: the caller grows it.
+/// Creates DEST (full) or opens and checks it (incremental). An incremental DEST must be
+/// the device's size, or the previous image of a device that grew since: a smaller
+/// regular file that holds every range the dirty map leaves out (a map covering the
+/// whole device leaves none, so then only the device's size is accepted). For such a
+/// file, also returns DEST's size: the caller grows it.
 pub(crate) fn open_dest(
     dest: &Path,
     size: u64,
@@ -347,11 +349,18 @@ pub(crate) fn open_dest(
             dest.display()
         )));
     };
-    if len < size && meta.is_file() && covers(ranges, len, size) {
+    // A smaller image is the previous backup of a device that grew since: it holds every
+    // range the dirty map leaves out (so the map covers the rest). A map covering the
+    // whole device (a new or recreated bitmap) names no previous backup, so no smaller
+    // size is expected: only the device's.
+    let whole = covers(ranges, 0, size);
+    if len < size && meta.is_file() && !whole && covers(ranges, len, size) {
         return Ok((f, Some(len)));
     }
     if len != size {
-        let why = if len < size && meta.is_file() {
+        let why = if len < size && meta.is_file() && whole {
+            " (the dirty map covers the whole device: there is no previous backup to update, make a full copy to a new file)"
+        } else if len < size && meta.is_file() {
             " (and the dirty map does not cover the range the device grew by)"
         } else {
             ""
@@ -389,5 +398,27 @@ mod tests {
         let e = create_new(&p, "because").err().unwrap();
         assert!(e.to_string().contains("already exists: because"), "{e}");
         assert_eq!(std::fs::read(&p).unwrap(), b"kept");
+    }
+
+    #[test]
+    fn an_incremental_dest_has_the_device_size_or_the_size_before_it_grew() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("img");
+        std::fs::write(&p, vec![1u8; 4096]).unwrap();
+        // The device grew from 4096 to 8192 bytes: the new range is dirty.
+        let (_, grow) = open_dest(&p, 8192, true, &[(0, 512), (4096, 4096)]).unwrap();
+        assert_eq!(grow, Some(4096));
+        // A file missing a clean range is not the previous image.
+        let e = open_dest(&p, 8192, true, &[(6144, 2048)]).err().unwrap();
+        assert!(
+            e.to_string().contains("4096 bytes but the device is 8192"),
+            "{e}"
+        );
+        // The whole device dirty (a new bitmap): nothing smaller than the device.
+        let e = open_dest(&p, 8192, true, &[(0, 8192)]).err().unwrap();
+        assert!(e.to_string().contains("no previous backup"), "{e}");
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 4096);
+        let (_, grow) = open_dest(&p, 4096, true, &[(0, 4096)]).unwrap();
+        assert_eq!(grow, None);
     }
 }
