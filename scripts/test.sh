@@ -44,6 +44,13 @@ if [ ${#need[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+    # Debian's qemu-system-x86 takes qemu-storage-daemon into qemu-system-common, which
+    # makes apt remove a qemu-utils of another QEMU version (a backport): put the
+    # matching qemu-utils back.
+    if ! command -v qemu-img >/dev/null || ! command -v qemu-nbd >/dev/null; then
+        echo "== installing qemu-utils (removed by the qemu-system-x86 install)"
+        apt-get install -y -qq --no-install-recommends qemu-utils >/dev/null
+    fi
 fi
 
 # Each group's outcome, in order: "ok NAME", "FAIL NAME" or "skipped NAME (why)".
