@@ -14,7 +14,13 @@ FL=$ST/fleecing/disk.shut.fleece
 start_access() {
     "$FLEECEFS" setup "$MP" --target shut >/dev/null || fail "setup failed"
     head -c $((2 * M)) /dev/urandom | dd of="$MP/live/disk" bs=1M seek=3 conv=notrunc iflag=fullblock status=none
-    [ "$(stat -c %b "$FL")" -gt 0 ] || fail "the fleecing file holds no data"
+    # the copies reach the fleecing file through the write-behind buffer, a little later
+    local i
+    for i in $(seq 300); do
+        [ "$(stat -c %b "$FL")" -gt 0 ] && break
+        sleep 0.1
+    done
+    [ "$(stat -c %b "$FL")" -gt 0 ] || fail "the fleecing file holds no data after 30 s"
     [ "$(status_json "$MP" 'd["access"]["copied_bytes"]')" = $((2 * M)) ] || fail "copied_bytes is not 2 MiB"
     PID=$(status_json "$MP" 'd["pid"]')
     kill -0 "$PID" || fail "no daemon with pid $PID"
