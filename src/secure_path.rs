@@ -350,6 +350,34 @@ pub fn open_log(path: &Path) -> io::Result<File> {
     Ok(f)
 }
 
+/// Creates a listening UNIX socket at `path` (absolute) with mode 0600, in a trusted
+/// directory (see the module docs; `what` names the socket in messages). A leftover
+/// socket at the path is replaced; any other file there is refused. Call while no other
+/// thread creates files: the umask is process-wide.
+pub fn bind_private_socket(path: &Path, what: &str) -> Result<std::os::unix::net::UnixListener> {
+    let dir = path
+        .parent()
+        .ok_or_else(|| Error::invalid(format!("{what} {} has no directory", path.display())))?;
+    open_trusted_dir(dir, &format!("the directory of {what}"), Missing::Fail)?;
+    if let Ok(m) = std::fs::symlink_metadata(path) {
+        if !std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()) {
+            return Err(Error::invalid(format!(
+                "{what} {} exists and is not a socket",
+                path.display()
+            )));
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    let old = crate::sys::set_umask(0o177);
+    let l = std::os::unix::net::UnixListener::bind(path);
+    crate::sys::set_umask(old);
+    let l = l.map_err(|e| Error::io(format!("creating {what} {}", path.display()), e))?;
+    // Not group- or world-accessible whatever the umask did.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| Error::io(format!("setting the mode of {}", path.display()), e))?;
+    Ok(l)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

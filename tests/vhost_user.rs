@@ -406,3 +406,44 @@ fn resize_is_seen_by_the_client() {
         "live/vm in the new space",
     );
 }
+
+#[test]
+fn the_keeper_holds_the_socket_across_worker_deaths() {
+    // With an NBD listener too: the keeper holds both kinds, each worker sorts them out.
+    let mut f = Fleece::new();
+    f.add_device("vm", SIZE);
+    let (sock, nbd) = (f.root.join("vm.sock"), f.root.join("nbd.sock"));
+    let spec = format!("vm={}", sock.display());
+    let nbd_spec = format!("unix:{}", nbd.display());
+    f.mount(&["--nbd", &nbd_spec, "--vhost-user-blk", &spec])
+        .expect_ok("mount with an NBD listener and a vhost-user-blk export");
+    let before = fs::metadata(&sock).expect("the socket");
+    let nbd_before = fs::metadata(&nbd).expect("the NBD socket").ino();
+    // An administrator lets a VMM's group in; a new worker must not undo it.
+    fs::set_permissions(&sock, fs::Permissions::from_mode(0o660)).expect("chmod");
+    let mut c = Client::connect(&sock, 1, false);
+    let data = pattern(21, 64 * 1024);
+    c.buf(0, data.len()).copy_from_slice(&data);
+    assert_eq!(c.write(0, 3 * MIB, 0, data.len()), 0);
+    drop(c);
+    for _ in 0..2 {
+        let pid = f.worker_pid();
+        kill(pid, libc::SIGKILL);
+        wait_until("a new worker serving", || {
+            let out = f.client("status", &["--json"]);
+            out.code == 0 && json_u64(&parse_json(&out, "status"), "worker_pid") != pid as u64
+        });
+        let now = fs::metadata(&sock).expect("the socket after a worker death");
+        assert_eq!(now.ino(), before.ino(), "the socket was created again");
+        assert_eq!(
+            now.permissions().mode() & 0o777,
+            0o660,
+            "the socket's mode was reset"
+        );
+        let nbd_now = fs::metadata(&nbd).expect("the NBD socket").ino();
+        assert_eq!(nbd_now, nbd_before, "the NBD socket was created again");
+        let mut c = Client::connect(&sock, 1, false);
+        assert_eq!(c.read(0, 3 * MIB, 0, data.len()), 0);
+        assert_bytes_eq(c.buf(0, data.len()), &data, "data after a worker death");
+    }
+}

@@ -197,13 +197,13 @@ pub fn serve(plan: ServePlan, worker: Arc<Worker>) -> Result<()> {
         backup_read: plan.backup_read,
     };
     let nbd_config = plan.nbd()?;
-    // The keeper holds the listening sockets (bound before it mounted).
-    let nbd_listeners =
-        crate::nbd::server::listeners_from(&nbd_config.listen, worker.take_listen_fds())?;
+    // The keeper holds the listening sockets (bound before it mounted): NBD's, then the
+    // vhost-user-blk exports'.
+    let mut held = worker.take_listen_fds();
+    let vhost_held = held.split_off(nbd_config.listen.len().min(held.len()));
+    let nbd_listeners = crate::nbd::server::listeners_from(&nbd_config.listen, held)?;
+    let vhost_listeners = crate::vhost_user::listeners_from(&plan.vhost_user_blk, vhost_held)?;
     let listener = bind_socket(&state)?;
-    let vhost_listeners = crate::vhost_user::bind(&plan.vhost_user_blk).inspect_err(|_| {
-        let _ = fs::remove_file(state.socket_path());
-    })?;
     let socket_path = state.socket_path();
     let engine = match Engine::with_slots(devices, next_slot, config, Some(state))
         .and_then(|e| e.save_device_record().map(|_| e))

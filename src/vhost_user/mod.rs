@@ -18,7 +18,7 @@ mod backend;
 mod hostile;
 mod request;
 
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -199,28 +199,26 @@ fn trusted_dir(socket: &Path) -> Result<()> {
 /// Creates the listening sockets (mode 0600; a leftover socket at the path is replaced).
 /// Call while no other thread creates files: the umask is process-wide.
 pub fn bind(specs: &[ExportSpec]) -> Result<Vec<UnixListener>> {
-    let mut out = Vec::new();
-    for s in specs {
-        trusted_dir(&s.socket)?;
-        if let Ok(m) = std::fs::symlink_metadata(&s.socket) {
-            if !m.file_type().is_socket() {
-                return Err(Error::invalid(format!(
-                    "vhost-user-blk socket {} exists and is not a socket",
-                    s.socket.display()
-                )));
-            }
-            let _ = std::fs::remove_file(&s.socket);
-        }
-        let old = crate::sys::set_umask(0o177);
-        let l = UnixListener::bind(&s.socket);
-        crate::sys::set_umask(old);
-        let l = l.context(|| format!("creating vhost-user-blk socket {}", s.socket.display()))?;
-        // Not group- or world-accessible whatever the umask did.
-        std::fs::set_permissions(&s.socket, std::fs::Permissions::from_mode(0o600))
-            .context(|| format!("setting the mode of {}", s.socket.display()))?;
-        out.push(l);
+    specs
+        .iter()
+        .map(|s| crate::secure_path::bind_private_socket(&s.socket, "vhost-user-blk socket"))
+        .collect()
+}
+
+/// The listeners of `specs` over `fds`, the sockets [`bind`] made (held by the keeper,
+/// inherited by this worker), in the same order.
+pub fn listeners_from(
+    specs: &[ExportSpec],
+    fds: Vec<std::os::fd::OwnedFd>,
+) -> Result<Vec<UnixListener>> {
+    if fds.len() != specs.len() {
+        return Err(Error::invalid(format!(
+            "the keeper handed over {} listening socket(s) for {} --vhost-user-blk export(s)",
+            fds.len(),
+            specs.len()
+        )));
     }
-    Ok(out)
+    Ok(fds.into_iter().map(UnixListener::from).collect())
 }
 
 /// Removes the listening sockets (the mount ends; a worker restart keeps them).
