@@ -52,6 +52,10 @@ fmount "$T/ma" --state-dir "$T/sa" --device a=$T/ack.img
     done
 ) &
 ackw=$!
+for _ in $(seq 300); do     # some writes acknowledged (0.5 s of them at least)
+    [ "$(cat "$T/acked" 2>/dev/null | wc -l)" -gt 10 ] && break
+    sleep 0.1
+done
 sleep 0.5
 kill -9 "$(status_json "$T/ma" 'd["keeper_pid"]')"
 wait "$ackw" 2>/dev/null || true
@@ -80,7 +84,7 @@ for i in $(seq 100); do [ "$(stat -c %b "$LEFT")" -gt 0 ] && break; sleep 0.1; d
 [ "$(stat -c %b "$LEFT")" -gt 0 ] || fail "the fleecing file holds no copies (write-behind)"
 pid=$(status_json "$T/mk" 'd["keeper_pid"]')
 kill -9 "$pid"
-for i in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+for i in $(seq 300); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
 ! kill -0 "$pid" 2>/dev/null || fail "the killed daemon $pid still runs"
 [ "$(grep -c " $T/mk " /proc/mounts)" = 1 ] || fail "the dead mount is not there after kill -9"
 [ -e "$LEFT" ] || fail "the fleecing file is gone after kill -9"
@@ -133,8 +137,11 @@ for round in 1 2 3 4 5 6; do
     wait "$cyc" 2>/dev/null || true
 done
 # a dead mount of another state directory is not taken over (once the worker, killed
-# with its keeper, is gone: until then it still answers)
-for _ in $(seq 100); do kill -0 "$wpid" 2>/dev/null || break; sleep 0.05; done
+# with its keeper, is gone: until then it still answers; a killed process with many
+# threads takes a while to go on a busy machine)
+gone() { ! kill -0 "$1" 2>/dev/null || grep -q "^State:.*Z" "/proc/$1/status" 2>/dev/null; }
+for _ in $(seq 300); do gone "$wpid" && break; sleep 0.1; done
+gone "$wpid" || fail "the worker $wpid still runs 30 s after its keeper was killed"
 expect_fail_with "another state directory" "$FLEECEFS" mount "$T/mk" --state-dir "$T/other" --device d=$T/src.img
 fmount "$T/mk" --state-dir "$T/sk" --device d=$T/src.img 2>/dev/null
 status_json "$T/mk" '[b["consistent"] for b in d["bitmaps"]]' | grep -q True || fail "crash-safe bitmap lost after kill -9"
