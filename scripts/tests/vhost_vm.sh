@@ -1,10 +1,11 @@
 # A real VM on a vhost-user-blk export: qemu-system-x86_64 (TCG: this machine's nested
-# KVM is not dependable) boots Debian's kernel with a busybox initramfs built here; its disk is
-# `--vhost-user-blk vm=SOCKET` over an ext4 image. The guest writes files with sync
-# (each checked) while the worker is killed three times (QEMU reconnects, the requests
-# in flight are submitted again), then while a backup copies snapshot/vm. The guest sees
-# no I/O error, the disk's serial is the device name, a resize shows in the guest, and the backup is a clean ext4
-# (after replaying its journal at most) holding every file synced before setup.
+# KVM is not dependable) boots Debian's kernel with a busybox initramfs built here; its
+# disk is `--vhost-user-blk vm=SOCKET` over an ext4 image. The guest writes files with
+# sync (each checked) while the worker is killed three times and restarted once (QEMU
+# reconnects, the requests not completed are submitted again), then while a backup
+# copies snapshot/vm. The guest sees no I/O error, the disk's serial is the device name,
+# a resize shows in the guest, and the backup is a clean ext4 (after replaying its
+# journal at most) holding every file synced before setup.
 source "$(dirname "$0")/lib.sh"
 QEMU=$(command -v qemu-system-x86_64) || fail "qemu-system-x86_64 is not installed"
 BUSYBOX=$(command -v busybox) || fail "busybox is not installed (busybox-static)"
@@ -133,8 +134,12 @@ for k in 1 2 3; do
     done
     wait_connected
 done
+# and a planned restart: the requests being served are drained first
+sleep 0.5
+"$FLEECEFS" restart "$T/mnt" >/dev/null || fail "fleecefs restart failed"
+wait_connected
 wait_console "WROTE 30" 240
-[ "$(field 'd["worker_restarts"]')" = 3 ] || fail "expected 3 worker restarts"
+[ "$(field 'd["worker_restarts"]')" = 4 ] || fail "expected 4 worker restarts"
 
 # --- phase 2: a backup while the guest writes --------------------------------------------
 "$FLEECEFS" setup "$T/mnt" --target t >/dev/null
@@ -172,4 +177,4 @@ mount -o ro,loop "$T/backup.img" "$T/b"
 (cd "$T/b" && sha256sum --quiet -c "$T/sums") >"$T/sums.log" 2>&1 ||
     fail "files synced before setup differ in the backup: $(head "$T/sums.log")"
 umount "$T/b"
-echo "ok: a VM on the vhost-user-blk export: 3 worker kills and a backup during guest writes, no guest I/O error, backup clean"
+echo "ok: a VM on the vhost-user-blk export: 3 worker kills, a restart and a backup during guest writes, no guest I/O error, backup clean"
