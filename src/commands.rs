@@ -502,6 +502,28 @@ pub fn status(mp: &Path, json: bool) -> Result<()> {
             );
         }
     }
+    if let Some(list) = v.get("vhost_user_blk") {
+        let list: Vec<crate::vhost_user::ExportStatus> = typed(list)?;
+        if !list.is_empty() {
+            crate::out!();
+        }
+        for e in &list {
+            crate::out!(
+                "vhost-user-blk {} on {}{}: {}, {} queue(s), {} request(s), {} error(s)",
+                e.device,
+                e.socket.display(),
+                if e.read_only { " (read-only)" } else { "" },
+                if e.connected {
+                    "VMM connected"
+                } else {
+                    "no VMM"
+                },
+                e.queues,
+                e.requests,
+                e.errors
+            );
+        }
+    }
     if !st.errors.is_empty() {
         crate::out!();
         for e in &st.errors {

@@ -196,6 +196,14 @@ fn data_round_trips_on_several_queues_and_live_file_agrees() {
     assert_eq!(e["connected"], true, "{status}");
     assert!(json_u64(e, "requests") >= 2 * N as u64, "{status}");
     assert!(json_u64(e, "queues") >= 1, "{status}");
+    let text = f.client("status", &[]).expect_ok("fleecefs status").stdout;
+    assert!(
+        text.contains(&format!(
+            "vhost-user-blk vm on {}: VMM connected",
+            sock.display()
+        )),
+        "{text}"
+    );
 }
 
 #[test]

@@ -110,18 +110,37 @@ impl Export {
         }
     }
 
-    /// The export as `status --json` shows it.
-    pub fn status(&self) -> serde_json::Value {
-        serde_json::json!({
-            "device": self.name,
-            "socket": self.socket,
-            "read_only": self.read_only,
-            "connected": self.connected.load(Ordering::Relaxed),
-            "queues": self.queues,
-            "requests": self.requests.load(Ordering::Relaxed),
-            "errors": self.errors.load(Ordering::Relaxed),
-        })
+    /// The export as `status` shows it.
+    pub fn status(&self) -> ExportStatus {
+        ExportStatus {
+            device: self.name.clone(),
+            socket: self.socket.clone(),
+            read_only: self.read_only,
+            connected: self.connected.load(Ordering::Relaxed),
+            queues: self.queues,
+            requests: self.requests.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+        }
     }
+}
+
+/// One export in a `status` reply (`vhost_user_blk`, a list).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ExportStatus {
+    /// The device served.
+    pub device: String,
+    /// The listening socket.
+    pub socket: PathBuf,
+    /// A read-only export.
+    pub read_only: bool,
+    /// A VMM is connected.
+    pub connected: bool,
+    /// Queues offered.
+    pub queues: usize,
+    /// Requests completed.
+    pub requests: u64,
+    /// Requests that completed with IOERR or UNSUPP, or were malformed.
+    pub errors: u64,
 }
 
 /// The exports this process serves (set once at start).
@@ -130,8 +149,11 @@ static EXPORTS: OnceLock<Vec<Arc<Export>>> = OnceLock::new();
 /// Adds `vhost_user_blk` (every export's state) to a `status` reply.
 pub fn add_status(v: &mut serde_json::Value) {
     if let (Some(exports), Some(obj)) = (EXPORTS.get(), v.as_object_mut()) {
-        let list: Vec<_> = exports.iter().map(|e| e.status()).collect();
-        obj.insert("vhost_user_blk".into(), serde_json::Value::Array(list));
+        let list: Vec<ExportStatus> = exports.iter().map(|e| e.status()).collect();
+        obj.insert(
+            "vhost_user_blk".into(),
+            serde_json::to_value(list).unwrap_or_default(),
+        );
     }
 }
 
