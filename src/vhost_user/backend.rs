@@ -224,11 +224,17 @@ impl VhostUserBackend for BlkBackend {
         vrings: &[VringRwLock<Memory>],
         _thread_id: usize,
     ) -> std::io::Result<()> {
-        if evset != EventSet::IN {
-            return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
-        }
-        let Some(vring) = vrings.get(device_event as usize) else {
-            return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+        // An error here would end the queue's thread for good: anything unexpected is
+        // logged and ignored instead.
+        let Some(vring) = vrings
+            .get(device_event as usize)
+            .filter(|_| evset == EventSet::IN)
+        else {
+            log::debug!(
+                "vhost-user-blk {}: unexpected event {device_event} ({evset:?})",
+                self.export.name
+            );
+            return Ok(());
         };
         let Some(atomic) = self.mem.lock().recover().clone() else {
             return Ok(());
