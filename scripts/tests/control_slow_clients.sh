@@ -6,13 +6,14 @@ source "$(dirname "$0")/lib.sh"
 
 head -c $((4 << 20)) /dev/urandom >"$T/src.img"
 fmount "$T/mnt" --state-dir "$T/state" --device disk="$T/src.img"
-python3 - "$T/state/control.sock" "$T/stop" <<'PY' &
+python3 - "$T/state/control.sock" "$T/stop" "$T/connected" <<'PY' &
 import os, socket, sys, time
 socks = []
 for _ in range(16):
     s = socket.socket(socket.AF_UNIX)
     s.connect(sys.argv[1])
     socks.append(s)
+open(sys.argv[3], "w").close()
 end = time.time() + 60
 while time.time() < end and not os.path.exists(sys.argv[2]):
     for s in socks:
@@ -26,8 +27,13 @@ while time.time() < end and not os.path.exists(sys.argv[2]):
         time.sleep(0.1)
 PY
 SLOW=$!
-sleep 1
-# every slot is taken now
+for _ in $(seq 300); do
+    [ -e "$T/connected" ] && break
+    kill -0 "$SLOW" 2>/dev/null || fail "the slow clients could not connect"
+    sleep 0.1
+done
+[ -e "$T/connected" ] || fail "the slow clients did not connect in 30 s"
+# every slot is taken now (a connection waiting for one is served after them)
 if "$FLEECEFS" status "$T/mnt" >/dev/null 2>&1; then fail "status answered while 16 clients held every slot"; fi
 start=$(date +%s)
 ok=

@@ -66,6 +66,19 @@ if not ok:
 PY
 }
 
+# attached PID TRACER : waits (30 s at most) until TRACER traces every thread of PID
+attached() {
+    local t all
+    for _ in $(seq 300); do
+        all=1
+        for t in /proc/"$1"/task/*; do
+            grep -q "^TracerPid:[[:space:]]*$2\$" "$t/status" 2>/dev/null || all=
+        done
+        [ -n "$all" ] && return 0
+        sleep 0.1
+    done
+    return 1
+}
 run_mode() {
     local mode=$1
     shift
@@ -80,7 +93,7 @@ run_mode() {
     for kind in plain dsync sync rwf-dsync rwf-sync odirect-dsync; do
         strace -f -qq -p "$PID" -e trace=pwrite64,fdatasync,fsync,writev -o "$T/tr.$mode.$kind" &
         local st=$!
-        sleep 1 # attached
+        attached "$PID" "$st" || fail "strace did not attach to the worker in 30 s"
         writes "$kind" 5
         sleep 0.3
         kill "$st"

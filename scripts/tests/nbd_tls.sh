@@ -68,7 +68,10 @@ magic, opt, kind, n = struct.unpack(">QIII", s.recv(20, socket.MSG_WAITALL))
 assert kind == (1 << 31) + 5, hex(kind)
 PY
 expect_fail_with "" nbdinfo "nbds://127.0.0.1:$P/disk?tls-certificates=$T/badclient"
-sleep 0.5
+for _ in $(seq 300); do   # the daemon logs it after the client has gone
+    grep -q "negotiation failed: .*[Cc]ert" "$T/state/fleecefs.log" && break
+    sleep 0.1
+done
 grep -q "negotiation failed: .*[Cc]ert" "$T/state/fleecefs.log" ||
     fail "the rogue client certificate was not refused in the TLS handshake: $(grep NBD "$T/state/fleecefs.log")"
 # after the refusals the export still serves
