@@ -154,6 +154,7 @@ fn retry_while_dying<T>(
 ) -> io::Result<T> {
     let deadline = Instant::now() + DYING_WAIT;
     let mut waited = false;
+    let mut announced = false;
     let mut nobody = 0;
     loop {
         match attempt() {
@@ -169,6 +170,18 @@ fn retry_while_dying<T>(
                 let found = holders(id);
                 if found.iter().any(|h| !h.dying) {
                     return Err(e);
+                }
+                if !found.is_empty() && !announced {
+                    announced = true;
+                    let names: Vec<String> = found
+                        .iter()
+                        .map(|h| format!("pid {} ({})", h.pid, h.comm))
+                        .collect();
+                    log::warn!(
+                        "waiting (at most {} s) for {}, killed and still exiting, to let go of the file",
+                        DYING_WAIT.as_secs(),
+                        names.join(", ")
+                    );
                 }
                 // Nobody has it open: it just went (the next attempt succeeds), or the
                 // conflict is not a process's (a block device mounted, or claimed by
