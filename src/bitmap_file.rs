@@ -18,14 +18,15 @@
 //!   transition costs a flush (measured in docs/performance.md).
 //! - `off`: a bitmap found in use is invalid (QEMU's rule).
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::bitmap::Bitmap;
 use crate::error::{Error, IoContext, Result};
+use crate::secure_path::Dir;
 use crate::source::Source;
 use crate::sync::Recover;
 
@@ -45,7 +46,10 @@ pub enum CrashSafety {
 
 /// A bitmap file open for tracking.
 pub struct TrackedBitmap {
-    path: Mutex<PathBuf>,
+    /// The directory it is in: every open, rename and removal is by name under its fd.
+    dir: Arc<Dir>,
+    /// Its file name in `dir`.
+    file_name: Mutex<String>,
     file: File,
     bits: Bitmap,
     /// Bits known to be on stable storage (crash-safe mode only).
@@ -66,7 +70,14 @@ fn crc_of(bits: &Bitmap) -> u32 {
 pub type Invalid = String;
 
 impl TrackedBitmap {
-    fn map(path: &Path, file: File, header: Header, safety: CrashSafety) -> Result<TrackedBitmap> {
+    fn map(
+        dir: &Arc<Dir>,
+        file_name: &str,
+        file: File,
+        header: Header,
+        safety: CrashSafety,
+    ) -> Result<TrackedBitmap> {
+        let path = dir.display_path(file_name);
         let len = Bitmap::bytes_for(header.nbits).max(8);
         // The file is ours (state dir, 0600) and no other process maps it while we hold
         // the state lock; the mapping is only accessed through atomics.
@@ -76,7 +87,8 @@ impl TrackedBitmap {
         // Filled by the caller once the bits are on stable storage.
         let durable = (safety == CrashSafety::Sync).then(|| Bitmap::new(header.nbits, false));
         Ok(TrackedBitmap {
-            path: Mutex::new(path.to_path_buf()),
+            dir: dir.clone(),
+            file_name: Mutex::new(file_name.to_string()),
             file,
             bits,
             durable,
@@ -85,11 +97,12 @@ impl TrackedBitmap {
         })
     }
 
-    /// Creates a new bitmap file at `path` for `source`, all bits set to `fill`, open and
-    /// marked in use.
+    /// Creates a new bitmap file `file_name` in `dir` for `source`, all bits set to
+    /// `fill`, open and marked in use.
     #[allow(clippy::too_many_arguments)]
     pub fn create(
-        path: &Path,
+        dir: &Arc<Dir>,
+        file_name: &str,
         source: &Source,
         cluster_size: u64,
         nbits: u64,
@@ -120,27 +133,27 @@ impl TrackedBitmap {
             target: target.to_string(),
             name: name.to_string(),
         };
-        let tmp = path.with_extension("new");
+        let tmp_name = std::path::Path::new(file_name)
+            .with_extension("new")
+            .to_string_lossy()
+            .into_owned();
+        let tmp = dir.display_path(&tmp_name);
+        let path = dir.display_path(file_name);
         // Always a new file (a leftover goes first), never through a symlink.
-        match std::fs::remove_file(&tmp) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(Error::io(format!("removing {}", tmp.display()), e))
-            }
-            _ => {}
-        }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
-            .open(&tmp)
+        dir.remove(&tmp_name)
+            .context(|| format!("removing {}", tmp.display()))?;
+        let file = dir
+            .open(
+                &tmp_name,
+                libc::O_RDWR | libc::O_CREAT | libc::O_EXCL,
+                0o600,
+            )
             .context(|| format!("creating bitmap {}", tmp.display()))?;
         let data_len = Bitmap::bytes_for(nbits).max(8) as u64;
         file.set_len(HEADER_LEN as u64 + data_len)
             .and_then(|_| file.write_all_at(&header.encode(), 0))
             .context(|| format!("writing bitmap {}", tmp.display()))?;
-        let t = Self::map(&tmp, file, header, safety)?;
+        let t = Self::map(dir, &tmp_name, file, header, safety)?;
         t.bits.fill(fill);
         t.bits
             .flush()
@@ -151,29 +164,24 @@ impl TrackedBitmap {
         t.file
             .sync_all()
             .context(|| format!("syncing bitmap {}", tmp.display()))?;
-        std::fs::rename(&tmp, path)
+        dir.rename(&tmp_name, file_name)
+            .and_then(|()| dir.sync())
             .context(|| format!("renaming bitmap into {}", path.display()))?;
-        if let Some(dir) = path.parent() {
-            crate::state::sync_dir(dir)?;
-        }
-        *t.path.lock().recover() = path.to_path_buf();
+        *t.file_name.lock().recover() = file_name.to_string();
         Ok(t)
     }
 
     /// Opens an existing bitmap file. `Ok(Err(reason))` when the file exists but cannot be
     /// trusted for `source`: the caller records the reason and recreates it.
     pub fn open(
-        path: &Path,
+        dir: &Arc<Dir>,
+        file_name: &str,
         source: &Source,
         cluster_size: u64,
         safety: CrashSafety,
     ) -> Result<std::result::Result<TrackedBitmap, Invalid>> {
-        let file = match OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
-            .open(path)
-        {
+        let path = dir.display_path(file_name);
+        let file = match dir.open(file_name, libc::O_RDWR, 0) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Ok(Err("the bitmap file is missing".into()))
@@ -236,7 +244,7 @@ impl TrackedBitmap {
                 ));
             }
         }
-        let t = Self::map(path, file, header, safety)?;
+        let t = Self::map(dir, file_name, file, header, safety)?;
         if clean && crc_of(&t.bits) != t.header().data_crc {
             return Ok(Err("the bitmap data checksum does not match".into()));
         }
@@ -283,19 +291,20 @@ impl TrackedBitmap {
         &self.bits
     }
 
-    /// Where the file is.
+    /// Where the file is (for messages: the file is only ever reached through its
+    /// directory's fd).
     pub fn path(&self) -> PathBuf {
-        self.path.lock().recover().clone()
+        self.dir.display_path(&*self.file_name.lock().recover())
     }
 
-    /// Renames the file (durably) and remembers the new path.
-    pub fn rename_to(&self, to: &Path) -> Result<()> {
-        let mut p = self.path.lock().recover();
-        std::fs::rename(&*p, to).context(|| format!("renaming bitmap to {}", to.display()))?;
-        if let Some(dir) = to.parent() {
-            crate::state::sync_dir(dir)?;
-        }
-        *p = to.to_path_buf();
+    /// Renames the file (durably, within its directory) to `to`.
+    pub fn rename_to(&self, to: &str) -> Result<()> {
+        let mut n = self.file_name.lock().recover();
+        self.dir
+            .rename(&*n, to)
+            .and_then(|()| self.dir.sync())
+            .context(|| format!("renaming bitmap to {}", self.dir.display_path(to).display()))?;
+        *n = to.to_string();
         Ok(())
     }
 
@@ -319,7 +328,8 @@ impl TrackedBitmap {
         header.nbits = nbits;
         // The durable shadow starts empty: `mark` flushes each bit again once, which
         // is always safe.
-        let t = Self::map(&path, file, header, safety)?;
+        let name = self.file_name.lock().recover().clone();
+        let t = Self::map(&self.dir, &name, file, header, safety)?;
         t.failed.store(self.failed(), Ordering::Relaxed);
         Ok(t)
     }
@@ -464,12 +474,10 @@ impl TrackedBitmap {
 
     /// Deletes the file.
     pub fn remove(&self) -> Result<()> {
-        let path = self.path();
-        match std::fs::remove_file(&path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Error::io(format!("removing bitmap {}", path.display()), e)),
-        }
+        let name = self.file_name.lock().recover().clone();
+        self.dir
+            .remove(&name)
+            .context(|| format!("removing bitmap {}", self.dir.display_path(&name).display()))
     }
 }
 
@@ -487,17 +495,23 @@ fn read_up_to(file: &File, buf: &mut [u8]) -> std::io::Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::OpenOptions;
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::path::Path;
 
-    /// A 1 MiB source in `dir` and a 16-cluster bitmap file for it at `dir/b.bitmap`.
-    fn fixture(dir: &Path) -> (Source, PathBuf) {
+    /// A 1 MiB source in `dir`, `dir` held open, and the path of the bitmap file
+    /// `b.bitmap` in it.
+    fn fixture(dir: &Path) -> (Source, Arc<Dir>, PathBuf) {
         let src = dir.join("src.img");
         std::fs::write(&src, vec![0u8; 1 << 20]).unwrap();
-        (Source::open(&src).unwrap(), dir.join("b.bitmap"))
+        let d = Arc::new(Dir::new(File::open(dir).unwrap(), dir.to_path_buf()));
+        (Source::open(&src).unwrap(), d, dir.join("b.bitmap"))
     }
 
-    fn create_test_bitmap(path: &Path, source: &Source, safety: CrashSafety) -> TrackedBitmap {
+    fn create_test_bitmap(dir: &Arc<Dir>, source: &Source, safety: CrashSafety) -> TrackedBitmap {
         TrackedBitmap::create(
-            path,
+            dir,
+            "b.bitmap",
             source,
             65536,
             16,
@@ -514,14 +528,14 @@ mod tests {
     #[test]
     fn a_failed_bitmap_is_invalid_after_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let (source, path) = fixture(dir.path());
-        let make = || create_test_bitmap(&path, &source, CrashSafety::Sync);
+        let (source, d, _) = fixture(dir.path());
+        let make = || create_test_bitmap(&d, &source, CrashSafety::Sync);
         // a clean close reopens as valid
         let t = make();
         t.mark(3..4);
         t.close_clean(&source).unwrap();
         drop(t);
-        let t = TrackedBitmap::open(&path, &source, 65536, CrashSafety::Sync)
+        let t = TrackedBitmap::open(&d, "b.bitmap", &source, 65536, CrashSafety::Sync)
             .unwrap()
             .unwrap();
         assert!(t.bits().get(3));
@@ -531,7 +545,7 @@ mod tests {
         t.mark_failed("test");
         assert!(t.close_clean(&source).is_err());
         drop(t);
-        let reason = TrackedBitmap::open(&path, &source, 65536, CrashSafety::Sync)
+        let reason = TrackedBitmap::open(&d, "b.bitmap", &source, 65536, CrashSafety::Sync)
             .unwrap()
             .err()
             .unwrap();
@@ -541,9 +555,9 @@ mod tests {
     #[test]
     fn a_bitmap_in_use_survives_a_daemon_crash_not_a_reboot_unless_synced() {
         let dir = tempfile::tempdir().unwrap();
-        let (source, path) = fixture(dir.path());
+        let (source, d, path) = fixture(dir.path());
         let left_in_use = |safety: CrashSafety, other_boot: bool| {
-            let t = create_test_bitmap(&path, &source, safety);
+            let t = create_test_bitmap(&d, &source, safety);
             t.mark(5..6);
             drop(t); // the daemon dies: no clean close
             if other_boot {
@@ -558,7 +572,7 @@ mod tests {
                 h.boot_id = [0xee; 16];
                 f.write_all_at(&h.encode(), 0).unwrap();
             }
-            TrackedBitmap::open(&path, &source, 65536, CrashSafety::On).unwrap()
+            TrackedBitmap::open(&d, "b.bitmap", &source, 65536, CrashSafety::On).unwrap()
         };
         let kept = left_in_use(CrashSafety::On, false).unwrap();
         assert!(kept.bits().get(5), "the bit set before the crash is gone");
@@ -567,5 +581,48 @@ mod tests {
         assert!(reason.contains("machine restarted"), "{reason}");
         assert!(left_in_use(CrashSafety::Sync, true).unwrap().bits().get(5));
         assert!(left_in_use(CrashSafety::Off, false).is_err());
+    }
+
+    #[test]
+    fn a_directory_swapped_for_a_symlink_after_the_check_is_not_followed() {
+        use std::os::unix::fs::symlink;
+        let tmp = tempfile::tempdir().unwrap();
+        let bitmaps = tmp.path().join("bitmaps");
+        let elsewhere = tmp.path().join("root-only");
+        std::fs::create_dir(&bitmaps).unwrap();
+        std::fs::create_dir(&elsewhere).unwrap();
+        std::fs::write(elsewhere.join("b.bitmap"), b"precious").unwrap();
+        std::fs::write(elsewhere.join("c.bitmap"), b"precious").unwrap();
+        let (source, d, _) = fixture(&bitmaps);
+        let t = create_test_bitmap(&d, &source, CrashSafety::On);
+        // Checked and opened; then the directory is swapped for a symlink to another one.
+        std::fs::rename(&bitmaps, tmp.path().join("moved")).unwrap();
+        symlink(&elsewhere, &bitmaps).unwrap();
+        // A path-based open follows the swapped directory (O_NOFOLLOW guards only the
+        // last component): what the bitmap file's path would do.
+        assert!(OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(bitmaps.join("b.bitmap"))
+            .is_ok());
+        // Through the held directory fd nothing lands there.
+        t.rename_to("c.bitmap").unwrap();
+        let again = create_test_bitmap(&d, &source, CrashSafety::On);
+        again.remove().unwrap();
+        t.remove().unwrap();
+        assert!(
+            TrackedBitmap::open(&d, "c.bitmap", &source, 65536, CrashSafety::On)
+                .unwrap()
+                .is_err()
+        );
+        for f in ["b.bitmap", "c.bitmap"] {
+            assert_eq!(
+                std::fs::read(elsewhere.join(f)).unwrap(),
+                b"precious",
+                "{f}"
+            );
+        }
+        assert!(!tmp.path().join("moved/b.bitmap").exists());
+        assert!(!tmp.path().join("moved/c.bitmap").exists());
     }
 }

@@ -16,8 +16,6 @@
 //!   background. Either way nothing written since the last successful backup is lost.
 
 use std::collections::HashMap;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -26,6 +24,7 @@ use crate::bitmap::Bitmap;
 use crate::bitmap_file::{BitmapKind, CrashSafety, TrackedBitmap};
 use crate::cbw::Device;
 use crate::error::{Error, Result};
+use crate::secure_path::Dir;
 use crate::state::write_atomic;
 
 const REGISTRY: &str = "registry.json";
@@ -152,7 +151,8 @@ pub struct Decision {
 
 /// All bitmaps of one daemon.
 pub struct BitmapStore {
-    dir: PathBuf,
+    /// `bitmaps/`, held open: every file in it is reached by name under this fd.
+    dir: Arc<Dir>,
     crash_safe: CrashSafety,
     entries: Vec<Entry>,
 }
@@ -173,9 +173,13 @@ fn extension(kind: BitmapKind) -> &'static str {
 /// into place), and
 /// background files of bitmaps the registry does not list (their bitmap was dropped by
 /// a setup that failed half-way). No registered bitmap refers to them.
-fn remove_unfinished_files(dir: &Path, registry: &Registry) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
+fn remove_unfinished_files(dir: &Dir, registry: &Registry) {
+    let entries = match dir.names() {
+        Ok(n) => n,
+        Err(e) => {
+            log::warn!("listing {}: {e}", dir.path().display());
+            return;
+        }
     };
     let backgrounds: std::collections::HashSet<String> = registry
         .bitmaps
@@ -189,17 +193,17 @@ fn remove_unfinished_files(dir: &Path, registry: &Registry) {
             )
         })
         .collect();
-    for e in entries.flatten() {
-        let path = e.path();
+    for e in entries {
+        let path = dir.display_path(&e);
         let unfinished = match path.extension().and_then(|x| x.to_str()) {
             Some("pending") | Some("new") => true,
             // save_registry's temporary file (a crash between its write and rename).
-            Some("tmp") => e.file_name() == "registry.tmp",
-            Some("background") => !backgrounds.contains(&*e.file_name().to_string_lossy()),
+            Some("tmp") => e == "registry.tmp",
+            Some("background") => !backgrounds.contains(&*e.to_string_lossy()),
             _ => false,
         };
         if unfinished {
-            match std::fs::remove_file(&path) {
+            match dir.remove(&e) {
                 Ok(()) => log::warn!(
                     "removed {}, left unfinished by a daemon that stopped",
                     path.display()
@@ -238,22 +242,15 @@ pub fn dirty_bytes(bits: &Bitmap, cluster: u64, size: u64) -> u64 {
 }
 
 impl BitmapStore {
-    /// Loads the registry in `dir` for the devices served now, recovering interrupted
-    /// accesses (bitmap |= background) and checking every bitmap.
-    pub fn load(
-        dir: &Path,
-        devices: &[Arc<Device>],
-        crash_safe: CrashSafety,
-    ) -> Result<BitmapStore> {
-        let reg_path = dir.join(REGISTRY);
-        let read = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
-            .open(&reg_path)
-            .and_then(|mut f| {
-                let mut b: Vec<u8> = Vec::new();
-                std::io::Read::read_to_end(&mut f, &mut b).map(|_| b)
-            });
+    /// Loads the registry in `dir` (held open: every file is reached under its fd) for
+    /// the devices served now, recovering interrupted accesses (bitmap |= background)
+    /// and checking every bitmap.
+    pub fn load(dir: Dir, devices: &[Arc<Device>], crash_safe: CrashSafety) -> Result<BitmapStore> {
+        let reg_path = dir.display_path(REGISTRY);
+        let read = dir.open(REGISTRY, libc::O_RDONLY, 0).and_then(|mut f| {
+            let mut b: Vec<u8> = Vec::new();
+            std::io::Read::read_to_end(&mut f, &mut b).map(|_| b)
+        });
         let registry: Registry = match read {
             Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
                 log::error!(
@@ -265,9 +262,9 @@ impl BitmapStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Registry::default(),
             Err(e) => return Err(Error::io(format!("reading {}", reg_path.display()), e)),
         };
-        remove_unfinished_files(dir, &registry);
+        remove_unfinished_files(&dir, &registry);
         let mut store = BitmapStore {
-            dir: dir.to_path_buf(),
+            dir: Arc::new(dir),
             crash_safe,
             entries: Vec::new(),
         };
@@ -305,8 +302,8 @@ impl BitmapStore {
             Some(reason) => {
                 // Found invalid before: its file proves nothing any more (writes went
                 // untracked since), and an interrupted access's background is moot.
-                let bg = self.path(&r.device, &r.target, &r.name, BitmapKind::Background);
-                let _ = std::fs::remove_file(bg);
+                let bg = self.name_of(&r.device, &r.target, &r.name, BitmapKind::Background);
+                let _ = self.dir.remove(bg);
                 (BitmapState::Invalid(reason.clone()), false)
             }
             None => {
@@ -434,24 +431,39 @@ impl BitmapStore {
         self.save_registry()
     }
 
-    fn path(&self, device: &str, target: &str, name: &str, kind: BitmapKind) -> PathBuf {
-        self.dir
-            .join(file_name(device, target, name, extension(kind)))
+    fn name_of(&self, device: &str, target: &str, name: &str, kind: BitmapKind) -> String {
+        file_name(device, target, name, extension(kind))
     }
 
     fn load_one(&self, dev: &Device, r: &RegistryEntry) -> Result<BitmapState> {
         let cluster = dev.cluster().bytes();
-        let path = self.path(&r.device, &r.target, &r.name, BitmapKind::Target);
-        let bg_path = self.path(&r.device, &r.target, &r.name, BitmapKind::Background);
-        let main = TrackedBitmap::open(&path, dev.source(), cluster, self.crash_safe)?
-            .and_then(|t| check_names(t, r, BitmapKind::Target));
-        let interrupted = bg_path.exists();
+        let main_name = self.name_of(&r.device, &r.target, &r.name, BitmapKind::Target);
+        let bg_name = self.name_of(&r.device, &r.target, &r.name, BitmapKind::Background);
+        let bg_path = self.dir.display_path(&bg_name);
+        let main = TrackedBitmap::open(
+            &self.dir,
+            &main_name,
+            dev.source(),
+            cluster,
+            self.crash_safe,
+        )?
+        .and_then(|t| check_names(t, r, BitmapKind::Target));
+        let interrupted = self
+            .dir
+            .exists(&bg_name)
+            .map_err(|e| Error::io(format!("stat of {}", bg_path.display()), e))?;
         let state = match (main, interrupted) {
             (Err(reason), _) => BitmapState::Invalid(reason),
             (Ok(t), false) => BitmapState::Open(Arc::new(t)),
             (Ok(t), true) => {
-                match TrackedBitmap::open(&bg_path, dev.source(), cluster, self.crash_safe)?
-                    .and_then(|bg| check_names(bg, r, BitmapKind::Background))
+                match TrackedBitmap::open(
+                    &self.dir,
+                    &bg_name,
+                    dev.source(),
+                    cluster,
+                    self.crash_safe,
+                )?
+                .and_then(|bg| check_names(bg, r, BitmapKind::Background))
                 {
                     Ok(bg) => {
                         // Whatever the access's teardown had got to, ORing is safe: a
@@ -474,7 +486,7 @@ impl BitmapStore {
             }
         };
         if interrupted {
-            if let Err(e) = std::fs::remove_file(&bg_path) {
+            if let Err(e) = self.dir.remove(&bg_name) {
                 log::warn!("removing {}: {e}", bg_path.display());
             }
         }
@@ -503,7 +515,7 @@ impl BitmapStore {
                 .collect(),
         };
         let bytes = serde_json::to_vec_pretty(&reg).map_err(|e| Error::invalid(e.to_string()))?;
-        write_atomic(&self.dir.join(REGISTRY), &bytes)
+        write_atomic(&self.dir, REGISTRY, &bytes)
     }
 
     /// The bitmaps a device's writes must mark, leaving out those of `except_target`
@@ -543,9 +555,9 @@ impl BitmapStore {
         };
         let create =
             |kind: BitmapKind, name: &str, ext: &str, fill: bool| -> Result<Arc<TrackedBitmap>> {
-                let path = self.dir.join(file_name(dev.name(), target, name, ext));
                 Ok(Arc::new(TrackedBitmap::create(
-                    &path,
+                    &self.dir,
+                    &file_name(dev.name(), target, name, ext),
                     dev.source(),
                     cluster,
                     dev.clusters(),
@@ -659,8 +671,9 @@ impl BitmapStore {
                             log::warn!("{}", crate::error::report(&e));
                         }
                     } else {
-                        let p = self.path(&old.device, &old.target, &old.name, BitmapKind::Target);
-                        let _ = std::fs::remove_file(p);
+                        let p =
+                            self.name_of(&old.device, &old.target, &old.name, BitmapKind::Target);
+                        let _ = self.dir.remove(p);
                     }
                     if d.action == BitmapAction::NotUsedRemoved {
                         log::info!(
@@ -672,7 +685,7 @@ impl BitmapStore {
             }
             if let Some(e) = d.new_entry.take() {
                 if let BitmapState::Open(t) = &e.state {
-                    t.rename_to(&self.path(device, target, &e.name, BitmapKind::Target))?;
+                    t.rename_to(&self.name_of(device, target, &e.name, BitmapKind::Target))?;
                 }
                 self.entries.push(e);
             }
@@ -695,11 +708,12 @@ impl BitmapStore {
                 continue;
             }
             let e = self.entries.remove(i);
-            let p = self.path(&e.device, &e.target, &e.name, BitmapKind::Target);
-            match std::fs::remove_file(&p) {
-                Ok(()) => {}
-                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
-                Err(err) => return Err(Error::io(format!("removing bitmap {}", p.display()), err)),
+            let p = self.name_of(&e.device, &e.target, &e.name, BitmapKind::Target);
+            if let Err(err) = self.dir.remove(&p) {
+                return Err(Error::io(
+                    format!("removing bitmap {}", self.dir.display_path(&p).display()),
+                    err,
+                ));
             }
             removed.push(format!("{}/{}", e.device, e.name));
         }

@@ -4,31 +4,32 @@
 //! A cluster's data sits at the same offset as in the source. Discarding a cluster
 //! punches a hole, so the file only ever holds what the backup has yet to read.
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use crate::error::{Error, IoContext, Result};
+use crate::secure_path::Dir;
 use crate::sys;
 
 /// A sparse fleecing file.
 pub struct FleecingFile {
     file: File,
+    /// The fleecing directory, held open: the file is created and removed under its fd.
+    dir: Arc<Dir>,
+    name: String,
     path: PathBuf,
     punch_works: AtomicBool,
 }
 
 impl FleecingFile {
-    /// Creates `path` (it must not exist) as a sparse file of `size` bytes, mode 0600.
-    pub fn create(path: &Path, size: u64) -> Result<FleecingFile> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(path)
+    /// Creates `name` in `dir` (it must not exist) as a sparse file of `size` bytes,
+    /// mode 0600.
+    pub fn create(dir: &Arc<Dir>, name: &str, size: u64) -> Result<FleecingFile> {
+        let path = dir.display_path(name);
+        let file = dir
+            .open(name, libc::O_RDWR | libc::O_CREAT | libc::O_EXCL, 0o600)
             .map_err(|e| {
                 if e.kind() == std::io::ErrorKind::AlreadyExists {
                     Error::busy(format!(
@@ -41,13 +42,15 @@ impl FleecingFile {
             })?;
         let f = FleecingFile {
             file,
-            path: path.to_path_buf(),
+            dir: dir.clone(),
+            name: name.to_string(),
+            path,
             punch_works: AtomicBool::new(true),
         };
         if let Err(e) = f.file.set_len(size) {
-            let _ = std::fs::remove_file(path);
+            let _ = f.remove();
             return Err(Error::io(
-                format!("sizing fleecing file {}", path.display()),
+                format!("sizing fleecing file {}", f.path.display()),
                 e,
             ));
         }
@@ -102,13 +105,8 @@ impl FleecingFile {
 
     /// Deletes the file.
     pub fn remove(&self) -> Result<()> {
-        match std::fs::remove_file(&self.path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Error::io(
-                format!("removing fleecing file {}", self.path.display()),
-                e,
-            )),
-        }
+        self.dir
+            .remove(&self.name)
+            .map_err(|e| Error::io(format!("removing fleecing file {}", self.path.display()), e))
     }
 }

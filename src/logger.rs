@@ -19,10 +19,11 @@ static FILE: Mutex<Option<File>> = Mutex::new(None);
 /// Whether records also go to stderr while a log file is set.
 static TEE: AtomicBool = AtomicBool::new(true);
 
-/// Sends records to `path` (appending; created 0600, a wider mode narrowed, never
-/// through a symlink) as well as to stderr.
-pub fn tee_to_file(path: &Path) {
-    match crate::secure_path::open_log(path) {
+/// Sends records to the log file `opened` (at `path`, for messages; opened for appending,
+/// created 0600, a wider mode narrowed, never through a symlink:
+/// [`crate::secure_path::open_log_in`]) as well as to stderr.
+pub fn tee_to_file(path: &Path, opened: std::io::Result<File>) {
+    match opened {
         Ok(f) => {
             *FILE.lock().recover() = Some(f);
         }

@@ -139,6 +139,118 @@ pub fn symlink_in(dir: &File, name: &OsStr) -> io::Result<Option<PathBuf>> {
     Ok(Some(PathBuf::from(OsString::from_vec(buf))))
 }
 
+/// A trusted directory held open: every file in it is opened, created, renamed and
+/// removed by name under this fd (`openat`/`renameat`/`unlinkat`, never following a
+/// symlink), so a directory renamed or swapped for a symlink after it was checked cannot
+/// send root elsewhere. The path is kept for messages only.
+#[derive(Debug)]
+pub struct Dir {
+    fd: File,
+    path: PathBuf,
+}
+
+impl Dir {
+    /// The directory open as `fd`, found at `path` (for messages).
+    pub fn new(fd: File, path: PathBuf) -> Dir {
+        Dir { fd, path }
+    }
+
+    /// Where the directory was when it was opened (messages only).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// `name` in it, as a path for messages only.
+    pub fn display_path(&self, name: impl AsRef<OsStr>) -> PathBuf {
+        self.path.join(name.as_ref())
+    }
+
+    /// The directory's fd.
+    pub fn file(&self) -> &File {
+        &self.fd
+    }
+
+    /// [`open_in`] this directory.
+    pub fn open(&self, name: impl AsRef<OsStr>, flags: i32, mode: u32) -> io::Result<File> {
+        open_in(&self.fd, name.as_ref(), flags, mode)
+    }
+
+    /// [`remove_in`] this directory (a missing file is fine).
+    pub fn remove(&self, name: impl AsRef<OsStr>) -> io::Result<()> {
+        remove_in(&self.fd, name.as_ref())
+    }
+
+    /// [`rename_in`] this directory.
+    pub fn rename(&self, from: impl AsRef<OsStr>, to: impl AsRef<OsStr>) -> io::Result<()> {
+        rename_in(&self.fd, from.as_ref(), to.as_ref())
+    }
+
+    /// Whether `name` exists in it (a symlink counts; it is not followed).
+    pub fn exists(&self, name: impl AsRef<OsStr>) -> io::Result<bool> {
+        let c = cstr(name.as_ref())?;
+        // SAFETY: all-zero bytes are a valid `stat` (plain integers).
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: `c` is a valid NUL-terminated string, `st` a writable stat and the fd
+        // open for the call.
+        let r = unsafe {
+            libc::fstatat(
+                self.fd.as_raw_fd(),
+                c.as_ptr(),
+                &mut st,
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        };
+        if r == 0 {
+            return Ok(true);
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::NotFound => Ok(false),
+            _ => Err(e),
+        }
+    }
+
+    /// fsync of the directory, so that creations, renames and removals in it are durable.
+    pub fn sync(&self) -> io::Result<()> {
+        self.fd.sync_all()
+    }
+
+    /// The names of its entries (without `.` and `..`), read through the fd.
+    pub fn names(&self) -> io::Result<Vec<OsString>> {
+        // A new open file description: fdopendir takes the fd and reads from its offset.
+        let d = open_in(
+            &self.fd,
+            OsStr::new("."),
+            libc::O_RDONLY | libc::O_DIRECTORY,
+            0,
+        )?;
+        // SAFETY: `d` is an open directory fd whose ownership passes to the DIR stream
+        // (closed by closedir below).
+        let stream = unsafe { libc::fdopendir(std::os::fd::IntoRawFd::into_raw_fd(d)) };
+        if stream.is_null() {
+            return Err(io::Error::last_os_error());
+        }
+        let mut out = Vec::new();
+        loop {
+            // SAFETY: `stream` is a valid DIR stream only this loop uses.
+            let ent = unsafe { libc::readdir(stream) };
+            if ent.is_null() {
+                break;
+            }
+            // SAFETY: readdir returned a valid dirent whose d_name is NUL-terminated; it
+            // is copied before the next readdir.
+            let name = unsafe { std::ffi::CStr::from_ptr((*ent).d_name.as_ptr()) };
+            let b = name.to_bytes();
+            if b != b"." && b != b".." {
+                out.push(OsString::from_vec(b.to_vec()));
+            }
+        }
+        // SAFETY: `stream` came from fdopendir and is closed once.
+        unsafe { libc::closedir(stream) };
+        Ok(out)
+    }
+}
+
 const MAX_LINKS: usize = 40;
 
 fn refuse(what: &str, path: &Path, at: &Path, why: &str) -> Error {
@@ -323,6 +435,13 @@ pub fn subdir_in(dir: &File, name: &OsStr, path: &Path) -> Result<File> {
     Ok(f)
 }
 
+/// [`open_trusted_dir`] with [`Missing::Create`] or [`Missing::Fail`], as a [`Dir`].
+pub fn trusted_dir(path: &Path, what: &str, missing: Missing) -> Result<Dir> {
+    let fd = open_trusted_dir(path, what, missing)?
+        .ok_or_else(|| Error::not_found(format!("{what} {}", path.display())))?;
+    Ok(Dir::new(fd, path.to_path_buf()))
+}
+
 /// Opens (creating, mode 0600) the log file `path` for appending, never through a
 /// symlink, and narrows a wider mode to 0600: the log holds the output of freeze hooks.
 pub fn open_log(path: &Path) -> io::Result<File> {
@@ -333,9 +452,13 @@ pub fn open_log(path: &Path) -> io::Result<File> {
     let name = path
         .file_name()
         .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
-    let d = File::open(dir)?;
+    open_log_in(&File::open(dir)?, name)
+}
+
+/// [`open_log`] of the file `name` in the open directory `dir`.
+pub fn open_log_in(dir: &File, name: &OsStr) -> io::Result<File> {
     let f = open_in(
-        &d,
+        dir,
         name,
         libc::O_WRONLY | libc::O_APPEND | libc::O_CREAT,
         0o600,

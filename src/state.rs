@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, IoContext, Result};
-use crate::secure_path::{open_in, open_trusted_dir, remove_in, rename_in, Missing};
+use crate::secure_path::{open_in, open_trusted_dir, remove_in, rename_in, Dir, Missing};
 
 /// Name of the daemon lock (holds the pid) inside the state directory.
 pub const LOCK_FILE: &str = "fleecefs.lock";
@@ -187,6 +187,12 @@ impl StateDir {
         &self.path
     }
 
+    /// The daemon log, opened under the directory's fd
+    /// ([`crate::secure_path::open_log_in`]: appending, 0600, never through a symlink).
+    pub fn open_log(&self) -> std::io::Result<File> {
+        crate::secure_path::open_log_in(&self.dir, LOG_FILE.as_ref())
+    }
+
     /// The control socket path.
     pub fn socket_path(&self) -> PathBuf {
         self.path.join(CONTROL_SOCKET)
@@ -194,10 +200,10 @@ impl StateDir {
 
     /// Directory for persistent bitmaps (created on demand, mode 0700, and refused when
     /// it is a symlink or writable by another user).
-    pub fn bitmap_dir(&self) -> Result<PathBuf> {
+    pub fn bitmap_dir(&self) -> Result<Dir> {
         let dir = self.path.join(BITMAP_DIR);
-        crate::secure_path::subdir_in(&self.dir, BITMAP_DIR.as_ref(), &dir)?;
-        Ok(dir)
+        let fd = crate::secure_path::subdir_in(&self.dir, BITMAP_DIR.as_ref(), &dir)?;
+        Ok(Dir::new(fd, dir))
     }
 
     /// Records the served device set (atomically).
@@ -326,19 +332,11 @@ impl StateDir {
     }
 }
 
-/// Writes `bytes` to `path` atomically: temp file, fsync, rename, fsync of the directory.
-/// The temp file is made anew (`O_EXCL`, never through a symlink).
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir_path = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| Error::invalid(format!("{} is not a file name", path.display())))?;
-    let dir = File::open(dir_path).context(|| format!("opening {}", dir_path.display()))?;
-    write_atomic_in(&dir, dir_path, name, bytes)
+/// Writes `bytes` to `name` in `dir` atomically: temp file, fsync, rename, fsync of the
+/// directory, all under the directory's fd. The temp file is made anew (`O_EXCL`, never
+/// through a symlink).
+pub fn write_atomic(dir: &Dir, name: &str, bytes: &[u8]) -> Result<()> {
+    write_atomic_in(dir.file(), dir.path(), name, bytes)
 }
 
 /// [`write_atomic`] of `name` in the open directory `dir` (at `dir_path`, for messages).
@@ -367,13 +365,6 @@ fn write_atomic_in(dir: &File, dir_path: &Path, name: &str, bytes: &[u8]) -> Res
     })?;
     dir.sync_all()
         .context(|| format!("syncing directory {}", dir_path.display()))
-}
-
-/// fsync of a directory, so that renames and unlinks in it are durable.
-pub fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .context(|| format!("syncing directory {}", dir.display()))
 }
 
 #[cfg(test)]

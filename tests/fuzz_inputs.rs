@@ -88,10 +88,11 @@ proptest! {
         std::fs::write(&src, vec![0u8; 64 * 65536]).unwrap();
         let source = Source::open(&src).unwrap();
         let path = dir.path().join("x.bitmap");
+        let d = held(dir.path());
         let mut bytes = garbage;
         if keep_header {
             // a real, clean bitmap file, then one byte of it damaged
-            let t = TrackedBitmap::create(&path, &source, 65536, 64, BitmapKind::Target,
+            let t = TrackedBitmap::create(&d, "x.bitmap", &source, 65536, 64, BitmapKind::Target,
                 "dev", "tgt", "bm", true, CrashSafety::Sync).unwrap();
             t.close_clean(&source).unwrap();
             drop(t);
@@ -100,7 +101,7 @@ proptest! {
             bytes[i] ^= 0x40;
         }
         std::fs::write(&path, &bytes).unwrap();
-        match TrackedBitmap::open(&path, &source, 65536, CrashSafety::Sync) {
+        match TrackedBitmap::open(&d, "x.bitmap", &source, 65536, CrashSafety::Sync) {
             Ok(Ok(_)) => prop_assert!(false, "damaged file loaded as valid"),
             Ok(Err(_reason)) => {}
             Err(e) => prop_assert!(false, "loader failed instead of reporting invalid: {e}"),
@@ -123,6 +124,14 @@ fn regressions_control() {
     );
 }
 
+/// `dir` held open, as the bitmap store holds its directory.
+fn held(dir: &std::path::Path) -> std::sync::Arc<fleecefs::secure_path::Dir> {
+    std::sync::Arc::new(fleecefs::secure_path::Dir::new(
+        std::fs::File::open(dir).unwrap(),
+        dir.to_path_buf(),
+    ))
+}
+
 #[test]
 fn regressions_bitmap_loader() {
     let dir = tempfile::tempdir().unwrap();
@@ -130,13 +139,14 @@ fn regressions_bitmap_loader() {
     std::fs::write(&src, vec![0u8; 64 * 65536]).unwrap();
     let source = Source::open(&src).unwrap();
     let path = dir.path().join("x.bitmap");
+    let d = held(dir.path());
     // a header claiming an absurd number of bits (would map terabytes)
     let mut h = valid_header(u64::MAX / 2);
     h.source_size = 64 * 65536;
     let f = std::fs::File::create(&path).unwrap();
     f.write_all_at(&h.encode(), 0).unwrap();
     assert!(matches!(
-        TrackedBitmap::open(&path, &source, 65536, CrashSafety::Sync),
+        TrackedBitmap::open(&d, "x.bitmap", &source, 65536, CrashSafety::Sync),
         Ok(Err(_))
     ));
     // a name length byte past its field
@@ -146,12 +156,12 @@ fn regressions_bitmap_loader() {
     // empty and header-only files
     std::fs::write(&path, b"").unwrap();
     assert!(matches!(
-        TrackedBitmap::open(&path, &source, 65536, CrashSafety::Sync),
+        TrackedBitmap::open(&d, "x.bitmap", &source, 65536, CrashSafety::Sync),
         Ok(Err(_))
     ));
     std::fs::write(&path, &b[..HEADER_LEN - 1]).unwrap();
     assert!(matches!(
-        TrackedBitmap::open(&path, &source, 65536, CrashSafety::Sync),
+        TrackedBitmap::open(&d, "x.bitmap", &source, 65536, CrashSafety::Sync),
         Ok(Err(_))
     ));
 }

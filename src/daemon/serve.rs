@@ -171,7 +171,7 @@ pub fn serve(plan: ServePlan, worker: Arc<Worker>) -> Result<()> {
     let signals = sys::block_signals(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP]);
     let state = worker.state_dir()?;
     if worker.background() {
-        crate::logger::tee_to_file(&state.path().join(LOG_FILE));
+        crate::logger::tee_to_file(&state.path().join(LOG_FILE), state.open_log());
     }
     recover(&state, &worker)?;
     let plan = devices(&state, &plan, &worker)?;

@@ -207,7 +207,7 @@ impl Engine {
             .max(next_slot);
         let bitmaps = match &state {
             Some(st) => Some(BitmapStore::load(
-                &st.bitmap_dir()?,
+                st.bitmap_dir()?,
                 &devices,
                 config.crash_safe_bitmaps,
             )?),

@@ -58,9 +58,7 @@ impl Engine {
     }
 
     fn fleecing_path(&self, device: &str, target: &str) -> PathBuf {
-        self.config
-            .fleecing_dir
-            .join(format!("{device}.{target}.fleece"))
+        self.config.fleecing_dir.join(fleecing_name(device, target))
     }
 
     /// Starts a backup access for `target` on `devices` (all when `None`).
@@ -126,11 +124,12 @@ impl Engine {
         }
         // Checked at every setup: a directory another user may write would let that
         // user take the fleecing file's name first.
-        crate::secure_path::open_trusted_dir(
+        // Held open: the fleecing files are created and removed under its fd.
+        let fleecing_dir = Arc::new(crate::secure_path::trusted_dir(
             &self.config.fleecing_dir,
             "fleecing directory",
             crate::secure_path::Missing::Create,
-        )?;
+        )?);
         let id = if restored_id > 0 {
             control.next_id = control.next_id.max(restored_id + 1);
             restored_id
@@ -179,8 +178,12 @@ impl Engine {
         let mut fleeces: Vec<FleecingFile> = Vec::new();
         let mut decisions: Vec<(String, Decision)> = Vec::new();
         let prepared = (|| -> Result<()> {
-            for ((_, dev), (_, path)) in indices.iter().zip(&record.devices) {
-                fleeces.push(FleecingFile::create(path, dev.size())?);
+            for (_, dev) in &indices {
+                fleeces.push(FleecingFile::create(
+                    &fleecing_dir,
+                    &fleecing_name(dev.name(), target),
+                    dev.size(),
+                )?);
                 if let (Some(store), None) = (control.bitmaps.as_mut(), keep) {
                     decisions.push((dev.name().to_string(), store.decide(dev, target, bitmap)?));
                 }
@@ -281,4 +284,9 @@ impl Engine {
             devices: report,
         })
     }
+}
+
+/// The file name of the fleecing file of `device` in an access of `target`.
+fn fleecing_name(device: &str, target: &str) -> String {
+    format!("{device}.{target}.fleece")
 }

@@ -55,7 +55,7 @@ pub fn run<S: Serialize>(spec: MountSpec, adopted: Option<Adopted>, serve: &S) -
     sys::block_signals(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP]);
     let state = StateDir::open(&spec.state_dir)?;
     if spec.background {
-        crate::logger::tee_to_file(&state.path().join(LOG_FILE));
+        crate::logger::tee_to_file(&state.path().join(LOG_FILE), state.open_log());
     }
     // The OOM killer must pick a worker (replaced at once), never the keeper (whose death
     // ends the mount).
