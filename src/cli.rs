@@ -362,6 +362,10 @@ pub struct CopyArgs {
     /// The previous backup (raw or qcow2) a qcow2 overlay is based on; only read
     #[arg(long, value_name = "PREV")]
     pub backing: Option<PathBuf>,
+    /// A directory PREV's qcow2 chain may have backing files in, besides PREV's own
+    /// (repeatable)
+    #[arg(long, value_name = "DIR")]
+    pub backing_dir: Vec<PathBuf>,
     /// Average snapshot read rate in bytes per second, e.g. 100M
     #[arg(long, value_name = "RATE")]
     pub bwlimit: Option<String>,
@@ -388,6 +392,9 @@ pub struct RestoreArgs {
     pub name: String,
     /// The backup: a raw image or the top of a qcow2 chain
     pub from: PathBuf,
+    /// A directory the chain's backing files may be in, besides FROM's own (repeatable)
+    #[arg(long, value_name = "DIR")]
+    pub backing_dir: Vec<PathBuf>,
     /// Read the device back afterwards and compare it with the backup
     #[arg(long)]
     pub verify: bool,

@@ -77,6 +77,9 @@ pub struct CopyOptions {
     pub format: ImageFormat,
     /// qcow2 incremental: the previous backup (the overlay's backing image).
     pub backing: Option<PathBuf>,
+    /// Directories where backing files a qcow2 header names may be, besides the image's
+    /// own (`--backing-dir`).
+    pub backing_dirs: Vec<PathBuf>,
     /// The device's cluster size (the qcow2 cluster size, capped at 2 MiB).
     pub cluster_size: u64,
     /// Snapshot reader threads.
@@ -97,6 +100,7 @@ impl Default for CopyOptions {
             incremental: false,
             format: ImageFormat::Raw,
             backing: None,
+            backing_dirs: Vec::new(),
             cluster_size: crate::units::DEFAULT_CLUSTER,
             jobs: 1,
             bwlimit: None,
@@ -143,6 +147,7 @@ pub fn run(a: &CopyArgs) -> Result<()> {
         incremental: a.incremental,
         format,
         backing: a.backing.clone(),
+        backing_dirs: a.backing_dir.clone(),
         cluster_size: crate::units::DEFAULT_CLUSTER,
         jobs,
         bwlimit,
@@ -364,7 +369,7 @@ pub fn copy_files(
     drop(out);
     let r = r.and_then(|()| {
         if opts.format == ImageFormat::Qcow2 {
-            check_qcow2(dest, qcow2::virtual_size(size), size, opts.verify)
+            check_qcow2(dest, qcow2::virtual_size(size), size, opts.verify, &opts)
         } else {
             Ok(())
         }
@@ -408,7 +413,7 @@ fn open_qcow2_dest(
         let Some(prev_path) = &opts.backing else {
             return Err(Error::invalid("--incremental qcow2 needs --backing PREV"));
         };
-        let prev = qcow2::open_chain(prev_path, "previous backup")?;
+        let prev = qcow2::open_chain(prev_path, "previous backup", &opts.backing_dirs)?;
         // A qcow2 backup of this device has its size rounded up to whole sectors.
         if prev.size > qcow2::virtual_size(size) {
             return Err(Error::invalid(format!(
@@ -687,7 +692,7 @@ mod tests {
         assert_eq!(r.backing_format.as_deref(), Some("qcow2"));
         assert_eq!(r.clusters_allocated, Some(1));
         assert_eq!(r.bytes_skipped_zero, 65536);
-        let chain = qcow2::open_chain(&top, "image").unwrap();
+        let chain = qcow2::open_chain(&top, "image", &[]).unwrap();
         let mut got = vec![0u8; 1 << 20];
         chain.image.read(&mut got[..], 0).unwrap();
         assert!(
@@ -696,7 +701,7 @@ mod tests {
         );
         drop(chain);
         // Verification reads back through the chain and names the first bad byte.
-        let prev = qcow2::open_chain(&full, "previous").unwrap();
+        let prev = qcow2::open_chain(&full, "previous", &[]).unwrap();
         let bad = s.dir.path().join("bad.qcow2");
         let img = qcow2::create(
             dest::create_new(&bad, "test").unwrap(),

@@ -56,7 +56,15 @@ pub struct RestoreSummary {
 
 /// `fleecefs restore`.
 pub fn run(a: &RestoreArgs) -> Result<()> {
-    let r = restore(&a.mountpoint, &a.name, &a.from, a.verify, a.force, true);
+    let r = restore(
+        &a.mountpoint,
+        &a.name,
+        &a.from,
+        &a.backing_dir,
+        a.verify,
+        a.force,
+        true,
+    );
     // The daemon's log is the mount's history: the restore's outcome goes there too.
     if let Ok(state) = crate::control::client::trusted_state_dir_of(&a.mountpoint) {
         let log = state.join(crate::state::LOG_FILE);
@@ -105,11 +113,13 @@ fn summary_line(s: &RestoreSummary) -> String {
     )
 }
 
-/// Restores `from` onto `MOUNTPOINT/live/NAME`.
+/// Restores `from` onto `MOUNTPOINT/live/NAME`; the backing files its qcow2 header names
+/// are read only in its directory and `backing_dirs`.
 pub fn restore(
     mountpoint: &Path,
     name: &str,
     from: &Path,
+    backing_dirs: &[PathBuf],
     verify: bool,
     force: bool,
     progress: bool,
@@ -132,7 +142,7 @@ pub fn restore(
             "a backup access includes {name}: restore after its teardown"
         )));
     }
-    let backup = qcow2::open_chain(from, "backup")?;
+    let backup = qcow2::open_chain(from, "backup", backing_dirs)?;
     let out = OpenOptions::new()
         .read(true)
         .write(true)

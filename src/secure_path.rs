@@ -301,6 +301,16 @@ pub fn parent_of(path: &Path, what: &str) -> Result<(File, OsString)> {
     Ok((dir, name))
 }
 
+/// The directory `path` is in (relative paths from the current directory).
+pub fn dir_of(path: &Path) -> Option<PathBuf> {
+    let abs = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir().ok()?.join(path)
+    };
+    abs.parent().map(Path::to_path_buf)
+}
+
 /// Walks `path` from `/`, following a symlink only when root (or this process's user)
 /// owns it. `strict`: every directory must be trusted too.
 fn walk(path: &Path, what: &str, missing: Missing, strict: bool) -> Result<Option<File>> {

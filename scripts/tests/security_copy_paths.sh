@@ -5,8 +5,9 @@
 # root file to the device's size) and a DEST of neither the device's size nor its size
 # at a previous backup; a full copy refuses a user's symlinked directory;
 # `restore` refuses a backup that is a user's symlink (it would write a root file into
-# the disk), also as the backing file a qcow2 backup names. The files they point to are
-# left as they were.
+# the disk), also as the backing file a qcow2 backup names, and a backing file outside
+# the backup's directory unless the operator allows it with --backing-dir. The files they
+# point to are left as they were.
 source "$(dirname "$0")/lib.sh"
 
 other_user
@@ -56,7 +57,16 @@ expect_fail_with "is a symlink" "$FLEECEFS" restore "$T/mnt" disk "$T/pub/u/back
 expect_fail_with "symlink owned by uid $UID_U" "$FLEECEFS" restore "$T/mnt" disk "$T/pub/u/dir/secret.img"
 # ... and so is a qcow2 backup whose backing file (named in its header) is such a symlink
 qemu-img create -q -f qcow2 -b "$T/pub/u/backup.img" -F raw "$T/root/top.qcow2"
-expect_fail_with "is a symlink" "$FLEECEFS" restore "$T/mnt" disk "$T/root/top.qcow2"
+expect_fail_with "is a symlink" "$FLEECEFS" restore "$T/mnt" disk "$T/root/top.qcow2" --backing-dir "$T/pub/u"
+# ... and a qcow2 backup whose header names a root file outside its own directory (no
+# symlink at all): the header is the image writer's word, not the operator's
+qemu-img create -q -f qcow2 -b "$T/root/secret.img" -F raw "$T/pub/u/evil.qcow2"
+expect_fail_with "is not in the directory of the image that names it nor in a --backing-dir" \
+    "$FLEECEFS" restore "$T/mnt" disk "$T/pub/u/evil.qcow2"
 cmp "$T/mnt/live/disk" "$T/orig.img" || fail "a refused restore changed the disk"
+# the operator may allow that directory
+"$FLEECEFS" restore "$T/mnt" disk "$T/pub/u/evil.qcow2" --backing-dir "$T/root" >/dev/null ||
+    fail "restore with --backing-dir was refused"
+cmp "$T/mnt/live/disk" "$T/root/secret.img" || fail "restore with --backing-dir differs"
 "$FLEECEFS" restore "$T/mnt" disk "$T/full.img" >/dev/null
 echo "security_copy_paths: ok"

@@ -165,8 +165,20 @@ impl Dest {
 /// every byte of the `device_size`-byte device from it (it reads whole sectors only).
 /// With `verify`, the bytes past the device's end (up to the virtual size) must read as
 /// zeros, as QEMU reads the end of the raw device.
-pub(crate) fn check_qcow2(dest: &Path, size: u64, device_size: u64, verify: bool) -> Result<()> {
-    let img = qcow2::open_chain(dest, "the new image")
+pub(crate) fn check_qcow2(
+    dest: &Path,
+    size: u64,
+    device_size: u64,
+    verify: bool,
+    opts: &super::CopyOptions,
+) -> Result<()> {
+    // The chain as written: PREV (the operator named it) and whatever PREV's own chain
+    // was read from.
+    let mut dirs: Vec<PathBuf> = opts.backing_dirs.clone();
+    if let Some(prev) = &opts.backing {
+        dirs.extend(secure_path::dir_of(prev));
+    }
+    let img = qcow2::open_chain(dest, "the new image", &dirs)
         .map_err(|e| Error::invalid(format!("the written image does not reopen: {e}")))?;
     if img.format != ImageFormat::Qcow2 || img.size != size {
         return Err(Error::invalid(format!(

@@ -11,7 +11,7 @@
 
 use std::fs::File as StdFile;
 use std::io;
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use imago::file::File;
@@ -30,14 +30,19 @@ use crate::sys;
 pub type Image = FormatAccess<File>;
 
 /// Opens the backing files a qcow2 header names as the CLI opens every file it is given
-/// ([`crate::secure_path::parent_of`], `O_NOFOLLOW`): an image a user wrote cannot lead
-/// root through a user's symlink to another file.
-#[derive(Clone, Copy, Debug, Default)]
-struct NoFollowGate;
+/// ([`crate::secure_path::parent_of`], `O_NOFOLLOW`), and only in the directories the
+/// operator named: the directory of the image opened, those of the other images on the
+/// command line and every `--backing-dir`. A header is the image's writer's word, not the
+/// operator's: it cannot make root read another file (a root-only one, into a disk).
+#[derive(Clone, Debug)]
+struct NoFollowGate {
+    /// (st_dev, st_ino) of the directories backing files may be in.
+    allowed: std::sync::Arc<Vec<(u64, u64)>>,
+}
 
 impl ImplicitOpenGate<File> for NoFollowGate {
     fn open_format<F: FormatDriverBuilder<File>>(&mut self, builder: F) -> io::Result<Image> {
-        Ok(FormatAccess::new(builder.open(NoFollowGate)?))
+        Ok(FormatAccess::new(builder.open(self.clone())?))
     }
 
     fn open_storage(&mut self, opts: StorageOpenOptions) -> io::Result<File> {
@@ -49,6 +54,15 @@ impl ImplicitOpenGate<File> for NoFollowGate {
             .to_path_buf();
         let denied = |e: Error| io::Error::new(io::ErrorKind::PermissionDenied, e.to_string());
         let (dir, name) = crate::secure_path::parent_of(&path, "backing file").map_err(denied)?;
+        let m = dir.metadata()?;
+        if !self.allowed.contains(&(m.dev(), m.ino())) {
+            return Err(denied(Error::invalid(format!(
+                "backing file {} is not in the directory of the image that names it nor in a --backing-dir: \
+                 fleecefs reads a backing file only where the operator said (keep the chain in one directory, or add --backing-dir {})",
+                path.display(),
+                path.parent().unwrap_or(Path::new("/")).display()
+            ))));
+        }
         let flags = if opts.get_writable() {
             libc::O_RDWR
         } else {
@@ -140,9 +154,29 @@ pub struct Prev {
 }
 
 /// Opens `path` read-only (the previous backup of an incremental copy, or a restore
-/// source) and reads its format and virtual size. `what` names it in messages.
-pub fn open_chain(path: &Path, what: &str) -> Result<Prev> {
+/// source) and reads its format and virtual size. `what` names it in messages. The
+/// backing files a qcow2 header names are read only in `path`'s directory and in
+/// `backing_dirs` (the operator's).
+pub fn open_chain(path: &Path, what: &str, backing_dirs: &[PathBuf]) -> Result<Prev> {
     let (dir, name) = crate::secure_path::parent_of(path, what)?;
+    let mut allowed = Vec::new();
+    let here = dir
+        .metadata()
+        .context(|| format!("stat of the directory of {}", path.display()))?;
+    allowed.push((here.dev(), here.ino()));
+    for d in backing_dirs {
+        let m = std::fs::metadata(d).context(|| format!("--backing-dir {}", d.display()))?;
+        if !m.is_dir() {
+            return Err(Error::invalid(format!(
+                "--backing-dir {} is not a directory",
+                d.display()
+            )));
+        }
+        allowed.push((m.dev(), m.ino()));
+    }
+    let gate = NoFollowGate {
+        allowed: std::sync::Arc::new(allowed),
+    };
     let f = crate::secure_path::open_in(&dir, &name, libc::O_RDONLY, 0).map_err(|e| {
         if e.kind() == io::ErrorKind::NotFound {
             Error::not_found(format!("{what} {} does not exist", path.display()))
@@ -170,7 +204,7 @@ pub fn open_chain(path: &Path, what: &str) -> Result<Prev> {
         // Its backing files are opened read-only as its header names them.
         ImageFormat::Qcow2 => Qcow2::<File>::builder(st)
             .write(false)
-            .open(NoFollowGate)
+            .open(gate)
             .map(FormatAccess::new),
     }
     .map_err(|e| {
@@ -317,7 +351,7 @@ mod tests {
         let mut data = vec![7u8; 1 << 20];
         data[4096..8192].fill(0);
         std::fs::write(&base, &data).unwrap();
-        let prev = open_chain(&base, "previous image").unwrap();
+        let prev = open_chain(&base, "previous image", &[]).unwrap();
         assert_eq!(prev.format, ImageFormat::Raw);
         assert_eq!(prev.size, 1 << 20);
         let top = dir.path().join("top.qcow2");
@@ -347,7 +381,7 @@ mod tests {
         img.image.flush().unwrap();
         drop(img);
         // Reopened from its header alone, the chain reads the same.
-        let again = open_chain(&top, "image").unwrap();
+        let again = open_chain(&top, "image", &[]).unwrap();
         assert_eq!(again.format, ImageFormat::Qcow2);
         let mut b2 = vec![1u8; 3 << 16];
         again.image.read(&mut b2[..], 0).unwrap();
