@@ -216,7 +216,6 @@ pub fn serve(plan: ServePlan, worker: Arc<Worker>) -> Result<()> {
     };
     engine.set_mount_options(mount_options(&plan));
     worker.restore_broken_access(&engine);
-    crate::vhost_user::start(&engine, &plan.vhost_user_blk, vhost_listeners)?;
     // One backup scheduler for the mount, shared by every frontend that serves it.
     let backup = match crate::sched::BackupScheduler::start(plan.backup_priority, plan.backup_share)
     {
@@ -226,6 +225,7 @@ pub fn serve(plan: ServePlan, worker: Arc<Worker>) -> Result<()> {
             return Err(Error::io("starting the backup read pool", e));
         }
     };
+    crate::vhost_user::start(&engine, &backup, &plan.vhost_user_blk, vhost_listeners)?;
     let nbd = if nbd_config.listen.is_empty() {
         None
     } else {

@@ -229,6 +229,12 @@ impl BackupScheduler {
         }
     }
 
+    /// Guest requests the frontends noted, counted only while `--backup-share auto`
+    /// steers by them (0 otherwise).
+    pub fn guest_requests(&self) -> u64 {
+        self.shared.as_ref().map_or(0, |s| s.guest.requests())
+    }
+
     /// Runs `read` (a backup read that replies itself) below the guest: queued for a
     /// pool thread; in the caller without a pool, or after [`BackupScheduler::close`]
     /// (nothing is dropped unanswered).

@@ -31,6 +31,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::engine::Engine;
 use crate::error::{Error, IoContext, Result};
+use crate::sched::BackupScheduler;
 use crate::sync::Recover;
 
 pub use backend::BlkBackend;
@@ -100,10 +101,14 @@ pub struct Export {
     errors: AtomicU64,
     /// The backend of the connected VMM, if any (told about resizes).
     current: Mutex<Option<Arc<BlkBackend>>>,
+    /// The mount's backup scheduler: every request is a guest request it paces backup
+    /// reads around, as a `live/NAME` request is.
+    sched: Arc<BackupScheduler>,
 }
 
 impl Export {
     fn count(&self, failed: bool) {
+        self.sched.note_guest();
         self.requests.fetch_add(1, Ordering::Relaxed);
         if failed {
             self.errors.fetch_add(1, Ordering::Relaxed);
@@ -253,6 +258,7 @@ pub fn remove_sockets(specs: &[ExportSpec]) {
 /// Serves every export on its listener, each from a thread of its own.
 pub fn start(
     engine: &Arc<Engine>,
+    sched: &Arc<BackupScheduler>,
     specs: &[ExportSpec],
     listeners: Vec<UnixListener>,
 ) -> Result<()> {
@@ -270,6 +276,7 @@ pub fn start(
             requests: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             current: Mutex::new(None),
+            sched: sched.clone(),
         });
         exports.push(export.clone());
         let engine = engine.clone();
@@ -324,5 +331,35 @@ fn serve(engine: Arc<Engine>, export: Arc<Export>, listener: UnixListener) {
             log::warn!("vhost-user-blk {}: {e}", export.name);
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sched::BackupShare;
+
+    /// A request of a VMM is a guest request for the backup scheduler, so backup reads
+    /// are paced around a guest that only uses the vhost-user-blk export.
+    #[test]
+    fn every_request_is_noted_as_guest_activity() {
+        let sched = Arc::new(BackupScheduler::with_pool(1, Some(BackupShare::Auto)).unwrap());
+        let export = Export {
+            name: "vm".into(),
+            socket: PathBuf::from("/nonexistent/vm.sock"),
+            read_only: false,
+            queues: 1,
+            connected: AtomicBool::new(false),
+            requests: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            current: Mutex::new(None),
+            sched: sched.clone(),
+        };
+        assert_eq!(sched.guest_requests(), 0);
+        export.count(false);
+        export.count(true);
+        assert_eq!(sched.guest_requests(), 2);
+        assert_eq!(export.status().requests, 2);
+        sched.close();
     }
 }
