@@ -20,8 +20,10 @@ out=$("$FLEECEFS" mount "$T/mnt" --state-dir "$T/state" --device d="$T/d.img" \
 LOG=$T/state/fleecefs.log
 
 # findmnt, as the README says
-findmnt -t fuse.fleecefs -n -o TARGET,SOURCE | grep -qxF "$T/mnt fleecefs:$T/state" ||
-    fail "findmnt -t fuse.fleecefs does not list the mount: $(findmnt -t fuse.fleecefs -n -o TARGET,SOURCE)"
+# (-P: one KEY="VALUE" line per mount, so other mounts' longer names cannot change the
+# column widths this line is matched with)
+findmnt -t fuse.fleecefs -n -P -o TARGET,SOURCE | grep -qxF "TARGET=\"$T/mnt\" SOURCE=\"fleecefs:$T/state\"" ||
+    fail "findmnt -t fuse.fleecefs does not list the mount: $(findmnt -t fuse.fleecefs -n -P -o TARGET,SOURCE)"
 
 # status: options
 st=$("$FLEECEFS" status "$T/mnt")
