@@ -25,6 +25,18 @@ use std::path::{Component, Path, PathBuf};
 
 use crate::error::{Error, Result};
 
+/// The error of opening a file the CLI was given with `O_NOFOLLOW`: a symlink is said so.
+pub fn symlink_refused(what: &str, path: &Path, e: io::Error) -> Error {
+    if e.raw_os_error() == Some(libc::ELOOP) {
+        Error::invalid(format!(
+            "{what} {} is a symlink: fleecefs never reads or writes a backup through one (give the file's own path)",
+            path.display()
+        ))
+    } else {
+        Error::io(format!("opening {what} {}", path.display()), e)
+    }
+}
+
 /// What [`open_trusted_dir`] does about a missing directory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Missing {

@@ -284,18 +284,6 @@ pub(crate) fn create_new(dest: &Path, why: &str) -> Result<File> {
     })
 }
 
-/// The error of opening a file the CLI was given with `O_NOFOLLOW`: a symlink is said so.
-pub(crate) fn symlink_refused(what: &str, path: &Path, e: io::Error) -> Error {
-    if e.raw_os_error() == Some(libc::ELOOP) {
-        Error::invalid(format!(
-            "{what} {} is a symlink: fleecefs never reads or writes a backup through one (give the file's own path)",
-            path.display()
-        ))
-    } else {
-        Error::io(format!("opening {what} {}", path.display()), e)
-    }
-}
-
 /// Creates DEST (full) or opens and checks it (incremental). An incremental DEST must be
 /// the device's size, or the previous image of a device that grew since: a smaller
 /// regular file that holds every range the dirty map leaves out (a map covering the
@@ -337,7 +325,7 @@ pub(crate) fn open_dest(
                 dest.display()
             ))
         } else {
-            symlink_refused("DEST", dest, e)
+            crate::secure_path::symlink_refused("DEST", dest, e)
         }
     })?;
     let meta = f

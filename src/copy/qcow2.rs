@@ -68,8 +68,13 @@ impl ImplicitOpenGate<File> for NoFollowGate {
         } else {
             libc::O_RDONLY
         };
-        let f = crate::secure_path::open_in(&dir, &name, flags, 0)
-            .map_err(|e| denied(super::dest::symlink_refused("backing file", &path, e)))?;
+        let f = crate::secure_path::open_in(&dir, &name, flags, 0).map_err(|e| {
+            denied(crate::secure_path::symlink_refused(
+                "backing file",
+                &path,
+                e,
+            ))
+        })?;
         File::from_open_file(f, opts)
     }
 }
@@ -181,7 +186,7 @@ pub fn open_chain(path: &Path, what: &str, backing_dirs: &[PathBuf]) -> Result<P
         if e.kind() == io::ErrorKind::NotFound {
             Error::not_found(format!("{what} {} does not exist", path.display()))
         } else {
-            super::dest::symlink_refused(what, path, e)
+            crate::secure_path::symlink_refused(what, path, e)
         }
     })?;
     let meta = f
