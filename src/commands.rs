@@ -590,11 +590,20 @@ fn wait_for_daemon_exit(state_dir: &Path, timeout: Duration) -> Result<()> {
 /// then waits until the next worker serves.
 pub fn restart(mountpoint: &Path, binary: Option<&Path>, force: bool) -> Result<()> {
     let binary = match binary {
-        Some(b) => {
-            let b = std::path::absolute(b)
-                .map_err(|e| Error::io(format!("resolving {}", b.display()), e))?;
-            Some(b.to_string_lossy().into_owned())
+        // The daemon runs it as root: only a path that cannot mean another file later.
+        Some(b) if !b.is_absolute() => {
+            return Err(Error::invalid(format!(
+                "restart --binary {} is not an absolute path",
+                b.display()
+            )))
         }
+        Some(b) => Some(
+            b.to_str()
+                .ok_or_else(|| {
+                    Error::invalid(format!("restart --binary {} is not UTF-8", b.display()))
+                })?
+                .to_string(),
+        ),
         None => None,
     };
     let before = call(mountpoint, &Request::Status {})?;
@@ -607,6 +616,18 @@ pub fn restart(mountpoint: &Path, binary: Option<&Path>, force: bool) -> Result<
         if let Ok(v) = call(mountpoint, &Request::Status {}) {
             let pause = v["last_restart"]["pause_ms"].as_u64();
             if v["worker_restarts"].as_u64().unwrap_or(0) > restarts && pause.is_some() {
+                let last: Option<crate::keeper::LastRestart> =
+                    serde_json::from_value(v["last_restart"].clone()).ok();
+                if let Some((f, l)) = last.as_ref().and_then(|l| Some((l.fallback.as_ref()?, l))) {
+                    return Err(Error::invalid(format!(
+                        "restart fell back: the worker from {} {}; worker {} serves from {} again (writers paused {} ms)",
+                        f.tried.display(),
+                        f.reason,
+                        v["worker_pid"],
+                        l.binary.as_deref().unwrap_or(Path::new("?")).display(),
+                        pause.unwrap_or(0)
+                    )));
+                }
                 crate::out!(
                     "restarted: worker {old} -> {} ({}); writers paused {} ms",
                     v["worker_pid"],

@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+mod binary;
 mod fdstore;
 mod gate;
 mod plan;
@@ -35,6 +36,7 @@ mod process;
 mod report;
 mod worker;
 
+pub use binary::Binary;
 pub use fdstore::{adopt_fd_store, Adopted};
 pub use gate::{Gate, Pass, GATE};
 pub use plan::{MountSpec, WorkerPlan, PLAN_ENV};
@@ -52,6 +54,9 @@ pub const CRASH_WINDOW: Duration = Duration::from_secs(60);
 /// The keeper's `oom_score_adj`: the OOM killer takes a worker first (replaced at once);
 /// the keeper's death would end the mount.
 pub const KEEPER_OOM_SCORE_ADJ: i32 = -900;
+/// Longest a worker from a binary that has not served yet may take to serve; then it is
+/// killed and the keeper goes back to the binary that served.
+pub const START_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest a planned restart waits for the requests in flight.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -77,6 +82,23 @@ pub struct LastRestart {
     /// `at` in milliseconds.
     #[serde(default)]
     pub at_ms: u64,
+    /// The binary the worker serving now was started from.
+    #[serde(default)]
+    pub binary: Option<std::path::PathBuf>,
+    /// A planned restart to a new binary that failed: the keeper went back to the binary
+    /// that served before.
+    #[serde(default)]
+    pub fallback: Option<Fallback>,
+}
+
+/// A new binary that did not take over (see [`LastRestart::fallback`]).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Fallback {
+    /// The binary tried.
+    pub tried: std::path::PathBuf,
+    /// Why it was given up: `did not serve within 5 s`, `exited with status 0 before
+    /// serving`, a refused binary, ...
+    pub reason: String,
 }
 
 /// Milliseconds since the epoch.

@@ -108,7 +108,18 @@ pub fn worker(mountpoint: &Path) -> Result<()> {
             mountpoint.display()
         )));
     }
-    serve::serve(plan, worker)
+    let restarted = worker.restarted();
+    let result = serve::serve(plan, worker);
+    // A later worker's stderr is nobody's terminal: the cause goes to the log. (The
+    // first one's goes to `mount`'s stderr, through main.)
+    if let (Err(e), true) = (&result, restarted) {
+        log::error!(
+            "worker {} cannot serve: {}",
+            std::process::id(),
+            crate::error::report(e)
+        );
+    }
+    result
 }
 
 fn start_background() -> Result<()> {

@@ -267,6 +267,9 @@ fn check_devices(specs: &[String], state_dir: &Path) -> Result<Vec<(String, Path
         }
         let path = absolute(Path::new(path))?;
         let id = Source::open(&path)?.identity().clone();
+        // Recorded without '..' or symlinks: a later worker starts in `/`, and the
+        // directories named on the way may be gone by then.
+        let path = path.canonicalize().unwrap_or(path);
         // The same file under another path (a symlink, a hard link) is the same image.
         if let Some((other, p, _)) = devices
             .iter()

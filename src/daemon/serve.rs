@@ -177,15 +177,21 @@ pub fn serve(plan: ServePlan, worker: Arc<Worker>) -> Result<()> {
     let plan = devices(&state, &plan, &worker)?;
     let (slots, next_slot) = assign_slots(&state, &plan)?;
     let mut devices = Vec::new();
+    let mut skipped = Vec::new();
     for ((name, path), slot) in plan.devices.iter().zip(slots) {
-        devices.push((
-            slot,
-            Device::new(
-                name.clone(),
-                Source::open_with(path, plan.backup_read)?,
-                plan.cluster,
-            ),
-        ));
+        match Source::open_with(path, plan.backup_read) {
+            Ok(source) => devices.push((slot, Device::new(name.clone(), source, plan.cluster))),
+            // After a restart, a device that cannot be served must not take the others
+            // away: it is left out (and stays in the record, for the next worker).
+            Err(e) if worker.restarted() => {
+                log::error!(
+                    "device '{name}' is not served: {}",
+                    crate::error::report(&e)
+                );
+                skipped.push(name.clone());
+            }
+            Err(e) => return Err(e),
+        }
     }
     let config = EngineConfig {
         fleecing_dir: plan.fleecing_dir.clone(),
@@ -205,9 +211,12 @@ pub fn serve(plan: ServePlan, worker: Arc<Worker>) -> Result<()> {
     let vhost_listeners = crate::vhost_user::listeners_from(&plan.vhost_user_blk, vhost_held)?;
     let listener = bind_socket(&state)?;
     let socket_path = state.socket_path();
-    let engine = match Engine::with_slots(devices, next_slot, config, Some(state))
-        .and_then(|e| e.save_device_record().map(|_| e))
-    {
+    let engine = match Engine::with_slots(devices, next_slot, config, Some(state)).and_then(|e| {
+        if skipped.is_empty() {
+            e.save_device_record()?;
+        }
+        Ok(e)
+    }) {
         Ok(e) => Arc::new(e),
         Err(e) => {
             let _ = fs::remove_file(&socket_path);
@@ -328,7 +337,10 @@ pub fn serve(plan: ServePlan, worker: Arc<Worker>) -> Result<()> {
     let _ = fs::remove_file(&socket_path);
     crate::vhost_user::remove_sockets(&plan.vhost_user_blk);
     match result {
-        Ok(Ok(())) => Ok(()),
+        Ok(Ok(())) => {
+            worker.unmounted();
+            Ok(())
+        }
         Ok(Err(e)) => Err(Error::io("FUSE session ended with an error", e)),
         Err(_) => Err(Error::invalid("FUSE session thread panicked")),
     }

@@ -14,10 +14,11 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use super::binary::{Binary, Exec};
 use super::fdstore::{self, Adopted, FD_NAME_FUSE, FD_NAME_INIT};
 use super::{
-    now_ms, LastRestart, MountSpec, Negotiated, Report, WorkerPlan, CRASH_LIMIT, CRASH_WINDOW,
-    EXIT_HANDOVER, KEEPER_OOM_SCORE_ADJ, PLAN_ENV,
+    now_ms, Fallback, LastRestart, MountSpec, Negotiated, Report, WorkerPlan, CRASH_LIMIT,
+    CRASH_WINDOW, EXIT_HANDOVER, KEEPER_OOM_SCORE_ADJ, PLAN_ENV, START_TIMEOUT,
 };
 use crate::error::{Error, IoContext, Kind, Result};
 use crate::state::{StateDir, LOG_FILE};
@@ -176,11 +177,14 @@ fn keep_running(
     }
     let own_binary =
         std::env::current_exe().context(|| "finding the fleecefs executable".into())?;
+    let running = Binary::running(own_binary.clone())?;
     let last_restart = negotiated.map(|_| LastRestart {
         at: now_ms() / 1000,
         reason: "service restarted (systemd's file descriptor store)".into(),
         pause_ms: None,
         at_ms: now_ms(),
+        binary: Some(own_binary.clone()),
+        fallback: None,
     });
     let mut keeper = Keeper {
         lock_fd: state.lock_fd(),
@@ -189,8 +193,10 @@ fn keep_running(
         fd_store,
         fds,
         report_w,
-        own_binary: own_binary.clone(),
-        binary: own_binary,
+        own_binary,
+        binary: running.try_clone()?,
+        served: running,
+        fallback: None,
         tx,
         rx,
         negotiated,
@@ -213,8 +219,15 @@ struct Keeper {
     fds: Vec<File>,
     report_w: File,
     lock_fd: i32,
+    /// Where the keeper was started from (`restart` without `--binary` runs what is
+    /// installed there now).
     own_binary: PathBuf,
-    binary: PathBuf,
+    /// The binary the next worker is started from.
+    binary: Binary,
+    /// The binary whose worker served last: where a new binary that fails falls back.
+    served: Binary,
+    /// A new binary that failed, for the next worker's `last_restart`.
+    fallback: Option<Fallback>,
     tx: mpsc::Sender<Event>,
     rx: mpsc::Receiver<Event>,
     negotiated: Option<Negotiated>,
@@ -222,6 +235,17 @@ struct Keeper {
     restarts: u64,
     last_restart: Option<LastRestart>,
     deaths: VecDeque<Instant>,
+}
+
+/// What the keeper saw of one worker, from its start to its exit.
+#[derive(Default)]
+struct Life {
+    ready: bool,
+    unmounted: bool,
+    unmounting: bool,
+    stopping: bool,
+    timed_out: bool,
+    planned: Option<(u64, Option<PathBuf>)>,
 }
 
 impl Keeper {
@@ -250,29 +274,38 @@ impl Keeper {
         let mut keep = plan.fuse_fds.clone();
         keep.extend(&plan.listen_fds);
         keep.extend([plan.report_fd, plan.lock_fd, memfd.as_raw_fd()]);
+        // Open across the exec too: the kernel runs a script's interpreter on /dev/fd/N.
+        keep.push(self.binary.fd());
         let parent = std::process::id() as i32;
         let oom = self.spec.worker_oom_score_adj.to_string().into_bytes();
-        let mut cmd = Command::new(&self.binary);
-        cmd.args(verbosity_args())
-            .arg("worker")
-            .arg(&self.spec.mountpoint)
-            // Nothing the worker does depends on the directory the mount was started
-            // from (every path in the plan is absolute), which may be gone by now.
-            .current_dir("/")
-            .env(PLAN_ENV, memfd.as_raw_fd().to_string())
+        let mut args: Vec<std::ffi::OsString> =
+            verbosity_args().into_iter().map(Into::into).collect();
+        args.push("worker".into());
+        args.push(self.spec.mountpoint.clone().into_os_string());
+        let exec = Exec::new(
+            &self.binary,
+            &args,
+            &[(PLAN_ENV, memfd.as_raw_fd().to_string())],
+        )?;
+        let mut cmd = Command::new(self.binary.path());
+        // Nothing the worker does depends on the directory the mount was started from
+        // (every path in the plan is absolute), which may be gone by now.
+        cmd.current_dir("/")
             .stdin(Stdio::null())
             .stdout(Stdio::null());
         // SAFETY: the closure only makes async-signal-safe calls (fcntl, prctl, getppid,
-        // open/write/close).
+        // open/write/close, execveat) and allocates nothing: `exec` was prepared before.
         unsafe {
             cmd.pre_exec(move || {
                 sys::child_keep_fds_and_die_with_parent(&keep, parent)?;
-                sys::set_oom_score_adj(&oom)
+                sys::set_oom_score_adj(&oom)?;
+                // The open file the keeper verified, never its path again.
+                Err(exec.run())
             });
         }
         let mut child = cmd
             .spawn()
-            .context(|| format!("starting a worker from {}", self.binary.display()))?;
+            .context(|| format!("starting a worker from {}", self.binary.path().display()))?;
         drop(memfd);
         let pid = child.id();
         let tx = self.tx.clone();
@@ -285,8 +318,9 @@ impl Keeper {
             })
             .context(|| "starting the worker wait thread".into())?;
         log::info!(
-            "keeper {}: worker {pid} started ({} restart(s) so far)",
+            "keeper {}: worker {pid} started from {} ({} restart(s) so far)",
             std::process::id(),
+            self.binary.path().display(),
             self.restarts
         );
         Ok(pid)
@@ -322,85 +356,136 @@ impl Keeper {
         self.negotiated = Some(n);
     }
 
+    /// A new binary failed (`why`): the next worker is started from the one that served.
+    fn fall_back(&mut self, why: String) -> Result<()> {
+        log::error!(
+            "the worker from {} {why}: back to {}",
+            self.binary.path().display(),
+            self.served.path().display()
+        );
+        self.fallback = Some(Fallback {
+            tried: self.binary.path().to_path_buf(),
+            reason: why,
+        });
+        self.binary = self.served.try_clone()?;
+        Ok(())
+    }
+
+    /// Follows worker `pid` until it exits. A worker from a binary that has not served
+    /// yet (`trial`) gets [`START_TIMEOUT`] to serve, then is killed.
+    fn follow(
+        &mut self,
+        pid: u32,
+        trial: bool,
+        served_once: &mut bool,
+        warned_resend: &mut bool,
+    ) -> Result<(ExitStatus, Life)> {
+        let mp = self.spec.mountpoint.clone();
+        let mut life = Life::default();
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let ev = if trial && !life.ready && !life.timed_out {
+                match self
+                    .rx
+                    .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                {
+                    Ok(ev) => ev,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        life.timed_out = true;
+                        let _ = sys::kill(pid, libc::SIGKILL);
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => {
+                        return Err(give_up(&mp, self.connection, "keeper channel closed"))
+                    }
+                }
+            } else {
+                match self.rx.recv() {
+                    Ok(ev) => ev,
+                    Err(_) => return Err(give_up(&mp, self.connection, "keeper channel closed")),
+                }
+            };
+            match ev {
+                Event::Report(from, _) if from != pid => {}
+                Event::Report(_, Report::Init(n)) => self.negotiated(n, warned_resend),
+                Event::Report(_, Report::Ready { connection }) => {
+                    life.ready = true;
+                    self.connection = Some(connection);
+                    if trial {
+                        self.served = self.binary.try_clone()?;
+                    }
+                    if !*served_once {
+                        *served_once = true;
+                        self.first_served();
+                    }
+                }
+                Event::Report(_, Report::Restart { at_ms, binary }) => {
+                    life.planned = Some((at_ms, binary));
+                }
+                Event::Report(_, Report::Unmounted) => life.unmounted = true,
+                Event::Signal(sig) if self.fd_store => {
+                    log::info!("signal {sig}: stopping; {} stays mounted, its FUSE connection in systemd's file descriptor store", mp.display());
+                    life.stopping = true;
+                    let _ = sys::kill(pid, libc::SIGTERM);
+                }
+                Event::Signal(sig) => {
+                    log::info!("signal {sig}: unmounting {}", mp.display());
+                    life.unmounting = true;
+                    sys::force_unmount(&mp, self.connection);
+                }
+                Event::Exit(p, st) if p == pid => {
+                    // A report precedes the exit, but comes through another thread: let
+                    // it arrive.
+                    if life.planned.is_none() && !life.unmounted {
+                        while let Ok(ev) = self.rx.recv_timeout(Duration::from_millis(200)) {
+                            match ev {
+                                Event::Report(from, Report::Restart { at_ms, binary })
+                                    if from == pid =>
+                                {
+                                    life.planned = Some((at_ms, binary));
+                                    break;
+                                }
+                                Event::Report(from, Report::Unmounted) if from == pid => {
+                                    life.unmounted = true;
+                                    break;
+                                }
+                                _ => {}
+                            }
+                        }
+                    }
+                    return Ok((st, life));
+                }
+                Event::Exit(..) => {}
+            }
+        }
+    }
+
     fn serve(&mut self) -> Result<()> {
         let mp = self.spec.mountpoint.clone();
         let mut served_once = false;
         let mut warned_resend = false;
         loop {
+            let trial = !self.binary.same_file(&self.served);
             let pid = match self.spawn() {
                 Ok(p) => p,
-                Err(e) if served_once && self.binary != self.own_binary => {
-                    log::error!(
-                        "{}; restarting from {} instead",
-                        crate::error::report(&e),
-                        self.own_binary.display()
-                    );
-                    self.binary = self.own_binary.clone();
+                Err(e) if trial => {
+                    self.fall_back(format!("cannot start: {}", crate::error::report(&e)))?;
                     continue;
                 }
                 Err(e) => return Err(give_up_with(&mp, self.connection, e)),
             };
-            let mut ready = false;
-            let mut unmounting = false;
-            let mut stopping = false;
-            let mut planned: Option<(u64, PathBuf)> = None;
-            let status = loop {
-                let Ok(ev) = self.rx.recv() else {
-                    return Err(give_up(&mp, self.connection, "keeper channel closed"));
-                };
-                match ev {
-                    Event::Report(from, _) if from != pid => {}
-                    Event::Report(_, Report::Init(n)) => self.negotiated(n, &mut warned_resend),
-                    Event::Report(_, Report::Ready { connection }) => {
-                        ready = true;
-                        self.connection = Some(connection);
-                        if !served_once {
-                            served_once = true;
-                            self.first_served();
-                        }
-                    }
-                    Event::Report(_, Report::Restart { at_ms, binary }) => {
-                        planned = Some((at_ms, binary));
-                    }
-                    Event::Signal(sig) if self.fd_store => {
-                        log::info!("signal {sig}: stopping; {} stays mounted, its FUSE connection in systemd's file descriptor store", mp.display());
-                        stopping = true;
-                        let _ = sys::kill(pid, libc::SIGTERM);
-                    }
-                    Event::Signal(sig) => {
-                        log::info!("signal {sig}: unmounting {}", mp.display());
-                        unmounting = true;
-                        sys::force_unmount(&mp, self.connection);
-                    }
-                    Event::Exit(p, st) if p == pid => {
-                        // The report of a handover precedes the exit, but comes through
-                        // another thread: let it arrive.
-                        if st.code() == Some(EXIT_HANDOVER) && planned.is_none() {
-                            while let Ok(ev) = self.rx.recv_timeout(Duration::from_millis(500)) {
-                                if let Event::Report(from, Report::Restart { at_ms, binary }) = ev {
-                                    if from == pid {
-                                        planned = Some((at_ms, binary));
-                                        break;
-                                    }
-                                }
-                            }
-                        }
-                        break st;
-                    }
-                    Event::Exit(..) => {}
-                }
-            };
+            let (status, life) = self.follow(pid, trial, &mut served_once, &mut warned_resend)?;
             let at_ms = now_ms();
-            if status.success() {
-                log::info!("worker {pid} ended after the unmount; keeper exits");
-                return Ok(());
-            }
-            if unmounting {
+            if life.unmounting {
                 sys::detach_and_abort(&mp, self.connection);
                 return Ok(());
             }
-            if stopping {
+            if life.stopping {
                 log::info!("worker {pid} stopped; keeper exits (the mount stays)");
+                return Ok(());
+            }
+            if life.unmounted {
+                log::info!("worker {pid} ended after the unmount; keeper exits");
                 return Ok(());
             }
             if !served_once {
@@ -408,17 +493,57 @@ impl Keeper {
                 sys::detach_and_abort(&mp, None);
                 return Err(Error::new(Kind::Invalid, String::new()));
             }
-            let handover = match planned {
+            let handover = match life.planned {
                 Some(p) if status.code() == Some(EXIT_HANDOVER) => Some(p),
                 _ => None,
             };
-            let (reason, event_ms) = match &handover {
-                Some((t, path)) => (format!("planned restart ({})", path.display()), *t),
-                None => (format!("worker {pid} {}", describe(&status)), at_ms),
+            let (reason, event_ms) = match (&handover, trial && !life.ready) {
+                (Some((t, path)), _) => (
+                    format!(
+                        "planned restart ({})",
+                        path.as_deref().unwrap_or(&self.own_binary).display()
+                    ),
+                    *t,
+                ),
+                // A failed new binary: the pause began with the planned restart.
+                (None, true) => {
+                    let why = if life.timed_out {
+                        format!("did not serve within {} s", START_TIMEOUT.as_secs())
+                    } else {
+                        format!("{} before serving", describe(&status))
+                    };
+                    self.fall_back(why.clone())?;
+                    let at = self.last_restart.as_ref().map_or(at_ms, |l| l.at_ms);
+                    (format!("worker {pid} from a new binary {why}"), at)
+                }
+                (None, false) => {
+                    let reason = format!("worker {pid} {}", describe(&status));
+                    self.died(&reason, life.ready, &status)?;
+                    (reason, at_ms)
+                }
             };
-            match handover {
-                Some((_, path)) => self.binary = path,
-                None => self.died(&reason, ready, &status)?,
+            if let Some((_, path)) = handover {
+                self.fallback = None;
+                let next = match &path {
+                    Some(p) => Binary::verify(p),
+                    None => Binary::installed(&self.own_binary),
+                };
+                match next {
+                    Ok(b) => self.binary = b,
+                    Err(e) => {
+                        let tried = path.unwrap_or_else(|| self.own_binary.clone());
+                        log::error!(
+                            "{}: back to {}",
+                            crate::error::report(&e),
+                            self.served.path().display()
+                        );
+                        self.fallback = Some(Fallback {
+                            tried,
+                            reason: crate::error::report(&e),
+                        });
+                        self.binary = self.served.try_clone()?;
+                    }
+                }
             }
             self.restarts += 1;
             self.last_restart = Some(LastRestart {
@@ -426,6 +551,8 @@ impl Keeper {
                 reason,
                 pause_ms: None,
                 at_ms: event_ms,
+                binary: Some(self.binary.path().to_path_buf()),
+                fallback: self.fallback.clone(),
             });
         }
     }
@@ -440,14 +567,6 @@ impl Keeper {
         // serving, may repeat with the next worker (a request that makes it panic is
         // resent to it): those count toward the crash loop.
         let counted = !(ready && status.signal() == Some(libc::SIGKILL));
-        if !ready && self.binary != self.own_binary {
-            log::error!(
-                "the worker from {} died before serving: back to {}",
-                self.binary.display(),
-                self.own_binary.display()
-            );
-            self.binary = self.own_binary.clone();
-        }
         let now = Instant::now();
         if counted {
             self.deaths.push_back(now);

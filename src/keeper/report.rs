@@ -26,9 +26,13 @@ pub enum Report {
     Restart {
         /// When the drain began (milliseconds since the epoch).
         at_ms: u64,
-        /// The binary of the next worker.
-        binary: PathBuf,
+        /// The binary of the next worker (`restart --binary`, which the keeper verifies
+        /// again); `None`: the keeper's own binary as installed now.
+        binary: Option<PathBuf>,
     },
+    /// The FUSE session ended with the unmount: the worker shuts down and exits next, and
+    /// so does the keeper. Without this report an exit, whatever its status, is a death.
+    Unmounted,
 }
 
 impl Report {
@@ -67,8 +71,13 @@ mod tests {
             Report::Ready { connection: 57 },
             Report::Restart {
                 at_ms: 1_700_000_000_123,
-                binary: PathBuf::from("/usr/local/bin/fleece fs"),
+                binary: Some(PathBuf::from("/usr/local/bin/fleece fs")),
             },
+            Report::Restart {
+                at_ms: 1,
+                binary: None,
+            },
+            Report::Unmounted,
         ];
         for r in reports {
             let line = r.line(4242);

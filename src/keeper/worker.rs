@@ -4,16 +4,14 @@
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::{BorrowedFd, OwnedFd};
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::de::DeserializeOwned;
 
 use super::{
-    now_ms, LastRestart, Negotiated, Report, WorkerPlan, DRAIN_TIMEOUT, EXIT_HANDOVER, GATE,
+    now_ms, Binary, LastRestart, Negotiated, Report, WorkerPlan, DRAIN_TIMEOUT, EXIT_HANDOVER, GATE,
 };
 use crate::engine::Engine;
 use crate::error::{Error, Result};
@@ -276,6 +274,12 @@ impl Worker {
         }
     }
 
+    /// The FUSE session ended with the unmount, and the worker has shut down: the mount
+    /// is over (the keeper does not start another worker).
+    pub fn unmounted(&self) {
+        self.report(&Report::Unmounted);
+    }
+
     /// The keeper fields of `status`.
     pub fn status(&self) -> KeeperStatus {
         let mut last = self.plan.last_restart.clone();
@@ -310,12 +314,16 @@ impl Worker {
                 "a backup access is active for target '{target}': a restart would break it; tear it down first, or use --force"
             ))));
         }
-        let binary = binary
-            .map(PathBuf::from)
-            .unwrap_or_else(|| self.plan.keeper_binary.clone());
-        if let Err(e) = check_binary(&binary) {
-            return deliver(Err(e));
+        let explicit = binary.map(PathBuf::from);
+        let checked = match &explicit {
+            Some(p) => Binary::verify(p),
+            None => Binary::installed(&self.plan.keeper_binary),
         }
+        .and_then(|b| b.check_version().map(|_| b));
+        let binary = match checked {
+            Ok(b) => b.path().to_path_buf(),
+            Err(e) => return deliver(Err(e)),
+        };
         // From here on the worker hands over whatever happens.
         let start = now_ms();
         log::info!(
@@ -343,7 +351,7 @@ impl Worker {
         }
         self.report(&Report::Restart {
             at_ms: start,
-            binary: binary.clone(),
+            binary: explicit,
         });
         deliver(Ok(serde_json::json!({
             "old_worker_pid": std::process::id(),
@@ -372,29 +380,4 @@ impl Worker {
         }
         std::process::exit(EXIT_HANDOVER);
     }
-}
-
-/// `binary` must be an executable fleecefs.
-fn check_binary(binary: &Path) -> Result<()> {
-    let shown = binary.display();
-    if binary.to_str().is_none() {
-        return Err(Error::invalid(format!("binary path {shown} is not UTF-8")));
-    }
-    match std::fs::metadata(binary) {
-        Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => {}
-        Ok(_) => return Err(Error::invalid(format!("{shown} is not an executable file"))),
-        Err(e) => return Err(Error::io(format!("binary {shown}"), e)),
-    }
-    let out = Command::new(binary)
-        .arg("--version")
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .output()
-        .map_err(|e| Error::io(format!("running {shown} --version"), e))?;
-    if !out.status.success() || !out.stdout.starts_with(b"fleecefs ") {
-        return Err(Error::invalid(format!(
-            "{shown} is not a fleecefs binary ('{shown} --version' does not say fleecefs)"
-        )));
-    }
-    Ok(())
 }
