@@ -267,9 +267,6 @@ fn check_devices(specs: &[String], state_dir: &Path) -> Result<Vec<(String, Path
         }
         let path = absolute(Path::new(path))?;
         let id = Source::open(&path)?.identity().clone();
-        // Recorded without '..' or symlinks: a later worker starts in `/`, and the
-        // directories named on the way may be gone by then.
-        let path = path.canonicalize().unwrap_or(path);
         // The same file under another path (a symlink, a hard link) is the same image.
         if let Some((other, p, _)) = devices
             .iter()
@@ -282,6 +279,19 @@ fn check_devices(specs: &[String], state_dir: &Path) -> Result<Vec<(String, Path
             )));
         }
         devices.push((name.to_string(), path, id));
+    }
+    // A path given relative to the current directory is recorded from its real parent
+    // directory (no '..'): a later worker starts in `/`, and the directories named on
+    // the way may be gone by then. Absolute paths stay as given (/dev/disk/by-id/...).
+    for ((_, path, _), spec) in devices.iter_mut().zip(&specs) {
+        let given = Path::new(spec.split_once('=').map_or("", |(_, p)| p));
+        if given.is_relative() {
+            if let (Some(dir), Some(name)) = (path.parent(), path.file_name()) {
+                if let Ok(dir) = dir.canonicalize() {
+                    *path = dir.join(name);
+                }
+            }
+        }
     }
     Ok(devices.into_iter().map(|(n, p, _)| (n, p)).collect())
 }

@@ -89,7 +89,7 @@ impl Binary {
                 mode & 0o7777
             ))
         } else if mode & 0o111 == 0 {
-            Some("is not executable".to_string())
+            Some("is not an executable file".to_string())
         } else {
             None
         };
