@@ -39,7 +39,7 @@ mod worker;
 pub use binary::Binary;
 pub use fdstore::{adopt_fd_store, Adopted};
 pub use gate::{Gate, Pass, GATE};
-pub use plan::{MountSpec, WorkerPlan, PLAN_ENV};
+pub use plan::{HeldSource, MountSpec, SourceFd, WorkerPlan, PLAN_ENV};
 pub use process::run;
 pub use report::Report;
 pub use worker::{worker_init, KeeperStatus, Worker};

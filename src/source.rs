@@ -153,6 +153,14 @@ impl Source {
 
     /// Opens `path` read-write, with snapshot reads as `backup_read` says.
     pub fn open_with(path: &Path, backup_read: BackupRead) -> Result<Source> {
+        let file = Source::open_file(path)?;
+        Source::from_file(path, file, backup_read)
+    }
+
+    /// Opens `path` read-write and locks it (a regular file's OFD lock, a block device's
+    /// `O_EXCL`), as [`Source::open_with`] does, for [`Source::from_file`] now or later
+    /// (the keeper holds these files for every worker).
+    pub fn open_file(path: &Path) -> Result<File> {
         let meta = std::fs::metadata(path)
             .context(|| format!("source {} cannot be opened", path.display()))?;
         let ft = meta.file_type();
@@ -224,6 +232,22 @@ impl Source {
                 Ok(())
             }
         })?;
+        Ok(file)
+    }
+
+    /// The source open as `file` (from [`Source::open_file`]; `path` for messages and
+    /// reach), with snapshot reads as `backup_read` says. Nothing is looked up by path.
+    pub fn from_file(path: &Path, file: File, backup_read: BackupRead) -> Result<Source> {
+        let meta = file
+            .metadata()
+            .context(|| format!("stat of source {}", path.display()))?;
+        let ft = meta.file_type();
+        if !ft.is_file() && !ft.is_block_device() {
+            return Err(Error::invalid(format!(
+                "source {} is not a regular file or block device",
+                path.display()
+            )));
+        }
         let size = if ft.is_block_device() {
             sys::block_device_size(&file)
                 .context(|| format!("size of block device {}", path.display()))?

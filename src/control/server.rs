@@ -85,9 +85,11 @@ fn dispatch(
                 .add_devices(&specs)
                 .map(|r| serde_json::to_value(r).unwrap_or_default())
         }
-        Request::DeviceRemove { device } => engine
-            .remove_device(&device)
-            .map(|r| serde_json::to_value(r).unwrap_or_default()),
+        Request::DeviceRemove { device } => engine.remove_device(&device).map(|r| {
+            // The keeper lets go of the source too (its lock with it).
+            worker.device_removed(&device);
+            serde_json::to_value(r).unwrap_or_default()
+        }),
     };
     response(result)
 }

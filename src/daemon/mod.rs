@@ -92,6 +92,17 @@ pub fn mount(args: &MountArgs) -> Result<()> {
             );
             fds
         },
+        sources: serve
+            .devices
+            .iter()
+            .map(|(name, path)| {
+                Ok(crate::keeper::HeldSource {
+                    name: name.clone(),
+                    path: path.clone(),
+                    file: crate::source::Source::open_file(path)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?,
     };
     crate::keeper::run(spec, adopted, &serve)
 }

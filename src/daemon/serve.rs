@@ -179,7 +179,13 @@ pub fn serve(plan: ServePlan, worker: Arc<Worker>) -> Result<()> {
     let mut devices = Vec::new();
     let mut skipped = Vec::new();
     for ((name, path), slot) in plan.devices.iter().zip(slots) {
-        match Source::open_with(path, plan.backup_read) {
+        // The keeper's open file when it holds one: what the mount served, whatever the
+        // path names now.
+        let source = match worker.take_source(name) {
+            Some((held, file)) if &held == path => Source::from_file(path, file, plan.backup_read),
+            _ => Source::open_with(path, plan.backup_read),
+        };
+        match source {
             Ok(source) => devices.push((slot, Device::new(name.clone(), source, plan.cluster))),
             // After a restart, a device that cannot be served must not take the others
             // away: it is left out (and stays in the record, for the next worker).

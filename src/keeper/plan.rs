@@ -40,6 +40,32 @@ pub struct MountSpec {
     /// keeper holds them, so that they outlive workers, and hands them to every worker in
     /// this order. It never accepts on them.
     pub listen_fds: Vec<std::os::fd::OwnedFd>,
+    /// The devices' sources, open and locked by the daemon: the keeper holds them and
+    /// hands them to every worker, so that a source path renamed, replaced or gone since
+    /// does not change what a new worker serves.
+    pub sources: Vec<HeldSource>,
+}
+
+/// A source the keeper holds for its workers.
+#[derive(Debug)]
+pub struct HeldSource {
+    /// The device name.
+    pub name: String,
+    /// The path it was opened at (the device record's).
+    pub path: PathBuf,
+    /// The open, locked file.
+    pub file: File,
+}
+
+/// A held source as a worker inherits it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct SourceFd {
+    /// The device name.
+    pub name: String,
+    /// The path it was opened at.
+    pub path: PathBuf,
+    /// The inherited fd.
+    pub fd: i32,
 }
 
 /// Everything a worker gets from its keeper. `S` is what the worker serves (the daemon's
@@ -60,6 +86,9 @@ pub struct WorkerPlan<S> {
     /// The listening sockets the keeper holds for the frontends ([`MountSpec`]).
     #[serde(default)]
     pub listen_fds: Vec<i32>,
+    /// The sources the keeper holds ([`MountSpec::sources`]).
+    #[serde(default)]
+    pub sources: Vec<SourceFd>,
     /// Write end of the report pipe.
     pub report_fd: i32,
     /// The state directory lock (shared with the keeper).

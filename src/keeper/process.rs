@@ -17,8 +17,8 @@ use serde::Serialize;
 use super::binary::{Binary, Exec};
 use super::fdstore::{self, Adopted, FD_NAME_FUSE, FD_NAME_INIT};
 use super::{
-    now_ms, Fallback, LastRestart, MountSpec, Negotiated, Report, WorkerPlan, CRASH_LIMIT,
-    CRASH_WINDOW, EXIT_HANDOVER, KEEPER_OOM_SCORE_ADJ, PLAN_ENV, START_TIMEOUT,
+    now_ms, Fallback, LastRestart, MountSpec, Negotiated, Report, SourceFd, WorkerPlan,
+    CRASH_LIMIT, CRASH_WINDOW, EXIT_HANDOVER, KEEPER_OOM_SCORE_ADJ, PLAN_ENV, START_TIMEOUT,
 };
 use crate::error::{Error, IoContext, Kind, Result};
 use crate::state::{StateDir, LOG_FILE};
@@ -257,6 +257,16 @@ impl Keeper {
             state_dir: self.spec.state_dir.clone(),
             fuse_fds: self.fds.iter().map(|f| f.as_raw_fd()).collect(),
             listen_fds: self.spec.listen_fds.iter().map(|f| f.as_raw_fd()).collect(),
+            sources: self
+                .spec
+                .sources
+                .iter()
+                .map(|s| SourceFd {
+                    name: s.name.clone(),
+                    path: s.path.clone(),
+                    fd: s.file.as_raw_fd(),
+                })
+                .collect(),
             report_fd: self.report_w.as_raw_fd(),
             lock_fd: self.lock_fd,
             restarts: self.restarts,
@@ -273,6 +283,7 @@ impl Keeper {
         let memfd = plan.to_memfd()?;
         let mut keep = plan.fuse_fds.clone();
         keep.extend(&plan.listen_fds);
+        keep.extend(plan.sources.iter().map(|s| s.fd));
         keep.extend([plan.report_fd, plan.lock_fd, memfd.as_raw_fd()]);
         // Open across the exec too: the kernel runs a script's interpreter on /dev/fd/N.
         keep.push(self.binary.fd());
@@ -423,16 +434,11 @@ impl Keeper {
                     life.planned = Some((at_ms, binary));
                 }
                 Event::Report(_, Report::Unmounted) => life.unmounted = true,
-                Event::Signal(sig) if self.fd_store => {
-                    log::info!("signal {sig}: stopping; {} stays mounted, its FUSE connection in systemd's file descriptor store", mp.display());
-                    life.stopping = true;
-                    let _ = sys::kill(pid, libc::SIGTERM);
+                Event::Report(_, Report::DeviceRemoved { name }) => {
+                    // Its lock goes with it: the image is free for others again.
+                    self.spec.sources.retain(|s| s.name != name);
                 }
-                Event::Signal(sig) => {
-                    log::info!("signal {sig}: unmounting {}", mp.display());
-                    life.unmounting = true;
-                    sys::force_unmount(&mp, self.connection);
-                }
+                Event::Signal(sig) => self.signalled(sig, pid, &mut life),
                 Event::Exit(p, st) if p == pid => {
                     // A report precedes the exit, but comes through another thread: let
                     // it arrive.
@@ -449,6 +455,7 @@ impl Keeper {
                                     life.unmounted = true;
                                     break;
                                 }
+                                Event::Signal(sig) => self.signalled(sig, pid, &mut life),
                                 _ => {}
                             }
                         }
@@ -457,6 +464,21 @@ impl Keeper {
                 }
                 Event::Exit(..) => {}
             }
+        }
+    }
+
+    /// SIGTERM, SIGINT or SIGHUP: unmount, or with systemd's fd store, stop the worker
+    /// and keep the mount.
+    fn signalled(&self, sig: i32, pid: u32, life: &mut Life) {
+        let mp = &self.spec.mountpoint;
+        if self.fd_store {
+            log::info!("signal {sig}: stopping; {} stays mounted, its FUSE connection in systemd's file descriptor store", mp.display());
+            life.stopping = true;
+            let _ = sys::kill(pid, libc::SIGTERM);
+        } else {
+            log::info!("signal {sig}: unmounting {}", mp.display());
+            life.unmounting = true;
+            sys::force_unmount(mp, self.connection);
         }
     }
 

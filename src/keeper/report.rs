@@ -33,6 +33,11 @@ pub enum Report {
     /// The FUSE session ended with the unmount: the worker shuts down and exits next, and
     /// so does the keeper. Without this report an exit, whatever its status, is a death.
     Unmounted,
+    /// Device `name` is no longer served (`device remove`): the keeper closes its source.
+    DeviceRemoved {
+        /// The device.
+        name: String,
+    },
 }
 
 impl Report {
@@ -78,6 +83,7 @@ mod tests {
                 binary: None,
             },
             Report::Unmounted,
+            Report::DeviceRemoved { name: "vm1".into() },
         ];
         for r in reports {
             let line = r.line(4242);

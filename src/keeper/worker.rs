@@ -26,6 +26,8 @@ pub struct Worker {
     report: Mutex<File>,
     fuse_fds: Mutex<Vec<File>>,
     listen_fds: Mutex<Vec<File>>,
+    /// The sources the keeper holds: name, (path, file).
+    sources: Mutex<Vec<(String, (PathBuf, File))>>,
     crashed_access: Mutex<Option<AccessRecord>>,
     served_ms: Mutex<Option<u64>>,
     /// The kernel can resend (FUSE_HAS_RESEND), as negotiated at INIT.
@@ -51,6 +53,11 @@ pub fn worker_init<S: DeserializeOwned>() -> Result<(Arc<Worker>, S)> {
         .iter()
         .map(|&fd| take(fd))
         .collect::<Result<Vec<_>>>()?;
+    let sources = plan
+        .sources
+        .iter()
+        .map(|s| Ok((s.name.clone(), (s.path.clone(), take(s.fd)?))))
+        .collect::<Result<Vec<_>>>()?;
     #[cfg(feature = "fault-injection")]
     if let Some(from) = std::env::var("FLEECEFS_FAULT_WORKER_DIE_FROM")
         .ok()
@@ -68,6 +75,7 @@ pub fn worker_init<S: DeserializeOwned>() -> Result<(Arc<Worker>, S)> {
         report: Mutex::new(report),
         fuse_fds: Mutex::new(fuse_fds),
         listen_fds: Mutex::new(listen_fds),
+        sources: Mutex::new(sources),
         crashed_access: Mutex::new(None),
         served_ms: Mutex::new(None),
         has_resend: AtomicBool::new(resend),
@@ -85,6 +93,7 @@ impl<S> WorkerPlan<S> {
             state_dir,
             fuse_fds,
             listen_fds,
+            sources,
             report_fd,
             lock_fd,
             restarts,
@@ -101,6 +110,7 @@ impl<S> WorkerPlan<S> {
             state_dir,
             fuse_fds,
             listen_fds,
+            sources,
             report_fd,
             lock_fd,
             restarts,
@@ -137,10 +147,25 @@ impl Worker {
             .collect()
     }
 
+    /// Takes the source of device `name` that the keeper holds, with the path it was
+    /// opened at; `None` if the keeper holds none (a device added since the mount).
+    pub fn take_source(&self, name: &str) -> Option<(PathBuf, File)> {
+        let mut held = self.sources.lock().recover();
+        let i = held.iter().position(|(n, _)| n == name)?;
+        Some(held.remove(i).1)
+    }
+
+    /// Device `name` is no longer served: the keeper closes the source it holds.
+    pub fn device_removed(&self, name: &str) {
+        self.report(&Report::DeviceRemoved {
+            name: name.to_string(),
+        });
+    }
+
     /// Takes the listening sockets the keeper holds for the frontends, in the order the
     /// daemon bound them; empty the second time.
     pub fn take_listen_fds(&self) -> Vec<OwnedFd> {
-        std::mem::take(&mut *self.listen_fds.lock().unwrap_or_else(|e| e.into_inner()))
+        std::mem::take(&mut *self.listen_fds.lock().recover())
             .into_iter()
             .map(OwnedFd::from)
             .collect()
