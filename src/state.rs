@@ -54,6 +54,11 @@ pub struct RecordedDevice {
     pub path: PathBuf,
     /// Its slot: inode numbers and gate order derive from it.
     pub slot: usize,
+    /// The served file's device number (the block device's own for a block device) and
+    /// inode number, so a worker that has to open the source by its path again (the
+    /// keeper does not hold it) refuses a path that names another file now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<(u64, u64)>,
 }
 
 /// The served device set (`devices.json`), so a restarted daemon serves the same set

@@ -17,7 +17,7 @@ use crate::fuse::session::{self, SessionOptions};
 use crate::keeper::Worker;
 use crate::layout::MountLayout;
 use crate::source::Source;
-use crate::state::{StateDir, LOG_FILE};
+use crate::state::{DeviceRecord, StateDir, LOG_FILE};
 use crate::sys;
 
 /// The devices this worker serves: the plan's for the first worker; after a restart,
@@ -37,8 +37,7 @@ fn devices(state: &StateDir, plan: &ServePlan, worker: &Worker) -> Result<ServeP
 /// The slot of each device of `plan` (its recorded slot if the record has the same name
 /// and source, else a new one) and the next free slot. With explicit `--device` options
 /// that differ from the record, says what differs.
-fn assign_slots(state: &StateDir, plan: &ServePlan) -> Result<(Vec<usize>, usize)> {
-    let record = crate::state::read_device_record(state.path())?.unwrap_or_default();
+fn assign_slots(state: &StateDir, plan: &ServePlan, record: &DeviceRecord) -> (Vec<usize>, usize) {
     let mut next = record
         .devices
         .iter()
@@ -91,7 +90,35 @@ fn assign_slots(state: &StateDir, plan: &ServePlan) -> Result<(Vec<usize>, usize
             parts.join("; ")
         );
     }
-    Ok((slots, next))
+    (slots, next)
+}
+
+/// Refuses a source that a worker opened by its path (the keeper does not hold it: a
+/// device added after the mount) when the path names another file than the one the
+/// mount served: serving it would swap the disk under whoever uses the device.
+fn same_file_as_served(
+    record: &DeviceRecord,
+    name: &str,
+    path: &std::path::Path,
+    source: &Source,
+) -> Result<()> {
+    let served = record
+        .devices
+        .iter()
+        .find(|d| d.name == name && d.path == path)
+        .and_then(|d| d.file);
+    let now = (source.identity().dev, source.identity().ino);
+    match served {
+        Some(served) if served != now => Err(Error::invalid(format!(
+            "{} is no longer the file this mount served (device {}, inode {}; now device {}, inode {}): it was renamed or replaced while served; put the file back, or 'fleecefs device remove' the device and add the file you mean",
+            path.display(),
+            served.0,
+            served.1,
+            now.0,
+            now.1
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// The options of `plan` as `status` shows them: flag values as written on the command
@@ -175,7 +202,8 @@ pub fn serve(plan: ServePlan, worker: Arc<Worker>) -> Result<()> {
     }
     recover(&state, &worker)?;
     let plan = devices(&state, &plan, &worker)?;
-    let (slots, next_slot) = assign_slots(&state, &plan)?;
+    let record = crate::state::read_device_record(state.path())?.unwrap_or_default();
+    let (slots, next_slot) = assign_slots(&state, &plan, &record);
     let mut devices = Vec::new();
     let mut skipped = Vec::new();
     for ((name, path), slot) in plan.devices.iter().zip(slots) {
@@ -183,7 +211,12 @@ pub fn serve(plan: ServePlan, worker: Arc<Worker>) -> Result<()> {
         // path names now.
         let source = match worker.take_source(name) {
             Some((held, file)) if &held == path => Source::from_file(path, file, plan.backup_read),
-            _ => Source::open_with(path, plan.backup_read),
+            _ => Source::open_with(path, plan.backup_read).and_then(|source| {
+                if worker.restarted() {
+                    same_file_as_served(&record, name, path, &source)?;
+                }
+                Ok(source)
+            }),
         };
         match source {
             Ok(source) => devices.push((slot, Device::new(name.clone(), source, plan.cluster))),

@@ -153,6 +153,7 @@ impl Engine {
                         name: d.name().to_string(),
                         path: d.source().path().to_path_buf(),
                         slot,
+                        file: Some((d.source().identity().dev, d.source().identity().ino)),
                     })
                 })
                 .collect(),
