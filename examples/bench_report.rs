@@ -9,7 +9,7 @@
 //!
 //! Usage:
 //! - `bench_report summary FIO_JSON SYSTEM WORKLOAD`: one line per fio run, for the log;
-//! - `bench_report pid`: the daemon's pid from `fleecefs status --json` on stdin;
+//! - `bench_report pid`: the serving worker's pid from `fleecefs status --json` on stdin;
 //! - `bench_report tables RESULTS_DIR "SYSTEMS" "FLOORS"`: all tables, with the guest-first
 //!   phases and the writer scaling line when they ran (SYSTEMS as in
 //!   `BENCH_SYSTEMS`; FLOORS the FUSE floors that ran, in order, possibly "").
@@ -212,13 +212,18 @@ fn summary_line(fio: &FioOutput, system: &str, workload: &str) -> String {
     format!("   {system:<9} {workload:<16} {}\n", parts.join("; "))
 }
 
+/// The pid of the process that serves the I/O: the worker (`worker_pid`), not the keeper
+/// (`pid`), whose RSS, storage reads and profile say nothing about the data path; `pid`
+/// when there is no worker field.
 fn status_pid(text: &str) -> Result<u64, String> {
     #[derive(Deserialize)]
     struct Status {
         pid: u64,
+        #[serde(default)]
+        worker_pid: Option<u64>,
     }
     serde_json::from_str::<Status>(text)
-        .map(|s| s.pid)
+        .map(|s| s.worker_pid.unwrap_or(s.pid))
         .map_err(|e| format!("no pid in 'fleecefs status --json' output: {e}"))
 }
 
@@ -1044,6 +1049,11 @@ mod tests {
             status_pid(r#"{"pid": 4242, "mountpoint": "/m", "devices": []}"#),
             Ok(4242)
         );
+        assert_eq!(
+            status_pid(r#"{"pid": 4242, "keeper_pid": 4242, "worker_pid": 4250}"#),
+            Ok(4250)
+        );
+        assert_eq!(status_pid(r#"{"pid": 4242, "worker_pid": null}"#), Ok(4242));
         assert!(status_pid(r#"{"mountpoint": "/m"}"#).is_err());
         assert!(status_pid("").is_err());
     }

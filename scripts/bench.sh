@@ -465,7 +465,8 @@ fleecefs_stop() {
     "$FLEECEFS" unmount "$FMNT"
 }
 
-# The pid of the current system's daemon.
+# The pid of the current system's daemon (fleecefs: the worker that serves the I/O, not
+# the keeper).
 daemon_pid() {
     case $SYS in
         qemu) [ -n "$QSD_PID" ] && echo "$QSD_PID" ;;
