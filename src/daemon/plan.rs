@@ -438,6 +438,19 @@ fn check_mountpoint(path: &Path, state_dir: &Path) -> Result<(PathBuf, bool)> {
         .canonicalize()
         .context(|| format!("resolving {shown}"))?;
     if let Some(m) = mount_at(&mp)? {
+        // The daemon of this state dir killed a moment ago: its worker, killed with its
+        // keeper, may still answer for a while; the mount is dead once it is gone.
+        if m.source == format!("{FSNAME_PREFIX}{}", state_dir.display())
+            && keeper_exiting(state_dir)
+        {
+            log::warn!(
+                "the daemon of {shown} was killed and is still exiting; waiting (at most {} s) for it",
+                crate::holders::DYING_WAIT.as_secs()
+            );
+            if mount_dies(path) {
+                return Ok((mp, true));
+            }
+        }
         if m.source.starts_with(FSNAME_PREFIX) {
             return Err(Error::busy(format!(
                 "{shown} is already a fleecefs mount (state dir {})",
@@ -452,10 +465,69 @@ fn check_mountpoint(path: &Path, state_dir: &Path) -> Result<(PathBuf, bool)> {
     Ok((mp, false))
 }
 
+/// Whether the keeper recorded in `state_dir`'s lock file is gone or dying (killed).
+fn keeper_exiting(state_dir: &Path) -> bool {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let Ok(mut lock) = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(state_dir.join(crate::state::LOCK_FILE))
+    else {
+        return false;
+    };
+    let mut text = String::new();
+    if lock.read_to_string(&mut text).is_err() {
+        return false;
+    }
+    let Ok(pid) = text.trim().parse::<u32>() else {
+        return false;
+    };
+    crate::holders::holders_of(&lock)
+        .iter()
+        .find(|h| h.pid == pid)
+        .is_none_or(|h| h.dying)
+}
+
+/// Waits (at most [`crate::holders::DYING_WAIT`]) until the mount at `path` is dead.
+fn mount_dies(path: &Path) -> bool {
+    let deadline = std::time::Instant::now() + crate::holders::DYING_WAIT;
+    while std::time::Instant::now() < deadline {
+        if let Err(e) = fs::read_dir(path) {
+            if is_dead_mount(&e) {
+                return true;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use clap::Parser;
+
+    #[test]
+    fn a_keeper_that_holds_its_lock_file_is_not_exiting() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let lock = dir.path().join(crate::state::LOCK_FILE);
+        fs::write(&lock, "").expect("lock file");
+        assert!(!keeper_exiting(dir.path()), "no pid recorded");
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .stdin(fs::File::open(&lock).expect("open"))
+            .spawn()
+            .expect("sleep");
+        fs::write(&lock, format!("{}\n", child.id())).expect("pid");
+        assert!(
+            !keeper_exiting(dir.path()),
+            "a live keeper holding the lock file"
+        );
+        child.kill().expect("kill");
+        child.wait().expect("wait");
+        assert!(keeper_exiting(dir.path()), "the recorded keeper is gone");
+    }
 
     /// A mount point, a state directory and two 1 MiB images in a temporary directory.
     struct Dir {
