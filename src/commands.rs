@@ -1,7 +1,6 @@
 //! The client commands: each sends one request to the daemon of a mount point and
 //! prints the result, as a table for people or as JSON for programs.
 
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -564,12 +563,22 @@ pub fn unmount(mountpoint: &Path) -> Result<()> {
 
 /// Waits until nobody holds the state directory lock any more.
 fn wait_for_daemon_exit(state_dir: &Path, timeout: Duration) -> Result<()> {
-    let lock = state_dir.join(crate::state::LOCK_FILE);
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(&lock)
-        .map_err(|e| Error::io(format!("opening {}", lock.display()), e))?;
+    let dir = crate::secure_path::trusted_dir(
+        state_dir,
+        "state directory",
+        crate::secure_path::Missing::Fail,
+    )?;
+    let f = dir
+        .open(crate::state::LOCK_FILE, libc::O_RDONLY, 0)
+        .map_err(|e| {
+            Error::io(
+                format!(
+                    "opening {}",
+                    dir.display_path(crate::state::LOCK_FILE).display()
+                ),
+                e,
+            )
+        })?;
     let deadline = Instant::now() + timeout;
     loop {
         if crate::sys::try_flock(&f, false).is_ok() {

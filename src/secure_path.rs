@@ -465,7 +465,9 @@ pub fn trusted_dir(path: &Path, what: &str, missing: Missing) -> Result<Dir> {
 }
 
 /// Opens (creating, mode 0600) the log file `path` for appending, never through a
-/// symlink, and narrows a wider mode to 0600: the log holds the output of freeze hooks.
+/// symlink and only in a trusted directory (opened and checked first, the file opened
+/// under its fd), and narrows a wider mode to 0600: the log holds the output of freeze
+/// hooks.
 pub fn open_log(path: &Path) -> io::Result<File> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
@@ -474,7 +476,10 @@ pub fn open_log(path: &Path) -> io::Result<File> {
     let name = path
         .file_name()
         .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
-    open_log_in(&File::open(dir)?, name)
+    let dir = open_trusted_dir(dir, "log directory", Missing::Fail)
+        .map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, e.to_string()))?
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
+    open_log_in(&dir, name)
 }
 
 /// [`open_log`] of the file `name` in the open directory `dir`.

@@ -1,7 +1,7 @@
 //! Finding the daemon of a mount point and talking to it.
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -208,10 +208,14 @@ pub fn call(mountpoint: &Path, req: &Request) -> Result<serde_json::Value> {
 /// directory's lock file holds, with that file open. It keeps the mount while a worker
 /// starts. (Other processes may have the file open a moment: commands like this one.)
 fn live_holder(state: &Path) -> Option<u32> {
-    let mut lock = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(state.join(LOCK_FILE))
+    let dir = crate::secure_path::trusted_dir(
+        state,
+        "state directory",
+        crate::secure_path::Missing::Fail,
+    )
+    .ok()?;
+    let mut lock = dir
+        .open(LOCK_FILE, libc::O_RDONLY | libc::O_NONBLOCK, 0)
         .ok()?;
     let mut text = String::new();
     std::io::Read::read_to_string(&mut lock, &mut text).ok()?;
