@@ -10,14 +10,6 @@ K=$((1 << 10))
 CL=$((64 * K))
 head -c $((4 << 20)) /dev/urandom >"$T/src.img"
 field() { status_json "$T/m" "$1"; }
-wait_restarts() {  # wait_restarts N : until the worker has been restarted N times in all
-    local i
-    for i in $(seq 200); do
-        [ "$(field 'd["worker_restarts"]' 2>/dev/null)" = "$1" ] && return 0
-        sleep 0.05
-    done
-    fail "no worker restart $1 within 10 s"
-}
 # write CLUSTER : writes one cluster of random data at CLUSTER of live/d
 write() { dd if=/dev/urandom of="$T/m/live/d" bs=$CL count=1 seek="$1" conv=notrunc,fsync status=none; }
 # covered CLUSTER : whether the dirty map of the access includes CLUSTER
@@ -53,7 +45,7 @@ for mode in on sync off; do
         restarts=$(field 'd["worker_restarts"]')
         if [ "$how" = kill ]; then
             kill -9 "$(field 'd["worker_pid"]')"
-            wait_restarts $((restarts + 1))
+            wait_restarts "$T/m" $((restarts + 1))
         else
             "$FLEECEFS" restart "$T/m" --force >/dev/null
         fi

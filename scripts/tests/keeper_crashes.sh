@@ -8,15 +8,6 @@ M=$((1 << 20))
 head -c $((32 * M)) /dev/urandom >"$T/src.img"
 mnt() { fmount "$T/m" --state-dir "$T/s" --device d=$T/src.img "$@"; }
 field() { status_json "$T/m" "$1"; }
-# wait_restarts N : until the worker has been restarted N times in all (10 s at most)
-wait_restarts() {
-    local i
-    for i in $(seq 200); do
-        [ "$(field 'd["worker_restarts"]' 2>/dev/null)" = "$1" ] && return 0
-        sleep 0.05
-    done
-    fail "no worker restart $1 within 10 s"
-}
 gone() {  # gone PID : until process PID has exited (10 s at most)
     local i
     for i in $(seq 200); do
@@ -35,10 +26,10 @@ dd if=/dev/urandom of="$T/m/live/d" bs=64K count=16 seek=3 conv=notrunc status=n
 "$FLEECEFS" setup "$T/m" --target t --bitmap b >/dev/null
 dd if=/dev/urandom of="$T/m/live/d" bs=64K count=8 seek=100 conv=notrunc status=none
 kill -9 "$(field 'd["worker_pid"]')"
-wait_restarts 1
+wait_restarts "$T/m" 1
 dd if=/dev/urandom of="$T/m/live/d" bs=64K count=8 seek=200 conv=notrunc status=none
 kill -9 "$(field 'd["worker_pid"]')"           # a second kill while the access is broken
-wait_restarts 2
+wait_restarts "$T/m" 2
 [ "$(field 'd["access"]["target"]')" = t ] || fail "the access is gone after the kills"
 [ "$(field 'd["access"]["broken_reason"]')" = "daemon restarted" ] ||
     fail "the access is not broken (daemon restarted): $(field 'd["access"]')"
@@ -68,7 +59,7 @@ head -c $((4 * M)) /dev/urandom >"$T/extra.img"
 "$FLEECEFS" device add "$T/m" e="$T/extra.img" >/dev/null
 restarts=$(field 'd["worker_restarts"]')
 kill -9 "$(field 'd["worker_pid"]')"
-wait_restarts $((restarts + 1))
+wait_restarts "$T/m" $((restarts + 1))
 [ "$(ls "$T/m/live" | tr '\n' ' ')" = "d e " ] || fail "after a worker kill, live/ holds: $(ls "$T/m/live")"
 "$FLEECEFS" restart "$T/m" >/dev/null
 [ "$(ls "$T/m/live" | tr '\n' ' ')" = "d e " ] || fail "after a planned restart, live/ holds: $(ls "$T/m/live")"
@@ -77,7 +68,7 @@ cmp "$T/m/live/e" "$T/extra.img" || fail "live/e differs from its source after t
 "$FLEECEFS" resize "$T/m" e +1M >/dev/null
 restarts=$(field 'd["worker_restarts"]')
 kill -9 "$(field 'd["worker_pid"]')"
-wait_restarts $((restarts + 1))
+wait_restarts "$T/m" $((restarts + 1))
 [ "$(stat -c %s "$T/m/live/e")" = $((5 * M)) ] || fail "after a worker kill, live/e is $(stat -c %s "$T/m/live/e") bytes, not the resized 5 MiB"
 "$FLEECEFS" device remove "$T/m" e >/dev/null
 

@@ -6,14 +6,6 @@
 source "$(dirname "$0")/lib.sh"
 field() { status_json "$1" "$2"; }
 oom() { cat "/proc/$1/oom_score_adj"; }
-wait_restarts() {  # wait_restarts MNT N : until the worker has been restarted N times
-    local i
-    for i in $(seq 200); do
-        [ "$(field "$1" 'd["worker_restarts"]' 2>/dev/null)" = "$2" ] && return 0
-        sleep 0.05
-    done
-    fail "no worker restart $2 within 10 s"
-}
 
 # --- oom_score_adj ------------------------------------------------------------------------
 head -c $((1 << 20)) /dev/zero >"$T/a.img"

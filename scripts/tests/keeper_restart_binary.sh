@@ -14,13 +14,6 @@ head -c $((4 << 20)) /dev/urandom >"$T/a.img"
 fmount "$T/m" --state-dir "$T/s" --device a="$T/a.img"
 worker() { status_json "$T/m" 'd["worker_pid"]'; }
 restarts() { status_json "$T/m" 'd["worker_restarts"]'; }
-wait_restarts() {  # wait_restarts N : until the worker has been restarted N times (20 s)
-    for _ in $(seq 400); do
-        [ "$(restarts 2>/dev/null || echo -1)" -ge "$1" ] 2>/dev/null && return 0
-        sleep 0.05
-    done
-    fail "no restart number $1"
-}
 
 # --- refused binaries -------------------------------------------------------------------
 mkdir -m 0755 "$T/bin"
@@ -39,7 +32,7 @@ for b in fleecefs user-owned world; do
     [ "$b" = fleecefs ] && continue
     [ "$(printf '%s\n' "$err" | wc -l)" = 1 ] || fail "not one line for $b: $err"
 done
-wait_restarts 1
+wait_restarts "$T/m" 1
 [ "$(restarts)" = 1 ] || fail "a refused binary restarted the worker ($(restarts) restarts)"
 
 # --- the verified file runs, not what the path names later ------------------------------
@@ -54,7 +47,7 @@ chmod 0755 "$T/bin/fake"
 cp "$T/bin/fake" "$T/bin/swap" && mv "$T/bin/swap" "$T/bin/fleecefs"
 w1=$(worker)
 kill -9 "$w1"
-wait_restarts 2
+wait_restarts "$T/m" 2
 dd if=/dev/zero of="$T/m/live/a" bs=64K count=1 conv=notrunc,fsync status=none ||
     fail "live/a does not take writes after the kill"
 [ ! -e "$T/fake-ran" ] || fail "the keeper ran the file that replaced the verified binary"

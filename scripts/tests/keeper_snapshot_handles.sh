@@ -10,14 +10,6 @@ field() { status_json "$T/m" "$1"; }
 HOLDERS=()
 # A failure ends the readers first: their open files would keep the mount alive.
 fail() { kill "${HOLDERS[@]}" 2>/dev/null || true; echo "FAIL: $*" >&2; exit 1; }
-wait_restarts() {  # wait_restarts N : until the worker has been restarted N times in all
-    local i
-    for i in $(seq 200); do
-        [ "$(field 'd["worker_restarts"]' 2>/dev/null)" = "$1" ] && return 0
-        sleep 0.05
-    done
-    fail "no worker restart $1 within 10 s"
-}
 # hold NAME : opens snapshot/d in a background process that reads 64 KiB through that
 # handle once $T/NAME.go exists, and writes "ok" or the errno name to $T/NAME.out
 hold() {
@@ -57,7 +49,7 @@ hold ended
 hold active
 worker=$(field 'd["worker_pid"]')
 kill -9 "$worker"
-wait_restarts 1
+wait_restarts "$T/m" 1
 [ "$(result active)" = EIO ] || fail "a handle of the access broken by the death read: $(cat "$T/active.out"), not EIO"
 "$FLEECEFS" teardown "$T/m" --target b --failure >/dev/null
 # Accesses set up after the death never answer a handle of an earlier one.

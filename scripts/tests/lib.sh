@@ -69,6 +69,17 @@ writes() { cat "$T/writes" 2>/dev/null || echo 0; }
 status_json() {
     "$FLEECEFS" status "$1" --json | python3 -c 'import json,sys; d=json.load(sys.stdin); print('"$2"')'
 }
+# wait_restarts MNT N : until the keeper of MNT has started a new worker N times in all
+# (20 s at most)
+wait_restarts() {
+    local i
+    for i in $(seq 400); do
+        [ "$(status_json "$1" 'd["worker_restarts"]' 2>/dev/null || echo -1)" -ge "$2" ] 2>/dev/null &&
+            return 0
+        sleep 0.05
+    done
+    fail "no worker restart $2 of $1 within 20 s: $("$FLEECEFS" status "$1" --json 2>&1 | tail -3)"
+}
 # expect_fail_with TEXT CMD... : CMD must exit non-zero with TEXT in its stderr
 expect_fail_with() {
     local text=$1 err rc=0

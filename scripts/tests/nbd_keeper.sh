@@ -10,14 +10,6 @@ S=$T/nbd.sock
 U="nbd+unix:///disk?socket=$S"
 P=$(/usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 field() { status_json "$T/mnt" "$1"; }
-wait_restarts() {  # wait_restarts N : until the keeper has started N workers after the first
-    local i
-    for i in $(seq 200); do
-        [ "$(field 'd["worker_restarts"]' 2>/dev/null)" = "$1" ] && return 0
-        sleep 0.05
-    done
-    fail "no worker restart $1: $("$FLEECEFS" status "$T/mnt" --json 2>&1)"
-}
 
 truncate -s $((16 * M)) "$T/src.img"
 head -c $((2 * M)) /dev/urandom | dd of="$T/src.img" bs=1M conv=notrunc iflag=fullblock status=none
@@ -33,7 +25,7 @@ worker=$(field 'd["worker_pid"]')
 kill -9 "$worker"
 # connect while the worker may be gone: the connection waits in the listen backlog
 nbdinfo --list "nbd+unix://?socket=$S" >"$T/list" 2>&1 || fail "a client during the restart failed: $(cat "$T/list")"
-wait_restarts 1
+wait_restarts "$T/mnt" 1
 [ "$(stat -c %i "$S")" = "$inode" ] || fail "the socket was bound again (new inode)"
 "$FLEECEFS" setup "$T/mnt" --target t >/dev/null
 nbdcopy "$U" "$T/b.img" && cmp "$T/b.img" "$T/src.img" || fail "no backup over the same socket after kill -9"
@@ -42,7 +34,7 @@ nbdinfo "nbd://127.0.0.1:$P/disk" >/dev/null || fail "the TCP listener does not 
 
 # a planned restart: the same again
 "$FLEECEFS" restart "$T/mnt" >/dev/null
-wait_restarts 2
+wait_restarts "$T/mnt" 2
 [ "$(stat -c %i "$S")" = "$inode" ] || fail "the socket was bound again after restart"
 "$FLEECEFS" setup "$T/mnt" --target t >/dev/null
 nbdinfo "$U" >/dev/null || fail "the export does not answer after a planned restart"
