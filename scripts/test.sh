@@ -39,19 +39,39 @@ command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 # the VM test's initramfs needs a static busybox
 { command -v busybox >/dev/null && ! ldd "$(command -v busybox)" >/dev/null 2>&1; } || need+=(busybox-static)
 ls /boot/vmlinuz-* >/dev/null 2>&1 || need+=(linux-image-amd64)
+# The machine's qemu-utils may be a Debian backport (QEMU 10 on bookworm): take
+# qemu-system-x86 from the same suite, so that apt keeps one QEMU version (installing
+# bookworm's own 7.2 would remove the backported qemu-utils) and the tests run one QEMU.
+qemu_suite=()
+if [[ " ${need[*]} " == *" qemu-system-x86 "* ]] &&
+    [[ "$(dpkg-query -W -f '${Version}' qemu-utils 2>/dev/null)" == *bpo12* ]]; then
+    if ! grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/; then
+        echo "== adding Debian's bookworm-backports suite (for qemu-system-x86 of the installed QEMU)"
+        printf '%s\n' 'Types: deb' 'URIs: http://deb.debian.org/debian' 'Suites: bookworm-backports' \
+            'Components: main' 'Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg' \
+            >/etc/apt/sources.list.d/fleecefs-tests-backports.sources
+    fi
+    qemu_suite=(-t bookworm-backports)
+fi
 if [ ${#need[@]} -gt 0 ]; then
     echo "== installing ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-    # Debian's qemu-system-x86 takes qemu-storage-daemon into qemu-system-common, which
-    # makes apt remove a qemu-utils of another QEMU version (a backport): put the
-    # matching qemu-utils back.
+    qemu=() rest=()
+    for p in "${need[@]}"; do
+        case "$p" in qemu-system-x86 | qemu-utils) qemu+=("$p") ;; *) rest+=("$p") ;; esac
+    done
+    [ ${#rest[@]} -eq 0 ] || apt-get install -y -qq --no-install-recommends "${rest[@]}" >/dev/null
+    [ ${#qemu[@]} -eq 0 ] ||
+        apt-get install -y -qq --no-install-recommends "${qemu_suite[@]}" "${qemu[@]}" >/dev/null
+    # Installing qemu-system-x86 of another QEMU version than qemu-utils' removes
+    # qemu-utils (qemu-storage-daemon moves between packages): put it back.
     if ! command -v qemu-img >/dev/null || ! command -v qemu-nbd >/dev/null; then
         echo "== installing qemu-utils (removed by the qemu-system-x86 install)"
-        apt-get install -y -qq --no-install-recommends qemu-utils >/dev/null
+        apt-get install -y -qq --no-install-recommends "${qemu_suite[@]}" qemu-utils >/dev/null
     fi
 fi
+echo "== QEMU: $(qemu-img --version | head -1)"
 
 # Each group's outcome, in order: "ok NAME", "FAIL NAME" or "skipped NAME (why)".
 summary=()
