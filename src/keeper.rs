@@ -22,13 +22,16 @@
 //! sends `FUSE_NOTIFY_RESEND` (Linux 6.9+): the kernel queues those requests again, and
 //! the new worker answers them. Writers see a pause, not an error.
 //!
-//! The worker reports to the keeper over a pipe, one [`Report`] per line.
+//! The worker reports to the keeper over a pipe, one [`Report`] per line, and hands it
+//! fds to hold (listening sockets made after the mount started, memory regions) over a
+//! socket pair, the fd channel (`fdchannel.rs`): every later worker inherits them.
 
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 mod binary;
+mod fdchannel;
 mod fdstore;
 mod gate;
 mod plan;
@@ -37,9 +40,10 @@ mod report;
 mod worker;
 
 pub use binary::Binary;
+pub use fdchannel::FdChannel;
 pub use fdstore::{adopt_fd_store, Adopted};
 pub use gate::{Gate, Pass, GATE};
-pub use plan::{HeldSource, MountSpec, SourceFd, WorkerPlan, PLAN_ENV};
+pub use plan::{HeldSource, MountSpec, NamedFd, SourceFd, WorkerPlan, PLAN_ENV};
 pub use process::run;
 pub use report::Report;
 pub use worker::{worker_init, KeeperStatus, Worker};

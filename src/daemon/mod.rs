@@ -92,6 +92,7 @@ pub fn mount(args: &MountArgs) -> Result<()> {
             );
             fds
         },
+        held_fds: Vec::new(),
         sources: serve
             .devices
             .iter()

@@ -44,6 +44,10 @@ pub struct MountSpec {
     /// hands them to every worker, so that a source path renamed, replaced or gone since
     /// does not change what a new worker serves.
     pub sources: Vec<HeldSource>,
+    /// Named fds for the keeper to hold from the start, as a worker's
+    /// [`super::FdChannel::hold`] hands them over later (the vhost-user-blk exports'
+    /// listening sockets).
+    pub held_fds: Vec<(String, std::os::fd::OwnedFd)>,
 }
 
 /// A source the keeper holds for its workers.
@@ -64,6 +68,15 @@ pub struct SourceFd {
     pub name: String,
     /// The path it was opened at.
     pub path: PathBuf,
+    /// The inherited fd.
+    pub fd: i32,
+}
+
+/// A named fd the keeper holds, as a worker inherits it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct NamedFd {
+    /// The name it was handed over under.
+    pub name: String,
     /// The inherited fd.
     pub fd: i32,
 }
@@ -89,8 +102,15 @@ pub struct WorkerPlan<S> {
     /// The sources the keeper holds ([`MountSpec::sources`]).
     #[serde(default)]
     pub sources: Vec<SourceFd>,
+    /// The named fds the keeper holds ([`MountSpec::held_fds`] and what workers handed
+    /// over since).
+    #[serde(default)]
+    pub held_fds: Vec<NamedFd>,
     /// Write end of the report pipe.
     pub report_fd: i32,
+    /// This worker's end of the fd channel (`None`: a keeper without one).
+    #[serde(default)]
+    pub fd_channel: Option<i32>,
     /// The state directory lock (shared with the keeper).
     pub lock_fd: i32,
     /// Workers started before this one.

@@ -15,9 +15,10 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::binary::{Binary, Exec};
+use super::fdchannel::{self, HeldFds};
 use super::fdstore::{self, Adopted, FD_NAME_FUSE, FD_NAME_INIT};
 use super::{
-    now_ms, Fallback, LastRestart, MountSpec, Negotiated, Report, SourceFd, WorkerPlan,
+    now_ms, Fallback, LastRestart, MountSpec, NamedFd, Negotiated, Report, SourceFd, WorkerPlan,
     CRASH_LIMIT, CRASH_WINDOW, EXIT_HANDOVER, KEEPER_OOM_SCORE_ADJ, PLAN_ENV, START_TIMEOUT,
 };
 use crate::error::{Error, IoContext, Kind, Result};
@@ -130,7 +131,7 @@ fn verbosity_args() -> Vec<&'static str> {
 }
 
 fn keep_running(
-    spec: MountSpec,
+    mut spec: MountSpec,
     serve: serde_json::Value,
     state: StateDir,
     fds: Vec<File>,
@@ -186,7 +187,13 @@ fn keep_running(
         binary: Some(own_binary.clone()),
         fallback: None,
     });
+    let held: HeldFds = Default::default();
+    held.lock()
+        .map_err(|_| Error::invalid("the held fds' lock is poisoned"))?
+        .extend(std::mem::take(&mut spec.held_fds));
     let mut keeper = Keeper {
+        held,
+        channel_done: None,
         lock_fd: state.lock_fd(),
         spec,
         serve,
@@ -218,6 +225,10 @@ struct Keeper {
     fd_store: bool,
     fds: Vec<File>,
     report_w: File,
+    /// The named fds workers handed over (fd channel), and those of the mount.
+    held: HeldFds,
+    /// Says when the current worker's fd channel has been read to its end.
+    channel_done: Option<mpsc::Receiver<()>>,
     lock_fd: i32,
     /// Where the keeper was started from (`restart` without `--binary` runs what is
     /// installed there now).
@@ -249,7 +260,19 @@ struct Life {
 }
 
 impl Keeper {
-    fn plan(&self) -> WorkerPlan<&serde_json::Value> {
+    fn plan(&self, fd_channel: i32) -> WorkerPlan<&serde_json::Value> {
+        let held_fds = self
+            .held
+            .lock()
+            .map(|h| {
+                h.iter()
+                    .map(|(name, fd)| NamedFd {
+                        name: name.clone(),
+                        fd: fd.as_raw_fd(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
         WorkerPlan {
             keeper_pid: std::process::id(),
             keeper_binary: self.own_binary.clone(),
@@ -267,7 +290,9 @@ impl Keeper {
                     fd: s.file.as_raw_fd(),
                 })
                 .collect(),
+            held_fds,
             report_fd: self.report_w.as_raw_fd(),
+            fd_channel: Some(fd_channel),
             lock_fd: self.lock_fd,
             restarts: self.restarts,
             last_restart: self.last_restart.clone(),
@@ -279,12 +304,19 @@ impl Keeper {
     }
 
     fn spawn(&mut self) -> Result<u32> {
-        let plan = self.plan();
+        let (channel, worker_end) = fdchannel::pair()?;
+        let plan = self.plan(worker_end.as_raw_fd());
         let memfd = plan.to_memfd()?;
         let mut keep = plan.fuse_fds.clone();
         keep.extend(&plan.listen_fds);
         keep.extend(plan.sources.iter().map(|s| s.fd));
-        keep.extend([plan.report_fd, plan.lock_fd, memfd.as_raw_fd()]);
+        keep.extend(plan.held_fds.iter().map(|h| h.fd));
+        keep.extend([
+            plan.report_fd,
+            plan.lock_fd,
+            memfd.as_raw_fd(),
+            worker_end.as_raw_fd(),
+        ]);
         // Open across the exec too: the kernel runs a script's interpreter on /dev/fd/N.
         keep.push(self.binary.fd());
         let parent = std::process::id() as i32;
@@ -318,6 +350,11 @@ impl Keeper {
             .spawn()
             .context(|| format!("starting a worker from {}", self.binary.path().display()))?;
         drop(memfd);
+        // Only the worker has its end now: the keeper's reads end when the worker does.
+        drop(worker_end);
+        let (done_tx, done_rx) = mpsc::channel();
+        fdchannel::serve(channel, self.held.clone(), done_tx)?;
+        self.channel_done = Some(done_rx);
         let pid = child.id();
         let tx = self.tx.clone();
         std::thread::Builder::new()
@@ -497,6 +534,12 @@ impl Keeper {
                 Err(e) => return Err(give_up_with(&mp, self.connection, e)),
             };
             let (status, life) = self.follow(pid, trial, &mut served_once, &mut warned_resend)?;
+            // Every fd the worker handed over is held before the next worker starts.
+            if let Some(done) = self.channel_done.take() {
+                if done.recv_timeout(Duration::from_secs(5)).is_err() {
+                    log::warn!("the fd channel of worker {pid} is still open after its exit");
+                }
+            }
             let at_ms = now_ms();
             if life.unmounting {
                 sys::detach_and_abort(&mp, self.connection);

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::de::DeserializeOwned;
 
+use super::fdchannel::FdChannel;
 use super::{
     now_ms, Binary, LastRestart, Negotiated, Report, WorkerPlan, DRAIN_TIMEOUT, EXIT_HANDOVER, GATE,
 };
@@ -28,6 +29,10 @@ pub struct Worker {
     listen_fds: Mutex<Vec<File>>,
     /// The sources the keeper holds: name, (path, file).
     sources: Mutex<Vec<(String, (PathBuf, File))>>,
+    /// The named fds the keeper held when this worker started, not taken yet.
+    held_fds: Mutex<Vec<(String, OwnedFd)>>,
+    /// The channel to hand the keeper more fds.
+    fd_channel: Option<FdChannel>,
     crashed_access: Mutex<Option<AccessRecord>>,
     served_ms: Mutex<Option<u64>>,
     /// The kernel can resend (FUSE_HAS_RESEND), as negotiated at INIT.
@@ -58,6 +63,15 @@ pub fn worker_init<S: DeserializeOwned>() -> Result<(Arc<Worker>, S)> {
         .iter()
         .map(|s| Ok((s.name.clone(), (s.path.clone(), take(s.fd)?))))
         .collect::<Result<Vec<_>>>()?;
+    let held_fds = plan
+        .held_fds
+        .iter()
+        .map(|h| Ok((h.name.clone(), OwnedFd::from(take(h.fd)?))))
+        .collect::<Result<Vec<_>>>()?;
+    let fd_channel = match plan.fd_channel {
+        Some(fd) => Some(FdChannel::new(OwnedFd::from(take(fd)?))),
+        None => None,
+    };
     #[cfg(feature = "fault-injection")]
     if let Some(from) = std::env::var("FLEECEFS_FAULT_WORKER_DIE_FROM")
         .ok()
@@ -76,6 +90,8 @@ pub fn worker_init<S: DeserializeOwned>() -> Result<(Arc<Worker>, S)> {
         fuse_fds: Mutex::new(fuse_fds),
         listen_fds: Mutex::new(listen_fds),
         sources: Mutex::new(sources),
+        held_fds: Mutex::new(held_fds),
+        fd_channel,
         crashed_access: Mutex::new(None),
         served_ms: Mutex::new(None),
         has_resend: AtomicBool::new(resend),
@@ -94,7 +110,9 @@ impl<S> WorkerPlan<S> {
             fuse_fds,
             listen_fds,
             sources,
+            held_fds,
             report_fd,
+            fd_channel,
             lock_fd,
             restarts,
             last_restart,
@@ -111,7 +129,9 @@ impl<S> WorkerPlan<S> {
             fuse_fds,
             listen_fds,
             sources,
+            held_fds,
             report_fd,
+            fd_channel,
             lock_fd,
             restarts,
             last_restart,
@@ -169,6 +189,35 @@ impl Worker {
             .into_iter()
             .map(OwnedFd::from)
             .collect()
+    }
+
+    /// Takes the fd the keeper holds under `name` (see [`Worker::hold_fd`]), as it held
+    /// it when this worker started; `None` if it held none (or it was taken before). The
+    /// keeper keeps its own copy.
+    pub fn take_held_fd(&self, name: &str) -> Option<OwnedFd> {
+        let mut held = self.held_fds.lock().recover();
+        let i = held.iter().position(|(n, _)| n == name)?;
+        Some(held.remove(i).1)
+    }
+
+    /// Hands `fd` to the keeper to hold under `name` for the life of the mount (replacing
+    /// what it held under that name): every later worker gets it back from
+    /// [`Worker::take_held_fd`]. Returns once the keeper holds it.
+    pub fn hold_fd(&self, name: &str, fd: BorrowedFd<'_>) -> Result<()> {
+        self.channel()?.hold(name, fd)
+    }
+
+    /// The keeper closes the fd it holds under `name` (nothing if it holds none).
+    pub fn release_fd(&self, name: &str) -> Result<()> {
+        self.channel()?.release(name)
+    }
+
+    fn channel(&self) -> Result<&FdChannel> {
+        self.fd_channel.as_ref().ok_or_else(|| {
+            Error::invalid(
+                "the keeper of this mount is from an older fleecefs and cannot hold fds for its workers: unmount and mount again",
+            )
+        })
     }
 
     /// What an earlier worker's INIT negotiated, or `None` for the first worker (which

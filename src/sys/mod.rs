@@ -2,7 +2,8 @@
 //! This file: files and their I/O (positional only), fallocate, block devices, holes,
 //! locks, filesystem space, the shared mapping of bitmap files; `mount.rs`: FUSE mounts
 //! and unmounts; `process.rs`: processes, signals, credentials, limits and thread
-//! priorities. Callers use them all as `crate::sys::NAME`.
+//! priorities; `fdpass.rs`: fds passed between processes (`SCM_RIGHTS`). Callers use
+//! them all as `crate::sys::NAME`.
 //! Each `unsafe` block says why it is sound (`clippy::undocumented_unsafe_blocks` is on).
 
 use std::fs::File;
@@ -10,8 +11,10 @@ use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::os::unix::io::AsRawFd;
 
+mod fdpass;
 mod mount;
 mod process;
+pub use fdpass::*;
 pub use mount::*;
 pub use process::*;
 
