@@ -39,12 +39,29 @@ command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 # the VM test's initramfs needs a static busybox
 { command -v busybox >/dev/null && ! ldd "$(command -v busybox)" >/dev/null 2>&1; } || need+=(busybox-static)
 ls /boot/vmlinuz-* >/dev/null 2>&1 || need+=(linux-image-amd64)
+# QEMU 8.2 or newer: its NBD client speaks extended headers (nbd_extended.sh). Debian
+# bookworm's own QEMU is 7.2, so there QEMU comes from bookworm-backports, qemu-utils and
+# qemu-system-x86 together.
+qemu_recent() {
+    local v
+    v=$(qemu-img --version 2>/dev/null | sed -n '1s/^qemu-img version \([0-9]*\)\.\([0-9]*\).*/\1 \2/p')
+    [ -n "$v" ] || return 1
+    set -- $v
+    [ "$1" -gt 8 ] || { [ "$1" -eq 8 ] && [ "$2" -ge 2 ]; }
+}
+qemu_backports=false
+if grep -qs '^VERSION_CODENAME=bookworm' /etc/os-release && ! qemu_recent; then
+    qemu_backports=true
+    for p in qemu-utils qemu-system-x86; do
+        [[ " ${need[*]} " == *" $p "* ]] || need+=("$p")
+    done
+fi
 # The machine's qemu-utils may be a Debian backport (QEMU 10 on bookworm): take
 # qemu-system-x86 from the same suite, so that apt keeps one QEMU version (installing
 # bookworm's own 7.2 would remove the backported qemu-utils) and the tests run one QEMU.
 qemu_suite=()
-if [[ " ${need[*]} " == *" qemu-system-x86 "* ]] &&
-    [[ "$(dpkg-query -W -f '${Version}' qemu-utils 2>/dev/null)" == *bpo12* ]]; then
+if [[ " ${need[*]} " == *" qemu-system-x86 "* ]] && { $qemu_backports ||
+    [[ "$(dpkg-query -W -f '${Version}' qemu-utils 2>/dev/null)" == *bpo12* ]]; }; then
     if ! grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/; then
         echo "== adding Debian's bookworm-backports suite (for qemu-system-x86 of the installed QEMU)"
         printf '%s\n' 'Types: deb' 'URIs: http://deb.debian.org/debian' 'Suites: bookworm-backports' \

@@ -6,11 +6,21 @@
 //! pool with `--backup-priority low`, else on this thread, as FUSE's snapshot reads do.
 //! The connection thread waits for the read, then sends the reply.
 //!
+//! Requests and replies take the form the negotiation chose (`transmit::Mode`): with
+//! extended headers, lengths are 64 bits. Reads stay at most 32 MiB; trims and block
+//! status take any length inside the export. Every request is checked as QEMU's server
+//! checks it, before any work: a payload (a write's data, or any request flagged
+//! `NBD_CMD_FLAG_PAYLOAD_LEN`) over 32 MiB gets EINVAL and ends the connection (it
+//! cannot be skipped), a smaller one is read and dropped and the request fails (EINVAL,
+//! EPERM for a write); a range past the end or whose end overflows, unknown flags, or
+//! a read over 32 MiB get EINVAL and the connection goes on.
+//!
 //! The connection ends cleanly when the client sends `NBD_CMD_DISC` or closes, when
 //! its export's access ends (checked while it waits for a request, and by every
-//! request: ESHUTDOWN), or when the server stops. A client that stops in the middle of
-//! a request for longer than [`STALL`] is dropped; writes to a client that does not
-//! read time out the same way (the socket's send timeout).
+//! request: ESHUTDOWN), or when the server stops; a request header with the wrong
+//! magic (also a compact one after extended headers) ends it at once. A client that
+//! stops in the middle of a request for longer than [`STALL`] is dropped; writes to a
+//! client that does not read time out the same way (the socket's send timeout).
 
 use std::io::{self, Read};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -20,7 +30,8 @@ use std::time::{Duration, Instant};
 use crate::error::{Error, Kind};
 use crate::nbd::export::{wire_errno, Export};
 use crate::nbd::handshake::{Negotiated, CONTEXT_ALLOCATION, CONTEXT_DIRTY};
-use crate::nbd::proto::{self, Request};
+use crate::nbd::proto;
+use crate::nbd::transmit::{self, Mode, ReplyTo, Request};
 use crate::nbd::Transport;
 use crate::sched::BackupScheduler;
 
@@ -59,7 +70,8 @@ impl Buf {
 }
 
 enum Wait {
-    Request([u8; proto::REQUEST_LEN]),
+    /// A request header (its first [`Mode::request_len`] bytes).
+    Request([u8; transmit::EXTENDED_REQUEST_LEN]),
     End,
 }
 
@@ -86,15 +98,20 @@ fn is_timeout(e: &io::Error) -> bool {
     )
 }
 
-/// Waits for the next request header; `End` when the client closed, or (while no byte
-/// of a request has come) the export's access ended or the server stops.
-fn next_request(link: &mut impl Transport, export: &Export, env: &ConnEnv) -> io::Result<Wait> {
-    let mut h = [0u8; proto::REQUEST_LEN];
+/// Waits for the next request header of `len` bytes; `End` when the client closed, or
+/// (while no byte of a request has come) the export's access ended or the server stops.
+fn next_request(
+    link: &mut impl Transport,
+    len: usize,
+    export: &Export,
+    env: &ConnEnv,
+) -> io::Result<Wait> {
+    let mut h = [0u8; transmit::EXTENDED_REQUEST_LEN];
     loop {
-        match link.read(&mut h[..]) {
+        match link.read(&mut h[..len]) {
             Ok(0) => return Ok(Wait::End),
             Ok(n) => {
-                read_patiently(link, &mut h[n..])?;
+                read_patiently(link, &mut h[n..len])?;
                 return Ok(Wait::Request(h));
             }
             Err(e) if is_timeout(&e) || e.kind() == io::ErrorKind::Interrupted => {
@@ -125,15 +142,19 @@ pub fn serve(
 ) -> io::Result<()> {
     link.set_read_timeout(Some(IDLE_CHECK))?;
     let mut buf = Buf(None);
+    let len = n.mode.request_len();
     loop {
-        let h = match next_request(link, &export, env)? {
+        let h = match next_request(link, len, &export, env)? {
             Wait::Request(h) => h,
             Wait::End => return Ok(()),
         };
-        let Some(req) = proto::parse_request(&h) else {
+        let Some(req) = transmit::parse_request(&h[..len], n.mode) else {
             log::info!(
-                "NBD client of export '{}' sent a bad request magic: disconnected",
-                export.name()
+                "NBD client of export '{}' sent a bad request magic {:#010x} ({}): \
+                 disconnected",
+                export.name(),
+                u32::from_be_bytes([h[0], h[1], h[2], h[3]]),
+                n.mode.describe()
             );
             return Ok(());
         };
@@ -148,22 +169,38 @@ fn einval(message: String) -> Error {
     Error::new(Kind::Invalid, message)
 }
 
-/// The refusal of a request by its shape (bounds, length, flags), before any work.
-fn check_shape(req: &Request, size: u64, allowed_flags: u16) -> Result<(), Error> {
-    if req.flags & !allowed_flags != 0 {
+/// The flags each command accepts (QEMU's `valid_flags`): FUA everywhere, DF on reads
+/// with chunked replies, REQ_ONE on block status, PAYLOAD_LEN on writes with extended
+/// headers.
+fn allowed_flags(kind: u16, mode: Mode) -> u16 {
+    let extra = match kind {
+        proto::CMD_READ if mode.chunked() => proto::CMD_FLAG_DF,
+        proto::CMD_WRITE if mode == Mode::Extended => proto::CMD_FLAG_PAYLOAD_LEN,
+        proto::CMD_BLOCK_STATUS => proto::CMD_FLAG_REQ_ONE,
+        _ => 0,
+    };
+    proto::CMD_FLAG_FUA | extra
+}
+
+/// The refusal of a request by its shape (length, bounds, flags), before any work, in
+/// QEMU's order.
+fn check_shape(req: &Request, mode: Mode, size: u64) -> Result<(), Error> {
+    if req.kind == proto::CMD_READ && req.len > u64::from(proto::MAX_REQUEST) {
         return Err(einval(format!(
-            "unsupported flags {:#x} for command {}",
-            req.flags, req.kind
+            "read of {} bytes is over the 32 MiB limit",
+            req.len
         )));
     }
-    if req
-        .offset
-        .checked_add(u64::from(req.len))
-        .is_none_or(|end| end > size)
-    {
+    if !req.within(size) {
         return Err(einval(format!(
             "request {}+{} is past the end of the export ({size} bytes)",
             req.offset, req.len
+        )));
+    }
+    if req.flags & !allowed_flags(req.kind, mode) != 0 {
+        return Err(einval(format!(
+            "unsupported flags {:#x} for command {}",
+            req.flags, req.kind
         )));
     }
     Ok(())
@@ -177,96 +214,85 @@ fn handle(
     buf: &mut Buf,
     req: Request,
 ) -> io::Result<Outcome> {
+    let to = ReplyTo::new(n.mode, &req);
+    if req.kind == proto::CMD_DISC {
+        return Ok(Outcome::End);
+    }
+    let payload = req.payload_len(n.mode);
+    if payload > u64::from(proto::MAX_REQUEST) {
+        // Too large to skip: answer, then end the connection.
+        let e = einval(format!(
+            "payload of {payload} bytes is over the 32 MiB limit"
+        ));
+        send_error(link, &to, &e)?;
+        return Ok(Outcome::End);
+    }
+    if payload > 0 {
+        read_skip(link, payload)?;
+        if req.kind != proto::CMD_WRITE {
+            // No other command takes a payload here (as QEMU: EINVAL for the flag).
+            return send_error(
+                link,
+                &to,
+                &einval(format!(
+                    "command {} with a payload of {payload} bytes (NBD_CMD_FLAG_PAYLOAD_LEN)",
+                    req.kind
+                )),
+            );
+        }
+    }
     let size = export.size();
     match req.kind {
-        proto::CMD_DISC => Ok(Outcome::End),
-        proto::CMD_READ => {
-            if req.len > proto::MAX_REQUEST {
-                let e = einval(format!(
-                    "read of {} bytes is over the 32 MiB limit",
-                    req.len
-                ));
-                return send_error(link, n, req.cookie, &e);
-            }
-            if let Err(e) = check_shape(&req, size, proto::CMD_FLAG_DF | proto::CMD_FLAG_FUA) {
-                return send_error(link, n, req.cookie, &e);
-            }
-            read(link, n, export, env, buf, req)
-        }
-        proto::CMD_WRITE => {
-            let e = Error::new(
+        proto::CMD_WRITE | proto::CMD_WRITE_ZEROES => send_error(
+            link,
+            &to,
+            &Error::new(
                 Kind::NotPermitted,
                 "the export of a snapshot cannot be written",
-            );
-            if req.len > proto::MAX_REQUEST {
-                // Too large to skip: answer, then end the connection.
-                send_error(
-                    link,
-                    n,
-                    req.cookie,
-                    &einval(format!(
-                        "write of {} bytes is over the 32 MiB limit",
-                        req.len
-                    )),
-                )?;
-                return Ok(Outcome::End);
-            }
-            read_skip(link, u64::from(req.len))?;
-            send_error(link, n, req.cookie, &e)
-        }
-        proto::CMD_WRITE_ZEROES => {
-            let e = Error::new(
-                Kind::NotPermitted,
-                "the export of a snapshot cannot be written",
-            );
-            send_error(link, n, req.cookie, &e)
-        }
+            ),
+        ),
+        proto::CMD_READ => match check_shape(&req, n.mode, size) {
+            Err(e) => send_error(link, &to, &e),
+            Ok(()) => read(link, n, export, env, buf, req),
+        },
         proto::CMD_FLUSH => {
             if req.offset != 0 || req.len != 0 || req.flags != 0 {
                 return send_error(
                     link,
-                    n,
-                    req.cookie,
+                    &to,
                     &einval("flush with an offset, length or flags".into()),
                 );
             }
-            send_ok(link, n, req.cookie)
+            send_ok(link, &to)
         }
         proto::CMD_TRIM => {
-            if let Err(e) = check_shape(&req, size, proto::CMD_FLAG_FUA) {
-                return send_error(link, n, req.cookie, &e);
+            if let Err(e) = check_shape(&req, n.mode, size) {
+                return send_error(link, &to, &e);
             }
-            match export.trim(req.offset, u64::from(req.len)) {
-                Ok(()) => send_ok(link, n, req.cookie),
-                Err(e) => send_error(link, n, req.cookie, &e),
+            match export.trim(req.offset, req.len) {
+                Ok(()) => send_ok(link, &to),
+                Err(e) => send_error(link, &to, &e),
             }
         }
         proto::CMD_BLOCK_STATUS => {
-            if !n.structured || n.contexts.is_empty() {
+            if let Err(e) = check_shape(&req, n.mode, size) {
+                return send_error(link, &to, &e);
+            }
+            if !n.mode.chunked() || n.contexts.is_empty() {
                 return send_error(
                     link,
-                    n,
-                    req.cookie,
+                    &to,
                     &einval("block status without a meta context".into()),
                 );
             }
             if req.len == 0 {
-                return send_error(
-                    link,
-                    n,
-                    req.cookie,
-                    &einval("block status of length 0".into()),
-                );
-            }
-            if let Err(e) = check_shape(&req, size, proto::CMD_FLAG_REQ_ONE) {
-                return send_error(link, n, req.cookie, &e);
+                return send_error(link, &to, &einval("block status of length 0".into()));
             }
             block_status(link, n, export, req)
         }
         other => send_error(
             link,
-            n,
-            req.cookie,
+            &to,
             &einval(format!("command {other} is not supported")),
         ),
     }
@@ -283,36 +309,18 @@ fn read_skip(link: &mut impl Transport, mut n: u64) -> io::Result<()> {
 }
 
 /// A successful reply without data.
-fn send_ok(link: &mut impl Transport, n: &Negotiated, cookie: u64) -> io::Result<Outcome> {
-    if n.structured {
-        link.write_all(&proto::chunk_header(
-            cookie,
-            proto::REPLY_FLAG_DONE,
-            proto::REPLY_TYPE_NONE,
-            0,
-        ))?;
-    } else {
-        link.write_all(&proto::simple_reply(cookie, 0))?;
-    }
+fn send_ok(link: &mut impl Transport, to: &ReplyTo) -> io::Result<Outcome> {
+    link.write_all(&to.done())?;
     link.flush()?;
     Ok(Outcome::Next)
 }
 
-/// A failed request: the errno QEMU would send, with the message in a structured reply.
-/// An access that ended also ends the connection.
-fn send_error(
-    link: &mut impl Transport,
-    n: &Negotiated,
-    cookie: u64,
-    e: &Error,
-) -> io::Result<Outcome> {
+/// A failed request: the errno QEMU would send, with the message in a structured or
+/// extended reply. An access that ended also ends the connection.
+fn send_error(link: &mut impl Transport, to: &ReplyTo, e: &Error) -> io::Result<Outcome> {
     let errno = wire_errno(e);
     log::debug!("NBD request failed: {}", crate::error::report(e));
-    if n.structured {
-        link.write_all(&proto::error_chunk(cookie, errno, &crate::error::report(e)))?;
-    } else {
-        link.write_all(&proto::simple_reply(cookie, errno))?;
-    }
+    link.write_all(&to.error(errno, &crate::error::report(e)))?;
     link.flush()?;
     Ok(if e.kind() == Kind::Stale {
         Outcome::End
@@ -326,9 +334,9 @@ type ReadResult = Result<Vec<(u64, u64, bool)>, Error>;
 /// The read itself, and its data/hole segments for a structured reply.
 fn read_and_map(export: &Export, buf: &mut [u8], req: Request, sparse: bool) -> ReadResult {
     export.read(req.offset, buf)?;
-    let end = req.offset + u64::from(req.len);
+    let end = req.offset + req.len;
     if sparse {
-        export.segments(req.offset, u64::from(req.len))
+        export.segments(req.offset, req.len)
     } else {
         Ok(vec![(req.offset, end, true)])
     }
@@ -342,8 +350,10 @@ fn read(
     buf: &mut Buf,
     req: Request,
 ) -> io::Result<Outcome> {
+    // At most 32 MiB (checked by `check_shape`).
     let len = req.len as usize;
-    let sparse = n.structured && req.flags & proto::CMD_FLAG_DF == 0;
+    let to = ReplyTo::new(n.mode, &req);
+    let sparse = n.mode.chunked() && req.flags & proto::CMD_FLAG_DF == 0;
     let result = match &env.sched {
         // A pool: the read runs there, below the guest (`--backup-priority low`).
         sched if sched.pooled() && len > 0 => {
@@ -372,42 +382,44 @@ fn read(
     };
     let segments = match result {
         Ok(s) => s,
-        Err(e) => return send_error(link, n, req.cookie, &e),
+        Err(e) => return send_error(link, &to, &e),
     };
-    env.bytes_read
-        .fetch_add(u64::from(req.len), Ordering::Relaxed);
+    env.bytes_read.fetch_add(req.len, Ordering::Relaxed);
     let data = buf.get(len)?;
-    if !n.structured {
-        link.write_all(&proto::simple_reply(req.cookie, 0))?;
+    if !n.mode.chunked() {
+        link.write_all(&to.simple(0))?;
         link.write_all(data)?;
         link.flush()?;
         return Ok(Outcome::Next);
     }
     if segments.is_empty() {
-        return send_ok(link, n, req.cookie);
+        return send_ok(link, &to);
     }
     let last = segments.len() - 1;
     for (i, (start, end, is_data)) in segments.into_iter().enumerate() {
         let flags = if i == last { proto::REPLY_FLAG_DONE } else { 0 };
         let seg_len = (end - start) as u32;
         if is_data {
-            link.write_all(&proto::data_chunk_header(req.cookie, flags, start, seg_len))?;
+            link.write_all(&to.data(flags, start, seg_len))?;
             let from = (start - req.offset) as usize;
             link.write_all(&data[from..from + seg_len as usize])?;
         } else {
-            link.write_all(&proto::hole_chunk(req.cookie, flags, start, seg_len))?;
+            link.write_all(&to.hole(flags, start, seg_len))?;
         }
     }
     link.flush()?;
     Ok(Outcome::Next)
 }
 
+/// One status chunk per selected context, 64-bit with extended headers; with
+/// `NBD_CMD_FLAG_REQ_ONE` one extent each, never past the request's end.
 fn block_status(
     link: &mut impl Transport,
     n: &Negotiated,
     export: &Export,
     req: Request,
 ) -> io::Result<Outcome> {
+    let to = ReplyTo::new(n.mode, &req);
     let max = if req.flags & proto::CMD_FLAG_REQ_ONE != 0 {
         1
     } else {
@@ -422,13 +434,13 @@ fn block_status(
         };
         match extents {
             Ok(e) => chunks.push((id, e)),
-            Err(e) => return send_error(link, n, req.cookie, &e),
+            Err(e) => return send_error(link, &to, &e),
         }
     }
     let last = chunks.len().saturating_sub(1);
     for (i, (id, extents)) in chunks.iter().enumerate() {
         let flags = if i == last { proto::REPLY_FLAG_DONE } else { 0 };
-        link.write_all(&proto::block_status_chunk(req.cookie, flags, *id, extents))?;
+        link.write_all(&to.block_status(flags, *id, extents))?;
     }
     link.flush()?;
     Ok(Outcome::Next)

@@ -185,11 +185,11 @@ impl Export {
     /// before `offset + len`): data (0), holes that read as zeroes (HOLE|ZERO, where
     /// SEEK_HOLE finds them), and ranges that cannot be read (discarded, or outside
     /// the dirty map) as HOLE without ZERO: a reader must not take them for zeroes.
-    pub fn allocation(&self, offset: u64, len: u32, max: usize) -> Result<Vec<(u32, u32)>> {
+    pub fn allocation(&self, offset: u64, len: u64, max: usize) -> Result<Vec<(u64, u32)>> {
         self.check()?;
-        let end = (offset + u64::from(len)).min(self.size());
+        let end = offset.saturating_add(len).min(self.size());
         let id = self.access.id();
-        let mut out: Vec<(u32, u32)> = Vec::new();
+        let mut out: Vec<(u64, u32)> = Vec::new();
         let mut pos = offset;
         while pos < end && out.len() < max {
             let (readable, run_end) = self.access.accessible_run(pos);
@@ -208,7 +208,7 @@ impl Export {
                     )
                 }
             };
-            push_extent(&mut out, (next - pos) as u32, flags);
+            push_extent(&mut out, next - pos, flags);
             pos = next;
         }
         self.check()?;
@@ -217,20 +217,16 @@ impl Export {
 
     /// `qemu:dirty-bitmap:NAME` extents from `offset`: the frozen bitmap of the access,
     /// dirty (1) or clean (0), exactly the ranges of `NAME.dirty`.
-    pub fn dirty(&self, offset: u64, len: u32, max: usize) -> Result<Vec<(u32, u32)>> {
+    pub fn dirty(&self, offset: u64, len: u64, max: usize) -> Result<Vec<(u64, u32)>> {
         self.check()?;
-        let end = (offset + u64::from(len)).min(self.size());
+        let end = offset.saturating_add(len).min(self.size());
         let map = self.access.dirty_map();
         let mut out = Vec::new();
         let mut pos = offset;
         while pos < end && out.len() < max {
             let (dirty, run_end) = map.run_at(pos);
             let next = run_end.min(end).max(pos + 1);
-            push_extent(
-                &mut out,
-                (next - pos) as u32,
-                u32::from(dirty) * proto::STATE_DIRTY,
-            );
+            push_extent(&mut out, next - pos, u32::from(dirty) * proto::STATE_DIRTY);
             pos = next;
         }
         Ok(out)
@@ -245,7 +241,7 @@ impl Export {
 }
 
 /// Appends an extent, merging it with the last one when the flags are the same.
-fn push_extent(out: &mut Vec<(u32, u32)>, len: u32, flags: u32) {
+fn push_extent(out: &mut Vec<(u64, u32)>, len: u64, flags: u32) {
     match out.last_mut() {
         Some(last) if last.1 == flags => last.0 += len,
         _ => out.push((len, flags)),

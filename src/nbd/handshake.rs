@@ -2,8 +2,12 @@
 //! client picks an export (`NBD_OPT_GO`, `NBD_OPT_EXPORT_NAME`) or leaves. Where the
 //! protocol leaves a choice, this does what QEMU's server does (`nbd/server.c`): an
 //! unknown option gets `NBD_REP_ERR_UNSUP`, an unknown export `NBD_REP_ERR_UNKNOWN`,
-//! `SET_META_CONTEXT` before `STRUCTURED_REPLY` `NBD_REP_ERR_INVALID`, and while TLS
-//! is required every option but `STARTTLS` and `ABORT` `NBD_REP_ERR_TLS_REQD`.
+//! `SET_META_CONTEXT` before `STRUCTURED_REPLY` or `EXTENDED_HEADERS`
+//! `NBD_REP_ERR_INVALID`, and while TLS is required every option but `STARTTLS` and
+//! `ABORT` `NBD_REP_ERR_TLS_REQD`. `EXTENDED_HEADERS` is accepted with or without
+//! structured replies before it (a second one is `NBD_REP_ERR_INVALID`;
+//! `STRUCTURED_REPLY` after it `NBD_REP_ERR_EXT_HEADER_REQD`; `EXPORT_NAME` after it
+//! ends the connection); `STARTTLS` forgets the headers and contexts negotiated before.
 //!
 //! Bounded: at most [`MAX_OPTIONS`] options, each at most [`proto::MAX_OPTION`] bytes
 //! (a larger one is refused and the client dropped); the caller bounds the time.
@@ -12,6 +16,7 @@ use std::io::{self, Read, Write};
 
 use crate::nbd::export::{Catalog, ExportInfo, BASE_ALLOCATION, DIRTY_BITMAP_PREFIX};
 use crate::nbd::proto;
+use crate::nbd::transmit::Mode;
 
 /// Options a client may send before it picks an export.
 pub const MAX_OPTIONS: usize = 256;
@@ -38,8 +43,8 @@ pub trait Link: Read + Write {
 pub struct Negotiated {
     /// The export.
     pub export: ExportInfo,
-    /// Structured replies were negotiated.
-    pub structured: bool,
+    /// The headers of the transmission phase.
+    pub mode: Mode,
     /// The meta contexts selected (ids) for `NBD_CMD_BLOCK_STATUS`.
     pub contexts: Vec<u32>,
 }
@@ -128,7 +133,7 @@ pub fn negotiate(link: &mut impl Link, catalog: &dyn Catalog) -> Result<Negotiat
         )));
     }
     let no_zeroes = flags & proto::FLAG_C_NO_ZEROES != 0;
-    let mut structured = false;
+    let mut mode = Mode::Simple;
     // The meta contexts set, and the export they were set for.
     let mut contexts: Option<(String, Vec<u32>)> = None;
     for _ in 0..MAX_OPTIONS {
@@ -172,7 +177,7 @@ pub fn negotiate(link: &mut impl Link, catalog: &dyn Catalog) -> Result<Negotiat
                     reply(link, h.option, proto::REP_ACK, &[])?;
                     link.start_tls()?;
                     // Everything negotiated in clear text is forgotten.
-                    structured = false;
+                    mode = Mode::Simple;
                     contexts = None;
                 }
             }
@@ -202,8 +207,37 @@ pub fn negotiate(link: &mut impl Link, catalog: &dyn Catalog) -> Result<Negotiat
             proto::OPT_STRUCTURED_REPLY => {
                 if !data.is_empty() {
                     error_reply(link, h.option, proto::REP_ERR_INVALID, "no data expected")?;
+                } else if mode == Mode::Extended {
+                    error_reply(
+                        link,
+                        h.option,
+                        proto::REP_ERR_EXT_HEADER_REQD,
+                        "extended headers already negotiated",
+                    )?;
+                } else if mode == Mode::Structured {
+                    error_reply(
+                        link,
+                        h.option,
+                        proto::REP_ERR_INVALID,
+                        "structured replies already negotiated",
+                    )?;
                 } else {
-                    structured = true;
+                    mode = Mode::Structured;
+                    reply(link, h.option, proto::REP_ACK, &[])?;
+                }
+            }
+            proto::OPT_EXTENDED_HEADERS => {
+                if !data.is_empty() {
+                    error_reply(link, h.option, proto::REP_ERR_INVALID, "no data expected")?;
+                } else if mode == Mode::Extended {
+                    error_reply(
+                        link,
+                        h.option,
+                        proto::REP_ERR_INVALID,
+                        "extended headers already negotiated",
+                    )?;
+                } else {
+                    mode = Mode::Extended;
                     reply(link, h.option, proto::REP_ACK, &[])?;
                 }
             }
@@ -213,12 +247,13 @@ pub fn negotiate(link: &mut impl Link, catalog: &dyn Catalog) -> Result<Negotiat
                     error_reply(link, h.option, proto::REP_ERR_INVALID, "malformed request")?;
                     continue;
                 };
-                if set && !structured {
+                if set && !mode.chunked() {
                     error_reply(
                         link,
                         h.option,
                         proto::REP_ERR_INVALID,
-                        "NBD_OPT_SET_META_CONTEXT needs structured replies first",
+                        "NBD_OPT_SET_META_CONTEXT needs structured replies or extended \
+                         headers first",
                     )?;
                     continue;
                 }
@@ -279,10 +314,16 @@ pub fn negotiate(link: &mut impl Link, catalog: &dyn Catalog) -> Result<Negotiat
                     };
                     return Ok(Negotiated {
                         export,
-                        structured,
+                        mode,
                         contexts,
                     });
                 }
+            }
+            proto::OPT_EXPORT_NAME if mode == Mode::Extended => {
+                // The protocol forbids it after extended headers; no error reply exists.
+                return Err(Refused::Protocol(
+                    "NBD_OPT_EXPORT_NAME after extended headers".into(),
+                ));
             }
             proto::OPT_EXPORT_NAME => {
                 let name = std::str::from_utf8(&data).unwrap_or("");
@@ -308,7 +349,7 @@ pub fn negotiate(link: &mut impl Link, catalog: &dyn Catalog) -> Result<Negotiat
                 };
                 return Ok(Negotiated {
                     export,
-                    structured,
+                    mode,
                     contexts,
                 });
             }

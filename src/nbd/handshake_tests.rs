@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::nbd::proto::*;
+use crate::nbd::transmit::Mode;
 
 /// A link whose input is a script and whose output is recorded.
 struct Script {
@@ -141,7 +142,7 @@ fn go_with_structured_replies_and_both_contexts() {
         (false, false),
     );
     let n = r.unwrap();
-    assert!(n.structured);
+    assert_eq!(n.mode, Mode::Structured);
     assert_eq!(n.contexts, [CONTEXT_ALLOCATION, CONTEXT_DIRTY]);
     assert_eq!(n.export.name, "vda");
     let kinds: Vec<u32> = replies.iter().map(|r| r.1).collect();
@@ -219,7 +220,7 @@ fn set_meta_context_needs_structured_replies() {
     );
     assert_eq!(replies[0].1, REP_ERR_INVALID);
     let n = r.unwrap();
-    assert!(!n.structured);
+    assert_eq!(n.mode, Mode::Simple);
     assert!(n.contexts.is_empty());
 }
 
@@ -338,4 +339,103 @@ fn export_name_without_no_zeroes_pads() {
     let n = negotiate(&mut s, &catalog()).unwrap();
     assert_eq!(n.export.name, "vda");
     assert_eq!(s.output.len(), 18 + 8 + 2 + 124);
+}
+
+#[test]
+fn extended_headers_with_or_without_structured_replies() {
+    // alone, as QEMU's client asks: then meta contexts and GO
+    let (r, replies) = run(
+        FLAGS,
+        &[
+            option(OPT_EXTENDED_HEADERS, &[]),
+            option(
+                OPT_SET_META_CONTEXT,
+                &meta("vda", &["base:allocation", "qemu:dirty-bitmap:b1"]),
+            ),
+            option(OPT_GO, &info("vda", &[])),
+        ],
+        (false, false),
+    );
+    let n = r.unwrap();
+    assert_eq!(n.mode, Mode::Extended);
+    assert_eq!(n.contexts, [CONTEXT_ALLOCATION, CONTEXT_DIRTY]);
+    assert_eq!(replies[0], (OPT_EXTENDED_HEADERS, REP_ACK, Vec::new()));
+    // after structured replies; a second one, structured replies after it, data: errors
+    // that leave what was negotiated
+    let (r, replies) = run(
+        FLAGS,
+        &[
+            option(OPT_STRUCTURED_REPLY, &[]),
+            option(OPT_EXTENDED_HEADERS, b"x"),
+            option(OPT_EXTENDED_HEADERS, &[]),
+            option(OPT_EXTENDED_HEADERS, &[]),
+            option(OPT_STRUCTURED_REPLY, &[]),
+            option(OPT_GO, &info("vda", &[])),
+        ],
+        (false, false),
+    );
+    assert_eq!(r.unwrap().mode, Mode::Extended);
+    let kinds: Vec<(u32, u32)> = replies.iter().map(|r| (r.0, r.1)).collect();
+    assert_eq!(
+        kinds[..5],
+        [
+            (OPT_STRUCTURED_REPLY, REP_ACK),
+            (OPT_EXTENDED_HEADERS, REP_ERR_INVALID),
+            (OPT_EXTENDED_HEADERS, REP_ACK),
+            (OPT_EXTENDED_HEADERS, REP_ERR_INVALID),
+            (OPT_STRUCTURED_REPLY, REP_ERR_EXT_HEADER_REQD),
+        ]
+    );
+    // a second STRUCTURED_REPLY is refused as QEMU refuses it
+    let (r, replies) = run(
+        FLAGS,
+        &[
+            option(OPT_STRUCTURED_REPLY, &[]),
+            option(OPT_STRUCTURED_REPLY, &[]),
+            option(OPT_GO, &info("vda", &[])),
+        ],
+        (false, false),
+    );
+    assert_eq!(r.unwrap().mode, Mode::Structured);
+    assert_eq!(replies[1].1, REP_ERR_INVALID);
+}
+
+#[test]
+fn extended_headers_end_export_name_and_need_tls_first() {
+    // NBD_OPT_EXPORT_NAME after extended headers: the connection is dropped
+    let (r, _) = run(
+        FLAGS,
+        &[
+            option(OPT_EXTENDED_HEADERS, &[]),
+            option(OPT_EXPORT_NAME, b"vda"),
+        ],
+        (false, false),
+    );
+    assert!(matches!(r, Err(Refused::Protocol(_))));
+    // before the required TLS: refused; STARTTLS forgets what came before it
+    let (r, replies) = run(
+        FLAGS,
+        &[
+            option(OPT_EXTENDED_HEADERS, &[]),
+            option(OPT_STARTTLS, &[]),
+            option(OPT_GO, &info("vda", &[])),
+        ],
+        (true, true),
+    );
+    assert_eq!(replies[0].1, REP_ERR_TLS_REQD);
+    assert_eq!(r.unwrap().mode, Mode::Simple);
+    let (r, _) = run(
+        FLAGS,
+        &[
+            option(OPT_STRUCTURED_REPLY, &[]),
+            option(OPT_EXTENDED_HEADERS, &[]),
+            option(OPT_SET_META_CONTEXT, &meta("vda", &["base:allocation"])),
+            option(OPT_STARTTLS, &[]),
+            option(OPT_GO, &info("vda", &[])),
+        ],
+        (true, false),
+    );
+    let n = r.unwrap();
+    assert_eq!(n.mode, Mode::Simple);
+    assert!(n.contexts.is_empty());
 }

@@ -3,9 +3,11 @@
 //! NBD into the engine calls the FUSE adapter makes for `snapshot/NAME` (reads, SEEK_DATA
 //! and SEEK_HOLE, punch-hole discards, the dirty map) and nothing else.
 //!
-//! - `proto.rs`: the wire format;
+//! - `proto.rs`: the wire format: numbers, flags, negotiation messages;
+//! - `transmit.rs`: requests and replies of the transmission phase (compact,
+//!   structured, extended headers);
 //! - `handshake.rs`: the option negotiation (fixed newstyle, STARTTLS, INFO/GO, meta
-//!   contexts);
+//!   contexts, extended headers);
 //! - `export.rs`: an export bound to its access, and the catalog of exports;
 //! - `conn.rs`: the transmission phase of one connection;
 //! - `server.rs`: listeners, the accept and connection threads, their bounds, `status`;
@@ -17,6 +19,7 @@ pub mod handshake;
 pub mod link;
 pub mod proto;
 pub mod server;
+pub mod transmit;
 
 use std::io;
 use std::net::SocketAddr;

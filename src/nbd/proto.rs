@@ -1,7 +1,8 @@
-//! The NBD wire format (the NetworkBlockDevice project's `doc/proto.md`): magics,
-//! option and command numbers, flags, and the encoding of every message this server
-//! sends or receives. Pure functions over byte slices and `Read`/`Write`, so tests pass
-//! a `Vec<u8>`; no policy (what to answer is in `handshake.rs` and `conn.rs`).
+//! The NBD wire format (the NetworkBlockDevice project's `doc/proto.md`, with its
+//! `EXTENDED_HEADERS` extension): magics, option and command numbers, flags, the errno
+//! mapping, and the encoding of the negotiation's messages (the transmission phase's
+//! requests and replies are in `transmit.rs`). Pure functions over byte slices, so tests
+//! pass a `Vec<u8>`; no policy (what to answer is in `handshake.rs` and `conn.rs`).
 
 /// `NBDMAGIC`: the first 8 bytes the server sends.
 pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
@@ -9,12 +10,16 @@ pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
 /// The magic of an option reply.
 pub const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
-/// The magic of a (compact) request.
+/// The magic of a compact request.
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
+/// The magic of an extended request (after `NBD_OPT_EXTENDED_HEADERS`).
+pub const EXTENDED_REQUEST_MAGIC: u32 = 0x21e4_1c71;
 /// The magic of a simple reply.
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 /// The magic of a structured reply chunk.
 pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+/// The magic of an extended reply chunk (after `NBD_OPT_EXTENDED_HEADERS`).
+pub const EXTENDED_REPLY_MAGIC: u32 = 0x6e8a_278c;
 
 /// Handshake flags (server): fixed newstyle.
 pub const FLAG_FIXED_NEWSTYLE: u16 = 1;
@@ -56,7 +61,7 @@ pub const OPT_STRUCTURED_REPLY: u32 = 8;
 pub const OPT_LIST_META_CONTEXT: u32 = 9;
 /// Selects meta contexts for `NBD_CMD_BLOCK_STATUS`.
 pub const OPT_SET_META_CONTEXT: u32 = 10;
-/// 64-bit requests and replies (not offered).
+/// Extended headers: 32-byte requests and replies with 64-bit lengths.
 pub const OPT_EXTENDED_HEADERS: u32 = 11;
 
 /// Option replies.
@@ -80,6 +85,8 @@ pub const REP_ERR_TLS_REQD: u32 = REP_ERR | 5;
 pub const REP_ERR_UNKNOWN: u32 = REP_ERR | 6;
 /// The option is too large.
 pub const REP_ERR_TOO_BIG: u32 = REP_ERR | 9;
+/// Extended headers are required (or, for `STRUCTURED_REPLY`, already negotiated).
+pub const REP_ERR_EXT_HEADER_REQD: u32 = REP_ERR | 10;
 
 /// Info types.
 pub const INFO_EXPORT: u16 = 0;
@@ -113,6 +120,8 @@ pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
 pub const CMD_FLAG_DF: u16 = 1 << 2;
 /// Block status: one extent per context.
 pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
+/// Extended headers: the length is that of a payload after the header.
+pub const CMD_FLAG_PAYLOAD_LEN: u16 = 1 << 5;
 
 /// Structured reply flag: the last chunk.
 pub const REPLY_FLAG_DONE: u16 = 1;
@@ -122,8 +131,10 @@ pub const REPLY_TYPE_NONE: u16 = 0;
 pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
 /// Zeroes at an offset.
 pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
-/// Extents of one meta context.
+/// Extents of one meta context (32-bit lengths).
 pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+/// Extents of one meta context (64-bit lengths and flags; extended headers only).
+pub const REPLY_TYPE_BLOCK_STATUS_EXT: u16 = 6;
 /// An error for the whole request.
 pub const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
 
@@ -346,117 +357,6 @@ pub fn rep_meta_context(id: u32, name: &str) -> Vec<u8> {
     b
 }
 
-/// One request of the transmission phase.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Request {
-    /// Command flags.
-    pub flags: u16,
-    /// The command.
-    pub kind: u16,
-    /// The client's cookie, returned in the reply.
-    pub cookie: u64,
-    /// Byte offset.
-    pub offset: u64,
-    /// Length (of the data to write, or to read, trim, describe).
-    pub len: u32,
-}
-
-/// Size of a compact request header.
-pub const REQUEST_LEN: usize = 28;
-
-/// Parses a request header; `None` for a wrong magic.
-pub fn parse_request(b: &[u8; REQUEST_LEN]) -> Option<Request> {
-    if u32::from_be_bytes(b[..4].try_into().ok()?) != REQUEST_MAGIC {
-        return None;
-    }
-    Some(Request {
-        flags: u16::from_be_bytes(b[4..6].try_into().ok()?),
-        kind: u16::from_be_bytes(b[6..8].try_into().ok()?),
-        cookie: u64::from_be_bytes(b[8..16].try_into().ok()?),
-        offset: u64::from_be_bytes(b[16..24].try_into().ok()?),
-        len: u32::from_be_bytes(b[24..28].try_into().ok()?),
-    })
-}
-
-/// A simple reply header (data, if any, follows).
-pub fn simple_reply(cookie: u64, error: u32) -> [u8; 16] {
-    let mut b = [0u8; 16];
-    b[..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
-    b[4..8].copy_from_slice(&error.to_be_bytes());
-    b[8..].copy_from_slice(&cookie.to_be_bytes());
-    b
-}
-
-/// A structured reply chunk header for a payload of `len` bytes.
-pub fn chunk_header(cookie: u64, flags: u16, kind: u16, len: u32) -> [u8; 20] {
-    let mut b = [0u8; 20];
-    b[..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
-    b[4..6].copy_from_slice(&flags.to_be_bytes());
-    b[6..8].copy_from_slice(&kind.to_be_bytes());
-    b[8..16].copy_from_slice(&cookie.to_be_bytes());
-    b[16..].copy_from_slice(&len.to_be_bytes());
-    b
-}
-
-/// A structured `NBD_REPLY_TYPE_ERROR` chunk (the last one) with a message.
-pub fn error_chunk(cookie: u64, error: u32, message: &str) -> Vec<u8> {
-    // The message is at most a few hundred bytes: cut at a char boundary below 4096.
-    let mut end = message.len().min(MAX_STRING);
-    while !message.is_char_boundary(end) {
-        end -= 1;
-    }
-    let msg = &message.as_bytes()[..end];
-    let mut b = chunk_header(
-        cookie,
-        REPLY_FLAG_DONE,
-        REPLY_TYPE_ERROR,
-        (6 + msg.len()) as u32,
-    )
-    .to_vec();
-    b.extend_from_slice(&error.to_be_bytes());
-    b.extend_from_slice(&(msg.len() as u16).to_be_bytes());
-    b.extend_from_slice(msg);
-    b
-}
-
-/// A structured `NBD_REPLY_TYPE_OFFSET_HOLE` chunk.
-pub fn hole_chunk(cookie: u64, flags: u16, offset: u64, len: u32) -> Vec<u8> {
-    let mut b = chunk_header(cookie, flags, REPLY_TYPE_OFFSET_HOLE, 12).to_vec();
-    b.extend_from_slice(&offset.to_be_bytes());
-    b.extend_from_slice(&len.to_be_bytes());
-    b
-}
-
-/// The header of a structured `NBD_REPLY_TYPE_OFFSET_DATA` chunk (the data follows).
-pub fn data_chunk_header(cookie: u64, flags: u16, offset: u64, len: u32) -> [u8; 28] {
-    let mut b = [0u8; 28];
-    b[..20].copy_from_slice(&chunk_header(
-        cookie,
-        flags,
-        REPLY_TYPE_OFFSET_DATA,
-        len + 8,
-    ));
-    b[20..].copy_from_slice(&offset.to_be_bytes());
-    b
-}
-
-/// A structured `NBD_REPLY_TYPE_BLOCK_STATUS` chunk: extents of (length, flags).
-pub fn block_status_chunk(
-    cookie: u64,
-    flags: u16,
-    context: u32,
-    extents: &[(u32, u32)],
-) -> Vec<u8> {
-    let len = 4 + 8 * extents.len();
-    let mut b = chunk_header(cookie, flags, REPLY_TYPE_BLOCK_STATUS, len as u32).to_vec();
-    b.extend_from_slice(&context.to_be_bytes());
-    for (l, f) in extents {
-        b.extend_from_slice(&l.to_be_bytes());
-        b.extend_from_slice(&f.to_be_bytes());
-    }
-    b
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -541,48 +441,6 @@ mod tests {
         let mut d = 0u32.to_be_bytes().to_vec();
         d.extend_from_slice(&u32::MAX.to_be_bytes());
         assert_eq!(parse_meta_request(&d), None);
-    }
-
-    #[test]
-    fn requests_parse_and_bad_magic_fails() {
-        let mut b = [0u8; REQUEST_LEN];
-        b[..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        b[4..6].copy_from_slice(&CMD_FLAG_DF.to_be_bytes());
-        b[6..8].copy_from_slice(&CMD_READ.to_be_bytes());
-        b[8..16].copy_from_slice(&42u64.to_be_bytes());
-        b[16..24].copy_from_slice(&4096u64.to_be_bytes());
-        b[24..].copy_from_slice(&512u32.to_be_bytes());
-        assert_eq!(
-            parse_request(&b),
-            Some(Request {
-                flags: CMD_FLAG_DF,
-                kind: CMD_READ,
-                cookie: 42,
-                offset: 4096,
-                len: 512
-            })
-        );
-        b[3] ^= 1;
-        assert_eq!(parse_request(&b), None);
-    }
-
-    #[test]
-    fn replies_have_their_layout() {
-        let r = simple_reply(7, EPERM);
-        assert_eq!(&r[..4], &SIMPLE_REPLY_MAGIC.to_be_bytes());
-        assert_eq!(&r[4..8], &1u32.to_be_bytes());
-        let e = error_chunk(9, EINVAL, "no");
-        assert_eq!(e.len(), 20 + 6 + 2);
-        assert_eq!(&e[16..20], &8u32.to_be_bytes());
-        let long = "é".repeat(3000);
-        let e = error_chunk(9, EINVAL, &long);
-        assert!(e.len() <= 20 + 6 + MAX_STRING);
-        assert!(std::str::from_utf8(&e[26..]).is_ok());
-        let s = block_status_chunk(1, REPLY_FLAG_DONE, 2, &[(4096, 3), (512, 0)]);
-        assert_eq!(s.len(), 20 + 4 + 16);
-        let d = data_chunk_header(1, 0, 8192, 100);
-        assert_eq!(&d[16..20], &108u32.to_be_bytes());
-        assert_eq!(hole_chunk(1, 0, 0, 5).len(), 32);
     }
 
     #[test]

@@ -369,7 +369,11 @@ fn connection(shared: &Shared, id: u64, kind: SockKind, tcp: bool) {
         c.export = Some((export.name().to_string(), export.access_id()));
         c.bytes_read.clone()
     };
-    log::info!("NBD client {peer} connected to export '{}'", export.name());
+    log::info!(
+        "NBD client {peer} connected to export '{}' ({})",
+        export.name(),
+        n.mode.describe()
+    );
     let env = ConnEnv {
         sched: shared.sched.clone(),
         stop: shared.stop.clone(),

@@ -1,0 +1,522 @@
+//! The NBD server in-process over an engine (no FUSE, no root), spoken to byte by byte
+//! by a small client: extended headers (64-bit lengths for trim and block status over an
+//! export larger than 4 GiB, 64-bit status chunks, one extent with REQ_ONE), clients
+//! without them unchanged, and hostile requests after extended headers (lengths that
+//! overflow or pass the end, misused payload lengths, the wrong magic), each answered
+//! with an error or a disconnect, the server serving the next client.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleecefs::engine::Engine;
+use fleecefs::nbd::proto::*;
+use fleecefs::nbd::server::{Listener, NbdConfig, NbdServer};
+use fleecefs::nbd::Listen;
+use fleecefs::sched::BackupScheduler;
+
+mod support;
+use support::EngineBuilder;
+
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+/// The export of the large tests: 6 GiB, sparse, data at 0 and at 5 GiB.
+const BIG: u64 = 6 * GIB;
+const FAR: u64 = 5 * GIB;
+
+/// An engine over one sparse image `d` with an access (a new bitmap `b`: all dirty),
+/// and an NBD server on a Unix socket.
+struct Served {
+    _dir: tempfile::TempDir,
+    engine: Arc<Engine>,
+    server: NbdServer,
+    sock: PathBuf,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.server.stop();
+        self.engine.shutdown();
+    }
+}
+
+fn serve(size: u64, data: &[(u64, u8, u64)]) -> Served {
+    let dir = tempfile::tempdir().unwrap();
+    let img = EngineBuilder::image(dir.path(), "d");
+    let f = std::fs::File::create(&img).unwrap();
+    f.set_len(size).unwrap();
+    for &(offset, byte, len) in data {
+        f.write_all_at(&vec![byte; len as usize], offset).unwrap();
+    }
+    drop(f);
+    let engine = Arc::new(
+        EngineBuilder::new(dir.path())
+            .existing_device("d")
+            .with_state()
+            .build(),
+    );
+    engine.setup("t", None, Some("b")).unwrap();
+    let sock = dir.path().join("nbd.sock");
+    let l = UnixListener::bind(&sock).unwrap();
+    let config = NbdConfig {
+        listen: vec![Listen::Unix(sock.clone())],
+        ..NbdConfig::default()
+    };
+    let server = NbdServer::start(
+        engine.clone(),
+        Arc::new(BackupScheduler::inline()),
+        config,
+        vec![Listener::Unix(l)],
+    )
+    .unwrap();
+    Served {
+        _dir: dir,
+        engine,
+        server,
+        sock,
+    }
+}
+
+/// One reply message: a simple reply, or a structured or extended chunk.
+#[derive(Debug)]
+struct Reply {
+    magic: u32,
+    flags: u16,
+    kind: u16,
+    cookie: u64,
+    /// The request's offset, repeated in extended chunks.
+    offset: Option<u64>,
+    /// The error of a simple reply.
+    error: u32,
+    payload: Vec<u8>,
+}
+
+impl Reply {
+    fn errno(&self) -> u32 {
+        if self.magic == SIMPLE_REPLY_MAGIC {
+            self.error
+        } else if self.kind == REPLY_TYPE_ERROR {
+            u32::from_be_bytes(self.payload[..4].try_into().unwrap())
+        } else {
+            0
+        }
+    }
+    fn done(&self) -> bool {
+        self.magic == SIMPLE_REPLY_MAGIC || self.flags & REPLY_FLAG_DONE != 0
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Headers {
+    Simple,
+    Structured,
+    Extended,
+}
+
+struct Client {
+    s: UnixStream,
+    headers: Headers,
+}
+
+fn be32(b: &[u8]) -> u32 {
+    u32::from_be_bytes(b[..4].try_into().unwrap())
+}
+fn be64(b: &[u8]) -> u64 {
+    u64::from_be_bytes(b[..8].try_into().unwrap())
+}
+
+impl Client {
+    fn connect(sock: &Path, headers: Headers, contexts: &[&str]) -> Client {
+        let s = UnixStream::connect(sock).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut c = Client { s, headers };
+        let mut g = [0u8; 18];
+        c.s.read_exact(&mut g).unwrap();
+        assert_eq!(&g[..8], b"NBDMAGIC");
+        c.s.write_all(&3u32.to_be_bytes()).unwrap();
+        match headers {
+            Headers::Simple => {}
+            Headers::Structured => assert_eq!(c.option(OPT_STRUCTURED_REPLY, &[]), REP_ACK),
+            Headers::Extended => assert_eq!(c.option(OPT_EXTENDED_HEADERS, &[]), REP_ACK),
+        }
+        if !contexts.is_empty() {
+            let mut d = 1u32.to_be_bytes().to_vec();
+            d.push(b'd');
+            d.extend_from_slice(&(contexts.len() as u32).to_be_bytes());
+            for q in contexts {
+                d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+                d.extend_from_slice(q.as_bytes());
+            }
+            assert_eq!(c.option(OPT_SET_META_CONTEXT, &d), REP_ACK);
+        }
+        let go = [0, 0, 0, 1, b'd', 0, 0];
+        assert_eq!(c.option(OPT_GO, &go), REP_ACK);
+        c
+    }
+
+    /// Sends an option; the type of the last reply (ACK or an error).
+    fn option(&mut self, opt: u32, data: &[u8]) -> u32 {
+        let mut b = IHAVEOPT.to_be_bytes().to_vec();
+        b.extend_from_slice(&opt.to_be_bytes());
+        b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        b.extend_from_slice(data);
+        self.s.write_all(&b).unwrap();
+        loop {
+            let mut h = [0u8; 20];
+            self.s.read_exact(&mut h).unwrap();
+            assert_eq!(be64(&h), REPLY_MAGIC);
+            let kind = be32(&h[12..]);
+            let mut d = vec![0u8; be32(&h[16..]) as usize];
+            self.s.read_exact(&mut d).unwrap();
+            if kind == REP_ACK || kind & (1 << 31) != 0 {
+                return kind;
+            }
+        }
+    }
+
+    /// A request header in the negotiated form (compact: the low 32 bits of `len`).
+    fn request(&mut self, flags: u16, kind: u16, cookie: u64, offset: u64, len: u64) {
+        let extended = self.headers == Headers::Extended;
+        let magic = if extended {
+            EXTENDED_REQUEST_MAGIC
+        } else {
+            REQUEST_MAGIC
+        };
+        let mut b = magic.to_be_bytes().to_vec();
+        b.extend_from_slice(&flags.to_be_bytes());
+        b.extend_from_slice(&kind.to_be_bytes());
+        b.extend_from_slice(&cookie.to_be_bytes());
+        b.extend_from_slice(&offset.to_be_bytes());
+        if extended {
+            b.extend_from_slice(&len.to_be_bytes());
+        } else {
+            b.extend_from_slice(&(len as u32).to_be_bytes());
+        }
+        self.s.write_all(&b).unwrap();
+    }
+
+    /// The next reply message; a simple reply to a read brings `read_len` bytes.
+    fn reply(&mut self, read_len: usize) -> Reply {
+        let mut m = [0u8; 4];
+        self.s.read_exact(&mut m).unwrap();
+        let magic = be32(&m);
+        match magic {
+            SIMPLE_REPLY_MAGIC => {
+                assert_ne!(self.headers, Headers::Extended, "a simple reply");
+                let mut h = [0u8; 12];
+                self.s.read_exact(&mut h).unwrap();
+                let error = be32(&h);
+                let mut payload = vec![0u8; if error == 0 { read_len } else { 0 }];
+                self.s.read_exact(&mut payload).unwrap();
+                Reply {
+                    magic,
+                    flags: 0,
+                    kind: 0,
+                    cookie: be64(&h[4..]),
+                    offset: None,
+                    error,
+                    payload,
+                }
+            }
+            STRUCTURED_REPLY_MAGIC => {
+                assert_eq!(self.headers, Headers::Structured, "a structured chunk");
+                let mut h = [0u8; 16];
+                self.s.read_exact(&mut h).unwrap();
+                let mut payload = vec![0u8; be32(&h[12..]) as usize];
+                self.s.read_exact(&mut payload).unwrap();
+                Reply {
+                    magic,
+                    flags: u16::from_be_bytes([h[0], h[1]]),
+                    kind: u16::from_be_bytes([h[2], h[3]]),
+                    cookie: be64(&h[4..]),
+                    offset: None,
+                    error: 0,
+                    payload,
+                }
+            }
+            EXTENDED_REPLY_MAGIC => {
+                assert_eq!(self.headers, Headers::Extended, "an extended chunk");
+                let mut h = [0u8; 28];
+                self.s.read_exact(&mut h).unwrap();
+                let len = be64(&h[20..]);
+                assert!(len < 64 * MIB, "payload length {len}");
+                let mut payload = vec![0u8; len as usize];
+                self.s.read_exact(&mut payload).unwrap();
+                Reply {
+                    magic,
+                    flags: u16::from_be_bytes([h[0], h[1]]),
+                    kind: u16::from_be_bytes([h[2], h[3]]),
+                    cookie: be64(&h[4..]),
+                    offset: Some(be64(&h[12..])),
+                    error: 0,
+                    payload,
+                }
+            }
+            other => panic!("reply magic {other:#x}"),
+        }
+    }
+
+    /// Every reply message of one request, up to the final one.
+    fn replies(&mut self, cookie: u64, read_len: usize) -> Vec<Reply> {
+        let mut out = Vec::new();
+        loop {
+            let r = self.reply(read_len);
+            assert_eq!(r.cookie, cookie);
+            let done = r.done();
+            out.push(r);
+            if done {
+                return out;
+            }
+        }
+    }
+
+    /// The errno of a request's reply (0 for success).
+    fn errno_of(&mut self, flags: u16, kind: u16, cookie: u64, offset: u64, len: u64) -> u32 {
+        self.request(flags, kind, cookie, offset, len);
+        let read_len = if kind == CMD_READ { len as usize } else { 0 };
+        let r = self.replies(cookie, read_len);
+        r.last().unwrap().errno()
+    }
+
+    /// Reads `len` bytes at `offset` (holes as zeroes).
+    fn read(&mut self, cookie: u64, offset: u64, len: usize) -> Vec<u8> {
+        self.request(0, CMD_READ, cookie, offset, len as u64);
+        let mut data = vec![0u8; len];
+        for r in self.replies(cookie, len) {
+            assert_eq!(r.errno(), 0, "read {offset}+{len}: {r:?}");
+            if r.magic == SIMPLE_REPLY_MAGIC {
+                data.copy_from_slice(&r.payload);
+                continue;
+            }
+            if let Some(o) = r.offset {
+                assert_eq!(o, offset, "an extended chunk repeats the request's offset");
+            }
+            match r.kind {
+                REPLY_TYPE_OFFSET_DATA => {
+                    let at = (be64(&r.payload) - offset) as usize;
+                    data[at..at + r.payload.len() - 8].copy_from_slice(&r.payload[8..]);
+                }
+                REPLY_TYPE_OFFSET_HOLE | REPLY_TYPE_NONE => {}
+                k => panic!("chunk type {k} in a read"),
+            }
+        }
+        data
+    }
+
+    /// Block status: per context id, its extents (length, flags).
+    fn block_status(
+        &mut self,
+        flags: u16,
+        cookie: u64,
+        offset: u64,
+        len: u64,
+    ) -> Vec<(u32, Vec<(u64, u64)>)> {
+        self.request(flags, CMD_BLOCK_STATUS, cookie, offset, len);
+        let mut out = Vec::new();
+        for r in self.replies(cookie, 0) {
+            assert_eq!(r.errno(), 0, "block status {offset}+{len}: {r:?}");
+            let p = &r.payload;
+            let mut extents = Vec::new();
+            if self.headers == Headers::Extended {
+                assert_eq!(r.kind, REPLY_TYPE_BLOCK_STATUS_EXT);
+                assert_eq!(r.offset, Some(offset));
+                let count = be32(&p[4..]) as usize;
+                assert_eq!(p.len(), 8 + 16 * count, "descriptor count");
+                for e in p[8..].chunks(16) {
+                    extents.push((be64(e), be64(&e[8..])));
+                }
+            } else {
+                assert_eq!(r.kind, REPLY_TYPE_BLOCK_STATUS);
+                for e in p[4..].chunks(8) {
+                    extents.push((u64::from(be32(e)), u64::from(be32(&e[4..]))));
+                }
+            }
+            out.push((be32(p), extents));
+        }
+        out
+    }
+
+    /// Whether the server closes the connection (no more bytes) within the timeout.
+    fn closed(&mut self) -> bool {
+        let mut b = [0u8; 4096];
+        loop {
+            match self.s.read(&mut b) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+                Err(_) => return false,
+            }
+        }
+    }
+}
+
+const CONTEXTS: [&str; 2] = ["base:allocation", "qemu:dirty-bitmap:b"];
+const HOLE_ZERO: u64 = (STATE_HOLE | STATE_ZERO) as u64;
+
+fn fleecing_allocated(e: &Engine) -> u64 {
+    assert!(e.wait_for_copies(Duration::from_secs(20)));
+    e.status()
+        .access
+        .expect("an active access")
+        .fleecing_allocated
+}
+
+/// Extended headers: a block status of the whole 6 GiB export in one request, with
+/// extents longer than 4 GiB; REQ_ONE; reads with extended chunks; a 6 GiB trim that
+/// frees the fleecing space.
+#[test]
+fn extended_headers_take_64_bit_lengths_past_4_gib() {
+    let s = serve(BIG, &[(0, 0xa1, MIB), (FAR, 0xb2, MIB)]);
+    let mut c = Client::connect(&s.sock, Headers::Extended, &CONTEXTS);
+    let st = c.block_status(0, 1, 0, BIG);
+    assert_eq!(
+        st,
+        [
+            (
+                1,
+                vec![
+                    (MIB, 0),
+                    (FAR - MIB, HOLE_ZERO),
+                    (MIB, 0),
+                    (BIG - FAR - MIB, HOLE_ZERO)
+                ]
+            ),
+            (2, vec![(BIG, u64::from(STATE_DIRTY))]),
+        ]
+    );
+    // REQ_ONE: one extent per context, never past the request
+    let st = c.block_status(CMD_FLAG_REQ_ONE, 2, MIB, BIG - MIB);
+    assert_eq!(
+        st,
+        [
+            (1, vec![(FAR - MIB, HOLE_ZERO)]),
+            (2, vec![(BIG - MIB, u64::from(STATE_DIRTY))]),
+        ]
+    );
+    let st = c.block_status(CMD_FLAG_REQ_ONE, 3, FAR + 4096, 8192);
+    assert_eq!(
+        st,
+        [
+            (1, vec![(8192, 0)]),
+            (2, vec![(8192, u64::from(STATE_DIRTY))])
+        ]
+    );
+    // reads past 4 GiB, data and holes
+    assert_eq!(c.read(4, FAR - 4096, 8192), {
+        let mut v = vec![0u8; 4096];
+        v.extend(vec![0xb2u8; 4096]);
+        v
+    });
+    // writes copy the snapshot's clusters into the fleecing file; a trim of the whole
+    // export (a 64-bit length) frees them, and reads there fail from then on
+    let dev = s.engine.device(0).unwrap();
+    dev.write_live(0, &vec![0x11u8; 256 << 10]).unwrap();
+    dev.write_live(FAR, &vec![0x22u8; 256 << 10]).unwrap();
+    assert!(fleecing_allocated(&s.engine) >= 512 << 10);
+    assert_eq!(c.read(5, FAR, 4096), vec![0xb2u8; 4096]);
+    assert_eq!(c.errno_of(0, CMD_TRIM, 6, 0, BIG), 0);
+    assert_eq!(fleecing_allocated(&s.engine), 0);
+    assert_eq!(c.errno_of(0, CMD_READ, 7, FAR, 4096), EINVAL);
+    // the map shows the discarded ranges as holes without zeroes
+    let st = c.block_status(CMD_FLAG_REQ_ONE, 8, 0, BIG);
+    assert_eq!(st[0], (1, vec![(BIG, u64::from(STATE_HOLE))]));
+    c.request(0, CMD_DISC, 9, 0, 0);
+    assert!(c.closed());
+}
+
+/// Clients without extended headers get what they always got: compact requests,
+/// simple or structured replies, 32-bit block status.
+#[test]
+fn clients_without_extended_headers_are_unchanged() {
+    let s = serve(BIG, &[(0, 0xa1, MIB), (FAR, 0xb2, MIB)]);
+    let mut c = Client::connect(&s.sock, Headers::Structured, &CONTEXTS);
+    // a compact request's 32-bit length: the first 4 GiB - 64 KiB
+    let len = u64::from(u32::MAX) - 65535;
+    let st = c.block_status(0, 1, 0, len);
+    assert_eq!(
+        st,
+        [
+            (1, vec![(MIB, 0), (len - MIB, HOLE_ZERO)]),
+            (2, vec![(len, u64::from(STATE_DIRTY))]),
+        ]
+    );
+    assert_eq!(
+        c.read(2, FAR + MIB - 4096, 8192)[..4096],
+        vec![0xb2u8; 4096]
+    );
+    assert_eq!(c.errno_of(0, CMD_READ, 3, BIG - 4096, 8192), EINVAL);
+    assert_eq!(c.errno_of(0, CMD_WRITE_ZEROES, 4, 0, 4096), EPERM);
+    let mut c = Client::connect(&s.sock, Headers::Simple, &[]);
+    assert_eq!(c.read(5, FAR, 4096), vec![0xb2u8; 4096]);
+    assert_eq!(c.errno_of(0, CMD_BLOCK_STATUS, 6, 0, 4096), EINVAL);
+    assert_eq!(c.errno_of(0, CMD_TRIM, 7, BIG, 1), EINVAL);
+    assert_eq!(c.errno_of(0, CMD_TRIM, 8, 0, 65536), 0);
+}
+
+/// Hostile requests after extended headers: errors that leave the connection serving,
+/// or a disconnect where the stream cannot be followed; the server serves the next
+/// client.
+#[test]
+fn hostile_extended_requests_get_an_error_or_a_disconnect() {
+    let s = serve(BIG, &[(FAR, 0xb2, MIB)]);
+    let mut c = Client::connect(&s.sock, Headers::Extended, &CONTEXTS);
+    // ranges whose end overflows or passes the export's end
+    assert_eq!(c.errno_of(0, CMD_READ, 1, u64::MAX - 511, 1024), EINVAL);
+    assert_eq!(c.errno_of(0, CMD_TRIM, 2, 4096, u64::MAX), EINVAL);
+    assert_eq!(c.errno_of(0, CMD_TRIM, 3, BIG + 1, 0), EINVAL);
+    assert_eq!(c.errno_of(0, CMD_BLOCK_STATUS, 4, 1, BIG), EINVAL);
+    assert_eq!(
+        c.errno_of(0, CMD_BLOCK_STATUS, 5, u64::MAX, u64::MAX),
+        EINVAL
+    );
+    assert_eq!(c.errno_of(0, CMD_BLOCK_STATUS, 6, 0, 0), EINVAL);
+    // a read over 32 MiB, even inside the export; unknown flags
+    assert_eq!(c.errno_of(0, CMD_READ, 7, 0, (32 << 20) + 1), EINVAL);
+    assert_eq!(c.errno_of(0, CMD_READ, 8, 0, 5 * GIB), EINVAL);
+    assert_eq!(c.errno_of(1 << 6, CMD_READ, 9, 0, 512), EINVAL);
+    // the error chunk repeats the request's offset
+    c.request(0, CMD_READ, 10, BIG, 4096);
+    let r = c.reply(0);
+    assert_eq!(
+        (r.kind, r.offset, r.errno()),
+        (REPLY_TYPE_ERROR, Some(BIG), EINVAL)
+    );
+    // a payload where the command takes none: read and dropped, EINVAL
+    c.request(CMD_FLAG_PAYLOAD_LEN, CMD_READ, 11, 0, 100);
+    c.s.write_all(&[0x5a; 100]).unwrap();
+    assert_eq!(c.replies(11, 0).last().unwrap().errno(), EINVAL);
+    c.request(CMD_FLAG_PAYLOAD_LEN, CMD_BLOCK_STATUS, 12, 0, 12);
+    c.s.write_all(&[0u8; 12]).unwrap();
+    assert_eq!(c.replies(12, 0).last().unwrap().errno(), EINVAL);
+    // a write with its payload: refused, the connection goes on
+    c.request(CMD_FLAG_PAYLOAD_LEN, CMD_WRITE, 13, 0, 512);
+    c.s.write_all(&[0x5a; 512]).unwrap();
+    assert_eq!(c.replies(13, 0).last().unwrap().errno(), EPERM);
+    assert_eq!(c.read(14, FAR, 4096), vec![0xb2u8; 4096]);
+    // a payload too large to skip: EINVAL, then the connection ends
+    assert_eq!(
+        c.errno_of(CMD_FLAG_PAYLOAD_LEN, CMD_READ, 15, 0, 1 << 40),
+        EINVAL
+    );
+    assert!(c.closed(), "the connection outlived a 1 TiB payload");
+    // a compact request after extended headers (and the start of another, so that the
+    // server has a whole extended header): the wrong magic, disconnected
+    let mut c = Client::connect(&s.sock, Headers::Extended, &[]);
+    c.headers = Headers::Simple;
+    c.request(0, CMD_READ, 16, 0, 512);
+    c.s.write_all(&REQUEST_MAGIC.to_be_bytes()).unwrap();
+    assert!(c.closed(), "the connection outlived a compact request");
+    // the extended magic without extended headers: disconnected
+    let mut c = Client::connect(&s.sock, Headers::Structured, &[]);
+    c.headers = Headers::Extended;
+    c.request(0, CMD_READ, 17, 0, 512);
+    assert!(c.closed(), "the connection outlived an extended request");
+    // the server and the access are unharmed
+    let mut c = Client::connect(&s.sock, Headers::Extended, &CONTEXTS);
+    assert_eq!(c.read(18, FAR, 4096), vec![0xb2u8; 4096]);
+    assert_eq!(s.server.status().exports[0].name, "d");
+    assert!(!s.engine.status().access.unwrap().broken);
+}
