@@ -1,6 +1,7 @@
 //! The NBD server in-process over an engine (no FUSE, no root), spoken to byte by byte
 //! by a small client: extended headers (64-bit lengths for trim and block status over an
-//! export larger than 4 GiB, 64-bit status chunks, one extent with REQ_ONE), clients
+//! export larger than 4 GiB, 64-bit status chunks, one extent with REQ_ONE, the payload
+//! form of block status), clients
 //! without them unchanged, and hostile requests after extended headers (lengths that
 //! overflow or pass the end, misused payload lengths, the wrong magic), each answered
 //! with an error or a disconnect, the server serving the next client.
@@ -119,6 +120,8 @@ enum Headers {
 struct Client {
     s: UnixStream,
     headers: Headers,
+    /// The transmission flags of `NBD_INFO_EXPORT`.
+    flags: u16,
 }
 
 fn be32(b: &[u8]) -> u32 {
@@ -132,7 +135,11 @@ impl Client {
     fn connect(sock: &Path, headers: Headers, contexts: &[&str]) -> Client {
         let s = UnixStream::connect(sock).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        let mut c = Client { s, headers };
+        let mut c = Client {
+            s,
+            headers,
+            flags: 0,
+        };
         let mut g = [0u8; 18];
         c.s.read_exact(&mut g).unwrap();
         assert_eq!(&g[..8], b"NBDMAGIC");
@@ -171,6 +178,9 @@ impl Client {
             let kind = be32(&h[12..]);
             let mut d = vec![0u8; be32(&h[16..]) as usize];
             self.s.read_exact(&mut d).unwrap();
+            if kind == REP_INFO && d[..2] == INFO_EXPORT.to_be_bytes() {
+                self.flags = u16::from_be_bytes([d[10], d[11]]);
+            }
             if kind == REP_ACK || kind & (1 << 31) != 0 {
                 return kind;
             }
@@ -315,9 +325,36 @@ impl Client {
         len: u64,
     ) -> Vec<(u32, Vec<(u64, u64)>)> {
         self.request(flags, CMD_BLOCK_STATUS, cookie, offset, len);
+        self.status_replies(cookie, offset)
+    }
+
+    /// Block status in the payload form: the effect length and the context ids follow
+    /// the header.
+    fn block_status_of(
+        &mut self,
+        cookie: u64,
+        offset: u64,
+        len: u64,
+        ids: &[u32],
+    ) -> Vec<(u32, Vec<(u64, u64)>)> {
+        self.status_payload(cookie, offset, len, ids);
+        self.status_replies(cookie, offset)
+    }
+
+    fn status_payload(&mut self, cookie: u64, offset: u64, len: u64, ids: &[u32]) {
+        let mut p = len.to_be_bytes().to_vec();
+        for id in ids {
+            p.extend_from_slice(&id.to_be_bytes());
+        }
+        let flags = CMD_FLAG_PAYLOAD_LEN;
+        self.request(flags, CMD_BLOCK_STATUS, cookie, offset, p.len() as u64);
+        self.s.write_all(&p).unwrap();
+    }
+
+    fn status_replies(&mut self, cookie: u64, offset: u64) -> Vec<(u32, Vec<(u64, u64)>)> {
         let mut out = Vec::new();
         for r in self.replies(cookie, 0) {
-            assert_eq!(r.errno(), 0, "block status {offset}+{len}: {r:?}");
+            assert_eq!(r.errno(), 0, "block status at {offset}: {r:?}");
             let p = &r.payload;
             let mut extents = Vec::new();
             if self.headers == Headers::Extended {
@@ -519,4 +556,51 @@ fn hostile_extended_requests_get_an_error_or_a_disconnect() {
     assert_eq!(c.read(18, FAR, 4096), vec![0xb2u8; 4096]);
     assert_eq!(s.server.status().exports[0].name, "d");
     assert!(!s.engine.status().access.unwrap().broken);
+}
+
+/// The payload form of block status, offered with extended headers and meta contexts
+/// (as QEMU does): only the contexts named, the effect length from the payload; a
+/// payload naming an unknown or repeated context, none, or of a bad size: EINVAL, and
+/// the connection goes on.
+#[test]
+fn block_status_payload_picks_the_contexts() {
+    let s = serve(BIG, &[(FAR, 0xb2, MIB)]);
+    let mut c = Client::connect(&s.sock, Headers::Extended, &CONTEXTS);
+    assert_ne!(c.flags & FLAG_BLOCK_STATUS_PAYLOAD, 0);
+    let dirty = u64::from(STATE_DIRTY);
+    assert_eq!(
+        c.block_status_of(1, 0, BIG, &[2]),
+        [(2, vec![(BIG, dirty)])]
+    );
+    assert_eq!(
+        c.block_status_of(2, FAR, GIB, &[1]),
+        [(1, vec![(MIB, 0), (GIB - MIB, HOLE_ZERO)])]
+    );
+    // both, named in any order: the negotiated order
+    assert_eq!(
+        c.block_status_of(3, FAR, 4096, &[2, 1]),
+        [(1, vec![(4096, 0)]), (2, vec![(4096, dirty)])]
+    );
+    for (cookie, ids) in [
+        (4, &[2, 2][..]),
+        (5, &[3][..]),
+        (6, &[][..]),
+        (7, &[1, 2, 1][..]),
+    ] {
+        c.status_payload(cookie, 0, 4096, ids);
+        let r = c.replies(cookie, 0);
+        assert_eq!(r.last().unwrap().errno(), EINVAL, "ids {ids:?}");
+    }
+    // an effect length past the end, a payload that is not whole ids
+    c.status_payload(8, 4096, BIG, &[1]);
+    assert_eq!(c.replies(8, 0).last().unwrap().errno(), EINVAL);
+    c.request(CMD_FLAG_PAYLOAD_LEN, CMD_BLOCK_STATUS, 9, 0, 10);
+    c.s.write_all(&[0u8; 10]).unwrap();
+    assert_eq!(c.replies(9, 0).last().unwrap().errno(), EINVAL);
+    assert_eq!(c.read(10, FAR, 4096), vec![0xb2u8; 4096]);
+    // not offered without extended headers, nor without meta contexts
+    let c = Client::connect(&s.sock, Headers::Structured, &CONTEXTS);
+    assert_eq!(c.flags & FLAG_BLOCK_STATUS_PAYLOAD, 0);
+    let c = Client::connect(&s.sock, Headers::Extended, &[]);
+    assert_eq!(c.flags & FLAG_BLOCK_STATUS_PAYLOAD, 0);
 }

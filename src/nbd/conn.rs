@@ -11,9 +11,10 @@
 //! status take any length inside the export. Every request is checked as QEMU's server
 //! checks it, before any work: a payload (a write's data, or any request flagged
 //! `NBD_CMD_FLAG_PAYLOAD_LEN`) over 32 MiB gets EINVAL and ends the connection (it
-//! cannot be skipped), a smaller one is read and dropped and the request fails (EINVAL,
-//! EPERM for a write); a range past the end or whose end overflows, unknown flags, or
-//! a read over 32 MiB get EINVAL and the connection goes on.
+//! cannot be skipped); block status reads its payload form (an effect length and the
+//! contexts to describe); any other payload is read and dropped and the request fails
+//! (EINVAL, EPERM for a write); a range past the end or whose end overflows, unknown
+//! flags, or a read over 32 MiB get EINVAL and the connection goes on.
 //!
 //! The connection ends cleanly when the client sends `NBD_CMD_DISC` or closes, when
 //! its export's access ends (checked while it waits for a request, and by every
@@ -170,12 +171,15 @@ fn einval(message: String) -> Error {
 }
 
 /// The flags each command accepts (QEMU's `valid_flags`): FUA everywhere, DF on reads
-/// with chunked replies, REQ_ONE on block status, PAYLOAD_LEN on writes with extended
-/// headers.
+/// with chunked replies, REQ_ONE on block status, PAYLOAD_LEN on writes and block status
+/// with extended headers.
 fn allowed_flags(kind: u16, mode: Mode) -> u16 {
     let extra = match kind {
         proto::CMD_READ if mode.chunked() => proto::CMD_FLAG_DF,
         proto::CMD_WRITE if mode == Mode::Extended => proto::CMD_FLAG_PAYLOAD_LEN,
+        proto::CMD_BLOCK_STATUS if mode == Mode::Extended => {
+            proto::CMD_FLAG_REQ_ONE | proto::CMD_FLAG_PAYLOAD_LEN
+        }
         proto::CMD_BLOCK_STATUS => proto::CMD_FLAG_REQ_ONE,
         _ => 0,
     };
@@ -227,7 +231,14 @@ fn handle(
         send_error(link, &to, &e)?;
         return Ok(Outcome::End);
     }
-    if payload > 0 {
+    let mut req = req;
+    let mut contexts = n.contexts.clone();
+    if payload > 0 && req.kind == proto::CMD_BLOCK_STATUS {
+        match status_payload(link, n, payload)? {
+            Ok((len, ids)) => (req.len, contexts) = (len, ids),
+            Err(e) => return send_error(link, &to, &e),
+        }
+    } else if payload > 0 {
         read_skip(link, payload)?;
         if req.kind != proto::CMD_WRITE {
             // No other command takes a payload here (as QEMU: EINVAL for the flag).
@@ -278,7 +289,7 @@ fn handle(
             if let Err(e) = check_shape(&req, n.mode, size) {
                 return send_error(link, &to, &e);
             }
-            if !n.mode.chunked() || n.contexts.is_empty() {
+            if !n.mode.chunked() || contexts.is_empty() {
                 return send_error(
                     link,
                     &to,
@@ -288,7 +299,7 @@ fn handle(
             if req.len == 0 {
                 return send_error(link, &to, &einval("block status of length 0".into()));
             }
-            block_status(link, n, export, req)
+            block_status(link, n, export, req, &contexts)
         }
         other => send_error(
             link,
@@ -411,13 +422,54 @@ fn read(
     Ok(Outcome::Next)
 }
 
-/// One status chunk per selected context, 64-bit with extended headers; with
+/// The payload form of block status (extended headers, `NBD_FLAG_BLOCK_STATUS_PAYLOAD`):
+/// an effect length, then the ids of the contexts to describe, each negotiated and
+/// named once; the ids come back in the negotiated order. Anything else is read,
+/// dropped and refused (EINVAL), as QEMU does.
+fn status_payload(
+    link: &mut impl Transport,
+    n: &Negotiated,
+    payload: u64,
+) -> io::Result<Result<(u64, Vec<u32>), Error>> {
+    let most = 8 + 4 * n.contexts.len() as u64;
+    if payload % 4 != 0 || payload < 8 || payload > most {
+        read_skip(link, payload)?;
+        return Ok(Err(einval(format!(
+            "block status payload of {payload} bytes: expected an effect length and at \
+             most {} context ids",
+            n.contexts.len()
+        ))));
+    }
+    // At most 8 bytes and 4 per negotiated context.
+    let mut b = vec![0u8; payload as usize];
+    read_patiently(link, &mut b)?;
+    let mut len = [0u8; 8];
+    len.copy_from_slice(&b[..8]);
+    let mut ids: Vec<u32> = Vec::new();
+    for c in b[8..].chunks_exact(4) {
+        let id = u32::from_be_bytes([c[0], c[1], c[2], c[3]]);
+        if !n.contexts.contains(&id) || ids.contains(&id) {
+            return Ok(Err(einval(format!(
+                "block status payload: context id {id} is not negotiated or named twice"
+            ))));
+        }
+        ids.push(id);
+    }
+    if ids.is_empty() {
+        return Ok(Err(einval("block status payload names no context".into())));
+    }
+    let ids = n.contexts.iter().copied().filter(|i| ids.contains(i));
+    Ok(Ok((u64::from_be_bytes(len), ids.collect())))
+}
+
+/// One status chunk per context of `contexts`, 64-bit with extended headers; with
 /// `NBD_CMD_FLAG_REQ_ONE` one extent each, never past the request's end.
 fn block_status(
     link: &mut impl Transport,
     n: &Negotiated,
     export: &Export,
     req: Request,
+    contexts: &[u32],
 ) -> io::Result<Outcome> {
     let to = ReplyTo::new(n.mode, &req);
     let max = if req.flags & proto::CMD_FLAG_REQ_ONE != 0 {
@@ -426,7 +478,7 @@ fn block_status(
         MAX_EXTENTS
     };
     let mut chunks = Vec::new();
-    for &id in &n.contexts {
+    for &id in contexts {
         let extents = match id {
             CONTEXT_ALLOCATION => export.allocation(req.offset, req.len, max),
             CONTEXT_DIRTY => export.dirty(req.offset, req.len, max),

@@ -8,6 +8,8 @@
 //! structured replies before it (a second one is `NBD_REP_ERR_INVALID`;
 //! `STRUCTURED_REPLY` after it `NBD_REP_ERR_EXT_HEADER_REQD`; `EXPORT_NAME` after it
 //! ends the connection); `STARTTLS` forgets the headers and contexts negotiated before.
+//! With extended headers and meta contexts, INFO/GO offer the payload form of block
+//! status (`NBD_FLAG_BLOCK_STATUS_PAYLOAD`), as QEMU's server does.
 //!
 //! Bounded: at most [`MAX_OPTIONS`] options, each at most [`proto::MAX_OPTION`] bytes
 //! (a larger one is refused and the client dropped); the caller bounds the time.
@@ -305,7 +307,18 @@ pub fn negotiate(link: &mut impl Link, catalog: &dyn Catalog) -> Result<Negotiat
                     )?;
                     continue;
                 };
-                send_info(link, h.option, &export, &r.requests)?;
+                // The payload form of block status, as QEMU: with extended headers and
+                // meta contexts chosen for this export.
+                let payload_form = mode == Mode::Extended
+                    && contexts
+                        .as_ref()
+                        .is_some_and(|(name, ids)| *name == export.name && !ids.is_empty());
+                let flags = if payload_form {
+                    TRANSMISSION_FLAGS | proto::FLAG_BLOCK_STATUS_PAYLOAD
+                } else {
+                    TRANSMISSION_FLAGS
+                };
+                send_info(link, h.option, &export, flags, &r.requests)?;
                 reply(link, h.option, proto::REP_ACK, &[])?;
                 if h.option == proto::OPT_GO {
                     let contexts = match contexts {
@@ -368,15 +381,21 @@ pub fn negotiate(link: &mut impl Link, catalog: &dyn Catalog) -> Result<Negotiat
     )))
 }
 
-/// The `NBD_REP_INFO` replies of INFO/GO: always the size and flags and the block sizes
-/// (minimum 1, preferred the cluster size, maximum 32 MiB); name and description when
-/// asked for.
-fn send_info(link: &mut impl Link, option: u32, e: &ExportInfo, asked: &[u16]) -> io::Result<()> {
+/// The `NBD_REP_INFO` replies of INFO/GO: always the size and `flags` and the block
+/// sizes (minimum 1, preferred the cluster size, maximum 32 MiB); name and description
+/// when asked for.
+fn send_info(
+    link: &mut impl Link,
+    option: u32,
+    e: &ExportInfo,
+    flags: u16,
+    asked: &[u16],
+) -> io::Result<()> {
     reply(
         link,
         option,
         proto::REP_INFO,
-        &proto::info_export(e.size, TRANSMISSION_FLAGS),
+        &proto::info_export(e.size, flags),
     )?;
     let preferred = e.cluster.clamp(1, proto::MAX_REQUEST);
     reply(

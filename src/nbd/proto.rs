@@ -42,6 +42,8 @@ pub const FLAG_SEND_TRIM: u16 = 1 << 5;
 pub const FLAG_SEND_DF: u16 = 1 << 7;
 /// Several connections see the same data, and a flush on one covers them all.
 pub const FLAG_CAN_MULTI_CONN: u16 = 1 << 8;
+/// Block status takes a payload that picks the contexts to describe (extended headers).
+pub const FLAG_BLOCK_STATUS_PAYLOAD: u16 = 1 << 12;
 
 /// Options.
 pub const OPT_EXPORT_NAME: u32 = 1;
