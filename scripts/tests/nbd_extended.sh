@@ -4,10 +4,12 @@
 # acknowledged and 64-bit block status chunks, the daemon logs the mode; a full backup
 # with qemu-img convert while a writer changes live/NAME; qemu-img map of
 # qemu:dirty-bitmap:B equals snapshot/NAME.dirty (full and incremental); reads of
-# ranges outside the dirty map fail; trims with qemu-io discard free the fleecing space.
+# ranges outside the dirty map fail; trims with qemu-io discard free the fleecing space;
+# well-formed and hostile requests get the same answers from fleecefs as from qemu-nbd.
 source "$(dirname "$0")/lib.sh"
 
 M=$((1 << 20))
+HERE=$(cd "$(dirname "$0")" && pwd)
 PY=/usr/bin/python3
 S=$T/nbd.sock
 U="nbd+unix:///disk?socket=$S"
@@ -33,6 +35,19 @@ fmount "$T/mnt" --state-dir "$T/state" --device disk="$T/src.img" --nbd "unix:$S
 # 1. Full backup while a writer changes live/disk; extended headers negotiated.
 cp "$T/src.img" "$T/at_setup1.img"
 "$FLEECEFS" setup "$T/mnt" --target nightly --bitmap b1 >/dev/null
+# Well-formed and hostile requests with extended headers get the answers qemu-nbd gives
+# for the same image (errnos, extent counts, disconnects).
+cp --sparse=always "$T/src.img" "$T/peer.img"
+timeout 120 qemu-nbd -k "$T/qemu.sock" -x disk -f raw -e 8 --persistent "$T/peer.img" &
+QEMU_NBD=$!
+for _ in $(seq 100); do [ -S "$T/qemu.sock" ] && break; sleep 0.05; done
+timeout 60 $PY "$HERE/nbd/extended_peer.py" "$T/qemu.sock" disk >"$T/peer.qemu" ||
+    fail "the requests against qemu-nbd failed: $(cat "$T/peer.qemu")"
+kill $QEMU_NBD
+timeout 60 $PY "$HERE/nbd/extended_peer.py" "$S" disk >"$T/peer.fleecefs" ||
+    fail "the requests against fleecefs failed: $(cat "$T/peer.fleecefs")"
+diff "$T/peer.qemu" "$T/peer.fleecefs" || fail "fleecefs answers otherwise than qemu-nbd"
+grep -q "read with a 1 TiB payload: errno 22, then closed" "$T/peer.fleecefs" || fail "$(cat "$T/peer.fleecefs")"
 start_writer "$L" $((64 * M / 4096))
 qemu-img --trace 'nbd_receive_option_reply' convert -f raw -O raw "$U" "$T/full.img" 2>"$T/trace"
 grep -q 'option reply 11 (extended headers), type 1 (ack)' "$T/trace" ||
