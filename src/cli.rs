@@ -75,7 +75,9 @@ pub enum Command {
 #[derive(Subcommand, Debug)]
 pub enum DeviceCommand {
     /// Serve new devices (same checks as mount)
-    #[command(after_help = "Example:\n  fleecefs device add /mnt/fleece vm102=/images/vm102.raw")]
+    #[command(
+        after_help = "Examples:\n  fleecefs device add /mnt/fleece vm102=/images/vm102.raw\n  fleecefs device add /mnt/fleece vm103=/images/vm103.raw --vhost-user-blk vm103=/run/fleecefs/vm103.sock"
+    )]
     Add(DeviceAddArgs),
     /// Stop serving a device (refused while live/NAME is open or in a backup access)
     #[command(after_help = "Example:\n  fleecefs device remove /mnt/fleece vm102")]
@@ -109,6 +111,10 @@ pub struct DeviceAddArgs {
     /// Devices to add: NAME=PATH, PATH a regular file or block device
     #[arg(value_name = "NAME=PATH", required = true)]
     pub devices: Vec<String>,
+    /// Also serve added device NAME to a VMM as a vhost-user-blk disk on the UNIX socket
+    /// SOCKET (created mode 0600); `,ro` for a read-only disk (repeatable)
+    #[arg(long = "vhost-user-blk", value_name = "NAME=SOCKET[,ro]")]
+    pub vhost_user_blk: Vec<String>,
     /// Print the result as JSON
     #[arg(long)]
     pub json: bool,

@@ -287,7 +287,18 @@ pub fn device_add(a: &crate::cli::DeviceAddArgs) -> Result<()> {
             .ok_or_else(|| Error::invalid(format!("path {} is not UTF-8", path.display())))?;
         devices.push((name.to_string(), path.to_string()));
     }
-    let v = call(&a.mountpoint, &Request::DeviceAdd { devices })?;
+    let vhost_user_blk = a
+        .vhost_user_blk
+        .iter()
+        .map(|s| crate::vhost_user::ExportSpec::parse(s))
+        .collect::<Result<Vec<_>>>()?;
+    let v = call(
+        &a.mountpoint,
+        &Request::DeviceAdd {
+            devices,
+            vhost_user_blk: vhost_user_blk.clone(),
+        },
+    )?;
     if a.json {
         print_json(&v);
         return Ok(());
@@ -304,6 +315,14 @@ pub fn device_add(a: &crate::cli::DeviceAddArgs) -> Result<()> {
                 "; bitmaps "
             },
             AddedBitmap::list(&d.bitmaps)
+        );
+    }
+    for e in &vhost_user_blk {
+        crate::out!(
+            "device '{}' exported over vhost-user-blk at {}{}",
+            e.name,
+            e.socket.display(),
+            if e.read_only { " (read-only)" } else { "" }
         );
     }
     Ok(())

@@ -505,6 +505,22 @@ pub fn open_log_in(dir: &File, name: &OsStr) -> io::Result<File> {
 /// socket at the path is replaced; any other file there is refused. Call while no other
 /// thread creates files: the umask is process-wide.
 pub fn bind_private_socket(path: &Path, what: &str) -> Result<std::os::unix::net::UnixListener> {
+    let old = crate::sys::set_umask(0o177);
+    let l = bind_socket_0600(path, what);
+    crate::sys::set_umask(old);
+    l
+}
+
+/// [`bind_private_socket`] in a process whose umask already keeps group and others out
+/// (the daemon's, 0o077), from any thread: the umask is left alone.
+pub fn bind_private_socket_in_daemon(
+    path: &Path,
+    what: &str,
+) -> Result<std::os::unix::net::UnixListener> {
+    bind_socket_0600(path, what)
+}
+
+fn bind_socket_0600(path: &Path, what: &str) -> Result<std::os::unix::net::UnixListener> {
     let dir = path
         .parent()
         .ok_or_else(|| Error::invalid(format!("{what} {} has no directory", path.display())))?;
@@ -518,9 +534,7 @@ pub fn bind_private_socket(path: &Path, what: &str) -> Result<std::os::unix::net
         }
         let _ = std::fs::remove_file(path);
     }
-    let old = crate::sys::set_umask(0o177);
     let l = std::os::unix::net::UnixListener::bind(path);
-    crate::sys::set_umask(old);
     let l = l.map_err(|e| Error::io(format!("creating {what} {}", path.display()), e))?;
     // Not group- or world-accessible whatever the umask did.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))

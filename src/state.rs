@@ -59,6 +59,20 @@ pub struct RecordedDevice {
     /// keeper does not hold it) refuses a path that names another file now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file: Option<(u64, u64)>,
+    /// Its vhost-user-blk exports (`--vhost-user-blk`), served again by every later
+    /// worker and by a `mount` that serves the recorded devices.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vhost_user_blk: Vec<RecordedExport>,
+}
+
+/// A vhost-user-blk export of a recorded device.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct RecordedExport {
+    /// The listening socket (absolute).
+    pub socket: PathBuf,
+    /// A read-only disk.
+    #[serde(default)]
+    pub read_only: bool,
 }
 
 /// The served device set (`devices.json`), so a restarted daemon serves the same set
@@ -434,6 +448,31 @@ mod tests {
         std::fs::set_permissions(&st, std::fs::Permissions::from_mode(0o770)).unwrap();
         let e = StateDir::open(&st).err().unwrap().to_string();
         assert!(e.contains("writable by its group"), "{e}");
+    }
+
+    #[test]
+    fn device_records_without_exports_read_as_before_and_exports_read_back() {
+        let old = br#"{"version":1,"next_slot":2,"devices":[{"name":"a","path":"/i/a.img","slot":0},{"name":"b","path":"/i/b.img","slot":1,"file":[1,2]}]}"#;
+        let r: DeviceRecord = serde_json::from_slice(old).unwrap();
+        assert!(r.devices.iter().all(|d| d.vhost_user_blk.is_empty()));
+        // A device without exports is written as before.
+        let text = serde_json::to_string(&r).unwrap();
+        assert!(!text.contains("vhost_user_blk"), "{text}");
+        let mut r = r;
+        r.devices[1].vhost_user_blk = vec![
+            RecordedExport {
+                socket: "/run/b.sock".into(),
+                read_only: false,
+            },
+            RecordedExport {
+                socket: "/run/b-ro.sock".into(),
+                read_only: true,
+            },
+        ];
+        let text = serde_json::to_string(&r).unwrap();
+        assert_eq!(serde_json::from_str::<DeviceRecord>(&text).unwrap(), r);
+        let no_ro: RecordedExport = serde_json::from_str(r#"{"socket":"/s"}"#).unwrap();
+        assert!(!no_ro.read_only);
     }
 
     #[test]

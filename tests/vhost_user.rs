@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::ffi::OsStr;
 use std::fs;
 use std::mem::MaybeUninit;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -454,4 +455,232 @@ fn the_keeper_holds_the_socket_across_worker_deaths() {
         assert_eq!(c.read(0, 3 * MIB, 0, data.len()), 0);
         assert_bytes_eq(c.buf(0, data.len()), &data, "data after a worker death");
     }
+}
+
+/// `fleecefs device add MP ARGS...`.
+fn device_add(f: &Fleece, args: &[&str]) -> Output {
+    let mut all = vec![OsStr::new("device"), OsStr::new("add"), f.mp.as_os_str()];
+    all.extend(args.iter().map(OsStr::new));
+    fleecefs(all)
+}
+
+/// The sockets `status --json` lists as vhost-user-blk exports.
+fn exported_sockets(f: &Fleece) -> Vec<String> {
+    f.status()["vhost_user_blk"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|e| e["socket"].as_str().unwrap_or_default().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits until a worker other than `pid` serves.
+fn wait_new_worker(f: &Fleece, pid: i32) {
+    wait_until("a new worker serving", || {
+        let out = f.client("status", &["--json"]);
+        out.code == 0 && json_u64(&parse_json(&out, "status"), "worker_pid") != pid as u64
+    });
+}
+
+#[test]
+fn device_add_exports_and_the_export_outlives_workers_and_mounts() {
+    let f = Fleece::mounted(&[("a", SIZE)]);
+    let img = f.image("vm.img", SIZE);
+    let sock = f.root.join("vm.sock");
+    let dev = format!("vm={}", img.display());
+    let spec = format!("vm={}", sock.display());
+    device_add(&f, &[&dev, "--vhost-user-blk", &spec]).expect_ok("device add --vhost-user-blk");
+    let meta = fs::metadata(&sock).expect("the export's socket");
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600, "socket mode");
+    assert_eq!(exported_sockets(&f), [sock.display().to_string()]);
+    let data = pattern(7, 64 * 1024);
+    {
+        let mut c = Client::connect(&sock, 2, false);
+        assert_eq!(c.capacity(), SIZE);
+        c.buf(0, data.len()).copy_from_slice(&data);
+        assert_eq!(c.write(1, 5 * MIB, 0, data.len()), 0);
+        assert_eq!(c.flush(1), 0);
+    }
+    assert_bytes_eq(
+        &read_range(&f.live("vm"), 5 * MIB, data.len() as u64),
+        &data,
+        "live/vm after a write over vhost-user",
+    );
+    // The keeper holds the socket made after the mount: a worker's death keeps it.
+    let pid = f.worker_pid();
+    kill(pid, libc::SIGKILL);
+    wait_new_worker(&f, pid);
+    assert_eq!(
+        fs::metadata(&sock)
+            .expect("the socket after a worker death")
+            .ino(),
+        meta.ino(),
+        "the socket was made again"
+    );
+    assert_eq!(exported_sockets(&f), [sock.display().to_string()]);
+    let mut c = Client::connect(&sock, 1, false);
+    assert_eq!(c.read(0, 5 * MIB, 0, data.len()), 0);
+    assert_bytes_eq(c.buf(0, data.len()), &data, "data after a worker death");
+    drop(c);
+    // A planned restart too.
+    let pid = f.worker_pid();
+    f.client("restart", &[]).expect_ok("fleecefs restart");
+    wait_new_worker(&f, pid);
+    let mut c = Client::connect(&sock, 1, false);
+    assert_eq!(c.read(0, 5 * MIB, 0, data.len()), 0);
+    assert_bytes_eq(c.buf(0, data.len()), &data, "data after a restart");
+    drop(c);
+    // Unmounted, the socket goes; a mount of the recorded devices brings it back.
+    fleecefs([OsStr::new("unmount"), f.mp.as_os_str()]).expect_ok("fleecefs unmount");
+    assert!(!sock.exists(), "the socket outlived the mount");
+    fleecefs([
+        OsStr::new("mount"),
+        f.mp.as_os_str(),
+        OsStr::new("--state-dir"),
+        f.state.as_os_str(),
+    ])
+    .expect_ok("mount of the recorded devices");
+    assert_eq!(exported_sockets(&f), [sock.display().to_string()]);
+    let mut c = Client::connect(&sock, 1, false);
+    assert_eq!(c.read(0, 5 * MIB, 0, data.len()), 0);
+    assert_bytes_eq(c.buf(0, data.len()), &data, "data after mounting again");
+    drop(c);
+    // After a crash (keeper and worker killed) too.
+    let (keeper, worker) = (f.keeper_pid(), f.worker_pid());
+    kill(keeper, libc::SIGKILL);
+    wait_until("the daemon gone", || {
+        process_gone(keeper) && process_gone(worker)
+    });
+    fleecefs([
+        OsStr::new("mount"),
+        f.mp.as_os_str(),
+        OsStr::new("--state-dir"),
+        f.state.as_os_str(),
+    ])
+    .expect_ok("mount after a crash");
+    let mut c = Client::connect(&sock, 1, false);
+    assert_eq!(c.read(0, 5 * MIB, 0, data.len()), 0);
+    assert_bytes_eq(c.buf(0, data.len()), &data, "data after a crash");
+    drop(c);
+}
+
+#[test]
+fn device_remove_ends_the_export_and_disconnects_the_vmm() {
+    let f = Fleece::mounted(&[("a", SIZE)]);
+    let img = f.image("vm.img", SIZE);
+    let sock = f.root.join("vm.sock");
+    let dev = format!("vm={}", img.display());
+    let spec = format!("vm={}", sock.display());
+    device_add(&f, &[&dev, "--vhost-user-blk", &spec]).expect_ok("device add --vhost-user-blk");
+    let keeper = f.keeper_pid();
+    let sockets_of_keeper = || {
+        fs::read_dir(format!("/proc/{keeper}/fd"))
+            .expect("the keeper's fds")
+            .filter_map(|e| fs::read_link(e.ok()?.path()).ok())
+            .filter(|l| l.to_string_lossy().starts_with("socket:"))
+            .count()
+    };
+    let held = sockets_of_keeper();
+    // A VMM connected (a plain connection: the export serves it until it ends).
+    let mut vmm = std::os::unix::net::UnixStream::connect(&sock).expect("connecting");
+    wait_until("the VMM connected", || {
+        f.status()["vhost_user_blk"][0]["connected"] == serde_json::json!(true)
+    });
+    fleecefs([
+        OsStr::new("device"),
+        OsStr::new("remove"),
+        f.mp.as_os_str(),
+        OsStr::new("vm"),
+    ])
+    .expect_ok("device remove of an exported device");
+    vmm.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("timeout");
+    let mut byte = [0u8; 1];
+    assert_eq!(
+        std::io::Read::read(&mut vmm, &mut byte).expect("reading the ended connection"),
+        0,
+        "the VMM's connection did not end"
+    );
+    assert!(!sock.exists(), "the socket outlived the export");
+    assert!(
+        std::os::unix::net::UnixStream::connect(&sock).is_err(),
+        "a connection after device remove"
+    );
+    assert!(exported_sockets(&f).is_empty(), "status lists the export");
+    assert_eq!(sockets_of_keeper(), held - 1, "the keeper kept the socket");
+    // The record forgets it: a new worker does not serve it again.
+    let pid = f.worker_pid();
+    kill(pid, libc::SIGKILL);
+    wait_new_worker(&f, pid);
+    assert!(!sock.exists() && exported_sockets(&f).is_empty());
+}
+
+#[test]
+fn device_add_refuses_bad_exports_and_changes_nothing() {
+    let mut f = Fleece::new();
+    f.add_device("a", SIZE);
+    let taken = f.root.join("a.sock");
+    let taken_spec = format!("a={}", taken.display());
+    f.mount(&["--vhost-user-blk", &taken_spec])
+        .expect_ok("mount with an export");
+    let img = f.image("vm.img", SIZE);
+    let dev = format!("vm={}", img.display());
+    let record = || fs::read(f.state.join("devices.json")).expect("the device record");
+    let before = record();
+    let open_dir = f.root.join("open");
+    fs::create_dir(&open_dir).expect("a directory");
+    fs::set_permissions(&open_dir, fs::Permissions::from_mode(0o777)).expect("chmod 777");
+    let file = f.root.join("file");
+    fs::write(&file, b"x").expect("a regular file");
+    let sock = f.root.join("vm.sock");
+    for (spec, says) in [
+        (format!("b={}", sock.display()), "'b' is not a device added"),
+        ("vm".to_string(), "expected NAME=SOCKET"),
+        ("=x".to_string(), "no device name"),
+        ("vm=".to_string(), "no socket path"),
+        (
+            format!("vm={}", open_dir.join("vm.sock").display()),
+            "is not safe",
+        ),
+        (format!("vm={}", file.display()), "exists"),
+        (
+            format!("vm={}", taken.display()),
+            "is already the export of device 'a'",
+        ),
+        (
+            format!("vm={}", f.root.join("nodir/vm.sock").display()),
+            "nodir",
+        ),
+    ] {
+        device_add(&f, &[&dev, "--vhost-user-blk", &spec])
+            .expect_failure(&format!("--vhost-user-blk {spec}"), says);
+        assert_eq!(
+            f.status()["devices"].as_array().map(Vec::len),
+            Some(1),
+            "{spec}"
+        );
+        assert_eq!(record(), before, "the record changed: {spec}");
+        assert_eq!(exported_sockets(&f), [taken.display().to_string()]);
+    }
+    assert!(!sock.exists(), "a refused export left its socket");
+    // The same socket twice in one command.
+    let spec = format!("vm={}", sock.display());
+    device_add(
+        &f,
+        &[&dev, "--vhost-user-blk", &spec, "--vhost-user-blk", &spec],
+    )
+    .expect_failure("a socket given twice", "given twice");
+    // A device that cannot be added takes its export's socket away again.
+    let missing = format!("vm={}", f.root.join("missing.img").display());
+    device_add(&f, &[&missing, "--vhost-user-blk", &spec])
+        .expect_failure("a missing image", "missing.img");
+    assert!(!sock.exists(), "a refused device left its export's socket");
+    assert_eq!(record(), before);
+    // And then the right command works.
+    device_add(&f, &[&dev, "--vhost-user-blk", &format!("{spec},ro")])
+        .expect_ok("device add --vhost-user-blk ,ro");
+    let c = Client::connect(&sock, 1, true);
+    assert_eq!(c.capacity(), SIZE);
 }

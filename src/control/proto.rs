@@ -62,6 +62,9 @@ pub enum Request {
     DeviceAdd {
         /// The devices.
         devices: Vec<(String, String)>,
+        /// vhost-user-blk exports of them (absolute socket paths).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        vhost_user_blk: Vec<crate::vhost_user::ExportSpec>,
     },
     /// Stop serving a device.
     DeviceRemove {

@@ -76,20 +76,25 @@ fn dispatch(
                 .inspect(|_| crate::vhost_user::size_changed(&device))
                 .map(|r| serde_json::to_value(r).unwrap_or_default())
         }
-        Request::DeviceAdd { devices } => {
+        Request::DeviceAdd {
+            devices,
+            vhost_user_blk,
+        } => {
             let specs: Vec<(String, std::path::PathBuf)> = devices
                 .into_iter()
                 .map(|(n, p)| (n, std::path::PathBuf::from(p)))
                 .collect();
-            engine
-                .add_devices(&specs)
+            crate::vhost_user::add_devices(&specs, &vhost_user_blk)
                 .map(|r| serde_json::to_value(r).unwrap_or_default())
         }
-        Request::DeviceRemove { device } => engine.remove_device(&device).map(|r| {
-            // The keeper lets go of the source too (its lock with it).
-            worker.device_removed(&device);
-            serde_json::to_value(r).unwrap_or_default()
-        }),
+        // The device's vhost-user-blk exports end first.
+        Request::DeviceRemove { device } => {
+            crate::vhost_user::remove_device(engine, &device).map(|r| {
+                // The keeper lets go of the source too (its lock with it).
+                worker.device_removed(&device);
+                serde_json::to_value(r).unwrap_or_default()
+            })
+        }
     };
     response(result)
 }

@@ -82,17 +82,9 @@ pub fn mount(args: &MountArgs) -> Result<()> {
         background: args.daemon_child,
         worker_oom_score_adj: serve.worker_oom_score_adj,
         // Bound here, held by the keeper: the NBD and vhost-user-blk sockets survive
-        // worker restarts (NBD's first, then the exports', in order).
-        listen_fds: {
-            let mut fds = crate::nbd::server::bind_all(&serve.nbd_listen)?;
-            fds.extend(
-                crate::vhost_user::bind(&serve.vhost_user_blk)?
-                    .into_iter()
-                    .map(std::os::fd::OwnedFd::from),
-            );
-            fds
-        },
-        held_fds: Vec::new(),
+        // worker restarts (NBD's in order, the exports' by name).
+        listen_fds: crate::nbd::server::bind_all(&serve.nbd_listen)?,
+        held_fds: crate::vhost_user::bind(&serve.vhost_user_blk)?,
         sources: serve
             .devices
             .iter()

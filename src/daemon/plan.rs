@@ -314,11 +314,18 @@ pub fn validate(args: &MountArgs, check: MountpointCheck) -> Result<Validated> {
     }
     // Sources last: the messages about the mount point and state dir say more.
     let devices = check_devices(&args.devices, &state_dir)?;
-    let vhost_user_blk = args
-        .vhost_user_blk
-        .iter()
-        .map(|s| crate::vhost_user::ExportSpec::parse(s))
-        .collect::<Result<Vec<_>>>()?;
+    // Without --device and --vhost-user-blk, the recorded devices come back with their
+    // exports.
+    let vhost_user_blk = if args.vhost_user_blk.is_empty() && args.devices.is_empty() {
+        crate::state::read_device_record(&state_dir)?
+            .map(|r| crate::vhost_user::ExportSpec::all_from_record(&r))
+            .unwrap_or_default()
+    } else {
+        args.vhost_user_blk
+            .iter()
+            .map(|s| crate::vhost_user::ExportSpec::parse(s))
+            .collect::<Result<Vec<_>>>()?
+    };
     let names: Vec<String> = devices.iter().map(|(n, _)| n.clone()).collect();
     crate::vhost_user::validate(&vhost_user_blk, &names)?;
     let nbd_tls_creds = validate_nbd(args)?;

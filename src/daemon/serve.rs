@@ -20,13 +20,14 @@ use crate::source::Source;
 use crate::state::{DeviceRecord, StateDir, LOG_FILE};
 use crate::sys;
 
-/// The devices this worker serves: the plan's for the first worker; after a restart,
-/// the record (which `device add`, `device remove` and `resize` keep current), not the
-/// `--device` options the mount started with.
+/// The devices and exports this worker serves: the plan's for the first worker; after
+/// a restart, the record's (which `device add`, `device remove` and `resize` keep
+/// current), not the `--device` and `--vhost-user-blk` options the mount started with.
 fn devices(state: &StateDir, plan: &ServePlan, worker: &Worker) -> Result<ServePlan> {
     let mut plan = plan.clone();
     if worker.restarted() {
         if let Some(r) = crate::state::read_device_record(state.path())? {
+            plan.vhost_user_blk = crate::vhost_user::ExportSpec::all_from_record(&r);
             plan.devices = r.devices.into_iter().map(|d| (d.name, d.path)).collect();
             plan.explicit_devices = false;
         }
@@ -245,14 +246,20 @@ pub fn serve(plan: ServePlan, worker: Arc<Worker>) -> Result<()> {
     // The keeper holds the listening sockets (bound before it mounted): NBD's, then the
     // vhost-user-blk exports'.
     let mut held = worker.take_listen_fds();
-    let vhost_held = held.split_off(nbd_config.listen.len().min(held.len()));
+    // The exports' sockets are held by name (`Worker::take_held_fd`); a keeper of an
+    // older fleecefs hands them over after NBD's, in the order of the plan.
+    let vhost_positional = held.split_off(nbd_config.listen.len().min(held.len()));
     let nbd_listeners = crate::nbd::server::listeners_from(&nbd_config.listen, held)?;
-    let vhost_listeners = crate::vhost_user::listeners_from(&plan.vhost_user_blk, vhost_held)?;
     let listener = bind_socket(&state)?;
     let socket_path = state.socket_path();
+    let exports: Vec<_> = plan
+        .vhost_user_blk
+        .iter()
+        .map(crate::vhost_user::ExportSpec::record)
+        .collect();
     let engine = match Engine::with_slots(devices, next_slot, config, Some(state)).and_then(|e| {
         if skipped.is_empty() {
-            e.save_device_record()?;
+            e.save_device_record(&exports)?;
         }
         Ok(e)
     }) {
@@ -273,7 +280,20 @@ pub fn serve(plan: ServePlan, worker: Arc<Worker>) -> Result<()> {
             return Err(Error::io("starting the backup read pool", e));
         }
     };
-    crate::vhost_user::start(&engine, &backup, &plan.vhost_user_blk, vhost_listeners)?;
+    // The exports of devices not served (left out after a restart) wait in the keeper.
+    let (vhost_specs, unserved): (Vec<_>, Vec<_>) = plan
+        .vhost_user_blk
+        .iter()
+        .cloned()
+        .partition(|s| engine.device_index(&s.name).is_some());
+    for s in &unserved {
+        log::error!(
+            "vhost-user-blk export {} of device '{}' is not served: the device is not",
+            s.socket.display(),
+            s.name
+        );
+    }
+    crate::vhost_user::start(&engine, &backup, &worker, &vhost_specs, vhost_positional)?;
     let nbd = if nbd_config.listen.is_empty() {
         None
     } else {
@@ -375,6 +395,9 @@ pub fn serve(plan: ServePlan, worker: Arc<Worker>) -> Result<()> {
     engine.shutdown();
     let _ = fs::remove_file(&socket_path);
     crate::vhost_user::remove_sockets(&plan.vhost_user_blk);
+    for socket in crate::vhost_user::sockets() {
+        let _ = fs::remove_file(socket);
+    }
     match result {
         Ok(Ok(())) => {
             worker.unmounted();

@@ -126,6 +126,9 @@ struct Control {
     shut_down: bool,
     /// The slot the next added device gets (slots are never reused).
     next_slot: usize,
+    /// The frontends' exports of each device, kept in the device record (the engine
+    /// only records them; a frontend serves them).
+    exports: std::collections::BTreeMap<String, Vec<crate::state::RecordedExport>>,
 }
 
 /// One device of the active access, as a frontend exposes it.
@@ -270,6 +273,7 @@ impl Engine {
                 bitmaps,
                 shut_down: false,
                 next_slot,
+                exports: Default::default(),
             }),
         })
     }

@@ -17,7 +17,7 @@ use crate::bitmap_file::TrackedBitmap;
 use crate::cbw::Device;
 use crate::error::{Error, Result};
 use crate::source::Source;
-use crate::state::{DeviceRecord, RecordedDevice};
+use crate::state::{DeviceRecord, RecordedDevice, RecordedExport};
 use crate::units::format_size;
 
 /// The size `resize` asks for.
@@ -139,9 +139,16 @@ pub fn check_device_name(name: &str) -> Result<()> {
 /// getattrs) before it closes the source anyway.
 const LAST_REFERENCE_WAIT: Duration = Duration::from_secs(5);
 
+/// The exports of each device (see `Control::exports`).
+type Exports = std::collections::BTreeMap<String, Vec<RecordedExport>>;
+
 impl Engine {
     /// The device record of the set in `table`.
-    fn device_record(table: &[Option<Arc<Device>>], next_slot: usize) -> DeviceRecord {
+    fn device_record(
+        table: &[Option<Arc<Device>>],
+        next_slot: usize,
+        exports: &Exports,
+    ) -> DeviceRecord {
         DeviceRecord {
             version: 1,
             next_slot,
@@ -154,23 +161,46 @@ impl Engine {
                         path: d.source().path().to_path_buf(),
                         slot,
                         file: Some((d.source().identity().dev, d.source().identity().ino)),
+                        vhost_user_blk: exports.get(d.name()).cloned().unwrap_or_default(),
                     })
                 })
                 .collect(),
         }
     }
 
-    fn save_record(&self, table: &[Option<Arc<Device>>], next_slot: usize) -> Result<()> {
+    fn save_record(
+        &self,
+        table: &[Option<Arc<Device>>],
+        next_slot: usize,
+        exports: &Exports,
+    ) -> Result<()> {
         match &self.state {
-            Some(state) => state.record_devices(&Self::device_record(table, next_slot)),
+            Some(state) => state.record_devices(&Self::device_record(table, next_slot, exports)),
             None => Ok(()),
         }
     }
 
-    /// Records the served set in the state dir (at mount).
-    pub fn save_device_record(&self) -> Result<()> {
+    /// Records the served set, with `exports` (the frontends' exports of each device),
+    /// in the state dir (at mount).
+    pub fn save_device_record(&self, exports: &[(String, RecordedExport)]) -> Result<()> {
+        let mut control = self.control();
+        let mut map = Exports::new();
+        for (name, e) in exports {
+            map.entry(name.clone()).or_default().push(e.clone());
+        }
+        self.save_record(&self.table(), control.next_slot, &map)?;
+        control.exports = map;
+        Ok(())
+    }
+
+    /// The exports of every device as recorded: device name, export.
+    pub fn exports(&self) -> Vec<(String, RecordedExport)> {
         let control = self.control();
-        self.save_record(&self.table(), control.next_slot)
+        control
+            .exports
+            .iter()
+            .flat_map(|(n, es)| es.iter().map(move |e| (n.clone(), e.clone())))
+            .collect()
     }
 
     /// `TARGET/NAME` of every registered bitmap of `device` (takes the control mutex).
@@ -346,6 +376,24 @@ impl Engine {
 
     /// `fleecefs device add`: serves new devices. All or nothing.
     pub fn add_devices(&self, specs: &[(String, PathBuf)]) -> Result<DeviceAddReport> {
+        self.add_devices_with_exports(specs, &[])
+    }
+
+    /// [`Engine::add_devices`], recording `exports` of the new devices (device name,
+    /// export) with them: the caller has checked them and serves them.
+    pub fn add_devices_with_exports(
+        &self,
+        specs: &[(String, PathBuf)],
+        exports: &[(String, RecordedExport)],
+    ) -> Result<DeviceAddReport> {
+        if let Some((name, _)) = exports
+            .iter()
+            .find(|(n, _)| !specs.iter().any(|(s, _)| s == n))
+        {
+            return Err(Error::invalid(format!(
+                "an export of device '{name}', which is not added"
+            )));
+        }
         if specs.is_empty() {
             return Err(Error::invalid("no device to add"));
         }
@@ -421,10 +469,15 @@ impl Engine {
             for (k, d) in new.iter().enumerate() {
                 table[first + k] = Some(d.clone());
             }
-            if let Err(e) = self.save_record(&table, next_slot) {
+            let mut all = control.exports.clone();
+            for (name, e) in exports {
+                all.entry(name.clone()).or_default().push(e.clone());
+            }
+            if let Err(e) = self.save_record(&table, next_slot, &all) {
                 unload(&mut control.bitmaps, &loaded);
                 return Err(e);
             }
+            control.exports = all;
         }
         control.next_slot = next_slot;
         // Tracking is in place before the device can be opened.
@@ -480,6 +533,24 @@ impl Engine {
         Ok(DeviceAddReport { devices })
     }
 
+    /// Refuses now what [`Engine::remove_device`] would refuse (an unknown device, one
+    /// of the active access, `live/NAME` open), not counting `own_handles` open handles of
+    /// `live/NAME`: those of a frontend that ends its use of the device before it removes
+    /// it.
+    pub fn check_removable(&self, name: &str, own_handles: u64) -> Result<()> {
+        validate_name("device name", name)?;
+        let control = self.control();
+        if control.shut_down {
+            return Err(Error::busy("the daemon is shutting down"));
+        }
+        let slot = self
+            .device_index(name)
+            .ok_or_else(|| self.unknown_device(name))?;
+        in_access_refusal(&control, name, slot)?;
+        let dev = self.device(slot).ok_or_else(|| self.unknown_device(name))?;
+        open_refusal(name, dev.open_handles().saturating_sub(own_handles))
+    }
+
     /// `fleecefs device remove`: stops serving device `name`; its source is closed (and
     /// unlocked) and its bitmaps stay in the state dir, dormant.
     pub fn remove_device(&self, name: &str) -> Result<DeviceRemoveReport> {
@@ -492,38 +563,25 @@ impl Engine {
             let slot = self
                 .device_index(name)
                 .ok_or_else(|| self.unknown_device(name))?;
-            if let Some(a) = control
-                .active
-                .as_ref()
-                .filter(|a| a.devices.iter().any(|d| d.index == slot))
-            {
-                return Err(Error::busy(format!(
-                    "device '{name}' is part of the backup access of target '{}': tear it down first",
-                    a.target
-                )));
-            }
+            in_access_refusal(&control, name, slot)?;
             let dev = {
                 let mut table = self.table_mut();
                 let Some(dev) = table.get(slot).cloned().flatten() else {
                     return Err(self.unknown_device(name));
                 };
-                let open = dev.open_handles();
-                if open > 0 {
-                    return Err(Error::busy(format!(
-                        "live/{name} is open ({open} handle(s)): close it first"
-                    )));
-                }
+                open_refusal(name, dev.open_handles())?;
                 table[slot] = None;
                 dev
             };
             let saved = {
                 let table = self.table();
-                self.save_record(&table, control.next_slot)
+                self.save_record(&table, control.next_slot, &control.exports)
             };
             if let Err(e) = saved {
                 self.table_mut()[slot] = Some(dev);
                 return Err(e);
             }
+            control.exports.remove(name);
             dev.lock_gate().tracking.clear();
             // No handle is open, so no live write is in flight: close the bitmaps clean.
             if let Err(e) = dev.sync_live(false) {
@@ -555,6 +613,31 @@ impl Engine {
             bitmaps_kept: self.bitmap_names(name),
         })
     }
+}
+
+/// `device remove` of the device in `slot` while it is part of the active access.
+fn in_access_refusal(control: &super::Control, name: &str, slot: usize) -> Result<()> {
+    match control
+        .active
+        .as_ref()
+        .filter(|a| a.devices.iter().any(|d| d.index == slot))
+    {
+        Some(a) => Err(Error::busy(format!(
+            "device '{name}' is part of the backup access of target '{}': tear it down first",
+            a.target
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// `device remove` while `live/NAME` has `open` handles.
+fn open_refusal(name: &str, open: u64) -> Result<()> {
+    if open > 0 {
+        return Err(Error::busy(format!(
+            "live/{name} is open ({open} handle(s)): close it first"
+        )));
+    }
+    Ok(())
 }
 
 /// Fills in the bitmap names of a resize report and tells the kernel (no lock held).

@@ -1,5 +1,5 @@
 //! Passing fds between processes: a `SOCK_SEQPACKET` socket pair whose messages carry
-//! at most one fd each (`SCM_RIGHTS`).
+//! fds (`SCM_RIGHTS`); and waiting for a socket to become readable.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -150,5 +150,30 @@ pub fn set_recv_timeout(sock: BorrowedFd<'_>, timeout: Duration) -> io::Result<(
         Ok(())
     } else {
         Err(io::Error::last_os_error())
+    }
+}
+
+/// Waits at most `timeout` until `fd` is readable (for a listening socket: a connection
+/// waits to be accepted). Whether it is.
+pub fn wait_readable(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<bool> {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
+    // SAFETY: poll on one valid pollfd, a local that outlives the call.
+    let r = unsafe { libc::poll(&mut p, 1, ms) };
+    match r {
+        0 => Ok(false),
+        n if n > 0 => Ok(true),
+        _ => {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                Ok(false)
+            } else {
+                Err(e)
+            }
+        }
     }
 }

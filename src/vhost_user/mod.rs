@@ -14,27 +14,31 @@
 //! QEMU's chardev) sets the queues up again and resubmits what was not completed.
 
 mod backend;
+mod exports;
 #[cfg(test)]
 mod hostile;
 mod request;
 
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use vhost::vhost_user::Listener;
-use vhost_user_backend::VhostUserDaemon;
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::engine::Engine;
 use crate::error::{Error, IoContext, Result};
 use crate::sched::BackupScheduler;
+use crate::state::RecordedExport;
 use crate::sync::Recover;
 
 pub use backend::BlkBackend;
+pub use exports::{add_devices, add_status, remove_device, size_changed, sockets, start};
 
 /// Most queues an export offers (at most the number of CPUs).
 const MAX_QUEUES: usize = 16;
@@ -84,6 +88,43 @@ impl ExportSpec {
             read_only,
         })
     }
+
+    /// The name the keeper holds the listening socket under.
+    pub fn held_name(&self) -> String {
+        format!("vhost-user-blk:{}", self.socket.display())
+    }
+
+    /// The export as the device record keeps it: device name, export.
+    pub fn record(&self) -> (String, RecordedExport) {
+        (
+            self.name.clone(),
+            RecordedExport {
+                socket: self.socket.clone(),
+                read_only: self.read_only,
+            },
+        )
+    }
+
+    /// Every export the device record keeps, in device order.
+    pub fn all_from_record(r: &crate::state::DeviceRecord) -> Vec<ExportSpec> {
+        r.devices
+            .iter()
+            .flat_map(|d| {
+                d.vhost_user_blk
+                    .iter()
+                    .map(|e| Self::from_record(&d.name, e))
+            })
+            .collect()
+    }
+
+    /// An export of device `name` from the device record.
+    pub fn from_record(name: &str, e: &RecordedExport) -> ExportSpec {
+        ExportSpec {
+            name: name.to_string(),
+            socket: e.socket.clone(),
+            read_only: e.read_only,
+        }
+    }
 }
 
 /// A served export and its counters (for `status`).
@@ -104,9 +145,33 @@ pub struct Export {
     /// The mount's backup scheduler: every request is a guest request it paces backup
     /// reads around, as a `live/NAME` request is.
     sched: Arc<BackupScheduler>,
+    /// The export is to end: its thread stops accepting and returns.
+    stop: AtomicBool,
+    /// Ends the connection of the VMM being served, if any.
+    shutdown: Mutex<Option<ShutdownHandle>>,
+    /// The export holds an open handle of `live/NAME` (from a VMM's connection until its
+    /// end).
+    holds_handle: AtomicBool,
 }
 
 impl Export {
+    fn new(spec: &ExportSpec, queues: usize, sched: Arc<BackupScheduler>) -> Export {
+        Export {
+            name: spec.name.clone(),
+            socket: spec.socket.clone(),
+            read_only: spec.read_only,
+            queues,
+            connected: AtomicBool::new(false),
+            requests: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            current: Mutex::new(None),
+            sched,
+            stop: AtomicBool::new(false),
+            shutdown: Mutex::new(None),
+            holds_handle: AtomicBool::new(false),
+        }
+    }
+
     fn count(&self, failed: bool) {
         self.sched.note_guest();
         self.requests.fetch_add(1, Ordering::Relaxed);
@@ -127,6 +192,18 @@ impl Export {
             errors: self.errors.load(Ordering::Relaxed),
         }
     }
+
+    /// Asks the export's thread to end, and ends the connection of its VMM.
+    fn request_stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.shutdown.lock().recover().as_ref() {
+            h.shutdown();
+        }
+    }
+
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
 }
 
 /// One export in a `status` reply (`vhost_user_blk`, a list).
@@ -146,35 +223,6 @@ pub struct ExportStatus {
     pub requests: u64,
     /// Requests that completed with IOERR or UNSUPP, or were malformed.
     pub errors: u64,
-}
-
-/// The exports this process serves (set once at start).
-static EXPORTS: OnceLock<Vec<Arc<Export>>> = OnceLock::new();
-
-/// Adds `vhost_user_blk` (every export's state) to a `status` reply.
-pub fn add_status(v: &mut serde_json::Value) {
-    if let (Some(exports), Some(obj)) = (EXPORTS.get(), v.as_object_mut()) {
-        let list: Vec<ExportStatus> = exports.iter().map(|e| e.status()).collect();
-        obj.insert(
-            "vhost_user_blk".into(),
-            serde_json::to_value(list).unwrap_or_default(),
-        );
-    }
-}
-
-/// Device `name` has a new size: every connected VMM of its exports is told that the
-/// configuration space changed, and reads the new capacity from it.
-pub fn size_changed(name: &str) {
-    for e in EXPORTS
-        .get()
-        .into_iter()
-        .flatten()
-        .filter(|e| e.name == name)
-    {
-        if let Some(b) = e.current.lock().recover().clone() {
-            b.config_changed();
-        }
-    }
 }
 
 /// Checks the exports against the devices served: known names, one socket each.
@@ -223,29 +271,17 @@ fn trusted_dir(socket: &Path) -> Result<()> {
     .map(|_| ())
 }
 
-/// Creates the listening sockets (mode 0600; a leftover socket at the path is replaced).
-/// Call while no other thread creates files: the umask is process-wide.
-pub fn bind(specs: &[ExportSpec]) -> Result<Vec<UnixListener>> {
+/// Creates the listening sockets (mode 0600; a leftover socket at the path is replaced),
+/// each with the name the keeper holds it under ([`ExportSpec::held_name`]). Call while
+/// no other thread creates files: the umask is process-wide.
+pub fn bind(specs: &[ExportSpec]) -> Result<Vec<(String, std::os::fd::OwnedFd)>> {
     specs
         .iter()
-        .map(|s| crate::secure_path::bind_private_socket(&s.socket, "vhost-user-blk socket"))
+        .map(|s| {
+            crate::secure_path::bind_private_socket(&s.socket, "vhost-user-blk socket")
+                .map(|l| (s.held_name(), l.into()))
+        })
         .collect()
-}
-
-/// The listeners of `specs` over `fds`, the sockets [`bind`] made (held by the keeper,
-/// inherited by this worker), in the same order.
-pub fn listeners_from(
-    specs: &[ExportSpec],
-    fds: Vec<std::os::fd::OwnedFd>,
-) -> Result<Vec<UnixListener>> {
-    if fds.len() != specs.len() {
-        return Err(Error::invalid(format!(
-            "the keeper handed over {} listening socket(s) for {} --vhost-user-blk export(s)",
-            fds.len(),
-            specs.len()
-        )));
-    }
-    Ok(fds.into_iter().map(UnixListener::from).collect())
 }
 
 /// Removes the listening sockets (the mount ends; a worker restart keeps them).
@@ -255,46 +291,31 @@ pub fn remove_sockets(specs: &[ExportSpec]) {
     }
 }
 
-/// Serves every export on its listener, each from a thread of its own.
-pub fn start(
-    engine: &Arc<Engine>,
-    sched: &Arc<BackupScheduler>,
-    specs: &[ExportSpec],
-    listeners: Vec<UnixListener>,
-) -> Result<()> {
-    let queues = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .clamp(1, MAX_QUEUES);
-    let mut exports = Vec::new();
-    for (s, l) in specs.iter().zip(listeners) {
-        let export = Arc::new(Export {
-            name: s.name.clone(),
-            socket: s.socket.clone(),
-            read_only: s.read_only,
-            queues,
-            connected: AtomicBool::new(false),
-            requests: AtomicU64::new(0),
-            errors: AtomicU64::new(0),
-            current: Mutex::new(None),
-            sched: sched.clone(),
-        });
-        exports.push(export.clone());
-        let engine = engine.clone();
-        std::thread::Builder::new()
-            .name(format!("vhost-{}", s.name))
-            .spawn(move || serve(engine, export, l))
-            .context(|| format!("starting the vhost-user-blk thread of {}", s.name))?;
-    }
-    let _ = EXPORTS.set(exports);
-    Ok(())
-}
+/// How long the accept loop waits for a VMM before it looks whether the export ends.
+const ACCEPT_POLL: Duration = Duration::from_millis(200);
 
-/// Accepts one VMM after the other on `listener` and serves it until it disconnects.
+/// Accepts one VMM after the other on `listener` and serves it until it disconnects,
+/// until the export is stopped ([`Export::request_stop`]) or its device is no longer
+/// served.
 fn serve(engine: Arc<Engine>, export: Arc<Export>, listener: UnixListener) {
     let mut listener = Listener::from(listener);
-    loop {
-        // Counted as an open handle of live/NAME while a VMM may use it, so that
-        // `device remove` refuses it.
+    while !export.stopping() {
+        // SAFETY: the fd belongs to `listener`, which outlives this borrow.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(listener.as_raw_fd()) };
+        match crate::sys::wait_readable(fd, ACCEPT_POLL) {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(e) => {
+                log::warn!("vhost-user-blk {}: waiting for a VMM: {e}", export.name);
+                std::thread::sleep(ACCEPT_POLL);
+                continue;
+            }
+        }
+        if export.stopping() {
+            break;
+        }
+        // Counted as an open handle of live/NAME while a VMM uses it, so that
+        // `device remove` knows to end the connection first.
         let device = engine
             .device_index(&export.name)
             .and_then(|slot| engine.open_live(slot));
@@ -307,6 +328,7 @@ fn serve(engine: Arc<Engine>, export: Arc<Export>, listener: UnixListener) {
             let _ = std::fs::remove_file(&export.socket);
             return;
         };
+        export.holds_handle.store(true, Ordering::SeqCst);
         let backend = Arc::new(BlkBackend::new(export.clone(), device.clone()));
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let result =
@@ -314,10 +336,16 @@ fn serve(engine: Arc<Engine>, export: Arc<Export>, listener: UnixListener) {
                 .map_err(|e| e.to_string())
                 .and_then(|mut daemon| {
                     daemon.start(&mut listener).map_err(|e| e.to_string())?;
+                    *export.shutdown.lock().recover() = daemon.shutdown_handle();
+                    // Stopped while the VMM was being accepted: end it now.
+                    if export.stopping() {
+                        daemon.request_shutdown();
+                    }
                     export.connected.store(true, Ordering::Relaxed);
                     *export.current.lock().recover() = Some(backend);
                     log::info!("vhost-user-blk {}: a VMM connected", export.name);
                     let r = daemon.wait();
+                    *export.shutdown.lock().recover() = None;
                     *export.current.lock().recover() = None;
                     export.connected.store(false, Ordering::Relaxed);
                     log::info!(
@@ -327,9 +355,10 @@ fn serve(engine: Arc<Engine>, export: Arc<Export>, listener: UnixListener) {
                     Ok(())
                 });
         device.handle_released();
+        export.holds_handle.store(false, Ordering::SeqCst);
         if let Err(e) = result {
             log::warn!("vhost-user-blk {}: {e}", export.name);
-            std::thread::sleep(Duration::from_millis(200));
+            std::thread::sleep(ACCEPT_POLL);
         }
     }
 }
@@ -344,17 +373,12 @@ mod tests {
     #[test]
     fn every_request_is_noted_as_guest_activity() {
         let sched = Arc::new(BackupScheduler::with_pool(1, Some(BackupShare::Auto)).unwrap());
-        let export = Export {
+        let spec = ExportSpec {
             name: "vm".into(),
             socket: PathBuf::from("/nonexistent/vm.sock"),
             read_only: false,
-            queues: 1,
-            connected: AtomicBool::new(false),
-            requests: AtomicU64::new(0),
-            errors: AtomicU64::new(0),
-            current: Mutex::new(None),
-            sched: sched.clone(),
         };
+        let export = Export::new(&spec, 1, sched.clone());
         assert_eq!(sched.guest_requests(), 0);
         export.count(false);
         export.count(true);
