@@ -296,7 +296,7 @@ pub fn device_add(a: &crate::cli::DeviceAddArgs) -> Result<()> {
         &a.mountpoint,
         &Request::DeviceAdd {
             devices,
-            vhost_user_blk: vhost_user_blk.clone(),
+            vhost_user_blk,
         },
     )?;
     if a.json {
@@ -316,14 +316,14 @@ pub fn device_add(a: &crate::cli::DeviceAddArgs) -> Result<()> {
             },
             AddedBitmap::list(&d.bitmaps)
         );
-    }
-    for e in &vhost_user_blk {
-        crate::out!(
-            "device '{}' exported over vhost-user-blk at {}{}",
-            e.name,
-            e.socket.display(),
-            if e.read_only { " (read-only)" } else { "" }
-        );
+        for e in &d.vhost_user_blk {
+            crate::out!(
+                "device '{}' exported over vhost-user-blk at {}{}",
+                d.name,
+                e.socket.display(),
+                if e.read_only { " (read-only)" } else { "" }
+            );
+        }
     }
     Ok(())
 }

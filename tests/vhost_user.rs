@@ -632,6 +632,9 @@ fn device_add_refuses_bad_exports_and_changes_nothing() {
     let open_dir = f.root.join("open");
     fs::create_dir(&open_dir).expect("a directory");
     fs::set_permissions(&open_dir, fs::Permissions::from_mode(0o777)).expect("chmod 777");
+    let users_dir = f.root.join("users");
+    fs::create_dir(&users_dir).expect("a directory");
+    std::os::unix::fs::chown(&users_dir, Some(65534), Some(65534)).expect("chown nobody");
     let file = f.root.join("file");
     fs::write(&file, b"x").expect("a regular file");
     let sock = f.root.join("vm.sock");
@@ -643,6 +646,10 @@ fn device_add_refuses_bad_exports_and_changes_nothing() {
         (
             format!("vm={}", open_dir.join("vm.sock").display()),
             "is not safe",
+        ),
+        (
+            format!("vm={}", users_dir.join("vm.sock").display()),
+            "owned by uid 65534",
         ),
         (format!("vm={}", file.display()), "exists"),
         (
@@ -679,8 +686,17 @@ fn device_add_refuses_bad_exports_and_changes_nothing() {
     assert!(!sock.exists(), "a refused device left its export's socket");
     assert_eq!(record(), before);
     // And then the right command works.
-    device_add(&f, &[&dev, "--vhost-user-blk", &format!("{spec},ro")])
-        .expect_ok("device add --vhost-user-blk ,ro");
+    let out = device_add(
+        &f,
+        &[&dev, "--vhost-user-blk", &format!("{spec},ro"), "--json"],
+    )
+    .expect_ok("device add --vhost-user-blk ,ro");
+    let added = parse_json(&out, "device add --json");
+    assert_eq!(
+        added["devices"][0]["vhost_user_blk"],
+        serde_json::json!([{ "socket": sock.display().to_string(), "read_only": true }]),
+        "{added}"
+    );
     let c = Client::connect(&sock, 1, true);
     assert_eq!(c.capacity(), SIZE);
 }

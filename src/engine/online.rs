@@ -106,6 +106,9 @@ pub struct AddedDevice {
     pub size: u64,
     /// Its bitmaps found in the state dir.
     pub bitmaps: Vec<AddedBitmap>,
+    /// Its exports recorded with it (served by a frontend).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vhost_user_blk: Vec<RecordedExport>,
 }
 
 /// The result of `device add`.
@@ -513,6 +516,11 @@ impl Engine {
                         used: b.consistent,
                         reason: (!b.consistent).then(|| b.reason.clone()).flatten(),
                     })
+                    .collect(),
+                vhost_user_blk: exports
+                    .iter()
+                    .filter(|(n, _)| n == d.name())
+                    .map(|(_, e)| e.clone())
                     .collect(),
             })
             .collect();

@@ -106,9 +106,27 @@ pub fn start(
                     spec.name,
                     spec.socket.display()
                 );
-                let l = bind_in_worker(spec)?;
-                hold(worker, spec, &l)?;
-                l.into()
+                // One export that cannot be served must not take the others (and the
+                // mount) away.
+                match bind_in_worker(spec) {
+                    Ok(l) => {
+                        if let Err(e) = hold(worker, spec, &l) {
+                            log::warn!(
+                                "{}; a worker's death ends this export",
+                                crate::error::report(&e)
+                            );
+                        }
+                        l.into()
+                    }
+                    Err(e) => {
+                        log::error!(
+                            "vhost-user-blk {} is not served: {}",
+                            spec.name,
+                            crate::error::report(&e)
+                        );
+                        continue;
+                    }
+                }
             }
         };
         let served = frontend.spawn(spec, UnixListener::from(fd))?;
