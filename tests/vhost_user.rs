@@ -700,3 +700,33 @@ fn device_add_refuses_bad_exports_and_changes_nothing() {
     let c = Client::connect(&sock, 1, true);
     assert_eq!(c.capacity(), SIZE);
 }
+
+#[test]
+fn an_export_the_keeper_does_not_hold_is_made_by_the_next_worker_and_then_held() {
+    let f = Fleece::mounted(&[("vm", SIZE)]);
+    let sock = f.root.join("vm.sock");
+    // A record that names an export no keeper holds (written by hand).
+    let path = f.state.join("devices.json");
+    let mut record: serde_json::Value =
+        serde_json::from_slice(&fs::read(&path).expect("the record")).expect("JSON");
+    record["devices"][0]["vhost_user_blk"] =
+        serde_json::json!([{ "socket": sock.display().to_string() }]);
+    fs::write(&path, serde_json::to_vec(&record).expect("JSON")).expect("writing the record");
+    let pid = f.worker_pid();
+    kill(pid, libc::SIGKILL);
+    wait_new_worker(&f, pid);
+    assert_eq!(exported_sockets(&f), [sock.display().to_string()]);
+    let ino = fs::metadata(&sock)
+        .expect("the socket made by the new worker")
+        .ino();
+    let c = Client::connect(&sock, 1, false);
+    assert_eq!(c.capacity(), SIZE);
+    drop(c);
+    // Handed to the keeper: the next worker serves the same socket.
+    let pid = f.worker_pid();
+    kill(pid, libc::SIGKILL);
+    wait_new_worker(&f, pid);
+    assert_eq!(fs::metadata(&sock).expect("the socket").ino(), ino);
+    let c = Client::connect(&sock, 1, false);
+    assert_eq!(c.capacity(), SIZE);
+}

@@ -23,6 +23,7 @@ use super::{
 };
 use crate::error::{Error, IoContext, Kind, Result};
 use crate::state::{StateDir, LOG_FILE};
+use crate::sync::Recover;
 use crate::sys;
 
 enum Event {
@@ -189,7 +190,7 @@ fn keep_running(
     });
     let held: HeldFds = Default::default();
     held.lock()
-        .map_err(|_| Error::invalid("the held fds' lock is poisoned"))?
+        .recover()
         .extend(std::mem::take(&mut spec.held_fds));
     let mut keeper = Keeper {
         held,
@@ -264,15 +265,13 @@ impl Keeper {
         let held_fds = self
             .held
             .lock()
-            .map(|h| {
-                h.iter()
-                    .map(|(name, fd)| NamedFd {
-                        name: name.clone(),
-                        fd: fd.as_raw_fd(),
-                    })
-                    .collect()
+            .recover()
+            .iter()
+            .map(|(name, fd)| NamedFd {
+                name: name.clone(),
+                fd: fd.as_raw_fd(),
             })
-            .unwrap_or_default();
+            .collect();
         WorkerPlan {
             keeper_pid: std::process::id(),
             keeper_binary: self.own_binary.clone(),
