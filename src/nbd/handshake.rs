@@ -78,8 +78,22 @@ impl From<io::Error> for Refused {
 pub const TRANSMISSION_FLAGS: u16 = proto::FLAG_HAS_FLAGS
     | proto::FLAG_SEND_FLUSH
     | proto::FLAG_SEND_TRIM
-    | proto::FLAG_SEND_DF
     | proto::FLAG_CAN_MULTI_CONN;
+
+/// The transmission flags for a client that negotiated `mode` (and, for `payload_form`,
+/// meta contexts of this export), as QEMU sets them: `SEND_DF` only with structured
+/// replies or extended headers (a simple reply cannot be fragmented anyway), the
+/// payload form of block status only with extended headers and meta contexts.
+fn transmission_flags(mode: Mode, payload_form: bool) -> u16 {
+    let mut flags = TRANSMISSION_FLAGS;
+    if mode.chunked() {
+        flags |= proto::FLAG_SEND_DF;
+    }
+    if mode == Mode::Extended && payload_form {
+        flags |= proto::FLAG_BLOCK_STATUS_PAYLOAD;
+    }
+    flags
+}
 
 /// The meta contexts of `export` that `query` selects, with their ids: `base:` and
 /// `base:allocation`; `qemu:`, `qemu:dirty-bitmap:` and the bitmap's own name.
@@ -307,17 +321,10 @@ pub fn negotiate(link: &mut impl Link, catalog: &dyn Catalog) -> Result<Negotiat
                     )?;
                     continue;
                 };
-                // The payload form of block status, as QEMU: with extended headers and
-                // meta contexts chosen for this export.
-                let payload_form = mode == Mode::Extended
-                    && contexts
-                        .as_ref()
-                        .is_some_and(|(name, ids)| *name == export.name && !ids.is_empty());
-                let flags = if payload_form {
-                    TRANSMISSION_FLAGS | proto::FLAG_BLOCK_STATUS_PAYLOAD
-                } else {
-                    TRANSMISSION_FLAGS
-                };
+                let payload_form = contexts
+                    .as_ref()
+                    .is_some_and(|(name, ids)| *name == export.name && !ids.is_empty());
+                let flags = transmission_flags(mode, payload_form);
                 send_info(link, h.option, &export, flags, &r.requests)?;
                 reply(link, h.option, proto::REP_ACK, &[])?;
                 if h.option == proto::OPT_GO {
@@ -351,7 +358,7 @@ pub fn negotiate(link: &mut impl Link, catalog: &dyn Catalog) -> Result<Negotiat
                     )));
                 };
                 link.write_all(&export.size.to_be_bytes())?;
-                link.write_all(&TRANSMISSION_FLAGS.to_be_bytes())?;
+                link.write_all(&transmission_flags(mode, false).to_be_bytes())?;
                 if !no_zeroes {
                     link.write_all(&[0u8; 124])?;
                 }

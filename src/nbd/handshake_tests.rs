@@ -165,6 +165,7 @@ fn go_with_structured_replies_and_both_contexts() {
     let flags = u16::from_be_bytes(e[10..12].try_into().unwrap());
     assert_ne!(flags & FLAG_CAN_MULTI_CONN, 0);
     assert_ne!(flags & FLAG_SEND_TRIM, 0);
+    assert_ne!(flags & FLAG_SEND_DF, 0);
     assert_eq!(flags & FLAG_READ_ONLY, 0);
     // block sizes 1, cluster, 32 MiB
     let b = &replies[5].2;
@@ -438,4 +439,45 @@ fn extended_headers_end_export_name_and_need_tls_first() {
     let n = r.unwrap();
     assert_eq!(n.mode, Mode::Simple);
     assert!(n.contexts.is_empty());
+}
+
+#[test]
+fn dont_fragment_only_with_chunked_replies() {
+    // simple replies: no SEND_DF (as QEMU), in INFO and after EXPORT_NAME
+    let (_, replies) = run(FLAGS, &[option(OPT_GO, &info("vda", &[]))], (false, false));
+    let flags = u16::from_be_bytes(replies[0].2[10..12].try_into().unwrap());
+    assert_eq!(flags & FLAG_SEND_DF, 0);
+    assert_ne!(flags & FLAG_SEND_TRIM, 0);
+    let mut input = FLAGS.to_be_bytes().to_vec();
+    input.extend_from_slice(&option(OPT_EXPORT_NAME, b"vda"));
+    let mut s = Script {
+        input: std::io::Cursor::new(input),
+        output: Vec::new(),
+        tls_offered: false,
+        tls_required: false,
+        tls: false,
+    };
+    negotiate(&mut s, &catalog()).unwrap();
+    let flags = u16::from_be_bytes(s.output[18 + 8..18 + 10].try_into().unwrap());
+    assert_eq!(flags & FLAG_SEND_DF, 0);
+    // extended headers: SEND_DF; the payload form of block status only with contexts
+    let (_, replies) = run(
+        FLAGS,
+        &[
+            option(OPT_EXTENDED_HEADERS, &[]),
+            option(OPT_INFO, &info("vda", &[])),
+            option(OPT_SET_META_CONTEXT, &meta("vda", &["base:allocation"])),
+            option(OPT_GO, &info("vda", &[])),
+        ],
+        (false, false),
+    );
+    let flags: Vec<u16> = replies
+        .iter()
+        .filter(|r| r.1 == REP_INFO && r.2[..2] == INFO_EXPORT.to_be_bytes())
+        .map(|r| u16::from_be_bytes(r.2[10..12].try_into().unwrap()))
+        .collect();
+    assert_eq!(flags.len(), 2);
+    assert_ne!(flags[0] & FLAG_SEND_DF, 0);
+    assert_eq!(flags[0] & FLAG_BLOCK_STATUS_PAYLOAD, 0);
+    assert_ne!(flags[1] & FLAG_BLOCK_STATUS_PAYLOAD, 0);
 }
