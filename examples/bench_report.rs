@@ -12,7 +12,12 @@
 //! - `bench_report pid`: the serving worker's pid from `fleecefs status --json` on stdin;
 //! - `bench_report tables RESULTS_DIR "SYSTEMS" "FLOORS"`: all tables, with the guest-first
 //!   phases and the writer scaling line when they ran (SYSTEMS as in
-//!   `BENCH_SYSTEMS`; FLOORS the FUSE floors that ran, in order, possibly "").
+//!   `BENCH_SYSTEMS`; FLOORS the FUSE floors that ran, in order, possibly "");
+//! - `bench_report cpu FIO_JSON TICKS HZ`: `cpu_us_per_request=X`, the daemon's CPU time
+//!   (TICKS clock ticks of HZ per second) per request of every job of the run, which the
+//!   driver keeps as `SYSTEM.WORKLOAD.cpu` beside the JSON;
+//! - `bench_report merge JSON...`: one fio-shaped JSON with the jobs of all (the
+//!   vhost-user-blk guest's and fio's reader, run side by side).
 //!
 //! A new workload needs a `wl_NAME` function in the driver and, to appear in the main table,
 //! one entry in [`ROWS`] (targets in [`TARGETS`]).
@@ -24,7 +29,10 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: bench_report summary FIO_JSON SYSTEM WORKLOAD | pid | tables RESULTS_DIR SYSTEMS FLOORS";
+const USAGE: &str = "usage: bench_report summary FIO_JSON SYSTEM WORKLOAD | pid | tables RESULTS_DIR SYSTEMS FLOORS | cpu FIO_JSON TICKS HZ | merge JSON...";
+
+/// The system whose guest is a vhost-user-blk client: it runs only the guest-first phases.
+const VHOST_SYSTEM: &str = "fleecefs_vhost";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -50,8 +58,25 @@ fn run(args: &[String]) -> Result<String, String> {
             let text = std::fs::read_to_string(path)
                 .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
             let fio = FioOutput::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-            Ok(summary_line(&fio, system, workload))
+            let cpu = std::fs::read_to_string(path.with_extension("cpu"))
+                .ok()
+                .and_then(|t| parse_cpu(&t));
+            Ok(summary_line(&fio, system, workload, cpu))
         }
+        [cmd, file, ticks, hz] if cmd == "cpu" => {
+            let path = Path::new(file);
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            let fio = FioOutput::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+            let num = |v: &str| {
+                v.parse::<f64>()
+                    .map_err(|_| format!("not a number: {}", v.escape_debug()))
+            };
+            let us = cpu_us_per_request(&fio, num(ticks)?, num(hz)?)
+                .ok_or_else(|| format!("{}: no requests", path.display()))?;
+            Ok(format!("cpu_us_per_request={us:.2}\n"))
+        }
+        [cmd, files @ ..] if cmd == "merge" && !files.is_empty() => merge(files),
         [cmd] if cmd == "pid" => {
             let mut text = String::new();
             std::io::stdin()
@@ -90,6 +115,9 @@ struct FioJob {
 #[derive(Debug, Deserialize)]
 struct FioDir {
     io_bytes: f64,
+    /// Requests completed.
+    #[serde(default)]
+    total_ios: f64,
     bw_bytes: f64,
     iops: f64,
     lat_ns: FioLat,
@@ -195,7 +223,42 @@ fn first_job(fio: &FioOutput) -> Option<Stats> {
     Some(Stats::of(d))
 }
 
-fn summary_line(fio: &FioOutput, system: &str, workload: &str) -> String {
+/// The daemon's CPU time per request, µs: `ticks` clock ticks (`hz` a second) over the
+/// requests of every job of `fio`; `None` without requests.
+fn cpu_us_per_request(fio: &FioOutput, ticks: f64, hz: f64) -> Option<f64> {
+    let n: f64 = fio
+        .jobs
+        .iter()
+        .map(|j| j.read.total_ios + j.write.total_ios)
+        .sum();
+    (n > 0.0 && hz > 0.0).then(|| ticks / hz * 1e6 / n)
+}
+
+/// The value of a `SYSTEM.WORKLOAD.cpu` file.
+fn parse_cpu(text: &str) -> Option<f64> {
+    text.trim()
+        .strip_prefix("cpu_us_per_request=")?
+        .parse()
+        .ok()
+}
+
+/// The jobs of several fio-shaped JSON files in one.
+fn merge(files: &[String]) -> Result<String, String> {
+    let mut jobs = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(f)
+            .map_err(|e| format!("cannot read {}: {e}", f.escape_debug()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", f.escape_debug()))?;
+        match v.get("jobs").and_then(|j| j.as_array()) {
+            Some(j) => jobs.extend(j.iter().cloned()),
+            None => return Err(format!("{}: no jobs", f.escape_debug())),
+        }
+    }
+    Ok(format!("{}\n", serde_json::json!({ "jobs": jobs })))
+}
+
+fn summary_line(fio: &FioOutput, system: &str, workload: &str, cpu: Option<f64>) -> String {
     let mut parts = Vec::new();
     for j in &fio.jobs {
         for (d, name) in [(Dir::Read, "read"), (Dir::Write, "write")] {
@@ -208,6 +271,9 @@ fn summary_line(fio: &FioOutput, system: &str, workload: &str) -> String {
                 ));
             }
         }
+    }
+    if let Some(us) = cpu {
+        parts.push(format!("daemon CPU {us:.2} us/request"));
     }
     format!("   {system:<9} {workload:<16} {}\n", parts.join("; "))
 }
@@ -649,6 +715,8 @@ struct GuestPhase {
     /// Read latency p99, µs.
     read_p99: Option<f64>,
     reader_mb_s: Option<f64>,
+    /// The daemon's CPU time per request (guest's and reader's), µs.
+    cpu_us: Option<f64>,
 }
 
 const PCTS: [&str; 3] = ["50.000000", "99.000000", "99.900000"];
@@ -662,6 +730,7 @@ fn guest_phase(fio: &FioOutput) -> Option<GuestPhase> {
         write_pct: PCTS.map(|p| g.write.lat_ns.pct_us(p)),
         read_p99: g.read.lat_ns.pct_us(PCTS[1]),
         reader_mb_s: reader,
+        cpu_us: None,
     })
 }
 
@@ -687,7 +756,10 @@ fn guest_table(res: &Results, systems: &[&str]) -> Result<String, String> {
     let mut phases: HashMap<(&str, &str), GuestPhase> = HashMap::new();
     for &s in systems {
         for &(wl, _) in GUEST_PHASES {
-            if let Some(p) = res.fio(s, wl)?.as_ref().and_then(guest_phase) {
+            if let Some(mut p) = res.fio(s, wl)?.as_ref().and_then(guest_phase) {
+                p.cpu_us = res
+                    .text(&format!("{s}.{wl}.cpu"))?
+                    .and_then(|t| parse_cpu(&t));
                 phases.insert((s, wl), p);
             }
         }
@@ -697,8 +769,8 @@ fn guest_table(res: &Results, systems: &[&str]) -> Result<String, String> {
     }
     let mut t = String::new();
     let _ = writeln!(t);
-    let _ = writeln!(t, "| guest first: VM-like load on live | system | guest read IOPS | guest write IOPS | write IOPS vs idle | write p50 ms | write p99 ms | write p99.9 ms | read p99 ms | reader MB/s |");
-    let _ = writeln!(t, "|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(t, "| guest first: VM-like load on live | system | guest read IOPS | guest write IOPS | write IOPS vs idle | write p50 ms | write p99 ms | write p99.9 ms | read p99 ms | reader MB/s | daemon CPU µs/request |");
+    let _ = writeln!(t, "|---|---|---|---|---|---|---|---|---|---|---|");
     for &s in systems {
         let idle = phases.get(&(s, "guest_idle")).copied();
         for &(wl, label) in GUEST_PHASES {
@@ -713,14 +785,15 @@ fn guest_table(res: &Results, systems: &[&str]) -> Result<String, String> {
             };
             let _ = writeln!(
                 t,
-                "| {label} | {s} | {:.0} | {:.0} | {kept} | {} | {} | {} | {} | {} |",
+                "| {label} | {s} | {:.0} | {:.0} | {kept} | {} | {} | {} | {} | {} | {} |",
                 p.read_iops,
                 p.write_iops,
                 ms(p.write_pct[0]),
                 ms(p.write_pct[1]),
                 ms(p.write_pct[2]),
                 ms(p.read_p99),
-                fmt(p.reader_mb_s, 1)
+                fmt(p.reader_mb_s, 1),
+                fmt(p.cpu_us, 2)
             );
         }
     }
@@ -890,15 +963,21 @@ fn bitmap_table(res: &Results) -> Result<String, String> {
 // ---------------------------------------------------------------- all tables
 
 fn tables(res: &Results, systems: &[&str], floors: &[&str]) -> Result<String, String> {
-    let m = measure(res, systems)?;
+    // The vhost-user-blk guest's system has only guest-first phases.
+    let fio_systems: Vec<&str> = systems
+        .iter()
+        .copied()
+        .filter(|&s| s != VHOST_SYSTEM)
+        .collect();
+    let m = measure(res, &fio_systems)?;
     // A guest-only run (BENCH_ONLY=guest) has none of the main table's workloads.
     let mut t = if m.iter().flatten().any(Option::is_some) {
-        main_table(systems, &m)
+        main_table(&fio_systems, &m)
     } else {
         String::new()
     };
     t += &guest_table(res, systems)?;
-    t += &writers_table(res, systems)?;
+    t += &writers_table(res, &fio_systems)?;
     if let Some(sc) = res.text("scale.txt")? {
         t += &scale_table(&sc)?;
     }
@@ -1038,7 +1117,7 @@ mod tests {
             ("livewrite", NONE, [1.0, 459_400_000.0, 112_146.0, 8_700.0]),
         ]);
         assert_eq!(
-            summary_line(&f, "direct", "mixed_buffered"),
+            summary_line(&f, "direct", "mixed_buffered", None),
             "   direct    mixed_buffered   snapread read 1198.4 MB/s 1143 IOPS 870.3 us; livewrite write 459.4 MB/s 112146 IOPS 8.7 us\n"
         );
     }
@@ -1239,12 +1318,16 @@ mod tests {
             "qemu.guest_backup.json",
             guest_json(700.0, 300.0, [5e6, 9e6, 1e7], Some(100e6)),
         );
+        put(
+            "fleecefs.guest_idle.cpu",
+            "cpu_us_per_request=3.50\n".to_string(),
+        );
         let t = guest_table(&res, &["qemu", "fleecefs"]).unwrap();
         assert!(t.contains(
-            "| idle (no access) | fleecefs | 7000 | 3000 | 100% | 0.50 | 2.00 | 4.00 | 2.00 | - |"
+            "| idle (no access) | fleecefs | 7000 | 3000 | 100% | 0.50 | 2.00 | 4.00 | 2.00 | - | 3.50 |"
         ), "{t}");
         assert!(t.contains(
-            "| access + full-speed 1 MiB snapshot reader | fleecefs | 6500 | 2700 | 90% | 0.50 | 3.00 | 5.00 | 2.00 | 900.0 |"
+            "| access + full-speed 1 MiB snapshot reader | fleecefs | 6500 | 2700 | 90% | 0.50 | 3.00 | 5.00 | 2.00 | 900.0 | - |"
         ), "{t}");
         // qemu without its idle phase: no share of idle
         assert!(t.contains("| qemu | 700 | 300 | - |"), "{t}");
@@ -1263,6 +1346,36 @@ mod tests {
             "{t}"
         );
         assert!(t.contains("| first touch: guest write p99 during the access without a reader, vs idle | 3.50x | <= 3x | **no** |"), "{t}");
+    }
+
+    #[test]
+    fn cpu_per_request_counts_every_job_and_merge_keeps_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.json");
+        let b = dir.path().join("b.json");
+        std::fs::write(
+            &a,
+            r#"{"jobs": [{"jobname": "guest", "read": {"io_bytes": 1, "bw_bytes": 1, "iops": 1, "total_ios": 700, "lat_ns": {"mean": 1}}, "write": {"io_bytes": 1, "bw_bytes": 1, "iops": 1, "total_ios": 300, "lat_ns": {"mean": 1}}}]}"#,
+        )
+        .unwrap();
+        std::fs::write(
+            &b,
+            r#"{"jobs": [{"jobname": "reader", "read": {"io_bytes": 1, "bw_bytes": 1, "iops": 1, "total_ios": 1000, "lat_ns": {"mean": 1}}, "write": {"io_bytes": 0, "bw_bytes": 0, "iops": 0, "total_ios": 0, "lat_ns": {"mean": 0}}}]}"#,
+        )
+        .unwrap();
+        let merged = merge(&[a.display().to_string(), b.display().to_string()]).unwrap();
+        let fio = FioOutput::parse(&merged).unwrap();
+        assert_eq!(fio.jobs.len(), 2);
+        // 2000 requests, 10 ticks of 100 a second: 0.1 s / 2000 = 50 µs
+        assert_eq!(cpu_us_per_request(&fio, 10.0, 100.0), Some(50.0));
+        assert_eq!(parse_cpu("cpu_us_per_request=50.00\n"), Some(50.0));
+        let out = run(&[
+            "cpu".into(),
+            a.display().to_string(),
+            "10".into(),
+            "100".into(),
+        ]);
+        assert_eq!(out.unwrap(), "cpu_us_per_request=100.00\n");
     }
 
     #[test]

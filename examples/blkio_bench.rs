@@ -4,8 +4,10 @@
 //! `io_uring` for a file (buffered, or `O_DIRECT` with `--direct`).
 //!
 //! Usage: blkio_bench DRIVER PATH [--seconds S] [--queues N] [--qd D] [--read-pct P]
-//!        [--bs B] [--direct]
-//! Prints one JSON object: iops, read/write counts, latency percentiles (µs).
+//!        [--bs B] [--direct] [--fio-json NAME]
+//! Prints one JSON object: iops, read/write counts, latency percentiles (µs); with
+//! `--fio-json NAME`, the part of fio's JSON output that `bench_report` reads instead (one
+//! job NAME, reads and writes apart, `lat_ns` with percentiles 50, 99, 99.9).
 
 use std::mem::MaybeUninit;
 use std::time::{Duration, Instant};
@@ -21,6 +23,7 @@ struct Opts {
     read_pct: u64,
     bs: usize,
     direct: bool,
+    fio_json: Option<String>,
 }
 
 fn opts() -> Result<Opts, String> {
@@ -36,6 +39,7 @@ fn opts() -> Result<Opts, String> {
         read_pct: 70,
         bs: 4096,
         direct: false,
+        fio_json: None,
     };
     while let Some(a) = args.next() {
         let mut val = || args.next().ok_or(format!("{a} needs a value"));
@@ -46,14 +50,15 @@ fn opts() -> Result<Opts, String> {
             "--read-pct" => o.read_pct = val()?.parse().map_err(|e| format!("{e}"))?,
             "--bs" => o.bs = val()?.parse().map_err(|e| format!("{e}"))?,
             "--direct" => o.direct = true,
+            "--fio-json" => o.fio_json = Some(val()?),
             _ => return Err(format!("unknown argument {a}")),
         }
     }
     Ok(o)
 }
 
-/// What one queue did: reads, writes, latencies in ns.
-type QueueResult = Result<(u64, u64, Vec<u64>), String>;
+/// What one queue did: latencies in ns of its reads and of its writes.
+type QueueResult = Result<(Vec<u64>, Vec<u64>), String>;
 
 struct Rng(u64);
 
@@ -66,8 +71,8 @@ impl Rng {
     }
 }
 
-/// One queue's loop: keeps `qd` requests in flight until `end`; returns (reads, writes,
-/// latencies in ns).
+/// One queue's loop: keeps `qd` requests in flight until `end`; returns the latencies in
+/// ns of its reads and of its writes.
 fn run_queue(
     mut q: Blkioq,
     base: usize,
@@ -78,8 +83,7 @@ fn run_queue(
 ) -> QueueResult {
     let mut rng = Rng(seed | 1);
     let mut started = vec![Instant::now(); o.qd];
-    let mut lat = Vec::with_capacity(1 << 20);
-    let (mut reads, mut writes) = (0u64, 0u64);
+    let (mut rlat, mut wlat) = (Vec::with_capacity(1 << 20), Vec::with_capacity(1 << 19));
     let submit = |q: &mut Blkioq, slot: usize, rng: &mut Rng| -> bool {
         let offset = rng.next() % blocks * o.bs as u64;
         let buf = (base + slot * o.bs) as *mut u8;
@@ -110,11 +114,11 @@ fn run_queue(
                 return Err(format!("request failed: {}", done.ret));
             }
             let slot = done.user_data;
-            lat.push(now.duration_since(started[slot]).as_nanos() as u64);
+            let ns = now.duration_since(started[slot]).as_nanos() as u64;
             if kinds[slot] {
-                reads += 1;
+                rlat.push(ns);
             } else {
-                writes += 1;
+                wlat.push(ns);
             }
             if now < end {
                 started[slot] = Instant::now();
@@ -124,7 +128,7 @@ fn run_queue(
             }
         }
     }
-    Ok((reads, writes, lat))
+    Ok((rlat, wlat))
 }
 
 fn main() {
@@ -175,28 +179,55 @@ fn run() -> Result<(), String> {
             .collect()
     });
     let secs = t0.elapsed().as_secs_f64();
-    let (mut reads, mut writes, mut lat) = (0, 0, Vec::new());
+    let (mut rlat, mut wlat) = (Vec::new(), Vec::new());
     for r in results {
-        let (rd, wr, l) = r?;
-        reads += rd;
-        writes += wr;
-        lat.extend(l);
+        let (r, w) = r?;
+        rlat.extend(r);
+        wlat.extend(w);
     }
+    let (reads, writes) = (rlat.len(), wlat.len());
+    if let Some(name) = &o.fio_json {
+        let dir = |lat: &mut Vec<u64>| {
+            lat.sort_unstable();
+            let n = lat.len();
+            let bytes = n as f64 * o.bs as f64;
+            format!(
+                "{{\"io_bytes\": {bytes:.0}, \"bw_bytes\": {:.0}, \"iops\": {:.1}, \"total_ios\": {n}, \"lat_ns\": {{\"mean\": {:.1}, \"percentile\": {{\"50.000000\": {}, \"99.000000\": {}, \"99.900000\": {}}}}}}}",
+                bytes / secs,
+                n as f64 / secs,
+                lat.iter().sum::<u64>() as f64 / n.max(1) as f64,
+                pct(lat, 0.5),
+                pct(lat, 0.99),
+                pct(lat, 0.999)
+            )
+        };
+        println!(
+            "{{\"jobs\": [{{\"jobname\": \"{}\", \"read\": {}, \"write\": {}}}]}}",
+            name.escape_debug(),
+            dir(&mut rlat),
+            dir(&mut wlat)
+        );
+        return Ok(());
+    }
+    let mut lat = rlat;
+    lat.extend(wlat);
     lat.sort_unstable();
-    let pct = |p: f64| -> f64 {
-        if lat.is_empty() {
-            return 0.0;
-        }
-        let i = ((lat.len() as f64 * p) as usize).min(lat.len() - 1);
-        lat[i] as f64 / 1000.0
-    };
+    let p = |q: f64| pct(&lat, q) as f64 / 1000.0;
     println!(
         "{{\"iops\": {:.0}, \"reads\": {reads}, \"writes\": {writes}, \"seconds\": {secs:.2}, \"lat_us\": {{\"mean\": {:.1}, \"p50\": {:.1}, \"p99\": {:.1}, \"p999\": {:.1}}}}}",
         (reads + writes) as f64 / secs,
         lat.iter().sum::<u64>() as f64 / lat.len().max(1) as f64 / 1000.0,
-        pct(0.5),
-        pct(0.99),
-        pct(0.999)
+        p(0.5),
+        p(0.99),
+        p(0.999)
     );
     Ok(())
+}
+
+/// The `q` quantile of sorted latencies (0 if there are none).
+fn pct(sorted: &[u64], q: f64) -> u64 {
+    match sorted.len() {
+        0 => 0,
+        n => sorted[((n as f64 * q) as usize).min(n - 1)],
+    }
 }

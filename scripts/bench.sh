@@ -4,6 +4,9 @@
 #   qemu      qemu-storage-daemon: copy-before-write filter + snapshot-access node over a
 #             raw fleecing file, live and snapshot exported with --export fuse (writable),
 #   fleecefs  this project, release build.
+#   fleecefs_vhost  the same, but the guest-first phases' guest is a vhost-user-blk client
+#             (libblkio, examples/blkio_bench.rs) on `--vhost-user-blk` instead of fio on
+#             live/NAME; it runs only the guest-first phases.
 # Sources stay in the page cache (fio --invalidate=0) so the layer is measured, not the
 # disk. Prints a markdown table (MB/s, IOPS, mean latency per system, the ratios
 # fleecefs/qemu and fleecefs/direct, the performance targets) and a scale line.
@@ -18,7 +21,7 @@
 #   BENCH_SIZE_MB=1024        source image size (MiB; the targets are for 1 GiB)
 #   BENCH_TMPDIR=/tmp         where the temporary directory goes
 #   BENCH_OUT=target/bench    where results (fio JSON, results.md, perf reports) are kept
-#   BENCH_SYSTEMS="direct qemu fleecefs"
+#   BENCH_SYSTEMS="direct qemu fleecefs fleecefs_vhost"
 #   BENCH_PERF=SYSTEM:WORKLOAD[,...]  perf record -g that system's daemon during that
 #                             workload (e.g. fleecefs:cbw_first); reports in BENCH_OUT
 #   BENCH_NO_INSTALL=1        do not apt-get anything
@@ -33,7 +36,7 @@
 #   BENCH_ONLY=guest          only the guest-first workloads: the VM-like load
 #                             in three phases (idle, access, access + full-speed snapshot
 #                             reader) and the writer scaling line, on BENCH_SYSTEMS (then
-#                             "qemu fleecefs" by default); no floor, bitmap cost, micro-
+#                             "qemu fleecefs fleecefs_vhost" by default); no floor, bitmap cost, micro-
 #                             benchmarks or scale line. About 2.5 minutes of measuring.
 #   BENCH_ONLY=frontends      only the frontends comparison (scripts/bench-frontends.sh):
 #                             libblkio 4K random 70/30, QD32 x 2 queues, on the image
@@ -65,8 +68,8 @@ CLUSTER=65536
 OUT=${BENCH_OUT:-$REPO/target/bench}
 ONLY=${BENCH_ONLY:-}
 case $ONLY in
-    "") SYSTEMS=${BENCH_SYSTEMS:-direct qemu fleecefs} ;;
-    guest) SYSTEMS=${BENCH_SYSTEMS:-qemu fleecefs} ;;
+    "") SYSTEMS=${BENCH_SYSTEMS:-direct qemu fleecefs fleecefs_vhost} ;;
+    guest) SYSTEMS=${BENCH_SYSTEMS:-qemu fleecefs fleecefs_vhost} ;;
     nbd) SYSTEMS="" ;;
     # the frontends comparison alone (scripts/bench-frontends.sh, see there)
     frontends) exec env BIN="${BENCH_FLEECEFS_BIN:-}" RUNTIME="${BENCH_RUNTIME:-10}" SIZE_MB="${BENCH_SIZE_MB:-1024}" \
@@ -77,6 +80,7 @@ GUEST_RUNTIME=${BENCH_GUEST_RUNTIME:-15}
 PERF=${BENCH_PERF:-}
 FLEECEFS=$REPO/target/release/fleecefs
 REPORT=$REPO/target/release/examples/bench_report   # the report program
+BLKIO=$REPO/target/release/examples/blkio_bench     # the vhost-user-blk guest
 
 log() { printf '== %s\n' "$*" >&2; }
 die() { printf 'bench: %s\n' "$*" >&2; exit 1; }
@@ -108,6 +112,7 @@ QSD_PID=""      # the running qemu-storage-daemon, if any
 FMOUNTS=()      # fleecefs mount points to unmount
 PERF_PID=""
 FIO_PID=""
+BLKIO_PID=""
 FLOOR_PID=""    # the running fuse_floor, if any
 URING_PARAM=/sys/module/fuse/parameters/enable_uring
 URING_SAVED=""  # enable_uring's value before the floor changed it
@@ -115,6 +120,7 @@ URING_SAVED=""  # enable_uring's value before the floor changed it
 cleanup() {
     set +e
     if [ -n "$FIO_PID" ]; then kill "$FIO_PID" 2>/dev/null; wait "$FIO_PID" 2>/dev/null; fi
+    if [ -n "$BLKIO_PID" ]; then kill "$BLKIO_PID" 2>/dev/null; wait "$BLKIO_PID" 2>/dev/null; fi
     [ -n "$PERF_PID" ] && kill -INT "$PERF_PID" 2>/dev/null && wait "$PERF_PID" 2>/dev/null
     qsd_stop
     floor_stop
@@ -150,8 +156,9 @@ settle() {
 run_fio() {
     local name=$1; shift
     settle
-    local io0
+    local io0 cpu0
     io0=$(daemon_read_bytes)
+    cpu0=$(daemon_cpu_ticks)
     perf_start "$name"
     # in the background so that a signal reaches our trap at once (bash defers traps
     # while a foreground child runs, and fio exits 0 on Ctrl-C)
@@ -161,6 +168,7 @@ run_fio() {
     wait "$FIO_PID" || die "fio failed: $SYS $name (see $RES/$SYS.$name.json)"
     FIO_PID=""
     perf_stop "$name"
+    note_daemon_cpu "$name" "$cpu0"
     # Storage reads of the daemon during the workload (/proc/PID/io read_bytes): the
     # source is meant to be in the page cache, so anything here is page cache that the
     # kernel dropped (e.g. DAMON's proactive reclaim) and the daemon had to read from
@@ -172,6 +180,25 @@ run_fio() {
         [ "$io1" -gt "$io0" ] && log "$SYS $name: the daemon read $(((io1 - io0) >> 10)) KiB from storage"
     fi
     summary_line "$name"
+}
+
+# utime+stime of the current system's daemon in clock ticks (empty if there is none).
+daemon_cpu_ticks() {
+    local pid
+    pid=$(daemon_pid 2>/dev/null) || return 0
+    [ -n "$pid" ] && awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null
+    return 0
+}
+
+# note_daemon_cpu WORKLOAD TICKS0: the daemon's CPU time per request of the workload just
+# run (its utime+stime since TICKS0 over the requests of every job in the fio JSON), into
+# $RES/$SYS.WORKLOAD.cpu ("cpu_us_per_request=X"; bench_report shows it).
+note_daemon_cpu() {
+    local t1
+    t1=$(daemon_cpu_ticks)
+    [ -n "$2" ] && [ -n "$t1" ] || return 0
+    "$REPORT" cpu "$RES/$SYS.$1.json" "$(($t1 - $2))" "$(getconf CLK_TCK)" >"$RES/$SYS.$1.cpu" ||
+        rm -f "$RES/$SYS.$1.cpu"
 }
 
 # read_bytes of the current system's daemon (empty if there is none).
@@ -282,16 +309,49 @@ GUEST_JOB=(--name=guest --ioengine=io_uring --direct=1 --iodepth=32 --numjobs=2 
     --rw=randrw --rwmixread=70 --time_based --group_reporting --lat_percentiles=1
     --percentile_list=50:99:99.9)
 wl_guest_idle() {
+    [ "$SYS" = fleecefs_vhost ] && { run_guest_vhost guest_idle; return; }
     run_fio guest_idle "${GUEST_JOB[@]}" --filename="$LIVE" --runtime="$GUEST_RUNTIME"
 }
 wl_guest_access() {
+    [ "$SYS" = fleecefs_vhost ] && { run_guest_vhost guest_access; return; }
     run_fio guest_access "${GUEST_JOB[@]}" --filename="$LIVE" --runtime="$GUEST_RUNTIME"
 }
+READER_JOB=(--name=reader --new_group --rw=read --bs=1M --time_based --runtime="$GUEST_RUNTIME")
 wl_guest_backup() {
     [ -n "$SNAP" ] || return 0
+    [ "$SYS" = fleecefs_vhost ] && { run_guest_vhost guest_backup "${READER_JOB[@]}" --filename="$SNAP" --invalidate=$RINV; return; }
     run_fio guest_backup "${GUEST_JOB[@]}" --filename="$LIVE" --runtime="$GUEST_RUNTIME" \
-        --name=reader --new_group --filename="$SNAP" --rw=read --bs=1M --time_based \
-        --runtime="$GUEST_RUNTIME" --invalidate=$RINV
+        "${READER_JOB[@]}" --filename="$SNAP" --invalidate=$RINV
+}
+
+# run_guest_vhost WORKLOAD [fio args of a reader]: the guest-first load with the guest on
+# the vhost-user-blk export (system fleecefs_vhost): libblkio's virtio-blk client, the
+# load of GUEST_JOB (4 KiB random, 70% reads, 2 queues of depth 32) for GUEST_RUNTIME
+# seconds, with fio running the reader beside it if given. One fio-shaped JSON (the
+# client's job "guest" and fio's jobs) as for the other systems.
+run_guest_vhost() {
+    local name=$1 cpu0; shift
+    settle
+    cpu0=$(daemon_cpu_ticks)
+    "$BLKIO" virtio-blk-vhost-user "$VSOCK" --seconds "$GUEST_RUNTIME" --queues 2 --qd 32 \
+        --read-pct 70 --fio-json guest >"$RES/$SYS.$name.guest.json" &
+    BLKIO_PID=$!
+    if [ $# -gt 0 ]; then
+        fio --output-format=json --output="$RES/$SYS.$name.reader.json" --ioengine=psync \
+            --invalidate=0 --fallocate=none --size=${SIZE_MB}M "$@" >/dev/null &
+        FIO_PID=$!
+        wait "$FIO_PID" || die "fio failed: $SYS $name (see $RES/$SYS.$name.reader.json)"
+        FIO_PID=""
+    fi
+    wait "$BLKIO_PID" || die "the vhost-user-blk guest failed: $SYS $name"
+    BLKIO_PID=""
+    if [ $# -gt 0 ]; then
+        "$REPORT" merge "$RES/$SYS.$name.guest.json" "$RES/$SYS.$name.reader.json" >"$RES/$SYS.$name.json"
+    else
+        cp "$RES/$SYS.$name.guest.json" "$RES/$SYS.$name.json"
+    fi
+    note_daemon_cpu "$name" "$cpu0"
+    summary_line "$name"
 }
 
 # The scaling line: 4 KiB random buffered writes on live without an access, with 1, 4 and
@@ -439,10 +499,10 @@ qemu_stop() { qsd_stop; }
 FMNT="" ACCESS_N=0
 
 fleecefs_live_only() {
-    FMNT=$W/fleecefs/mnt
+    FMNT=$W/$SYS/mnt
     mkdir -p "$FMNT"
     # shellcheck disable=SC2086
-    "$FLEECEFS" mount "$FMNT" --state-dir "$W/fleecefs/state" --device "vm=$SRC" ${BENCH_FLEECEFS_OPTS:-}
+    "$FLEECEFS" mount "$FMNT" --state-dir "$W/$SYS/state" --device "vm=$SRC" ${BENCH_FLEECEFS_OPTS:-}
     FMOUNTS+=("$FMNT")
     LIVE=$FMNT/live/vm SNAP=""
 }
@@ -465,13 +525,26 @@ fleecefs_stop() {
     "$FLEECEFS" unmount "$FMNT"
 }
 
+# fleecefs_vhost: the same mount with the device also exported over vhost-user-blk.
+VSOCK=""
+fleecefs_vhost_live_only() {
+    VSOCK=$W/$SYS/vm.sock
+    mkdir -p "$W/$SYS"
+    BENCH_FLEECEFS_OPTS="${BENCH_FLEECEFS_OPTS:-} --vhost-user-blk vm=$VSOCK" fleecefs_live_only
+}
+fleecefs_vhost_access_start() { fleecefs_access_start; }
+fleecefs_vhost_access_end() { fleecefs_access_end; }
+fleecefs_vhost_stop() {
+    "$FLEECEFS" unmount "$FMNT"
+}
+
 # The pid of the current system's daemon (fleecefs: the worker that serves the I/O, not
 # the keeper).
 daemon_pid() {
     case $SYS in
         qemu) [ -n "$QSD_PID" ] && echo "$QSD_PID" ;;
         floor*) [ -n "$FLOOR_PID" ] && echo "$FLOOR_PID" ;;
-        fleecefs) "$FLEECEFS" status "$FMNT" --json | "$REPORT" pid ;;
+        fleecefs | fleecefs_vhost) "$FLEECEFS" status "$FMNT" --json | "$REPORT" pid ;;
         *) return 1 ;;
     esac
 }
@@ -480,15 +553,20 @@ daemon_pid() {
 
 run_system() {
     SYS=$1
+    local noacc=$NOACC_WORKLOADS phases=("${ACCESS_PHASES[@]}")
+    if [ "$SYS" = fleecefs_vhost ]; then
+        noacc=wl_guest_idle
+        phases=("${GUEST_PHASES[@]}")
+    fi
     log "system $SYS"
     echo "$SYS: $(cut -d' ' -f1-3 /proc/loadavg)" >>"$RES/load.txt"
     if [ "$SYS" = direct ]; then RINV=0; else RINV=1; fi
     cat "$SRC" >/dev/null                     # source into the page cache
     "${SYS}_live_only"                        # no access
     # shellcheck disable=SC2086
-    run_steps $NOACC_WORKLOADS
+    run_steps $noacc
     local phase
-    for phase in "${ACCESS_PHASES[@]}"; do
+    for phase in "${phases[@]}"; do
         # the guest phases with an access mean nothing on the raw file
         [ "$SYS" = direct ] && case $phase in *wl_guest_*) continue ;; esac
         "${SYS}_access_start"
@@ -724,7 +802,8 @@ machine_info() {
     echo "- qemu-storage-daemon: $(qemu-storage-daemon --version | head -1)"
     echo "- fio: $(fio --version)"
     echo "- load average (1, 5, 15 min) at start: $LOAD_START; before each system: $(paste -sd';' "$RES/load.txt" | sed 's/;/; /g'); at end: $(cut -d' ' -f1-3 /proc/loadavg)"
-    echo "- guest phases: fio ${GUEST_JOB[*]}, ${GUEST_RUNTIME} s each; reader: 1 MiB sequential reads of the snapshot (psync), as fast as it goes"
+    echo "- guest phases: fio ${GUEST_JOB[*]}, ${GUEST_RUNTIME} s each (fleecefs_vhost: the same load from libblkio's virtio-blk-vhost-user client, examples/blkio_bench.rs, on --vhost-user-blk); reader: 1 MiB sequential reads of the snapshot (psync), as fast as it goes"
+    echo "- daemon CPU per request: utime+stime of the daemon process (fleecefs: the worker) over the workload, divided by the requests of all its jobs"
     echo "- fio: ioengine=psync, buffered unless noted, --invalidate=0 (sources stay in the page cache), ${RUNTIME} s per time-based workload; read workloads: $PASSES passes over the image, one open each, FUSE file's own cache dropped before each (--invalidate=1 on the FUSE file)"
 }
 
@@ -765,8 +844,8 @@ main() {
     mkdir -p "$OUT"
     build_fleecefs
     if [ "$ONLY" != nbd ]; then
-        log "building the report program (examples/bench_report.rs, release)"
-        (cd "$REPO" && cargo build --release --quiet --example bench_report)
+        log "building the report program and the vhost-user-blk client (examples/, release)"
+        (cd "$REPO" && cargo build --release --quiet --example bench_report --example blkio_bench)
     fi
     if [ "${BENCH_FLOOR:-1}" != 0 ] && [ -z "$ONLY" ]; then
         log "building the FUSE floor (examples/fuse_floor.rs, release)"
