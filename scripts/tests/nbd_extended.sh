@@ -40,7 +40,7 @@ cp "$T/src.img" "$T/at_setup1.img"
 cp --sparse=always "$T/src.img" "$T/peer.img"
 timeout 120 qemu-nbd -k "$T/qemu.sock" -x disk -f raw -e 8 --persistent "$T/peer.img" &
 QEMU_NBD=$!
-for _ in $(seq 100); do [ -S "$T/qemu.sock" ] && break; sleep 0.05; done
+for _ in $(seq 400); do [ -S "$T/qemu.sock" ] && break; sleep 0.05; done
 timeout 60 $PY "$HERE/nbd/extended_peer.py" "$T/qemu.sock" disk >"$T/peer.qemu" ||
     fail "the requests against qemu-nbd failed: $(cat "$T/peer.qemu")"
 kill $QEMU_NBD

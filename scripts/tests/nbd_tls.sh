@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # NBD over TCP on 127.0.0.1: TLS with test certificates made here (openssl): a client with
-# a certificate the CA signed reads the export (nbdcopy equals snapshot/NAME); without TLS
-# it is refused (NBD_REP_ERR_TLS_REQD); with a certificate another CA signed it is refused
-# in the TLS handshake. The mount refuses TCP without TLS credentials or --nbd-insecure,
-# and --nbd-insecure serves clear text. A Unix socket in a directory other users can
-# write is refused. An idle TLS connection is closed by the teardown.
+# a certificate the CA signed reads the export (nbdcopy, and qemu-img with extended headers
+# after STARTTLS, equal snapshot/NAME); without TLS it is refused (NBD_REP_ERR_TLS_REQD);
+# with a certificate another CA signed it is refused in the TLS handshake. The mount
+# refuses TCP without TLS credentials or --nbd-insecure, and --nbd-insecure serves clear
+# text. A Unix socket in a directory other users can write is refused. An idle TLS connection is closed by the teardown.
 source "$(dirname "$0")/lib.sh"
 
 M=$((1 << 20))
@@ -56,6 +56,16 @@ cmp "$T/copy.img" "$T/mnt/snapshot/disk" || fail "the copy over TLS differs from
 nbdinfo "nbds://127.0.0.1:$P/disk?tls-certificates=$T/client" | grep -q "with TLS" ||
     fail "nbdinfo does not report TLS"
 expect_fail_with "" nbdinfo "nbd://127.0.0.1:$P/disk"
+# QEMU's client (its x509 layout: ca-cert.pem, client-cert.pem, client-key.pem): STARTTLS,
+# then extended headers over TLS
+qemu-img --trace 'nbd_receive_option_reply' convert \
+    --object "tls-creds-x509,id=tls0,dir=$T/client,endpoint=client" -O raw --image-opts \
+    "driver=nbd,server.type=inet,server.host=127.0.0.1,server.port=$P,export=disk,tls-creds=tls0" \
+    "$T/copy_qemu.img" 2>"$T/trace" || fail "qemu-img over TLS failed: $(cat "$T/trace")"
+grep -q 'option reply 5 (starttls), type 1 (ack)' "$T/trace" &&
+    grep -q 'option reply 11 (extended headers), type 1 (ack)' "$T/trace" ||
+    fail "no extended headers after STARTTLS: $(cat "$T/trace")"
+cmp "$T/copy_qemu.img" "$T/mnt/snapshot/disk" || fail "the qemu-img copy over TLS differs from the snapshot"
 # without TLS, NBD_OPT_GO gets NBD_REP_ERR_TLS_REQD
 /usr/bin/python3 - "$P" <<'PY' || fail "a clear-text GO was not refused with NBD_REP_ERR_TLS_REQD"
 import socket, struct, sys
