@@ -4,7 +4,8 @@
 # after STARTTLS, equal snapshot/NAME); without TLS it is refused (NBD_REP_ERR_TLS_REQD);
 # with a certificate another CA signed it is refused in the TLS handshake. The mount
 # refuses TCP without TLS credentials or --nbd-insecure, and --nbd-insecure serves clear
-# text. A Unix socket in a directory other users can write is refused. An idle TLS connection is closed by the teardown.
+# text. A Unix socket in a directory other users can write is refused. An idle TLS
+# connection is closed by the teardown.
 source "$(dirname "$0")/lib.sh"
 
 M=$((1 << 20))
