@@ -202,7 +202,9 @@ pub fn serve(plan: ServePlan, worker: Arc<Worker>) -> Result<()> {
         crate::logger::tee_to_file(&state.path().join(LOG_FILE), state.open_log());
     }
     recover(&state, &worker)?;
-    let plan = devices(&state, &plan, &worker)?;
+    // What a keeper of an older fleecefs hands over by position follows the mount's plan.
+    let mount_exports = plan.vhost_user_blk.clone();
+    let mut plan = devices(&state, &plan, &worker)?;
     let record = crate::state::read_device_record(state.path())?.unwrap_or_default();
     let (slots, next_slot) = assign_slots(&state, &plan, &record);
     let mut devices = Vec::new();
@@ -249,6 +251,9 @@ pub fn serve(plan: ServePlan, worker: Arc<Worker>) -> Result<()> {
     // The exports' sockets are held by name (`Worker::take_held_fd`); a keeper of an
     // older fleecefs hands them over after NBD's, in the order of the plan.
     let vhost_positional = held.split_off(nbd_config.listen.len().min(held.len()));
+    if !vhost_positional.is_empty() {
+        plan.vhost_user_blk = mount_exports;
+    }
     let nbd_listeners = crate::nbd::server::listeners_from(&nbd_config.listen, held)?;
     let listener = bind_socket(&state)?;
     let socket_path = state.socket_path();
