@@ -1,7 +1,7 @@
 //! The vhost-user-blk export with a real vhost-user client: libblkio's
 //! `virtio-blk-vhost-user` driver (the `blkio` crate) connects to the socket of
-//! `fleecefs mount --vhost-user-blk NAME=SOCKET`, shares its memory and submits virtio-blk
-//! requests on several queues.
+//! `fleecefs mount --vhost-user-blk NAME=SOCKET` (or `device add --vhost-user-blk`), shares
+//! its memory and submits virtio-blk requests on several queues.
 
 mod common;
 
