@@ -588,13 +588,52 @@ fn device_remove_ends_the_export_and_disconnects_the_vmm() {
     wait_until("the VMM connected", || {
         f.status()["vhost_user_blk"][0]["connected"] == serde_json::json!(true)
     });
+    // Refused for another reason: the export and its VMM stay.
+    f.setup("t");
     fleecefs([
         OsStr::new("device"),
         OsStr::new("remove"),
         f.mp.as_os_str(),
         OsStr::new("vm"),
     ])
-    .expect_ok("device remove of an exported device");
+    .expect_failure(
+        "device remove during an access",
+        "part of the backup access",
+    );
+    assert_eq!(
+        f.status()["vhost_user_blk"][0]["connected"],
+        serde_json::json!(true),
+        "a refused removal ended the export"
+    );
+    f.teardown("t");
+    let open = fs::File::open(f.live("vm")).expect("opening live/vm");
+    fleecefs([
+        OsStr::new("device"),
+        OsStr::new("remove"),
+        f.mp.as_os_str(),
+        OsStr::new("vm"),
+    ])
+    .expect_failure(
+        "device remove with live/vm open",
+        "live/vm is open (1 handle(s))",
+    );
+    assert_eq!(
+        f.status()["vhost_user_blk"][0]["connected"],
+        serde_json::json!(true),
+        "a refused removal ended the export"
+    );
+    drop(open);
+    // The kernel releases the closed handle asynchronously.
+    wait_until("device remove of an exported device", || {
+        fleecefs([
+            OsStr::new("device"),
+            OsStr::new("remove"),
+            f.mp.as_os_str(),
+            OsStr::new("vm"),
+        ])
+        .code
+            == 0
+    });
     vmm.set_read_timeout(Some(std::time::Duration::from_secs(10)))
         .expect("timeout");
     let mut byte = [0u8; 1];
