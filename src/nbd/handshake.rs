@@ -80,10 +80,10 @@ pub const TRANSMISSION_FLAGS: u16 = proto::FLAG_HAS_FLAGS
     | proto::FLAG_SEND_TRIM
     | proto::FLAG_CAN_MULTI_CONN;
 
-/// The transmission flags for a client that negotiated `mode` (and, for `payload_form`,
-/// meta contexts of this export), as QEMU sets them: `SEND_DF` only with structured
-/// replies or extended headers (a simple reply cannot be fragmented anyway), the
-/// payload form of block status only with extended headers and meta contexts.
+/// The transmission flags for a client that negotiated `mode`, as QEMU sets them:
+/// `SEND_DF` only with structured replies or extended headers (a simple reply cannot be
+/// fragmented anyway), the payload form of block status only with extended headers and
+/// `payload_form` (INFO, or GO after meta contexts of this export).
 fn transmission_flags(mode: Mode, payload_form: bool) -> u16 {
     let mut flags = TRANSMISSION_FLAGS;
     if mode.chunked() {
@@ -321,9 +321,11 @@ pub fn negotiate(link: &mut impl Link, catalog: &dyn Catalog) -> Result<Negotiat
                     )?;
                     continue;
                 };
-                let payload_form = contexts
-                    .as_ref()
-                    .is_some_and(|(name, ids)| *name == export.name && !ids.is_empty());
+                // INFO always offers it, GO with meta contexts of this export (as QEMU)
+                let payload_form = h.option == proto::OPT_INFO
+                    || contexts
+                        .as_ref()
+                        .is_some_and(|(name, ids)| *name == export.name && !ids.is_empty());
                 let flags = transmission_flags(mode, payload_form);
                 send_info(link, h.option, &export, flags, &r.requests)?;
                 reply(link, h.option, proto::REP_ACK, &[])?;

@@ -478,6 +478,18 @@ fn dont_fragment_only_with_chunked_replies() {
         .collect();
     assert_eq!(flags.len(), 2);
     assert_ne!(flags[0] & FLAG_SEND_DF, 0);
-    assert_eq!(flags[0] & FLAG_BLOCK_STATUS_PAYLOAD, 0);
+    assert_ne!(flags[0] & FLAG_BLOCK_STATUS_PAYLOAD, 0);
     assert_ne!(flags[1] & FLAG_BLOCK_STATUS_PAYLOAD, 0);
+    // GO without meta contexts: not offered
+    let (_, replies) = run(
+        FLAGS,
+        &[
+            option(OPT_EXTENDED_HEADERS, &[]),
+            option(OPT_GO, &info("vda", &[])),
+        ],
+        (false, false),
+    );
+    let flags = u16::from_be_bytes(replies[1].2[10..12].try_into().unwrap());
+    assert_eq!(flags & FLAG_BLOCK_STATUS_PAYLOAD, 0);
+    assert_ne!(flags & FLAG_SEND_DF, 0);
 }
