@@ -711,6 +711,20 @@ fn device_add_refuses_bad_exports_and_changes_nothing() {
         assert_eq!(exported_sockets(&f), [taken.display().to_string()]);
     }
     assert!(!sock.exists(), "a refused export left its socket");
+    // A relative socket path straight on the control socket (the command makes it
+    // absolute).
+    let mut control =
+        std::os::unix::net::UnixStream::connect(f.state.join("control.sock")).expect("control");
+    let req = serde_json::json!({
+        "op": "device_add",
+        "devices": [["vm", img.display().to_string()]],
+        "vhost_user_blk": [{ "name": "vm", "socket": "vm.sock", "read_only": false }],
+    });
+    std::io::Write::write_all(&mut control, format!("{req}\n").as_bytes()).expect("request");
+    let mut reply = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(&control), &mut reply).expect("reply");
+    assert!(reply.contains("is not absolute"), "{reply}");
+    assert_eq!(record(), before);
     // The same socket twice in one command.
     let spec = format!("vm={}", sock.display());
     device_add(

@@ -156,6 +156,12 @@ fn hold(worker: &Worker, spec: &ExportSpec, l: &UnixListener) -> Result<()> {
 fn check_new(f: &Frontend, devices: &[(String, PathBuf)], exports: &[ExportSpec]) -> Result<()> {
     let recorded = f.engine.exports();
     for (i, s) in exports.iter().enumerate() {
+        if !s.socket.is_absolute() {
+            return Err(Error::invalid(format!(
+                "--vhost-user-blk: socket path {} is not absolute",
+                s.socket.display()
+            )));
+        }
         if !devices.iter().any(|(n, _)| n == &s.name) {
             let added: Vec<&str> = devices.iter().map(|(n, _)| n.as_str()).collect();
             return Err(Error::invalid(format!(
