@@ -232,10 +232,11 @@ fn handle(
         return Ok(Outcome::End);
     }
     let mut req = req;
-    let mut contexts = n.contexts.clone();
+    // The contexts a block status describes: those its payload names, else all.
+    let mut picked: Option<Vec<u32>> = None;
     if payload > 0 && req.kind == proto::CMD_BLOCK_STATUS {
         match status_payload(link, n, payload)? {
-            Ok((len, ids)) => (req.len, contexts) = (len, ids),
+            Ok((len, ids)) => (req.len, picked) = (len, Some(ids)),
             Err(e) => return send_error(link, &to, &e),
         }
     } else if payload > 0 {
@@ -286,6 +287,7 @@ fn handle(
             }
         }
         proto::CMD_BLOCK_STATUS => {
+            let contexts = picked.as_deref().unwrap_or(&n.contexts);
             if let Err(e) = check_shape(&req, n.mode, size) {
                 return send_error(link, &to, &e);
             }
@@ -299,7 +301,7 @@ fn handle(
             if req.len == 0 {
                 return send_error(link, &to, &einval("block status of length 0".into()));
             }
-            block_status(link, n, export, req, &contexts)
+            block_status(link, n, export, req, contexts)
         }
         other => send_error(
             link,
