@@ -92,7 +92,7 @@ impl FdChannel {
     }
 }
 
-/// The worker's end of a new channel, with the answer timeout set; and the keeper's.
+/// A new channel: the keeper's end, and the worker's (with the answer timeout set).
 pub(super) fn pair() -> Result<(OwnedFd, OwnedFd)> {
     let (keeper, worker) =
         sys::seqpacket_pair().map_err(|e| Error::io("creating the fd channel", e))?;
