@@ -10,6 +10,8 @@
 
 use std::fs::File;
 
+use smallvec::SmallVec;
+
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
     VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
@@ -35,12 +37,18 @@ pub const MAX_RANGE_SECTORS: u32 = 1 << 21;
 const HEADER_LEN: usize = 16;
 /// One segment of a discard or write-zeroes request.
 const RANGE_LEN: usize = 16;
+/// Slices a request's readable or writable part usually has (a header, a data buffer, a
+/// status byte): up to this many are kept without a heap allocation.
+const INLINE_SLICES: usize = 4;
+
+/// Guest memory slices (or their iovecs) of one request.
+type Slices<T> = SmallVec<[T; INLINE_SLICES]>;
 
 /// Guest memory of a request: the slices of its readable (driver to device) or its
 /// writable descriptors, in chain order.
 #[derive(Default)]
 pub struct Segments<'a> {
-    slices: Vec<VolatileSlice<'a>>,
+    slices: Slices<VolatileSlice<'a>>,
     len: u64,
 }
 
@@ -61,12 +69,12 @@ impl<'a> Segments<'a> {
     }
 
     /// The slices covering `[start, start + len)` of these segments.
-    fn range(&self, start: u64, len: u64) -> Option<Vec<VolatileSlice<'a>>> {
+    fn range(&self, start: u64, len: u64) -> Option<Slices<VolatileSlice<'a>>> {
         if start.checked_add(len)? > self.len {
             return None;
         }
         let (mut skip, mut left) = (start, len);
-        let mut out = Vec::new();
+        let mut out = Slices::new();
         for s in &self.slices {
             if left == 0 {
                 break;
@@ -356,7 +364,7 @@ fn transfer(
     offset: u64,
     write: bool,
 ) -> std::io::Result<()> {
-    let mut iov: Vec<libc::iovec> = slices
+    let mut iov: Slices<libc::iovec> = slices
         .iter()
         .map(|s| libc::iovec {
             iov_base: s.ptr_guard_mut().as_ptr().cast(),
