@@ -23,7 +23,13 @@ nbdcopy "$U" "$T/a.img" && cmp "$T/a.img" "$T/src.img" || fail "no backup before
 # kill -9 of the worker: the next worker serves the same sockets
 worker=$(field 'd["worker_pid"]')
 kill -9 "$worker"
-# connect while the worker may be gone: the connection waits in the listen backlog
+# Connect once the worker is dead (a zombie or reaped) and maybe before the next one
+# serves: the connection waits in the listen backlog. (Connecting while the killed
+# worker may still run can lose the connection to it: its accept returns, then it dies.)
+for _ in $(seq 1000); do
+    ! kill -0 "$worker" 2>/dev/null || grep -q "^State:.*Z" "/proc/$worker/status" 2>/dev/null && break
+    sleep 0.01
+done
 nbdinfo --list "nbd+unix://?socket=$S" >"$T/list" 2>&1 || fail "a client during the restart failed: $(cat "$T/list")"
 wait_restarts "$T/mnt" 1
 [ "$(stat -c %i "$S")" = "$inode" ] || fail "the socket was bound again (new inode)"
