@@ -542,9 +542,46 @@ fn bind_socket_0600(path: &Path, what: &str) -> Result<std::os::unix::net::UnixL
     Ok(l)
 }
 
+/// `p` (absolute) with symlinks and `..` resolved as far as it exists; the missing rest
+/// is appended with `..` applied lexically.
+pub fn resolved(p: &Path) -> PathBuf {
+    let mut missing = Vec::new();
+    let mut cur = p.to_path_buf();
+    let mut out = loop {
+        if let Ok(c) = cur.canonicalize() {
+            break c;
+        }
+        match (cur.file_name(), cur.parent()) {
+            (Some(name), Some(parent)) => {
+                missing.push(name.to_os_string());
+                cur = parent.to_path_buf();
+            }
+            // '..' at the end, or the root: nothing more to resolve.
+            _ => break cur,
+        }
+    };
+    for c in missing.into_iter().rev() {
+        if c == ".." {
+            out.pop();
+        } else if c != "." {
+            out.push(c);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resolved_follows_what_exists_and_appends_the_rest() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("m")).unwrap();
+        let base = d.path().canonicalize().unwrap();
+        assert_eq!(resolved(&d.path().join("m/../m/y")), base.join("m/y"));
+        assert_eq!(resolved(&d.path().join("nope/./z")), base.join("nope/z"));
+    }
 
     #[test]
     fn owners_and_modes() {

@@ -391,6 +391,52 @@ fn bad_export_options_are_refused() {
         .expect_failure("a missing directory", "nodir");
 }
 
+/// Two names of one socket file (a '..', a symlinked directory, an NBD socket, the
+/// control socket): the second bind would replace the first socket, and the export or
+/// listener bound first would be unreachable.
+#[test]
+fn a_socket_path_named_twice_under_other_names_is_refused() {
+    let mut f = Fleece::new();
+    f.add_device("vm", SIZE);
+    fs::create_dir(f.root.join("sub")).expect("a directory");
+    std::os::unix::fs::symlink(&f.root, f.root.join("link")).expect("a symlink");
+    let sock = f.root.join("vm.sock");
+    let spec = format!("vm={}", sock.display());
+    for alias in [f.root.join("sub/../vm.sock"), f.root.join("link/vm.sock")] {
+        let other = format!("vm={}", alias.display());
+        f.mount(&["--vhost-user-blk", &spec, "--vhost-user-blk", &other])
+            .expect_failure(
+                &format!("{} and {}", sock.display(), alias.display()),
+                "twice",
+            );
+    }
+    let nbd = format!("unix:{}", f.root.join("link/vm.sock").display());
+    f.mount(&["--vhost-user-blk", &spec, "--nbd", &nbd])
+        .expect_failure("an export at the NBD socket", "twice");
+    fs::create_dir(&f.state).expect("the state directory");
+    let control = format!("vm={}", f.state.join("control.sock").display());
+    f.mount(&["--vhost-user-blk", &control])
+        .expect_failure("an export at the control socket", "twice");
+    assert!(!sock.exists(), "a refused mount left its socket");
+    // device add: two names of one new socket in one command
+    f.mount(&[]).expect_ok("mount");
+    let img = f.image("b.img", SIZE);
+    let dev = format!("b={}", img.display());
+    let record = fs::read(f.state.join("devices.json")).expect("the device record");
+    let b = format!("b={}", sock.display());
+    let b_alias = format!("b={}", f.root.join("sub/../vm.sock").display());
+    device_add(
+        &f,
+        &[&dev, "--vhost-user-blk", &b, "--vhost-user-blk", &b_alias],
+    )
+    .expect_failure("one socket under two names", "given twice");
+    assert_eq!(
+        fs::read(f.state.join("devices.json")).expect("record"),
+        record
+    );
+    assert!(!sock.exists(), "a refused device add left its socket");
+}
+
 #[test]
 fn resize_is_seen_by_the_client() {
     let (f, sock) = exported(&[]);

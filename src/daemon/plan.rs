@@ -106,34 +106,6 @@ pub struct Validated {
     pub stale_mount: bool,
 }
 
-/// `p` (absolute) with symlinks and `..` resolved as far as it exists; the missing rest
-/// is appended with `..` applied lexically.
-fn resolved(p: &Path) -> PathBuf {
-    let mut missing = Vec::new();
-    let mut cur = p.to_path_buf();
-    let mut out = loop {
-        if let Ok(c) = cur.canonicalize() {
-            break c;
-        }
-        match (cur.file_name(), cur.parent()) {
-            (Some(name), Some(parent)) => {
-                missing.push(name.to_os_string());
-                cur = parent.to_path_buf();
-            }
-            // '..' at the end, or the root: nothing more to resolve.
-            _ => break cur,
-        }
-    };
-    for c in missing.into_iter().rev() {
-        if c == ".." {
-            out.pop();
-        } else if c != "." {
-            out.push(c);
-        }
-    }
-    out
-}
-
 fn absolute(p: &Path) -> Result<PathBuf> {
     std::path::absolute(p).context(|| format!("resolving {}", p.display()))
 }
@@ -305,8 +277,8 @@ pub fn validate(args: &MountArgs, check: MountpointCheck) -> Result<Validated> {
         MountpointCheck::Adopted => (absolute(&args.mountpoint)?, false),
     };
     // Compared resolved: through a symlink or a '..', they could still lead inside.
-    if resolved(&state_dir).starts_with(&mountpoint)
-        || resolved(&fleecing_dir).starts_with(&mountpoint)
+    if secure_path::resolved(&state_dir).starts_with(&mountpoint)
+        || secure_path::resolved(&fleecing_dir).starts_with(&mountpoint)
     {
         return Err(Error::invalid(
             "the state and fleecing directories must not be inside the mount point",
@@ -329,6 +301,7 @@ pub fn validate(args: &MountArgs, check: MountpointCheck) -> Result<Validated> {
     let names: Vec<String> = devices.iter().map(|(n, _)| n.clone()).collect();
     crate::vhost_user::validate(&vhost_user_blk, &names)?;
     let nbd_tls_creds = validate_nbd(args)?;
+    check_socket_paths(&state_dir, &args.nbd, &vhost_user_blk)?;
     let serve = ServePlan {
         mountpoint,
         state_dir,
@@ -367,6 +340,44 @@ pub fn validate(args: &MountArgs, check: MountpointCheck) -> Result<Validated> {
         },
     };
     Ok(Validated { serve, stale_mount })
+}
+
+/// Every Unix socket the mount makes is a file of its own: the control socket, the NBD
+/// listeners and the vhost-user-blk exports, compared with symlinks and `..` resolved
+/// (binding a second socket at a path replaces the first, which nobody could reach).
+fn check_socket_paths(
+    state_dir: &Path,
+    nbd: &[crate::nbd::Listen],
+    exports: &[crate::vhost_user::ExportSpec],
+) -> Result<()> {
+    let control = state_dir.join(crate::state::CONTROL_SOCKET);
+    let mut named = vec![(control.clone(), "the control socket".to_string())];
+    for l in nbd {
+        if let crate::nbd::Listen::Unix(p) = l {
+            named.push((p.clone(), format!("--nbd {l}")));
+        }
+    }
+    for e in exports {
+        named.push((
+            e.socket.clone(),
+            format!("--vhost-user-blk {}={}", e.name, e.socket.display()),
+        ));
+    }
+    let resolved: Vec<PathBuf> = named
+        .iter()
+        .map(|(p, _)| secure_path::resolved(p))
+        .collect();
+    for (i, r) in resolved.iter().enumerate() {
+        if let Some(j) = resolved[..i].iter().position(|o| o == r) {
+            return Err(Error::invalid(format!(
+                "{} and {} name the same socket {}: a socket path is given twice",
+                named[j].1,
+                named[i].1,
+                r.display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The NBD flags: TCP needs TLS credentials or `--nbd-insecure`; the credentials are
@@ -680,16 +691,5 @@ mod tests {
         );
         fs::write(d.p("s"), "").unwrap();
         d.refused(&["--device", dev], "is not a directory");
-    }
-
-    #[test]
-    fn resolved_follows_what_exists_and_appends_the_rest() {
-        let d = Dir::new();
-        let base = d.tmp.path().canonicalize().unwrap();
-        assert_eq!(resolved(&d.tmp.path().join("m/../m/y")), base.join("m/y"));
-        assert_eq!(
-            resolved(&d.tmp.path().join("nope/./z")),
-            base.join("nope/z")
-        );
     }
 }

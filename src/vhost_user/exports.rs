@@ -14,7 +14,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 
-use super::{serve, trusted_dir, Export, ExportSpec, ExportStatus, MAX_QUEUES};
+use super::{same_socket, serve, trusted_dir, Export, ExportSpec, ExportStatus, MAX_QUEUES};
 use crate::engine::{DeviceAddReport, DeviceRemoveReport, Engine};
 use crate::error::{Error, IoContext, Result};
 use crate::keeper::Worker;
@@ -170,7 +170,10 @@ fn check_new(f: &Frontend, devices: &[(String, PathBuf)], exports: &[ExportSpec]
                 added.join(", ")
             )));
         }
-        if exports[..i].iter().any(|o| o.socket == s.socket) {
+        if exports[..i]
+            .iter()
+            .any(|o| same_socket(&o.socket, &s.socket))
+        {
             return Err(Error::invalid(format!(
                 "--vhost-user-blk: socket {} is given twice",
                 s.socket.display()
@@ -178,12 +181,12 @@ fn check_new(f: &Frontend, devices: &[(String, PathBuf)], exports: &[ExportSpec]
         }
         let other = recorded
             .iter()
-            .find(|(_, e)| e.socket == s.socket)
+            .find(|(_, e)| same_socket(&e.socket, &s.socket))
             .map(|(n, _)| n.clone())
             .or_else(|| {
                 f.served()
                     .iter()
-                    .find(|o| o.export.socket == s.socket)
+                    .find(|o| same_socket(&o.export.socket, &s.socket))
                     .map(|o| o.export.name.clone())
             });
         if let Some(other) = other {

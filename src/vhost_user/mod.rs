@@ -235,7 +235,7 @@ pub fn validate(specs: &[ExportSpec], devices: &[String]) -> Result<()> {
                 devices.join(", ")
             )));
         }
-        if specs[..i].iter().any(|o| o.socket == s.socket) {
+        if specs[..i].iter().any(|o| same_socket(&o.socket, &s.socket)) {
             return Err(Error::invalid(format!(
                 "--vhost-user-blk: socket {} is given twice",
                 s.socket.display()
@@ -252,6 +252,12 @@ pub fn validate(specs: &[ExportSpec], devices: &[String]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Whether two socket paths name one file (symlinks and `..` resolved): binding the second
+/// would replace the first.
+fn same_socket(a: &Path, b: &Path) -> bool {
+    crate::secure_path::resolved(a) == crate::secure_path::resolved(b)
 }
 
 /// Checks that the directory of `socket` exists and only root can change what is in it
