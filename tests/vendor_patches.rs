@@ -1,5 +1,6 @@
-//! The patch files in `vendor/CRATE/patches/` describe each vendored tree (fuser, vhost):
-//! undone in reverse order on a copy of `vendor/CRATE/`, every one of them applies. A
+//! The patch files in `vendor/CRATE/patches/` describe each vendored tree (fuser, vhost,
+//! vhost-user-backend, virtio-queue): undone in reverse order on a copy of `vendor/CRATE/`,
+//! every one of them applies. A
 //! change to a vendored tree without its patch file (or a patch file that was edited
 //! without the tree) fails here. Needs `git` (for `git apply`), no network and no root.
 
@@ -38,6 +39,16 @@ fn patches_reverse_apply_to_the_vendored_tree() {
 #[test]
 fn vhost_patches_reverse_apply_to_the_vendored_tree() {
     check_vendored("vhost");
+}
+
+#[test]
+fn vhost_user_backend_patches_reverse_apply_to_the_vendored_tree() {
+    check_vendored("vhost-user-backend");
+}
+
+#[test]
+fn virtio_queue_patches_reverse_apply_to_the_vendored_tree() {
+    check_vendored("virtio-queue");
 }
 
 fn check_vendored(name: &str) {

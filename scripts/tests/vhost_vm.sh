@@ -1,38 +1,14 @@
-# A real VM on a vhost-user-blk export: qemu-system-x86_64 (TCG: this machine's nested
-# KVM is not dependable) boots Debian's kernel with a busybox initramfs built here; its
-# disk is `--vhost-user-blk vm=SOCKET` over an ext4 image. The guest writes files with
-# sync (each checked) while the worker is killed three times and restarted once (QEMU
-# reconnects, the requests not completed are submitted again), then while a backup
+# A real VM on a vhost-user-blk export (helpers/vm.sh): its disk is
+# `--vhost-user-blk vm=SOCKET` over an ext4 image. The guest writes files with sync
+# (each checked) while the worker is killed three times and restarted once (QEMU
+# reconnects, the new worker resubmits the requests in flight), then while a backup
 # copies snapshot/vm. The guest sees no I/O error, the disk's serial is the device name,
 # a resize shows in the guest, and the backup is a clean ext4 (after replaying its
 # journal at most) holding every file synced before setup.
 source "$(dirname "$0")/lib.sh"
-QEMU=$(command -v qemu-system-x86_64) || fail "qemu-system-x86_64 is not installed"
-BUSYBOX=$(command -v busybox) || fail "busybox is not installed (busybox-static)"
-! ldd "$BUSYBOX" >/dev/null 2>&1 || fail "$BUSYBOX is not static (install busybox-static)"
-KERNEL=$(ls -1v /boot/vmlinuz-* 2>/dev/null | tail -1)
-[ -n "$KERNEL" ] || fail "no kernel in /boot (linux-image-amd64)"
-KVER=${KERNEL#/boot/vmlinuz-}
+source "$(dirname "$0")/helpers/vm.sh"
 
-# --- the initramfs: busybox, the virtio and ext4 modules, /init ------------------------
-R=$T/initramfs
-mkdir -p "$R/bin" "$R/lib" "$R/proc" "$R/sys" "$R/dev" "$R/mnt"
-cp "$BUSYBOX" "$R/bin/busybox"
-for m in virtio_pci virtio_blk ext4; do
-    modprobe -S "$KVER" --show-depends "$m" 2>/dev/null | awk '$1 == "insmod" { print $2 }'
-done | awk '!seen[$0]++' >"$T/modules"
-[ -s "$T/modules" ] || fail "no modules found for kernel $KVER"
-: >"$R/modules"
-while read -r ko; do
-    case "$ko" in
-    *.ko) cp "$ko" "$R/lib/" ;;
-    *.ko.xz) xz -dc "$ko" >"$R/lib/$(basename "${ko%.xz}")"; ko=${ko%.xz} ;;
-    *.ko.zst) zstd -qdc "$ko" >"$R/lib/$(basename "${ko%.zst}")"; ko=${ko%.zst} ;;
-    *) fail "module $ko: unknown format" ;;
-    esac
-    basename "$ko" >>"$R/modules"
-done <"$T/modules"
-cat >"$R/init" <<'EOF'
+cat >"$T/init" <<'EOF'
 #!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/bin
@@ -75,8 +51,7 @@ while read -r cmd arg; do
     esac
 done
 EOF
-chmod +x "$R/init"
-(cd "$R" && find . | "$BUSYBOX" cpio -o -H newc 2>/dev/null | gzip -1) >"$T/initrd.gz"
+vm_initramfs "$T/init"
 
 # --- the export --------------------------------------------------------------------------
 M=$((1 << 20))
@@ -86,35 +61,7 @@ SOCK=$T/vm.sock
 fmount "$T/mnt" --state-dir "$T/state" --device vm="$T/vm.img" --vhost-user-blk vm="$SOCK"
 field() { status_json "$T/mnt" "$1"; }
 
-mkfifo "$T/console.in"
-"$QEMU" -machine q35,accel=tcg -cpu qemu64 -smp 2 -m 256 -nodefaults -no-reboot \
-    -object memory-backend-memfd,id=mem,size=256M,share=on -numa node,memdev=mem \
-    -kernel "$KERNEL" -initrd "$T/initrd.gz" -append "console=ttyS0 panic=-1 quiet" \
-    -chardev socket,id=disk,path="$SOCK",reconnect=1 \
-    -device vhost-user-blk-pci,chardev=disk,num-queues=2 \
-    -display none -serial stdio -monitor none \
-    <"$T/console.in" >"$T/console.log" 2>"$T/qemu.err" &
-QEMU_PID=$!
-exec 3>"$T/console.in"
-trap 'kill -9 $QEMU_PID 2>/dev/null || true; cleanup' EXIT
-# wait_console TEXT SECONDS : until the guest printed TEXT
-wait_console() {
-    local i
-    for i in $(seq $(($2 * 10))); do
-        grep -q "$1" "$T/console.log" && return 0
-        kill -0 $QEMU_PID 2>/dev/null || fail "qemu exited: $(tail -5 "$T/qemu.err") $(tail -20 "$T/console.log")"
-        sleep 0.1
-    done
-    fail "the guest did not print '$1' within $2 s: $(tail -20 "$T/console.log")"
-}
-wait_connected() {
-    local i
-    for i in $(seq 200); do
-        [ "$(field 'd["vhost_user_blk"][0]["connected"]' 2>/dev/null)" = True ] && return 0
-        sleep 0.05
-    done
-    fail "the VMM did not reconnect within 10 s"
-}
+vm_start "$SOCK" 2
 
 wait_console PRE-DONE 240
 grep -q "^SERIAL vm" "$T/console.log" || fail "the disk's serial is not the device name: $(grep SERIAL "$T/console.log")"
@@ -132,12 +79,12 @@ for k in 1 2 3; do
         [ -n "$new" ] && [ "$new" != "$pid" ] && break
         sleep 0.05
     done
-    wait_connected
+    wait_connected "$T/mnt"
 done
 # and a planned restart: the requests being served are drained first
 sleep 0.5
 "$FLEECEFS" restart "$T/mnt" >/dev/null || fail "fleecefs restart failed"
-wait_connected
+wait_connected "$T/mnt"
 wait_console "WROTE 30" 240
 [ "$(field 'd["worker_restarts"]')" = 4 ] || fail "expected 4 worker restarts"
 

@@ -308,6 +308,35 @@ pub fn drop_cached_pages(file: &File, offset: u64, len: u64) {
     }
 }
 
+/// A zero-filled memory file (`memfd_create`, close-on-exec) of `len` bytes whose size
+/// can no longer change (sealed against shrinking and growing): whoever it is handed to
+/// can map it without a later `ftruncate` turning accesses into SIGBUS.
+pub fn sealed_memfd(name: &std::ffi::CStr, len: u64) -> io::Result<File> {
+    // SAFETY: memfd_create with a valid C string.
+    let fd =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is new and owned here.
+    let f = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    f.set_len(len)?;
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: fcntl on an fd owned by `f`, with an integer argument.
+    if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(f)
+}
+
+/// Whether `file` is a memory file sealed against shrinking (so a mapping of it within
+/// its current size stays valid whatever its other holders do).
+pub fn cannot_shrink(file: &File) -> bool {
+    // SAFETY: fcntl on a valid fd; F_GET_SEALS takes no argument.
+    let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+    seals >= 0 && seals & libc::F_SEAL_SHRINK != 0
+}
+
 /// Maps `len` bytes of `file` from `offset` shared and writable.
 ///
 /// The caller must make sure that no other process changes the file's size or maps it

@@ -2,14 +2,20 @@
 //! configuration space, and the queues' requests handed to the engine.
 //!
 //! Threads: `vhost-user-backend` runs one thread per entry of `queues_per_thread`; here
-//! each queue has its own, which takes the queue's requests one after the other and
-//! completes them in order (so a client that reconnects after the worker died resubmits
-//! exactly the requests past the used index, see docs/architecture.md).
+//! each queue has its own, which takes the queue's requests one after the other.
+//!
+//! Every request taken off a queue is recorded in the inflight region the VMM keeps
+//! (`inflight.rs`) until its completion is published; a worker that starts on a region
+//! (after the previous one died) resubmits the requests recorded there before it takes
+//! new ones, whatever order they would have completed in (see docs/architecture.md).
 
+use std::fs::File;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{
+    VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
 use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_blk::{
@@ -19,13 +25,14 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use virtio_queue::{DescriptorChain, QueueT};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+use super::inflight::{Region, Tracker};
 use super::request::{self, Target, MAX_RANGE_SECTORS, MAX_RANGE_SEGMENTS, SECTOR};
 use super::Export;
 use crate::cbw::Device;
@@ -50,18 +57,161 @@ pub struct BlkBackend {
     mem: Mutex<Option<Memory>>,
     /// The channel to the VMM for configuration changes (resize), when it offers one.
     to_vmm: Mutex<Option<Backend>>,
+    /// Per queue: its part of the inflight region, once the VMM handed one.
+    trackers: Vec<Arc<Mutex<Tracker>>>,
+}
+
+/// Signals the used ring when the driver asked to be told about what was added to it
+/// since the last look (always without `EVENT_IDX`).
+fn notify(vring: &VringRwLock<Memory>) {
+    match vring.needs_notification() {
+        Ok(false) => {}
+        _ => {
+            let _ = vring.signal_used_queue();
+        }
+    }
+}
+
+/// What completing a request of one queue needs, on the queue's thread or another.
+#[derive(Clone)]
+struct QueueCtx {
+    export: Arc<Export>,
+    device: Arc<Device>,
+    tracker: Arc<Mutex<Tracker>>,
+}
+
+impl QueueCtx {
+    /// Runs the request of `chain`; returns the bytes written to the guest.
+    fn serve<M>(&self, mem: &GuestMemoryMmap<()>, chain: DescriptorChain<M>) -> u32
+    where
+        M: std::ops::Deref,
+        M::Target: vm_memory::GuestMemory,
+    {
+        let target = Target {
+            device: &self.device,
+            serial: self.export.name.as_bytes(),
+            read_only: self.export.read_only,
+        };
+        match request::serve_chain(&target, mem, chain) {
+            Ok(o) => {
+                self.export.count(o.status != VIRTIO_BLK_S_OK as u8);
+                o.written
+            }
+            Err(e) => {
+                log::debug!(
+                    "vhost-user-blk {}: malformed request: {}",
+                    self.export.name,
+                    e.0
+                );
+                self.export.count(true);
+                0
+            }
+        }
+    }
+
+    /// Publishes the completion of `head` (and clears its inflight entry after, see
+    /// `inflight.rs`); the caller notifies the driver. False if the used ring cannot be
+    /// written.
+    fn complete(&self, vring: &VringRwLock<Memory>, head: u16, written: u32) -> bool {
+        let published = self.tracker.lock().recover().complete(head, || {
+            vring.add_used(head, written)?;
+            Ok::<_, virtio_queue::Error>(vring.get_ref().get_queue().next_used())
+        });
+        if let Err(e) = published {
+            log::warn!(
+                "vhost-user-blk {}: completing a request: {e}",
+                self.export.name
+            );
+            return false;
+        }
+        true
+    }
+
+    /// The chain whose head is `head` in `vring`'s descriptor table.
+    fn chain_at<'m>(
+        vring: &VringRwLock<Memory>,
+        mem: &'m GuestMemoryMmap<()>,
+        head: u16,
+    ) -> DescriptorChain<&'m GuestMemoryMmap<()>> {
+        let state = vring.get_ref();
+        let queue = state.get_queue();
+        DescriptorChain::new(mem, GuestAddress(queue.desc_table()), queue.size(), head)
+    }
 }
 
 impl BlkBackend {
     /// A backend serving `device` for `export`.
     pub fn new(export: Arc<Export>, device: Arc<Device>) -> BlkBackend {
         BlkBackend {
-            export,
-            device,
             event_idx: AtomicBool::new(false),
             mem: Mutex::new(None),
             to_vmm: Mutex::new(None),
+            trackers: (0..export.queues).map(|_| Arc::default()).collect(),
+            export,
+            device,
         }
+    }
+
+    fn queue_ctx(&self, q: usize) -> Option<QueueCtx> {
+        Some(QueueCtx {
+            export: self.export.clone(),
+            device: self.device.clone(),
+            tracker: self.trackers.get(q)?.clone(),
+        })
+    }
+
+    /// Once per region the VMM handed: reads queue `q`'s part, resubmits the requests it
+    /// records in flight (oldest first) and moves the available ring past what was
+    /// taken, before the queue's new requests.
+    fn resubmit(
+        &self,
+        q: usize,
+        ctx: &QueueCtx,
+        vring: &VringRwLock<Memory>,
+        mem: &GuestMemoryMmap<()>,
+    ) {
+        let mut tracker = ctx.tracker.lock().recover();
+        let Some(log) = tracker.take_pending() else {
+            return;
+        };
+        let name = &self.export.name;
+        let used = match vring.queue_used_idx() {
+            Ok(u) => u,
+            Err(e) => {
+                log::warn!("vhost-user-blk {name}: queue {q}: reading the used index: {e}; requests are not tracked");
+                tracker.attach(None);
+                return;
+            }
+        };
+        let size = vring.get_ref().get_queue().size();
+        let rec = match log.recover(used, size) {
+            Ok(rec) => rec,
+            Err(why) => {
+                log::warn!(
+                    "vhost-user-blk {name}: queue {q}: the inflight region is not usable ({why}); \
+                     nothing is resubmitted"
+                );
+                log.reset(used);
+                return;
+            }
+        };
+        tracker.resume(rec.next_counter);
+        drop(tracker);
+        vring.set_queue_next_avail(rec.next_avail);
+        if rec.resubmit.is_empty() {
+            return;
+        }
+        log::info!(
+            "vhost-user-blk {name}: queue {q}: resubmitting {} request(s) in flight when the previous worker ended",
+            rec.resubmit.len()
+        );
+        for head in rec.resubmit {
+            let written = ctx.serve(mem, QueueCtx::chain_at(vring, mem, head));
+            if !ctx.complete(vring, head, written) {
+                break;
+            }
+        }
+        notify(vring);
     }
 
     /// Tells the VMM that the configuration space changed (the capacity, after a resize).
@@ -74,6 +224,16 @@ impl BlkBackend {
                 );
             }
         }
+    }
+
+    /// Inflight I/O tracking, unless a test turns it off (fault injection
+    /// `FLEECEFS_FAULT_NO_INFLIGHT`, to show what it prevents).
+    fn inflight_feature(&self) -> VhostUserProtocolFeatures {
+        #[cfg(feature = "fault-injection")]
+        if std::env::var_os("FLEECEFS_FAULT_NO_INFLIGHT").is_some() {
+            return VhostUserProtocolFeatures::empty();
+        }
+        VhostUserProtocolFeatures::INFLIGHT_SHMFD
     }
 
     /// The virtio-blk configuration space (`struct virtio_blk_config`, little endian).
@@ -103,64 +263,81 @@ impl BlkBackend {
         c
     }
 
-    /// Takes every available request of `vring`, runs it and completes it, in order.
-    /// Each request is put in the used ring as soon as it is done (a driver that looks
-    /// finds it without waiting for a notification), but the driver is notified once per
-    /// pass over what was available, as `EVENT_IDX` allows: a notification wakes the
-    /// driver's thread, which on a machine with few CPUs preempts this one, so one per
-    /// request costs more than the request itself.
-    fn process(&self, vring: &VringRwLock<Memory>, mem: &GuestMemoryMmap<()>) {
-        let target = Target {
-            device: &self.device,
-            serial: self.export.name.as_bytes(),
-            read_only: self.export.read_only,
-        };
+    /// Takes every available request of `vring`, runs it and completes it. Each request
+    /// is put in the used ring as soon as it is done (a driver that looks finds it
+    /// without waiting for a notification), but the driver is notified once per pass
+    /// over what was available, as `EVENT_IDX` allows: a notification wakes the driver's
+    /// thread, which on a machine with few CPUs preempts this one, so one per request
+    /// costs more than the request itself.
+    fn process(&self, ctx: &QueueCtx, vring: &VringRwLock<Memory>, mem: &GuestMemoryMmap<()>) {
         let mut completed = 0usize;
         loop {
             let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem);
             let Some(chain) = chain else { break };
             let head = chain.head_index();
-            let written = match request::serve_chain(&target, mem, chain) {
-                Ok(o) => {
-                    self.export.count(o.status != VIRTIO_BLK_S_OK as u8);
-                    o.written
-                }
-                Err(e) => {
-                    log::debug!(
-                        "vhost-user-blk {}: malformed request: {}",
-                        self.export.name,
-                        e.0
-                    );
-                    self.export.count(true);
-                    0
-                }
-            };
-            if let Err(e) = vring.add_used(head, written) {
-                log::warn!(
-                    "vhost-user-blk {}: completing a request: {e}",
-                    self.export.name
-                );
+            ctx.tracker.lock().recover().take(head);
+            #[cfg(feature = "fault-injection")]
+            if self.hold(ctx, vring, head) {
+                continue;
+            }
+            let written = ctx.serve(mem, chain);
+            if !ctx.complete(vring, head, written) {
                 break;
             }
             completed += 1;
             if completed % NOTIFY_EVERY == 0 {
-                self.notify(vring);
+                notify(vring);
             }
         }
         if completed % NOTIFY_EVERY != 0 {
-            self.notify(vring);
+            notify(vring);
         }
     }
 
-    /// Signals the used ring when the driver asked to be told about what was added to it
-    /// since the last look (always without `EVENT_IDX`).
-    fn notify(&self, vring: &VringRwLock<Memory>) {
-        match vring.needs_notification() {
-            Ok(false) => {}
-            _ => {
-                let _ = vring.signal_used_queue();
-            }
+    /// Test-only fault injection: with `FLEECEFS_FAULT_VHOST_HOLD=MILLISECONDS,FILE`, the
+    /// next request taken off a queue after FILE appears is held (and FILE removed) for
+    /// MILLISECONDS on a thread of its own while its queue goes on with the next ones:
+    /// later requests complete first, and the held one is in flight meanwhile. True if
+    /// `head` is held.
+    #[cfg(feature = "fault-injection")]
+    fn hold(&self, ctx: &QueueCtx, vring: &VringRwLock<Memory>, head: u16) -> bool {
+        static SPEC: std::sync::OnceLock<Option<(u64, std::path::PathBuf)>> =
+            std::sync::OnceLock::new();
+        let spec = SPEC.get_or_init(|| {
+            let v = std::env::var("FLEECEFS_FAULT_VHOST_HOLD").ok()?;
+            let (ms, file) = v.split_once(',')?;
+            Some((ms.parse().ok()?, file.into()))
+        });
+        let Some((ms, file)) = spec else {
+            return false;
+        };
+        // Removing it is the test-and-clear: one request per time the file appears.
+        if std::fs::remove_file(file).is_err() {
+            return false;
         }
+        let ms = *ms;
+        let Some(atomic) = self.mem.lock().recover().clone() else {
+            return false;
+        };
+        let (ctx, vring) = (ctx.clone(), vring.clone());
+        log::info!(
+            "vhost-user-blk {}: holding request {head} for {ms} ms",
+            self.export.name
+        );
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+            let _pass = crate::keeper::GATE.enter();
+            let mem = atomic.memory();
+            let written = ctx.serve(&mem, QueueCtx::chain_at(&vring, &mem, head));
+            if ctx.complete(&vring, head, written) {
+                notify(&vring);
+                log::info!(
+                    "vhost-user-blk {}: released request {head}",
+                    ctx.export.name
+                );
+            }
+        });
+        true
     }
 }
 
@@ -204,6 +381,51 @@ impl VhostUserBackend for BlkBackend {
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::BACKEND_REQ
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | self.inflight_feature()
+    }
+
+    fn get_inflight_fd(
+        &self,
+        msg: &VhostUserInflight,
+    ) -> std::io::Result<(VhostUserInflight, File)> {
+        let (_, file) = Region::create(msg.num_queues, msg.queue_size)?;
+        let len = Region::len_for(msg.num_queues, msg.queue_size) as u64;
+        log::debug!(
+            "vhost-user-blk {}: inflight region for {} queue(s) of {}: {len} bytes",
+            self.export.name,
+            msg.num_queues,
+            msg.queue_size
+        );
+        Ok((
+            VhostUserInflight::new(len, 0, msg.num_queues, msg.queue_size),
+            file,
+        ))
+    }
+
+    fn set_inflight_fd(&self, msg: &VhostUserInflight, file: File) -> std::io::Result<()> {
+        // A region that cannot be used leaves the queues untracked (the VMM restarts
+        // them from their used index, as without a region); the device keeps working.
+        let region = Region::map(
+            &file,
+            msg.mmap_offset,
+            msg.mmap_size,
+            msg.num_queues,
+            msg.queue_size,
+        )
+        .inspect_err(|why| {
+            log::warn!(
+                "vhost-user-blk {}: the VMM's inflight region is not usable ({why}); \
+                 requests in flight at a restart cannot be resubmitted",
+                self.export.name
+            )
+        })
+        .ok()
+        .map(Arc::new);
+        for (q, tracker) in self.trackers.iter().enumerate() {
+            let log = region.as_ref().and_then(|r| r.queue(q));
+            tracker.lock().recover().attach(log);
+        }
+        Ok(())
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -243,7 +465,7 @@ impl VhostUserBackend for BlkBackend {
         device_event: u16,
         evset: EventSet,
         vrings: &[VringRwLock<Memory>],
-        _thread_id: usize,
+        thread_id: usize,
     ) -> std::io::Result<()> {
         // An error here would end the queue's thread for good: anything unexpected is
         // logged and ignored instead.
@@ -261,14 +483,21 @@ impl VhostUserBackend for BlkBackend {
             return Ok(());
         };
         let mem = atomic.memory();
+        // `vrings` are the thread's; `queues_per_thread` gives each queue a thread of its
+        // own, so the queue's index on the device is the thread's.
+        let q = thread_id + device_event as usize;
+        let Some(ctx) = self.queue_ctx(q) else {
+            return Ok(());
+        };
         // A worker restart waits for the requests being served.
         let _pass = crate::keeper::GATE.enter();
+        self.resubmit(q, &ctx, vring, &mem);
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         loop {
             if event_idx {
                 let _ = vring.disable_notification();
             }
-            self.process(vring, &mem);
+            self.process(&ctx, vring, &mem);
             if !event_idx {
                 break;
             }

@@ -17,6 +17,7 @@ mod backend;
 mod exports;
 #[cfg(test)]
 mod hostile;
+mod inflight;
 mod request;
 
 use std::os::fd::AsRawFd;
