@@ -11,7 +11,9 @@
 //!
 //! Requests are JSON: `{"hold":"NAME"}` with exactly one fd attached (a held fd of that
 //! name is replaced and closed), `{"release":"NAME"}` with none (the keeper closes it).
-//! The answer is `ok` or `error: WHY`.
+//! The answer is `ok` or `error: WHY`, one per request, in order: a worker that gave up
+//! waiting for one ([`ANSWER_TIMEOUT`]) skips it when it comes, so every answer it takes
+//! is that of the request it just sent.
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -45,13 +47,26 @@ enum Request {
 
 /// The worker's end of the channel.
 pub struct FdChannel {
-    sock: Mutex<OwnedFd>,
+    sock: Mutex<WorkerEnd>,
+}
+
+struct WorkerEnd {
+    fd: OwnedFd,
+    /// Answers still to come for requests whose wait timed out.
+    late: usize,
+}
+
+fn is_timeout(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
 }
 
 impl FdChannel {
     pub(super) fn new(sock: OwnedFd) -> FdChannel {
         FdChannel {
-            sock: Mutex::new(sock),
+            sock: Mutex::new(WorkerEnd { fd: sock, late: 0 }),
         }
     }
 
@@ -71,11 +86,24 @@ impl FdChannel {
         check_name(name)?;
         let line = serde_json::to_vec(req)
             .map_err(|e| Error::invalid(format!("cannot encode a request to the keeper: {e}")))?;
-        let sock = self.sock.lock().recover();
+        let mut sock = self.sock.lock().recover();
         let io = |e| Error::io(format!("asking the keeper to hold fd '{name}'"), e);
-        sys::send_with_fd(sock.as_fd(), &line, fd).map_err(io)?;
+        sys::send_with_fd(sock.fd.as_fd(), &line, fd).map_err(io)?;
         let mut buf = [0u8; 512];
-        let (n, _) = sys::recv_with_fds(sock.as_fd(), &mut buf).map_err(io)?;
+        // The keeper answers every request, in order: the answers owed to requests the
+        // worker stopped waiting for come first.
+        let n = loop {
+            match sys::recv_with_fds(sock.fd.as_fd(), &mut buf) {
+                Ok((n, _)) if n > 0 && sock.late > 0 => sock.late -= 1,
+                Ok((n, _)) => break n,
+                Err(e) => {
+                    if is_timeout(&e) {
+                        sock.late += 1;
+                    }
+                    return Err(io(e));
+                }
+            }
+        };
         match std::str::from_utf8(&buf[..n]) {
             Ok("ok") => Ok(()),
             Ok(a) if a.starts_with("error: ") => Err(Error::invalid(format!(
@@ -217,6 +245,34 @@ mod tests {
         let held = held.lock().unwrap();
         assert_eq!(held.keys().collect::<Vec<_>>(), ["a"]);
         assert_eq!(read(&held["a"]), "a2");
+    }
+
+    /// An answer that comes after the worker stopped waiting for it is not taken for the
+    /// answer to the next request.
+    #[test]
+    fn a_late_answer_is_not_taken_for_the_next_one() {
+        let (keeper, worker) = sys::seqpacket_pair().unwrap();
+        sys::set_recv_timeout(worker.as_fd(), Duration::from_millis(200)).unwrap();
+        let ch = FdChannel::new(worker);
+        let slow = std::thread::spawn(move || {
+            let mut buf = [0u8; MAX_MESSAGE];
+            // The first request is answered too late, the second at once.
+            let (n, _) = sys::recv_with_fds(keeper.as_fd(), &mut buf).unwrap();
+            assert!(buf[..n].starts_with(b"{\"hold\""));
+            std::thread::sleep(Duration::from_millis(600));
+            sys::send_with_fd(keeper.as_fd(), b"error: too late", None).unwrap();
+            let (n, _) = sys::recv_with_fds(keeper.as_fd(), &mut buf).unwrap();
+            assert!(buf[..n].starts_with(b"{\"release\""));
+            sys::send_with_fd(keeper.as_fd(), b"ok", None).unwrap();
+            keeper
+        });
+        let e = ch.hold("a", memfd("a").as_fd()).unwrap_err();
+        assert!(!e.message().contains("too late"), "{}", e.message());
+        // the next request is sent before the late answer comes
+        let fd = ch.sock.lock().unwrap().fd.try_clone().unwrap();
+        sys::set_recv_timeout(fd.as_fd(), Duration::from_secs(10)).unwrap();
+        ch.release("a").unwrap();
+        drop(slow.join().unwrap());
     }
 
     #[test]
