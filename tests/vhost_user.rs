@@ -829,3 +829,110 @@ fn an_export_the_keeper_does_not_hold_is_made_by_the_next_worker_and_then_held()
     let c = Client::connect(&sock, 1, false);
     assert_eq!(c.capacity(), SIZE);
 }
+
+/// The inflight region over the protocol: the export offers
+/// `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`; `GET_INFLIGHT_FD` gives a memfd of the layout's
+/// size (libvhost-user's, per queue `ALIGN_UP(16 x size + 2, 64)`) sealed against
+/// shrinking; regions that cannot be used (not sealed, smaller than their queues need,
+/// misaligned, more or larger queues than offered) are answered without an error and
+/// logged, and the worker keeps serving.
+#[test]
+fn the_inflight_region_is_offered_and_unusable_regions_do_not_hurt_the_worker() {
+    use std::os::fd::AsRawFd;
+    use vhost::vhost_user::message::VhostUserInflight;
+    use vhost::vhost_user::{
+        Frontend, VhostUserFrontend, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    };
+    use vhost::VhostBackend;
+
+    let (f, sock) = exported(&[]);
+    let pid = f.worker_pid();
+    let mut fe = Frontend::connect(&sock, 2).expect("connecting a vhost-user frontend");
+    fe.set_owner().expect("SET_OWNER");
+    let features = fe.get_features().expect("GET_FEATURES");
+    assert_ne!(
+        features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
+        0
+    );
+    let offered = fe.get_protocol_features().expect("GET_PROTOCOL_FEATURES");
+    assert!(
+        offered.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD),
+        "INFLIGHT_SHMFD not offered: {offered:?}"
+    );
+    fe.set_protocol_features(
+        VhostUserProtocolFeatures::INFLIGHT_SHMFD | VhostUserProtocolFeatures::REPLY_ACK,
+    )
+    .expect("SET_PROTOCOL_FEATURES");
+
+    let ask = VhostUserInflight::new(0, 0, 2, 128);
+    let (info, file) = fe.get_inflight_fd(&ask).expect("GET_INFLIGHT_FD");
+    assert_eq!((info.num_queues, info.queue_size), (2, 128));
+    assert_eq!(
+        info.mmap_size,
+        2 * 2112,
+        "two parts of ALIGN_UP(16 x 128 + 2, 64)"
+    );
+    assert_eq!(info.mmap_offset, 0);
+    assert_eq!(file.metadata().expect("the region's size").len(), 2 * 2112);
+    // SAFETY: fcntl on a valid fd; F_GET_SEALS takes no argument.
+    let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+    assert!(
+        seals >= 0 && seals & libc::F_SEAL_SHRINK != 0,
+        "not sealed: {seals}"
+    );
+    // The region as the VMM gives it back.
+    fe.set_inflight_fd(&info, file.as_raw_fd())
+        .expect("SET_INFLIGHT_FD of the region made");
+
+    let plain = tempfile::tempfile().expect("a temp file");
+    plain.set_len(2 * 2112).expect("its size");
+    let bad = [
+        (info, plain.as_raw_fd(), "not sealed"),
+        (
+            VhostUserInflight::new(2 * 2112, 0, 2, 1024),
+            file.as_raw_fd(),
+            "too small",
+        ),
+        (
+            VhostUserInflight::new(2112, 8, 1, 128),
+            file.as_raw_fd(),
+            "misaligned",
+        ),
+        (
+            VhostUserInflight::new(2 * 2112, 2112, 2, 128),
+            file.as_raw_fd(),
+            "past the end",
+        ),
+        (
+            VhostUserInflight::new(1 << 30, 0, 2, 4096),
+            file.as_raw_fd(),
+            "queues too large",
+        ),
+    ];
+    for (region, fd, what) in bad {
+        fe.set_inflight_fd(&region, fd)
+            .unwrap_or_else(|e| panic!("SET_INFLIGHT_FD of a region {what}: {e}"));
+    }
+    drop(fe);
+    let warned = || {
+        fs::read_to_string(f.state.join("fleecefs.log"))
+            .unwrap_or_default()
+            .matches("the VMM's inflight region is not usable")
+            .count()
+    };
+    wait_until("a warning per unusable region", || warned() >= 5);
+    assert_eq!(warned(), 5, "one warning per unusable region");
+    assert_eq!(f.worker_pid(), pid, "the worker died");
+
+    // The same worker serves the next VMM.
+    let mut c = Client::connect(&sock, 1, false);
+    let data = pattern(33, 4096);
+    c.buf(0, data.len()).copy_from_slice(&data);
+    assert_eq!(c.write(0, MIB, 0, data.len()), 0);
+    assert_eq!(c.read(0, MIB, 4096, data.len()), 0);
+    assert_bytes_eq(
+        c.buf(4096, data.len()),
+        &data,
+        "data after unusable regions",
+    );
+}
