@@ -31,30 +31,55 @@ pub fn send_with_fd(
     message: &[u8],
     fd: Option<BorrowedFd<'_>>,
 ) -> io::Result<()> {
+    let one;
+    let fds: &[libc::c_int] = match fd {
+        Some(fd) => {
+            one = [fd.as_raw_fd()];
+            &one
+        }
+        None => &[],
+    };
+    send_msg(sock, None, message, fds)
+}
+
+/// Sends `message` on `sock` with `fds` attached (`SCM_RIGHTS`, none when empty), to
+/// the address `to` (of that many bytes) when given: a datagram socket that is not
+/// connected.
+pub(super) fn send_msg(
+    sock: BorrowedFd<'_>,
+    to: Option<(&libc::sockaddr_un, libc::socklen_t)>,
+    message: &[u8],
+    fds: &[libc::c_int],
+) -> io::Result<()> {
     let mut iov = libc::iovec {
         iov_base: message.as_ptr() as *mut libc::c_void,
         iov_len: message.len(),
     };
-    let fd_bytes = std::mem::size_of::<libc::c_int>() as u32;
+    let fd_bytes = std::mem::size_of_val(fds) as u32;
     // SAFETY: CMSG_SPACE is a pure computation.
     let space = unsafe { libc::CMSG_SPACE(fd_bytes) } as usize;
-    let mut control = vec![0u8; space];
+    // u64 elements: the control buffer must be aligned for cmsghdr.
+    let mut control = vec![0u64; space.div_ceil(8)];
     // SAFETY: an all-zero msghdr is valid; its pointers are set below to live buffers.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    if let Some((addr, len)) = to {
+        msg.msg_name = addr as *const libc::sockaddr_un as *mut libc::c_void;
+        msg.msg_namelen = len;
+    }
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
-    if let Some(fd) = fd {
-        let raw = fd.as_raw_fd();
+    if !fds.is_empty() {
         msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
         msg.msg_controllen = space as _;
-        // SAFETY: the control buffer has room for one header with one fd (CMSG_SPACE).
+        // SAFETY: the control buffer is aligned for cmsghdr and has room for one header
+        // with `fds` (CMSG_SPACE).
         unsafe {
             let cmsg = libc::CMSG_FIRSTHDR(&msg);
             (*cmsg).cmsg_level = libc::SOL_SOCKET;
             (*cmsg).cmsg_type = libc::SCM_RIGHTS;
             (*cmsg).cmsg_len = libc::CMSG_LEN(fd_bytes) as _;
             std::ptr::copy_nonoverlapping(
-                &raw as *const libc::c_int as *const u8,
+                fds.as_ptr() as *const u8,
                 libc::CMSG_DATA(cmsg),
                 fd_bytes as usize,
             );
@@ -175,5 +200,44 @@ pub fn wait_readable(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<bool> 
                 Err(e)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::os::fd::AsFd;
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+
+    fn received(sock: &UnixDatagram) -> (String, String) {
+        let mut buf = [0u8; 128];
+        let (n, mut fds) = recv_with_fds(sock.as_fd(), &mut buf).unwrap();
+        assert_eq!(fds.len(), 1);
+        let mut text = String::new();
+        std::fs::File::from(fds.remove(0))
+            .read_to_string(&mut text)
+            .unwrap();
+        (String::from_utf8_lossy(&buf[..n]).into_owned(), text)
+    }
+
+    /// A message with an fd to a datagram socket by path and in the abstract namespace
+    /// (`@NAME`: the address is exactly as long as the name), as systemd's notify socket.
+    #[test]
+    fn fds_go_to_a_datagram_socket_by_path_and_abstract_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify.sock");
+        let sock = UnixDatagram::bind(&path).unwrap();
+        let f = crate::sys::memfd_with(c"t", b"by path").unwrap();
+        crate::sys::notify_with_fds(path.as_os_str(), "FDSTORE=1\n", &[f.as_raw_fd()]).unwrap();
+        assert_eq!(received(&sock), ("FDSTORE=1\n".into(), "by path".into()));
+        let name = format!("fleecefs-test-{}", std::process::id());
+        let addr = SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+        let sock = UnixDatagram::bind_addr(&addr).unwrap();
+        let f = crate::sys::memfd_with(c"t", b"abstract").unwrap();
+        let at = std::ffi::OsString::from(format!("@{name}"));
+        crate::sys::notify_with_fds(&at, "x", &[f.as_raw_fd()]).unwrap();
+        assert_eq!(received(&sock), ("x".into(), "abstract".into()));
     }
 }

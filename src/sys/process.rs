@@ -161,48 +161,12 @@ pub fn notify_with_fds(path: &std::ffi::OsStr, message: &str, fds: &[i32]) -> io
     }
     // SAFETY: `sock` is a new fd owned here.
     let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(sock) };
-    let mut iov = libc::iovec {
-        iov_base: message.as_ptr() as *mut libc::c_void,
-        iov_len: message.len(),
-    };
-    let fd_bytes = std::mem::size_of_val(fds) as u32;
-    // SAFETY: CMSG_SPACE is a pure computation.
-    let space = unsafe { libc::CMSG_SPACE(fd_bytes) } as usize;
-    let mut control = vec![0u8; space.max(1)];
-    // SAFETY: an all-zero msghdr is valid; its pointers are set below to live buffers.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_name = &mut addr as *mut libc::sockaddr_un as *mut libc::c_void;
-    msg.msg_namelen = addr_len;
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    if !fds.is_empty() {
-        msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
-        msg.msg_controllen = space as _;
-        // SAFETY: the control buffer has room for one header with `fds` (CMSG_SPACE).
-        unsafe {
-            let cmsg = libc::CMSG_FIRSTHDR(&msg);
-            (*cmsg).cmsg_level = libc::SOL_SOCKET;
-            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-            (*cmsg).cmsg_len = libc::CMSG_LEN(fd_bytes) as _;
-            std::ptr::copy_nonoverlapping(
-                fds.as_ptr() as *const u8,
-                libc::CMSG_DATA(cmsg),
-                fd_bytes as usize,
-            );
-        }
-    }
-    // SAFETY: sendmsg with a msghdr whose buffers outlive the call.
-    let r = unsafe {
-        libc::sendmsg(
-            std::os::fd::AsRawFd::as_raw_fd(&sock),
-            &msg,
-            libc::MSG_NOSIGNAL,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    super::fdpass::send_msg(
+        std::os::fd::AsFd::as_fd(&sock),
+        Some((&addr, addr_len)),
+        message.as_bytes(),
+        fds,
+    )
 }
 
 /// A memory file (`memfd_create`, close-on-exec) holding `bytes`, positioned at 0.
