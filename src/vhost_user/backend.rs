@@ -61,6 +61,17 @@ pub struct BlkBackend {
     trackers: Vec<Arc<Mutex<Tracker>>>,
 }
 
+/// `queues_per_thread`: each queue has a thread of its own (queue *i* on thread *i*).
+fn thread_masks(queues: usize) -> Vec<u64> {
+    (0..queues).map(|q| 1u64 << q).collect()
+}
+
+/// The queue (index on the device) of event `device_event` of thread `thread_id`: the
+/// thread's `device_event`-th queue in [`thread_masks`], so the thread's own.
+fn queue_of(thread_id: usize, device_event: u16) -> Option<usize> {
+    (device_event == 0).then_some(thread_id)
+}
+
 /// Signals the used ring when the driver asked to be told about what was added to it
 /// since the last look (always without `EVENT_IDX`).
 fn notify(vring: &VringRwLock<Memory>) {
@@ -451,7 +462,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
-        (0..self.export.queues).map(|q| 1u64 << q).collect()
+        thread_masks(self.export.queues)
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
@@ -483,10 +494,9 @@ impl VhostUserBackend for BlkBackend {
             return Ok(());
         };
         let mem = atomic.memory();
-        // `vrings` are the thread's; `queues_per_thread` gives each queue a thread of its
-        // own, so the queue's index on the device is the thread's.
-        let q = thread_id + device_event as usize;
-        let Some(ctx) = self.queue_ctx(q) else {
+        let Some((q, ctx)) =
+            queue_of(thread_id, device_event).and_then(|q| Some((q, self.queue_ctx(q)?)))
+        else {
             return Ok(());
         };
         // A worker restart waits for the requests being served.
@@ -509,4 +519,26 @@ impl VhostUserBackend for BlkBackend {
         }
         Ok(())
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The queue a thread's event is for agrees with the threads given to
+    /// `vhost-user-backend` (the inflight region is per queue on the device).
+    #[test]
+    fn queue_of_an_event_agrees_with_the_thread_masks() {
+        for queues in 1..=MAX_QUEUES_TESTED {
+            for (thread, mask) in thread_masks(queues).into_iter().enumerate() {
+                let mine: Vec<usize> = (0..64).filter(|b| mask >> b & 1 == 1).collect();
+                for (event, &q) in mine.iter().enumerate() {
+                    assert_eq!(queue_of(thread, event as u16), Some(q));
+                }
+                assert_eq!(queue_of(thread, mine.len() as u16), None);
+            }
+        }
+    }
+
+    const MAX_QUEUES_TESTED: usize = super::super::MAX_QUEUES;
 }
