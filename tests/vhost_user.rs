@@ -847,22 +847,26 @@ fn the_inflight_region_is_offered_and_unusable_regions_do_not_hurt_the_worker() 
 
     let (f, sock) = exported(&[]);
     let pid = f.worker_pid();
-    let mut fe = Frontend::connect(&sock, 2).expect("connecting a vhost-user frontend");
-    fe.set_owner().expect("SET_OWNER");
-    let features = fe.get_features().expect("GET_FEATURES");
-    assert_ne!(
-        features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
-        0
-    );
-    let offered = fe.get_protocol_features().expect("GET_PROTOCOL_FEATURES");
-    assert!(
-        offered.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD),
-        "INFLIGHT_SHMFD not offered: {offered:?}"
-    );
-    fe.set_protocol_features(
-        VhostUserProtocolFeatures::INFLIGHT_SHMFD | VhostUserProtocolFeatures::REPLY_ACK,
-    )
-    .expect("SET_PROTOCOL_FEATURES");
+    let connect = || {
+        let mut fe = Frontend::connect(&sock, 2).expect("connecting a vhost-user frontend");
+        fe.set_owner().expect("SET_OWNER");
+        let features = fe.get_features().expect("GET_FEATURES");
+        assert_ne!(
+            features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
+            0
+        );
+        let offered = fe.get_protocol_features().expect("GET_PROTOCOL_FEATURES");
+        assert!(
+            offered.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD),
+            "INFLIGHT_SHMFD not offered: {offered:?}"
+        );
+        fe.set_protocol_features(
+            VhostUserProtocolFeatures::INFLIGHT_SHMFD | VhostUserProtocolFeatures::REPLY_ACK,
+        )
+        .expect("SET_PROTOCOL_FEATURES");
+        fe
+    };
+    let mut fe = connect();
 
     let ask = VhostUserInflight::new(0, 0, 2, 128);
     let (info, file) = fe.get_inflight_fd(&ask).expect("GET_INFLIGHT_FD");
@@ -922,6 +926,16 @@ fn the_inflight_region_is_offered_and_unusable_regions_do_not_hurt_the_worker() 
     };
     wait_until("a warning per unusable region", || warned() >= 5);
     assert_eq!(warned(), 5, "one warning per unusable region");
+    // More queues than the device has, or queues larger than it takes: no region (the
+    // request fails, which ends that connection).
+    for (queues, size) in [(64, 128), (2, 4096)] {
+        let mut fe = connect();
+        assert!(
+            fe.get_inflight_fd(&VhostUserInflight::new(0, 0, queues, size))
+                .is_err(),
+            "a region for {queues} queue(s) of {size}"
+        );
+    }
     assert_eq!(f.worker_pid(), pid, "the worker died");
 
     // The same worker serves the next VMM.

@@ -399,6 +399,12 @@ impl VhostUserBackend for BlkBackend {
         &self,
         msg: &VhostUserInflight,
     ) -> std::io::Result<(VhostUserInflight, File)> {
+        if usize::from(msg.num_queues) > self.export.queues {
+            return Err(std::io::Error::other(format!(
+                "an inflight region for {} queues: the device has {}",
+                msg.num_queues, self.export.queues
+            )));
+        }
         let (_, file) = Region::create(msg.num_queues, msg.queue_size)?;
         let len = Region::len_for(msg.num_queues, msg.queue_size) as u64;
         log::debug!(
