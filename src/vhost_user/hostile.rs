@@ -36,6 +36,11 @@ struct Guest {
 
 impl Guest {
     fn new() -> Guest {
+        Guest::with_regions(&[(0, MEM)])
+    }
+
+    /// A guest whose memory is the regions `(start, len)`.
+    fn with_regions(regions: &[(u64, u64)]) -> Guest {
         let dir = tempfile::tempdir().expect("a temp dir");
         let path = dir.path().join("d.img");
         let image = std::fs::OpenOptions::new()
@@ -51,8 +56,11 @@ impl Guest {
             Source::open(&path).expect("the source"),
             ClusterSize::new(65536).expect("a cluster size"),
         );
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM as usize)])
-            .expect("guest memory");
+        let ranges: Vec<(GuestAddress, usize)> = regions
+            .iter()
+            .map(|&(start, len)| (GuestAddress(start), len as usize))
+            .collect();
+        let mem = GuestMemoryMmap::<()>::from_ranges(&ranges).expect("guest memory");
         Guest {
             mem,
             device,
@@ -150,6 +158,46 @@ fn well_formed_read_and_write() {
         .read_slice(&mut id, GuestAddress(DATA + 0x1000))
         .expect("id");
     assert_eq!(&id[..3], b"vm\0");
+}
+
+#[test]
+fn a_buffer_spanning_two_regions_is_read_and_written_whole() {
+    let half = MEM / 2;
+    let g = Guest::with_regions(&[(0, half), (half, half)]);
+    let buf = half - 256;
+    g.header(DATA, VIRTIO_BLK_T_IN, 0);
+    let o = g
+        .serve(
+            &[(DATA, 16, 0), (buf, 512, W), (DATA + 0x2000, 1, W)],
+            false,
+            false,
+        )
+        .expect("served");
+    assert_eq!((o.status, o.written), (VIRTIO_BLK_S_OK as u8, 513));
+    let mut b = [0u8; 512];
+    g.mem.read_slice(&mut b, GuestAddress(buf)).expect("data");
+    assert!(
+        b.iter().all(|&x| x == 0xaa),
+        "the read did not fill both regions"
+    );
+    g.mem
+        .write_slice(&[0x55; 512], GuestAddress(buf))
+        .expect("a pattern");
+    g.header(DATA, VIRTIO_BLK_T_OUT, 16);
+    let o = g
+        .serve(
+            &[(DATA, 16, 0), (buf, 512, 0), (DATA + 0x2000, 1, W)],
+            false,
+            false,
+        )
+        .expect("served");
+    assert_eq!(o.status, VIRTIO_BLK_S_OK as u8);
+    let mut b = [0u8; 512];
+    g.image.read_exact_at(&mut b, 16 * 512).expect("the image");
+    assert!(
+        b.iter().all(|&x| x == 0x55),
+        "the write did not take both regions"
+    );
 }
 
 #[test]

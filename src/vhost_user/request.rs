@@ -143,12 +143,20 @@ impl<'a> Chain<'a> {
             if !writable && !chain.writable.is_empty() {
                 return Err(Malformed("a readable descriptor after a writable one"));
             }
-            for s in GuestMemoryBackend::get_slices(mem, addr, len as usize) {
-                let s = s.map_err(|_| Malformed("a descriptor outside guest memory"))?;
-                if writable {
-                    chain.writable.push(s);
-                } else {
-                    chain.readable.push(s);
+            let segments = if writable {
+                &mut chain.writable
+            } else {
+                &mut chain.readable
+            };
+            // Nearly every descriptor lies in one region: one lookup. One that spans
+            // regions (or lies outside them) takes the iterator, which checks each piece.
+            match GuestMemoryBackend::get_slice(mem, addr, len as usize) {
+                Ok(s) if len > 0 => segments.push(s),
+                _ => {
+                    for s in GuestMemoryBackend::get_slices(mem, addr, len as usize) {
+                        segments
+                            .push(s.map_err(|_| Malformed("a descriptor outside guest memory"))?);
+                    }
                 }
             }
         }
