@@ -604,3 +604,52 @@ fn block_status_payload_picks_the_contexts() {
     let c = Client::connect(&s.sock, Headers::Extended, &[]);
     assert_eq!(c.flags & FLAG_BLOCK_STATUS_PAYLOAD, 0);
 }
+
+/// A read that succeeds sends the bytes it read: a trim of the range by another
+/// connection after the read checked it (but before the reply went out) must not turn
+/// data into an `OFFSET_HOLE` (zeroes in the backup). Fault injection slows every read
+/// from the fleecing file, so the read of 8 MiB (every other cluster copied) takes
+/// seconds, and the trim of its first cluster comes after the read's first pass checked
+/// that cluster.
+#[cfg(feature = "fault-injection")]
+#[test]
+fn a_trim_while_a_read_is_answered_never_turns_its_data_into_a_hole() {
+    const SIZE: u64 = 8 * MIB;
+    const CLUSTER: u64 = 64 << 10;
+    let s = serve(SIZE, &[(0, 0xa5, SIZE)]);
+    let dev = s.engine.device(0).unwrap();
+    for c in (1..SIZE / CLUSTER).step_by(2) {
+        dev.write_live(c * CLUSTER, &vec![0x11u8; CLUSTER as usize])
+            .unwrap();
+    }
+    assert!(fleecing_allocated(&s.engine) >= SIZE / 2);
+    // 64 fleecing reads of 60 ms: the first pass (32 source runs) ends after ~1.9 s,
+    // the read after ~3.8 s.
+    std::env::set_var("FLEECEFS_FAULT_FLEECE_READ", "delay=60");
+    let mut reader = Client::connect(&s.sock, Headers::Structured, &[]);
+    let mut trimmer = Client::connect(&s.sock, Headers::Structured, &[]);
+    reader.request(0, CMD_READ, 1, 0, SIZE);
+    std::thread::sleep(Duration::from_millis(2800));
+    assert_eq!(trimmer.errno_of(0, CMD_TRIM, 2, 0, CLUSTER), 0);
+    let replies = reader.replies(1, SIZE as usize);
+    std::env::remove_var("FLEECEFS_FAULT_FLEECE_READ");
+    let last = replies.last().unwrap();
+    assert_eq!(
+        last.errno(),
+        0,
+        "the read failed: was the trim early? {last:?}"
+    );
+    let holes: Vec<u64> = replies
+        .iter()
+        .filter(|r| r.kind == REPLY_TYPE_OFFSET_HOLE)
+        .map(|r| be64(&r.payload))
+        .collect();
+    assert!(holes.is_empty(), "data sent as holes at {holes:?}");
+    for r in replies.iter().filter(|r| r.kind == REPLY_TYPE_OFFSET_DATA) {
+        assert!(
+            r.payload[8..].iter().all(|&b| b == 0xa5),
+            "data at {}",
+            be64(&r.payload)
+        );
+    }
+}

@@ -344,15 +344,19 @@ fn send_error(link: &mut impl Transport, to: &ReplyTo, e: &Error) -> io::Result<
 
 type ReadResult = Result<Vec<(u64, u64, bool)>, Error>;
 
-/// The read itself, and its data/hole segments for a structured reply.
+/// The read itself, and its data/hole segments for a structured reply. The range is
+/// mapped before it is read: a trim (from another connection) after the read would make
+/// what was just read a hole, sent as zeroes; mapped first, a trim of a data segment
+/// fails the read instead, and a hole of the snapshot (zeroes at setup, or unreadable:
+/// then the read fails) stays one.
 fn read_and_map(export: &Export, buf: &mut [u8], req: Request, sparse: bool) -> ReadResult {
-    export.read(req.offset, buf)?;
-    let end = req.offset + req.len;
-    if sparse {
-        export.segments(req.offset, req.len)
+    let segments = if sparse {
+        export.segments(req.offset, req.len)?
     } else {
-        Ok(vec![(req.offset, end, true)])
-    }
+        vec![(req.offset, req.offset + req.len, true)]
+    };
+    export.read(req.offset, buf)?;
+    Ok(segments)
 }
 
 fn read(

@@ -150,8 +150,9 @@ impl Export {
         Ok(())
     }
 
-    /// The data and hole segments of `offset..offset+len` (already read: every byte
-    /// accessible): `(start, end, is_data)`, as SEEK_DATA/SEEK_HOLE report them.
+    /// The data and hole segments of `offset..offset+len`: `(start, end, is_data)`, as
+    /// SEEK_DATA/SEEK_HOLE report them (an inaccessible range is a hole: map before
+    /// reading, and a read that fails there fails the request).
     pub fn segments(&self, offset: u64, len: u64) -> Result<Vec<(u64, u64, bool)>> {
         let end = offset + len;
         let id = self.access.id();
