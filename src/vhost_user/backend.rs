@@ -280,18 +280,42 @@ impl BlkBackend {
     /// over what was available, as `EVENT_IDX` allows: a notification wakes the driver's
     /// thread, which on a machine with few CPUs preempts this one, so one per request
     /// costs more than the request itself.
-    fn process(&self, ctx: &QueueCtx, vring: &VringRwLock<Memory>, mem: &GuestMemoryMmap<()>) {
+    ///
+    /// The guest memory a request is served with is read after the request was taken off
+    /// the ring: the driver maps the memory a request uses (`ADD_MEM_REG`) before it
+    /// makes the request available, so that view has it, while a view taken earlier
+    /// (when the event came, or for the previous request) may not.
+    fn process(&self, ctx: &QueueCtx, vring: &VringRwLock<Memory>, atomic: &Memory) {
+        // Test-only fault injection: `FLEECEFS_FAULT_VHOST_SLOW_QUEUE=MILLISECONDS` makes
+        // a queue's thread that was woken sleep before it looks at the ring (the driver
+        // may map memory and make requests available meanwhile).
+        #[cfg(feature = "fault-injection")]
+        {
+            static SLOW: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+            let slow = SLOW.get_or_init(|| {
+                std::env::var("FLEECEFS_FAULT_VHOST_SLOW_QUEUE")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+            });
+            if let Some(ms) = *slow {
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+            }
+        }
         let mut completed = 0usize;
         loop {
-            let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem);
-            let Some(chain) = chain else { break };
-            let head = chain.head_index();
+            let head = {
+                let mem = atomic.memory();
+                let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(&*mem);
+                let Some(chain) = chain else { break };
+                chain.head_index()
+            };
             ctx.tracker.lock().recover().take(head);
             #[cfg(feature = "fault-injection")]
             if self.hold(ctx, vring, head) {
                 continue;
             }
-            let written = ctx.serve(mem, chain);
+            let mem = atomic.memory();
+            let written = ctx.serve(&mem, QueueCtx::chain_at(vring, &mem, head));
             if !ctx.complete(vring, head, written) {
                 break;
             }
@@ -499,7 +523,6 @@ impl VhostUserBackend for BlkBackend {
         let Some(atomic) = self.mem.lock().recover().clone() else {
             return Ok(());
         };
-        let mem = atomic.memory();
         let Some((q, ctx)) =
             queue_of(thread_id, device_event).and_then(|q| Some((q, self.queue_ctx(q)?)))
         else {
@@ -507,13 +530,13 @@ impl VhostUserBackend for BlkBackend {
         };
         // A worker restart waits for the requests being served.
         let _pass = crate::keeper::GATE.enter();
-        self.resubmit(q, &ctx, vring, &mem);
+        self.resubmit(q, &ctx, vring, &atomic.memory());
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         loop {
             if event_idx {
                 let _ = vring.disable_notification();
             }
-            self.process(&ctx, vring, &mem);
+            self.process(&ctx, vring, &atomic);
             if !event_idx {
                 break;
             }

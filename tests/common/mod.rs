@@ -184,6 +184,21 @@ impl Fleece {
         fleecefs(self.mount_args(extra))
     }
 
+    /// `fleecefs mount` with `env` set for the daemon (fault injection).
+    pub fn mount_env(&self, extra: &[&str], env: &[(&str, &str)]) -> Output {
+        let out = Command::new(BIN)
+            .args(self.mount_args(extra))
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("running {BIN}: {e}"));
+        Output {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
     /// Starts `fleecefs mount --foreground` as a child of the test (its stderr goes to
     /// `log`) and waits until the mount answers `status`.
     pub fn mount_foreground(&mut self, log: &Path) -> u32 {
