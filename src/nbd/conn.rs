@@ -4,7 +4,8 @@
 //!
 //! Reads run where the mount's backup scheduler (`src/sched/`) puts backup reads: on its
 //! pool with `--backup-priority low`, else on this thread, as FUSE's snapshot reads do.
-//! The connection thread waits for the read, then sends the reply.
+//! The connection thread waits for the read, then sends the reply in one vectored
+//! write (headers and data together).
 //!
 //! Requests and replies take the form the negotiation chose (`transmit::Mode`): with
 //! extended headers, lengths are 64 bits. Reads stay at most 32 MiB; trims and block
@@ -23,7 +24,7 @@
 //! stops in the middle of a request for longer than [`STALL`] is dropped; writes to a
 //! client that does not read time out the same way (the socket's send timeout).
 
-use std::io::{self, Read};
+use std::io::{self, IoSlice, Read};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -403,9 +404,11 @@ fn read(
     };
     env.bytes_read.fetch_add(req.len, Ordering::Relaxed);
     let data = buf.get(len)?;
+    // The whole reply in one vectored write: headers and data leave in one system call
+    // and reach the client together (it wakes once per reply, not once per chunk).
     if !n.mode.chunked() {
-        link.write_all(&to.simple(0))?;
-        link.write_all(data)?;
+        let header = to.simple(0);
+        write_all_vectored(link, &mut [IoSlice::new(&header), IoSlice::new(data)])?;
         link.flush()?;
         return Ok(Outcome::Next);
     }
@@ -413,17 +416,28 @@ fn read(
         return send_ok(link, &to);
     }
     let last = segments.len() - 1;
-    for (i, (start, end, is_data)) in segments.into_iter().enumerate() {
-        let flags = if i == last { proto::REPLY_FLAG_DONE } else { 0 };
-        let seg_len = (end - start) as u32;
+    let headers: Vec<transmit::Header> = segments
+        .iter()
+        .enumerate()
+        .map(|(i, &(start, end, is_data))| {
+            let flags = if i == last { proto::REPLY_FLAG_DONE } else { 0 };
+            let seg_len = (end - start) as u32;
+            if is_data {
+                to.data(flags, start, seg_len)
+            } else {
+                to.hole(flags, start, seg_len)
+            }
+        })
+        .collect();
+    let mut slices = Vec::with_capacity(2 * headers.len());
+    for (h, &(start, end, is_data)) in headers.iter().zip(&segments) {
+        slices.push(IoSlice::new(h));
         if is_data {
-            link.write_all(&to.data(flags, start, seg_len))?;
             let from = (start - req.offset) as usize;
-            link.write_all(&data[from..from + seg_len as usize])?;
-        } else {
-            link.write_all(&to.hole(flags, start, seg_len))?;
+            slices.push(IoSlice::new(&data[from..(end - req.offset) as usize]));
         }
     }
+    write_all_vectored(link, &mut slices)?;
     link.flush()?;
     Ok(Outcome::Next)
 }
@@ -466,6 +480,21 @@ fn status_payload(
     }
     let ids = n.contexts.iter().copied().filter(|i| ids.contains(i));
     Ok(Ok((u64::from_be_bytes(len), ids.collect())))
+}
+
+/// Writes every byte of `slices`, as few system calls as the socket takes (std's
+/// `write_all_vectored` is not stable yet).
+fn write_all_vectored(link: &mut impl Transport, mut slices: &mut [IoSlice<'_>]) -> io::Result<()> {
+    IoSlice::advance_slices(&mut slices, 0);
+    while !slices.is_empty() {
+        match link.write_vectored(slices) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut slices, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// One status chunk per context of `contexts`, 64-bit with extended headers; with

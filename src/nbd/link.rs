@@ -4,7 +4,7 @@
 //! `server-cert.pem`, `server-key.pem`, and `ca-cert.pem` when clients must present a
 //! certificate the CA signed.
 
-use std::io::{self, Read, Write};
+use std::io::{self, IoSlice, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -18,6 +18,13 @@ use rustls::{ServerConfig, ServerConnection, StreamOwned};
 use crate::error::{Error, Result};
 use crate::nbd::handshake::Link;
 use crate::nbd::Transport;
+
+/// The send buffer of a Unix connection: room for several replies (16 of nbdcopy's
+/// 256 KiB reads), so that the connection thread reads the next request's data while
+/// the client takes the last reply, instead of sleeping until the client has drained
+/// the default 208 KiB. The kernel caps it at `net.core.wmem_max` unless the daemon
+/// runs as root. (TCP keeps the kernel's autotuning, which grows to `tcp_wmem`.)
+pub const UNIX_SEND_BUFFER: usize = 4 << 20;
 
 /// A connected socket.
 pub enum SockKind {
@@ -37,7 +44,12 @@ impl Sock {
     /// Wraps `kind`; sends time out after `send_timeout` (a client that does not read).
     pub fn new(kind: SockKind, send_timeout: Duration) -> io::Result<Sock> {
         match &kind {
-            SockKind::Unix(s) => s.set_write_timeout(Some(send_timeout))?,
+            SockKind::Unix(s) => {
+                s.set_write_timeout(Some(send_timeout))?;
+                if let Err(e) = crate::sys::set_send_buffer(s, UNIX_SEND_BUFFER) {
+                    log::debug!("NBD connection: cannot enlarge the send buffer: {e}");
+                }
+            }
             SockKind::Tcp(s) => {
                 s.set_write_timeout(Some(send_timeout))?;
                 s.set_nodelay(true)?;
@@ -92,6 +104,12 @@ impl Write for Sock {
         match &mut self.kind {
             SockKind::Unix(s) => s.write(buf),
             SockKind::Tcp(s) => s.write(buf),
+        }
+    }
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match &mut self.kind {
+            SockKind::Unix(s) => s.write_vectored(bufs),
+            SockKind::Tcp(s) => s.write_vectored(bufs),
         }
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -158,6 +176,13 @@ impl Write for Stream {
         match &mut self.inner {
             Inner::Plain(s) => s.write(buf),
             Inner::Tls(t) => t.write(buf),
+            Inner::Gone => Err(io::ErrorKind::NotConnected.into()),
+        }
+    }
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match &mut self.inner {
+            Inner::Plain(s) => s.write_vectored(bufs),
+            Inner::Tls(t) => t.write_vectored(bufs),
             Inner::Gone => Err(io::ErrorKind::NotConnected.into()),
         }
     }

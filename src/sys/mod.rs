@@ -352,3 +352,62 @@ pub fn map_shared(file: &File, offset: u64, len: usize) -> io::Result<memmap2::M
             .map_mut(file)
     }
 }
+
+/// Sets a socket's send buffer to `bytes` (the kernel doubles it for its bookkeeping):
+/// `SO_SNDBUFFORCE` as root, which may pass `net.core.wmem_max`, else `SO_SNDBUF`,
+/// which the kernel caps there.
+pub fn set_send_buffer(socket: &impl AsRawFd, bytes: usize) -> io::Result<()> {
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    let set = |option: libc::c_int| {
+        // SAFETY: setsockopt reads one c_int from `value`, a valid local.
+        let r = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                &value as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    };
+    set(libc::SO_SNDBUFFORCE).or_else(|_| set(libc::SO_SNDBUF))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn send_buffer_grows() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let want = 4usize << 20;
+        set_send_buffer(&a, want).unwrap();
+        let mut got: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `got`, a valid local.
+        let r = unsafe {
+            libc::getsockopt(
+                a.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                &mut got as *mut libc::c_int as *mut libc::c_void,
+                &mut len,
+            )
+        };
+        assert_eq!(r, 0);
+        // The kernel doubles the value; without privilege it caps it at wmem_max.
+        let cap = std::fs::read_to_string("/proc/sys/net/core/wmem_max")
+            .ok()
+            .and_then(|s| s.trim().parse::<usize>().ok())
+            .unwrap_or(want);
+        // SAFETY: geteuid cannot fail.
+        let root = unsafe { libc::geteuid() } == 0;
+        let floor = if root { want } else { want.min(cap) };
+        assert!(got as usize >= 2 * floor, "SO_SNDBUF {got}, wanted {want}");
+    }
+}
