@@ -729,16 +729,27 @@ mbps() { awk -v b="$1" -v ns="$2" 'BEGIN { printf "%.0f", b / (ns / 1e9) / 1e6 }
 # median of its arguments
 median() { printf '%s\n' "$@" | sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 
+# CPU time (user + system, clock ticks) of a process, exited threads included.
+proc_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+# CPU time (clock ticks) of this shell's waited-for children (nbdcopy, cp).
+child_ticks() { awk '{ print $16 + $17 }' "/proc/$$/stat"; }
+# per_gib TICKS: CPU seconds per GiB read
+per_gib() { awk -v t="$1" -v hz="$(getconf CLK_TCK)" -v b="$((SIZE_MB << 20))" 'BEGIN { printf "%.2f", t / hz / (b / 1073741824) }'; }
+
 # The backup provider's read path, whole snapshot, no writer: nbdcopy to null: from
-# fleecefs's export (multi-conn: nbdcopy opens 4 connections) and from qemu-storage-
-# daemon's export of snapshot-access over copy-before-write, exported writable as the
-# backup-access design does for discard (so QEMU does not offer multi-conn and nbdcopy
-# uses one connection); and cp of snapshot/NAME to /dev/null. Both daemons lock the
-# source, so they take turns: each pass mounts fleecefs (its nbdcopy and cp), then starts
-# qemu-storage-daemon (its nbdcopy). Table in $RES/nbd.md.
+# fleecefs's export (multi-conn: nbdcopy opens one connection per thread, at most 4, so
+# 2 on a 2-CPU machine) and from qemu-storage-daemon's export of snapshot-access over
+# copy-before-write, exported writable as the backup-access design does for discard (so
+# QEMU does not offer multi-conn and nbdcopy uses one connection); and cp of
+# snapshot/NAME to /dev/null. Both daemons lock the source, so they take turns: each
+# pass mounts fleecefs (its nbdcopy and cp), then starts qemu-storage-daemon (its
+# nbdcopy). Besides MB/s, the CPU time per GiB of the server (the fleecefs worker, the
+# qemu-storage-daemon process) and of the client (nbdcopy, cp) over each copy.
+# Table in $RES/nbd.md.
 nbd_bench() {
     command -v nbdcopy >/dev/null || die "nbdcopy is not installed (libnbd-bin)"
-    local d=$W/nbd bytes=$((SIZE_MB << 20)) pass t f=() q=() c=()
+    local d=$W/nbd bytes=$((SIZE_MB << 20)) pass t s0 c0 pid f=() q=() c=()
+    local fs=() fc=() qs=() qc=() cs=() cc=()
     mkdir -p "$d/mnt"
     log "NBD: fleecefs --nbd and qemu-storage-daemon --nbd-server, $NBD_PASSES passes"
     for pass in $(seq "$NBD_PASSES"); do
@@ -747,12 +758,17 @@ nbd_bench() {
             --nbd "unix:$d/f.sock" ${BENCH_FLEECEFS_OPTS:-}
         FMOUNTS+=("$d/mnt")
         "$FLEECEFS" setup "$d/mnt" --target nbdbench >/dev/null
+        pid=$("$FLEECEFS" status "$d/mnt" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["worker_pid"])')
         settle
+        s0=$(proc_ticks "$pid") c0=$(child_ticks)
         t=$(now_ns); nbdcopy "nbd+unix:///vm?socket=$d/f.sock" null: || die "nbdcopy from fleecefs failed"
         f+=("$(mbps "$bytes" $(($(now_ns) - t)))")
+        fs+=("$(per_gib $(($(proc_ticks "$pid") - s0)))") fc+=("$(per_gib $(($(child_ticks) - c0)))")
         settle
+        s0=$(proc_ticks "$pid") c0=$(child_ticks)
         t=$(now_ns); cp "$d/mnt/snapshot/vm" /dev/null || die "cp of the snapshot failed"
         c+=("$(mbps "$bytes" $(($(now_ns) - t)))")
+        cs+=("$(per_gib $(($(proc_ticks "$pid") - s0)))") cc+=("$(per_gib $(($(child_ticks) - c0)))")
         "$FLEECEFS" teardown "$d/mnt" --target nbdbench --failure >/dev/null
         "$FLEECEFS" unmount "$d/mnt"
         rm -f "$d/fleece.raw"
@@ -770,8 +786,10 @@ nbd_bench() {
             --pidfile "$W/qsd.pid" --daemonize || die "qemu-storage-daemon did not start"
         QSD_PID=$(cat "$W/qsd.pid")
         settle
+        s0=$(proc_ticks "$QSD_PID") c0=$(child_ticks)
         t=$(now_ns); nbdcopy "nbd+unix:///vm?socket=$d/q.sock" null: || die "nbdcopy from qemu failed"
         q+=("$(mbps "$bytes" $(($(now_ns) - t)))")
+        qs+=("$(per_gib $(($(proc_ticks "$QSD_PID") - s0)))") qc+=("$(per_gib $(($(child_ticks) - c0)))")
         qsd_stop
         log "NBD pass $pass: fleecefs ${f[-1]}, qemu ${q[-1]}, cp ${c[-1]} MB/s"
     done
@@ -780,12 +798,13 @@ nbd_bench() {
     {
         echo "### NBD: the whole ${SIZE_MB} MiB snapshot, no writer"
         echo
-        echo "| path | passes (MB/s) | median MB/s | fleecefs NBD / this |"
-        echo "|---|---|---|---|"
-        echo "| fleecefs NBD export, nbdcopy (4 connections) | ${f[*]} | $fm | 1.00 |"
-        echo "| qemu-storage-daemon NBD export of snapshot-access, nbdcopy (1 connection) | ${q[*]} | $qm | $(awk -v a="$fm" -v b="$qm" 'BEGIN { printf "%.2f", a / b }') |"
-        echo "| cp of fleecefs snapshot/NAME to /dev/null | ${c[*]} | $cm | $(awk -v a="$fm" -v b="$cm" 'BEGIN { printf "%.2f", a / b }') |"
+        echo "| path | passes (MB/s) | median MB/s | fleecefs NBD / this | server CPU s/GiB (median) | client CPU s/GiB (median) |"
+        echo "|---|---|---|---|---|---|"
+        echo "| fleecefs NBD export, nbdcopy (multi-conn) | ${f[*]} | $fm | 1.00 | $(median "${fs[@]}") | $(median "${fc[@]}") |"
+        echo "| qemu-storage-daemon NBD export of snapshot-access, nbdcopy (1 connection) | ${q[*]} | $qm | $(awk -v a="$fm" -v b="$qm" 'BEGIN { printf "%.2f", a / b }') | $(median "${qs[@]}") | $(median "${qc[@]}") |"
+        echo "| cp of fleecefs snapshot/NAME to /dev/null | ${c[*]} | $cm | $(awk -v a="$fm" -v b="$cm" 'BEGIN { printf "%.2f", a / b }') | $(median "${cs[@]}") | $(median "${cc[@]}") |"
         echo
+        echo "Server: the fleecefs worker or the qemu-storage-daemon process; client: nbdcopy or cp."
         echo "Targets: fleecefs NBD >= 2x qemu-storage-daemon's NBD export, and >= cp of snapshot/NAME."
     } >"$RES/nbd.md"
 }
