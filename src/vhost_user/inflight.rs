@@ -7,8 +7,7 @@
 //! (a multiple of 64), holding a 16-byte header
 //! `{ features: u64, version: u16, desc_num: u16, last_batch_head: u16, used_idx: u16 }`
 //! and then `desc_num` 16-byte entries `{ inflight: u8, padding: [u8; 5], next: u16,
-//! counter: u64 }`, one per descriptor index (little endian; fleecefs runs on x86-64 and
-//! other little-endian hosts only, as the VMMs that share memory with it).
+//! counter: u64 }`, one per descriptor index (little endian).
 //!
 //! Ordering (per queue, from one thread at a time):
 //! - take: a chain popped off the available ring gets `counter` (increasing), then

@@ -6,12 +6,14 @@
 //! `preadv`/`pwritev` on the guest's buffers (no bounce buffer) through the same engine
 //! calls `live/NAME` uses (`request.rs`), so copy-before-write, dirty bitmaps, break
 //! policies and fleecing limits apply unchanged. `backend.rs` is the virtio-blk device
-//! (features, configuration space, queues).
+//! (features, configuration space, queues); `inflight.rs` the inflight region, which
+//! records the requests taken and not completed.
 //!
 //! Per export one thread (`vhost-NAME`) accepts a VMM on the listening socket and serves
 //! it until it disconnects, then accepts the next; the queues run on threads of their own
 //! (one per queue). A VMM that reconnects after the worker restarted (`reconnect=1` on
-//! QEMU's chardev) sets the queues up again and resubmits what was not completed.
+//! QEMU's chardev) sets the queues up again and hands back the inflight region; the new
+//! worker resubmits the requests it records before it takes new ones.
 
 mod backend;
 mod exports;
