@@ -980,3 +980,34 @@ fn a_request_is_served_with_the_memory_mapped_before_it() {
         );
     }
 }
+
+/// A VMM's connection leaves no fd behind in the worker when it ends (the exit event of
+/// each queue's thread was registered in its epoll as a raw fd and never closed: two
+/// fds per connection).
+#[test]
+fn connections_that_end_leave_no_fds_in_the_worker() {
+    let (f, sock) = exported(&[]);
+    let pid = f.worker_pid();
+    let fds = || {
+        fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    let mut after_first = 0;
+    for round in 0..20 {
+        let mut c = Client::connect(&sock, 1, false);
+        assert_eq!(c.flush(0), 0);
+        drop(c);
+        // The next connection is served once the worker is done with this one.
+        let c = Client::connect(&sock, 1, false);
+        drop(c);
+        if round == 0 {
+            after_first = fds();
+        }
+    }
+    let after = fds();
+    assert!(
+        after <= after_first + 2,
+        "the worker holds {after} fds after 40 connections, {after_first} after 2"
+    );
+}
