@@ -1,6 +1,7 @@
 //! A hostile guest: malformed descriptor chains built with `virtio-queue`'s mock queue in
 //! guest memory, popped through a real `Queue` and served as the backend serves them.
-//! Each must fail alone (`IOERR`, `UNSUPP`, or no status at all), touch nothing outside
+//! Each must fail alone (`IOERR`, `UNSUPP`, or no status at all when the status byte is
+//! not in guest memory or the chain is malformed), touch nothing outside
 //! the guest's memory, and leave the device as it was.
 
 use std::fs::File;
@@ -200,18 +201,46 @@ fn a_buffer_spanning_two_regions_is_read_and_written_whole() {
     );
 }
 
+/// A descriptor outside guest memory fails the request with IOERR in its status byte:
+/// returned without a status, the request would look done to a driver that finds its
+/// status byte as it left it (0 is OK). Only a status byte outside guest memory leaves
+/// nothing to write.
 #[test]
 fn descriptors_outside_guest_memory_fail_the_request() {
     let g = Guest::new();
+    let status = DATA + 0x2000;
+    // Data past the end of guest memory, straddling it, at the end of the address space:
+    // of a write, and of a read.
+    for (kind, flags) in [(VIRTIO_BLK_T_OUT, 0), (VIRTIO_BLK_T_IN, W)] {
+        g.header(DATA, kind, 0);
+        for (addr, len) in [(MEM + 0x1000, 512), (MEM - 256, 512), (u64::MAX - 100, 512)] {
+            g.mem
+                .write_obj(0u8, GuestAddress(status))
+                .expect("status byte");
+            let o = g
+                .serve(
+                    &[(DATA, 16, 0), (addr, len, flags), (status, 1, W)],
+                    false,
+                    false,
+                )
+                .unwrap_or_else(|e| panic!("type {kind}, data at {addr:#x}+{len}: {e:?}"));
+            assert_eq!(
+                o.status, VIRTIO_BLK_S_IOERR as u8,
+                "data at {addr:#x}+{len}"
+            );
+            assert_eq!(o.written, 1);
+            assert_eq!(g.status_at(status), VIRTIO_BLK_S_IOERR as u8);
+        }
+    }
+    // The status byte itself outside guest memory (or straddling it): nothing to write.
     g.header(DATA, VIRTIO_BLK_T_OUT, 0);
-    // Data past the end of guest memory, and straddling it.
-    for (addr, len) in [(MEM + 0x1000, 512), (MEM - 256, 512), (u64::MAX - 100, 512)] {
+    for addr in [MEM + 0x1000, MEM - 1] {
         let r = g.serve(
-            &[(DATA, 16, 0), (addr, len, 0), (DATA + 0x2000, 1, W)],
+            &[(DATA, 16, 0), (DATA + 0x1000, 512, 0), (addr, 2, W)],
             false,
             false,
         );
-        assert!(r.is_err(), "descriptor at {addr:#x}+{len} was served");
+        assert!(r.is_err(), "a status byte at {addr:#x} was served");
     }
     g.image_unchanged();
 }

@@ -118,6 +118,9 @@ impl<'a> Segments<'a> {
 pub struct Chain<'a> {
     pub readable: Segments<'a>,
     pub writable: Segments<'a>,
+    /// A descriptor (not the status byte's) lies outside guest memory: left out, and the
+    /// request fails with `IOERR` in its status byte.
+    pub unmapped: bool,
 }
 
 /// Why a chain cannot even carry a status byte back.
@@ -125,7 +128,10 @@ pub struct Chain<'a> {
 pub struct Malformed(pub &'static str);
 
 impl<'a> Chain<'a> {
-    /// Maps every descriptor of `descs` (address, length, writable) into `mem`.
+    /// Maps every descriptor of `descs` (address, length, writable) into `mem`. A
+    /// descriptor outside guest memory fails the request: with `IOERR` when the status
+    /// byte (the last byte of the last descriptor, writable) is in guest memory, so the
+    /// driver never takes an untouched status byte for success; else `Malformed`.
     pub fn map(
         mem: &'a GuestMemoryMmap<()>,
         descs: impl Iterator<Item = (GuestAddress, u32, bool)>,
@@ -133,16 +139,19 @@ impl<'a> Chain<'a> {
         let mut chain = Chain {
             readable: Segments::default(),
             writable: Segments::default(),
+            unmapped: false,
         };
         let mut count = 0;
+        let (mut any_writable, mut last_mapped) = (false, false);
         for (addr, len, writable) in descs {
             count += 1;
             if count > MAX_SEGMENTS {
                 return Err(Malformed("too many descriptors"));
             }
-            if !writable && !chain.writable.is_empty() {
+            if !writable && any_writable {
                 return Err(Malformed("a readable descriptor after a writable one"));
             }
+            any_writable |= writable;
             let segments = if writable {
                 &mut chain.writable
             } else {
@@ -150,15 +159,27 @@ impl<'a> Chain<'a> {
             };
             // Nearly every descriptor lies in one region: one lookup. One that spans
             // regions (or lies outside them) takes the iterator, which checks each piece.
-            match GuestMemoryBackend::get_slice(mem, addr, len as usize) {
-                Ok(s) if len > 0 => segments.push(s),
+            last_mapped = match GuestMemoryBackend::get_slice(mem, addr, len as usize) {
+                Ok(s) if len > 0 => {
+                    segments.push(s);
+                    true
+                }
                 _ => {
-                    for s in GuestMemoryBackend::get_slices(mem, addr, len as usize) {
-                        segments
-                            .push(s.map_err(|_| Malformed("a descriptor outside guest memory"))?);
+                    let pieces: std::result::Result<Slices<VolatileSlice<'a>>, _> =
+                        GuestMemoryBackend::get_slices(mem, addr, len as usize).collect();
+                    match pieces {
+                        Ok(pieces) => {
+                            pieces.into_iter().for_each(|s| segments.push(s));
+                            true
+                        }
+                        Err(_) => false,
                     }
                 }
-            }
+            };
+            chain.unmapped |= !last_mapped;
+        }
+        if chain.unmapped && !(last_mapped && any_writable && !chain.writable.is_empty()) {
+            return Err(Malformed("a descriptor outside guest memory"));
         }
         Ok(chain)
     }
@@ -201,6 +222,7 @@ pub fn execute(target: &Target<'_>, chain: &Chain<'_>) -> std::result::Result<Ou
         .ok_or(Malformed("no status byte"))?;
     let mut header = [0u8; HEADER_LEN];
     let (status, data_written) = match chain.readable.read(0, &mut header) {
+        _ if chain.unmapped => (VIRTIO_BLK_S_IOERR as u8, 0),
         None => (VIRTIO_BLK_S_IOERR as u8, 0),
         Some(()) => {
             let kind = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
