@@ -1024,3 +1024,44 @@ fn connections_that_end_leave_no_fds_in_the_worker() {
         "the worker holds {after} fds after 40 connections, {after_first} after 2"
     );
 }
+
+/// A VMM that connects again after a worker's death is kicked and notified on each queue
+/// as soon as it hands its eventfds over (as libvhost-user does, "in case of I/O hang
+/// after reconnecting"): requests the dead worker left in flight are resubmitted at the
+/// queue's first kick, and completions it published may not have been notified; a guest
+/// that only waits for them would otherwise wait forever.
+#[test]
+fn a_connecting_vmm_gets_a_kick_and_a_notification_on_each_queue() {
+    use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
+    use vhost::VhostBackend;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    let (_f, sock) = exported(&[]);
+    let mut fe = Frontend::connect(&sock, 2).expect("connecting a vhost-user frontend");
+    fe.set_owner().expect("SET_OWNER");
+    let features = fe.get_features().expect("GET_FEATURES");
+    fe.set_features(features).expect("SET_FEATURES");
+    fe.get_protocol_features().expect("GET_PROTOCOL_FEATURES");
+    fe.set_protocol_features(VhostUserProtocolFeatures::REPLY_ACK)
+        .expect("SET_PROTOCOL_FEATURES");
+    let signaled = |e: &EventFd| {
+        let start = std::time::Instant::now();
+        loop {
+            match e.read() {
+                Ok(n) => return n > 0,
+                Err(_) if start.elapsed() < std::time::Duration::from_secs(5) => {
+                    std::thread::sleep(std::time::Duration::from_millis(20))
+                }
+                Err(_) => return false,
+            }
+        }
+    };
+    for q in 0..2 {
+        let call = EventFd::new(EFD_NONBLOCK).expect("an eventfd");
+        fe.set_vring_call(q, &call).expect("SET_VRING_CALL");
+        assert!(signaled(&call), "queue {q}: no notification");
+        let kick = EventFd::new(EFD_NONBLOCK).expect("an eventfd");
+        fe.set_vring_kick(q, &kick).expect("SET_VRING_KICK");
+        assert!(signaled(&kick), "queue {q}: no kick");
+    }
+}

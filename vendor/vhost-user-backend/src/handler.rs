@@ -561,6 +561,15 @@ where
             self.initialize_vring(vring, index)?;
         }
 
+        // In case of I/O hang after reconnecting (as libvhost-user does): a backend that
+        // took over from one that died may have requests to resubmit, which it looks at
+        // on the queue's first kick; the driver, waiting for them, may never kick again.
+        if let Some(kick) = vring.get_ref().get_kick() {
+            let one = 1u64.to_ne_bytes();
+            // SAFETY: write(2) of 8 bytes from a local buffer to the kick eventfd.
+            unsafe { libc::write(kick.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+        }
+
         Ok(())
     }
 
@@ -571,6 +580,10 @@ where
             .ok_or(VhostUserError::InvalidParam)?;
 
         vring.set_call(file);
+
+        // In case of I/O hang after reconnecting (as libvhost-user does): completions a
+        // backend published just before it died may never have been notified.
+        let _ = vring.signal_used_queue();
 
         if self.vring_needs_init(vring) {
             self.initialize_vring(vring, index)?;
