@@ -1017,8 +1017,14 @@ fn connections_that_end_leave_no_fds_in_the_worker() {
             after_first = fds();
         }
     }
-    // Two fds per connection were left before: 76 more after these 38.
-    let after = fds();
+    // Two fds per connection were left before: 76 more after these 38. The last
+    // connection may still be closing on a busy machine: wait (at most 10 s) for the
+    // count to come down; leaked fds never do.
+    let start = std::time::Instant::now();
+    let mut after = fds();
+    while after > after_first + 16 && start.elapsed() < std::time::Duration::from_secs(10) {
+        after = fds();
+    }
     assert!(
         after <= after_first + 16,
         "the worker holds {after} fds after 40 connections, {after_first} after 2"
