@@ -944,6 +944,7 @@ fn the_inflight_region_is_offered_and_unusable_regions_do_not_hurt_the_worker() 
     let data = pattern(33, 4096);
     c.buf(0, data.len()).copy_from_slice(&data);
     assert_eq!(c.write(0, MIB, 0, data.len()), 0);
+    assert_eq!(c.flush(0), 0);
     assert_eq!(c.read(0, MIB, 4096, data.len()), 0);
     assert_bytes_eq(
         c.buf(4096, data.len()),
