@@ -53,6 +53,7 @@
 #                             from qemu-storage-daemon's NBD export of its snapshot-access
 #                             node over a copy-before-write filter, and cp of snapshot/NAME,
 #                             NBD_PASSES (3) alternating passes each; a table of MB/s
+#                             and CPU time per GiB of server and client
 #   BENCH_MICRO=0             skip the engine micro-benchmarks (cargo bench --bench engine;
 #                             they always build the working tree, whatever
 #                             BENCH_FLEECEFS_BIN or BENCH_REV say)
