@@ -608,13 +608,13 @@ fn block_status_payload_picks_the_contexts() {
 /// A read that succeeds sends the bytes it read: a trim of the range by another
 /// connection after the read checked it (but before the reply went out) must not turn
 /// data into an `OFFSET_HOLE` (zeroes in the backup). Fault injection slows every read
-/// from the fleecing file, so the read of 8 MiB (every other cluster copied) takes
-/// seconds, and the trim of its first cluster comes after the read's first pass checked
-/// that cluster.
+/// from the fleecing file, so the read of 16 MiB (every other cluster copied: four passes
+/// of 32 source runs) takes seconds, and the trim of its first cluster comes after the
+/// read's first pass checked that cluster (about 1.9 s) and well before its end (7.7 s).
 #[cfg(feature = "fault-injection")]
 #[test]
 fn a_trim_while_a_read_is_answered_never_turns_its_data_into_a_hole() {
-    const SIZE: u64 = 8 * MIB;
+    const SIZE: u64 = 16 * MIB;
     const CLUSTER: u64 = 64 << 10;
     let s = serve(SIZE, &[(0, 0xa5, SIZE)]);
     let dev = s.engine.device(0).unwrap();
@@ -623,13 +623,13 @@ fn a_trim_while_a_read_is_answered_never_turns_its_data_into_a_hole() {
             .unwrap();
     }
     assert!(fleecing_allocated(&s.engine) >= SIZE / 2);
-    // 64 fleecing reads of 60 ms: the first pass (32 source runs) ends after ~1.9 s,
-    // the read after ~3.8 s.
+    // 128 fleecing reads of 60 ms: the first pass (32 source runs) ends after ~1.9 s,
+    // the read after ~7.7 s.
     std::env::set_var("FLEECEFS_FAULT_FLEECE_READ", "delay=60");
     let mut reader = Client::connect(&s.sock, Headers::Structured, &[]);
     let mut trimmer = Client::connect(&s.sock, Headers::Structured, &[]);
     reader.request(0, CMD_READ, 1, 0, SIZE);
-    std::thread::sleep(Duration::from_millis(2800));
+    std::thread::sleep(Duration::from_millis(3500));
     assert_eq!(trimmer.errno_of(0, CMD_TRIM, 2, 0, CLUSTER), 0);
     let replies = reader.replies(1, SIZE as usize);
     std::env::remove_var("FLEECEFS_FAULT_FLEECE_READ");
