@@ -1043,8 +1043,9 @@ fn a_connecting_vmm_gets_a_kick_and_a_notification_on_each_queue() {
     use vhost::VhostBackend;
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-    let (_f, sock) = exported(&[]);
-    let mut fe = Frontend::connect(&sock, 2).expect("connecting a vhost-user frontend");
+    let (f, sock) = exported(&[]);
+    let queues = json_u64(&f.status()["vhost_user_blk"][0], "queues") as usize;
+    let mut fe = Frontend::connect(&sock, queues as u64).expect("connecting a vhost-user frontend");
     fe.set_owner().expect("SET_OWNER");
     let features = fe.get_features().expect("GET_FEATURES");
     fe.set_features(features).expect("SET_FEATURES");
@@ -1063,7 +1064,7 @@ fn a_connecting_vmm_gets_a_kick_and_a_notification_on_each_queue() {
             }
         }
     };
-    for q in 0..2 {
+    for q in 0..queues {
         let call = EventFd::new(EFD_NONBLOCK).expect("an eventfd");
         fe.set_vring_call(q, &call).expect("SET_VRING_CALL");
         assert!(signaled(&call), "queue {q}: no notification");
