@@ -90,13 +90,18 @@ vm_start "$SOCK" 2
 wait_console BOOTED 240
 
 # --- kill the worker while a request is held and a later one has completed --------------
-kills=0
+# Each attempt arms the hold and starts a burst of its own (its first request is held
+# while the other writers go on); an attempt whose held request had no later one complete beside it (the
+# burst ended, or the held request was one the others wait for) lets it go, waits for
+# the burst's end, and tries again.
+kills=0 bursts=0
 for round in 1 2 3; do
-    echo "burst 8" >&3
     killed=
     for attempt in 1 2 3 4 5; do
+        bursts=$((bursts + 1))
         before=$(held) released0=$(released)
         touch "$ARM" # the worker holds the next request it takes, for 10 s
+        echo "burst 8" >&3
         for i in $(seq 100); do
             [ "$(held)" -gt "$before" ] && break
             sleep 0.05
@@ -113,6 +118,7 @@ for round in 1 2 3; do
             break
         fi
         wait_released "$released0"
+        wait_console "BURST-DONE $bursts" 240
     done
     [ -n "$killed" ] || fail "round $round: no later request completed while one was held"
     kills=$((kills + 1))
@@ -123,7 +129,7 @@ for round in 1 2 3; do
         sleep 0.05
     done
     wait_connected "$T/mnt"
-    wait_console "BURST-DONE $round" 240
+    wait_console "BURST-DONE $bursts" 240
 done
 resubmitted=$(grep -c "resubmitting .* request(s) in flight" "$LOG" || true)
 [ "$resubmitted" -ge "$kills" ] ||
