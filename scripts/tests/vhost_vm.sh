@@ -10,14 +10,7 @@ source "$(dirname "$0")/helpers/vm.sh"
 
 cat >"$T/init" <<'EOF'
 #!/bin/busybox sh
-/bin/busybox --install -s /bin
-export PATH=/bin
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev
-for m in $(cat /modules); do insmod /lib/$m 2>/dev/null; done
-i=0
-while [ ! -b /dev/vda ] && [ $i -lt 200 ]; do sleep 0.1; i=$((i + 1)); done
+. /vm-boot # helpers/vm.sh: busybox, /proc /sys /dev /tmp, the modules, /dev/vda
 echo "SERIAL $(cat /sys/block/vda/serial 2>/dev/null)"
 mount -t ext4 /dev/vda /mnt || { echo "GUEST-IOERROR mount"; poweroff -f; }
 for i in 1 2 3 4 5 6 7 8; do

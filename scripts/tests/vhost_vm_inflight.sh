@@ -11,15 +11,7 @@ source "$(dirname "$0")/helpers/vm.sh"
 
 cat >"$T/init" <<'GUEST'
 #!/bin/busybox sh
-/bin/busybox --install -s /bin
-export PATH=/bin
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev
-mount -t tmpfs tmp /tmp
-for m in $(cat /modules); do insmod /lib/$m 2>/dev/null; done
-i=0
-while [ ! -b /dev/vda ] && [ $i -lt 200 ]; do sleep 0.1; i=$((i + 1)); done
+. /vm-boot # helpers/vm.sh: busybox, /proc /sys /dev /tmp, the modules, /dev/vda
 mount -t ext4 /dev/vda /mnt || { echo "GUEST-IOERROR mount"; poweroff -f; }
 # Four files whose blocks are then overwritten in place with O_DIRECT: each write is one
 # request of its own that no other waits for (no journal), so requests complete out of

@@ -3,6 +3,7 @@
 # kernel with a busybox initramfs built here around the test's own /init; its disk is
 # the export's socket (`reconnect=1`, so QEMU comes back to a new worker).
 #   vm_initramfs INIT       $T/initrd.gz: busybox, the virtio and ext4 modules, INIT as /init
+#                           (INIT starts with `. /vm-boot`: applets, mounts, modules, /dev/vda)
 #   vm_start SOCKET QUEUES  boots it (QEMU_PID); the console is $T/console.log, fd 3 its input
 #   wait_console TEXT SECS  until the guest printed TEXT
 #   wait_connected MNT      until a VMM is connected to MNT's first export
@@ -31,6 +32,19 @@ vm_initramfs() {
         esac
         basename "$ko" >>"$R/modules"
     done <"$T/modules"
+    # What every test's /init does first (`. /vm-boot`): the shell's applets, the kernel's
+    # filesystems, the modules, and the disk.
+    cat >"$R/vm-boot" <<'BOOT'
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mount -t tmpfs tmp /tmp
+for m in $(cat /modules); do insmod /lib/$m 2>/dev/null; done
+i=0
+while [ ! -b /dev/vda ] && [ $i -lt 200 ]; do sleep 0.1; i=$((i + 1)); done
+BOOT
     cp "$init" "$R/init"
     chmod +x "$R/init"
     (cd "$R" && find . | "$BUSYBOX" cpio -o -H newc 2>/dev/null | gzip -1) >"$T/initrd.gz"
