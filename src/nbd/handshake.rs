@@ -131,6 +131,31 @@ fn error_reply(link: &mut impl Link, option: u32, kind: u32, message: &str) -> i
     reply(link, option, kind, message.as_bytes())
 }
 
+/// The answer to NBD_OPT_STRUCTURED_REPLY (`wanted` structured replies) or
+/// NBD_OPT_EXTENDED_HEADERS (`wanted` extended headers) with `data`, in `mode`: the new
+/// mode, or the error reply's type and message. Extended headers include structured
+/// replies, so they may follow them, but not the other way round.
+fn requested_mode(mode: Mode, wanted: Mode, data: &[u8]) -> Result<Mode, (u32, &'static str)> {
+    if !data.is_empty() {
+        return Err((proto::REP_ERR_INVALID, "no data expected"));
+    }
+    match (mode, wanted) {
+        (Mode::Extended, Mode::Structured) => Err((
+            proto::REP_ERR_EXT_HEADER_REQD,
+            "extended headers already negotiated",
+        )),
+        (Mode::Extended, _) => Err((
+            proto::REP_ERR_INVALID,
+            "extended headers already negotiated",
+        )),
+        (Mode::Structured, Mode::Structured) => Err((
+            proto::REP_ERR_INVALID,
+            "structured replies already negotiated",
+        )),
+        _ => Ok(wanted),
+    }
+}
+
 /// Runs the negotiation on `link` against `catalog`.
 pub fn negotiate(link: &mut impl Link, catalog: &dyn Catalog) -> Result<Negotiated, Refused> {
     link.write_all(&proto::greeting())?;
@@ -220,41 +245,18 @@ pub fn negotiate(link: &mut impl Link, catalog: &dyn Catalog) -> Result<Negotiat
                 }
                 reply(link, h.option, proto::REP_ACK, &[])?;
             }
-            proto::OPT_STRUCTURED_REPLY => {
-                if !data.is_empty() {
-                    error_reply(link, h.option, proto::REP_ERR_INVALID, "no data expected")?;
-                } else if mode == Mode::Extended {
-                    error_reply(
-                        link,
-                        h.option,
-                        proto::REP_ERR_EXT_HEADER_REQD,
-                        "extended headers already negotiated",
-                    )?;
-                } else if mode == Mode::Structured {
-                    error_reply(
-                        link,
-                        h.option,
-                        proto::REP_ERR_INVALID,
-                        "structured replies already negotiated",
-                    )?;
+            proto::OPT_STRUCTURED_REPLY | proto::OPT_EXTENDED_HEADERS => {
+                let wanted = if h.option == proto::OPT_STRUCTURED_REPLY {
+                    Mode::Structured
                 } else {
-                    mode = Mode::Structured;
-                    reply(link, h.option, proto::REP_ACK, &[])?;
-                }
-            }
-            proto::OPT_EXTENDED_HEADERS => {
-                if !data.is_empty() {
-                    error_reply(link, h.option, proto::REP_ERR_INVALID, "no data expected")?;
-                } else if mode == Mode::Extended {
-                    error_reply(
-                        link,
-                        h.option,
-                        proto::REP_ERR_INVALID,
-                        "extended headers already negotiated",
-                    )?;
-                } else {
-                    mode = Mode::Extended;
-                    reply(link, h.option, proto::REP_ACK, &[])?;
+                    Mode::Extended
+                };
+                match requested_mode(mode, wanted, &data) {
+                    Ok(m) => {
+                        mode = m;
+                        reply(link, h.option, proto::REP_ACK, &[])?;
+                    }
+                    Err((kind, message)) => error_reply(link, h.option, kind, message)?,
                 }
             }
             proto::OPT_LIST_META_CONTEXT | proto::OPT_SET_META_CONTEXT => {
