@@ -344,6 +344,12 @@ impl Engine {
             .position(|d| d.as_ref().is_some_and(|d| d.name() == name))
     }
 
+    /// Slot of the device called `name`, or the error that lists the devices there are.
+    fn known_device_index(&self, name: &str) -> Result<usize> {
+        self.device_index(name)
+            .ok_or_else(|| self.unknown_device(name))
+    }
+
     fn unknown_device(&self, name: &str) -> Error {
         let known: Vec<String> = self
             .devices()
@@ -363,6 +369,16 @@ impl Engine {
 
     fn control(&self) -> MutexGuard<'_, Control> {
         self.control.lock().recover()
+    }
+
+    /// [`Engine::control`] for a request that changes what is served: refused once
+    /// shutdown has begun.
+    fn control_before_shutdown(&self) -> Result<MutexGuard<'_, Control>> {
+        let control = self.control();
+        if control.shut_down {
+            return Err(Error::busy("the daemon is shutting down"));
+        }
+        Ok(control)
     }
 
     /// Shutdown, after the last live write: tears down any active access as a failure,

@@ -225,13 +225,8 @@ impl Engine {
     ) -> Result<ResizeReport> {
         validate_name("device name", name)?;
         let report = {
-            let mut control = self.control();
-            if control.shut_down {
-                return Err(Error::busy("the daemon is shutting down"));
-            }
-            let slot = self
-                .device_index(name)
-                .ok_or_else(|| self.unknown_device(name))?;
+            let mut control = self.control_before_shutdown()?;
+            let slot = self.known_device_index(name)?;
             let dev = self.device(slot).ok_or_else(|| self.unknown_device(name))?;
             let source = dev.source();
             let block = source.identity().block_device;
@@ -414,10 +409,7 @@ impl Engine {
                 )));
             }
         }
-        let mut control = self.control();
-        if control.shut_down {
-            return Err(Error::busy("the daemon is shutting down"));
-        }
+        let mut control = self.control_before_shutdown()?;
         let served = self.devices();
         for (name, _) in specs {
             if served.iter().any(|d| d.name() == name) {
@@ -547,13 +539,8 @@ impl Engine {
     /// it.
     pub fn check_removable(&self, name: &str, own_handles: u64) -> Result<()> {
         validate_name("device name", name)?;
-        let control = self.control();
-        if control.shut_down {
-            return Err(Error::busy("the daemon is shutting down"));
-        }
-        let slot = self
-            .device_index(name)
-            .ok_or_else(|| self.unknown_device(name))?;
+        let control = self.control_before_shutdown()?;
+        let slot = self.known_device_index(name)?;
         in_access_refusal(&control, name, slot)?;
         let dev = self.device(slot).ok_or_else(|| self.unknown_device(name))?;
         open_refusal(name, dev.open_handles().saturating_sub(own_handles))
@@ -564,13 +551,8 @@ impl Engine {
     pub fn remove_device(&self, name: &str) -> Result<DeviceRemoveReport> {
         validate_name("device name", name)?;
         let (slot, dev) = {
-            let mut control = self.control();
-            if control.shut_down {
-                return Err(Error::busy("the daemon is shutting down"));
-            }
-            let slot = self
-                .device_index(name)
-                .ok_or_else(|| self.unknown_device(name))?;
+            let mut control = self.control_before_shutdown()?;
+            let slot = self.known_device_index(name)?;
             in_access_refusal(&control, name, slot)?;
             let dev = {
                 let mut table = self.table_mut();

@@ -46,7 +46,7 @@ impl Engine {
         }
         let mut out: Vec<(usize, Arc<Device>)> = Vec::new();
         for n in names {
-            let i = self.device_index(n).ok_or_else(|| self.unknown_device(n))?;
+            let i = self.known_device_index(n)?;
             if out.iter().any(|(j, _)| *j == i) {
                 return Err(Error::invalid(format!("device '{n}' is named twice")));
             }
@@ -105,10 +105,7 @@ impl Engine {
         if let Some(b) = bitmap {
             validate_name("bitmap name", b)?;
         }
-        let mut control = self.control();
-        if control.shut_down {
-            return Err(Error::busy("the daemon is shutting down"));
-        }
+        let mut control = self.control_before_shutdown()?;
         if let Some(a) = &control.active {
             return Err(Error::busy(format!(
                 "a backup access is already active for target '{}'; tear it down first",
