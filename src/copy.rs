@@ -51,7 +51,7 @@ use batch::{snapshot_error, Copier};
 use dest::{check_dest_outside, check_qcow2, create_new, lock_dest, open_dest, sync_parent, Dest};
 pub(crate) use progress::Progress;
 use qcow2::ImageFormat;
-pub(crate) use summary::rate;
+pub(crate) use summary::{rate, report_outcome};
 pub use summary::{summary_line, CopySummary};
 
 /// Bytes read from the snapshot per `pread` (the one reusable buffer).
@@ -156,37 +156,14 @@ pub fn run(a: &CopyArgs) -> Result<()> {
         progress: true,
     };
     let r = copy(&a.mountpoint, &a.name, &a.dest, opts);
-    // The daemon's log is the mount's backup history: the copy's outcome goes there too.
-    if let Ok(state) = crate::control::client::trusted_state_dir_of(&a.mountpoint) {
-        let log = state.join(crate::state::LOG_FILE);
-        match &r {
-            Ok(s) => crate::logger::append_to_daemon_log(
-                &log,
-                "copy",
-                log::Level::Info,
-                &summary_line(s),
-            ),
-            Err(e) => crate::logger::append_to_daemon_log(
-                &log,
-                "copy",
-                log::Level::Error,
-                &format!(
-                    "copy of {} to {} failed: {}",
-                    a.name,
-                    a.dest.display(),
-                    crate::error::report(e)
-                ),
-            ),
-        }
-    }
-    let s = r?;
-    if a.json {
-        let text = serde_json::to_string_pretty(&s).map_err(|e| Error::invalid(e.to_string()))?;
-        crate::out!("{text}");
-    } else {
-        crate::out!("{}", summary_line(&s));
-    }
-    Ok(())
+    report_outcome(
+        &a.mountpoint,
+        "copy",
+        &format!("copy of {} to {}", a.name, a.dest.display()),
+        r,
+        a.json,
+        summary_line,
+    )
 }
 
 /// Copies `MOUNTPOINT/snapshot/NAME` into `dest` by the ranges of its dirty map.

@@ -23,7 +23,7 @@ use serde::Serialize;
 
 use crate::cli::RestoreArgs;
 use crate::copy::qcow2::{self, Image};
-use crate::copy::{pieces, rate, Progress};
+use crate::copy::{pieces, rate, report_outcome, Progress};
 use crate::error::{Error, IoContext, Result};
 use crate::sys;
 use crate::units::format_size;
@@ -65,37 +65,14 @@ pub fn run(a: &RestoreArgs) -> Result<()> {
         a.force,
         true,
     );
-    // The daemon's log is the mount's history: the restore's outcome goes there too.
-    if let Ok(state) = crate::control::client::trusted_state_dir_of(&a.mountpoint) {
-        let log = state.join(crate::state::LOG_FILE);
-        match &r {
-            Ok(s) => crate::logger::append_to_daemon_log(
-                &log,
-                "restore",
-                log::Level::Info,
-                &summary_line(s),
-            ),
-            Err(e) => crate::logger::append_to_daemon_log(
-                &log,
-                "restore",
-                log::Level::Error,
-                &format!(
-                    "restore of {} onto {} failed: {}",
-                    a.from.display(),
-                    a.name,
-                    crate::error::report(e)
-                ),
-            ),
-        }
-    }
-    let s = r?;
-    if a.json {
-        let text = serde_json::to_string_pretty(&s).map_err(|e| Error::invalid(e.to_string()))?;
-        crate::out!("{text}");
-    } else {
-        crate::out!("{}", summary_line(&s));
-    }
-    Ok(())
+    report_outcome(
+        &a.mountpoint,
+        "restore",
+        &format!("restore of {} onto {}", a.from.display(), a.name),
+        r,
+        a.json,
+        summary_line,
+    )
 }
 
 /// The one-line summary printed without `--json`.

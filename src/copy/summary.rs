@@ -1,8 +1,11 @@
 //! What a copy did: the summary of `fleecefs copy` (its `--json` output) and the one line
-//! printed without `--json`.
+//! printed without `--json`; how `copy` and `restore` report their outcome.
+
+use std::path::Path;
 
 use serde::Serialize;
 
+use crate::error::{Error, Result};
 use crate::units::format_size;
 
 /// What a copy did (printed as JSON with `--json`).
@@ -107,4 +110,38 @@ pub(crate) fn rate(bytes: u64, seconds: f64) -> String {
         return "-/s".into();
     }
     crate::units::format_rate(bytes as f64 / seconds)
+}
+
+/// Reports the outcome `r` of `fleecefs copy` or `fleecefs restore` (`program`): one line
+/// in the daemon's log of the mount at `mountpoint` (the mount's backup history: the
+/// summary line, or "`what` failed" and why), then the summary on stdout (JSON with
+/// `json`) or the error.
+pub(crate) fn report_outcome<S: Serialize>(
+    mountpoint: &Path,
+    program: &str,
+    what: &str,
+    r: Result<S>,
+    json: bool,
+    line: impl Fn(&S) -> String,
+) -> Result<()> {
+    if let Ok(state) = crate::control::client::trusted_state_dir_of(mountpoint) {
+        let log = state.join(crate::state::LOG_FILE);
+        match &r {
+            Ok(s) => crate::logger::append_to_daemon_log(&log, program, log::Level::Info, &line(s)),
+            Err(e) => crate::logger::append_to_daemon_log(
+                &log,
+                program,
+                log::Level::Error,
+                &format!("{what} failed: {}", crate::error::report(e)),
+            ),
+        }
+    }
+    let s = r?;
+    if json {
+        let text = serde_json::to_string_pretty(&s).map_err(|e| Error::invalid(e.to_string()))?;
+        crate::out!("{text}");
+    } else {
+        crate::out!("{}", line(&s));
+    }
+    Ok(())
 }
