@@ -510,6 +510,16 @@ fn device_add(f: &Fleece, args: &[&str]) -> Output {
     fleecefs(all)
 }
 
+/// `fleecefs device remove MOUNTPOINT NAME`.
+fn device_remove(f: &Fleece, name: &str) -> Output {
+    fleecefs([
+        OsStr::new("device"),
+        OsStr::new("remove"),
+        f.mp.as_os_str(),
+        OsStr::new(name),
+    ])
+}
+
 /// The sockets `status --json` lists as vhost-user-blk exports.
 fn exported_sockets(f: &Fleece) -> Vec<String> {
     f.status()["vhost_user_blk"]
@@ -635,50 +645,29 @@ fn device_remove_ends_the_export_and_disconnects_the_vmm() {
         f.status()["vhost_user_blk"][0]["connected"] == serde_json::json!(true)
     });
     // Refused for another reason: the export and its VMM stay.
+    let refused = |what: &str, why: &str| {
+        device_remove(&f, "vm").expect_failure(what, why);
+        assert_eq!(
+            f.status()["vhost_user_blk"][0]["connected"],
+            serde_json::json!(true),
+            "a refused removal ended the export"
+        );
+    };
     f.setup("t");
-    fleecefs([
-        OsStr::new("device"),
-        OsStr::new("remove"),
-        f.mp.as_os_str(),
-        OsStr::new("vm"),
-    ])
-    .expect_failure(
+    refused(
         "device remove during an access",
         "part of the backup access",
     );
-    assert_eq!(
-        f.status()["vhost_user_blk"][0]["connected"],
-        serde_json::json!(true),
-        "a refused removal ended the export"
-    );
     f.teardown("t");
     let open = fs::File::open(f.live("vm")).expect("opening live/vm");
-    fleecefs([
-        OsStr::new("device"),
-        OsStr::new("remove"),
-        f.mp.as_os_str(),
-        OsStr::new("vm"),
-    ])
-    .expect_failure(
+    refused(
         "device remove with live/vm open",
         "live/vm is open (1 handle(s))",
-    );
-    assert_eq!(
-        f.status()["vhost_user_blk"][0]["connected"],
-        serde_json::json!(true),
-        "a refused removal ended the export"
     );
     drop(open);
     // The kernel releases the closed handle asynchronously.
     wait_until("device remove of an exported device", || {
-        fleecefs([
-            OsStr::new("device"),
-            OsStr::new("remove"),
-            f.mp.as_os_str(),
-            OsStr::new("vm"),
-        ])
-        .code
-            == 0
+        device_remove(&f, "vm").code == 0
     });
     vmm.set_read_timeout(Some(std::time::Duration::from_secs(10)))
         .expect("timeout");
