@@ -133,6 +133,13 @@ fn be64(b: &[u8]) -> u64 {
 
 impl Client {
     fn connect(sock: &Path, headers: Headers, contexts: &[&str]) -> Client {
+        let mut c = Client::connect_options(sock, headers, contexts);
+        assert_eq!(c.go(), REP_ACK);
+        c
+    }
+
+    /// The negotiation up to the meta contexts, without picking the export.
+    fn connect_options(sock: &Path, headers: Headers, contexts: &[&str]) -> Client {
         let s = UnixStream::connect(sock).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         let mut c = Client {
@@ -159,9 +166,12 @@ impl Client {
             }
             assert_eq!(c.option(OPT_SET_META_CONTEXT, &d), REP_ACK);
         }
-        let go = [0, 0, 0, 1, b'd', 0, 0];
-        assert_eq!(c.option(OPT_GO, &go), REP_ACK);
         c
+    }
+
+    /// `NBD_OPT_GO` of export `d`: the type of the last reply.
+    fn go(&mut self) -> u32 {
+        self.option(OPT_GO, &[0, 0, 0, 1, b'd', 0, 0])
     }
 
     /// Sends an option; the type of the last reply (ACK or an error).
@@ -652,4 +662,41 @@ fn a_trim_while_a_read_is_answered_never_turns_its_data_into_a_hole() {
             be64(&r.payload)
         );
     }
+}
+
+/// Meta contexts belong to the export they were chosen on, as in QEMU's server (which
+/// drops them when `NBD_OPT_GO` picks another export object): contexts chosen while one
+/// access was active are not carried over to an export of the same name of the next
+/// access, whose bitmap may be another one. Otherwise the client would get the new
+/// access's dirty map under the name of the bitmap it asked for, and an incremental
+/// would copy the wrong ranges.
+#[test]
+fn meta_contexts_chosen_during_one_access_do_not_carry_over_to_the_next() {
+    let s = serve(4 * MIB, &[(0, 0xa1, MIB)]);
+    let mut c = Client::connect_options(&s.sock, Headers::Structured, &CONTEXTS);
+    // the access ends and another one starts under the same export name, with another
+    // bitmap, before the client picks the export
+    s.engine.teardown("t", true).unwrap();
+    s.engine.setup("t", None, Some("c")).unwrap();
+    assert_eq!(c.go(), REP_ACK);
+    assert_eq!(
+        c.errno_of(0, CMD_BLOCK_STATUS, 1, 0, 4096),
+        EINVAL,
+        "block status answered with contexts chosen during the previous access"
+    );
+    assert_eq!(c.read(2, 0, 4096), vec![0xa1u8; 4096]);
+    // chosen again on the new export, they work
+    let mut c = Client::connect(&s.sock, Headers::Structured, &["qemu:dirty-bitmap:c"]);
+    assert_eq!(
+        c.block_status(0, 3, 0, 4096),
+        [(2, vec![(4096, u64::from(STATE_DIRTY))])]
+    );
+    // a SET_META_CONTEXT that fails forgets the contexts chosen before it, as in QEMU
+    let mut c = Client::connect_options(&s.sock, Headers::Structured, &["base:allocation"]);
+    let mut d = 1u32.to_be_bytes().to_vec();
+    d.push(b'x');
+    d.extend_from_slice(&0u32.to_be_bytes());
+    assert_eq!(c.option(OPT_SET_META_CONTEXT, &d), REP_ERR_UNKNOWN);
+    assert_eq!(c.go(), REP_ACK);
+    assert_eq!(c.errno_of(0, CMD_BLOCK_STATUS, 4, 0, 4096), EINVAL);
 }

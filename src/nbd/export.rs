@@ -28,6 +28,9 @@ pub struct ExportInfo {
     pub cluster: u32,
     /// The name of the access's bitmap, if it uses one.
     pub bitmap: Option<String>,
+    /// The id of the access it belongs to: an export of the same name during another
+    /// access is another export.
+    pub access: u64,
 }
 
 /// The exports the server offers right now.
@@ -53,6 +56,7 @@ impl Catalog for EngineCatalog {
                 size: e.access.size(),
                 cluster: u32::try_from(e.device.cluster().bytes()).unwrap_or(u32::MAX),
                 bitmap: e.bitmap,
+                access: e.access.id(),
             })
             .collect()
     }
@@ -76,14 +80,15 @@ fn ended(name: &str) -> Error {
 }
 
 impl Export {
-    /// The export `name` of `engine`'s active access, if there is one.
-    pub fn open(engine: &Arc<Engine>, name: &str) -> Option<Export> {
+    /// The export `info` describes (the one a client negotiated), if its access is
+    /// still the active one.
+    pub fn open(engine: &Arc<Engine>, info: &ExportInfo) -> Option<Export> {
         let e = engine
             .exposed()
             .into_iter()
-            .find(|e| e.device.name() == name)?;
+            .find(|e| e.device.name() == info.name && e.access.id() == info.access)?;
         Some(Export {
-            name: name.to_string(),
+            name: info.name.clone(),
             slot: e.slot,
             engine: engine.clone(),
             device: e.device,

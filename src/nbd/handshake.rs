@@ -8,6 +8,10 @@
 //! structured replies before it (a second one is `NBD_REP_ERR_INVALID`;
 //! `STRUCTURED_REPLY` after it `NBD_REP_ERR_EXT_HEADER_REQD`; `EXPORT_NAME` after it
 //! ends the connection); `STARTTLS` forgets the headers and contexts negotiated before.
+//! Meta contexts belong to the export they were chosen on, as QEMU's belong to its
+//! export object: `NBD_OPT_GO` of another export, or of the export of the same name
+//! during a later access, starts without any; a `SET_META_CONTEXT` that fails forgets
+//! those chosen before.
 //! With extended headers and meta contexts, INFO/GO offer the payload form of block
 //! status (`NBD_FLAG_BLOCK_STATUS_PAYLOAD`), as QEMU's server does.
 //!
@@ -175,8 +179,9 @@ pub fn negotiate(link: &mut impl Link, catalog: &dyn Catalog) -> Result<Negotiat
     }
     let no_zeroes = flags & proto::FLAG_C_NO_ZEROES != 0;
     let mut mode = Mode::Simple;
-    // The meta contexts set, and the export they were set for.
-    let mut contexts: Option<(String, Vec<u32>)> = None;
+    // The meta contexts set, and the export they were set for (its name and access:
+    // the export of the same name during another access is another export).
+    let mut contexts: Option<(ExportInfo, Vec<u32>)> = None;
     for _ in 0..MAX_OPTIONS {
         let mut h = [0u8; 16];
         link.read_exact(&mut h)?;
@@ -261,6 +266,10 @@ pub fn negotiate(link: &mut impl Link, catalog: &dyn Catalog) -> Result<Negotiat
             }
             proto::OPT_LIST_META_CONTEXT | proto::OPT_SET_META_CONTEXT => {
                 let set = h.option == proto::OPT_SET_META_CONTEXT;
+                if set && mode.chunked() {
+                    // A SET forgets the contexts chosen before, also when it fails.
+                    contexts = None;
+                }
                 let Some(m) = proto::parse_meta_request(&data) else {
                     error_reply(link, h.option, proto::REP_ERR_INVALID, "malformed request")?;
                     continue;
@@ -302,7 +311,7 @@ pub fn negotiate(link: &mut impl Link, catalog: &dyn Catalog) -> Result<Negotiat
                     )?;
                 }
                 if set {
-                    contexts = Some((m.name, selected.iter().map(|(id, _)| *id).collect()));
+                    contexts = Some((export, selected.iter().map(|(id, _)| *id).collect()));
                 }
                 reply(link, h.option, proto::REP_ACK, &[])?;
             }
@@ -327,13 +336,13 @@ pub fn negotiate(link: &mut impl Link, catalog: &dyn Catalog) -> Result<Negotiat
                 let payload_form = h.option == proto::OPT_INFO
                     || contexts
                         .as_ref()
-                        .is_some_and(|(name, ids)| *name == export.name && !ids.is_empty());
+                        .is_some_and(|(e, ids)| *e == export && !ids.is_empty());
                 let flags = transmission_flags(mode, payload_form);
                 send_info(link, h.option, &export, flags, &r.requests)?;
                 reply(link, h.option, proto::REP_ACK, &[])?;
                 if h.option == proto::OPT_GO {
                     let contexts = match contexts {
-                        Some((name, ids)) if name == export.name => ids,
+                        Some((e, ids)) if e == export => ids,
                         _ => Vec::new(),
                     };
                     return Ok(Negotiated {
@@ -368,7 +377,7 @@ pub fn negotiate(link: &mut impl Link, catalog: &dyn Catalog) -> Result<Negotiat
                 }
                 link.flush()?;
                 let contexts = match contexts {
-                    Some((name, ids)) if name == export.name => ids,
+                    Some((e, ids)) if e == export => ids,
                     _ => Vec::new(),
                 };
                 return Ok(Negotiated {

@@ -59,6 +59,7 @@ fn catalog() -> Fixed {
         size: 1 << 20,
         cluster: 65536,
         bitmap: Some("b1".into()),
+        access: 1,
     }])
 }
 

@@ -352,7 +352,7 @@ fn connection(shared: &Shared, id: u64, kind: SockKind, tcp: bool) {
         Err(Refused::Protocol(m)) => return log::info!("NBD client {peer} refused: {m}"),
         Err(Refused::Io(e)) => return log::info!("NBD client {peer}: negotiation failed: {e}"),
     };
-    let Some(export) = Export::open(&shared.engine, &n.export.name) else {
+    let Some(export) = Export::open(&shared.engine, &n.export) else {
         return log::info!(
             "NBD client {peer}: export '{}' ended during the negotiation",
             n.export.name
