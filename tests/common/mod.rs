@@ -591,19 +591,8 @@ pub fn open_ok(path: &Path, flags: i32) -> OwnedFd {
 /// One `pread(2)` of up to `len` bytes: a short count is returned as is.
 pub fn pread(fd: &OwnedFd, offset: u64, len: usize) -> Result<Vec<u8>, Errno> {
     let mut buf = vec![0u8; len];
-    // SAFETY: the buffer is valid for len bytes.
-    let n = unsafe {
-        libc::pread(
-            fd.as_raw_fd(),
-            buf.as_mut_ptr().cast(),
-            len,
-            offset as libc::off_t,
-        )
-    };
-    if n < 0 {
-        return Err(errno());
-    }
-    buf.truncate(n as usize);
+    let n = pread_into(fd, offset, &mut buf)?;
+    buf.truncate(n);
     Ok(buf)
 }
 
