@@ -493,6 +493,23 @@ mod tests {
         CopyOptions::default()
     }
 
+    /// A copier of device "disk" from `snap` into `dest` (at `dest_path`), for calling
+    /// its `verify` directly.
+    fn verifier<'a>(snap: &'a File, dest: Dest, dest_path: &'a Path, s: CopySummary) -> Copier<'a> {
+        Copier {
+            name: "disk",
+            snap,
+            dest,
+            dest_path,
+            discarder: None,
+            verify: true,
+            sbuf: Vec::new(),
+            vbuf: Vec::new(),
+            progress: Progress::new("disk", 0, false),
+            s,
+        }
+    }
+
     #[test]
     fn range_checks() {
         assert!(check_ranges(&[(0, 10), (10, 5)], 15).is_ok());
@@ -612,22 +629,12 @@ mod tests {
         crate::sys::write_all_at(&out, &[0xEE], 777_777).unwrap();
         let summary =
             copy_files(&s.snap, &s.dirty, "disk", &s.dir.path().join("x"), opts()).unwrap();
-        let mut c = Copier {
-            name: "disk",
-            snap: &snap,
-            dest: Dest::Raw {
-                file: out,
-                existing: true,
-                punch: true,
-            },
-            dest_path: &dest,
-            discarder: None,
-            verify: true,
-            sbuf: Vec::new(),
-            vbuf: Vec::new(),
-            progress: Progress::new("disk", 0, false),
-            s: summary,
+        let raw = Dest::Raw {
+            file: out,
+            existing: true,
+            punch: true,
         };
+        let mut c = verifier(&snap, raw, &dest, summary);
         assert!(c.verify(0, 777_777).is_ok());
         let e = c.verify(0, 1 << 20).unwrap_err();
         assert!(e.message().contains("at offset 777777"), "{}", e.message());
@@ -693,23 +700,13 @@ mod tests {
         let all = s.dir.path().join("all.dirty");
         std::fs::write(&all, "0 1048576\n").unwrap();
         let summary = copy_files(&s.snap, &all, "disk", &s.dir.path().join("x"), opts()).unwrap();
-        let mut c = Copier {
-            name: "disk",
-            snap: &snap,
-            dest: Dest::Qcow2 {
-                img,
-                overlay: true,
-                clusters: 0,
-                cluster: 65536,
-            },
-            dest_path: &bad,
-            discarder: None,
-            verify: true,
-            sbuf: Vec::new(),
-            vbuf: Vec::new(),
-            progress: Progress::new("disk", 0, false),
-            s: summary,
+        let qcow2 = Dest::Qcow2 {
+            img,
+            overlay: true,
+            clusters: 0,
+            cluster: 65536,
         };
+        let mut c = verifier(&snap, qcow2, &bad, summary);
         // The damaged cluster differs from the snapshot at its first byte.
         let e = c.verify(65536, 65536).unwrap_err();
         assert!(e.message().contains("at offset 65536"), "{}", e.message());
