@@ -194,10 +194,8 @@ impl Namespace {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cbw::Device;
-    use crate::engine::{Engine, EngineConfig};
-    use crate::source::Source;
-    use crate::units::ClusterSize;
+    use crate::engine::Engine;
+    use crate::fuse::test_support::{errno_of, one_device_engine};
     use std::os::unix::fs::FileExt;
     use std::sync::Arc;
 
@@ -209,18 +207,8 @@ mod tests {
     fn namespace(dir: &std::path::Path, size: u64) -> (Arc<Engine>, Namespace) {
         let img = dir.join("d.img");
         std::fs::write(&img, vec![0x5a; size as usize]).unwrap();
-        let dev = Device::new(
-            "d".into(),
-            Source::open(&img).unwrap(),
-            ClusterSize::new(C).unwrap(),
-        );
-        let config = EngineConfig::new(dir.join("fleece"));
-        let engine = Arc::new(Engine::new(vec![dev], config, None).unwrap());
+        let engine = one_device_engine(dir, &img);
         (engine.clone(), Namespace::new(engine, (0, 0)))
-    }
-
-    fn errno_of<T>(r: Result<T>) -> i32 {
-        r.map_or_else(|e| e.errno(), |_| 0)
     }
 
     #[test]

@@ -539,3 +539,33 @@ fn no_xattrs() -> Error {
         "fleecefs files have no extended attributes",
     )
 }
+
+/// What the unit tests of the namespace and of the file operations share.
+#[cfg(test)]
+mod test_support {
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use crate::cbw::Device;
+    use crate::engine::{Engine, EngineConfig};
+    use crate::error::Result;
+    use crate::source::Source;
+    use crate::units::ClusterSize;
+
+    /// An engine over one device `d`, the image `img` (64 KiB clusters), its state under
+    /// `dir/fleece`; no mount.
+    pub(super) fn one_device_engine(dir: &Path, img: &Path) -> Arc<Engine> {
+        let dev = Device::new(
+            "d".into(),
+            Source::open(img).unwrap(),
+            ClusterSize::new(64 << 10).unwrap(),
+        );
+        let config = EngineConfig::new(dir.join("fleece"));
+        Arc::new(Engine::new(vec![dev], config, None).unwrap())
+    }
+
+    /// The errno of `r`'s error, 0 on success.
+    pub(super) fn errno_of<T>(r: Result<T>) -> i32 {
+        r.map_or_else(|e| e.errno(), |_| 0)
+    }
+}

@@ -553,6 +553,7 @@ impl Namespace {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fuse::test_support::{errno_of, one_device_engine};
 
     #[test]
     fn inode_numbers_round_trip() {
@@ -582,9 +583,6 @@ mod tests {
     /// 0700 directory.
     #[test]
     fn modes_under_allow_other_and_explicit_ones() {
-        use crate::engine::EngineConfig;
-        use crate::source::Source;
-        use crate::units::ClusterSize;
         use std::os::unix::fs::PermissionsExt;
 
         let dir = tempfile::tempdir().unwrap();
@@ -594,13 +592,7 @@ mod tests {
         std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
         std::fs::set_permissions(&img, std::fs::Permissions::from_mode(0o644)).unwrap();
         std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
-        let dev = Device::new(
-            "d".into(),
-            Source::open(&img).unwrap(),
-            ClusterSize::new(65536).unwrap(),
-        );
-        let config = EngineConfig::new(dir.path().join("fleece"));
-        let engine = Arc::new(Engine::new(vec![dev], config, None).unwrap());
+        let engine = one_device_engine(dir.path(), &img);
         let ns = |p: AccessPolicy| Namespace::new(engine.clone(), (0, 0)).with_policy(p);
         let perm = |ns: &Namespace, n: Node| ns.attr(n).map(|a| a.perm).unwrap();
         // Without a policy: the source's mode, directories 0755.
@@ -628,31 +620,14 @@ mod tests {
         assert_eq!(dir_mode_for(0o604), 0o505);
     }
 
-    fn errno_of<T>(r: Result<T>) -> i32 {
-        match r {
-            Ok(_) => 0,
-            Err(e) => e.errno(),
-        }
-    }
-
     /// The errno of every refusal of the namespace, without a mount: an engine over one
     /// small image file, before and during an access.
     #[test]
     fn errnos_of_the_namespace() {
-        use crate::engine::EngineConfig;
-        use crate::source::Source;
-        use crate::units::ClusterSize;
-
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("d.img");
         std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
-        let dev = Device::new(
-            "d".into(),
-            Source::open(&img).unwrap(),
-            ClusterSize::new(65536).unwrap(),
-        );
-        let config = EngineConfig::new(dir.path().join("fleece"));
-        let engine = Arc::new(Engine::new(vec![dev], config, None).unwrap());
+        let engine = one_device_engine(dir.path(), &img);
         let ns = Namespace::new(engine.clone(), (0, 0));
         let live = Node::Live(0);
 
