@@ -83,12 +83,7 @@ proptest! {
         keep_header in any::<bool>(),
         flip in 0usize..4200,
     ) {
-        let dir = tempfile::tempdir().unwrap();
-        let src = dir.path().join("src.img");
-        std::fs::write(&src, vec![0u8; 64 * 65536]).unwrap();
-        let source = Source::open(&src).unwrap();
-        let path = dir.path().join("x.bitmap");
-        let d = held(dir.path());
+        let (_dir, d, source, path) = bitmap_place();
         let mut bytes = garbage;
         if keep_header {
             // a real, clean bitmap file, then one byte of it damaged
@@ -124,22 +119,29 @@ fn regressions_control() {
     );
 }
 
-/// `dir` held open, as the bitmap store holds its directory.
-fn held(dir: &std::path::Path) -> std::sync::Arc<fleecefs::secure_path::Dir> {
-    std::sync::Arc::new(fleecefs::secure_path::Dir::new(
-        std::fs::File::open(dir).unwrap(),
-        dir.to_path_buf(),
-    ))
-}
-
-#[test]
-fn regressions_bitmap_loader() {
+/// A place for bitmap `x.bitmap`: a temporary directory, held open as the bitmap store
+/// holds its directory; a zeroed source of 64 clusters of 64 KiB; the bitmap file's path.
+fn bitmap_place() -> (
+    tempfile::TempDir,
+    std::sync::Arc<fleecefs::secure_path::Dir>,
+    Source,
+    std::path::PathBuf,
+) {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src.img");
     std::fs::write(&src, vec![0u8; 64 * 65536]).unwrap();
     let source = Source::open(&src).unwrap();
     let path = dir.path().join("x.bitmap");
-    let d = held(dir.path());
+    let held = std::sync::Arc::new(fleecefs::secure_path::Dir::new(
+        std::fs::File::open(dir.path()).unwrap(),
+        dir.path().to_path_buf(),
+    ));
+    (dir, held, source, path)
+}
+
+#[test]
+fn regressions_bitmap_loader() {
+    let (_dir, d, source, path) = bitmap_place();
     // a header claiming an absurd number of bits (would map terabytes)
     let mut h = valid_header(u64::MAX / 2);
     h.source_size = 64 * 65536;
