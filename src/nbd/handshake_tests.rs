@@ -92,11 +92,13 @@ fn meta(name: &str, queries: &[&str]) -> Vec<u8> {
     d
 }
 
-fn run(
+/// Negotiates with a client that sends `flags`, then `options`, on a link with TLS
+/// `tls` (offered, required): the outcome, and every byte the server sent.
+fn negotiate_script(
     flags: u32,
     options: &[Vec<u8>],
     tls: (bool, bool),
-) -> (Result<Negotiated, Refused>, Vec<OptReply>) {
+) -> (Result<Negotiated, Refused>, Vec<u8>) {
     let mut input = flags.to_be_bytes().to_vec();
     for o in options {
         input.extend_from_slice(o);
@@ -109,10 +111,19 @@ fn run(
         tls: false,
     };
     let r = negotiate(&mut s, &catalog());
-    assert_eq!(&s.output[..18], &greeting());
+    (r, s.output)
+}
+
+fn run(
+    flags: u32,
+    options: &[Vec<u8>],
+    tls: (bool, bool),
+) -> (Result<Negotiated, Refused>, Vec<OptReply>) {
+    let (r, output) = negotiate_script(flags, options, tls);
+    assert_eq!(&output[..18], &greeting());
     // Parse the option replies that follow.
     let mut replies = Vec::new();
-    let mut rest = &s.output[18..];
+    let mut rest = &output[18..];
     while rest.len() >= 20 && rest[..8] == REPLY_MAGIC.to_be_bytes() {
         let opt = u32::from_be_bytes(rest[8..12].try_into().unwrap());
         let kind = u32::from_be_bytes(rest[12..16].try_into().unwrap());
@@ -329,18 +340,13 @@ fn hostile_negotiations_end_with_a_refusal() {
 
 #[test]
 fn export_name_without_no_zeroes_pads() {
-    let mut input = FLAG_C_FIXED_NEWSTYLE.to_be_bytes().to_vec();
-    input.extend_from_slice(&option(OPT_EXPORT_NAME, b"vda"));
-    let mut s = Script {
-        input: std::io::Cursor::new(input),
-        output: Vec::new(),
-        tls_offered: false,
-        tls_required: false,
-        tls: false,
-    };
-    let n = negotiate(&mut s, &catalog()).unwrap();
-    assert_eq!(n.export.name, "vda");
-    assert_eq!(s.output.len(), 18 + 8 + 2 + 124);
+    let (r, output) = negotiate_script(
+        FLAG_C_FIXED_NEWSTYLE,
+        &[option(OPT_EXPORT_NAME, b"vda")],
+        (false, false),
+    );
+    assert_eq!(r.unwrap().export.name, "vda");
+    assert_eq!(output.len(), 18 + 8 + 2 + 124);
 }
 
 #[test]
@@ -449,17 +455,9 @@ fn dont_fragment_only_with_chunked_replies() {
     let flags = u16::from_be_bytes(replies[0].2[10..12].try_into().unwrap());
     assert_eq!(flags & FLAG_SEND_DF, 0);
     assert_ne!(flags & FLAG_SEND_TRIM, 0);
-    let mut input = FLAGS.to_be_bytes().to_vec();
-    input.extend_from_slice(&option(OPT_EXPORT_NAME, b"vda"));
-    let mut s = Script {
-        input: std::io::Cursor::new(input),
-        output: Vec::new(),
-        tls_offered: false,
-        tls_required: false,
-        tls: false,
-    };
-    negotiate(&mut s, &catalog()).unwrap();
-    let flags = u16::from_be_bytes(s.output[18 + 8..18 + 10].try_into().unwrap());
+    let (r, output) = negotiate_script(FLAGS, &[option(OPT_EXPORT_NAME, b"vda")], (false, false));
+    r.unwrap();
+    let flags = u16::from_be_bytes(output[18 + 8..18 + 10].try_into().unwrap());
     assert_eq!(flags & FLAG_SEND_DF, 0);
     // extended headers: SEND_DF; the payload form of block status only with contexts
     let (_, replies) = run(
