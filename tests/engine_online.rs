@@ -136,6 +136,59 @@ fn grows_racing_writes_during_an_access_keep_the_snapshot() {
     e.shutdown();
 }
 
+/// A removal under way (`begin_removal`) refuses opens of its device with EBUSY, and only
+/// of that device, and setups, resizes and removals of it; a refused or abandoned removal
+/// clears its mark and changes nothing.
+#[test]
+fn a_removal_under_way_refuses_opens_and_a_refused_one_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(dir.path(), &[("a", 4 * CL), ("b", 4 * CL)]);
+    let (a, b) = (e.device_index("a").unwrap(), e.device_index("b").unwrap());
+    let own = e.open_live(a).unwrap();
+    {
+        let r = e.begin_removal("a").unwrap();
+        let Err(err) = e.open_live(a) else {
+            panic!("opened a device being removed or removed")
+        };
+        assert_eq!(err.errno(), libc::EBUSY, "{err}");
+        assert!(err.to_string().contains("being removed"), "{err}");
+        e.open_live(b).unwrap().handle_released();
+        // Nothing else changes the device meanwhile.
+        for err in [
+            e.begin_removal("a").map(drop).unwrap_err(),
+            e.setup("t", None, None).map(drop).unwrap_err(),
+            e.resize("a", SizeRequest::Grow(CL), false)
+                .map(drop)
+                .unwrap_err(),
+        ] {
+            assert_eq!(err.errno(), libc::EBUSY, "{err}");
+            assert!(err.to_string().contains("being removed"), "{err}");
+        }
+        let err = r.check(0).unwrap_err();
+        assert!(err.to_string().contains("is open (1 handle(s))"), "{err}");
+        r.check(1).unwrap();
+        // Finished with the handle still open: refused.
+        let err = r.finish().unwrap_err();
+        assert!(err.to_string().contains("is open"), "{err}");
+    }
+    assert!(
+        e.device(a).is_some(),
+        "a refused removal removed the device"
+    );
+    e.open_live(a).unwrap().handle_released();
+    {
+        let _abandoned = e.begin_removal("a").unwrap();
+    }
+    e.open_live(a).unwrap().handle_released();
+    own.handle_released();
+    e.remove_device("a").unwrap();
+    let Err(err) = e.open_live(a) else {
+        panic!("opened a device being removed or removed")
+    };
+    assert_eq!(err.errno(), libc::ENOENT, "{err}");
+    e.open_live(b).unwrap().handle_released();
+}
+
 /// A device is added and removed while another is in an access; open handles block the
 /// removal; slots are never reused; the record lists what is served.
 #[test]

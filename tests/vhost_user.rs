@@ -691,6 +691,91 @@ fn device_remove_ends_the_export_and_disconnects_the_vmm() {
     assert!(!sock.exists() && exported_sockets(&f).is_empty());
 }
 
+/// `fleecefs device remove MP NAME` on a thread of its own.
+#[cfg(feature = "fault-injection")]
+fn remove_in_background(f: &Fleece, name: &str) -> std::thread::JoinHandle<Output> {
+    let args = [
+        OsStr::new("device").to_owned(),
+        OsStr::new("remove").to_owned(),
+        f.mp.as_os_str().to_owned(),
+        OsStr::new(name).to_owned(),
+    ];
+    std::thread::spawn(move || fleecefs(args))
+}
+
+/// Whether the other end of `stream` closed it within `within`.
+#[cfg(feature = "fault-injection")]
+fn ended_within(stream: &mut std::os::unix::net::UnixStream, within: std::time::Duration) -> bool {
+    stream.set_read_timeout(Some(within)).expect("timeout");
+    let mut byte = [0u8; 1];
+    matches!(std::io::Read::read(stream, &mut byte), Ok(0))
+}
+
+/// `device remove` of an exported device is one step. Held by a fault hook after its
+/// checks and before the exports end: an open of live/NAME meanwhile fails with EBUSY, a
+/// VMM that connects is turned away, and the removal then goes through (it is never
+/// refused after it ended a VMM's connection).
+#[cfg(feature = "fault-injection")]
+#[test]
+fn device_remove_turns_away_opens_and_vmms_while_under_way() {
+    let mut f = Fleece::new();
+    f.add_device("vm", SIZE);
+    let hold = f.root.join("remove.hold");
+    let sock = f.root.join("vm.sock");
+    let spec = format!("vm={}", sock.display());
+    f.mount_env(
+        &["--vhost-user-blk", &spec],
+        &[("FLEECEFS_FAULT_REMOVE_HOLD", hold.to_str().expect("utf-8"))],
+    )
+    .expect_ok("fleecefs mount --vhost-user-blk");
+    // A VMM connected: live/vm opened while the removal is under way.
+    let mut vmm = std::os::unix::net::UnixStream::connect(&sock).expect("connecting");
+    wait_until("the VMM connected", || {
+        f.status()["vhost_user_blk"][0]["connected"] == serde_json::json!(true)
+    });
+    let removal = remove_in_background(&f, "vm");
+    wait_until("device remove under way", || hold.exists());
+    let opened = open(&f.live("vm"), libc::O_RDONLY);
+    let connected_meanwhile = !ended_within(&mut vmm, std::time::Duration::from_millis(100));
+    fs::remove_file(&hold).expect("letting the removal go on");
+    let out = removal.join().expect("the removal's thread");
+    let opened = opened.map(drop);
+    out.expect_ok("device remove while live/vm was opened");
+    assert_errno(
+        opened,
+        libc::EBUSY,
+        "open of live/vm while it is being removed",
+    );
+    assert!(
+        connected_meanwhile,
+        "the VMM's connection ended before the removal's checks"
+    );
+    assert!(
+        ended_within(&mut vmm, std::time::Duration::from_secs(10)),
+        "the VMM's connection did not end"
+    );
+    // No VMM connected: one that connects while the removal is under way is turned away.
+    let img = f.image("vm2.img", SIZE);
+    let sock2 = f.root.join("vm2.sock");
+    let dev = format!("vm2={}", img.display());
+    let spec2 = format!("vm2={}", sock2.display());
+    device_add(&f, &[&dev, "--vhost-user-blk", &spec2]).expect_ok("device add --vhost-user-blk");
+    let removal = remove_in_background(&f, "vm2");
+    wait_until("device remove under way", || hold.exists());
+    let mut late = std::os::unix::net::UnixStream::connect(&sock2).expect("connecting");
+    let turned_away = ended_within(&mut late, std::time::Duration::from_secs(5));
+    fs::remove_file(&hold).expect("letting the removal go on");
+    removal
+        .join()
+        .expect("the removal's thread")
+        .expect_ok("device remove while a VMM connected");
+    assert!(
+        turned_away,
+        "a VMM connected to a device being removed was served"
+    );
+    assert!(exported_sockets(&f).is_empty(), "status lists an export");
+}
+
 #[test]
 fn device_add_refuses_bad_exports_and_changes_nothing() {
     let mut f = Fleece::new();

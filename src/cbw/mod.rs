@@ -64,7 +64,7 @@ mod vectored;
 pub mod writebehind;
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::time::SystemTime;
 
@@ -103,6 +103,8 @@ pub struct Device {
     last_error: Mutex<Option<(String, SystemTime)>>,
     /// Open handles of `live/NAME` (a device with open handles cannot be removed).
     open_handles: AtomicU64,
+    /// `device remove` of the device is under way: no new handle is opened.
+    removing: AtomicBool,
     /// Open read-write handles of `snapshot/NAME` (the FUSE adapter keeps snapshot pages
     /// out of the page cache while there are any).
     rw_snapshot_handles: AtomicU64,
@@ -118,6 +120,7 @@ impl Device {
             gate: RwLock::new(GateState::default()),
             last_error: Mutex::new(None),
             open_handles: AtomicU64::new(0),
+            removing: AtomicBool::new(false),
             rw_snapshot_handles: AtomicU64::new(0),
         }
     }
@@ -163,6 +166,17 @@ impl Device {
     /// Open handles of `live/NAME`.
     pub fn open_handles(&self) -> u64 {
         self.open_handles.load(Ordering::Acquire)
+    }
+
+    /// Marks the device as being removed, or no longer (the engine does, under its device
+    /// table's write lock, and opens no handle of a device being removed).
+    pub fn set_removing(&self, removing: bool) {
+        self.removing.store(removing, Ordering::SeqCst);
+    }
+
+    /// Whether `device remove` of the device is under way.
+    pub fn removing(&self) -> bool {
+        self.removing.load(Ordering::SeqCst)
     }
 
     /// Counts an open (`opened`) or released read-write handle of `snapshot/NAME`.

@@ -20,7 +20,7 @@ mod setup;
 mod teardown;
 
 pub use online::{
-    check_device_name, AddedBitmap, DeviceAddReport, DeviceRemoveReport, ResizeReport,
+    check_device_name, AddedBitmap, DeviceAddReport, DeviceRemoveReport, Removal, ResizeReport,
     ResizedBitmaps, SizeRequest,
 };
 
@@ -329,12 +329,24 @@ impl Engine {
     }
 
     /// The device in `slot` for a new open handle of `live/NAME`, counted under the
-    /// table's read lock so that `device remove` sees it (or the open finds no device).
-    pub fn open_live(&self, slot: usize) -> Option<Arc<Device>> {
+    /// table's read lock so that `device remove` sees it. Fails with `NotFound` when no
+    /// device is in `slot` (removed), and with `Busy` (EBUSY) while `device remove` of it
+    /// is under way ([`Engine::begin_removal`]).
+    pub fn open_live(&self, slot: usize) -> Result<Arc<Device>> {
         let table = self.table();
-        let d = table.get(slot).cloned().flatten()?;
+        let Some(d) = table.get(slot).cloned().flatten() else {
+            return Err(Error::not_found(format!(
+                "no device in slot {slot} (removed)"
+            )));
+        };
+        if d.removing() {
+            return Err(Error::busy(format!(
+                "device '{}' is being removed",
+                d.name()
+            )));
+        }
         d.handle_opened();
-        Some(d)
+        Ok(d)
     }
 
     /// Slot of the device called `name`.

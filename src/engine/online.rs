@@ -227,6 +227,7 @@ impl Engine {
         let report = {
             let mut control = self.control_before_shutdown()?;
             let slot = self.known_device_index(name)?;
+            self.not_being_removed(slot)?;
             let dev = self.device(slot).ok_or_else(|| self.unknown_device(name))?;
             let source = dev.source();
             let block = source.identity().block_device;
@@ -533,45 +534,103 @@ impl Engine {
         Ok(DeviceAddReport { devices })
     }
 
-    /// Refuses now what [`Engine::remove_device`] would refuse (an unknown device, one
-    /// of the active access, `live/NAME` open), not counting `own_handles` open handles of
-    /// `live/NAME`: those of a frontend that ends its use of the device before it removes
-    /// it.
-    pub fn check_removable(&self, name: &str, own_handles: u64) -> Result<()> {
+    /// `fleecefs device remove`: stops serving device `name`; its source is closed (and
+    /// unlocked) and its bitmaps stay in the state dir, dormant.
+    pub fn remove_device(&self, name: &str) -> Result<DeviceRemoveReport> {
+        let removal = self.begin_removal(name)?;
+        removal.check(0)?;
+        removal.finish()
+    }
+
+    /// Starts `device remove` of `name`: refuses an unknown device, one of the active
+    /// access, or one being removed already, then marks the device as being removed.
+    /// Until the [`Removal`] ends, an open of `live/NAME` fails with EBUSY
+    /// ([`Engine::open_live`]), and setup and resize refuse the device, so what
+    /// [`Removal::check`] finds holds until [`Removal::finish`]. Dropped unfinished, the
+    /// removal clears the mark and has changed nothing.
+    pub fn begin_removal(&self, name: &str) -> Result<Removal<'_>> {
         validate_name("device name", name)?;
         let control = self.control_before_shutdown()?;
         let slot = self.known_device_index(name)?;
         in_access_refusal(&control, name, slot)?;
-        let dev = self.device(slot).ok_or_else(|| self.unknown_device(name))?;
-        open_refusal(name, dev.open_handles().saturating_sub(own_handles))
+        let dev = {
+            let table = self.table_mut();
+            let dev = table.get(slot).cloned().flatten();
+            if let Some(d) = &dev {
+                if d.removing() {
+                    return Err(removing_refusal(name));
+                }
+                // Under the table's write lock: an open either counted its handle
+                // before (seen by `check`) or sees the mark.
+                d.set_removing(true);
+            }
+            dev
+        };
+        let dev = dev.ok_or_else(|| self.unknown_device(name))?;
+        Ok(Removal {
+            engine: self,
+            name: name.to_string(),
+            slot,
+            dev,
+        })
     }
 
-    /// `fleecefs device remove`: stops serving device `name`; its source is closed (and
-    /// unlocked) and its bitmaps stay in the state dir, dormant.
-    pub fn remove_device(&self, name: &str) -> Result<DeviceRemoveReport> {
-        validate_name("device name", name)?;
-        let (slot, dev) = {
-            let mut control = self.control_before_shutdown()?;
-            let slot = self.known_device_index(name)?;
-            in_access_refusal(&control, name, slot)?;
-            let dev = {
-                let mut table = self.table_mut();
-                let Some(dev) = table.get(slot).cloned().flatten() else {
-                    return Err(self.unknown_device(name));
-                };
-                open_refusal(name, dev.open_handles())?;
+    /// Refuses a control request that changes the device in `slot` (setup, resize) while
+    /// `device remove` of it is under way.
+    pub(super) fn not_being_removed(&self, slot: usize) -> Result<()> {
+        match self.device(slot) {
+            Some(d) if d.removing() => Err(removing_refusal(d.name())),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A `device remove` under way: made by [`Engine::begin_removal`], which marks the device
+/// as being removed (opens of `live/NAME` fail with EBUSY; setup and resize refuse it)
+/// until it is finished or dropped. Dropped unfinished, it clears the mark: nothing else
+/// changed.
+pub struct Removal<'e> {
+    engine: &'e Engine,
+    name: String,
+    slot: usize,
+    dev: Arc<Device>,
+}
+
+impl Removal<'_> {
+    /// Refuses the removal while `live/NAME` is open, not counting `own_handles` open
+    /// handles: those of a frontend that ends its use of the device before
+    /// [`Removal::finish`]. No new handle can be opened meanwhile.
+    pub fn check(&self, own_handles: u64) -> Result<()> {
+        open_refusal(
+            &self.name,
+            self.dev.open_handles().saturating_sub(own_handles),
+        )
+    }
+
+    /// Removes the device: refused (and the mark cleared) if `live/NAME` is still open;
+    /// otherwise the slot is emptied, the record rewritten, the bitmaps closed clean and
+    /// the source closed.
+    pub fn finish(self) -> Result<DeviceRemoveReport> {
+        let engine = self.engine;
+        let (slot, dev, name) = (self.slot, self.dev.clone(), self.name.clone());
+        {
+            let mut control = engine.control_before_shutdown()?;
+            // Setup refuses a device being removed: this holds.
+            in_access_refusal(&control, &name, slot)?;
+            {
+                let mut table = engine.table_mut();
+                open_refusal(&name, dev.open_handles())?;
                 table[slot] = None;
-                dev
-            };
+            }
             let saved = {
-                let table = self.table();
-                self.save_record(&table, control.next_slot, &control.exports)
+                let table = engine.table();
+                engine.save_record(&table, control.next_slot, &control.exports)
             };
             if let Err(e) = saved {
-                self.table_mut()[slot] = Some(dev);
+                engine.table_mut()[slot] = Some(dev);
                 return Err(e);
             }
-            control.exports.remove(name);
+            control.exports.remove(&name);
             dev.lock_gate().tracking.clear();
             // No handle is open, so no live write is in flight: close the bitmaps clean.
             if let Err(e) = dev.sync_live(false) {
@@ -580,8 +639,8 @@ impl Engine {
             if let Some(store) = control.bitmaps.as_mut() {
                 store.unload_device(&dev);
             }
-            (slot, dev)
-        };
+        }
+        drop(self);
         // Requests that looked the device up just before it left the table (lookup,
         // getattr) still hold it; the source closes (and unlocks) with the last one.
         let deadline = Instant::now() + LAST_REFERENCE_WAIT;
@@ -594,15 +653,29 @@ impl Engine {
             );
         }
         drop(dev);
-        if let Some(k) = self.kernel.get() {
-            k.removed(slot, name);
+        if let Some(k) = engine.kernel.get() {
+            k.removed(slot, &name);
         }
         log::info!("device {name} removed");
         Ok(DeviceRemoveReport {
             device: name.to_string(),
-            bitmaps_kept: self.bitmap_names(name),
+            bitmaps_kept: engine.bitmap_names(&name),
         })
     }
+}
+
+impl Drop for Removal<'_> {
+    fn drop(&mut self) {
+        let _table = self.engine.table_mut();
+        self.dev.set_removing(false);
+    }
+}
+
+/// A control request for a device whose `device remove` is under way.
+fn removing_refusal(name: &str) -> Error {
+    Error::busy(format!(
+        "device '{name}' is being removed (fleecefs device remove)"
+    ))
 }
 
 /// `device remove` of the device in `slot` while it is part of the active access.

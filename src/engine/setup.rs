@@ -113,6 +113,9 @@ impl Engine {
             )));
         }
         let indices = self.resolve_devices(devices)?;
+        for (slot, _) in &indices {
+            self.not_being_removed(*slot)?;
+        }
         let control = &mut *control;
         if bitmap.is_some() && control.bitmaps.is_none() {
             return Err(Error::invalid(

@@ -466,10 +466,8 @@ impl Namespace {
         match node {
             Node::Live(i) => {
                 // Counted (until `release`), so that `device remove` is refused while
-                // it is open.
-                if self.engine.open_live(i).is_none() {
-                    return Err(Error::not_found(format!("no device in slot {i} (removed)")));
-                }
+                // it is open; EBUSY while a removal is under way.
+                self.engine.open_live(i)?;
                 // Direct I/O unless the page cache is asked for: reads and writes go
                 // straight between the caller's buffer and the daemon, one copy fewer
                 // than through the FUSE page cache (docs/performance.md). It needs a

@@ -273,8 +273,11 @@ pub fn add_devices(
 
 /// `fleecefs device remove`: ends the device's exports (a connected VMM sees the
 /// connection end; the sockets are removed and the keeper closes its copies), then
-/// removes the device. Refused, with the exports untouched, when the engine would refuse
-/// the removal for another reason.
+/// removes the device. The engine marks the device as being removed first
+/// ([`Engine::begin_removal`]: opens of `live/NAME` fail with EBUSY, and a VMM that
+/// connects is turned away), then checks it, not counting the exports' own handles: a
+/// refusal comes before the exports end, with nothing changed, and a removal that passed
+/// the check goes through.
 pub fn remove_device(engine: &Engine, name: &str) -> Result<DeviceRemoveReport> {
     let Some(f) = FRONTEND.get() else {
         return engine.remove_device(name);
@@ -287,11 +290,16 @@ pub fn remove_device(engine: &Engine, name: &str) -> Result<DeviceRemoveReport> 
         drop(served);
         return engine.remove_device(name);
     }
+    let removal = engine.begin_removal(name)?;
+    // Counted after the mark: a connection's handle is opened and flagged under its
+    // mutex, and no connection opens one from now on.
     let own = mine
         .iter()
-        .filter(|&&i| served[i].export.holds_handle.load(Ordering::SeqCst))
+        .filter(|&&i| *served[i].export.holds_handle.lock().recover())
         .count() as u64;
-    engine.check_removable(name, own)?;
+    removal.check(own)?;
+    #[cfg(feature = "fault-injection")]
+    hold_removal();
     for &i in &mine {
         served[i].export.request_stop();
     }
@@ -300,10 +308,10 @@ pub fn remove_device(engine: &Engine, name: &str) -> Result<DeviceRemoveReport> 
             let _ = t.join();
         }
     }
-    let report = match engine.remove_device(name) {
+    let report = match removal.finish() {
         Ok(r) => r,
         Err(e) => {
-            // Refused after all (something opened live/NAME meanwhile): serve again.
+            // Not expected (nothing could open the device since the check): serve again.
             for &i in &mine {
                 let s = &mut served[i];
                 s.export.stop.store(false, Ordering::SeqCst);
@@ -339,6 +347,29 @@ pub fn remove_device(engine: &Engine, name: &str) -> Result<DeviceRemoveReport> 
     }
     drop(served);
     Ok(report)
+}
+
+/// Test-only fault injection: with `FLEECEFS_FAULT_REMOVE_HOLD=FILE`, `device remove` of
+/// a device with exports creates FILE once the removal is checked, before the exports
+/// end, and goes on when FILE is gone (at most 30 s later).
+#[cfg(feature = "fault-injection")]
+fn hold_removal() {
+    let Some(file) = std::env::var_os("FLEECEFS_FAULT_REMOVE_HOLD") else {
+        return;
+    };
+    let file = PathBuf::from(file);
+    if let Err(e) = std::fs::write(&file, b"") {
+        log::warn!("fault injection: creating {}: {e}", file.display());
+        return;
+    }
+    log::info!(
+        "fault injection: device remove waits for {} to go",
+        file.display()
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while file.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
 }
 
 /// Adds `vhost_user_blk` (every export's state) to a `status` reply.

@@ -35,7 +35,7 @@ use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::engine::Engine;
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, IoContext, Kind, Result};
 use crate::sched::BackupScheduler;
 use crate::state::RecordedExport;
 use crate::sync::Recover;
@@ -153,8 +153,8 @@ pub struct Export {
     /// Ends the connection of the VMM being served, if any.
     shutdown: Mutex<Option<ShutdownHandle>>,
     /// The export holds an open handle of `live/NAME` (from a VMM's connection until its
-    /// end).
-    holds_handle: AtomicBool,
+    /// end); the handle is opened and released under this mutex.
+    holds_handle: Mutex<bool>,
 }
 
 impl Export {
@@ -171,7 +171,7 @@ impl Export {
             sched,
             stop: AtomicBool::new(false),
             shutdown: Mutex::new(None),
-            holds_handle: AtomicBool::new(false),
+            holds_handle: Mutex::new(false),
         }
     }
 
@@ -324,20 +324,41 @@ fn serve(engine: Arc<Engine>, export: Arc<Export>, listener: UnixListener) {
             break;
         }
         // Counted as an open handle of live/NAME while a VMM uses it, so that
-        // `device remove` knows to end the connection first.
-        let device = engine
-            .device_index(&export.name)
-            .and_then(|slot| engine.open_live(slot));
-        let Some(device) = device else {
-            log::warn!(
-                "vhost-user-blk {}: the device is no longer served; {} stops",
-                export.name,
-                export.socket.display()
-            );
-            let _ = std::fs::remove_file(&export.socket);
-            return;
+        // `device remove` knows to end the connection first; opened and flagged under
+        // the flag's mutex, so that a removal counts it exactly.
+        let opened = {
+            let mut holds = export.holds_handle.lock().recover();
+            let d = engine
+                .device_index(&export.name)
+                .ok_or_else(|| Error::not_found("removed"))
+                .and_then(|slot| engine.open_live(slot));
+            *holds = d.is_ok();
+            d
         };
-        export.holds_handle.store(true, Ordering::SeqCst);
+        let device = match opened {
+            Ok(d) => d,
+            Err(e) if e.kind() == Kind::Busy => {
+                // `device remove` of the device is under way: the VMM is turned away (if
+                // the removal is refused, the next connection is served).
+                if let Ok(Some(stream)) = listener.accept() {
+                    drop(stream);
+                    log::info!(
+                        "vhost-user-blk {}: a VMM connected while the device is being removed; turned away",
+                        export.name
+                    );
+                }
+                continue;
+            }
+            Err(_) => {
+                log::warn!(
+                    "vhost-user-blk {}: the device is no longer served; {} stops",
+                    export.name,
+                    export.socket.display()
+                );
+                let _ = std::fs::remove_file(&export.socket);
+                return;
+            }
+        };
         let backend = Arc::new(BlkBackend::new(export.clone(), device.clone()));
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let result =
@@ -363,8 +384,11 @@ fn serve(engine: Arc<Engine>, export: Arc<Export>, listener: UnixListener) {
                     );
                     Ok(())
                 });
-        device.handle_released();
-        export.holds_handle.store(false, Ordering::SeqCst);
+        {
+            let mut holds = export.holds_handle.lock().recover();
+            device.handle_released();
+            *holds = false;
+        }
         if let Err(e) = result {
             log::warn!("vhost-user-blk {}: {e}", export.name);
             std::thread::sleep(ACCEPT_POLL);
