@@ -29,6 +29,10 @@ dirty_clusters() {  # write one 4K block into each of the given clusters
 status_field() {  # status_field PY_EXPR : evaluate against status JSON as `s`
     "$FLEECEFS" status "$T/mnt" --json | python3 -c "import json,sys; s=json.load(sys.stdin); print($1)"
 }
+crash() {  # kill -9 the daemon (its keeper), and a moment for it to be gone
+    kill -9 "$(status_field 's["keeper_pid"]')"
+    sleep 0.2
+}
 FULL=$((64 << 20))
 head -c $FULL /dev/urandom >"$T/src.img"
 mnt
@@ -56,9 +60,7 @@ expect used $((2 * CL)) --bitmap b1
 # kill -9 with the default tracking (bits in the page cache survive the daemon):
 # still `used`, every write present
 dirty_clusters 11 12
-pid=$(status_field 's["keeper_pid"]')
-kill -9 "$pid"
-sleep 0.2
+crash
 mnt
 expect used $((2 * CL)) --bitmap b1
 
@@ -66,8 +68,7 @@ expect used $((2 * CL)) --bitmap b1
 "$FLEECEFS" unmount "$T/mnt"
 mnt --crash-safe-bitmaps sync
 dirty_clusters 20
-kill -9 "$(status_field 's["keeper_pid"]')"
-sleep 0.2
+crash
 mnt --crash-safe-bitmaps sync
 expect used $CL --bitmap b1
 
@@ -75,8 +76,7 @@ expect used $CL --bitmap b1
 "$FLEECEFS" unmount "$T/mnt"
 mnt --crash-safe-bitmaps off
 dirty_clusters 1
-kill -9 "$(status_field 's["keeper_pid"]')"
-sleep 0.2
+crash
 mnt --crash-safe-bitmaps off
 [ "$(status_field 's["bitmaps"][0]["consistent"]')" = False ] || fail "bitmap consistent after a crash without crash-safe tracking"
 expect invalid $FULL --bitmap b1
@@ -89,8 +89,7 @@ expect used 0 --bitmap b1
 "$FLEECEFS" unmount "$T/mnt"
 mnt
 dirty_clusters 30
-kill -9 "$(status_field 's["keeper_pid"]')"
-sleep 0.2
+crash
 mnt --cluster-size 128K
 status_field 's["bitmaps"][0]["reason"]' | grep -q "cluster size" || fail "no reason given for the wrong cluster size"
 dirty_clusters 40                                   # untracked by b1
@@ -104,8 +103,7 @@ expect used 0 --bitmap b1
 dirty_clusters 2
 "$FLEECEFS" setup "$T/mnt" --target tgt --bitmap b1 >/dev/null
 dirty_clusters 3
-kill -9 "$(status_field 's["keeper_pid"]')"
-sleep 0.2
+crash
 bg=$(ls "$T"/state/bitmaps/*.background)
 printf 'garbage' | dd of="$bg" bs=1 seek=0 conv=notrunc status=none
 mnt
