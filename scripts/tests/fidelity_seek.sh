@@ -146,21 +146,21 @@ PID=$(status_json "$T/mp3" 'd["worker_pid"]')
 rchar() { awk '/^rchar/ {print $2}' /proc/"$PID"/io; }
 limit=$((SIZE * 15 / 100))
 floor=$((SIZE * 5 / 100)) # the data itself is 10%: less means the counter missed the reads
-r0=$(rchar)
-timeout 600 cp --sparse=always "$T/mp3/snapshot/big" "$T/big.cp" || fail "cp of the sparse snapshot failed"
-r1=$(rchar)
-echo "cp --sparse=always: the daemon read $(((r1 - r0) / M)) MiB of $((SIZE / M)) MiB (limit $((limit / M)))"
-[ $((r1 - r0)) -le $limit ] || fail "cp read $((r1 - r0)) bytes of a 90%-holes 8 GiB snapshot"
-[ $((r1 - r0)) -ge $floor ] || fail "the daemon's read counter saw only $((r1 - r0)) bytes: not the process that serves reads?"
-same_sparse "$T/big.img" "$T/big.cp" || fail "cp's copy differs from the image"
-rm -f "$T/big.cp"
-r0=$(rchar)
-timeout 600 qemu-img convert -f raw -O raw "$T/mp3/snapshot/big" "$T/big.qemu" || fail "qemu-img convert failed"
-r1=$(rchar)
-echo "qemu-img convert: the daemon read $(((r1 - r0) / M)) MiB of $((SIZE / M)) MiB (limit $((limit / M)))"
-[ $((r1 - r0)) -le $limit ] || fail "qemu-img convert read $((r1 - r0)) bytes of a 90%-holes 8 GiB snapshot"
-[ $((r1 - r0)) -ge $floor ] || fail "the daemon's read counter saw only $((r1 - r0)) bytes: not the process that serves reads?"
-same_sparse "$T/big.img" "$T/big.qemu" || fail "qemu-img's copy differs from the image"
-rm -f "$T/big.qemu"
+# copied_reading_little WHAT COPY CMD... : CMD copies snapshot/big to COPY while the
+# daemon reads between 5% and 15% of it; COPY equals the image; COPY is removed after
+copied_reading_little() {
+    local what=$1 copy=$2 r0 r1
+    shift 2
+    r0=$(rchar)
+    timeout 600 "$@" || fail "$what failed"
+    r1=$(rchar)
+    echo "$what: the daemon read $(((r1 - r0) / M)) MiB of $((SIZE / M)) MiB (limit $((limit / M)))"
+    [ $((r1 - r0)) -le $limit ] || fail "$what read $((r1 - r0)) bytes of a 90%-holes 8 GiB snapshot"
+    [ $((r1 - r0)) -ge $floor ] || fail "the daemon's read counter saw only $((r1 - r0)) bytes: not the process that serves reads?"
+    same_sparse "$T/big.img" "$copy" || fail "$what: the copy differs from the image"
+    rm -f "$copy"
+}
+copied_reading_little "cp --sparse=always" "$T/big.cp" cp --sparse=always "$T/mp3/snapshot/big" "$T/big.cp"
+copied_reading_little "qemu-img convert" "$T/big.qemu" qemu-img convert -f raw -O raw "$T/mp3/snapshot/big" "$T/big.qemu"
 "$FLEECEFS" teardown "$T/mp3" --target t --failure >/dev/null
 echo "fidelity_seek: ok"
