@@ -174,6 +174,12 @@ setup_during_writes() {
     resume_writer
     BEFORE=$(writes_now)
 }
+# teardown_clean TARGET : tears down TARGET's access at $T/mnt (state $T/state) as a
+# success, and checks that no fleecing file is left
+teardown_clean() {
+    "$FLEECEFS" teardown "$T/mnt" --target "$1" --success >/dev/null
+    [ -z "$(ls "$T/state/fleecing")" ] || fail "fleecing files left after teardown"
+}
 
 # ext4_on_live [NAME [MIB]] : a MIB (default 128) MiB image $T/NAME.img (NAME default
 # disk) served as live/NAME at $T/mnt (state $T/state), an ext4 made on it and mounted at

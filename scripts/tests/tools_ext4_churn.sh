@@ -73,8 +73,7 @@ umount "$E" || fail "unmounting the live ext4 failed"
 loop_detach "$LOOPDEV" || fail "detaching $LOOPDEV failed"
 # the live image itself is a clean ext4 after all that
 e2fsck -fn "$L" >"$T/fsck-live.log" 2>&1 || fail "e2fsck -fn of the live image: $(tail -20 "$T/fsck-live.log")"
-"$FLEECEFS" teardown "$T/mnt" --target ext4 --success >/dev/null
-[ -z "$(ls "$T/state/fleecing")" ] || fail "fleecing files left after teardown"
+teardown_clean ext4
 
 # check the copy: clean, or only a journal to replay
 recovery=no

@@ -29,8 +29,7 @@ before=$BEFORE
 restic -r "$T/repo" backup "$T/mnt/snapshot" >"$T/backup2.log" 2>&1 || fail "second restic backup: $(cat "$T/backup2.log")"
 after=$(writes_now)
 stop_writer
-"$FLEECEFS" teardown "$T/mnt" --target restic --success >/dev/null
-[ -z "$(ls "$T/state/fleecing")" ] || fail "fleecing files left after teardown"
+teardown_clean restic
 
 restic -r "$T/repo" restore latest --target "$T/restore" >"$T/restic.log" 2>&1 ||
     fail "restic restore: $(cat "$T/restic.log")"
