@@ -700,3 +700,25 @@ fn meta_contexts_chosen_during_one_access_do_not_carry_over_to_the_next() {
     assert_eq!(c.go(), REP_ACK);
     assert_eq!(c.errno_of(0, CMD_BLOCK_STATUS, 4, 0, 4096), EINVAL);
 }
+
+/// `status` names the reply mode each connected client negotiated, oldest client first.
+#[test]
+fn status_shows_the_reply_mode_of_each_client() {
+    let s = serve(4 * MIB, &[(0, 0xa1, MIB)]);
+    let _simple = Client::connect(&s.sock, Headers::Simple, &[]);
+    let _extended = Client::connect(&s.sock, Headers::Extended, &CONTEXTS);
+    let _structured = Client::connect(&s.sock, Headers::Structured, &[]);
+    let want = ["simple", "extended", "structured"];
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut modes = Vec::new();
+    while std::time::Instant::now() < deadline {
+        // a connection is listed once its thread has opened the export, after GO's ack
+        modes = s.server.status().exports[0].client_modes.clone();
+        if modes.len() == want.len() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(modes, want);
+    assert_eq!(s.server.status().exports[0].clients, ["unix"; 3]);
+}

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The NBD export with a client that negotiates extended headers (QEMU 8.2 or newer: its
 # NBD client asks for them first): QEMU's trace shows NBD_OPT_EXTENDED_HEADERS
-# acknowledged and 64-bit block status chunks, the daemon logs the mode; a full backup
+# acknowledged and 64-bit block status chunks, the daemon logs the mode and status --json
+# shows it per client (beside a libnbd client's structured replies); a full backup
 # with qemu-img convert while a writer changes live/NAME; qemu-img map of
 # qemu:dirty-bitmap:B equals snapshot/NAME.dirty (full and incremental); reads of
 # ranges outside the dirty map fail; trims with qemu-io discard free the fleecing space;
@@ -55,6 +56,22 @@ grep -q 'option reply 11 (extended headers), type 1 (ack)' "$T/trace" ||
 cmp "$T/full.img" "$T/at_setup1.img" || fail "qemu-img convert backup differs from the image at setup"
 grep -q "connected to export 'disk' (extended headers)" "$T/state/fleecefs.log" ||
     fail "the daemon did not log extended headers: $(grep NBD "$T/state/fleecefs.log")"
+# status --json names the reply mode of each connected client: qemu-io (extended headers)
+# and libnbd 1.14 (structured replies), both held open while status is asked
+qemu-io -f raw -c 'sleep 60000' "$U" >/dev/null 2>&1 &
+HOLD_QEMU=$!
+$PY -c 'import nbd, sys, time
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+time.sleep(60)' "$U" >/dev/null 2>&1 &
+HOLD_LIBNBD=$!
+modes() { status_json "$T/mnt" 'sorted(d["nbd"]["exports"][0]["client_modes"])'; }
+for _ in $(seq 100); do [ "$(modes)" = "['extended', 'structured']" ] && break; sleep 0.1; done
+[ "$(modes)" = "['extended', 'structured']" ] ||
+    fail "status does not show each client's mode: $("$FLEECEFS" status "$T/mnt" --json)"
+[ "$(status_json "$T/mnt" 'len(d["nbd"]["exports"][0]["clients"])')" = 2 ] || fail "status does not list both clients"
+kill $HOLD_QEMU $HOLD_LIBNBD
+wait $HOLD_QEMU $HOLD_LIBNBD 2>/dev/null || true
 # the dirty bitmap over extended headers: 64-bit block status chunks, NAME.dirty's ranges
 qemu-img --trace 'nbd_receive_reply_chunk_header' map --output=json --image-opts \
     "$OPTS,x-dirty-bitmap=qemu:dirty-bitmap:b1" >/dev/null 2>"$T/trace"

@@ -23,6 +23,7 @@ use crate::nbd::conn::{self, ConnEnv};
 use crate::nbd::export::{EngineCatalog, Export};
 use crate::nbd::handshake::{self, Refused};
 use crate::nbd::link::{Sock, SockKind, Stream};
+use crate::nbd::transmit::Mode;
 use crate::nbd::Listen;
 use crate::sched::BackupScheduler;
 use crate::sync::Recover;
@@ -149,6 +150,8 @@ struct ConnEntry {
     peer: String,
     /// Export name and access id, once negotiated.
     export: Option<(String, u64)>,
+    /// The headers the negotiation chose.
+    mode: Mode,
     bytes_read: Arc<AtomicU64>,
 }
 
@@ -176,8 +179,12 @@ pub struct NbdStatus {
 pub struct NbdExportStatus {
     /// The export name (the device).
     pub name: String,
-    /// The peers connected to it (`unix`, or the TCP address).
+    /// The peers connected to it (`unix`, or the TCP address), oldest first.
     pub clients: Vec<String>,
+    /// The reply mode each of them negotiated, in the order of `clients`: `simple`,
+    /// `structured` (structured replies) or `extended` (extended headers).
+    #[serde(default)]
+    pub client_modes: Vec<String>,
     /// Bytes read from it during this access.
     pub bytes_read: u64,
 }
@@ -243,10 +250,14 @@ impl NbdServer {
                     bytes_read: reg.ended_bytes.get(&key).copied().unwrap_or(0),
                     name,
                     clients: Vec::new(),
+                    client_modes: Vec::new(),
                 };
-                for c in reg.conns.values() {
+                let mut ids: Vec<&u64> = reg.conns.keys().collect();
+                ids.sort_unstable();
+                for c in ids.into_iter().filter_map(|id| reg.conns.get(id)) {
                     if c.export.as_ref() == Some(&key) {
                         s.clients.push(c.peer.clone());
+                        s.client_modes.push(c.mode.name().to_string());
                         s.bytes_read += c.bytes_read.load(Ordering::Relaxed);
                     }
                 }
@@ -295,6 +306,7 @@ fn accept_loop(shared: &Arc<Shared>, l: Listener) {
                 ConnEntry {
                     peer: String::new(),
                     export: None,
+                    mode: Mode::Simple,
                     bytes_read: Arc::new(AtomicU64::new(0)),
                 },
             );
@@ -367,6 +379,7 @@ fn connection(shared: &Shared, id: u64, kind: SockKind, tcp: bool) {
             return;
         };
         c.export = Some((export.name().to_string(), export.access_id()));
+        c.mode = n.mode;
         c.bytes_read.clone()
     };
     log::info!(

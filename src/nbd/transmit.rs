@@ -43,6 +43,15 @@ impl Mode {
         self >= Mode::Structured
     }
 
+    /// Its name in `status --json`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Simple => "simple",
+            Mode::Structured => "structured",
+            Mode::Extended => "extended",
+        }
+    }
+
     /// The words logs use for it.
     pub fn describe(self) -> &'static str {
         match self {
