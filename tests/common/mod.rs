@@ -75,8 +75,18 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
+    fleecefs_env(args, &[])
+}
+
+/// [`fleecefs`] with `env` set for it (fault injection).
+pub fn fleecefs_env<I, S>(args: I, env: &[(&str, &str)]) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
     let out = Command::new(BIN)
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .output()
         .unwrap_or_else(|e| panic!("running {BIN}: {e}"));
@@ -186,17 +196,7 @@ impl Fleece {
 
     /// `fleecefs mount` with `env` set for the daemon (fault injection).
     pub fn mount_env(&self, extra: &[&str], env: &[(&str, &str)]) -> Output {
-        let out = Command::new(BIN)
-            .args(self.mount_args(extra))
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .output()
-            .unwrap_or_else(|e| panic!("running {BIN}: {e}"));
-        Output {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        fleecefs_env(self.mount_args(extra), env)
     }
 
     /// Starts `fleecefs mount --foreground` as a child of the test (its stderr goes to
