@@ -106,13 +106,19 @@ impl Client {
 
 /// A mount with devices `vm` (and the others of `extra_devices`) exported at `vm.sock`.
 fn exported(extra: &[&str]) -> (Fleece, PathBuf) {
+    exported_env(extra, &[])
+}
+
+/// [`exported`] with `env` set for the daemon (fault injection).
+fn exported_env(extra: &[&str], env: &[(&str, &str)]) -> (Fleece, PathBuf) {
     let mut f = Fleece::new();
     f.add_device("vm", SIZE);
     let sock = f.root.join("vm.sock");
     let spec = format!("vm={}", sock.display());
     let mut args = vec!["--vhost-user-blk", spec.as_str()];
     args.extend_from_slice(extra);
-    f.mount(&args).expect_ok("fleecefs mount --vhost-user-blk");
+    f.mount_env(&args, env)
+        .expect_ok("fleecefs mount --vhost-user-blk");
     (f, sock)
 }
 
@@ -1036,15 +1042,7 @@ fn the_inflight_region_is_offered_and_unusable_regions_do_not_hurt_the_worker() 
 /// connections, each writing and reading back.
 #[test]
 fn a_request_is_served_with_the_memory_mapped_before_it() {
-    let mut f = Fleece::new();
-    f.add_device("vm", SIZE);
-    let sock = f.root.join("vm.sock");
-    let spec = format!("vm={}", sock.display());
-    f.mount_env(
-        &["--vhost-user-blk", &spec],
-        &[("FLEECEFS_FAULT_VHOST_SLOW_QUEUE", "100")],
-    )
-    .expect_ok("fleecefs mount --vhost-user-blk");
+    let (f, sock) = exported_env(&[], &[("FLEECEFS_FAULT_VHOST_SLOW_QUEUE", "100")]);
     for round in 0..3u64 {
         let mut c = Client::connect(&sock, 1, false);
         let data = pattern(100 + round, 4096);
