@@ -48,10 +48,7 @@ vm_initramfs "$T/init"
 
 # --- the export --------------------------------------------------------------------------
 M=$((1 << 20))
-truncate -s $((128 * M)) "$T/vm.img"
-mkfs.ext4 -q -F "$T/vm.img"
-SOCK=$T/vm.sock
-fmount "$T/mnt" --state-dir "$T/state" --device vm="$T/vm.img" --vhost-user-blk vm="$SOCK"
+vm_disk 128
 field() { status_json "$T/mnt" "$1"; }
 
 vm_start "$SOCK" 2

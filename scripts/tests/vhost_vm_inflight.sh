@@ -57,13 +57,8 @@ done
 GUEST
 vm_initramfs "$T/init"
 
-M=$((1 << 20))
-truncate -s $((64 * M)) "$T/vm.img"
-mkfs.ext4 -q -F "$T/vm.img"
-SOCK=$T/vm.sock
 ARM=$T/hold
-FLEECEFS_FAULT_VHOST_HOLD=10000,$ARM \
-    fmount "$T/mnt" --state-dir "$T/state" --device vm="$T/vm.img" --vhost-user-blk vm="$SOCK"
+FLEECEFS_FAULT_VHOST_HOLD=10000,$ARM vm_disk 64
 LOG=$T/state/fleecefs.log
 field() { status_json "$T/mnt" "$1"; }
 held() { grep -c "holding request" "$LOG" || true; }

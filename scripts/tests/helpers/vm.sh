@@ -4,6 +4,8 @@
 # the export's socket (`reconnect=1`, so QEMU comes back to a new worker).
 #   vm_initramfs INIT       $T/initrd.gz: busybox, the virtio and ext4 modules, INIT as /init
 #                           (INIT starts with `. /vm-boot`: applets, mounts, modules, /dev/vda)
+#   vm_disk MIB             the VM's disk: an ext4 image $T/vm.img of MIB MiB, served as
+#                           device vm at $T/mnt (state $T/state), exported at SOCK=$T/vm.sock
 #   vm_start SOCKET QUEUES  boots it (QEMU_PID); the console is $T/console.log, fd 3 its input
 #   wait_console TEXT SECS  until the guest printed TEXT
 #   wait_connected MNT      until a VMM is connected to MNT's first export
@@ -48,6 +50,13 @@ BOOT
     cp "$init" "$R/init"
     chmod +x "$R/init"
     (cd "$R" && find . | "$BUSYBOX" cpio -o -H newc 2>/dev/null | gzip -1) >"$T/initrd.gz"
+}
+
+vm_disk() {
+    truncate -s $(($1 << 20)) "$T/vm.img"
+    mkfs.ext4 -q -F "$T/vm.img"
+    SOCK=$T/vm.sock
+    fmount "$T/mnt" --state-dir "$T/state" --device vm="$T/vm.img" --vhost-user-blk vm="$SOCK"
 }
 
 vm_start() {
