@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::error::{Error, IoContext, Result};
+use crate::sync::Recover;
 use crate::sys;
 
 /// What the source is, and who owns it (live/snapshot files carry its owner and mode).
@@ -142,6 +143,11 @@ pub struct Source {
     identity: Identity,
     /// The permission bits the directories above the source let through ([`reach`]).
     reach: u32,
+    /// The source mapped for sends straight from its page cache ([`Source::mapped`]),
+    /// made at the first use and again when the source has grown past it.
+    map: std::sync::Mutex<Option<std::sync::Arc<sys::FileMap>>>,
+    /// Set when the source could not be mapped: not tried again.
+    unmappable: AtomicBool,
 }
 
 impl Source {
@@ -285,6 +291,8 @@ impl Source {
             size: AtomicU64::new(size),
             reach: reach(path, identity.uid, identity.gid),
             identity,
+            map: std::sync::Mutex::new(None),
+            unmappable: AtomicBool::new(false),
         })
     }
 
@@ -395,6 +403,40 @@ impl Source {
             self.read_at(&mut buf[done..], offset + done as u64)?;
         }
         Ok(())
+    }
+
+    /// The source mapped read-only for the kernel (`sys::FileMap`), to send snapshot data
+    /// from its page cache without a copy in between; `None` with `--backup-read direct`
+    /// (backup reads then leave the page cache to the guest) or where the source cannot
+    /// be mapped (then backup reads copy, as [`Source::read_for_backup`] does).
+    pub fn mapped(&self) -> Option<std::sync::Arc<sys::FileMap>> {
+        if self.direct.is_some() || self.unmappable.load(Ordering::Relaxed) {
+            return None;
+        }
+        let size = self.size();
+        let mut map = self.map.lock().recover();
+        if let Some(m) = map.as_ref().filter(|m| m.len() as u64 >= size) {
+            return Some(m.clone());
+        }
+        match sys::FileMap::new(&self.file, size) {
+            Ok(m) => {
+                let m = std::sync::Arc::new(m);
+                *map = Some(m.clone());
+                Some(m)
+            }
+            Err(e) => {
+                if map.is_some() {
+                    // The old, smaller map still serves what it covers.
+                    return map.clone();
+                }
+                log::debug!(
+                    "source {}: cannot be mapped ({e}); backup reads copy through a buffer",
+                    self.path.display()
+                );
+                self.unmappable.store(true, Ordering::Relaxed);
+                None
+            }
+        }
     }
 
     /// Reads the longest aligned prefix of `buf` with `O_DIRECT`; returns how much it read

@@ -642,6 +642,9 @@ fn run_threaded(seed: u64) {
         let mut r = Rng(seed ^ ((rd + 100) * 0x9999));
         handles.push(thread::spawn(move || {
             let mut buf = aligned_buf((cluster * 8) as usize);
+            // A small send buffer, so that sends from the page cache often stop short.
+            let sock = std::os::unix::net::UnixStream::pair().unwrap();
+            set_small_send_buffer(&sock.0);
             let mut ops = 0;
             while !s.stop.load(Ordering::Relaxed) {
                 let Some((id, frozen, discard_started)) = s.current.read().unwrap().clone() else {
@@ -657,6 +660,32 @@ fn run_threaded(seed: u64) {
                 } else {
                     (r.below(size), 1 + r.below(buf.len() as u64) as usize)
                 };
+                if r.below(2) == 0 {
+                    // Half of the reads go out through a socket, from the page cache
+                    // where they can (what the NBD export does).
+                    let len = len.min((size - off) as usize);
+                    let (tx, rx) = &sock;
+                    match stream_read(&s.engine, d, id, off, &mut buf[..len], tx, rx) {
+                        Ok(got) => assert!(
+                            got == frozen[d][off as usize..off as usize + len],
+                            "seed {seed}: snapshot of d{d} at {off}+{len} sent from the \
+                             page cache is not the point-in-time data"
+                        ),
+                        Err(e) if e.kind() == Kind::Inaccessible => {
+                            let started = discard_started.lock().unwrap();
+                            assert!(
+                                (off / cluster..=(off + len as u64 - 1) / cluster)
+                                    .any(|c| started[d].contains(&c)),
+                                "seed {seed}: EACCES in {off}+{len} without a discard"
+                            );
+                        }
+                        Err(e) if e.kind() == Kind::Stale => {}
+                        Err(e) => panic!("seed {seed}: streamed snapshot read failed: {e}"),
+                    }
+                    ops += 1;
+                    s.snapshot_reads.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
                 match s.engine.devices()[d].read_snapshot(id, off, &mut buf[..len]) {
                     Ok(n) => {
                         let end = (off + len as u64).min(size);
@@ -791,6 +820,52 @@ fn run_threaded(seed: u64) {
             "seed {seed}: source {d} differs from the model"
         );
     }
+}
+
+/// A snapshot read the way the NBD export makes it (`Device::stream_snapshot`): what
+/// the engine sends through `tx` straight from the source's page cache, read back from
+/// `rx`, followed by the rest it left in `buf`.
+fn stream_read(
+    engine: &Engine,
+    d: usize,
+    id: u64,
+    off: u64,
+    buf: &mut [u8],
+    tx: &std::os::unix::net::UnixStream,
+    rx: &std::os::unix::net::UnixStream,
+) -> fleecefs::error::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut got = Vec::new();
+    let drain = |n: usize, got: &mut Vec<u8>| {
+        let at = got.len();
+        got.resize(at + n, 0);
+        (&*rx).read_exact(&mut got[at..]).unwrap();
+    };
+    let mut send = |region: fleecefs::sys::Region| {
+        let n = fleecefs::sys::send_nonblocking(tx, &[], region)?;
+        drain(n, &mut got);
+        Ok(n)
+    };
+    let sent = engine.devices()[d].stream_snapshot(id, off, buf, &mut send)?;
+    assert_eq!(got.len(), sent, "bytes sent and bytes reported differ");
+    got.extend_from_slice(&buf[sent..]);
+    Ok(got)
+}
+
+fn set_small_send_buffer(s: &std::os::unix::net::UnixStream) {
+    use std::os::fd::AsRawFd;
+    let v: libc::c_int = 4096;
+    // SAFETY: setsockopt reads one c_int from a valid local.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            &v as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(r, 0);
 }
 
 /// Setup while writers run, without any quiescing: a writer writes an increasing counter
