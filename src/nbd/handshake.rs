@@ -135,6 +135,12 @@ fn error_reply(link: &mut impl Link, option: u32, kind: u32, message: &str) -> i
     reply(link, option, kind, message.as_bytes())
 }
 
+/// The error reply to `option` naming an export `name` the catalog does not have.
+fn unknown_export(link: &mut impl Link, option: u32, name: &str) -> io::Result<()> {
+    let message = format!("no export '{name}' (no backup access, or no such device)");
+    error_reply(link, option, proto::REP_ERR_UNKNOWN, &message)
+}
+
 /// The answer to NBD_OPT_STRUCTURED_REPLY (`wanted` structured replies) or
 /// NBD_OPT_EXTENDED_HEADERS (`wanted` extended headers) with `data`, in `mode`: the new
 /// mode, or the error reply's type and message. Extended headers include structured
@@ -285,15 +291,7 @@ pub fn negotiate(link: &mut impl Link, catalog: &dyn Catalog) -> Result<Negotiat
                     continue;
                 }
                 let Some(export) = catalog.find(&m.name) else {
-                    error_reply(
-                        link,
-                        h.option,
-                        proto::REP_ERR_UNKNOWN,
-                        &format!(
-                            "no export '{}' (no backup access, or no such device)",
-                            m.name
-                        ),
-                    )?;
+                    unknown_export(link, h.option, &m.name)?;
                     continue;
                 };
                 // SET with no queries selects nothing; LIST with none lists all.
@@ -321,15 +319,7 @@ pub fn negotiate(link: &mut impl Link, catalog: &dyn Catalog) -> Result<Negotiat
                     continue;
                 };
                 let Some(export) = catalog.find(&r.name) else {
-                    error_reply(
-                        link,
-                        h.option,
-                        proto::REP_ERR_UNKNOWN,
-                        &format!(
-                            "no export '{}' (no backup access, or no such device)",
-                            r.name
-                        ),
-                    )?;
+                    unknown_export(link, h.option, &r.name)?;
                     continue;
                 };
                 // INFO always offers it, GO with meta contexts of this export (as QEMU)
