@@ -722,3 +722,29 @@ fn status_shows_the_reply_mode_of_each_client() {
     assert_eq!(modes, want);
     assert_eq!(s.server.status().exports[0].clients, ["unix"; 3]);
 }
+
+/// Teardown ends the exports also for a client that keeps sending requests which do not
+/// touch the snapshot (flush, or requests refused for their shape): the first request
+/// after the teardown gets `ESHUTDOWN` and the connection ends, as for a read.
+#[test]
+fn a_busy_client_is_disconnected_at_teardown_whatever_it_asks() {
+    let s = serve(4 * MIB, &[(0, 0xa1, MIB)]);
+    for (kind, offset, len) in [
+        (CMD_FLUSH, 0, 0),
+        (CMD_READ, 8 * MIB, 4096),
+        (CMD_WRITE_ZEROES, 0, 4096),
+        (99, 0, 0),
+    ] {
+        s.engine.setup("t", None, Some("b")).ok();
+        let mut c = Client::connect(&s.sock, Headers::Structured, &[]);
+        assert_eq!(c.errno_of(0, CMD_FLUSH, 1, 0, 0), 0);
+        s.engine.teardown("t", true).unwrap();
+        // (sent at once: the connection is not idle long enough to notice on its own)
+        assert_eq!(
+            c.errno_of(0, kind, 2, offset, len),
+            ESHUTDOWN,
+            "command {kind} after the teardown"
+        );
+        assert!(c.closed(), "command {kind}: the connection outlived the teardown");
+    }
+}

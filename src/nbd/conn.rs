@@ -18,8 +18,8 @@
 //! flags, or a read over 32 MiB get EINVAL and the connection goes on.
 //!
 //! The connection ends cleanly when the client sends `NBD_CMD_DISC` or closes, when
-//! its export's access ends (checked while it waits for a request, and by every
-//! request: ESHUTDOWN), or when the server stops; a request header with the wrong
+//! its export's access ends (checked while it waits for a request, and before every
+//! request, whatever it asks: ESHUTDOWN), or when the server stops; a request header with the wrong
 //! magic (also a compact one after extended headers) ends it at once. A client that
 //! stops in the middle of a request for longer than [`STALL`] is dropped; writes to a
 //! client that does not read time out the same way (the socket's send timeout).
@@ -222,6 +222,12 @@ fn handle(
     let to = ReplyTo::new(n.mode, &req);
     if req.kind == proto::CMD_DISC {
         return Ok(Outcome::End);
+    }
+    // Once the access has ended, every request ends the connection, also those that do
+    // not touch the snapshot (a flush, a refused request): a client that keeps sending
+    // them is never idle long enough for `next_request` to notice.
+    if let Err(e) = export.check() {
+        return send_error(link, &to, &e);
     }
     let payload = req.payload_len(n.mode);
     if payload > u64::from(proto::MAX_REQUEST) {

@@ -124,7 +124,8 @@ impl Export {
                 .is_some_and(|a| Arc::ptr_eq(&a, &self.access))
     }
 
-    fn check(&self) -> Result<()> {
+    /// Fails with ESHUTDOWN (`Kind::Stale`) once its access has ended.
+    pub fn check(&self) -> Result<()> {
         if self.is_current() {
             Ok(())
         } else {
