@@ -748,3 +748,48 @@ fn a_busy_client_is_disconnected_at_teardown_whatever_it_asks() {
         assert!(c.closed(), "command {kind}: the connection outlived the teardown");
     }
 }
+
+/// The fleecing files of the open descriptors of this process under `dir` that have
+/// been deleted (a teardown removes the file; its space is freed once the last
+/// descriptor closes).
+fn deleted_files_open_under(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for fd in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+        if let Ok(target) = std::fs::read_link(fd.path()) {
+            let t = target.to_string_lossy().into_owned();
+            if t.starts_with(&*dir.to_string_lossy()) && t.ends_with("(deleted)") {
+                out.push(t);
+            }
+        }
+    }
+    out
+}
+
+/// A connection that outlives the teardown, blocked sending a reply to a client that does
+/// not take it (for up to the send timeout, 30 s, or longer for a client that takes a
+/// byte now and then), does not keep the ended access alive: the deleted fleecing file
+/// is closed, and its space freed, at the teardown.
+#[test]
+fn a_client_that_does_not_take_its_reply_does_not_hold_the_fleecing_space_after_teardown() {
+    const SIZE: u64 = 24 * MIB;
+    let s = serve(SIZE, &[(0, 0xa5, SIZE)]);
+    let dev = s.engine.device(0).unwrap();
+    dev.write_live(0, &vec![0x11u8; (4 * MIB) as usize]).unwrap();
+    assert!(fleecing_allocated(&s.engine) >= 4 * MIB);
+    let mut c = Client::connect(&s.sock, Headers::Structured, &[]);
+    // 24 MiB of reply: more than the socket buffers hold; the client reads none of it
+    c.request(0, CMD_READ, 1, 0, SIZE);
+    std::thread::sleep(Duration::from_millis(1500));
+    s.engine.teardown("t", true).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut open = deleted_files_open_under(s._dir.path());
+    while !open.is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        open = deleted_files_open_under(s._dir.path());
+    }
+    assert!(
+        open.is_empty(),
+        "the ended access's fleecing file is still open: {open:?}"
+    );
+    drop(c);
+}

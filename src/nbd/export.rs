@@ -3,9 +3,12 @@
 //! reads are `Device::read_snapshot`, holes are `Device::seek_snapshot` (SEEK_DATA and
 //! SEEK_HOLE), trims are `Device::discard_snapshot` (punch hole), the dirty bitmap is
 //! the access's dirty map (`NAME.dirty`). An export is bound to one access: once that
-//! access has ended, every request fails with ESHUTDOWN and the connection ends.
+//! access has ended, every request fails with ESHUTDOWN and the connection ends. It
+//! holds the access only weakly (engine calls name the access by its id): a connection
+//! that outlives the teardown, blocked sending a reply to a client that does not take
+//! it, does not keep the ended access, and its deleted fleecing file's space, alive.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use crate::cbw::{Device, DeviceAccess};
 use crate::engine::Engine;
@@ -68,7 +71,9 @@ pub struct Export {
     slot: usize,
     engine: Arc<Engine>,
     device: Arc<Device>,
-    access: Arc<DeviceAccess>,
+    access: Weak<DeviceAccess>,
+    access_id: u64,
+    size: u64,
 }
 
 /// The refusal of a request on an export whose access has ended.
@@ -92,7 +97,9 @@ impl Export {
             slot: e.slot,
             engine: engine.clone(),
             device: e.device,
-            access: e.access,
+            access: Arc::downgrade(&e.access),
+            access_id: e.access.id(),
+            size: e.access.size(),
         })
     }
 
@@ -103,12 +110,12 @@ impl Export {
 
     /// The id of the access it is bound to.
     pub fn access_id(&self) -> u64 {
-        self.access.id()
+        self.access_id
     }
 
     /// The snapshot's size.
     pub fn size(&self) -> u64 {
-        self.access.size()
+        self.size
     }
 
     /// Whether its access is still the device's (and the device still served).
@@ -121,7 +128,15 @@ impl Export {
             && self
                 .device
                 .access()
-                .is_some_and(|a| Arc::ptr_eq(&a, &self.access))
+                .is_some_and(|a| std::ptr::eq(Arc::as_ptr(&a), self.access.as_ptr()))
+    }
+
+    /// The access, while it is the device's.
+    fn current_access(&self) -> Result<Arc<DeviceAccess>> {
+        match self.access.upgrade() {
+            Some(a) if self.is_current() => Ok(a),
+            _ => Err(ended(&self.name)),
+        }
     }
 
     /// Fails with ESHUTDOWN (`Kind::Stale`) once its access has ended.
@@ -156,7 +171,7 @@ impl Export {
         let mut done = 0;
         while done < buf.len() {
             let n = self.device.read_snapshot(
-                self.access.id(),
+                self.access_id,
                 offset + done as u64,
                 &mut buf[done..],
             )?;
@@ -176,7 +191,7 @@ impl Export {
     /// reading, and a read that fails there fails the request).
     pub fn segments(&self, offset: u64, len: u64) -> Result<Vec<(u64, u64, bool)>> {
         let end = offset + len;
-        let id = self.access.id();
+        let id = self.access_id;
         let mut out = Vec::new();
         let mut pos = offset;
         while pos < end {
@@ -208,13 +223,13 @@ impl Export {
     /// SEEK_HOLE finds them), and ranges that cannot be read (discarded, or outside
     /// the dirty map) as HOLE without ZERO: a reader must not take them for zeroes.
     pub fn allocation(&self, offset: u64, len: u64, max: usize) -> Result<Vec<(u64, u32)>> {
-        self.check()?;
+        let access = self.current_access()?;
         let end = offset.saturating_add(len).min(self.size());
-        let id = self.access.id();
+        let id = self.access_id;
         let mut out: Vec<(u64, u32)> = Vec::new();
         let mut pos = offset;
         while pos < end && out.len() < max {
-            let (readable, run_end) = self.access.accessible_run(pos);
+            let (readable, run_end) = access.accessible_run(pos);
             let run_end = run_end.min(end);
             let (flags, next) = if !readable {
                 (proto::STATE_HOLE, run_end)
@@ -240,9 +255,9 @@ impl Export {
     /// `qemu:dirty-bitmap:NAME` extents from `offset`: the frozen bitmap of the access,
     /// dirty (1) or clean (0), exactly the ranges of `NAME.dirty`.
     pub fn dirty(&self, offset: u64, len: u64, max: usize) -> Result<Vec<(u64, u32)>> {
-        self.check()?;
+        let access = self.current_access()?;
         let end = offset.saturating_add(len).min(self.size());
-        let map = self.access.dirty_map();
+        let map = access.dirty_map();
         let mut out = Vec::new();
         let mut pos = offset;
         while pos < end && out.len() < max {
@@ -258,7 +273,7 @@ impl Export {
     /// fleecing space is freed and reads there fail from now on.
     pub fn trim(&self, offset: u64, len: u64) -> Result<()> {
         self.check()?;
-        self.device.discard_snapshot(self.access.id(), offset, len)
+        self.device.discard_snapshot(self.access_id, offset, len)
     }
 }
 
