@@ -745,7 +745,10 @@ fn a_busy_client_is_disconnected_at_teardown_whatever_it_asks() {
             ESHUTDOWN,
             "command {kind} after the teardown"
         );
-        assert!(c.closed(), "command {kind}: the connection outlived the teardown");
+        assert!(
+            c.closed(),
+            "command {kind}: the connection outlived the teardown"
+        );
     }
 }
 
@@ -774,7 +777,8 @@ fn a_client_that_does_not_take_its_reply_does_not_hold_the_fleecing_space_after_
     const SIZE: u64 = 24 * MIB;
     let s = serve(SIZE, &[(0, 0xa5, SIZE)]);
     let dev = s.engine.device(0).unwrap();
-    dev.write_live(0, &vec![0x11u8; (4 * MIB) as usize]).unwrap();
+    dev.write_live(0, &vec![0x11u8; (4 * MIB) as usize])
+        .unwrap();
     assert!(fleecing_allocated(&s.engine) >= 4 * MIB);
     let mut c = Client::connect(&s.sock, Headers::Structured, &[]);
     // 24 MiB of reply: more than the socket buffers hold; the client reads none of it
