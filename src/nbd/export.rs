@@ -160,7 +160,7 @@ impl Export {
     ) -> Result<usize> {
         self.check()?;
         self.device
-            .stream_snapshot(self.access.id(), offset, buf, send)
+            .stream_snapshot(self.access_id, offset, buf, send)
     }
 
     /// Reads the snapshot at `offset` into all of `buf`: the whole range or an error
