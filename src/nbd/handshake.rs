@@ -55,6 +55,22 @@ pub struct Negotiated {
     pub contexts: Vec<u32>,
 }
 
+impl Negotiated {
+    /// The end of a negotiation that picked `export`: the meta contexts `set` count if
+    /// they were set for this export (of this access).
+    fn new(export: ExportInfo, mode: Mode, set: Option<(ExportInfo, Vec<u32>)>) -> Negotiated {
+        let contexts = match set {
+            Some((e, ids)) if e == export => ids,
+            _ => Vec::new(),
+        };
+        Negotiated {
+            export,
+            mode,
+            contexts,
+        }
+    }
+}
+
 /// How a negotiation ended without an export.
 #[derive(Debug)]
 pub enum Refused {
@@ -331,15 +347,7 @@ pub fn negotiate(link: &mut impl Link, catalog: &dyn Catalog) -> Result<Negotiat
                 send_info(link, h.option, &export, flags, &r.requests)?;
                 reply(link, h.option, proto::REP_ACK, &[])?;
                 if h.option == proto::OPT_GO {
-                    let contexts = match contexts {
-                        Some((e, ids)) if e == export => ids,
-                        _ => Vec::new(),
-                    };
-                    return Ok(Negotiated {
-                        export,
-                        mode,
-                        contexts,
-                    });
+                    return Ok(Negotiated::new(export, mode, contexts));
                 }
             }
             proto::OPT_EXPORT_NAME if mode == Mode::Extended => {
@@ -366,15 +374,7 @@ pub fn negotiate(link: &mut impl Link, catalog: &dyn Catalog) -> Result<Negotiat
                     link.write_all(&[0u8; 124])?;
                 }
                 link.flush()?;
-                let contexts = match contexts {
-                    Some((e, ids)) if e == export => ids,
-                    _ => Vec::new(),
-                };
-                return Ok(Negotiated {
-                    export,
-                    mode,
-                    contexts,
-                });
+                return Ok(Negotiated::new(export, mode, contexts));
             }
             other => {
                 error_reply(
