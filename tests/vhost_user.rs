@@ -1145,3 +1145,175 @@ fn a_connecting_vmm_gets_a_kick_and_a_notification_on_each_queue() {
         assert!(signaled(&kick), "queue {q}: no kick");
     }
 }
+
+/// Guest memory of a raw vhost-user frontend: a shared memory file mapped here, handed to
+/// the export as one region at guest address 0.
+#[cfg(feature = "fault-injection")]
+struct SharedMemory {
+    file: fs::File,
+    ptr: *mut u8,
+    len: usize,
+}
+
+#[cfg(feature = "fault-injection")]
+impl SharedMemory {
+    fn new(len: usize) -> SharedMemory {
+        // SAFETY: memfd_create with a valid C string; the fd is owned by the File.
+        let fd = unsafe { libc::memfd_create(c"guest".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0, "memfd_create: {}", errno_name(errno()));
+        // SAFETY: fd was just returned by memfd_create and is owned by nobody else.
+        let file = unsafe { <fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        file.set_len(len as u64).expect("sizing the guest memory");
+        // SAFETY: a shared mapping of the whole file, unmapped in Drop.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        assert_ne!(ptr, libc::MAP_FAILED, "mmap: {}", errno_name(errno()));
+        SharedMemory {
+            file,
+            ptr: ptr.cast(),
+            len,
+        }
+    }
+
+    /// The frontend's address of guest address `gpa`.
+    fn va(&self, gpa: u64) -> u64 {
+        self.ptr as u64 + gpa
+    }
+
+    fn write(&self, gpa: u64, bytes: &[u8]) {
+        assert!(gpa as usize + bytes.len() <= self.len);
+        // SAFETY: inside the mapping; the export only reads these bytes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr.add(gpa as usize), bytes.len())
+        };
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn read_u16(&self, gpa: u64) -> u16 {
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        // SAFETY: inside the mapping, 2-aligned; the export may write it (volatile).
+        u16::from_le(unsafe { std::ptr::read_volatile(self.ptr.add(gpa as usize) as *const u16) })
+    }
+
+    fn read_u8(&self, gpa: u64) -> u8 {
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        // SAFETY: inside the mapping; the export may write it (volatile).
+        unsafe { std::ptr::read_volatile(self.ptr.add(gpa as usize)) }
+    }
+}
+
+#[cfg(feature = "fault-injection")]
+impl Drop for SharedMemory {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, not used after this.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+/// GET_VRING_BASE stops the queue: the export answers it only once the requests it took
+/// off the queue are completed (as the vhost-user protocol asks; a VMM that stops a
+/// device, to pause or reset it, takes every request below the index it gets as done).
+/// Here a write waits 3 s for its copy-before-write (fault injection) when the VMM asks.
+#[cfg(feature = "fault-injection")]
+#[test]
+fn get_vring_base_waits_for_the_requests_taken() {
+    use vhost::vhost_user::Frontend;
+    use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    let mut f = Fleece::new();
+    f.add_device("vm", SIZE);
+    let sock = f.root.join("vm.sock");
+    let spec = format!("vm={}", sock.display());
+    f.mount_env(
+        &["--vhost-user-blk", &spec, "--cbw-buffer", "0"],
+        &[("FLEECEFS_FAULT_CBW", "delay=3000")],
+    )
+    .expect_ok("fleecefs mount --vhost-user-blk");
+    f.setup("t");
+
+    // One queue of 8: descriptors at 0, available ring at 0x1000, used ring at 0x2000;
+    // a write of 4 KiB at sector 0 (header, data, status).
+    const QSIZE: u16 = 8;
+    const AVAIL: u64 = 0x1000;
+    const USED: u64 = 0x2000;
+    const HEADER: u64 = 0x3000;
+    const DATA: u64 = 0x4000;
+    const STATUS: u64 = 0x6000;
+    let mem = SharedMemory::new(64 * 1024);
+    let fe = Frontend::connect(&sock, 1).expect("connecting a vhost-user frontend");
+    fe.set_owner().expect("SET_OWNER");
+    let features = fe.get_features().expect("GET_FEATURES");
+    fe.set_features(features & 1 << 32)
+        .expect("SET_FEATURES (VERSION_1)");
+    let region = VhostUserMemoryRegionInfo {
+        guest_phys_addr: 0,
+        memory_size: mem.len as u64,
+        userspace_addr: mem.va(0),
+        mmap_offset: 0,
+        mmap_handle: std::os::fd::AsRawFd::as_raw_fd(&mem.file),
+    };
+    fe.set_mem_table(&[region]).expect("SET_MEM_TABLE");
+    fe.set_vring_num(0, QSIZE).expect("SET_VRING_NUM");
+    let ring = VringConfigData {
+        queue_max_size: QSIZE,
+        queue_size: QSIZE,
+        flags: 0,
+        desc_table_addr: mem.va(0),
+        used_ring_addr: mem.va(USED),
+        avail_ring_addr: mem.va(AVAIL),
+        log_addr: None,
+    };
+    fe.set_vring_addr(0, &ring).expect("SET_VRING_ADDR");
+    fe.set_vring_base(0, 0).expect("SET_VRING_BASE");
+    let call = EventFd::new(EFD_NONBLOCK).expect("an eventfd");
+    fe.set_vring_call(0, &call).expect("SET_VRING_CALL");
+    let kick = EventFd::new(EFD_NONBLOCK).expect("an eventfd");
+    fe.set_vring_kick(0, &kick).expect("SET_VRING_KICK");
+
+    let desc = |addr: u64, len: u32, flags: u16, next: u16| {
+        let mut d = Vec::with_capacity(16);
+        d.extend_from_slice(&addr.to_le_bytes());
+        d.extend_from_slice(&len.to_le_bytes());
+        d.extend_from_slice(&flags.to_le_bytes());
+        d.extend_from_slice(&next.to_le_bytes());
+        d
+    };
+    const NEXT: u16 = 1;
+    const WRITE: u16 = 2;
+    let mut table = desc(HEADER, 16, NEXT, 1);
+    table.extend(desc(DATA, 4096, NEXT, 2));
+    table.extend(desc(STATUS, 1, WRITE, 0));
+    mem.write(0, &table);
+    let mut header = 1u32.to_le_bytes().to_vec(); // VIRTIO_BLK_T_OUT
+    header.extend_from_slice(&[0; 12]); // ioprio, sector 0
+    mem.write(HEADER, &header);
+    mem.write(DATA, &pattern(5, 4096));
+    mem.write(STATUS, &[0xff]);
+    mem.write(AVAIL + 4, &0u16.to_le_bytes()); // ring[0]: head 0
+    mem.write(AVAIL + 2, &1u16.to_le_bytes()); // idx 1
+    kick.write(1).expect("kicking");
+    // The queue's thread takes the write, which then waits 3 s for its copy.
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    let base = fe.get_vring_base(0).expect("GET_VRING_BASE");
+    let (used, status) = (mem.read_u16(USED + 2), mem.read_u8(STATUS));
+    assert_eq!(base, 1, "the write was not taken off the queue within 1 s");
+    assert_eq!(
+        used, 1,
+        "GET_VRING_BASE answered while the write it counts as taken was not completed"
+    );
+    assert_eq!(status, 0, "the write's status");
+    assert_bytes_eq(
+        &read_range(&f.live("vm"), 0, 4096),
+        &pattern(5, 4096),
+        "live/vm after the write",
+    );
+}

@@ -59,6 +59,9 @@ pub struct BlkBackend {
     to_vmm: Mutex<Option<Backend>>,
     /// Per queue: its part of the inflight region, once the VMM handed one.
     trackers: Vec<Arc<Mutex<Tracker>>>,
+    /// Per queue: held by the queue's thread while it serves requests, so that stopping
+    /// the queue (`GET_VRING_BASE`) waits for the requests it took.
+    serving: Vec<Mutex<()>>,
 }
 
 /// `queues_per_thread`: each queue has a thread of its own (queue *i* on thread *i*).
@@ -158,6 +161,7 @@ impl BlkBackend {
             mem: Mutex::new(None),
             to_vmm: Mutex::new(None),
             trackers: (0..export.queues).map(|_| Arc::default()).collect(),
+            serving: (0..export.queues).map(|_| Mutex::new(())).collect(),
             export,
             device,
         }
@@ -469,6 +473,25 @@ impl VhostUserBackend for BlkBackend {
         Ok(())
     }
 
+    /// `GET_VRING_BASE`: the queue is no longer ready (its thread takes no new request);
+    /// returns once the requests its thread took are completed, so that the index the VMM
+    /// gets counts only completed requests (the vhost-user protocol's stop, which a VMM
+    /// relies on to pause or reset the device).
+    fn stop_vring(&self, queue_index: u32) -> std::io::Result<()> {
+        if let Some(m) = self.serving.get(queue_index as usize) {
+            drop(m.lock().recover());
+        }
+        Ok(())
+    }
+
+    /// `RESET_DEVICE`: the queues are disabled; returns once the requests their threads
+    /// took are completed.
+    fn reset_device(&self) {
+        for m in &self.serving {
+            drop(m.lock().recover());
+        }
+    }
+
     fn set_event_idx(&self, enabled: bool) {
         self.event_idx.store(enabled, Ordering::Relaxed);
     }
@@ -530,6 +553,13 @@ impl VhostUserBackend for BlkBackend {
         };
         // A worker restart waits for the requests being served.
         let _pass = crate::keeper::GATE.enter();
+        // So does a stop of the queue; a queue stopped meanwhile is not served.
+        let Some(_serving) = self.serving.get(q).map(|m| m.lock().recover()) else {
+            return Ok(());
+        };
+        if !vring.get_ref().get_queue().ready() {
+            return Ok(());
+        }
         self.resubmit(q, &ctx, vring, &atomic.memory());
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         loop {
