@@ -64,12 +64,7 @@ for k in 1 2 3; do
     sleep 0.5
     pid=$(field 'd["worker_pid"]')
     kill -9 "$pid"
-    for i in $(seq 200); do
-        new=$(field 'd["worker_pid"]' 2>/dev/null || true)
-        [ -n "$new" ] && [ "$new" != "$pid" ] && break
-        sleep 0.05
-    done
-    wait_connected "$T/mnt"
+    wait_new_worker "$T/mnt" "$pid"
 done
 # and a planned restart: the requests being served are drained first
 sleep 0.5

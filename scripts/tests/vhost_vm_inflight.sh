@@ -110,12 +110,7 @@ for round in 1 2 3; do
     [ -n "$killed" ] || fail "round $round: no later request completed while one was held"
     kills=$((kills + 1))
     [ "$(released)" = "$released0" ] || fail "round $round: the held request completed before the kill"
-    for i in $(seq 200); do
-        new=$(field 'd["worker_pid"]' 2>/dev/null || true)
-        [ -n "$new" ] && [ "$new" != "$pid" ] && break
-        sleep 0.05
-    done
-    wait_connected "$T/mnt"
+    wait_new_worker "$T/mnt" "$pid"
     wait_console "BURST-DONE $bursts" 240
 done
 resubmitted=$(grep -c "resubmitting .* request(s) in flight" "$LOG" || true)

@@ -9,6 +9,8 @@
 #   vm_start SOCKET QUEUES  boots it (QEMU_PID); the console is $T/console.log, fd 3 its input
 #   wait_console TEXT SECS  until the guest printed TEXT
 #   wait_connected MNT      until a VMM is connected to MNT's first export
+#   wait_new_worker MNT PID until a worker other than PID serves MNT (10 s at most), then
+#                           wait_connected MNT
 QEMU=$(command -v qemu-system-x86_64) || fail "qemu-system-x86_64 is not installed"
 BUSYBOX=$(command -v busybox) || fail "busybox is not installed (busybox-static)"
 ! ldd "$BUSYBOX" >/dev/null 2>&1 || fail "$BUSYBOX is not static (install busybox-static)"
@@ -92,4 +94,14 @@ wait_connected() {
         sleep 0.05
     done
     fail "the VMM did not reconnect within 10 s"
+}
+
+wait_new_worker() {
+    local i new
+    for i in $(seq 200); do
+        new=$(status_json "$1" 'd["worker_pid"]' 2>/dev/null || true)
+        [ -n "$new" ] && [ "$new" != "$2" ] && break
+        sleep 0.05
+    done
+    wait_connected "$1"
 }
