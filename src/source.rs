@@ -96,6 +96,18 @@ pub enum BackupRead {
 /// logical block size fleecefs meets (512, 4096) divides.
 pub const DIRECT_ALIGN: usize = 4096;
 
+/// Refuses a source at `path` of type `ft` that is neither a regular file nor a block
+/// device.
+fn check_file_type(path: &Path, ft: std::fs::FileType) -> Result<()> {
+    if ft.is_file() || ft.is_block_device() {
+        return Ok(());
+    }
+    Err(Error::invalid(format!(
+        "source {} is not a regular file or block device",
+        path.display()
+    )))
+}
+
 /// Opens `file` again (the same inode, through `/proc/self/fd`) read-only with
 /// `O_DIRECT`; `None` where the filesystem does not take it.
 fn open_direct(file: &File, path: &Path) -> Option<File> {
@@ -170,12 +182,7 @@ impl Source {
         let meta = std::fs::metadata(path)
             .context(|| format!("source {} cannot be opened", path.display()))?;
         let ft = meta.file_type();
-        if !ft.is_file() && !ft.is_block_device() {
-            return Err(Error::invalid(format!(
-                "source {} is not a regular file or block device",
-                path.display()
-            )));
-        }
+        check_file_type(path, ft)?;
         let open = |flags: libc::c_int| {
             OpenOptions::new()
                 .read(true)
@@ -248,12 +255,7 @@ impl Source {
             .metadata()
             .context(|| format!("stat of source {}", path.display()))?;
         let ft = meta.file_type();
-        if !ft.is_file() && !ft.is_block_device() {
-            return Err(Error::invalid(format!(
-                "source {} is not a regular file or block device",
-                path.display()
-            )));
-        }
+        check_file_type(path, ft)?;
         let size = if ft.is_block_device() {
             sys::block_device_size(&file)
                 .context(|| format!("size of block device {}", path.display()))?
