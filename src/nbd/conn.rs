@@ -274,16 +274,12 @@ fn handle(
             Err(e) => send_error(link, &to, &e),
             Ok(()) => read(link, n, export, env, buf, req),
         },
-        proto::CMD_FLUSH => {
-            if req.offset != 0 || req.len != 0 || req.flags != 0 {
-                return send_error(
-                    link,
-                    &to,
-                    &einval("flush with an offset, length or flags".into()),
-                );
-            }
-            send_ok(link, &to)
-        }
+        // Nothing to flush; checked as any request (FUA allowed, a range inside the
+        // export ignored), as QEMU's server does.
+        proto::CMD_FLUSH => match check_shape(&req, n.mode, size) {
+            Err(e) => send_error(link, &to, &e),
+            Ok(()) => send_ok(link, &to),
+        },
         proto::CMD_TRIM => {
             if let Err(e) = check_shape(&req, n.mode, size) {
                 return send_error(link, &to, &e);

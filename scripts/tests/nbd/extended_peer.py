@@ -12,7 +12,7 @@ IHAVEOPT = 0x49484156454F5054
 EXT_REQ = 0x21E41C71
 EXT_REPLY = 0x6E8A278C
 READ, WRITE, DISC, FLUSH, TRIM, BLOCK_STATUS = 0, 1, 2, 3, 4, 7
-REQ_ONE, PAYLOAD_LEN = 1 << 3, 1 << 5
+FUA, REQ_ONE, PAYLOAD_LEN = 1, 1 << 3, 1 << 5
 FLAG_BLOCK_STATUS_PAYLOAD = 1 << 12
 GIB = 1 << 30
 
@@ -115,6 +115,13 @@ cases = [
     ("trim past the end", 0, TRIM, size, 4096),
     ("trim whose end overflows", 0, TRIM, 4096, (1 << 64) - 4096),
     ("unknown command", 0, 99, 0, 512),
+    ("flush", 0, FLUSH, 0, 0),
+    ("flush with FUA", FUA, FLUSH, 0, 0),
+    ("flush with an offset and a length", 0, FLUSH, 4096, 4096),
+    ("flush past the end", 0, FLUSH, size, 4096),
+    ("flush with an unknown flag", 1 << 6, FLUSH, 0, 0),
+    ("read with FUA", FUA, READ, 0, 4096),
+    ("block status with FUA", FUA, BLOCK_STATUS, 0, 4096),
 ]
 for name, fl, kind, offset, length in cases:
     request(s, fl, kind, offset, length)
