@@ -31,8 +31,8 @@ run_during_writes() {
 put() { dd if=/dev/urandom of="$L" bs=1K seek=$(($1 * 1024)) count="$2" conv=notrunc status=none; }
 
 truncate -s $((64 * M)) "$T/src.img"
-head -c $((8 * M)) /dev/urandom | dd of="$T/src.img" bs=1M conv=notrunc iflag=fullblock status=none
-head -c $((8 * M)) /dev/urandom | dd of="$T/src.img" bs=1M seek=16 conv=notrunc iflag=fullblock status=none
+random_mib "$T/src.img" 0 8
+random_mib "$T/src.img" 16 8
 fmount "$T/mnt" --state-dir "$T/state" --device disk=$T/src.img
 mkdir "$B"
 expect_fail_with "usage:" bash "$EX" "$T/mnt" disk

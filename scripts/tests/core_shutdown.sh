@@ -13,7 +13,7 @@ FL=$ST/fleecing/disk.shut.fleece
 # start_access : setup plus live writes, so the fleecing file holds copied data
 start_access() {
     "$FLEECEFS" setup "$MP" --target shut >/dev/null || fail "setup failed"
-    head -c $((2 * M)) /dev/urandom | dd of="$MP/live/disk" bs=1M seek=3 conv=notrunc iflag=fullblock status=none
+    random_mib "$MP/live/disk" 3 2
     # the copies reach the fleecing file through the write-behind buffer, a little later
     local i
     for i in $(seq 300); do

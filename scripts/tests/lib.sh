@@ -31,6 +31,11 @@ fmount() {
     MOUNTS+=("$mp")
     "$FLEECEFS" mount "$mp" "$@"
 }
+# random_mib FILE OFFSET_MIB COUNT_MIB : COUNT_MIB MiB of random data written into FILE at
+# OFFSET_MIB MiB
+random_mib() {
+    head -c $(($3 << 20)) /dev/urandom | dd of="$1" bs=1M seek="$2" conv=notrunc iflag=fullblock status=none
+}
 # pattern BYTE COUNT : COUNT bytes of BYTE (hex, e.g. 0x5d) on stdout
 pattern() { head -c "$2" /dev/zero | tr '\0' "\\$(printf '%03o' "$1")"; }
 # start_writer FILE BLOCKS : background writer of random 4K blocks into FILE (any of the

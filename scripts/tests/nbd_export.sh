@@ -16,8 +16,8 @@ U="nbd+unix:///disk?socket=$S"
 L=$T/mnt/live/disk
 
 truncate -s $((64 * M)) "$T/src.img"
-head -c $((8 * M)) /dev/urandom | dd of="$T/src.img" bs=1M conv=notrunc iflag=fullblock status=none
-head -c $((4 * M)) /dev/urandom | dd of="$T/src.img" bs=1M seek=40 conv=notrunc iflag=fullblock status=none
+random_mib "$T/src.img" 0 8
+random_mib "$T/src.img" 40 4
 fmount "$T/mnt" --state-dir "$T/state" --device disk="$T/src.img" --nbd "unix:$S"
 [ "$(stat -c %a "$S")" = 600 ] || fail "the socket is not mode 0600"
 [ "$(status_json "$T/mnt" 'd["nbd"]["listeners"]')" = "['unix:$S']" ] || fail "status lists no listener"

@@ -29,8 +29,8 @@ for e in json.load(sys.stdin):
 fleecing_allocated() { status_json "$T/mnt" 'd["access"]["fleecing_allocated"]'; }
 
 truncate -s $((64 * M)) "$T/src.img"
-head -c $((8 * M)) /dev/urandom | dd of="$T/src.img" bs=1M conv=notrunc iflag=fullblock status=none
-head -c $((4 * M)) /dev/urandom | dd of="$T/src.img" bs=1M seek=40 conv=notrunc iflag=fullblock status=none
+random_mib "$T/src.img" 0 8
+random_mib "$T/src.img" 40 4
 fmount "$T/mnt" --state-dir "$T/state" --device disk="$T/src.img" --nbd "unix:$S"
 
 # 1. Full backup while a writer changes live/disk; extended headers negotiated.

@@ -12,7 +12,7 @@ P=$(/usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 
 field() { status_json "$T/mnt" "$1"; }
 
 truncate -s $((16 * M)) "$T/src.img"
-head -c $((2 * M)) /dev/urandom | dd of="$T/src.img" bs=1M conv=notrunc iflag=fullblock status=none
+random_mib "$T/src.img" 0 2
 fmount "$T/mnt" --state-dir "$T/state" --device disk="$T/src.img" --nbd "unix:$S" \
     --nbd "tcp:127.0.0.1:$P" --nbd-insecure
 inode=$(stat -c %i "$S")

@@ -35,7 +35,7 @@ cert "$T/badclient" client "$T/rogue"
 cp "$T/ca/ca-cert.pem" "$T/badclient/"
 
 truncate -s $((16 * M)) "$T/src.img"
-head -c $((4 * M)) /dev/urandom | dd of="$T/src.img" bs=1M conv=notrunc iflag=fullblock status=none
+random_mib "$T/src.img" 0 4
 mkdir -p "$T/mnt"
 P=$(port)
 expect_fail_with "needs TLS" "$FLEECEFS" mount "$T/mnt" --state-dir "$T/state" \

@@ -10,8 +10,8 @@ source "$(dirname "$0")/lib.sh"
 M=$((1 << 20))
 # 64 MiB image: random data in [0,8M) and [16M,24M), zeros elsewhere (48 MiB of zeros)
 truncate -s $((64 * M)) "$T/src.img"
-head -c $((8 * M)) /dev/urandom | dd of="$T/src.img" bs=1M conv=notrunc iflag=fullblock status=none
-head -c $((8 * M)) /dev/urandom | dd of="$T/src.img" bs=1M seek=16 conv=notrunc iflag=fullblock status=none
+random_mib "$T/src.img" 0 8
+random_mib "$T/src.img" 16 8
 
 fmount "$T/mnt" --state-dir "$T/state" --device disk=$T/src.img
 # first backup: full, with rsync -a
@@ -24,8 +24,8 @@ cmp "$T/backup/disk" "$T/ref1.img" || fail "the first rsync backup differs from 
 sleep 1.1 # the next backup is at least a second later (mtime granularity of rsync's check)
 
 # change the image: 2 MiB rewritten in a data region, 1 MiB written into a zero region
-head -c $((2 * M)) /dev/urandom | dd of="$T/mnt/live/disk" bs=1M seek=4 conv=notrunc iflag=fullblock status=none
-head -c $M /dev/urandom | dd of="$T/mnt/live/disk" bs=1M seek=10 conv=notrunc iflag=fullblock status=none
+random_mib "$T/mnt/live/disk" 4 2
+random_mib "$T/mnt/live/disk" 10 1
 
 # with 2048 blocks of 4 KiB the writer stays in [0,8M): [24M,64M) stays zero in the
 # point-in-time image

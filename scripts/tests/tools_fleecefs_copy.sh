@@ -22,8 +22,8 @@ put() { dd if="$3" of="$L" bs=1K seek=$(($1 * 1024)) count="$2" iflag=fullblock 
 
 # 64 MiB image: random data in [0,8M) and [16M,24M), zeros elsewhere
 truncate -s $((64 * M)) "$T/src.img"
-head -c $((8 * M)) /dev/urandom | dd of="$T/src.img" bs=1M conv=notrunc iflag=fullblock status=none
-head -c $((8 * M)) /dev/urandom | dd of="$T/src.img" bs=1M seek=16 conv=notrunc iflag=fullblock status=none
+random_mib "$T/src.img" 0 8
+random_mib "$T/src.img" 16 8
 fmount "$T/mnt" --state-dir "$T/state" --device disk=$T/src.img
 
 # 0. errors before any access

@@ -66,8 +66,8 @@ setup_chain() {
 
 # 32 MiB: random data in [0,8M) and [16M,24M), a few scattered clusters, zeros elsewhere
 truncate -s $((32 * M)) "$T/src.img"
-head -c $((8 * M)) /dev/urandom | dd of="$T/src.img" bs=1M conv=notrunc iflag=fullblock status=none
-head -c $((8 * M)) /dev/urandom | dd of="$T/src.img" bs=1M seek=16 conv=notrunc iflag=fullblock status=none
+random_mib "$T/src.img" 0 8
+random_mib "$T/src.img" 16 8
 for k in 25 26 28 30; do
     head -c 4096 /dev/urandom | dd of="$T/src.img" bs=4096 seek=$((k * 256 + 7)) conv=notrunc status=none
 done

@@ -8,8 +8,8 @@ command -v qemu-img >/dev/null || fail "qemu-img is not installed (Debian: qemu-
 M=$((1 << 20))
 # 32 MiB: random data except zeros in [8M,12M) and [24M,32M), so convert meets zero runs
 truncate -s $((32 * M)) "$T/src.img"
-head -c $((8 * M)) /dev/urandom | dd of="$T/src.img" bs=1M conv=notrunc iflag=fullblock status=none
-head -c $((12 * M)) /dev/urandom | dd of="$T/src.img" bs=1M seek=12 conv=notrunc iflag=fullblock status=none
+random_mib "$T/src.img" 0 8
+random_mib "$T/src.img" 12 12
 
 fmount "$T/mnt" --state-dir "$T/state" --device disk=$T/src.img
 start_writer "$T/mnt/live/disk" 4096 # block numbers up to 8190: all of the image is written

@@ -10,7 +10,7 @@ command -v restic >/dev/null || fail "restic is not installed (Debian: restic)"
 M=$((1 << 20))
 export RESTIC_PASSWORD=fleecefs-test RESTIC_CACHE_DIR=$T/cache
 truncate -s $((32 * M)) "$T/src.img"
-head -c $((24 * M)) /dev/urandom | dd of="$T/src.img" bs=1M conv=notrunc iflag=fullblock status=none
+random_mib "$T/src.img" 0 24
 
 fmount "$T/mnt" --state-dir "$T/state" --device disk=$T/src.img
 restic -r "$T/repo" init >"$T/restic.log" 2>&1 || fail "restic init: $(cat "$T/restic.log")"
