@@ -150,38 +150,33 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("'{text}' is too large"))
 }
 
-/// Formats a byte count for people: `64K`, `1.5M`, `3G`.
-pub fn format_size(bytes: u64) -> String {
+/// `value` in the largest binary unit it reaches (up to T), and that unit's letter ("" for
+/// values below 1024).
+fn in_binary_units(mut value: f64) -> (f64, &'static str) {
     const UNITS: [&str; 5] = ["", "K", "M", "G", "T"];
-    let mut value = bytes as f64;
     let mut unit = 0;
     while value >= 1024.0 && unit < UNITS.len() - 1 {
         value /= 1024.0;
         unit += 1;
     }
-    if unit == 0 {
-        format!("{bytes}")
-    } else if value.fract() == 0.0 {
-        format!("{}{}", value as u64, UNITS[unit])
-    } else {
-        format!("{value:.1}{}", UNITS[unit])
+    (value, UNITS[unit])
+}
+
+/// Formats a byte count for people: `64K`, `1.5M`, `3G`.
+pub fn format_size(bytes: u64) -> String {
+    match in_binary_units(bytes as f64) {
+        (_, "") => format!("{bytes}"),
+        (value, unit) if value.fract() == 0.0 => format!("{}{unit}", value as u64),
+        (value, unit) => format!("{value:.1}{unit}"),
     }
 }
 
 /// Formats a rate for people in the units of [`format_size`] per second, binary like
 /// them: `512/s`, `64.0K/s`, `206.2M/s`.
 pub fn format_rate(bytes_per_second: f64) -> String {
-    const UNITS: [&str; 5] = ["", "K", "M", "G", "T"];
-    let mut value = bytes_per_second.max(0.0);
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{}/s", value.round() as u64)
-    } else {
-        format!("{value:.1}{}/s", UNITS[unit])
+    match in_binary_units(bytes_per_second.max(0.0)) {
+        (value, "") => format!("{}/s", value.round() as u64),
+        (value, unit) => format!("{value:.1}{unit}/s"),
     }
 }
 
