@@ -1317,3 +1317,28 @@ fn get_vring_base_waits_for_the_requests_taken() {
         "live/vm after the write",
     );
 }
+
+/// What a VM writes or zeroes over the export is what `live/NAME` reads afterwards, also
+/// through the kernel's page cache (`--live-cache`), which holds the pages an earlier
+/// read left there: the export has the kernel drop the ranges it changes.
+#[test]
+fn writes_of_the_vm_are_seen_through_the_page_cache_of_live_name() {
+    let (f, sock) = exported(&["--live-cache"]);
+    let old = read_range(&f.live("vm"), 0, 8192);
+    assert_eq!(read_range(&f.live("vm"), 0, 8192), old, "a cached re-read");
+    let data = pattern(9, 8192);
+    assert_ne!(old, data);
+    let mut c = Client::connect(&sock, 1, false);
+    c.buf(0, 8192).copy_from_slice(&data);
+    assert_eq!(c.write(0, 0, 0, 8192), 0);
+    assert_bytes_eq(
+        &read_range(&f.live("vm"), 0, 8192),
+        &data,
+        "live/vm after a write of the VM",
+    );
+    c.queues[0].write_zeroes(0, 4096, 0, ReqFlags::empty());
+    assert_eq!(c.wait(0, 1)[0].1, 0, "write zeroes");
+    let now = read_range(&f.live("vm"), 0, 8192);
+    assert_all(&now[..4096], 0, "live/vm after the VM zeroed it");
+    assert_bytes_eq(&now[4096..], &data[4096..], "live/vm past the zeroed range");
+}

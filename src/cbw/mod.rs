@@ -107,6 +107,9 @@ pub struct Device {
     open_handles: AtomicU64,
     /// `device remove` of the device is under way: no new handle is opened.
     removing: AtomicBool,
+    /// `live/NAME` was opened through the mount: the kernel may hold pages of it (a
+    /// cached open, a mapping), which changes made by another frontend must drop.
+    opened_through_mount: AtomicBool,
     /// Open read-write handles of `snapshot/NAME` (the FUSE adapter keeps snapshot pages
     /// out of the page cache while there are any).
     rw_snapshot_handles: AtomicU64,
@@ -123,6 +126,7 @@ impl Device {
             last_error: Mutex::new(None),
             open_handles: AtomicU64::new(0),
             removing: AtomicBool::new(false),
+            opened_through_mount: AtomicBool::new(false),
             rw_snapshot_handles: AtomicU64::new(0),
         }
     }
@@ -179,6 +183,17 @@ impl Device {
     /// Whether `device remove` of the device is under way.
     pub fn removing(&self) -> bool {
         self.removing.load(Ordering::SeqCst)
+    }
+
+    /// Notes that `live/NAME` was opened through the mount (the FUSE adapter does, at
+    /// each open): from then on the kernel may hold pages of it.
+    pub fn note_opened_through_mount(&self) {
+        self.opened_through_mount.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether `live/NAME` was ever opened through the mount.
+    pub fn opened_through_mount(&self) -> bool {
+        self.opened_through_mount.load(Ordering::SeqCst)
     }
 
     /// Counts an open (`opened`) or released read-write handle of `snapshot/NAME`.

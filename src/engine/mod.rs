@@ -151,6 +151,9 @@ pub trait KernelCache: Send + Sync {
     fn size_changed(&self, slot: usize, name: &str);
     /// `live/NAME` of `slot` is no longer served: drop its cached directory entry.
     fn removed(&self, slot: usize, name: &str);
+    /// `[offset, offset + len)` of `live/NAME` of `slot` changed without the kernel seeing
+    /// it (a vhost-user-blk request): drop the pages of that range it may hold.
+    fn data_changed(&self, slot: usize, offset: u64, len: u64);
 }
 
 /// All devices and the access lifecycle.
@@ -347,6 +350,18 @@ impl Engine {
         }
         d.handle_opened();
         Ok(d)
+    }
+
+    /// `[offset, offset + len)` of the device in `slot` changed other than through the
+    /// mount (a frontend wrote, discarded or zeroed it): the kernel drops the pages of
+    /// `live/NAME` it may hold for that range, if `live/NAME` was ever opened through the
+    /// mount (only then can it hold any).
+    pub fn changed_elsewhere(&self, slot: usize, device: &Device, offset: u64, len: u64) {
+        if device.opened_through_mount() {
+            if let Some(k) = self.kernel.get() {
+                k.data_changed(slot, offset, len);
+            }
+        }
     }
 
     /// Slot of the device called `name`.

@@ -31,7 +31,8 @@ use namespace::{not_permitted, Namespace, Node};
 /// Largest read or write the kernel is allowed to send.
 pub const MAX_IO: u32 = 1 << 20;
 
-/// Tells the kernel about resized and removed devices ([`crate::engine::KernelCache`]).
+/// Tells the kernel about resized and removed devices and data changed by another
+/// frontend ([`crate::engine::KernelCache`]).
 pub struct KernelNotifier {
     notifier: fuser::Notifier,
     mountpoint: std::path::PathBuf,
@@ -61,6 +62,22 @@ impl crate::engine::KernelCache for KernelNotifier {
         // read that directly, without asking). This thread is not a FUSE worker.
         let live = crate::layout::MountLayout::new(self.mountpoint.clone()).live(name);
         let _ = std::fs::metadata(live);
+    }
+
+    fn data_changed(&self, slot: usize, offset: u64, len: u64) {
+        let ino = INodeNo(Node::Live(slot).ino());
+        let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return;
+        };
+        if len == 0 {
+            // A length of 0 would drop everything to the end.
+            return;
+        }
+        if let Err(e) = self.notifier.inval_inode(ino, offset, len) {
+            if e.raw_os_error() != Some(libc::ENOENT) {
+                log::warn!("invalidating the kernel's pages of the live file in slot {slot}: {e}");
+            }
+        }
     }
 
     fn removed(&self, _slot: usize, name: &str) {

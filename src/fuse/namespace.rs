@@ -466,8 +466,9 @@ impl Namespace {
         match node {
             Node::Live(i) => {
                 // Counted (until `release`), so that `device remove` is refused while
-                // it is open; EBUSY while a removal is under way.
-                self.engine.open_live(i)?;
+                // it is open; EBUSY while a removal is under way. Noted: the kernel may
+                // now hold pages of it, which a vhost-user-blk write must drop.
+                self.engine.open_live(i)?.note_opened_through_mount();
                 // Direct I/O unless the page cache is asked for: reads and writes go
                 // straight between the caller's buffer and the daemon, one copy fewer
                 // than through the FUSE page cache (docs/performance.md). It needs a

@@ -36,6 +36,7 @@ use super::inflight::{Region, Tracker};
 use super::request::{self, Target, MAX_RANGE_SECTORS, MAX_RANGE_SEGMENTS, SECTOR};
 use super::Export;
 use crate::cbw::Device;
+use crate::engine::Engine;
 use crate::sync::Recover;
 
 /// Guest memory as the VMM shares it.
@@ -53,6 +54,10 @@ const SIZE_MAX: u32 = 1 << 20;
 pub struct BlkBackend {
     export: Arc<Export>,
     device: Arc<Device>,
+    /// The engine and the device's slot: changes are told to the kernel's cache of
+    /// `live/NAME` through it.
+    engine: Arc<Engine>,
+    slot: usize,
     event_idx: AtomicBool,
     mem: Mutex<Option<Memory>>,
     /// The channel to the VMM for configuration changes (resize), when it offers one.
@@ -91,6 +96,8 @@ fn notify(vring: &VringRwLock<Memory>) {
 struct QueueCtx {
     export: Arc<Export>,
     device: Arc<Device>,
+    engine: Arc<Engine>,
+    slot: usize,
     tracker: Arc<Mutex<Tracker>>,
 }
 
@@ -101,10 +108,15 @@ impl QueueCtx {
         M: std::ops::Deref,
         M::Target: vm_memory::GuestMemory,
     {
+        let changed = |offset, len| {
+            self.engine
+                .changed_elsewhere(self.slot, &self.device, offset, len)
+        };
         let target = Target {
             device: &self.device,
             serial: self.export.name.as_bytes(),
             read_only: self.export.read_only,
+            changed: &changed,
         };
         match request::serve_chain(&target, mem, chain) {
             Ok(o) => {
@@ -154,9 +166,16 @@ impl QueueCtx {
 }
 
 impl BlkBackend {
-    /// A backend serving `device` for `export`.
-    pub fn new(export: Arc<Export>, device: Arc<Device>) -> BlkBackend {
+    /// A backend serving `device` (in `slot` of `engine`) for `export`.
+    pub fn new(
+        export: Arc<Export>,
+        device: Arc<Device>,
+        engine: Arc<Engine>,
+        slot: usize,
+    ) -> BlkBackend {
         BlkBackend {
+            engine,
+            slot,
             event_idx: AtomicBool::new(false),
             mem: Mutex::new(None),
             to_vmm: Mutex::new(None),
@@ -171,6 +190,8 @@ impl BlkBackend {
         Some(QueueCtx {
             export: self.export.clone(),
             device: self.device.clone(),
+            engine: self.engine.clone(),
+            slot: self.slot,
             tracker: self.trackers.get(q)?.clone(),
         })
     }

@@ -102,6 +102,7 @@ impl Guest {
             device: &self.device,
             serial: b"vm",
             read_only,
+            changed: &|_, _| {},
         };
         serve_chain(&target, &self.mem, chain)
     }
@@ -335,6 +336,7 @@ fn malformed_chains_fail_without_a_status() {
         device: &g.device,
         serial: b"vm",
         read_only: false,
+        changed: &|_, _| {},
     };
     // It repeats readable after writable: malformed, and nothing written to the device.
     assert!(serve_chain(&target, &g.mem, chain).is_err());

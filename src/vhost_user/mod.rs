@@ -331,11 +331,11 @@ fn serve(engine: Arc<Engine>, export: Arc<Export>, listener: UnixListener) {
             let d = engine
                 .device_index(&export.name)
                 .ok_or_else(|| Error::not_found("removed"))
-                .and_then(|slot| engine.open_live(slot));
+                .and_then(|slot| engine.open_live(slot).map(|d| (slot, d)));
             *holds = d.is_ok();
             d
         };
-        let device = match opened {
+        let (slot, device) = match opened {
             Ok(d) => d,
             Err(e) if e.kind() == Kind::Busy => {
                 // `device remove` of the device is under way: the VMM is turned away (if
@@ -359,7 +359,12 @@ fn serve(engine: Arc<Engine>, export: Arc<Export>, listener: UnixListener) {
                 return;
             }
         };
-        let backend = Arc::new(BlkBackend::new(export.clone(), device.clone()));
+        let backend = Arc::new(BlkBackend::new(
+            export.clone(),
+            device.clone(),
+            engine.clone(),
+            slot,
+        ));
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let result =
             VhostUserDaemon::new(format!("vhost-{}-req", export.name), backend.clone(), mem)

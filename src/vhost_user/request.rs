@@ -197,6 +197,9 @@ pub struct Target<'d> {
     pub device: &'d Device,
     pub serial: &'d [u8],
     pub read_only: bool,
+    /// Told each range a request wrote, discarded or zeroed (also when it failed: part
+    /// of it may have changed), so that the kernel's cache of `live/NAME` drops it.
+    pub changed: &'d dyn Fn(u64, u64),
 }
 
 /// Maps a descriptor chain popped from a queue and executes it.
@@ -261,10 +264,11 @@ fn run(target: &Target<'_>, chain: &Chain<'_>, kind: u32, sector: u64, data_in: 
                 .readable
                 .range(HEADER_LEN as u64, data_out)
                 .ok_or_else(bad_chain)?;
-            target.device.write_live_with(offset, data_out, |file| {
+            let r = target.device.write_live_with(offset, data_out, |file| {
                 transfer(file, &slices, offset, true)
-            })?;
-            Ok(0)
+            });
+            (target.changed)(offset, data_out);
+            r.map(|()| 0)
         }),
         VIRTIO_BLK_T_FLUSH => target.device.sync_live(true).map(|()| 0),
         VIRTIO_BLK_T_GET_ID => {
@@ -279,7 +283,7 @@ fn run(target: &Target<'_>, chain: &Chain<'_>, kind: u32, sector: u64, data_in: 
         }
         VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES if target.read_only => Err(read_only()),
         VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
-            ranges(target.device, chain, kind == VIRTIO_BLK_T_DISCARD, data_out).map(|()| 0)
+            ranges(target, chain, kind == VIRTIO_BLK_T_DISCARD, data_out).map(|()| 0)
         }
         _ => return (VIRTIO_BLK_S_UNSUPP as u8, 0),
     };
@@ -324,7 +328,8 @@ fn byte_range(device: &Device, sector: u64, len: u64) -> Result<u64> {
 /// Discard (a hint: a source that cannot punch holes ignores it) or write zeroes (a
 /// hole where the guest allows unmapping, else zeroed blocks; plain zeros where the
 /// source takes neither). Both go through the live fallocate path.
-fn ranges(device: &Device, chain: &Chain<'_>, discard: bool, len: u64) -> Result<()> {
+fn ranges(target: &Target<'_>, chain: &Chain<'_>, discard: bool, len: u64) -> Result<()> {
+    let device = target.device;
     if len == 0
         || len % RANGE_LEN as u64 != 0
         || len / RANGE_LEN as u64 > u64::from(MAX_RANGE_SEGMENTS)
@@ -359,12 +364,14 @@ fn ranges(device: &Device, chain: &Chain<'_>, discard: bool, len: u64) -> Result
         } else {
             sys::FALLOC_ZERO_RANGE
         } | sys::FALLOC_KEEP_SIZE;
-        match device.fallocate_live(mode, offset, bytes) {
-            Ok(()) => {}
-            Err(e) if refused(&e) && discard => {}
-            Err(e) if refused(&e) => write_zeroes(device, offset, bytes)?,
-            Err(e) => return Err(e),
-        }
+        let r = match device.fallocate_live(mode, offset, bytes) {
+            Ok(()) => Ok(()),
+            Err(e) if refused(&e) && discard => Ok(()),
+            Err(e) if refused(&e) => write_zeroes(device, offset, bytes),
+            Err(e) => Err(e),
+        };
+        (target.changed)(offset, bytes);
+        r?;
     }
     Ok(())
 }
