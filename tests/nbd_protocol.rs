@@ -199,6 +199,12 @@ impl Client {
 
     /// A request header in the negotiated form (compact: the low 32 bits of `len`).
     fn request(&mut self, flags: u16, kind: u16, cookie: u64, offset: u64, len: u64) {
+        let b = self.request_bytes(flags, kind, cookie, offset, len);
+        self.s.write_all(&b).unwrap();
+    }
+
+    /// The bytes of a request header (see `request`).
+    fn request_bytes(&self, flags: u16, kind: u16, cookie: u64, offset: u64, len: u64) -> Vec<u8> {
         let extended = self.headers == Headers::Extended;
         let magic = if extended {
             EXTENDED_REQUEST_MAGIC
@@ -215,7 +221,7 @@ impl Client {
         } else {
             b.extend_from_slice(&(len as u32).to_be_bytes());
         }
-        self.s.write_all(&b).unwrap();
+        b
     }
 
     /// The next reply message; a simple reply to a read brings `read_len` bytes.
@@ -738,10 +744,16 @@ fn a_busy_client_is_disconnected_at_teardown_whatever_it_asks() {
         s.engine.setup("t", None, Some("b")).ok();
         let mut c = Client::connect(&s.sock, Headers::Structured, &[]);
         assert_eq!(c.errno_of(0, CMD_FLUSH, 1, 0, 0), 0);
+        // The request's first byte goes before the teardown, the rest after it: the
+        // connection is inside a request, not idle, so only the request can notice.
+        let b = c.request_bytes(0, kind, 2, offset, len);
+        c.s.write_all(&b[..1]).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
         s.engine.teardown("t", true).unwrap();
-        // (sent at once: the connection is not idle long enough to notice on its own)
+        c.s.write_all(&b[1..]).unwrap();
+        let r = c.replies(2, 0);
         assert_eq!(
-            c.errno_of(0, kind, 2, offset, len),
+            r.last().unwrap().errno(),
             ESHUTDOWN,
             "command {kind} after the teardown"
         );
