@@ -6,15 +6,23 @@
 //! kill the worker (SIGBUS) if user code touched it. Only the kernel reads it, inside
 //! `sendmsg`, where a failed page is a short send or `EFAULT`, never a signal. So the
 //! mapping hands out [`Region`]s (address and length), never slices.
+//!
+//! Every page the kernel copies from stays mapped in the process (counted in its memory)
+//! and keeps its page tables (2 MiB per GiB) until the mapping goes: a mapping counts the
+//! bytes it has handed out ([`FileMap::handed`]), so that its owner can replace it by a
+//! fresh one before that grows with everything a backup ever read.
 
 use std::fs::File;
 use std::io;
 use std::os::unix::io::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A read-only shared mapping of the first `len` bytes of a file.
 pub struct FileMap {
     addr: usize,
     len: usize,
+    /// Bytes handed out in regions so far.
+    handed: AtomicU64,
 }
 
 // SAFETY: the mapping is plain memory that this process only hands to the kernel; an
@@ -67,6 +75,7 @@ impl FileMap {
         Ok(FileMap {
             addr: p as usize,
             len,
+            handed: AtomicU64::new(0),
         })
     }
 
@@ -84,10 +93,19 @@ impl FileMap {
     pub fn region(&self, offset: u64, len: usize) -> Option<Region> {
         let start = usize::try_from(offset).ok()?;
         let end = start.checked_add(len)?;
-        (end <= self.len).then_some(Region {
+        if end > self.len {
+            return None;
+        }
+        self.handed.fetch_add(len as u64, Ordering::Relaxed);
+        Some(Region {
             addr: self.addr + start,
             len,
         })
+    }
+
+    /// Bytes handed out in regions so far: about what the kernel has mapped of it.
+    pub fn handed(&self) -> u64 {
+        self.handed.load(Ordering::Relaxed)
     }
 }
 
