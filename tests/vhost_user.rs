@@ -1342,3 +1342,62 @@ fn writes_of_the_vm_are_seen_through_the_page_cache_of_live_name() {
     assert_all(&now[..4096], 0, "live/vm after the VM zeroed it");
     assert_bytes_eq(&now[4096..], &data[4096..], "live/vm past the zeroed range");
 }
+
+/// A VMM that does not answer the configuration change a resize sends (it asked for
+/// replies) holds up that resize, but nothing else: `status` answers meanwhile.
+#[test]
+fn a_vmm_that_does_not_answer_a_config_change_holds_up_only_the_resize() {
+    use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
+    use vhost::VhostBackend;
+
+    let (f, sock) = exported(&[]);
+    let mut fe = Frontend::connect(&sock, 1).expect("connecting a vhost-user frontend");
+    fe.set_owner().expect("SET_OWNER");
+    let features = fe.get_features().expect("GET_FEATURES");
+    fe.set_features(features).expect("SET_FEATURES");
+    fe.get_protocol_features().expect("GET_PROTOCOL_FEATURES");
+    fe.set_protocol_features(
+        VhostUserProtocolFeatures::BACKEND_REQ | VhostUserProtocolFeatures::REPLY_ACK,
+    )
+    .expect("SET_PROTOCOL_FEATURES");
+    // The VMM's end of the backend channel: never read, never answered.
+    let (vmm_end, backend_end) = std::os::unix::net::UnixStream::pair().expect("a socket pair");
+    fe.set_backend_request_fd(&backend_end)
+        .expect("SET_BACKEND_REQ_FD");
+    drop(backend_end);
+    wait_until("the VMM connected", || {
+        f.status()["vhost_user_blk"][0]["connected"] == serde_json::json!(true)
+    });
+    let resize = {
+        let args = [
+            OsStr::new("resize").to_owned(),
+            f.mp.as_os_str().to_owned(),
+            OsStr::new("vm").to_owned(),
+            OsStr::new("+1M").to_owned(),
+        ];
+        std::thread::spawn(move || fleecefs(args))
+    };
+    // The resize is done in the engine and waits for the VMM's answer.
+    wait_until("the resize in the engine", || {
+        fs::metadata(f.source("vm")).map(|m| m.len()).ok() == Some(SIZE + MIB)
+    });
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let args = [
+        OsStr::new("status").to_owned(),
+        f.mp.as_os_str().to_owned(),
+        OsStr::new("--json").to_owned(),
+    ];
+    std::thread::spawn(move || tx.send(fleecefs(args)));
+    let status = rx.recv_timeout(std::time::Duration::from_secs(10));
+    // The VMM goes away: the resize ends too.
+    drop(vmm_end);
+    drop(fe);
+    resize
+        .join()
+        .expect("the resize's thread")
+        .expect_ok("fleecefs resize");
+    status
+        .expect("status did not answer while a VMM held up a resize")
+        .expect_ok("fleecefs status");
+}

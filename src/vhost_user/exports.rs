@@ -384,13 +384,20 @@ pub fn add_status(v: &mut serde_json::Value) {
 }
 
 /// Device `name` has a new size: every connected VMM of its exports is told that the
-/// configuration space changed, and reads the new capacity from it.
+/// configuration space changed, and reads the new capacity from it. Returns when each
+/// has answered (when it asked to answer), with no lock of the exports held.
 pub fn size_changed(name: &str) {
     let Some(f) = FRONTEND.get() else { return };
-    for s in f.served().iter().filter(|s| s.export.name == name) {
-        if let Some(b) = s.export.current.lock().recover().clone() {
-            b.config_changed();
-        }
+    // Taken out first: a VMM answers when it likes (or never), and nothing else that
+    // needs the exports' locks (status, device add and remove) may wait for it.
+    let connected: Vec<_> = f
+        .served()
+        .iter()
+        .filter(|s| s.export.name == name)
+        .filter_map(|s| s.export.current.lock().recover().clone())
+        .collect();
+    for b in connected {
+        b.config_changed();
     }
 }
 
