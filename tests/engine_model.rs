@@ -868,6 +868,51 @@ fn set_small_send_buffer(s: &std::os::unix::net::UnixStream) {
     assert_eq!(r, 0);
 }
 
+/// A read sent from the page cache during which the access breaks and a live write
+/// reaches the source of the very cluster being sent, without copying (what a broken
+/// access lets through): the kernel may have copied the new data into the socket, so the
+/// read must fail (EIO), not report those bytes as sent snapshot data. The write runs in
+/// another thread while the sender holds the gate and the unit's stripe, shared.
+#[test]
+fn a_write_through_a_broken_access_during_a_send_from_the_page_cache_fails_the_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = 64u64 << 10;
+    let (engine, models) = make_engine(dir.path(), &[cluster * 4], cluster, &mut Rng(7));
+    engine.setup("t", Some(&["d0".to_string()]), None).unwrap();
+    let (id, _) = engine.active().unwrap();
+    let dev = engine.devices()[0].clone();
+    let (tx, rx) = std::os::unix::net::UnixStream::pair().unwrap();
+    let mut got = Vec::new();
+    let mut broke = false;
+    let mut send = |region: fleecefs::sys::Region| {
+        if !broke {
+            broke = true;
+            let access = dev.access().expect("the access is active");
+            access.break_with("a copy failed (test)".into());
+            thread::scope(|s| {
+                s.spawn(|| dev.write_live(0, &vec![0xff; cluster as usize]).unwrap())
+                    .join()
+                    .unwrap()
+            });
+        }
+        let n = fleecefs::sys::send_nonblocking(&tx, &[], region)?;
+        let at = got.len();
+        got.resize(at + n, 0);
+        std::io::Read::read_exact(&mut &rx, &mut got[at..]).unwrap();
+        Ok(n)
+    };
+    let mut buf = vec![0u8; cluster as usize];
+    let r = dev.stream_snapshot(id, 0, &mut buf, &mut send);
+    assert!(broke, "nothing was sent from the page cache");
+    match r {
+        Err(e) => assert_eq!(e.kind(), Kind::Broken, "{e}"),
+        Ok(sent) => panic!(
+            "the read succeeded ({sent} bytes sent, the point-in-time data: {})",
+            got[..] == models[0][..got.len()]
+        ),
+    }
+}
+
 /// Setup while writers run, without any quiescing: a writer writes an increasing counter
 /// to d0 and then d1, over and over. A snapshot taken at one instant for both devices
 /// shows counters (a, b) with b <= a <= b + 1, never b > a.
