@@ -655,7 +655,15 @@ impl Device {
     /// point-in-time image has data: a cluster still uncopied *after* the source was asked
     /// was not written since setup when it was asked (the copied bit is set before a write
     /// reaches the source), and one copied meanwhile counts as data. No lock is taken.
-    pub fn seek_snapshot(&self, access_id: u64, offset: u64, data: bool) -> Result<Option<u64>> {
+    /// The search goes no further than `limit` (what a caller needs only up to there must
+    /// not cost a walk to the next data far beyond): then `None`, or a hole at `limit`.
+    pub fn seek_snapshot(
+        &self,
+        access_id: u64,
+        offset: u64,
+        data: bool,
+        limit: u64,
+    ) -> Result<Option<u64>> {
         let access = {
             let gate = self.gate();
             self.current_access(&gate, access_id)?.clone()
@@ -663,9 +671,9 @@ impl Device {
         let r = if offset >= self.size() {
             None
         } else if data {
-            self.next_snapshot_data(&access, offset)?
+            self.next_snapshot_data(&access, offset, limit)?
         } else {
-            Some(self.next_snapshot_hole(&access, offset)?)
+            Some(self.next_snapshot_hole(&access, offset, limit)?)
         };
         // After a teardown or a break, writes no longer copy first: the source's map may
         // no longer be the snapshot's.
@@ -678,8 +686,13 @@ impl Device {
         Ok(r)
     }
 
-    fn next_snapshot_data(&self, access: &DeviceAccess, mut pos: u64) -> Result<Option<u64>> {
-        let size = self.size();
+    fn next_snapshot_data(
+        &self,
+        access: &DeviceAccess,
+        mut pos: u64,
+        limit: u64,
+    ) -> Result<Option<u64>> {
+        let size = self.size().min(limit);
         // Cluster indices as plain bit numbers of the access's bitmaps.
         let idx = |off: u64| self.cluster.index_of(off).0;
         let start = |c: u64| self.cluster.start_of(ClusterIdx(c));
@@ -704,7 +717,7 @@ impl Device {
                 .inspect_err(|e| self.note_source_error(e))?
                 .filter(|&d| d < size);
             // Clusters before the source's next data that were copied meanwhile are data.
-            let end = found.map_or(self.clusters(), |d| idx(d) + 1);
+            let end = found.map_or(idx(size - 1) + 1, |d| idx(d) + 1);
             for copied in access.copied.runs(c..end) {
                 if let Some(run) = access.accessible.runs(copied).next() {
                     return Ok(Some(pos.max(start(run.start))));
@@ -720,8 +733,8 @@ impl Device {
         }
     }
 
-    fn next_snapshot_hole(&self, access: &DeviceAccess, mut pos: u64) -> Result<u64> {
-        let size = self.size();
+    fn next_snapshot_hole(&self, access: &DeviceAccess, mut pos: u64, limit: u64) -> Result<u64> {
+        let size = self.size().min(limit);
         let idx = |off: u64| self.cluster.index_of(off).0;
         let start = |c: u64| self.cluster.start_of(ClusterIdx(c));
         loop {

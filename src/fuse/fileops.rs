@@ -128,7 +128,7 @@ impl Namespace {
                     (h, false) => Some(h.unwrap_or(size).min(size)),
                 })
             }
-            Node::Snap(i, _) => self.device(i)?.seek_snapshot(fh, offset, data),
+            Node::Snap(i, _) => self.device(i)?.seek_snapshot(fh, offset, data, u64::MAX),
             // All data.
             Node::Dirty(..) => self
                 .attr(node)

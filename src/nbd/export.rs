@@ -197,7 +197,7 @@ impl Export {
         while pos < end {
             let hole = self
                 .device
-                .seek_snapshot(id, pos, false)?
+                .seek_snapshot(id, pos, false, end)?
                 .unwrap_or(end)
                 .min(end);
             if hole > pos {
@@ -207,7 +207,7 @@ impl Export {
             if pos < end {
                 let data = self
                     .device
-                    .seek_snapshot(id, pos, true)?
+                    .seek_snapshot(id, pos, true, end)?
                     .unwrap_or(end)
                     .min(end);
                 let data = data.max(pos + 1).min(end);
@@ -234,11 +234,17 @@ impl Export {
             let (flags, next) = if !readable {
                 (proto::STATE_HOLE, run_end)
             } else {
-                let hole = self.device.seek_snapshot(id, pos, false)?.unwrap_or(end);
+                let hole = self
+                    .device
+                    .seek_snapshot(id, pos, false, run_end)?
+                    .unwrap_or(end);
                 if hole > pos {
                     (0, hole.min(run_end))
                 } else {
-                    let data = self.device.seek_snapshot(id, pos, true)?.unwrap_or(end);
+                    let data = self
+                        .device
+                        .seek_snapshot(id, pos, true, run_end)?
+                        .unwrap_or(end);
                     (
                         proto::STATE_HOLE | proto::STATE_ZERO,
                         data.max(pos + 1).min(run_end),
