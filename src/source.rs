@@ -445,13 +445,10 @@ impl Source {
                 Some(m)
             }
             Err(e) => {
-                if let Some(old) = map.take() {
-                    // The old map still serves what it covers, until its budget is spent.
-                    if fresh(&&old) {
-                        *map = Some(old.clone());
-                        return Some(old);
-                    }
-                    return None;
+                if map.is_some() {
+                    // The old map still serves what it covers until its budget is spent;
+                    // a new one is tried again at the next call.
+                    return map.as_ref().filter(fresh).cloned();
                 }
                 log::debug!(
                     "source {}: cannot be mapped ({e}); backup reads copy through a buffer",
