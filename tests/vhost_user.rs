@@ -1320,7 +1320,8 @@ fn get_vring_base_waits_for_the_requests_taken() {
 
 /// What a VM writes or zeroes over the export is what `live/NAME` reads afterwards, also
 /// through the kernel's page cache (`--live-cache`), which holds the pages an earlier
-/// read left there: the export has the kernel drop the ranges it changes.
+/// read left there (also one of an earlier worker): the export has the kernel drop the
+/// ranges it changes.
 #[test]
 fn writes_of_the_vm_are_seen_through_the_page_cache_of_live_name() {
     let (f, sock) = exported(&["--live-cache"]);
@@ -1341,6 +1342,21 @@ fn writes_of_the_vm_are_seen_through_the_page_cache_of_live_name() {
     let now = read_range(&f.live("vm"), 0, 8192);
     assert_all(&now[..4096], 0, "live/vm after the VM zeroed it");
     assert_bytes_eq(&now[4096..], &data[4096..], "live/vm past the zeroed range");
+    drop(c);
+    // The kernel keeps the pages across workers: the next one drops them too, although
+    // nothing opened live/vm since it started.
+    let pid = f.worker_pid();
+    f.client("restart", &[]).expect_ok("fleecefs restart");
+    wait_new_worker(&f, pid);
+    let mut c = Client::connect(&sock, 1, false);
+    let data = pattern(10, 8192);
+    c.buf(0, 8192).copy_from_slice(&data);
+    assert_eq!(c.write(0, 0, 0, 8192), 0);
+    assert_bytes_eq(
+        &read_range(&f.live("vm"), 0, 8192),
+        &data,
+        "live/vm after a write of the VM served by the next worker",
+    );
 }
 
 /// A VMM that does not answer the configuration change a resize sends (it asked for

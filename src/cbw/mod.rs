@@ -186,7 +186,8 @@ impl Device {
     }
 
     /// Notes that `live/NAME` was opened through the mount (the FUSE adapter does, at
-    /// each open): from then on the kernel may hold pages of it.
+    /// each open, and for every device when it takes the mount over from an earlier
+    /// worker): from then on the kernel may hold pages of it.
     pub fn note_opened_through_mount(&self) {
         self.opened_through_mount.store(true, Ordering::SeqCst);
     }

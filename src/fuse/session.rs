@@ -65,6 +65,13 @@ pub fn mount(
         session.notifier(),
         mountpoint.to_path_buf(),
     )));
+    // Taken over from an earlier worker: the kernel may hold pages of every live file
+    // (opened under that worker), which changes by another frontend must drop.
+    if worker.negotiated().is_some() {
+        for d in engine.devices() {
+            d.note_opened_through_mount();
+        }
+    }
     Ok(session)
 }
 
