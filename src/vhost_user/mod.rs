@@ -340,12 +340,16 @@ fn serve(engine: Arc<Engine>, export: Arc<Export>, listener: UnixListener) {
             Err(e) if e.kind() == Kind::Busy => {
                 // `device remove` of the device is under way: the VMM is turned away (if
                 // the removal is refused, the next connection is served).
-                if let Ok(Some(stream)) = listener.accept() {
-                    drop(stream);
-                    log::info!(
-                        "vhost-user-blk {}: a VMM connected while the device is being removed; turned away",
-                        export.name
-                    );
+                match listener.accept() {
+                    Ok(Some(stream)) => {
+                        drop(stream);
+                        log::info!(
+                            "vhost-user-blk {}: a VMM connected while the device is being removed; turned away",
+                            export.name
+                        );
+                    }
+                    // Nothing taken (an error, or the VMM gone): not again at once.
+                    _ => std::thread::sleep(ACCEPT_POLL),
                 }
                 continue;
             }
