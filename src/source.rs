@@ -597,16 +597,19 @@ mod map_tests {
     use super::*;
     use std::io::{Read, Write};
 
-    /// The file pages mapped in this process (`RssFile` in /proc/self/status), in bytes.
+    /// The file pages mapped in this process, in bytes: `RssFile` and `RssShmem` (a
+    /// temporary directory on tmpfs) in /proc/self/status.
     fn mapped_file_bytes() -> u64 {
         let status = std::fs::read_to_string("/proc/self/status").unwrap();
-        let kib = status
-            .lines()
-            .find_map(|l| l.strip_prefix("RssFile:"))
-            .and_then(|v| v.trim().strip_suffix("kB"))
-            .map(|v| v.trim().parse::<u64>().unwrap())
-            .unwrap();
-        kib * 1024
+        let kib = |field: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| v.trim().strip_suffix("kB"))
+                .map(|v| v.trim().parse::<u64>().unwrap())
+                .unwrap()
+        };
+        (kib("RssFile:") + kib("RssShmem:")) * 1024
     }
 
     #[test]
