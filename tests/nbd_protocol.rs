@@ -731,17 +731,22 @@ fn status_shows_the_reply_mode_of_each_client() {
 
 /// Teardown ends the exports also for a client that keeps sending requests which do not
 /// touch the snapshot (flush, or requests refused for their shape): the first request
-/// after the teardown gets `ESHUTDOWN` and the connection ends, as for a read.
+/// after the teardown gets `ESHUTDOWN` and the connection ends, as for a read; also when
+/// a new access already exports a device of the same name (a read then included).
 #[test]
 fn a_busy_client_is_disconnected_at_teardown_whatever_it_asks() {
     let s = serve(4 * MIB, &[(0, 0xa1, MIB)]);
-    for (kind, offset, len) in [
-        (CMD_FLUSH, 0, 0),
-        (CMD_READ, 8 * MIB, 4096),
-        (CMD_WRITE_ZEROES, 0, 4096),
-        (99, 0, 0),
+    s.engine.teardown("t", true).unwrap();
+    for (kind, offset, len, next_access) in [
+        (CMD_FLUSH, 0, 0, false),
+        (CMD_READ, 8 * MIB, 4096, false),
+        (CMD_WRITE_ZEROES, 0, 4096, false),
+        (99, 0, 0, false),
+        (CMD_FLUSH, 0, 0, true),
+        (CMD_READ, 0, 4096, true),
+        (CMD_TRIM, 0, MIB, true),
     ] {
-        s.engine.setup("t", None, Some("b")).ok();
+        s.engine.setup("t", None, None).unwrap();
         let mut c = Client::connect(&s.sock, Headers::Structured, &[]);
         assert_eq!(c.errno_of(0, CMD_FLUSH, 1, 0, 0), 0);
         // The request's first byte goes before the teardown, the rest after it: the
@@ -750,6 +755,9 @@ fn a_busy_client_is_disconnected_at_teardown_whatever_it_asks() {
         c.s.write_all(&b[..1]).unwrap();
         std::thread::sleep(Duration::from_millis(50));
         s.engine.teardown("t", true).unwrap();
+        if next_access {
+            s.engine.setup("t", None, None).unwrap();
+        }
         c.s.write_all(&b[1..]).unwrap();
         let r = c.replies(2, 0);
         assert_eq!(
@@ -761,6 +769,13 @@ fn a_busy_client_is_disconnected_at_teardown_whatever_it_asks() {
             c.closed(),
             "command {kind}: the connection outlived the teardown"
         );
+        if next_access {
+            // the new access's export is whole: the trim was not applied to it
+            let mut c = Client::connect(&s.sock, Headers::Structured, &[]);
+            assert_eq!(c.read(3, 0, 4096), vec![0xa1u8; 4096]);
+            drop(c);
+            s.engine.teardown("t", true).unwrap();
+        }
     }
 }
 
