@@ -597,19 +597,33 @@ mod map_tests {
     use super::*;
     use std::io::{Read, Write};
 
-    /// The file pages mapped in this process, in bytes: `RssFile` and `RssShmem` (a
-    /// temporary directory on tmpfs) in /proc/self/status.
-    fn mapped_file_bytes() -> u64 {
-        let status = std::fs::read_to_string("/proc/self/status").unwrap();
-        let kib = |field: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(field))
-                .and_then(|v| v.trim().strip_suffix("kB"))
-                .map(|v| v.trim().parse::<u64>().unwrap())
-                .unwrap()
-        };
-        (kib("RssFile:") + kib("RssShmem:")) * 1024
+    /// The pages of `path` mapped in this process (the `Rss` of its mappings in
+    /// /proc/self/smaps, file or shared-memory pages: a temporary directory may be on
+    /// tmpfs), in bytes; not the process's totals: other tests running meanwhile map files
+    /// of their own.
+    fn mapped_file_bytes(path: &Path) -> u64 {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let name = path.to_string_lossy();
+        let mut ours = false;
+        let mut kib = 0;
+        for l in smaps.lines() {
+            if let Some(v) = l.strip_prefix("Rss:") {
+                if ours {
+                    kib += v
+                        .trim()
+                        .trim_end_matches("kB")
+                        .trim()
+                        .parse::<u64>()
+                        .unwrap();
+                }
+            } else if l.split_whitespace().next().is_some_and(|a| {
+                a.contains('-') && a.chars().all(|c| c.is_ascii_hexdigit() || c == '-')
+            }) {
+                // a mapping's header line: address range, perms, offset, dev, inode, path
+                ours = l.split_whitespace().nth(5) == Some(&*name);
+            }
+        }
+        kib * 1024
     }
 
     #[test]
@@ -635,7 +649,7 @@ mod map_tests {
                 }
             }
         });
-        let before = mapped_file_bytes();
+        let before = mapped_file_bytes(&path);
         let mut most = 0;
         let mut pos = 0;
         while pos < SIZE {
@@ -646,7 +660,7 @@ mod map_tests {
                 std::thread::yield_now();
             }
             pos += n as u64;
-            most = most.max(mapped_file_bytes().saturating_sub(before));
+            most = most.max(mapped_file_bytes(&path).saturating_sub(before));
         }
         drop(tx);
         assert_eq!(reader.join().unwrap(), SIZE);
