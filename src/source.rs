@@ -169,7 +169,8 @@ pub struct Source {
     /// made at the first use and again when the source has grown past it or once
     /// [`MAP_BUDGET`] bytes have been sent from it.
     map: std::sync::Mutex<Option<std::sync::Arc<sys::FileMap>>>,
-    /// Set when the source could not be mapped: not tried again.
+    /// Set when the source could not be mapped, or lies on a filesystem where a mapping
+    /// may not show what was written (`sys::mapping_is_coherent`): not tried again.
     unmappable: AtomicBool,
 }
 
@@ -295,6 +296,8 @@ impl Source {
             BackupRead::Direct => open_direct(&file, path),
             BackupRead::Cached => None,
         };
+        // Reads are sent from a mapping only where it shows what was written through the fd.
+        let coherent = sys::mapping_is_coherent(&file);
         Ok(Source {
             file,
             direct_ok: AtomicBool::new(direct.is_some()),
@@ -305,7 +308,7 @@ impl Source {
             reach: reach(path, identity.uid, identity.gid),
             identity,
             map: std::sync::Mutex::new(None),
-            unmappable: AtomicBool::new(false),
+            unmappable: AtomicBool::new(!coherent),
         })
     }
 

@@ -119,6 +119,34 @@ impl Drop for FileMap {
     }
 }
 
+/// Whether pages of `file` mapped shared always show what was written through its fd:
+/// true for block devices and for local filesystems whose buffered writes and reads share
+/// the page cache (ext2/3/4, XFS, Btrfs, F2FS, tmpfs). Network and FUSE filesystems
+/// may write around the page cache (direct I/O, no cache) and are left out.
+pub fn mapping_is_coherent(file: &File) -> bool {
+    const COHERENT: [i64; 5] = [
+        0xEF53,      // ext2, ext3, ext4
+        0x5846_5342, // XFS
+        0x9123_683E, // Btrfs
+        0xF2F5_2010, // F2FS
+        0x0102_1994, // tmpfs
+    ];
+    use std::os::unix::fs::FileTypeExt;
+    if file
+        .metadata()
+        .is_ok_and(|m| m.file_type().is_block_device())
+    {
+        return true;
+    }
+    // SAFETY: a zeroed statfs is a valid out-buffer for fstatfs.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatfs writes one statfs into `st`, a valid local, for a valid fd.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
+        return false;
+    }
+    COHERENT.contains(&(st.f_type as i64))
+}
+
 /// Sends `head` and then `region` on `socket` without blocking: as much as the socket
 /// takes now. Returns the bytes sent (0 when the socket is full, or when the kernel
 /// could not read the region's first page: the caller sends the rest another way).
@@ -182,6 +210,16 @@ mod tests {
         b.read_exact(&mut got).unwrap();
         assert_eq!(&got[..4], b"head");
         assert_eq!(&got[4..], &data[100..1100]);
+    }
+
+    #[test]
+    fn local_files_map_coherently_and_proc_files_do_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = File::create(dir.path().join("f")).unwrap();
+        // The test directory is on one of the listed local filesystems here (ext4 or tmpfs).
+        assert!(mapping_is_coherent(&f));
+        let proc_file = File::open("/proc/self/status").unwrap();
+        assert!(!mapping_is_coherent(&proc_file));
     }
 
     #[test]
