@@ -451,7 +451,11 @@ fn read(
 
 /// A read whose range is all data, on a socket without TLS, answered from the source's
 /// page cache where it can (`Export::stream`): the reply's header and the data the
-/// engine sends without blocking go out first, the rest from the buffer. `None` when the
+/// engine sends without blocking go out first, the rest from the buffer. A structured
+/// reply is a data chunk and a final NONE chunk; a read that fails after its data chunk
+/// started to go out completes the chunk with zeroes and ends with an error chunk, as
+/// the protocol asks (a simple reply cannot say it: the client is disconnected). `None`
+/// when the
 /// read does not qualify (the caller reads it the buffered way). Reads that run on the
 /// backup pool (`--backup-priority low`) never come here: sending from the page cache
 /// holds the cluster's lock while the kernel copies, which a thread at idle priority
@@ -477,13 +481,17 @@ fn read_streamed(
         Err(e) => return send_error(link, &to, &e).map(Some),
     }
     let len = req.len as usize;
+    // The data chunk goes out before all of it is read, so it is not the last one (the
+    // protocol forbids that while an error can still come): a final NONE chunk follows,
+    // or, after an error, padding to the chunk's end and an error chunk.
     let head = if n.mode.chunked() {
-        to.data(proto::REPLY_FLAG_DONE, req.offset, len as u32)
+        to.data(0, req.offset, len as u32)
     } else {
         to.simple(0)
     };
     let data = buf.get(len)?;
     let mut head_sent = 0;
+    let mut data_sent = 0;
     let result = {
         let Some(socket) = link.plain_socket() else {
             return Ok(None);
@@ -492,10 +500,13 @@ fn read_streamed(
             let sent = crate::sys::send_nonblocking(&socket, &head[head_sent..], region)?;
             let of_head = sent.min(head.len() - head_sent);
             head_sent += of_head;
+            data_sent += sent - of_head;
             Ok(sent - of_head)
         };
         export.stream(req.offset, data, &mut send)
     };
+    let done = to.done();
+    let last: &[u8] = if n.mode.chunked() { &done } else { &[] };
     match result {
         Ok(sent) => {
             env.bytes_read.fetch_add(req.len, Ordering::Relaxed);
@@ -504,12 +515,26 @@ fn read_streamed(
                 &mut [
                     IoSlice::new(&head[head_sent..]),
                     IoSlice::new(&data[sent..]),
+                    IoSlice::new(last),
                 ],
             )?;
             link.flush()?;
             Ok(Some(Outcome::Next))
         }
         Err(e) if head_sent == 0 => send_error(link, &to, &e).map(Some),
+        Err(e) if n.mode.chunked() => {
+            // The chunk is completed with zeroes (the client takes nothing of it: an
+            // error chunk follows) and the connection goes on.
+            data[data_sent..].fill(0);
+            write_all_vectored(
+                link,
+                &mut [
+                    IoSlice::new(&head[head_sent..]),
+                    IoSlice::new(&data[data_sent..]),
+                ],
+            )?;
+            send_error(link, &to, &e).map(Some)
+        }
         Err(e) => {
             log::warn!(
                 "NBD read of export '{}' at {}+{} failed after part of its reply went out: \
