@@ -1417,3 +1417,31 @@ fn a_vmm_that_does_not_answer_a_config_change_holds_up_only_the_resize() {
         .expect("status did not answer while a VMM held up a resize")
         .expect_ok("fleecefs status");
 }
+
+/// A worker that takes the mount over has the kernel drop the pages it holds of every
+/// live file: the worker before may have changed data without telling the kernel (it
+/// died between a VM's write and the notification, or was handing over). Shown with a
+/// change made to the source behind the mount's back.
+#[test]
+fn a_worker_taking_over_drops_the_kernel_pages_of_live_files() {
+    let (f, _sock) = exported(&["--live-cache"]);
+    let old = read_range(&f.live("vm"), 0, 8192);
+    let data = pattern(11, 8192);
+    assert_ne!(old, data);
+    std::os::unix::fs::FileExt::write_all_at(
+        &fs::OpenOptions::new()
+            .write(true)
+            .open(f.source("vm"))
+            .expect("the source"),
+        &data,
+        0,
+    )
+    .expect("writing the source");
+    assert_eq!(read_range(&f.live("vm"), 0, 8192), old, "a cached re-read");
+    let pid = f.worker_pid();
+    kill(pid, libc::SIGKILL);
+    wait_new_worker(&f, pid);
+    wait_until("live/vm as the source holds it", || {
+        read_range(&f.live("vm"), 0, 8192) == data
+    });
+}

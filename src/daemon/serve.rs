@@ -351,6 +351,9 @@ pub fn serve(plan: ServePlan, worker: Arc<Worker>) -> Result<()> {
         worker.resend(fd.as_fd());
     }
     drop(resend_fd);
+    if worker.negotiated().is_some() {
+        drop_live_pages(&engine);
+    }
     // Serving means answering: one lookup through the kernel.
     let live = MountLayout::new(plan.mountpoint.clone()).live_dir();
     let connection = fs::metadata(&live)
@@ -410,5 +413,23 @@ pub fn serve(plan: ServePlan, worker: Arc<Worker>) -> Result<()> {
         }
         Ok(Err(e)) => Err(Error::io("FUSE session ended with an error", e)),
         Err(_) => Err(Error::invalid("FUSE session thread panicked")),
+    }
+}
+
+/// A worker that took the mount over has the kernel drop the pages it holds of every live
+/// file, from a thread of its own (the kernel may wait for reads this worker serves): the
+/// worker before may have changed data without telling it (a VM's write just before its
+/// death, or while it handed over).
+fn drop_live_pages(engine: &Arc<Engine>) {
+    let engine = engine.clone();
+    let spawned = std::thread::Builder::new()
+        .name("live-pages".into())
+        .spawn(move || {
+            for (slot, d) in engine.slots() {
+                engine.changed_elsewhere(slot, &d, 0, d.size());
+            }
+        });
+    if let Err(e) = spawned {
+        log::warn!("dropping the kernel's pages of the live files: {e}");
     }
 }

@@ -65,6 +65,11 @@ impl crate::engine::KernelCache for KernelNotifier {
     }
 
     fn data_changed(&self, slot: usize, offset: u64, len: u64) {
+        // Handing over: the kernel may wait for a read of these pages that waits at the
+        // closed gate, and the caller is inside it. The next worker drops every page.
+        if crate::keeper::GATE.is_closed() {
+            return;
+        }
         let ino = INodeNo(Node::Live(slot).ino());
         let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
             return;

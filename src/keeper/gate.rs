@@ -45,6 +45,12 @@ impl Gate {
         Pass(self)
     }
 
+    /// Whether a planned restart closed the gate (requests arriving now wait for the next
+    /// worker).
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
     fn leave(&self) {
         if self.inside.fetch_sub(1, Ordering::SeqCst) == 1 && self.closed.load(Ordering::SeqCst) {
             let _g = self.lock.lock().recover();
