@@ -4,8 +4,9 @@
 # after STARTTLS, equal snapshot/NAME); without TLS it is refused (NBD_REP_ERR_TLS_REQD);
 # with a certificate another CA signed it is refused in the TLS handshake. The mount
 # refuses TCP without TLS credentials or --nbd-insecure, and --nbd-insecure serves clear
-# text. A Unix socket in a directory other users can write is refused. An idle TLS
-# connection is closed by the teardown.
+# text. A Unix socket in a directory other users can write is refused. TLS handshakes
+# that never finish are closed at the negotiation's time limit. An idle TLS connection is
+# closed by the teardown.
 source "$(dirname "$0")/lib.sh"
 
 M=$((1 << 20))
@@ -77,6 +78,25 @@ d = struct.pack(">I", 4) + b"disk" + struct.pack(">H", 0)
 s.sendall(struct.pack(">QII", 0x49484156454F5054, 7, len(d)) + d)
 magic, opt, kind, n = struct.unpack(">QIII", s.recv(20, socket.MSG_WAITALL))
 assert kind == (1 << 31) + 5, hex(kind)
+PY
+# TLS handshakes that never finish (nothing after STARTTLS, or half a ClientHello): the
+# server closes them at the negotiation's time limit (5 s), the export unharmed
+/usr/bin/python3 - "$P" <<'PY' || fail "a TLS handshake that never finishes was not closed in time"
+import socket, struct, sys, time
+def starttls():
+    s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=30)
+    assert s.recv(18, socket.MSG_WAITALL)[:8] == b"NBDMAGIC"
+    s.sendall(struct.pack(">I", 3) + struct.pack(">QII", 0x49484156454F5054, 5, 0))
+    magic, opt, kind, n = struct.unpack(">QIII", s.recv(20, socket.MSG_WAITALL))
+    assert kind == 1, hex(kind)
+    return s
+silent, half = starttls(), starttls()
+half.sendall(bytes([0x16, 3, 1, 0x02, 0x00, 0x01, 0x00]))   # a record header and a few bytes
+start = time.monotonic()
+for s in (silent, half):
+    while s.recv(4096):
+        pass
+assert time.monotonic() - start < 15, time.monotonic() - start
 PY
 expect_fail_with "" nbdinfo "nbds://127.0.0.1:$P/disk?tls-certificates=$T/badclient"
 for _ in $(seq 300); do   # the daemon logs it after the client has gone
