@@ -151,9 +151,16 @@ fn error_reply(link: &mut impl Link, option: u32, kind: u32, message: &str) -> i
     reply(link, option, kind, message.as_bytes())
 }
 
-/// The error reply to `option` naming an export `name` the catalog does not have.
+/// The error reply to `option` naming an export `name` the catalog does not have: the
+/// name escaped and cut at 80 characters, as QEMU's server does, so that the message stays
+/// a protocol string (at most 4096 bytes) whatever the client sent.
 fn unknown_export(link: &mut impl Link, option: u32, name: &str) -> io::Result<()> {
-    let message = format!("no export '{name}' (no backup access, or no such device)");
+    let mut shown: String = name.chars().take(80).collect::<String>();
+    shown = shown.escape_debug().to_string();
+    if name.chars().nth(80).is_some() {
+        shown.push_str("...");
+    }
+    let message = format!("no export '{shown}' (no backup access, or no such device)");
     error_reply(link, option, proto::REP_ERR_UNKNOWN, &message)
 }
 

@@ -492,3 +492,32 @@ fn dont_fragment_only_with_chunked_replies() {
     assert_eq!(flags & FLAG_BLOCK_STATUS_PAYLOAD, 0);
     assert_ne!(flags & FLAG_SEND_DF, 0);
 }
+
+#[test]
+fn an_unknown_export_is_named_in_at_most_a_short_message() {
+    // a name of the longest length accepted, with a control character: the error's
+    // message stays a protocol string (at most 4096 bytes), the name cut and escaped
+    let name = format!("\u{1b}{}", "x".repeat(MAX_STRING - 1));
+    let (r, replies) = run(
+        FLAGS,
+        &[
+            option(OPT_STRUCTURED_REPLY, &[]),
+            option(OPT_GO, &info(&name, &[])),
+            option(OPT_SET_META_CONTEXT, &meta(&name, &["base:allocation"])),
+            option(OPT_ABORT, &[]),
+        ],
+        (false, false),
+    );
+    assert!(matches!(r, Err(Refused::Left)));
+    for (opt, kind, message) in &replies[1..3] {
+        assert_eq!(*kind, REP_ERR_UNKNOWN, "option {opt}");
+        let message = std::str::from_utf8(message).unwrap();
+        assert!(
+            message.len() <= 200,
+            "option {opt}: {} bytes",
+            message.len()
+        );
+        assert!(!message.contains('\u{1b}'), "{message}");
+        assert!(message.contains("\\u{1b}xxx"), "{message}");
+    }
+}
