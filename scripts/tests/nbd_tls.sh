@@ -79,6 +79,41 @@ s.sendall(struct.pack(">QII", 0x49484156454F5054, 7, len(d)) + d)
 magic, opt, kind, n = struct.unpack(">QIII", s.recv(20, socket.MSG_WAITALL))
 assert kind == (1 << 31) + 5, hex(kind)
 PY
+# NBD_CMD_DISC over TLS: the server shuts the TLS session down (close_notify) before it
+# closes the connection, as the protocol asks (an EOF without it is a truncation the
+# client cannot tell from an attack)
+/usr/bin/python3 - "$P" "$T/client" <<'PY' || fail "the TLS session was not shut down cleanly"
+import socket, ssl, struct, sys
+def recv_all(s, n):
+    b = b""
+    while len(b) < n:
+        c = s.recv(n - len(b))
+        assert c, "EOF"
+        b += c
+    return b
+raw = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
+assert recv_all(raw, 18)[:8] == b"NBDMAGIC"
+raw.sendall(struct.pack(">I", 3) + struct.pack(">QII", 0x49484156454F5054, 5, 0))
+assert struct.unpack(">QIII", recv_all(raw, 20))[2] == 1
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+ctx.load_verify_locations(sys.argv[2] + "/ca-cert.pem")
+ctx.load_cert_chain(sys.argv[2] + "/client-cert.pem", sys.argv[2] + "/client-key.pem")
+ctx.options &= ~ssl.OP_IGNORE_UNEXPECTED_EOF   # an EOF without close_notify: SSLEOFError
+s = ctx.wrap_socket(raw, server_hostname="127.0.0.1", suppress_ragged_eofs=False)
+d = struct.pack(">I", 4) + b"disk" + struct.pack(">H", 0)
+s.sendall(struct.pack(">QII", 0x49484156454F5054, 7, len(d)) + d)
+while True:
+    magic, opt, kind, n = struct.unpack(">QIII", recv_all(s, 20))
+    recv_all(s, n)
+    assert kind < (1 << 31), hex(kind)
+    if kind == 1:
+        break
+s.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 2, 1, 0, 0))   # NBD_CMD_DISC
+try:
+    assert s.recv(1) == b"", "data after NBD_CMD_DISC"
+except ssl.SSLError as e:
+    sys.exit("the connection ended without close_notify: %s" % e)
+PY
 # TLS handshakes that never finish (nothing after STARTTLS, or half a ClientHello): the
 # server closes them at the negotiation's time limit (5 s), the export unharmed
 /usr/bin/python3 - "$P" <<'PY' || fail "a TLS handshake that never finishes was not closed in time"

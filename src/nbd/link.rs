@@ -150,6 +150,17 @@ impl Stream {
         }
     }
 
+    /// Shuts the TLS session down (`close_notify`), as the protocol asks of a server that
+    /// ends a connection cleanly (`NBD_CMD_DISC`); nothing on a plain connection.
+    pub fn close_tls(&mut self) {
+        if let Inner::Tls(t) = &mut self.inner {
+            t.conn.send_close_notify();
+            if let Err(e) = t.flush() {
+                log::debug!("NBD connection: sending the TLS close_notify: {e}");
+            }
+        }
+    }
+
     /// Every read fails with `TimedOut` after `deadline` (`None`: no deadline).
     pub fn set_deadline(&mut self, deadline: Option<Instant>) -> io::Result<()> {
         let s = self.sock()?;

@@ -394,7 +394,12 @@ fn connection(shared: &Shared, id: u64, kind: SockKind, tcp: bool) {
     };
     let name = export.name().to_string();
     match conn::serve(&mut stream, &n, Arc::new(export), &env) {
-        Ok(()) => log::info!("NBD client {peer} of export '{name}' disconnected"),
+        Ok(()) => {
+            // a clean end: the TLS session too (not after an error: the socket may be
+            // one the client no longer reads, and this would wait for it)
+            stream.close_tls();
+            log::info!("NBD client {peer} of export '{name}' disconnected")
+        }
         Err(e) => log::info!("NBD client {peer} of export '{name}': connection ended: {e}"),
     }
 }
