@@ -115,10 +115,11 @@ fn transmission_flags(mode: Mode, payload_form: bool) -> u16 {
     flags
 }
 
-/// The meta contexts of `export` that `query` selects, with their ids: `base:` and
-/// `base:allocation`; `qemu:`, `qemu:dirty-bitmap:` and the bitmap's own name.
-/// An empty query list (only for LIST) selects all.
-fn select_contexts(export: &ExportInfo, queries: &[String]) -> Vec<(u32, String)> {
+/// The meta contexts of `export` that `query` selects, with their ids: `base:allocation`
+/// and the bitmap's own name; for LIST also a namespace alone (`base:`, `qemu:`,
+/// `qemu:dirty-bitmap:`: its contexts), which SET takes as selecting none, as QEMU's
+/// server does. An empty query list (only for LIST) selects all.
+fn select_contexts(export: &ExportInfo, queries: &[String], set: bool) -> Vec<(u32, String)> {
     let mut all = vec![(CONTEXT_ALLOCATION, BASE_ALLOCATION.to_string())];
     if let Some(b) = &export.bitmap {
         all.push((CONTEXT_DIRTY, format!("{DIRTY_BITMAP_PREFIX}{b}")));
@@ -130,8 +131,8 @@ fn select_contexts(export: &ExportInfo, queries: &[String]) -> Vec<(u32, String)
     for q in queries {
         for (id, name) in &all {
             let hit = match q.as_str() {
-                "base:" => *id == CONTEXT_ALLOCATION,
-                "qemu:" | "qemu:dirty-bitmap:" => *id == CONTEXT_DIRTY,
+                "base:" => !set && *id == CONTEXT_ALLOCATION,
+                "qemu:" | "qemu:dirty-bitmap:" => !set && *id == CONTEXT_DIRTY,
                 _ => q == name,
             };
             if hit && !out.iter().any(|(i, _)| i == id) {
@@ -321,7 +322,7 @@ pub fn negotiate(link: &mut impl Link, catalog: &dyn Catalog) -> Result<Negotiat
                 let selected = if set && m.queries.is_empty() {
                     Vec::new()
                 } else {
-                    select_contexts(&export, &m.queries)
+                    select_contexts(&export, &m.queries, set)
                 };
                 for (id, name) in &selected {
                     reply(

@@ -521,3 +521,33 @@ fn an_unknown_export_is_named_in_at_most_a_short_message() {
         assert!(message.contains("\\u{1b}xxx"), "{message}");
     }
 }
+
+#[test]
+fn a_namespace_alone_lists_its_contexts_but_selects_none() {
+    let (r, replies) = run(
+        FLAGS,
+        &[
+            option(OPT_STRUCTURED_REPLY, &[]),
+            option(OPT_LIST_META_CONTEXT, &meta("vda", &["base:", "qemu:"])),
+            option(
+                OPT_SET_META_CONTEXT,
+                &meta("vda", &["base:", "qemu:dirty-bitmap:"]),
+            ),
+            option(OPT_GO, &info("vda", &[])),
+        ],
+        (false, false),
+    );
+    let contexts = |opt| {
+        replies
+            .iter()
+            .filter(|(o, kind, _)| *o == opt && *kind == REP_META_CONTEXT)
+            .map(|(_, _, d)| String::from_utf8(d[4..].to_vec()).unwrap())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        contexts(OPT_LIST_META_CONTEXT),
+        ["base:allocation", "qemu:dirty-bitmap:b1"]
+    );
+    assert!(contexts(OPT_SET_META_CONTEXT).is_empty());
+    assert!(r.unwrap().contexts.is_empty());
+}
