@@ -259,13 +259,18 @@ impl<'a> Cursor<'a> {
         Some(u32::from_be_bytes(self.bytes(4)?.try_into().ok()?))
     }
 
-    /// A string with a u32 length before it, at most [`MAX_STRING`] bytes of UTF-8.
+    /// A string with a u32 length before it, at most [`MAX_STRING`] bytes of UTF-8
+    /// without NUL (the protocol's strings; QEMU's server refuses a NUL too).
     pub fn string(&mut self) -> Option<&'a str> {
         let n = self.u32()? as usize;
         if n > MAX_STRING {
             return None;
         }
-        std::str::from_utf8(self.bytes(n)?).ok()
+        let b = self.bytes(n)?;
+        if b.contains(&0) {
+            return None;
+        }
+        std::str::from_utf8(b).ok()
     }
 
     /// Whether everything was read.
@@ -305,6 +310,8 @@ pub struct MetaRequest {
 }
 
 /// Parses meta context option data; `None` when malformed (also more than 256 queries).
+/// A query longer than a protocol string is skipped, as QEMU's server skips it (no
+/// context has such a name).
 pub fn parse_meta_request(data: &[u8]) -> Option<MetaRequest> {
     let mut c = Cursor::new(data);
     let name = c.string()?.to_string();
@@ -314,6 +321,13 @@ pub fn parse_meta_request(data: &[u8]) -> Option<MetaRequest> {
     }
     let mut queries = Vec::new();
     for _ in 0..n {
+        let mut peek = Cursor { data: c.data };
+        let len = peek.u32()? as usize;
+        if len > MAX_STRING {
+            peek.bytes(len)?;
+            c = peek;
+            continue;
+        }
         queries.push(c.string()?.to_string());
     }
     c.is_empty().then_some(MetaRequest { name, queries })
@@ -439,6 +453,19 @@ mod tests {
         assert_eq!(m.name, "vda");
         assert_eq!(m.queries, ["base:allocation", "qemu:dirty-bitmap:"]);
         assert_eq!(parse_meta_request(&d[..d.len() - 3]), None);
+        // a NUL in a query: malformed; a query over 4096 bytes: skipped
+        let q = |query: &[u8]| {
+            let mut d = 3u32.to_be_bytes().to_vec();
+            d.extend_from_slice(b"vda");
+            d.extend_from_slice(&2u32.to_be_bytes());
+            d.extend_from_slice(&(query.len() as u32).to_be_bytes());
+            d.extend_from_slice(query);
+            d.extend_from_slice(&4u32.to_be_bytes());
+            d.extend_from_slice(b"base");
+            parse_meta_request(&d)
+        };
+        assert_eq!(q(b"a\0b"), None);
+        assert_eq!(q(&vec![b'x'; MAX_STRING + 1]).unwrap().queries, ["base"]);
         // a huge query count is refused before any allocation
         let mut d = 0u32.to_be_bytes().to_vec();
         d.extend_from_slice(&u32::MAX.to_be_bytes());

@@ -110,6 +110,19 @@ for q in ("base:", "qemu:", "qemu:dirty-bitmap:", "", "BASE:allocation", "base:a
         # (qemu-nbd has no dirty bitmap here: only what both servers have is compared)
         names = [n for n in names if not n.startswith("qemu:dirty-bitmap:")]
         print("%s meta context %r: %s" % (what, q, names))
+# malformed or odd negotiation data: the type of each reply
+for what, opt, data in [
+    ("an export name with a NUL", 6,
+     struct.pack(">I", len(export) + 2) + export.encode() + b"\0x" + b"\0\0"),
+    ("a meta context query with a NUL", 9,
+     struct.pack(">I", len(export)) + export.encode() + struct.pack(">II", 1, 3) + b"a\0b"),
+    ("a meta context query over 4096 bytes", 9,
+     struct.pack(">I", len(export)) + export.encode() + struct.pack(">II", 1, 5000) + b"a" * 5000),
+    ("an info request count past the data", 6,
+     struct.pack(">I", len(export)) + export.encode() + struct.pack(">H", 5)),
+    ("an unknown option with data", 99, b"abc"),
+]:
+    print("%s: %s" % (what, [hex(kind) for kind, _ in option(c, opt, data)][-1]))
 option(c, 2)
 c.close()
 s, ids, flags = connect()
