@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::error::{Error, IoContext, Result};
-use crate::sync::Recover;
 use crate::sys;
 
 /// What the source is, and who owns it (live/snapshot files carry its owner and mode).
@@ -139,16 +138,6 @@ pub struct SourceNow {
     pub blocks: u64,
 }
 
-/// Bytes sent from one mapping of the source before [`Source::mapped`] replaces it by a
-/// fresh one. Each page the kernel copies from stays mapped in the worker until the
-/// mapping goes, and so do its page tables (2 MiB per GiB): a full backup of a 4 TiB
-/// disk would otherwise leave 8 GiB of page tables and all of the source's cached pages
-/// in the worker's memory for as long as the device is served.
-#[cfg(not(test))]
-const MAP_BUDGET: u64 = 256 << 20;
-#[cfg(test)]
-const MAP_BUDGET: u64 = 4 << 20;
-
 /// An open source image.
 pub struct Source {
     file: File,
@@ -165,13 +154,6 @@ pub struct Source {
     identity: Identity,
     /// The permission bits the directories above the source let through ([`reach`]).
     reach: u32,
-    /// The source mapped for sends straight from its page cache ([`Source::mapped`]),
-    /// made at the first use and again when the source has grown past it or once
-    /// [`MAP_BUDGET`] bytes have been sent from it.
-    map: std::sync::Mutex<Option<std::sync::Arc<sys::FileMap>>>,
-    /// Set when the source could not be mapped, or lies on a filesystem where a mapping
-    /// may not show what was written (`sys::mapping_is_coherent`): not tried again.
-    unmappable: AtomicBool,
 }
 
 impl Source {
@@ -296,8 +278,6 @@ impl Source {
             BackupRead::Direct => open_direct(&file, path),
             BackupRead::Cached => None,
         };
-        // Reads are sent from a mapping only where it shows what was written through the fd.
-        let coherent = sys::mapping_is_coherent(&file);
         Ok(Source {
             file,
             direct_ok: AtomicBool::new(direct.is_some()),
@@ -307,8 +287,6 @@ impl Source {
             size: AtomicU64::new(size),
             reach: reach(path, identity.uid, identity.gid),
             identity,
-            map: std::sync::Mutex::new(None),
-            unmappable: AtomicBool::new(!coherent),
         })
     }
 
@@ -419,48 +397,6 @@ impl Source {
             self.read_at(&mut buf[done..], offset + done as u64)?;
         }
         Ok(())
-    }
-
-    /// The source mapped read-only for the kernel (`sys::FileMap`), to send snapshot data
-    /// from its page cache without a copy in between; `None` with `--backup-read direct`
-    /// (backup reads then leave the page cache to the guest) or where the source cannot
-    /// be mapped (then backup reads copy, as [`Source::read_for_backup`] does). A map
-    /// that has handed out 256 MiB (`MAP_BUDGET`) is replaced by a fresh one, and unmapped
-    /// once the sends still using it are done.
-    pub fn mapped(&self) -> Option<std::sync::Arc<sys::FileMap>> {
-        if self.direct.is_some() || self.unmappable.load(Ordering::Relaxed) {
-            return None;
-        }
-        let size = self.size();
-        let mut map = self.map.lock().recover();
-        let fresh = |m: &&std::sync::Arc<sys::FileMap>| m.handed() < MAP_BUDGET;
-        if let Some(m) = map
-            .as_ref()
-            .filter(fresh)
-            .filter(|m| m.len() as u64 >= size)
-        {
-            return Some(m.clone());
-        }
-        match sys::FileMap::new(&self.file, size) {
-            Ok(m) => {
-                let m = std::sync::Arc::new(m);
-                *map = Some(m.clone());
-                Some(m)
-            }
-            Err(e) => {
-                if map.is_some() {
-                    // The old map still serves what it covers until its budget is spent;
-                    // a new one is tried again at the next call.
-                    return map.as_ref().filter(fresh).cloned();
-                }
-                log::debug!(
-                    "source {}: cannot be mapped ({e}); backup reads copy through a buffer",
-                    self.path.display()
-                );
-                self.unmappable.store(true, Ordering::Relaxed);
-                None
-            }
-        }
     }
 
     /// Reads the longest aligned prefix of `buf` with `O_DIRECT`; returns how much it read
@@ -592,85 +528,5 @@ mod reach_tests {
 
     fn sys_gid() -> u32 {
         crate::sys::process_owner().1
-    }
-}
-
-#[cfg(test)]
-mod map_tests {
-    use super::*;
-    use std::io::{Read, Write};
-
-    /// The pages of `path` mapped in this process (the `Rss` of its mappings in
-    /// /proc/self/smaps, file or shared-memory pages: a temporary directory may be on
-    /// tmpfs), in bytes; not the process's totals: other tests running meanwhile map files
-    /// of their own.
-    fn mapped_file_bytes(path: &Path) -> u64 {
-        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-        let name = path.to_string_lossy();
-        let mut ours = false;
-        let mut kib = 0;
-        for l in smaps.lines() {
-            if let Some(v) = l.strip_prefix("Rss:") {
-                if ours {
-                    kib += v
-                        .trim()
-                        .trim_end_matches("kB")
-                        .trim()
-                        .parse::<u64>()
-                        .unwrap();
-                }
-            } else if l.split_whitespace().next().is_some_and(|a| {
-                a.contains('-') && a.chars().all(|c| c.is_ascii_hexdigit() || c == '-')
-            }) {
-                // a mapping's header line: address range, perms, offset, dev, inode, path
-                ours = l.split_whitespace().nth(5) == Some(&*name);
-            }
-        }
-        kib * 1024
-    }
-
-    #[test]
-    fn sending_a_whole_source_from_its_map_leaves_little_of_it_mapped() {
-        const SIZE: u64 = 96 << 20;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("src");
-        let mut f = File::create(&path).unwrap();
-        let chunk = vec![0x5au8; 1 << 20];
-        for _ in 0..SIZE >> 20 {
-            f.write_all(&chunk).unwrap();
-        }
-        drop(f);
-        let source = Source::open(&path).unwrap();
-        let (tx, mut rx) = std::os::unix::net::UnixStream::pair().unwrap();
-        let reader = std::thread::spawn(move || {
-            let mut b = vec![0u8; 1 << 20];
-            let mut total = 0u64;
-            loop {
-                match rx.read(&mut b).unwrap() {
-                    0 => return total,
-                    n => total += n as u64,
-                }
-            }
-        });
-        let before = mapped_file_bytes(&path);
-        let mut most = 0;
-        let mut pos = 0;
-        while pos < SIZE {
-            let map = source.mapped().expect("a regular file can be mapped");
-            let len = (SIZE - pos).min(256 << 10) as usize;
-            let n = sys::send_nonblocking(&tx, &[], map.region(pos, len).unwrap()).unwrap();
-            if n == 0 {
-                std::thread::yield_now();
-            }
-            pos += n as u64;
-            most = most.max(mapped_file_bytes(&path).saturating_sub(before));
-        }
-        drop(tx);
-        assert_eq!(reader.join().unwrap(), SIZE);
-        // Old maps go: what stays mapped is about one budget, not the whole source.
-        assert!(
-            most < 40 << 20,
-            "{most} bytes of the source stayed mapped while {SIZE} were sent"
-        );
     }
 }

@@ -642,9 +642,6 @@ fn run_threaded(seed: u64) {
         let mut r = Rng(seed ^ ((rd + 100) * 0x9999));
         handles.push(thread::spawn(move || {
             let mut buf = aligned_buf((cluster * 8) as usize);
-            // A small send buffer, so that sends from the page cache often stop short.
-            let sock = std::os::unix::net::UnixStream::pair().unwrap();
-            set_small_send_buffer(&sock.0);
             let mut ops = 0;
             while !s.stop.load(Ordering::Relaxed) {
                 let Some((id, frozen, discard_started)) = s.current.read().unwrap().clone() else {
@@ -660,32 +657,6 @@ fn run_threaded(seed: u64) {
                 } else {
                     (r.below(size), 1 + r.below(buf.len() as u64) as usize)
                 };
-                if r.below(2) == 0 {
-                    // Half of the reads go out through a socket, from the page cache
-                    // where they can (what the NBD export does).
-                    let len = len.min((size - off) as usize);
-                    let (tx, rx) = &sock;
-                    match stream_read(&s.engine, d, id, off, &mut buf[..len], tx, rx) {
-                        Ok(got) => assert!(
-                            got == frozen[d][off as usize..off as usize + len],
-                            "seed {seed}: snapshot of d{d} at {off}+{len} sent from the \
-                             page cache is not the point-in-time data"
-                        ),
-                        Err(e) if e.kind() == Kind::Inaccessible => {
-                            let started = discard_started.lock().unwrap();
-                            assert!(
-                                (off / cluster..=(off + len as u64 - 1) / cluster)
-                                    .any(|c| started[d].contains(&c)),
-                                "seed {seed}: EACCES in {off}+{len} without a discard"
-                            );
-                        }
-                        Err(e) if e.kind() == Kind::Stale => {}
-                        Err(e) => panic!("seed {seed}: streamed snapshot read failed: {e}"),
-                    }
-                    ops += 1;
-                    s.snapshot_reads.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                }
                 match s.engine.devices()[d].read_snapshot(id, off, &mut buf[..len]) {
                     Ok(n) => {
                         let end = (off + len as u64).min(size);
@@ -819,97 +790,6 @@ fn run_threaded(seed: u64) {
             on_disk == *m.lock().unwrap(),
             "seed {seed}: source {d} differs from the model"
         );
-    }
-}
-
-/// A snapshot read the way the NBD export makes it (`Device::stream_snapshot`): what
-/// the engine sends through `tx` straight from the source's page cache, read back from
-/// `rx`, followed by the rest it left in `buf`.
-fn stream_read(
-    engine: &Engine,
-    d: usize,
-    id: u64,
-    off: u64,
-    buf: &mut [u8],
-    tx: &std::os::unix::net::UnixStream,
-    rx: &std::os::unix::net::UnixStream,
-) -> fleecefs::error::Result<Vec<u8>> {
-    use std::io::Read;
-    let mut got = Vec::new();
-    let drain = |n: usize, got: &mut Vec<u8>| {
-        let at = got.len();
-        got.resize(at + n, 0);
-        (&*rx).read_exact(&mut got[at..]).unwrap();
-    };
-    let mut send = |region: fleecefs::sys::Region| {
-        let n = fleecefs::sys::send_nonblocking(tx, &[], region)?;
-        drain(n, &mut got);
-        Ok(n)
-    };
-    let sent = engine.devices()[d].stream_snapshot(id, off, buf, &mut send)?;
-    assert_eq!(got.len(), sent, "bytes sent and bytes reported differ");
-    got.extend_from_slice(&buf[sent..]);
-    Ok(got)
-}
-
-fn set_small_send_buffer(s: &std::os::unix::net::UnixStream) {
-    use std::os::fd::AsRawFd;
-    let v: libc::c_int = 4096;
-    // SAFETY: setsockopt reads one c_int from a valid local.
-    let r = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUF,
-            &v as *const libc::c_int as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(r, 0);
-}
-
-/// A read sent from the page cache during which the access breaks and a live write
-/// reaches the source of the very cluster being sent, without copying (what a broken
-/// access lets through): the kernel may have copied the new data into the socket, so the
-/// read must fail (EIO), not report those bytes as sent snapshot data. The write runs in
-/// another thread while the sender holds the gate and the unit's stripe, shared.
-#[test]
-fn a_write_through_a_broken_access_during_a_send_from_the_page_cache_fails_the_read() {
-    let dir = tempfile::tempdir().unwrap();
-    let cluster = 64u64 << 10;
-    let (engine, models) = make_engine(dir.path(), &[cluster * 4], cluster, &mut Rng(7));
-    engine.setup("t", Some(&["d0".to_string()]), None).unwrap();
-    let (id, _) = engine.active().unwrap();
-    let dev = engine.devices()[0].clone();
-    let (tx, rx) = std::os::unix::net::UnixStream::pair().unwrap();
-    let mut got = Vec::new();
-    let mut broke = false;
-    let mut send = |region: fleecefs::sys::Region| {
-        if !broke {
-            broke = true;
-            let access = dev.access().expect("the access is active");
-            access.break_with("a copy failed (test)".into());
-            thread::scope(|s| {
-                s.spawn(|| dev.write_live(0, &vec![0xff; cluster as usize]).unwrap())
-                    .join()
-                    .unwrap()
-            });
-        }
-        let n = fleecefs::sys::send_nonblocking(&tx, &[], region)?;
-        let at = got.len();
-        got.resize(at + n, 0);
-        std::io::Read::read_exact(&mut &rx, &mut got[at..]).unwrap();
-        Ok(n)
-    };
-    let mut buf = vec![0u8; cluster as usize];
-    let r = dev.stream_snapshot(id, 0, &mut buf, &mut send);
-    assert!(broke, "nothing was sent from the page cache");
-    match r {
-        Err(e) => assert_eq!(e.kind(), Kind::Broken, "{e}"),
-        Ok(sent) => panic!(
-            "the read succeeded ({sent} bytes sent, the point-in-time data: {})",
-            got[..] == models[0][..got.len()]
-        ),
     }
 }
 

@@ -39,13 +39,12 @@
 //!    write and discard holds its device's gate shared for its whole duration, so setup
 //!    and teardown happen between them, at one instant for all devices; a snapshot read
 //!    takes it shared only to check, after reading a lock unit, that its access is still
-//!    the device's, and returns ESTALE if the access ended meanwhile; a read sent from
-//!    the page cache holds it, and one stripe, while the kernel copies a unit: `stream.rs`)
+//!    the device's, and returns ESTALE if the access ended meanwhile)
 //! 3. one *stripe* lock of the access (`RwLock<()>` per lock unit of clusters, striped).
 //!    Copy and discard hold it exclusive; a snapshot read takes it shared only to check
 //!    the unit's bits after reading the unit without locks (`Device::read_snapshot`), and
-//!    takes it under the gate only with `try_read`, never waiting. **A thread holds at
-//!    most one stripe lock at a time**, so stripe locks cannot deadlock.
+//!    never together with the gate. **A thread holds at most one stripe lock at a time**,
+//!    so stripe locks cannot deadlock.
 //!    Discards, write-behind copies and snapshot reads wait for a stripe by polling it
 //!    (discards and copies at most the copy timeout) and stop once the access breaks.
 //! 4. bitmaps are atomic words: no lock.
@@ -62,7 +61,6 @@ pub mod access;
 mod copy;
 mod handles;
 pub mod policy;
-mod stream;
 mod vectored;
 pub mod writebehind;
 

@@ -374,11 +374,6 @@ fn read(
     let len = req.len as usize;
     let to = ReplyTo::new(n.mode, &req);
     let sparse = n.mode.chunked() && req.flags & proto::CMD_FLAG_DF == 0;
-    if !env.sched.pooled() && len > 0 {
-        if let Some(outcome) = read_streamed(link, n, export, env, buf, req)? {
-            return Ok(outcome);
-        }
-    }
     let result = match &env.sched {
         // A pool: the read runs there, below the guest (`--backup-priority low`).
         sched if sched.pooled() && len > 0 => {
@@ -447,106 +442,6 @@ fn read(
     write_all_vectored(link, &mut slices)?;
     link.flush()?;
     Ok(Outcome::Next)
-}
-
-/// A read whose range is all data, on a socket without TLS, answered from the source's
-/// page cache where it can (`Export::stream`): the reply's header and the data the
-/// engine sends without blocking go out first, the rest from the buffer. A structured
-/// reply is a data chunk and a final NONE chunk; a read that fails after its data chunk
-/// started to go out completes the chunk with zeroes and ends with an error chunk, as
-/// the protocol asks (a simple reply cannot say it: the client is disconnected). `None`
-/// when the
-/// read does not qualify (the caller reads it the buffered way). Reads that run on the
-/// backup pool (`--backup-priority low`) never come here: sending from the page cache
-/// holds the cluster's lock while the kernel copies, which a thread at idle priority
-/// must not do.
-fn read_streamed(
-    link: &mut impl Transport,
-    n: &Negotiated,
-    export: &Arc<Export>,
-    env: &ConnEnv,
-    buf: &mut Buf,
-    req: Request,
-) -> io::Result<Option<Outcome>> {
-    if link.plain_socket().is_none() {
-        return Ok(None);
-    }
-    let to = ReplyTo::new(n.mode, &req);
-    let end = req.offset + req.len;
-    // All data, so all accessible (a hole or an inaccessible range takes the buffered
-    // way, which answers it with holes or an error before anything goes out).
-    match export.segments(req.offset, req.len) {
-        Ok(s) if s == [(req.offset, end, true)] => {}
-        Ok(_) => return Ok(None),
-        Err(e) => return send_error(link, &to, &e).map(Some),
-    }
-    let len = req.len as usize;
-    // The data chunk goes out before all of it is read, so it is not the last one (the
-    // protocol forbids that while an error can still come): a final NONE chunk follows,
-    // or, after an error, padding to the chunk's end and an error chunk.
-    let head = if n.mode.chunked() {
-        to.data(0, req.offset, len as u32)
-    } else {
-        to.simple(0)
-    };
-    let data = buf.get(len)?;
-    let mut head_sent = 0;
-    let mut data_sent = 0;
-    let result = {
-        let Some(socket) = link.plain_socket() else {
-            return Ok(None);
-        };
-        let mut send = |region: crate::sys::Region| -> io::Result<usize> {
-            let sent = crate::sys::send_nonblocking(&socket, &head[head_sent..], region)?;
-            let of_head = sent.min(head.len() - head_sent);
-            head_sent += of_head;
-            data_sent += sent - of_head;
-            Ok(sent - of_head)
-        };
-        export.stream(req.offset, data, &mut send)
-    };
-    let done = to.done();
-    let last: &[u8] = if n.mode.chunked() { &done } else { &[] };
-    match result {
-        Ok(sent) => {
-            env.bytes_read.fetch_add(req.len, Ordering::Relaxed);
-            write_all_vectored(
-                link,
-                &mut [
-                    IoSlice::new(&head[head_sent..]),
-                    IoSlice::new(&data[sent..]),
-                    IoSlice::new(last),
-                ],
-            )?;
-            link.flush()?;
-            Ok(Some(Outcome::Next))
-        }
-        Err(e) if head_sent == 0 => send_error(link, &to, &e).map(Some),
-        Err(e) if n.mode.chunked() => {
-            // The chunk is completed with zeroes (the client takes nothing of it: an
-            // error chunk follows) and the connection goes on.
-            data[data_sent..].fill(0);
-            write_all_vectored(
-                link,
-                &mut [
-                    IoSlice::new(&head[head_sent..]),
-                    IoSlice::new(&data[data_sent..]),
-                ],
-            )?;
-            send_error(link, &to, &e).map(Some)
-        }
-        Err(e) => {
-            log::warn!(
-                "NBD read of export '{}' at {}+{} failed after part of its reply went out: \
-                 {}; the client is disconnected",
-                export.name(),
-                req.offset,
-                req.len,
-                crate::error::report(&e)
-            );
-            Ok(Some(Outcome::End))
-        }
-    }
 }
 
 /// The payload form of block status (extended headers, `NBD_FLAG_BLOCK_STATUS_PAYLOAD`):

@@ -148,21 +148,6 @@ impl Export {
         }
     }
 
-    /// Sends the snapshot at `offset` (`buf.len()` bytes) through `send` as far as it can
-    /// straight from the source's page cache, and reads the rest into `buf`
-    /// (`Device::stream_snapshot`): returns how many bytes `send` took; `buf[sent..]`
-    /// is for the caller to send. After an error, a reply `send` started is incomplete.
-    pub fn stream(
-        &self,
-        offset: u64,
-        buf: &mut [u8],
-        send: &mut dyn FnMut(crate::sys::Region) -> std::io::Result<usize>,
-    ) -> Result<usize> {
-        self.check()?;
-        self.device
-            .stream_snapshot(self.access_id, offset, buf, send)
-    }
-
     /// Reads the snapshot at `offset` into all of `buf`: the whole range or an error
     /// (an inaccessible cluster anywhere in it fails the read, as in QEMU's
     /// snapshot-access; never partial data).

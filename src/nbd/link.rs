@@ -240,16 +240,6 @@ impl Transport for Stream {
         s.deadline = None;
         s.set_timeout(timeout)
     }
-    fn plain_socket(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
-        use std::os::fd::AsFd;
-        match &self.inner {
-            Inner::Plain(s) => Some(match &s.kind {
-                SockKind::Unix(u) => u.as_fd(),
-                SockKind::Tcp(t) => t.as_fd(),
-            }),
-            _ => None,
-        }
-    }
 }
 
 /// The server's TLS configuration from a QEMU-style x509 credentials directory:

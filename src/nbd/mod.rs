@@ -32,9 +32,6 @@ pub use server::{NbdServer, NbdStatus};
 pub trait Transport: handshake::Link + Send {
     /// Blocks a read at most this long (then `WouldBlock`/`TimedOut`).
     fn set_read_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()>;
-    /// The socket itself when nothing sits between it and the bytes sent (no TLS): replies
-    /// may then be sent from the source's page cache (`sys::send_nonblocking`).
-    fn plain_socket(&self) -> Option<std::os::fd::BorrowedFd<'_>>;
 }
 
 /// Where the server listens (`mount --nbd`).

@@ -159,29 +159,8 @@ struct ConnEntry {
 struct Registry {
     conns: HashMap<u64, ConnEntry>,
     next: u64,
-    /// Bytes read by connections that have ended, per (export, access id): only those of
-    /// the newest access any ended connection was bound to (`status` shows the active
-    /// access; ids only grow), so the map does not grow with every backup.
+    /// Bytes read by connections that have ended, per (export, access id).
     ended_bytes: HashMap<(String, u64), u64>,
-}
-
-impl Registry {
-    /// Connection `id` has ended: its bytes count for its export of its access, unless a
-    /// connection of a newer access has ended already (then its access is over).
-    fn end(&mut self, id: u64) {
-        let Some(c) = self.conns.remove(&id) else {
-            return;
-        };
-        let Some(key) = c.export else {
-            return;
-        };
-        let newest = self.ended_bytes.keys().map(|k| k.1).max().unwrap_or(0);
-        if key.1 < newest {
-            return;
-        }
-        self.ended_bytes.retain(|k, _| k.1 == key.1);
-        *self.ended_bytes.entry(key).or_default() += c.bytes_read.load(Ordering::Relaxed);
-    }
 }
 
 /// The server's part of `status --json`.
@@ -338,7 +317,13 @@ fn accept_loop(shared: &Arc<Shared>, l: Listener) {
             .name(format!("nbd-conn-{id}"))
             .spawn(move || {
                 connection(&s, id, kind, tcp);
-                s.registry.lock().recover().end(id);
+                let mut reg = s.registry.lock().recover();
+                if let Some(c) = reg.conns.remove(&id) {
+                    if let Some(key) = c.export {
+                        *reg.ended_bytes.entry(key).or_default() +=
+                            c.bytes_read.load(Ordering::Relaxed);
+                    }
+                }
             });
         if let Err(e) = spawned {
             log::warn!("NBD connection dropped: starting its thread: {e}");
@@ -416,47 +401,5 @@ fn connection(shared: &Shared, id: u64, kind: SockKind, tcp: bool) {
             log::info!("NBD client {peer} of export '{name}' disconnected")
         }
         Err(e) => log::info!("NBD client {peer} of export '{name}': connection ended: {e}"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn connected(reg: &mut Registry, id: u64, export: &str, access: u64, bytes: u64) {
-        reg.conns.insert(
-            id,
-            ConnEntry {
-                peer: "unix".into(),
-                export: Some((export.into(), access)),
-                mode: Mode::Structured,
-                bytes_read: Arc::new(AtomicU64::new(bytes)),
-            },
-        );
-    }
-
-    #[test]
-    fn bytes_of_ended_connections_are_kept_for_the_newest_access_only() {
-        let mut reg = Registry::default();
-        // a hundred backups, each read by one connection per export
-        let mut id = 0;
-        for access in 1..=100 {
-            for export in ["vda", "vdb"] {
-                id += 1;
-                connected(&mut reg, id, export, access, 10);
-                reg.end(id);
-            }
-        }
-        assert_eq!(reg.ended_bytes.len(), 2);
-        assert_eq!(reg.ended_bytes[&("vda".to_string(), 100)], 10);
-        // two connections of the newest access add up; one of an older access that ends
-        // late counts for nothing shown
-        connected(&mut reg, 1000, "vda", 100, 5);
-        connected(&mut reg, 1001, "vda", 99, 7);
-        reg.end(1000);
-        reg.end(1001);
-        assert_eq!(reg.ended_bytes[&("vda".to_string(), 100)], 15);
-        assert_eq!(reg.ended_bytes.len(), 2);
-        assert!(reg.conns.is_empty());
     }
 }

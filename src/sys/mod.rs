@@ -2,8 +2,7 @@
 //! This file: files and their I/O (positional only), fallocate, block devices, holes,
 //! locks, filesystem space, the shared mapping of bitmap files; `mount.rs`: FUSE mounts
 //! and unmounts; `process.rs`: processes, signals, credentials, limits and thread
-//! priorities; `fdpass.rs`: fds passed between processes (`SCM_RIGHTS`); `filemap.rs`:
-//! a file mapped for the kernel only, sent to sockets without blocking. Callers use
+//! priorities; `fdpass.rs`: fds passed between processes (`SCM_RIGHTS`). Callers use
 //! them all as `crate::sys::NAME`.
 //! Each `unsafe` block says why it is sound (`clippy::undocumented_unsafe_blocks` is on).
 
@@ -13,11 +12,9 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::os::unix::io::AsRawFd;
 
 mod fdpass;
-mod filemap;
 mod mount;
 mod process;
 pub use fdpass::*;
-pub use filemap::*;
 pub use mount::*;
 pub use process::*;
 
