@@ -1445,3 +1445,102 @@ fn a_worker_taking_over_drops_the_kernel_pages_of_live_files() {
         read_range(&f.live("vm"), 0, 8192) == data
     });
 }
+
+/// A VM write whose page-cache notification waits for a read of live/NAME (the page it
+/// drops is locked for that read) when a planned restart begins: the drain lets the
+/// notification finish, the read being served, before it closes the gate, so the read is
+/// not held there with the notification waiting for it (the old worker's thread would
+/// sleep in the kernel for good, and the worker never exit).
+#[test]
+fn a_restart_lets_a_notification_waiting_for_a_read_finish_first() {
+    use std::os::unix::fs::FileExt;
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
+
+    let hold = hold_path();
+    let hold_s = hold.to_str().expect("utf-8 path").to_string();
+    let (f, sock) = exported_env(
+        &["--live-cache"],
+        &[("FLEECEFS_FAULT_FUSE_READ_HOLD", hold_s.as_str())],
+    );
+    let mut c = Client::connect(&sock, 1, false);
+    let live = fs::File::open(f.live("vm")).expect("opening live/vm");
+    let data = pattern(12, 4096);
+    fs::write(&hold, b"").expect("the hold file");
+    // A page-cache read of the first page: the kernel locks the page and its FUSE read
+    // waits (before the restart gate) while the hold file exists.
+    let reader = std::thread::spawn(move || {
+        let mut b = vec![0u8; 4096];
+        live.read_exact_at(&mut b, 0).map(|()| b)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    // The VM writes that page: the queue's thread waits in its notification for the
+    // page the read holds locked.
+    c.buf(0, 4096).copy_from_slice(&data);
+    let p = c.ptr(0);
+    c.queues[0].write(0, p, 4096, 0, ReqFlags::empty());
+    c.queues[0]
+        .do_io(&mut [], 0, None, None)
+        .expect("submitting the write");
+    std::thread::sleep(Duration::from_millis(500));
+    let pid = f.worker_pid();
+    let start = Instant::now();
+    let (tx, rx) = mpsc::channel();
+    let mp = f.mp.clone();
+    std::thread::spawn(move || tx.send(fleecefs([OsStr::new("restart"), mp.as_os_str()])));
+    // The restart has begun: the read goes on.
+    std::thread::sleep(Duration::from_secs(1));
+    let _ = fs::remove_file(&hold);
+    let answered = rx.recv_timeout(Duration::from_secs(20));
+    let ended = answered.is_ok()
+        && wait_for(Duration::from_secs(20), || {
+            let out = f.client("status", &["--json"]);
+            out.code == 0 && json_u64(&parse_json(&out, "status"), "worker_pid") != pid as u64
+        });
+    if !ended {
+        // The old worker cannot exit: free the mount for the cleanup.
+        abort_fuse_connection(&f.mp);
+        panic!("the restart did not hand over within 40 s");
+    }
+    answered
+        .expect("the restart's answer")
+        .expect_ok("fleecefs restart");
+    assert!(
+        start.elapsed() < Duration::from_secs(30),
+        "the restart waited for its drain's time limit"
+    );
+    let read = reader.join().expect("reader").expect("the held read");
+    assert_bytes_eq(&read, &data, "the read the notification waited for");
+    drop(c);
+}
+
+/// A path for a fault-injection file, unique to this test process.
+fn hold_path() -> PathBuf {
+    std::env::temp_dir().join(format!("fleecefs-read-hold-{}", std::process::id()))
+}
+
+/// Polls `f` every 50 ms until it holds or `limit` passed; whether it held.
+fn wait_for(limit: std::time::Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    false
+}
+
+/// Aborts the FUSE connection mounted at `mp` (its requests fail, its waiters wake).
+fn abort_fuse_connection(mp: &Path) {
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mp = mp.to_string_lossy();
+    for line in info.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        if fields.get(4) == Some(&mp.as_ref()) {
+            if let Some((_, minor)) = fields.get(2).and_then(|d| d.split_once(':')) {
+                let _ = fs::write(format!("/sys/fs/fuse/connections/{minor}/abort"), "1");
+            }
+        }
+    }
+}

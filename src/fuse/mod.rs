@@ -65,11 +65,6 @@ impl crate::engine::KernelCache for KernelNotifier {
     }
 
     fn data_changed(&self, slot: usize, offset: u64, len: u64) {
-        // Handing over: the kernel may wait for a read of these pages that waits at the
-        // closed gate, and the caller is inside it. The next worker drops every page.
-        if crate::keeper::GATE.is_closed() {
-            return;
-        }
         let ino = INodeNo(Node::Live(slot).ino());
         let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
             return;
@@ -78,7 +73,10 @@ impl crate::engine::KernelCache for KernelNotifier {
             // A length of 0 would drop everything to the end.
             return;
         }
-        if let Err(e) = self.notifier.inval_inode(ino, offset, len) {
+        // Not while a planned restart drains: the kernel may wait for a read of these
+        // pages held at the closed gate (the next worker drops every page instead).
+        let sent = crate::keeper::GATE.notify(|| self.notifier.inval_inode(ino, offset, len));
+        if let Some(Err(e)) = sent {
             if e.raw_os_error() != Some(libc::ENOENT) {
                 log::warn!("invalidating the kernel's pages of the live file in slot {slot}: {e}");
             }
@@ -311,6 +309,8 @@ impl Filesystem for FleeceFs {
         lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        #[cfg(feature = "fault-injection")]
+        hold_read();
         let pass = crate::keeper::GATE.enter();
         let node = match self.ns.node(ino) {
             Ok(node) => node,
@@ -560,6 +560,20 @@ fn no_xattrs() -> Error {
         Kind::NotImplemented,
         "fleecefs files have no extended attributes",
     )
+}
+
+/// Test-only fault injection: with `FLEECEFS_FAULT_FUSE_READ_HOLD=FILE`, a FUSE read
+/// waits before the restart gate while FILE exists (at most 60 s), its pages locked in
+/// the kernel meanwhile.
+#[cfg(feature = "fault-injection")]
+fn hold_read() {
+    let Some(file) = std::env::var_os("FLEECEFS_FAULT_FUSE_READ_HOLD") else {
+        return;
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::path::Path::new(&file).exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
 }
 
 /// What the unit tests of the namespace and of the file operations share.
