@@ -1514,6 +1514,68 @@ fn a_restart_lets_a_notification_waiting_for_a_read_finish_first() {
     drop(c);
 }
 
+/// A resize drops the kernel's pages of live/NAME; when a read holds one of them locked as
+/// a planned restart begins, the drain lets that notification finish (the read being
+/// served) before it closes the gate.
+#[test]
+fn a_restart_lets_the_notification_of_a_resize_finish_first() {
+    use std::os::unix::fs::FileExt;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    let hold = hold_path();
+    let hold_s = hold.to_str().expect("utf-8 path").to_string();
+    let (f, _sock) = exported_env(
+        &["--live-cache"],
+        &[("FLEECEFS_FAULT_FUSE_READ_HOLD", hold_s.as_str())],
+    );
+    let live = fs::File::open(f.live("vm")).expect("opening live/vm");
+    let before = read_range(&f.source("vm"), 0, 4096);
+    fs::write(&hold, b"").expect("the hold file");
+    // A page-cache read of the first page, held before the restart gate.
+    let reader = std::thread::spawn(move || {
+        let mut b = vec![0u8; 4096];
+        live.read_exact_at(&mut b, 0).map(|()| b)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    // The resize's notification waits for the page the read holds locked.
+    let (resized_tx, resized_rx) = mpsc::channel();
+    let args = [
+        OsStr::new("resize").to_owned(),
+        f.mp.as_os_str().to_owned(),
+        OsStr::new("vm").to_owned(),
+        OsStr::new("+1M").to_owned(),
+    ];
+    std::thread::spawn(move || resized_tx.send(fleecefs(args)));
+    std::thread::sleep(Duration::from_millis(500));
+    let pid = f.worker_pid();
+    let (tx, rx) = mpsc::channel();
+    let mp = f.mp.clone();
+    std::thread::spawn(move || tx.send(fleecefs([OsStr::new("restart"), mp.as_os_str()])));
+    std::thread::sleep(Duration::from_secs(1));
+    let _ = fs::remove_file(&hold);
+    let answered = rx.recv_timeout(Duration::from_secs(20));
+    let ended = answered.is_ok()
+        && wait_for(Duration::from_secs(20), || {
+            let out = f.client("status", &["--json"]);
+            out.code == 0 && json_u64(&parse_json(&out, "status"), "worker_pid") != pid as u64
+        });
+    if !ended {
+        // The old worker cannot exit: free the mount for the cleanup.
+        abort_fuse_connection(&f.mp);
+        panic!("the restart did not hand over within 40 s");
+    }
+    answered
+        .expect("the restart's answer")
+        .expect_ok("fleecefs restart");
+    resized_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the resize's answer")
+        .expect_ok("fleecefs resize");
+    let read = reader.join().expect("reader").expect("the held read");
+    assert_bytes_eq(&read, &before, "the read the notification waited for");
+}
+
 /// A path for a fault-injection file, unique to this test process.
 fn hold_path() -> PathBuf {
     std::env::temp_dir().join(format!("fleecefs-read-hold-{}", std::process::id()))

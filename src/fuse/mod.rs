@@ -50,9 +50,12 @@ impl KernelNotifier {
 
 impl crate::engine::KernelCache for KernelNotifier {
     fn size_changed(&self, slot: usize, name: &str) {
-        // Attributes and every cached page (offset 0, length 0: to the end).
+        // Attributes and every cached page (offset 0, length 0: to the end). Not while a
+        // planned restart drains (the kernel may wait for a read of those pages held at
+        // the closed gate; the next worker drops every page and the attributes).
         let ino = INodeNo(Node::Live(slot).ino());
-        if let Err(e) = self.notifier.inval_inode(ino, 0, 0) {
+        let sent = crate::keeper::GATE.notify(|| self.notifier.inval_inode(ino, 0, 0));
+        if let Some(Err(e)) = sent {
             // ENOENT: the kernel has no such inode cached, nothing to drop.
             if e.raw_os_error() != Some(libc::ENOENT) {
                 log::warn!("invalidating the kernel's cache of live/{name}: {e}");
