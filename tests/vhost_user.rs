@@ -1454,10 +1454,9 @@ fn a_worker_taking_over_drops_the_kernel_pages_of_live_files() {
 #[test]
 fn a_restart_lets_a_notification_waiting_for_a_read_finish_first() {
     use std::os::unix::fs::FileExt;
-    use std::sync::mpsc;
     use std::time::{Duration, Instant};
 
-    let hold = hold_path();
+    let hold = hold_path("write");
     let hold_s = hold.to_str().expect("utf-8 path").to_string();
     let (f, sock) = exported_env(
         &["--live-cache"],
@@ -1483,28 +1482,8 @@ fn a_restart_lets_a_notification_waiting_for_a_read_finish_first() {
         .do_io(&mut [], 0, None, None)
         .expect("submitting the write");
     std::thread::sleep(Duration::from_millis(500));
-    let pid = f.worker_pid();
     let start = Instant::now();
-    let (tx, rx) = mpsc::channel();
-    let mp = f.mp.clone();
-    std::thread::spawn(move || tx.send(fleecefs([OsStr::new("restart"), mp.as_os_str()])));
-    // The restart has begun: the read goes on.
-    std::thread::sleep(Duration::from_secs(1));
-    let _ = fs::remove_file(&hold);
-    let answered = rx.recv_timeout(Duration::from_secs(20));
-    let ended = answered.is_ok()
-        && wait_for(Duration::from_secs(20), || {
-            let out = f.client("status", &["--json"]);
-            out.code == 0 && json_u64(&parse_json(&out, "status"), "worker_pid") != pid as u64
-        });
-    if !ended {
-        // The old worker cannot exit: free the mount for the cleanup.
-        abort_fuse_connection(&f.mp);
-        panic!("the restart did not hand over within 40 s");
-    }
-    answered
-        .expect("the restart's answer")
-        .expect_ok("fleecefs restart");
+    restart_releasing(&f, &hold);
     assert!(
         start.elapsed() < Duration::from_secs(30),
         "the restart waited for its drain's time limit"
@@ -1523,7 +1502,7 @@ fn a_restart_lets_the_notification_of_a_resize_finish_first() {
     use std::sync::mpsc;
     use std::time::Duration;
 
-    let hold = hold_path();
+    let hold = hold_path("resize");
     let hold_s = hold.to_str().expect("utf-8 path").to_string();
     let (f, _sock) = exported_env(
         &["--live-cache"],
@@ -1548,12 +1527,34 @@ fn a_restart_lets_the_notification_of_a_resize_finish_first() {
     ];
     std::thread::spawn(move || resized_tx.send(fleecefs(args)));
     std::thread::sleep(Duration::from_millis(500));
+    restart_releasing(&f, &hold);
+    resized_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the resize's answer")
+        .expect_ok("fleecefs resize");
+    let read = reader.join().expect("reader").expect("the held read");
+    assert_bytes_eq(&read, &before, "the read the notification waited for");
+}
+
+/// A path for a fault-injection file, unique to this test process and to `test` (the
+/// tests of one process run at once).
+fn hold_path(test: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("fleecefs-read-hold-{}-{test}", std::process::id()))
+}
+
+/// Starts `fleecefs restart` of `f`'s mount, removes `hold` a second later (the restart
+/// has begun: the held read goes on), and waits for the next worker to serve; aborts
+/// the mount's FUSE connection (so the cleanup can unmount) and fails if it does not
+/// within 40 s.
+fn restart_releasing(f: &Fleece, hold: &Path) {
+    use std::sync::mpsc;
+    use std::time::Duration;
     let pid = f.worker_pid();
     let (tx, rx) = mpsc::channel();
     let mp = f.mp.clone();
     std::thread::spawn(move || tx.send(fleecefs([OsStr::new("restart"), mp.as_os_str()])));
     std::thread::sleep(Duration::from_secs(1));
-    let _ = fs::remove_file(&hold);
+    let _ = fs::remove_file(hold);
     let answered = rx.recv_timeout(Duration::from_secs(20));
     let ended = answered.is_ok()
         && wait_for(Duration::from_secs(20), || {
@@ -1568,17 +1569,6 @@ fn a_restart_lets_the_notification_of_a_resize_finish_first() {
     answered
         .expect("the restart's answer")
         .expect_ok("fleecefs restart");
-    resized_rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("the resize's answer")
-        .expect_ok("fleecefs resize");
-    let read = reader.join().expect("reader").expect("the held read");
-    assert_bytes_eq(&read, &before, "the read the notification waited for");
-}
-
-/// A path for a fault-injection file, unique to this test process.
-fn hold_path() -> PathBuf {
-    std::env::temp_dir().join(format!("fleecefs-read-hold-{}", std::process::id()))
 }
 
 /// Polls `f` every 50 ms until it holds or `limit` passed; whether it held.
